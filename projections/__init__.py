@@ -1,0 +1,1 @@
+"""Read side: SQL views built from the event log, the projection runner, rebuilds."""

@@ -1,0 +1,1 @@
+"""DICOM router: receive, route by rules, deliver with retries; every step an event."""

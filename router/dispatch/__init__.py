@@ -1,0 +1,1 @@
+"""Delivery adapters (one per destination kind) and the dispatcher that drives them."""

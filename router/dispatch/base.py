@@ -1,0 +1,60 @@
+"""The one small interface every destination kind implements, and its two error kinds.
+
+Adapters never read configuration or the environment and never decide about retries: they
+raise :class:`TransientDeliveryError` (try again later) or :class:`PermanentDeliveryError`
+(retrying cannot help; dead-letter now with the reason) and the dispatcher decides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydicom.dataset import Dataset
+
+
+class DeliveryError(Exception):
+    """A delivery failed; the message is shown to administrators (no PHI in it)."""
+
+
+class TransientDeliveryError(DeliveryError):
+    """The destination may accept the instance later (down, busy, timeout, 0xA7xx)."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Retrying cannot succeed (refused transfer syntax with no decoder, bad credentials...)."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One stored instance to deliver.
+
+    ``header`` is the dataset read without pixel data (for templates and presentation
+    contexts); ``path`` is the blob file holding the complete Part 10 file.
+    """
+
+    delivery_id: str
+    path: Path
+    sha256: str
+    size: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    header: Dataset
+
+
+class Adapter(Protocol):
+    """A destination: deliver one instance, or check that the destination is reachable."""
+
+    def send(self, item: Outgoing) -> str:
+        """Deliver ``item``; return a short detail for the success event (no PHI)."""
+        ...
+
+    def check(self) -> str:
+        """Raise a DeliveryError if the destination is unusable; else a short detail."""
+        ...
+
+    def close(self) -> None:
+        """Release connections (associations, HTTP pools)."""
+        ...

@@ -1,0 +1,1 @@
+"""Domain model: aggregates, events and routing rules. Imports nothing else from the project."""

@@ -1,0 +1,263 @@
+"""Settings: one frozen tree built once at the entry point from TOML and ``DICOM_ROUTER_*``.
+
+Nothing else in the project reads the environment. Environment variables win over the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "DICOM_ROUTER_"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+def parse_duration(value: object, *, name: str = "duration") -> float:
+    """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"24h"`` or ``"2d"``."""
+    if isinstance(value, bool):
+        raise SettingsError(f"{name}: expected a duration such as '30s', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise SettingsError(f"{name}: expected a duration such as '30s' or '24h', got {value!r}")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds < 0:
+        raise SettingsError(f"{name}: must not be negative")
+    return seconds
+
+
+@dataclass(frozen=True)
+class DicomSettings:
+    """DICOM SCP behaviour."""
+
+    max_associations: int = 32
+    max_pdu_size: int = 0  # what we advertise; 0 = unlimited (fastest for large objects)
+    max_incoming_pdu: int = 64 * 1024 * 1024  # hard cap on a PDU a peer may send us
+    require_known_calling_ae: bool = False
+    known_calling_aets: tuple[str, ...] = ()
+    deflate_max_bytes: int = 512 * 1024 * 1024  # inflated size bound for deflated transfer syntax
+    network_timeout: float = 60.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    """Delivery workers and retry policy."""
+
+    retry_delays: tuple[float, ...] = (30.0, 60.0, 300.0, 900.0, 1800.0)
+    retry_every_after: float = 1800.0
+    max_age: float = 24 * 3600.0
+    default_destination: str | None = None
+    shutdown_grace: float = 20.0
+    poll_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """What happens to received instances before they are routed."""
+
+    # "new_version": same SOP Instance UID with other content is kept and routed again.
+    # "reject": answered with a failure status (0xA700 is wrong here; we use 0xC001).
+    # "keep_first": recorded as a conflicting duplicate and not routed.
+    changed_duplicate_policy: str = "new_version"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the router needs to start; built by :func:`load_settings`."""
+
+    ae_title: str = "DICOMROUTER"
+    dicom_host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens on the network by design
+    dicom_port: int = 11112
+    http_host: str = "0.0.0.0"  # noqa: S104
+    http_port: int = 8080
+    data_dir: Path = Path("./data")
+    database_url: str = ""
+    secret_key: str | None = None
+    admin_password: str | None = None
+    log_format: str = "text"
+    log_level: str = "INFO"
+    encrypt_events: bool = True
+    dicom: DicomSettings = field(default_factory=DicomSettings)
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    destinations: tuple[Mapping[str, Any], ...] = ()
+    rules: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith(("postgresql://", "postgres://"))
+
+    @property
+    def sqlite_dir(self) -> Path:
+        """Folder of the SQLite databases (one file per application and one for the views)."""
+        if self.database_url.startswith("sqlite:///"):
+            return Path(self.database_url.removeprefix("sqlite:///"))
+        return self.data_dir / "db"
+
+
+def _ae_title(value: object, name: str) -> str:
+    text = str(value).strip()
+    if not (1 <= len(text) <= 16) or not text.isascii() or "\\" in text:
+        raise SettingsError(f"{name}: an AE title is 1 to 16 ASCII characters, got {value!r}")
+    return text
+
+
+def _int(value: object, name: str, lo: int, hi: int) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise SettingsError(f"{name}: expected an integer, got {value!r}") from None
+    if not lo <= number <= hi:
+        raise SettingsError(f"{name}: must be between {lo} and {hi}, got {number}")
+    return number
+
+
+def _bool(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {value!r}")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML settings file with a clear error naming the file and the problem."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"[{name}] must be a table")
+    return value
+
+
+def _dicom(doc: Mapping[str, Any]) -> DicomSettings:
+    s = _section(doc, "dicom")
+    d = DicomSettings()
+    known = s.get("known_calling_aets", [])
+    if not isinstance(known, list):
+        raise SettingsError("dicom.known_calling_aets must be a list of AE titles")
+    return DicomSettings(
+        max_associations=_int(s.get("max_associations", d.max_associations),
+                              "dicom.max_associations", 1, 1000),
+        max_pdu_size=_int(s.get("max_pdu_size", d.max_pdu_size), "dicom.max_pdu_size", 0, 2**31),
+        max_incoming_pdu=_int(s.get("max_incoming_pdu", d.max_incoming_pdu),
+                              "dicom.max_incoming_pdu", 4096, 2**31),
+        require_known_calling_ae=_bool(s.get("require_known_calling_ae", False),
+                                       "dicom.require_known_calling_ae"),
+        known_calling_aets=tuple(_ae_title(a, "dicom.known_calling_aets") for a in known),
+        deflate_max_bytes=_int(s.get("deflate_max_bytes", d.deflate_max_bytes),
+                               "dicom.deflate_max_bytes", 0, 2**40),
+        network_timeout=parse_duration(s.get("network_timeout", d.network_timeout),
+                                       name="dicom.network_timeout"),
+        acse_timeout=parse_duration(s.get("acse_timeout", d.acse_timeout), name="dicom.acse_timeout"),
+        dimse_timeout=parse_duration(s.get("dimse_timeout", d.dimse_timeout),
+                                     name="dicom.dimse_timeout"),
+    )
+
+
+def _dispatch(doc: Mapping[str, Any]) -> DispatchSettings:
+    s = _section(doc, "dispatch")
+    d = DispatchSettings()
+    delays = s.get("retry_delays")
+    return DispatchSettings(
+        retry_delays=tuple(parse_duration(x, name="dispatch.retry_delays") for x in delays)
+        if delays is not None else d.retry_delays,
+        retry_every_after=parse_duration(s.get("retry_every", d.retry_every_after),
+                                         name="dispatch.retry_every"),
+        max_age=parse_duration(s.get("max_age", d.max_age), name="dispatch.max_age"),
+        default_destination=s.get("default_destination"),
+        shutdown_grace=parse_duration(s.get("shutdown_grace", d.shutdown_grace),
+                                      name="dispatch.shutdown_grace"),
+        poll_interval=parse_duration(s.get("poll_interval", d.poll_interval),
+                                     name="dispatch.poll_interval"),
+    )
+
+
+def _ingest(doc: Mapping[str, Any]) -> IngestSettings:
+    s = _section(doc, "ingest")
+    policy = s.get("changed_duplicate_policy", "new_version")
+    if policy not in {"new_version", "reject", "keep_first"}:
+        raise SettingsError(
+            "ingest.changed_duplicate_policy must be 'new_version', 'reject' or 'keep_first'"
+        )
+    return IngestSettings(changed_duplicate_policy=policy)
+
+
+def _tables(doc: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], ...]:
+    items = doc.get(name, [])
+    if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+        raise SettingsError(f"[[{name}]] must be an array of tables")
+    return tuple(items)
+
+
+def load_settings(
+    environ: Mapping[str, str],
+    config_path: Path | None = None,
+    data_dir: Path | None = None,
+) -> Settings:
+    """Build the settings: defaults, then the TOML file, then the environment, then flags."""
+    doc: Mapping[str, Any] = read_toml(config_path) if config_path else {}
+    server = dict(_section(doc, "server"))
+    for key in ("ae_title", "dicom_port", "http_port", "data_dir", "database_url", "secret_key",
+                "admin_password", "log_format", "log_level", "dicom_host", "http_host",
+                "encrypt_events"):
+        env_value = environ.get(ENV_PREFIX + key.upper())
+        if env_value is not None and env_value != "":
+            server[key] = env_value
+    if data_dir is not None:
+        server["data_dir"] = str(data_dir)
+    base = Settings()
+    directory = Path(str(server.get("data_dir", base.data_dir))).expanduser()
+    log_format = str(server.get("log_format", "text"))
+    if log_format not in {"text", "json"}:
+        raise SettingsError("log_format must be 'text' or 'json'")
+    settings = replace(
+        base,
+        ae_title=_ae_title(server.get("ae_title", base.ae_title), "ae_title"),
+        dicom_host=str(server.get("dicom_host", base.dicom_host)),
+        dicom_port=_int(server.get("dicom_port", base.dicom_port), "dicom_port", 0, 65535),
+        http_host=str(server.get("http_host", base.http_host)),
+        http_port=_int(server.get("http_port", base.http_port), "http_port", 0, 65535),
+        data_dir=directory,
+        database_url=str(server.get("database_url") or ""),
+        secret_key=server.get("secret_key"),
+        admin_password=server.get("admin_password"),
+        log_format=log_format,
+        log_level=str(server.get("log_level", "INFO")).upper(),
+        encrypt_events=_bool(server.get("encrypt_events", True), "encrypt_events"),
+        dicom=_dicom(doc),
+        dispatch=_dispatch(doc),
+        ingest=_ingest(doc),
+        destinations=_tables(doc, "destinations"),
+        rules=_tables(doc, "rules"),
+    )
+    if not settings.database_url:
+        settings = replace(settings, database_url=f"sqlite:///{directory / 'db'}")
+    elif not (settings.database_url.startswith("sqlite:///") or settings.is_postgres):
+        raise SettingsError("database_url must start with sqlite:/// or postgresql://")
+    return settings
