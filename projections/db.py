@@ -1,0 +1,142 @@
+"""Where views live: one SQLite file per view (embedded default) or PostgreSQL tables.
+
+SQL is written once with ``?`` placeholders and upserts both engines understand; this module
+translates placeholders for psycopg and hands out per-thread SQLite connections.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+Row = dict[str, Any]
+
+
+class Cursor(Protocol):
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+
+
+class ViewDatabase:
+    """A connection factory for one view's tables."""
+
+    dialect: str
+
+    def transaction(self) -> Any:
+        raise NotImplementedError
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SqliteViews(ViewDatabase):
+    """One SQLite file, WAL mode; each thread has its own connection."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # views are rebuildable from the log
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        conn = self._conn()
+        cur = conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return [dict(r) for r in self._conn().execute(sql, params).fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+class _PgCursor:
+    """psycopg cursor that accepts ``?`` placeholders."""
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._cur.execute(sql.replace("?", "%s"), params)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        return self._cur.executemany(sql.replace("?", "%s"), rows)
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cur.fetchall())
+
+
+class PostgresViews(ViewDatabase):
+    """Tables in the events database, through a small connection pool."""
+
+    dialect = "postgres"
+
+    def __init__(self, url: str) -> None:
+        from psycopg.rows import dict_row
+        from psycopg_pool import ConnectionPool
+
+        self._pool = ConnectionPool(url, min_size=1, max_size=6, open=True,
+                                    kwargs={"row_factory": dict_row, "autocommit": False})
+
+    @contextmanager
+    def transaction(self) -> Iterator[_PgCursor]:
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield _PgCursor(cur)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), params)
+            rows = [dict(r) for r in cur.fetchall()]
+            conn.rollback()
+            return rows
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def open_views(database_url: str, name: str) -> ViewDatabase:
+    """The database of view ``name`` for a router whose events are at ``database_url``."""
+    if database_url.startswith(("postgresql://", "postgres://")):
+        return PostgresViews(database_url)
+    if database_url.startswith("sqlite:///"):
+        return SqliteViews(Path(database_url.removeprefix("sqlite:///")) / f"view_{name}.sqlite")
+    raise ValueError(f"unsupported database_url for views: {database_url[:20]}...")

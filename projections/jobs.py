@@ -1,0 +1,163 @@
+"""The ``jobs`` view: one row per receipt and one per delivery (status, attempts, next retry,
+last error). The dispatcher's queue is this view; the UI and API read it too.
+
+Rows are written so that applying the ingest and delivery logs in either order gives the same
+tables (a rebuild may interleave them differently from live processing).
+"""
+
+from __future__ import annotations
+
+import json
+
+from projections.db import Cursor
+from projections.runner import EventRecord, View
+from router.domain.delivery import delivery_id
+
+JOBS_SQL = """CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, received_at DOUBLE PRECISION NOT NULL, source TEXT NOT NULL,
+    actor TEXT NOT NULL, source_ip TEXT NOT NULL, calling_aet TEXT NOT NULL,
+    called_aet TEXT NOT NULL, sop_class_uid TEXT NOT NULL, sop_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT, series_instance_uid TEXT, modality TEXT, patient_id TEXT,
+    sha256 TEXT NOT NULL, size BIGINT NOT NULL, transfer_syntax_uid TEXT NOT NULL,
+    routing TEXT NOT NULL, matched_rules TEXT, destinations TEXT, duplicate_of TEXT,
+    previous_job_id TEXT, correlation_id TEXT)"""
+
+DELIVERIES_SQL = """CREATE TABLE IF NOT EXISTS deliveries (
+    delivery_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, destination TEXT NOT NULL,
+    status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, created_at DOUBLE PRECISION,
+    next_attempt_at DOUBLE PRECISION, last_attempt_at DOUBLE PRECISION, last_error TEXT,
+    delivered_at DOUBLE PRECISION, detail TEXT, clock_from DOUBLE PRECISION)"""
+
+FAILURES_SQL = """CREATE TABLE IF NOT EXISTS receipt_failures (
+    failure_id TEXT PRIMARY KEY, failed_at DOUBLE PRECISION NOT NULL, source TEXT NOT NULL,
+    source_ip TEXT NOT NULL, calling_aet TEXT NOT NULL, called_aet TEXT NOT NULL,
+    status INTEGER NOT NULL, reason TEXT NOT NULL, sop_instance_uid TEXT)"""
+
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_sha ON jobs (sha256)",
+    "CREATE INDEX IF NOT EXISTS jobs_received ON jobs (received_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid)",
+    "CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (destination, status, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (job_id)",
+)
+
+_UPSERT_DELIVERY = (
+    "INSERT INTO deliveries (delivery_id, job_id, destination, status, attempts, created_at,"
+    " clock_from) VALUES (?, ?, ?, 'pending', 0, ?, ?)"
+    " ON CONFLICT (delivery_id) DO UPDATE SET created_at = excluded.created_at,"
+    " clock_from = COALESCE(deliveries.clock_from, excluded.clock_from)"
+)
+
+
+class JobsView(View):
+    name = "jobs"
+    follows = ("ingest", "delivery")
+    tables = ("jobs", "deliveries", "receipt_failures")
+
+    def create(self, cur: Cursor, dialect: str) -> None:
+        for sql in (JOBS_SQL, DELIVERIES_SQL, FAILURES_SQL, *INDEXES):
+            cur.execute(sql)
+
+    def apply(self, cur: Cursor, record: EventRecord) -> None:
+        handler = getattr(self, "_" + record.topic.replace(".", "_"), None)
+        if handler is not None:
+            handler(cur, record)
+
+    # ingest
+    def _Job_Received(self, cur: Cursor, r: EventRecord) -> None:
+        e = r.event
+        idx = e.index
+        cur.execute(
+            "INSERT INTO jobs (job_id, received_at, source, actor, source_ip, calling_aet,"
+            " called_aet, sop_class_uid, sop_instance_uid, study_instance_uid,"
+            " series_instance_uid, modality, patient_id, sha256, size, transfer_syntax_uid,"
+            " routing, previous_job_id, correlation_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)",
+            (r.originator_id, r.timestamp, e.source, e.actor, e.source_ip, e.calling_aet,
+             e.called_aet, e.sop_class_uid, e.sop_instance_uid, idx.get("StudyInstanceUID"),
+             idx.get("SeriesInstanceUID"), idx.get("Modality"), idx.get("PatientID"), e.sha256,
+             e.size, e.transfer_syntax_uid, e.previous_job_id, e.correlation_id),
+        )
+
+    def _Job_Routed(self, cur: Cursor, r: EventRecord) -> None:
+        e = r.event
+        cur.execute(
+            "UPDATE jobs SET routing = ?, matched_rules = ?, destinations = ? WHERE job_id = ?",
+            ("unrouted" if e.unrouted else "routed", json.dumps(e.matched_rules),
+             json.dumps(e.destinations), r.originator_id),
+        )
+        self._add_deliveries(cur, r, e.destinations)
+
+    def _Job_Rerouted(self, cur: Cursor, r: EventRecord) -> None:
+        row = cur.execute("SELECT destinations FROM jobs WHERE job_id = ?", (r.originator_id,))
+        row = cur.fetchone()
+        known = json.loads(row["destinations"] or "[]") if row else []
+        merged = sorted(set(known) | set(r.event.destinations))
+        cur.execute("UPDATE jobs SET routing = 'routed', destinations = ? WHERE job_id = ?",
+                    (json.dumps(merged), r.originator_id))
+        self._add_deliveries(cur, r, r.event.destinations)
+
+    def _add_deliveries(self, cur: Cursor, r: EventRecord, destinations: list[str]) -> None:
+        for name in destinations:
+            cur.execute(_UPSERT_DELIVERY, (str(delivery_id(r.originator_id, name)),
+                                           r.originator_id, name, r.timestamp, r.timestamp))
+
+    def _Job_DuplicateIgnored(self, cur: Cursor, r: EventRecord) -> None:
+        cur.execute("UPDATE jobs SET routing = 'duplicate', duplicate_of = ? WHERE job_id = ?",
+                    (r.event.original_job_id, r.originator_id))
+
+    def _Job_ConflictKept(self, cur: Cursor, r: EventRecord) -> None:
+        cur.execute("UPDATE jobs SET routing = 'conflict', duplicate_of = ? WHERE job_id = ?",
+                    (r.event.original_job_id, r.originator_id))
+
+    def _ReceiptFailure_Recorded(self, cur: Cursor, r: EventRecord) -> None:
+        e = r.event
+        cur.execute(
+            "INSERT INTO receipt_failures (failure_id, failed_at, source, source_ip,"
+            " calling_aet, called_aet, status, reason, sop_instance_uid)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (r.originator_id, r.timestamp, e.source, e.source_ip, e.calling_aet, e.called_aet,
+             e.status, e.reason, e.sop_instance_uid),
+        )
+
+    # delivery
+    def _Delivery_Created(self, cur: Cursor, r: EventRecord) -> None:
+        e = r.event
+        cur.execute(
+            "INSERT INTO deliveries (delivery_id, job_id, destination, status, attempts)"
+            " VALUES (?, ?, ?, 'pending', 0) ON CONFLICT (delivery_id) DO NOTHING",
+            (r.originator_id, e.job_id, e.destination),
+        )
+
+    def _Delivery_Succeeded(self, cur: Cursor, r: EventRecord) -> None:
+        cur.execute(
+            "UPDATE deliveries SET status = 'delivered', attempts = ?, last_attempt_at = ?,"
+            " delivered_at = ?, detail = ?, next_attempt_at = NULL WHERE delivery_id = ?",
+            (r.event.attempt, r.timestamp, r.timestamp, r.event.detail, r.originator_id),
+        )
+
+    def _Delivery_AttemptFailed(self, cur: Cursor, r: EventRecord) -> None:
+        cur.execute(
+            "UPDATE deliveries SET status = 'retrying', attempts = ?, last_attempt_at = ?,"
+            " last_error = ?, next_attempt_at = ? WHERE delivery_id = ?",
+            (r.event.attempt, r.timestamp, r.event.error, r.event.retry_at, r.originator_id),
+        )
+
+    def _Delivery_DeadLettered(self, cur: Cursor, r: EventRecord) -> None:
+        cur.execute(
+            "UPDATE deliveries SET status = 'dead', attempts = ?, last_attempt_at = ?,"
+            " last_error = ?, next_attempt_at = NULL WHERE delivery_id = ?",
+            (r.event.attempt, r.timestamp, r.event.reason, r.originator_id),
+        )
+
+    def _Delivery_Requeued(self, cur: Cursor, r: EventRecord) -> None:
+        cur.execute(
+            "UPDATE deliveries SET status = 'pending', next_attempt_at = NULL, clock_from = ?"
+            " WHERE delivery_id = ?", (r.timestamp, r.originator_id),
+        )
+
+    def _Delivery_Cancelled(self, cur: Cursor, r: EventRecord) -> None:
+        cur.execute(
+            "UPDATE deliveries SET status = 'cancelled', next_attempt_at = NULL,"
+            " last_error = ? WHERE delivery_id = ?", (r.event.reason, r.originator_id),
+        )

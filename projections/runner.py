@@ -1,0 +1,202 @@
+"""The projection runner: follows application logs and applies events to views in batches,
+writing each view's position in the same transaction as its rows (no double application).
+
+PostgreSQL wakes it by LISTEN/NOTIFY (the recorder notifies on every insert); SQLite has no
+subscription, so it polls and is woken in-process right after each save.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from projections.db import Cursor, ViewDatabase
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 500
+
+POSITIONS_SQL = """CREATE TABLE IF NOT EXISTS projection_positions (
+    view TEXT NOT NULL, application TEXT NOT NULL, position BIGINT NOT NULL,
+    PRIMARY KEY (view, application))"""
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One decoded event handed to a view."""
+
+    application: str
+    position: int
+    topic: str  # "Job.Received"
+    event: Any
+
+    @property
+    def originator_id(self) -> str:
+        return str(self.event.originator_id)
+
+    @property
+    def timestamp(self) -> float:
+        return float(self.event.timestamp.timestamp())
+
+
+class View:
+    """A read model: its tables, the logs it follows and how each event changes it."""
+
+    name: str = ""
+    follows: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+
+    def create(self, cur: Cursor, dialect: str) -> None:
+        raise NotImplementedError
+
+    def apply(self, cur: Cursor, record: EventRecord) -> None:
+        raise NotImplementedError
+
+    def end_batch(self, cur: Cursor) -> None:
+        """Called once per committed batch, inside its transaction."""
+
+
+def ensure_schema(view: View, db: ViewDatabase) -> None:
+    with db.transaction() as cur:
+        cur.execute(POSITIONS_SQL)
+        view.create(cur, db.dialect)
+
+
+def positions(view: View, db: ViewDatabase) -> dict[str, int]:
+    rows = db.query("SELECT application, position FROM projection_positions WHERE view = ?",
+                    (view.name,))
+    return {r["application"]: int(r["position"]) for r in rows}
+
+
+def drop_view(view: View, db: ViewDatabase) -> None:
+    """Forget a view's rows and positions (a rebuild then replays from position 0)."""
+    with db.transaction() as cur:
+        cur.execute(POSITIONS_SQL)
+        for table in view.tables:
+            cur.execute(f"DROP TABLE IF EXISTS {table}")
+        cur.execute("DELETE FROM projection_positions WHERE view = ?", (view.name,))
+
+
+def topic_name(topic: str) -> str:
+    return topic.rsplit(":", 1)[-1]
+
+
+def process_batch(view: View, db: ViewDatabase, apps: dict[str, Any]) -> int:
+    """Apply up to BATCH_SIZE new events of each followed log; returns how many were applied."""
+    done = 0
+    current = positions(view, db)
+    for app_name in view.follows:
+        app = apps[app_name]
+        start = current.get(app_name, 0)
+        batch = app.recorder.select_notifications(start=start, limit=BATCH_SIZE,
+                                                  inclusive_of_start=False)
+        if not batch:
+            continue
+        with db.transaction() as cur:
+            for n in batch:
+                record = EventRecord(app_name, n.id, topic_name(n.topic),
+                                     app.mapper.to_domain_event(n))
+                view.apply(cur, record)
+            view.end_batch(cur)
+            cur.execute(
+                "INSERT INTO projection_positions (view, application, position) VALUES (?, ?, ?)"
+                " ON CONFLICT (view, application) DO UPDATE SET position = excluded.position",
+                (view.name, app_name, batch[-1].id),
+            )
+        done += len(batch)
+    return done
+
+
+class ProjectionRunner:
+    """One thread per view, woken by saves (in-process), NOTIFY (PostgreSQL) or a poll."""
+
+    def __init__(self, views: Sequence[tuple[View, ViewDatabase]], apps: dict[str, Any],
+                 poll_interval: float = 0.5) -> None:
+        self._views = list(views)
+        self._apps = apps
+        self._poll = poll_interval
+        self._wakes = {v.name: threading.Event() for v, _ in self._views}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._listeners: list[Callable[[str], None]] = []
+        self._caught_up: dict[str, threading.Event] = {v.name: threading.Event()
+                                                       for v, _ in self._views}
+
+    def add_listener(self, callback: Callable[[str], None]) -> None:
+        """``callback(view_name)`` runs after each committed batch (keep it quick)."""
+        self._listeners.append(callback)
+
+    def wake(self) -> None:
+        for event in self._wakes.values():
+            event.set()
+
+    def listen(self, database_url: str, channels: Sequence[str]) -> None:
+        """PostgreSQL: wake on NOTIFY from any node's saves (the recorder sends them)."""
+        t = threading.Thread(target=self._listen, args=(database_url, channels),
+                             name="view-listen", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _listen(self, database_url: str, channels: Sequence[str]) -> None:
+        import psycopg
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(database_url, autocommit=True) as conn:
+                    for channel in channels:
+                        conn.execute(f'LISTEN "{channel}"')
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            self.wake()
+            except Exception as exc:
+                logger.warning("LISTEN connection lost (%s); polling meanwhile",
+                               type(exc).__name__)
+                self._stop.wait(2.0)
+
+    def start(self) -> None:
+        for view, db in self._views:
+            ensure_schema(view, db)
+            t = threading.Thread(target=self._run, args=(view, db), name=f"view-{view.name}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def wait_caught_up(self, timeout: float) -> bool:
+        return all(e.wait(timeout) for e in self._caught_up.values())
+
+    def catch_up(self) -> None:
+        """Synchronously apply everything recorded so far (start-up, tests, shutdown flush)."""
+        for view, db in self._views:
+            ensure_schema(view, db)
+            while process_batch(view, db, self._apps):
+                pass
+
+    def _run(self, view: View, db: ViewDatabase) -> None:
+        while not self._stop.is_set():
+            self._wakes[view.name].clear()
+            try:
+                applied = process_batch(view, db, self._apps)
+            except Exception:
+                logger.exception("view %s: batch failed; retrying", view.name)
+                self._stop.wait(1.0)
+                continue
+            if applied:
+                for callback in self._listeners:
+                    callback(view.name)
+                continue
+            self._caught_up[view.name].set()
+            self._wakes[view.name].wait(self._poll)
+
+    def stop(self) -> None:
+        """Stop the threads, then flush what is left so the views match the log."""
+        self._stop.set()
+        self.wake()
+        for t in self._threads:
+            t.join(timeout=10)
+        try:
+            self.catch_up()
+        except Exception:
+            logger.exception("final view flush failed")

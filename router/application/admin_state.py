@@ -1,0 +1,110 @@
+"""The current rules and destinations, kept in memory by following the admin log.
+
+The admin log is small (configuration changes), so it is replayed from the start when the
+router starts and then followed; the routing path reads a consistent snapshot without I/O.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.domain import admin
+from router.domain.rules import VersionedRule, parse_rule
+
+
+@dataclass(frozen=True)
+class DestinationState:
+    """A destination as the dispatcher sees it: sealed config, version, pause flag."""
+
+    name: str
+    destination_id: str
+    version: int
+    config: dict[str, Any]
+    paused: bool
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class AdminSnapshot:
+    """Rules (enabled or not, in priority order) and destinations at one admin log position."""
+
+    position: int = 0
+    rules: tuple[VersionedRule, ...] = ()
+    destinations: dict[str, DestinationState] = field(default_factory=dict)
+
+    def live_destinations(self) -> dict[str, DestinationState]:
+        return {n: d for n, d in self.destinations.items() if not d.deleted}
+
+
+class AdminState:
+    """Follows the admin application; :meth:`snapshot` is cheap and thread-safe."""
+
+    def __init__(self, app: Any, refresh_interval: float = 1.0) -> None:
+        self._app = app
+        self._interval = refresh_interval
+        self._lock = threading.Lock()
+        self._rules: dict[str, Any] = {}
+        self._destinations: dict[str, Any] = {}
+        self._snapshot = AdminSnapshot()
+        self._checked = 0.0
+        self.refresh()
+
+    def snapshot(self) -> AdminSnapshot:
+        if time.monotonic() - self._checked > self._interval:
+            self.refresh()
+        return self._snapshot
+
+    def refresh(self) -> AdminSnapshot:
+        """Apply admin events recorded since the last refresh (by any node)."""
+        with self._lock:
+            self._checked = time.monotonic()
+            position = self._snapshot.position
+            changed = False
+            while True:
+                batch = self._app.recorder.select_notifications(
+                    start=position, limit=500, inclusive_of_start=False
+                )
+                if not batch:
+                    break
+                for notification in batch:
+                    event = self._app.mapper.to_domain_event(notification)
+                    self._remember(event.originator_id)
+                    position = notification.id
+                changed = True
+            if changed:
+                self._snapshot = self._build(position)
+            return self._snapshot
+
+    def _remember(self, originator_id: Any) -> None:
+        aggregate = self._app.repository.get(originator_id)
+        if isinstance(aggregate, admin.Rule):
+            self._rules[str(aggregate.id)] = aggregate
+        elif isinstance(aggregate, admin.Destination):
+            self._destinations[aggregate.name] = aggregate
+
+    def _build(self, position: int) -> AdminSnapshot:
+        rules = [
+            VersionedRule(rule_id=rid, version=r.version, spec=parse_rule(r.spec))
+            for rid, r in self._rules.items()
+            if not r.deleted
+        ]
+        rules.sort(key=lambda r: (r.spec.priority, r.spec.name))
+        destinations = {
+            name: DestinationState(
+                name=name, destination_id=str(d.id), version=d.version, config=d.config,
+                paused=d.paused, deleted=d.deleted,
+            )
+            for name, d in self._destinations.items()
+        }
+        return AdminSnapshot(position=position, rules=tuple(rules), destinations=destinations)
+
+    def rule_aggregates(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._rules)
+
+    def destination_aggregates(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._destinations)

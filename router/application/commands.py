@@ -1,0 +1,206 @@
+"""Commands on rules, destinations and deliveries: the layer the CLI uses now and the REST API
+will expose. Each command records events with who asked, from where, and a correlation id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eventsourcing.application import AggregateNotFoundError
+
+from router.application.admin_state import AdminState
+from router.application.stores import EventStores
+from router.dispatch.registry import parse_destination, seal_config
+from router.domain.admin import Destination, Rule, destination_id, rule_id
+from router.domain.delivery import Delivery, delivery_id
+from router.domain.rules import RuleError, parse_rule
+from router.secrets import SecretBox
+
+
+class CommandError(ValueError):
+    """A command cannot be carried out; the message says why (shown to the user)."""
+
+
+class NotFoundError(CommandError):
+    """The named rule, destination or delivery does not exist."""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asks, from where, under which correlation id."""
+
+    name: str
+    source_ip: str = ""
+    correlation_id: str = ""
+
+    def ctx(self) -> dict[str, str]:
+        return {"actor": self.name, "source_ip": self.source_ip,
+                "correlation_id": self.correlation_id or str(uuid.uuid4())}
+
+
+CONFIG_ACTOR = Actor("config")
+
+
+class Commands:
+    """Write-side commands. Thread-safe as far as the event store is (optimistic locking)."""
+
+    def __init__(self, stores: EventStores, admin_state: AdminState, box: SecretBox) -> None:
+        self._stores = stores
+        self._admin = admin_state
+        self._box = box
+
+    # --- destinations ---------------------------------------------------------------
+    def put_destination(self, data: Mapping[str, Any], actor: Actor) -> bool:
+        """Create or replace a destination; False when nothing changed."""
+        config = parse_destination(data)
+        name = str(data["name"])
+        existing = self._get(Destination, destination_id(name))
+        if existing is not None and not existing.deleted and self._same_destination(
+            existing.config, config
+        ):
+            return False
+        sealed = seal_config(config, self._box)
+        if existing is None:
+            aggregate = Destination(name, **actor.ctx(), config=sealed)
+        else:
+            existing.update(**actor.ctx(), config=sealed)
+            aggregate = existing
+        self._save_admin(aggregate)
+        return True
+
+    def _same_destination(self, stored: Mapping[str, Any], config: Any) -> bool:
+        # Sealed values use random nonces: compare the opened values, not the ciphertexts.
+        plain = seal_config(config, _IdentityBox())
+        opened = {k: (self._box.open(v, context=f"{stored.get('name')}/{k}")
+                      if SecretBox.is_sealed(v) else v) for k, v in stored.items()}
+        return opened == plain
+
+    def delete_destination(self, name: str, actor: Actor) -> None:
+        aggregate = self._require(Destination, destination_id(name), f"destination {name!r}")
+        if not aggregate.deleted:
+            aggregate.delete(**actor.ctx())
+            self._save_admin(aggregate)
+
+    def pause_destination(self, name: str, actor: Actor, paused: bool = True) -> None:
+        aggregate = self._require(Destination, destination_id(name), f"destination {name!r}")
+        if aggregate.paused != paused:
+            (aggregate.pause if paused else aggregate.resume)(**actor.ctx())
+            self._save_admin(aggregate)
+
+    # --- rules ----------------------------------------------------------------------
+    def put_rule(self, data: Mapping[str, Any], actor: Actor) -> bool:
+        """Create or replace a rule (by name); False when nothing changed."""
+        try:
+            spec = parse_rule(data)
+        except RuleError as exc:
+            raise CommandError(str(exc)) from None
+        known = self._admin.refresh().live_destinations()
+        missing = [d for d in spec.destinations if d not in known]
+        if missing:
+            raise CommandError(f"rule {spec.name!r}: unknown destination(s): "
+                               + ", ".join(sorted(missing)))
+        stored = spec.to_dict()
+        existing = self._get(Rule, rule_id(spec.name))
+        if existing is not None and not existing.deleted and existing.spec == stored:
+            return False
+        if existing is None:
+            aggregate = Rule(spec.name, **actor.ctx(), spec=stored)
+        else:
+            existing.update(**actor.ctx(), spec=stored)
+            aggregate = existing
+        self._save_admin(aggregate)
+        return True
+
+    def delete_rule(self, name: str, actor: Actor) -> None:
+        aggregate = self._require(Rule, rule_id(name), f"rule {name!r}")
+        if not aggregate.deleted:
+            aggregate.delete(**actor.ctx())
+            self._save_admin(aggregate)
+
+    # --- deliveries -----------------------------------------------------------------
+    def requeue(self, job_id: str, destination: str, actor: Actor) -> None:
+        """Attempt again now; a delivery that never ran yet is simply left pending."""
+        aggregate = self._get_delivery(job_id, destination)
+        if aggregate is None:
+            return
+        if aggregate.status == "delivered":
+            raise CommandError("already delivered; nothing to requeue")
+        aggregate.requeue(**actor.ctx())
+        self._stores.delivery.save(aggregate)
+
+    def cancel(self, job_id: str, destination: str, actor: Actor, reason: str = "") -> None:
+        aggregate = self._get_delivery(job_id, destination)
+        if aggregate is None:
+            aggregate = Delivery(job_id, destination, **actor.ctx(), sha256="")
+        elif aggregate.status in ("delivered", "cancelled"):
+            raise CommandError(f"delivery is {aggregate.status}; nothing to cancel")
+        aggregate.cancel(**actor.ctx(), reason=reason or f"cancelled by {actor.name}")
+        self._stores.delivery.save(aggregate)
+
+    def _get_delivery(self, job_id: str, destination: str) -> Any:
+        return self._get_from(self._stores.delivery, Delivery, delivery_id(job_id, destination))
+
+    # --- config file ----------------------------------------------------------------
+    def apply(self, destinations: Sequence[Mapping[str, Any]],
+              rules: Sequence[Mapping[str, Any]], actor: Actor = CONFIG_ACTOR) -> dict[str, int]:
+        """Make the store match a TOML file's destinations and rules (idempotent).
+
+        Items the file declared before (actor ``config``) and no longer declares are deleted;
+        items created by people in the UI or API are left alone.
+        """
+        changed = {"destinations": 0, "rules": 0, "deleted": 0}
+        for item in destinations:
+            changed["destinations"] += self.put_destination(item, actor)
+        for item in rules:
+            changed["rules"] += self.put_rule(item, actor)
+        declared_rules = {str(r.get("name")) for r in rules}
+        declared_dest = {str(d.get("name")) for d in destinations}
+        for rule in self._admin.refresh().rules:
+            if rule.spec.name not in declared_rules and self._created_by(
+                Rule, rule_id(rule.spec.name), actor.name
+            ):
+                self.delete_rule(rule.spec.name, actor)
+                changed["deleted"] += 1
+        for name in self._admin.refresh().live_destinations():
+            if name not in declared_dest and self._created_by(
+                Destination, destination_id(name), actor.name
+            ):
+                self.delete_destination(name, actor)
+                changed["deleted"] += 1
+        return changed
+
+    def _created_by(self, cls: type, aggregate_id: uuid.UUID, actor_name: str) -> bool:
+        events = list(self._stores.admin.events.get(aggregate_id, lte=1))
+        return bool(events) and getattr(events[0], "actor", None) == actor_name
+
+    # --- helpers --------------------------------------------------------------------
+    def _save_admin(self, aggregate: Any) -> None:
+        self._stores.admin.save(aggregate)
+        self._admin.refresh()
+
+    def _get(self, cls: type, aggregate_id: uuid.UUID) -> Any:
+        return self._get_from(self._stores.admin, cls, aggregate_id)
+
+    @staticmethod
+    def _get_from(app: Any, cls: type, aggregate_id: uuid.UUID) -> Any:
+        try:
+            aggregate = app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+        return aggregate if isinstance(aggregate, cls) else None
+
+    def _require(self, cls: type, aggregate_id: uuid.UUID, label: str) -> Any:
+        aggregate = self._get(cls, aggregate_id)
+        if aggregate is None:
+            raise NotFoundError(f"{label} does not exist")
+        return aggregate
+
+
+class _IdentityBox:
+    """Stands in for SecretBox when comparing configurations in plain text."""
+
+    def seal(self, plaintext: str, *, context: str = "") -> str:
+        return plaintext

@@ -1,0 +1,206 @@
+"""Taking in one received object: parse, stage the blob, dedupe, route, ONE save, commit blob.
+
+This is the only write in the C-STORE path. It answers a DIMSE status; 0x0000 only after the
+receipt and the routing decision are durably saved together.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+from pydicom.dataset import Dataset
+
+from router.application.admin_state import AdminState
+from router.application.stores import EventStores
+from router.dicom.header import HeaderError, index_attributes, read_header
+from router.domain.ingest import Instance, Job, ReceiptFailure, instance_id
+from router.domain.rules import RoutingDecision, RoutingInput, evaluate
+from router.settings import DispatchSettings, IngestSettings
+from router.storage.blobs import BlobStore
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_DUPLICATE_REFUSED = 0xC001  # "changed duplicate" refused by policy
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One object spooled to disk, with where it came from."""
+
+    path: Path
+    sha256: str
+    size: int
+    source: str  # "dimse" | "stow" | "retrieve"
+    actor: str
+    source_ip: str
+    calling_aet: str
+    called_aet: str
+    sop_class_uid: str  # from the command (C-STORE) or the dataset
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    correlation_id: str = ""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The answer: a DIMSE status, the job id when saved, a reason when not (no PHI)."""
+
+    status: int
+    job_id: str | None = None
+    reason: str = ""
+    duplicate: bool = False
+
+
+class Receiver:
+    """Turns arrivals into Job events; thread-safe (one call per association thread)."""
+
+    def __init__(
+        self,
+        stores: EventStores,
+        blobs: BlobStore,
+        admin_state: AdminState,
+        ingest: IngestSettings,
+        dispatch: DispatchSettings,
+        on_saved: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._app = stores.ingest
+        self._blobs = blobs
+        self._admin = admin_state
+        self._ingest = ingest
+        self._dispatch = dispatch
+        self._on_saved = on_saved
+
+    def receive(self, arrival: Arrival) -> Receipt:
+        correlation_id = arrival.correlation_id or str(uuid.uuid4())
+        try:
+            header = read_header(arrival.path)
+        except HeaderError as exc:
+            arrival.path.unlink(missing_ok=True)
+            return self._refuse(arrival, correlation_id, STATUS_CANNOT_UNDERSTAND, str(exc))
+        sop_uid = str(header.get("SOPInstanceUID") or arrival.sop_instance_uid)
+        if arrival.sop_instance_uid and sop_uid != arrival.sop_instance_uid:
+            arrival.path.unlink(missing_ok=True)
+            return self._refuse(arrival, correlation_id, STATUS_DATASET_MISMATCH,
+                                "SOP Instance UID in the dataset differs from the command")
+        try:
+            staged = self._blobs.stage(arrival.path, arrival.sha256)
+        except OSError as exc:
+            arrival.path.unlink(missing_ok=True)
+            return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
+                                f"blob store: {exc.strerror or type(exc).__name__}")
+        try:
+            receipt = self._save_with_retry(arrival, header, sop_uid, correlation_id)
+        except Exception as exc:
+            if staged:
+                self._blobs.discard(arrival.sha256)
+            logger.error("receipt not saved: %s", type(exc).__name__)
+            return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
+                                f"event store unavailable: {type(exc).__name__}")
+        if receipt.status != STATUS_SUCCESS:
+            if staged:
+                self._blobs.discard(arrival.sha256)
+            return receipt
+        self._blobs.commit(arrival.sha256)
+        self._on_saved()
+        return receipt
+
+    def _save_with_retry(
+        self, arrival: Arrival, header: Dataset, sop_uid: str, correlation_id: str
+    ) -> Receipt:
+        # Two associations may deliver the same new UID at once: the loser of the optimistic
+        # concurrency check reloads the Instance and decides again.
+        for _ in range(3):
+            try:
+                return self._save(arrival, header, sop_uid, correlation_id)
+            except IntegrityError:
+                continue
+        return self._save(arrival, header, sop_uid, correlation_id)
+
+    def _save(self, arrival: Arrival, header: Dataset, sop_uid: str, corr: str) -> Receipt:
+        ctx = {"actor": arrival.actor, "source_ip": arrival.source_ip, "correlation_id": corr}
+        instance = self._load_instance(sop_uid)
+        original = instance.job_with(arrival.sha256) if instance else None
+        previous = instance.latest_job_id if instance else None
+        if instance and original is None and self._ingest.changed_duplicate_policy == "reject":
+            return self._refuse(arrival, corr, STATUS_DUPLICATE_REFUSED,
+                                "same SOP Instance UID with different content (policy: reject)")
+        job = Job(
+            **ctx, source=arrival.source, calling_aet=arrival.calling_aet,
+            called_aet=arrival.called_aet,
+            sop_class_uid=str(header.get("SOPClassUID") or arrival.sop_class_uid),
+            sop_instance_uid=sop_uid, transfer_syntax_uid=arrival.transfer_syntax_uid,
+            sha256=arrival.sha256, size=arrival.size, index=index_attributes(header),
+            previous_job_id=previous,
+        )
+        if original is not None:
+            job.ignore_duplicate(**ctx, original_job_id=original)
+        elif instance is not None and self._ingest.changed_duplicate_policy == "keep_first":
+            job.keep_conflict(**ctx, original_job_id=instance.versions[0]["job_id"])
+        else:
+            self._route(job, arrival, header, ctx)
+        to_save: list[Any] = [job]
+        if instance is None:
+            to_save.append(Instance(sop_uid, **ctx, job_id=str(job.id), sha256=arrival.sha256))
+        elif original is None:
+            instance.add_version(**ctx, job_id=str(job.id), sha256=arrival.sha256)
+            to_save.append(instance)
+        self._app.save(*to_save)
+        return Receipt(STATUS_SUCCESS, str(job.id), duplicate=original is not None)
+
+    def _load_instance(self, sop_uid: str) -> Instance | None:
+        try:
+            instance = self._app.repository.get(instance_id(sop_uid))
+        except AggregateNotFoundError:
+            return None
+        assert isinstance(instance, Instance)
+        return instance
+
+    def _route(self, job: Job, arrival: Arrival, header: Dataset, ctx: dict[str, str]) -> None:
+        snapshot = self._admin.snapshot()
+        decision: RoutingDecision = evaluate(snapshot.rules, RoutingInput(
+            calling_aet=arrival.calling_aet, called_aet=arrival.called_aet,
+            source_ip=arrival.source_ip, dataset=header,
+        ))
+        destinations = list(decision.destinations)
+        default_used = False
+        if not destinations and self._dispatch.default_destination:
+            destinations = [self._dispatch.default_destination]
+            default_used = True
+        job.route(
+            **ctx,
+            matched_rules=[
+                {"rule_id": m.rule_id, "version": m.version, "name": m.name}
+                for m in decision.matched
+            ],
+            destinations=destinations,
+            unrouted=not destinations,
+            default_destination_used=default_used,
+            stopped_by=decision.stopped_by,
+        )
+
+    def _refuse(self, arrival: Arrival, corr: str, status: int, reason: str) -> Receipt:
+        """Record why an object was refused (best effort: the store may be what failed)."""
+        try:
+            failure = ReceiptFailure(
+                actor=arrival.actor, source_ip=arrival.source_ip, correlation_id=corr,
+                source=arrival.source, calling_aet=arrival.calling_aet,
+                called_aet=arrival.called_aet, status=status, reason=reason,
+                sop_class_uid=arrival.sop_class_uid, sop_instance_uid=arrival.sop_instance_uid,
+            )
+            self._app.save(failure)
+            self._on_saved()
+        except Exception as exc:
+            logger.error("receipt failure could not be recorded: %s", type(exc).__name__)
+        logger.warning("refused object from %s: 0x%04X %s", arrival.calling_aet, status, reason)
+        return Receipt(status, reason=reason)

@@ -1,0 +1,113 @@
+"""The event-sourced applications (ingest, delivery, admin), one log each, on SQLite or PostgreSQL.
+
+The log is split by write rate: receipts, delivery attempts and configuration never contend for
+the same table lock. On SQLite each application has its own database file.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from eventsourcing.application import Application
+
+APP_NAMES = ("ingest", "delivery", "admin")
+
+
+class IngestApplication(Application):
+    """Jobs (receipt + routing decision), instance versions and receipt failures."""
+
+    name = "ingest"
+
+
+class DeliveryApplication(Application):
+    """Deliveries: every attempt and its outcome."""
+
+    name = "delivery"
+
+
+class AdminApplication(Application):
+    """Rules and destinations (later users and settings): low rate, fully replayed at start."""
+
+    name = "admin"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the logs live: ``sqlite:///DIR``, ``postgresql://...`` or ``memory:`` (tests)."""
+
+    database_url: str
+    cipher_key: bytes | None = None  # 32 bytes: encrypts the ingest log (it carries PHI)
+
+
+def postgres_env(url: str) -> dict[str, str]:
+    """eventsourcing's POSTGRES_* settings from a ``postgresql://user:pw@host:port/db`` URL."""
+    parts = urlparse(url)
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": (parts.path or "/postgres").lstrip("/") or "postgres",
+        "POSTGRES_HOST": parts.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(parts.port or 5432),
+        "POSTGRES_USER": unquote(parts.username or "postgres"),
+        "POSTGRES_PASSWORD": unquote(parts.password or ""),
+        "POSTGRES_POOL_SIZE": "8",
+        "POSTGRES_MAX_OVERFLOW": "8",
+        "POSTGRES_CONNECT_TIMEOUT": "10",
+        "POSTGRES_PRE_PING": "y",
+    }
+    return env
+
+
+def app_env(config: StoreConfig, name: str) -> dict[str, str]:
+    """The environment one application is built with (never taken from os.environ)."""
+    url = config.database_url
+    if url.startswith(("postgresql://", "postgres://")):
+        env = postgres_env(url)
+    elif url.startswith("sqlite:///"):
+        folder = Path(url.removeprefix("sqlite:///"))
+        folder.mkdir(parents=True, exist_ok=True)
+        env = {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(folder / f"{name}.sqlite"),
+            "SQLITE_LOCK_TIMEOUT": "30",
+        }
+    elif url == "memory:":
+        env = {"PERSISTENCE_MODULE": "eventsourcing.popo"}
+    else:
+        raise ValueError("database_url must be sqlite:///DIR, postgresql://... or memory:")
+    env["AGGREGATE_CACHE_MAXSIZE"] = "20000" if name == "admin" else "2000"
+    if name == "ingest" and config.cipher_key is not None:
+        env["CIPHER_TOPIC"] = "eventsourcing.cryptography:AESCipher"
+        env["CIPHER_KEY"] = base64.b64encode(config.cipher_key).decode()
+    return env
+
+
+class EventStores:
+    """The three applications of one router, built together and closed together."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self.ingest = IngestApplication(env=_clean_env(app_env(config, "ingest")))
+        self.delivery = DeliveryApplication(env=_clean_env(app_env(config, "delivery")))
+        self.admin = AdminApplication(env=_clean_env(app_env(config, "admin")))
+
+    def by_name(self, name: str) -> Application:
+        return {"ingest": self.ingest, "delivery": self.delivery, "admin": self.admin}[name]
+
+    def close(self) -> None:
+        for app in (self.ingest, self.delivery, self.admin):
+            app.close()
+
+
+def _clean_env(env: dict[str, str]) -> dict[str, str]:
+    """Blank out persistence keys an operator's shell may carry, so only ours apply.
+
+    eventsourcing merges os.environ under the env we pass; our values win, but keys we do not
+    set (say a stray CIPHER_TOPIC or POSTGRES_SCHEMA) would leak in, so set them empty.
+    """
+    for key in ("CIPHER_TOPIC", "CIPHER_KEY", "COMPRESSOR_TOPIC", "POSTGRES_SCHEMA",
+                "IS_SNAPSHOTTING_ENABLED"):
+        env.setdefault(key, "")
+    return env

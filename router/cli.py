@@ -1,0 +1,178 @@
+"""The ``dicom-router`` command: serve, migrate, apply, check-config, projections.
+
+The only place that reads the environment (through load_settings) and configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from router.settings import Settings, SettingsError, load_settings, read_toml
+
+logger = logging.getLogger("router.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicom-router", description=__doc__)
+    p.add_argument("--config", type=Path, help="TOML settings file")
+    p.add_argument("--data-dir", type=Path, help="data folder (default ./data)")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the router (DICOM, dispatcher, views, HTTP)")
+    serve.add_argument("--config", type=Path, dest="serve_config", help=argparse.SUPPRESS)
+    serve.add_argument("--data-dir", type=Path, dest="serve_data_dir", help=argparse.SUPPRESS)
+    sub.add_parser("migrate", help="create event and view tables")
+    apply = sub.add_parser("apply", help="apply the destinations and rules of a TOML file")
+    apply.add_argument("file", type=Path)
+    check = sub.add_parser("check-config", help="validate a TOML file without applying it")
+    check.add_argument("file", type=Path)
+    proj = sub.add_parser("projections", help="view maintenance")
+    psub = proj.add_subparsers(dest="action", required=True)
+    rebuild = psub.add_parser("rebuild", help="drop a view and replay it from the log")
+    rebuild.add_argument("name", nargs="?")
+    rebuild.add_argument("--all", action="store_true")
+    psub.add_parser("status", help="each view's position and lag")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = getattr(args, "serve_config", None) or args.config
+    data_dir = getattr(args, "serve_data_dir", None) or args.data_dir
+    try:
+        settings = load_settings(os.environ, config, data_dir)
+    except SettingsError as exc:
+        print(f"dicom-router: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from router.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    handlers = {"serve": cmd_serve, "migrate": cmd_migrate, "apply": cmd_apply,
+                "check-config": cmd_check_config, "projections": cmd_projections}
+    try:
+        return handlers[args.command](settings, args)
+    except SettingsError as exc:
+        print(f"dicom-router: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # command and validation errors carry a user-facing message
+        print(f"dicom-router: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_serve(settings: Settings, args: Any) -> int:
+    from router.service import Router
+
+    router = Router.build(settings)
+    return asyncio.run(_serve(router))
+
+
+async def _serve(router: Any) -> int:
+    from aiohttp import web
+
+    from web.app import create_app
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await asyncio.to_thread(router.start)
+    runner = web.AppRunner(create_app(router), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, router.settings.http_host, router.settings.http_port)
+    await site.start()
+    logger.info("HTTP on %s:%d", router.settings.http_host, router.settings.http_port)
+    await stopping.wait()
+    logger.info("shutting down")
+    await asyncio.to_thread(router.stop)
+    await runner.cleanup()
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: Any) -> int:
+    from projections.runner import ensure_schema
+    from router.secrets import SecretBox, load_master_key
+    from router.service import open_all_views, open_stores
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
+                                                             settings.data_dir)))
+    for view, db in open_all_views(settings).values():
+        ensure_schema(view, db)
+        db.close()
+    stores.close()
+    print("event and view tables are in place")
+    return 0
+
+
+def cmd_apply(settings: Settings, args: Any) -> int:
+    from router.service import Router
+
+    doc = read_toml(args.file)
+    router = Router.build(settings)
+    try:
+        changed = router.commands.apply(doc.get("destinations", []), doc.get("rules", []))
+        router.runner.catch_up()
+    finally:
+        router.stores.close()
+    print(f"applied {args.file}: {changed['destinations']} destination(s) and "
+          f"{changed['rules']} rule(s) changed, {changed['deleted']} deleted")
+    return 0
+
+
+def cmd_check_config(settings: Settings, args: Any) -> int:
+    from router.config_check import check_config
+
+    problems = check_config(args.file)
+    for problem in problems:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{args.file}: OK")
+    return 0
+
+
+def cmd_projections(settings: Settings, args: Any) -> int:
+    from projections.runner import drop_view, ensure_schema, positions, process_batch
+    from router.service import VIEW_CLASSES, open_all_views, open_stores
+    from router.secrets import SecretBox, load_master_key
+
+    stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
+                                                             settings.data_dir)))
+    apps = {"ingest": stores.ingest, "delivery": stores.delivery, "admin": stores.admin}
+    views = open_all_views(settings)
+    try:
+        if args.action == "status":
+            for name, (view, db) in views.items():
+                ensure_schema(view, db)
+                done = positions(view, db)
+                for app in view.follows:
+                    head = apps[app].recorder.max_notification_id() or 0
+                    print(f"{name:8} {app:9} position {done.get(app, 0):>9}  "
+                          f"lag {head - done.get(app, 0)}")
+            return 0
+        names = list(VIEW_CLASSES) if args.all else [args.name]
+        if not args.all and args.name not in VIEW_CLASSES:
+            raise ValueError(f"unknown view {args.name!r}; views: {', '.join(VIEW_CLASSES)}")
+        for name in names:
+            view, db = views[name]
+            drop_view(view, db)
+            ensure_schema(view, db)
+            count = 0
+            while applied := process_batch(view, db, apps):
+                count += applied
+            print(f"rebuilt {name}: {count} events applied")
+        return 0
+    finally:
+        for _, db in views.values():
+            db.close()
+        stores.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Validating a TOML settings file without touching any store: every problem, each named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from router.dispatch.registry import DestinationConfigError, parse_destination
+from router.domain.rules import RuleError, parse_rule
+from router.settings import SettingsError, load_settings
+
+
+def check_config(path: Path) -> list[str]:
+    """All problems found in the file (an empty list means it is valid)."""
+    try:
+        settings = load_settings({}, path)
+    except SettingsError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    names: list[str] = []
+    for i, item in enumerate(settings.destinations):
+        try:
+            parse_destination(item)
+            names.append(str(item["name"]))
+        except DestinationConfigError as exc:
+            problems.append(f"destinations[{i}]: {exc}")
+    duplicates = {n for n in names if names.count(n) > 1}
+    problems += [f"destination {n!r} is declared more than once" for n in sorted(duplicates)]
+    rule_names: list[str] = []
+    for i, item in enumerate(settings.rules):
+        try:
+            spec = parse_rule(item)
+        except RuleError as exc:
+            problems.append(f"rules[{i}]: {exc}")
+            continue
+        rule_names.append(spec.name)
+        problems += [f"rule {spec.name!r}: unknown destination {d!r}"
+                     for d in spec.destinations if d not in names]
+    duplicates = {n for n in rule_names if rule_names.count(n) > 1}
+    problems += [f"rule {n!r} is declared more than once" for n in sorted(duplicates)]
+    default = settings.dispatch.default_destination
+    if default and default not in names:
+        problems.append(f"dispatch.default_destination {default!r} is not a declared destination")
+    return problems

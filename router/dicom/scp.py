@@ -1,0 +1,132 @@
+"""The DICOM listener: C-ECHO and C-STORE for every storage SOP class, streamed to the spool.
+
+The C-STORE handler finishes the spool file, calls the Receiver once and returns its status;
+no routing or network I/O happens here. Shutdown stops accepting, lets in-flight C-STOREs end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from pydicom import uid as uids
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification, _STORAGE_CLASSES  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from router.application.receive import STATUS_OUT_OF_RESOURCES, Arrival, Receiver
+from router.dicom.spool import SpoolFile
+from router.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Deflated Explicit VR Little Endian is refused on purpose: pynetdicom inflates it without bound.
+TRANSFER_SYNTAXES = [
+    uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian, uids.ExplicitVRBigEndian,
+    uids.JPEGBaseline8Bit, uids.JPEGExtended12Bit, uids.JPEGLossless, uids.JPEGLosslessSV1,
+    uids.JPEGLSLossless, uids.JPEGLSNearLossless, uids.JPEG2000Lossless, uids.JPEG2000,
+    uids.RLELossless, uids.HTJ2KLossless, uids.HTJ2KLosslessRPCL, uids.HTJ2K,
+    uids.MPEG2MPML, uids.MPEG2MPHL, uids.MPEG4HP41, uids.MPEG4HP41BD, uids.HEVCMP51,
+]
+
+
+class DicomServer:
+    """Owns the pynetdicom AE and its listening socket."""
+
+    def __init__(self, settings: Settings, receiver: Receiver) -> None:
+        self._settings = settings
+        self._receiver = receiver
+        self._server: ThreadedAssociationServer | None = None
+        self._busy = 0
+        self._busy_lock = threading.Condition()
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        s = self._settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.dicom.max_associations
+        ae.maximum_pdu_size = s.dicom.max_pdu_size
+        ae.network_timeout = s.dicom.network_timeout
+        ae.acse_timeout = s.dicom.acse_timeout
+        ae.dimse_timeout = s.dicom.dimse_timeout
+        if s.dicom.require_known_calling_ae:
+            # pynetdicom rejects others: rejected-permanent, "calling AE title not recognised".
+            ae.require_calling_aet = list(s.dicom.known_calling_aets) or ["\x00"]
+        ae.add_supported_context(Verification)
+        for sop_class in sorted(_STORAGE_CLASSES.values()):
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_ECHO, _handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+        ]
+        self._server = self.ae.start_server(
+            (self._settings.dicom_host, self._settings.dicom_port),
+            block=False, evt_handlers=handlers,
+        )
+        logger.info("DICOM listener on %s:%d as %s", self._settings.dicom_host, self.port,
+                    self._settings.ae_title)
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting, wait up to ``grace`` s for associations to end, then abort the rest."""
+        if self._server is None:
+            return
+        associations = list(self._server.active_associations)
+        self._server.shutdown()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(a.is_alive() for a in associations):
+            time.sleep(0.05)
+        with self._busy_lock:
+            # Never abort in the middle of a C-STORE: its answer must match what was saved.
+            self._busy_lock.wait_for(lambda: self._busy == 0, timeout=max(grace, 5.0))
+            for assoc in associations:
+                if assoc.is_alive():
+                    assoc.abort()
+        self._server = None
+
+    def _handle_store(self, event: Any) -> int:
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            return self._store(event)
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+                self._busy_lock.notify_all()
+
+    def _store(self, event: Any) -> int:
+        request = event.request
+        spool = getattr(request, "_dataset_file", None)
+        if not isinstance(spool, SpoolFile):
+            logger.error("C-STORE without a spool file; is configure_pynetdicom() applied?")
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            sha256 = spool.finish()
+        except OSError as exc:
+            spool.close()
+            spool.path.unlink(missing_ok=True)
+            logger.error("spool write failed: %s", exc.strerror or type(exc).__name__)
+            return STATUS_OUT_OF_RESOURCES
+        requestor = event.assoc.requestor
+        arrival = Arrival(
+            path=spool.path, sha256=sha256, size=spool.size, source="dimse",
+            actor=requestor.ae_title, source_ip=str(requestor.address),
+            calling_aet=requestor.ae_title, called_aet=event.assoc.acceptor.ae_title,
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+        )
+        return self._receiver.receive(arrival).status
+
+
+def _handle_echo(event: Any) -> int:
+    return 0x0000

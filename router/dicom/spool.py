@@ -1,0 +1,61 @@
+"""The temp file a C-STORE dataset streams into: hashed while written, buffered, and never
+raising into pynetdicom's reader thread (a full disk becomes a status, not a dropped link).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+
+class _NoFlush:
+    """pynetdicom calls ``file.flush()`` after every fragment; we flush once, at the end."""
+
+    def flush(self) -> None:
+        return None
+
+
+class SpoolFile:
+    """A write-only file in the spool folder with a running SHA-256 and a remembered error."""
+
+    def __init__(self, folder: Path) -> None:
+        self.name = str(folder / f"{uuid.uuid4().hex}.part")
+        self.file = _NoFlush()
+        self.size = 0
+        self.error: OSError | None = None
+        self._hash = hashlib.sha256()
+        self._fh = open(self.name, "xb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        if self.error is None:
+            try:
+                self._fh.write(data)
+            except OSError as exc:  # ENOSPC, EIO...: remembered, reported by the handler
+                self.error = exc
+        return len(data)
+
+    def finish(self) -> str:
+        """Flush and fsync; return the SHA-256. Raises the remembered or a new OSError."""
+        if self.error is None:
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except OSError as exc:
+                self.error = exc
+        if self.error is not None:
+            raise self.error
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        try:
+            self._fh.close()
+        except OSError as exc:
+            self.error = self.error or exc
+
+    @property
+    def path(self) -> Path:
+        return Path(self.name)

@@ -1,0 +1,108 @@
+"""How we run pynetdicom 3.0.4: PHI logging off, streamed receive into our spool, capped PDUs,
+TCP_NODELAY on every socket, and a socket read that does not copy 4 KB at a time.
+
+These are process-wide settings of the library, applied once by :func:`configure_pynetdicom`.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import _config, dimse_messages, dul, transport
+
+from router.dicom.spool import SpoolFile
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"spool_dir": None, "max_pdu": 64 * 1024 * 1024, "applied": False}
+
+
+class PduTooLargeError(OSError):
+    """A peer announced a PDU larger than we accept; the association is dropped."""
+
+
+def _set_nodelay(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # not a TCP socket (tests may use socketpairs)
+        pass
+
+
+def _spool_file(*_: Any, **kwargs: Any) -> SpoolFile:
+    """Stands in for NamedTemporaryFile inside pynetdicom's chunked C-STORE receive."""
+    spool_dir = _state["spool_dir"]
+    if spool_dir is None:
+        raise RuntimeError("configure_pynetdicom() was not called")
+    return SpoolFile(spool_dir)
+
+
+def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
+    """Read exactly ``nr_bytes`` (or fewer if the peer closes), refusing oversized PDUs."""
+    if nr_bytes > _state["max_pdu"]:
+        raise PduTooLargeError(f"PDU of {nr_bytes} bytes exceeds the {_state['max_pdu']} limit")
+    sock = self.socket
+    assert sock is not None
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    nr_read = 0
+    while nr_read < nr_bytes:
+        count = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, 1 << 20))
+        if not count:
+            del view
+            return buffer[:nr_read]
+        nr_read += count
+    del view
+    return buffer
+
+
+_original_init = transport.AssociationSocket.__init__
+_original_connect = transport.AssociationSocket.connect
+
+
+def _init(self: transport.AssociationSocket, *args: Any, **kwargs: Any) -> None:
+    _original_init(self, *args, **kwargs)
+    _set_nodelay(self.socket)
+
+
+def _connect(self: transport.AssociationSocket, primitive: Any) -> None:
+    _original_connect(self, primitive)
+    _set_nodelay(self.socket)
+
+
+def configure_pynetdicom(spool_dir: Path, max_incoming_pdu: int, idle_delay: float) -> None:
+    """Apply our settings to the pynetdicom library (idempotent; latest values win)."""
+    with _lock:
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        _state["spool_dir"] = spool_dir
+        _state["max_pdu"] = max_incoming_pdu
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        _set_idle_delay(idle_delay)
+        if _state["applied"]:
+            return
+        dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[assignment]
+        transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+        transport.AssociationSocket.__init__ = _init  # type: ignore[method-assign]
+        transport.AssociationSocket.connect = _connect  # type: ignore[method-assign]
+        _state["applied"] = True
+
+
+def _set_idle_delay(delay: float) -> None:
+    """pynetdicom's DUL loop sleeps this long when idle (1 ms by default)."""
+    original = dul.DULServiceProvider.__init__
+    if getattr(original, "_router_wrapped", False):
+        original = original.__wrapped__  # type: ignore[attr-defined]
+
+    def init(self: dul.DULServiceProvider, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self._run_loop_delay = delay
+
+    init.__wrapped__ = original  # type: ignore[attr-defined]
+    init._router_wrapped = True  # type: ignore[attr-defined]
+    dul.DULServiceProvider.__init__ = init  # type: ignore[method-assign]

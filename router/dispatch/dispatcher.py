@@ -1,0 +1,210 @@
+"""The dispatcher: reads due deliveries from the jobs view, feeds each destination's lane, and
+records every attempt's outcome as Delivery events. It, not the adapters, decides retries.
+
+Backoff 30 s, 1 m, 5 m, 15 m, 30 m, then every 30 m until the maximum age, then dead-letter;
+permanent errors dead-letter at once. Pending work resumes after a restart because the queue
+is the view, rebuilt from the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from eventsourcing.application import AggregateNotFoundError
+
+from projections.db import ViewDatabase
+from router.application.admin_state import AdminState, DestinationState
+from router.application.stores import EventStores
+from router.dicom.header import HeaderError, read_header
+from router.dispatch.base import (
+    Adapter,
+    Outgoing,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from router.dispatch.lanes import AttemptResult, DueDelivery, Lane
+from router.domain.delivery import Delivery, delivery_id
+from router.settings import DispatchSettings
+from router.storage.blobs import BlobStore
+
+logger = logging.getLogger(__name__)
+
+DUE_SQL = (
+    "SELECT d.delivery_id, d.job_id, d.destination, d.attempts, d.clock_from, j.sha256,"
+    " j.size, j.sop_class_uid, j.sop_instance_uid, j.transfer_syntax_uid, j.correlation_id"
+    " FROM deliveries d JOIN jobs j ON j.job_id = d.job_id"
+    " WHERE d.destination = ? AND d.status IN ('pending', 'retrying')"
+    " AND COALESCE(d.next_attempt_at, 0) <= ?"
+    " ORDER BY COALESCE(d.next_attempt_at, 0), d.created_at LIMIT ?"
+)
+
+
+def next_delay(attempt: int, settings: DispatchSettings) -> float:
+    """Seconds before attempt ``attempt + 1`` after ``attempt`` transient failures."""
+    delays = settings.retry_delays
+    return delays[attempt - 1] if attempt <= len(delays) else settings.retry_every_after
+
+
+class Dispatcher:
+    """Feeds lanes from the view and turns attempt results into events."""
+
+    def __init__(
+        self,
+        stores: EventStores,
+        jobs_db: ViewDatabase,
+        admin_state: AdminState,
+        blobs: BlobStore,
+        settings: DispatchSettings,
+        build_adapter: Callable[[DestinationState], Adapter],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._app = stores.delivery
+        self._db = jobs_db
+        self._admin = admin_state
+        self._blobs = blobs
+        self._settings = settings
+        self._build_adapter = build_adapter
+        self._clock = clock
+        self._lanes: dict[str, Lane] = {}
+        self._recent: dict[str, int] = {}  # delivery id -> notification id of its last outcome
+        self._recent_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, grace: float) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+        deadline = time.monotonic() + grace
+        for lane in list(self._lanes.values()):
+            lane.stop(max(0.1, deadline - time.monotonic()))
+
+    def lanes(self) -> dict[str, Lane]:
+        return dict(self._lanes)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.feed()
+            except Exception:
+                logger.exception("dispatcher feed failed; retrying")
+            self._wake.wait(self._settings.poll_interval)
+
+    def feed(self) -> int:
+        """Offer due deliveries to their lanes; returns how many were offered."""
+        destinations = self._admin.snapshot().live_destinations()
+        self._sync_lanes(destinations)
+        self._forget_projected()
+        with self._recent_lock:
+            recent = set(self._recent)
+        offered = 0
+        for name, lane in self._lanes.items():
+            if destinations[name].paused:
+                continue
+            room = max(0, lane.concurrency * 64 - lane.backlog())
+            if room == 0:
+                continue
+            skip = lane.busy_ids() | recent
+            rows = self._db.query(DUE_SQL, (name, self._clock(), room + len(skip)))
+            for row in rows:
+                if row["delivery_id"] in skip:
+                    continue
+                offered += lane.offer(_due(row))
+        return offered
+
+    def _sync_lanes(self, destinations: dict[str, DestinationState]) -> None:
+        for name in list(self._lanes):
+            state = destinations.get(name)
+            if state is None or state.version != self._lanes[name].version:
+                self._lanes.pop(name).stop(self._settings.shutdown_grace)
+        for name, state in destinations.items():
+            if name not in self._lanes:
+                self._lanes[name] = self._new_lane(state)
+
+    def _new_lane(self, state: DestinationState) -> Lane:
+        concurrency = int(state.config.get("concurrency") or 1)
+        lane = Lane(state.name, state.version, concurrency,
+                    make_adapter=lambda: self._build_adapter(state),
+                    prepare=self._prepare, record=self.record)
+        lane.start()
+        return lane
+
+    def _forget_projected(self) -> None:
+        rows = self._db.query("SELECT position FROM projection_positions"
+                              " WHERE view = 'jobs' AND application = 'delivery'")
+        position = int(rows[0]["position"]) if rows else 0
+        with self._recent_lock:
+            for key in [k for k, v in self._recent.items() if v <= position]:
+                del self._recent[key]
+
+    def _prepare(self, due: DueDelivery) -> Outgoing:
+        path = self._blobs.path_for(due.sha256)
+        if not path.exists():
+            raise PermanentDeliveryError("stored object is missing from the blob store")
+        try:
+            header = read_header(path)
+        except HeaderError as exc:
+            raise PermanentDeliveryError(f"stored object unreadable: {exc}") from None
+        return Outgoing(
+            delivery_id=due.delivery_id, path=path, sha256=due.sha256, size=due.size,
+            sop_class_uid=due.sop_class_uid, sop_instance_uid=due.sop_instance_uid,
+            transfer_syntax_uid=due.transfer_syntax_uid, header=header,
+        )
+
+    def record(self, result: AttemptResult) -> None:
+        """Save the outcome of one attempt (creating the Delivery on its first attempt)."""
+        due = result.due
+        ctx = {"actor": "system", "source_ip": "", "correlation_id": due.correlation_id}
+        delivery = self._load_or_create(due, ctx)
+        attempt = delivery.attempts + 1
+        error = result.error
+        if error is None:
+            delivery.succeed(**ctx, attempt=attempt, detail=result.detail[:500],
+                             duration_ms=result.duration_ms)
+        elif isinstance(error, TransientDeliveryError):
+            now = self._clock()
+            retry_at = now + next_delay(attempt, self._settings)
+            if retry_at - due.clock_from > self._settings.max_age:
+                delivery.dead_letter(**ctx, attempt=attempt, permanent=False,
+                                     reason=f"gave up after {attempt} attempts: {error}"[:1000])
+            else:
+                delivery.fail_attempt(**ctx, attempt=attempt, error=str(error)[:1000],
+                                      retry_at=retry_at, duration_ms=result.duration_ms)
+        else:
+            delivery.dead_letter(**ctx, attempt=attempt, permanent=True,
+                                 reason=str(error)[:1000])
+        recordings = self._app.save(delivery)
+        with self._recent_lock:
+            self._recent[due.delivery_id] = recordings[-1].notification.id
+        if error is not None:
+            logger.warning("delivery to %s failed (attempt %d): %s", due.destination, attempt,
+                           error)
+
+    def _load_or_create(self, due: DueDelivery, ctx: dict[str, str]) -> Any:
+        try:
+            return self._app.repository.get(delivery_id(due.job_id, due.destination))
+        except AggregateNotFoundError:
+            return Delivery(due.job_id, due.destination, **ctx, sha256=due.sha256)
+
+
+def _due(row: dict[str, Any]) -> DueDelivery:
+    return DueDelivery(
+        delivery_id=row["delivery_id"], job_id=row["job_id"], destination=row["destination"],
+        attempts=int(row["attempts"]), clock_from=float(row["clock_from"] or 0.0),
+        sha256=row["sha256"], size=int(row["size"]), sop_class_uid=row["sop_class_uid"],
+        sop_instance_uid=row["sop_instance_uid"],
+        transfer_syntax_uid=row["transfer_syntax_uid"],
+        correlation_id=row["correlation_id"] or "",
+    )

@@ -1,0 +1,156 @@
+"""One lane per destination: a queue and ``concurrency`` worker threads, each with its own
+adapter (so a DICOM lane holds up to that many associations). A slow or dead destination
+only ever blocks its own lane.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from router.dispatch.base import Adapter, DeliveryError, Outgoing, TransientDeliveryError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    """A row of the deliveries queue, with what is needed to send it."""
+
+    delivery_id: str
+    job_id: str
+    destination: str
+    attempts: int
+    clock_from: float
+    sha256: str
+    size: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    correlation_id: str
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    due: DueDelivery
+    error: DeliveryError | None
+    detail: str
+    duration_ms: int
+
+
+class Lane:
+    """Workers for one destination at one configuration version."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        concurrency: int,
+        make_adapter: Callable[[], Adapter],
+        prepare: Callable[[DueDelivery], Outgoing],
+        record: Callable[[AttemptResult], None],
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.queue: queue.Queue[DueDelivery] = queue.Queue()
+        self.in_flight: set[str] = set()
+        self._lock = threading.Lock()
+        self._make_adapter = make_adapter
+        self._prepare = prepare
+        self._record = record
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"lane-{name}-{i}", daemon=True)
+            for i in range(concurrency)
+        ]
+        self.concurrency = concurrency
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def offer(self, due: DueDelivery) -> bool:
+        with self._lock:
+            if due.delivery_id in self.in_flight:
+                return False
+            self.in_flight.add(due.delivery_id)
+        self.queue.put(due)
+        return True
+
+    def busy_ids(self) -> set[str]:
+        with self._lock:
+            return set(self.in_flight)
+
+    def backlog(self) -> int:
+        return self.queue.qsize()
+
+    def stop(self, grace: float) -> None:
+        """Workers finish the instance in hand (up to ``grace`` s); queued items stay pending."""
+        self._stop.set()
+        deadline = time.monotonic() + grace
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _work(self) -> None:
+        adapter: Adapter | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    due = self.queue.get(timeout=0.5)
+                except queue.Empty:
+                    if adapter is not None and self.queue.empty():
+                        adapter = self._idle(adapter)
+                    continue
+                if self._stop.is_set():
+                    self._release(due.delivery_id)
+                    break
+                adapter = self._attempt(adapter, due)
+        finally:
+            if adapter is not None:
+                _close(adapter)
+
+    def _idle(self, adapter: Adapter) -> Adapter | None:
+        idle = getattr(adapter, "idle", None)
+        if callable(idle):
+            idle()  # adapters close idle associations themselves
+        return adapter
+
+    def _attempt(self, adapter: Adapter | None, due: DueDelivery) -> Adapter | None:
+        started = time.monotonic()
+        error: DeliveryError | None = None
+        detail = ""
+        try:
+            if adapter is None:
+                adapter = self._make_adapter()
+            detail = adapter.send(self._prepare(due))
+        except DeliveryError as exc:
+            error = exc
+        except Exception as exc:  # an adapter bug must not kill the lane or lose the item
+            logger.exception("destination %s: unexpected error", self.name)
+            error = TransientDeliveryError(f"internal error: {type(exc).__name__}")
+            if adapter is not None:
+                _close(adapter)
+            adapter = None
+        duration = int((time.monotonic() - started) * 1000)
+        try:
+            self._record(AttemptResult(due, error, detail, duration))
+        finally:
+            self._release(due.delivery_id)
+        return adapter
+
+    def _release(self, delivery_id: str) -> None:
+        with self._lock:
+            self.in_flight.discard(delivery_id)
+
+
+def _close(adapter: Any) -> None:
+    try:
+        adapter.close()
+    except Exception:
+        logger.exception("closing adapter failed")

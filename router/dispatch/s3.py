@@ -1,0 +1,316 @@
+"""Destination kind ``s3``: upload each instance to an S3 or S3-compatible bucket (MinIO...).
+
+Uploads carry SHA-256 checksums the server verifies, the blob's SHA-256 as object metadata, and
+are read back (HeadObject) before success is reported.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from router.dispatch.base import Outgoing, PermanentDeliveryError, TransientDeliveryError
+from router.dispatch.templates import PathTemplate, TemplateError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_S3_TEMPLATE = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+MIB = 1024 * 1024
+MIN_PART_SIZE = 5 * MIB  # S3's minimum for every part but the last
+MAX_PARTS = 10_000
+STORAGE_CLASSES = frozenset(
+    {
+        "STANDARD",
+        "REDUCED_REDUNDANCY",
+        "STANDARD_IA",
+        "ONEZONE_IA",
+        "INTELLIGENT_TIERING",
+        "GLACIER",
+        "GLACIER_IR",
+        "DEEP_ARCHIVE",
+        "EXPRESS_ONEZONE",
+    }
+)
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z0-9-]{1,32}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9._/-]*$")
+_PERMANENT_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "NoSuchBucket",
+        "InvalidBucketName",
+        "ExpiredToken",
+        "InvalidToken",
+        "InvalidStorageClass",
+        "BadDigest",
+        "EntityTooLarge",
+        "403",
+        "404",
+    }
+)
+_TRANSIENT_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "ServiceUnavailable",
+        "InternalError",
+        "OperationAborted",
+    }
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3DestinationConfig:
+    """A bucket (and key prefix) on AWS S3 or an S3-compatible endpoint."""
+
+    name: str
+    bucket: str
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None = None
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    template: str = DEFAULT_S3_TEMPLATE
+    storage_class: str | None = None
+    multipart_threshold: int = 16 * MIB
+    concurrency: int = 4
+    enabled: bool = True
+    description: str = ""
+
+    def problems(self) -> dict[str, str]:
+        """Field -> message for values that are well-typed but unusable."""
+        problems: dict[str, str] = {}
+        if not _BUCKET.match(self.bucket) or ".." in self.bucket:
+            problems["bucket"] = "must be a valid bucket name (3-63 of a-z 0-9 . -)"
+        if not _PREFIX.match(self.prefix) or len(self.prefix) > 256:
+            problems["prefix"] = "may only use letters, digits and . _ - / (max 256)"
+        elif self.prefix.startswith("/") or "//" in self.prefix:
+            problems["prefix"] = "must not start with '/' or contain '//'"
+        elif any(part in (".", "..") for part in self.prefix.split("/")):
+            problems["prefix"] = "must not contain '.' or '..' components"
+        if self.endpoint_url is not None and (msg := _url_problem(self.endpoint_url)):
+            problems["endpoint_url"] = msg
+        if not _REGION.match(self.region):
+            problems["region"] = "must look like us-east-1"
+        for key in ("access_key_id", "secret_access_key"):
+            if not getattr(self, key).strip():
+                problems[key] = "must not be empty"
+        if self.storage_class is not None and self.storage_class not in STORAGE_CLASSES:
+            problems["storage_class"] = "must be one of " + ", ".join(sorted(STORAGE_CLASSES))
+        if not MIN_PART_SIZE <= self.multipart_threshold <= 5 * 1024 * MIB:
+            problems["multipart_threshold"] = "must be between 5 MiB and 5 GiB (in bytes)"
+        try:
+            PathTemplate.parse(self.template)
+        except TemplateError as exc:
+            problems["template"] = str(exc)
+        return problems
+
+
+def _url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.username or parts.password or parts.query or parts.fragment:
+        return "must not contain credentials, a query or a fragment"
+    return None
+
+
+class S3Adapter:
+    """Uploads instances with boto3; used by one worker thread at a time."""
+
+    def __init__(self, config: S3DestinationConfig) -> None:
+        import boto3  # deferred: only processes with an S3 destination pay for the import
+
+        self._config = config
+        self._template = PathTemplate.parse(config.template)
+        session = boto3.session.Session(
+            aws_access_key_id=config.access_key_id,
+            aws_secret_access_key=config.secret_access_key,
+            aws_session_token=config.session_token,
+            region_name=config.region,
+        )
+        options: dict[str, Any] = {
+            "connect_timeout": 10,
+            "read_timeout": 60,
+            "retries": {"mode": "standard", "max_attempts": 3},
+            "s3": {"addressing_style": "path" if config.endpoint_url else "auto"},
+            # Explicit checksums below; no automatic CRC trailers that older stores reject.
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+            # The endpoint comes from our configuration only, never AWS_ENDPOINT_URL*.
+            "ignore_configured_endpoint_urls": True,
+            "tcp_keepalive": True,
+        }
+        self._client: S3Client = session.client(
+            "s3", endpoint_url=config.endpoint_url, config=Config(**options)
+        )
+
+    def send(self, item: Outgoing) -> str:
+        """Upload ``item`` (single PUT or multipart), then verify size and SHA-256 metadata."""
+        try:
+            key = self._config.prefix + self._template.render(item.header)
+        except TemplateError as exc:
+            raise PermanentDeliveryError(f"s3 destination template: {exc}") from None
+        try:
+            if item.size < self._config.multipart_threshold:
+                expected, parts = self._put_single(key, item), 1
+            else:
+                expected, parts = self._put_multipart(key, item)
+            self._verify(key, item, expected)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc) from None
+        except OSError as exc:
+            raise TransientDeliveryError(
+                f"cannot read the stored blob: {type(exc).__name__} errno {exc.errno}"
+            ) from None
+        return f"uploaded {item.size} bytes to bucket {self._config.bucket} in {parts} part(s)"
+
+    def check(self) -> str:
+        """HeadBucket: the endpoint answers and the credentials may use the bucket."""
+        try:
+            self._client.head_bucket(Bucket=self._config.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc) from None
+        return f"bucket {self._config.bucket} reachable"
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._client.close()
+
+    def _extra(self, item: Outgoing) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "ContentType": "application/dicom",
+            "Metadata": {"sha256": item.sha256},
+        }
+        if self._config.storage_class:
+            extra["StorageClass"] = self._config.storage_class
+        return extra
+
+    def _put_single(self, key: str, item: Outgoing) -> str:
+        """PutObject with the blob's SHA-256 as checksum: the server rejects other bytes."""
+        checksum = base64.b64encode(bytes.fromhex(item.sha256)).decode("ascii")
+        with item.path.open("rb") as body:
+            self._client.put_object(
+                Bucket=self._config.bucket,
+                Key=key,
+                Body=body,
+                ContentLength=item.size,
+                ChecksumSHA256=checksum,
+                **self._extra(item),
+            )
+        return checksum
+
+    def _put_multipart(self, key: str, item: Outgoing) -> tuple[str, int]:
+        """Multipart upload with a SHA-256 per part; aborted on any failure."""
+        bucket = self._config.bucket
+        upload = self._client.create_multipart_upload(
+            Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256", **self._extra(item)
+        )
+        upload_id = upload["UploadId"]
+        try:
+            parts, digests = self._upload_parts(key, upload_id, item)
+            self._client.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            )
+        except BaseException:
+            with contextlib.suppress(ClientError, BotoCoreError):
+                self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
+        composite = base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()
+        return f"{composite}-{len(parts)}", len(parts)
+
+    def _upload_parts(
+        self, key: str, upload_id: str, item: Outgoing
+    ) -> tuple[list[dict[str, Any]], list[bytes]]:
+        part_size = max(self._config.multipart_threshold, -(-item.size // MAX_PARTS))
+        whole = hashlib.sha256()
+        parts: list[dict[str, Any]] = []
+        digests: list[bytes] = []
+        with item.path.open("rb") as src:
+            while chunk := src.read(part_size):
+                whole.update(chunk)
+                digest = hashlib.sha256(chunk).digest()
+                checksum = base64.b64encode(digest).decode("ascii")
+                number = len(parts) + 1
+                answer = self._client.upload_part(
+                    Bucket=self._config.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=chunk,
+                    ChecksumSHA256=checksum,
+                )
+                parts.append(
+                    {"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum}
+                )
+                digests.append(digest)
+        if whole.hexdigest() != item.sha256:
+            raise PermanentDeliveryError("stored blob does not match its recorded SHA-256")
+        return parts, digests
+
+    def _verify(self, key: str, item: Outgoing, expected_checksum: str) -> None:
+        head = self._client.head_object(Bucket=self._config.bucket, Key=key, ChecksumMode="ENABLED")
+        problems = []
+        if head.get("ContentLength") != item.size:
+            problems.append("size")
+        if head.get("Metadata", {}).get("sha256") != item.sha256:
+            problems.append("sha256 metadata")
+        returned = head.get("ChecksumSHA256")
+        if returned and returned != expected_checksum:
+            problems.append("checksum")
+        if problems:
+            raise TransientDeliveryError(
+                f"integrity check after upload to bucket {self._config.bucket} failed: "
+                + ", ".join(problems)
+                + " differ"
+            )
+
+    def _error(self, exc: Exception) -> PermanentDeliveryError | TransientDeliveryError:
+        """Classify a boto error; the message names the bucket and code, never the key."""
+        bucket = self._config.bucket
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "unknown"))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            operation = exc.operation_name
+            message = f"S3 {operation} on bucket {bucket} failed: {code} (HTTP {status})"
+            permanent = code in _PERMANENT_CODES or (
+                code not in _TRANSIENT_CODES and 400 <= status < 500 and status not in (408, 429)
+            )
+        else:
+            where = self._config.endpoint_url or f"AWS region {self._config.region}"
+            message = f"S3 endpoint {where} unreachable or failed: {type(exc).__name__}"
+            permanent = False
+        logger.warning("s3 destination %s: %s", self._config.name, message)
+        if permanent:
+            return PermanentDeliveryError(message)
+        return TransientDeliveryError(message)

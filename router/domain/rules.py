@@ -1,0 +1,436 @@
+"""Routing rules: the declared model (:class:`RuleSpec`), its parser and the evaluator.
+
+Patterns, networks, SOP classes and tags are compiled once when a rule is built, so
+:func:`evaluate` stays cheap enough for the C-STORE path. Tag conditions: ``rule_conditions``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from functools import cache
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import NoReturn, TypeVar
+
+import pydicom
+from pydicom.tag import BaseTag
+from pydicom.uid import UID_dictionary
+
+from router.domain.rule_conditions import (
+    Condition,
+    ConditionError,
+    RuleError,
+    actual_text,
+    dataset_values,
+    parse_condition,
+    text_of,
+)
+
+__all__ = [
+    "Condition",
+    "ConditionError",
+    "ConditionResult",
+    "RoutingDecision",
+    "RoutingInput",
+    "RuleError",
+    "RuleMatch",
+    "RuleSpec",
+    "VersionedRule",
+    "evaluate",
+    "explain",
+    "parse_condition",
+    "parse_rule",
+]
+
+T = TypeVar("T")
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
+_MODALITY_TAG = BaseTag(0x00080060)
+_SOP_CLASS_TAGS = (BaseTag(0x00080016), BaseTag(0x00020002))  # dataset, then file meta
+_UID = re.compile(r"^(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*$")
+_MODALITY = re.compile(r"^[A-Za-z0-9_ ]{1,16}$")
+_AE_PATTERN_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
+class _FieldError(RuleError):
+    """One field of a rule is invalid; ``str()`` is ``"<field>: <problem>"``."""
+
+
+# -- compiled criteria -----------------------------------------------------------------------
+
+
+def _ae_pattern(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One anchored, case-sensitive regex for fnmatch-style ``*``/``?`` patterns."""
+    if not patterns:
+        return None
+    parts = (
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in p)
+        for p in patterns
+    )
+    return re.compile("(?:" + "|".join(parts) + ")", re.DOTALL)
+
+
+def _network(text: str) -> Network:
+    try:
+        return ip_network(text, strict=True)
+    except ValueError as exc:
+        try:
+            hint = f" (did you mean '{ip_network(text, strict=False)}'?)"
+        except ValueError:
+            hint = ""
+        reason = str(exc) if hint else "not an IP address or CIDR network"
+        raise ValueError(f"{text!r}: {reason}{hint}") from None
+
+
+@cache
+def _sop_class_keywords() -> dict[str, tuple[str, str]]:
+    """Keyword -> (UID, UID type) from pydicom's UID dictionary."""
+    return {entry[4]: (uid, entry[1]) for uid, entry in UID_dictionary.items() if entry[4]}
+
+
+def _sop_class_uid(text: str) -> str:
+    if _UID.match(text) and len(text) <= 64:
+        return text
+    found = _sop_class_keywords().get(text)
+    if found is None:
+        raise ValueError(
+            f"unknown SOP class {text!r} (expected a UID or a keyword such as 'CTImageStorage')"
+        )
+    uid, kind = found
+    if kind != "SOP Class":
+        raise ValueError(f"{text!r} is a {kind}, not a SOP class")
+    return uid
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What every rule looks at, read once per instance."""
+
+    calling_aet: str
+    called_aet: str
+    address: Address | None
+    modalities: tuple[str, ...]
+    sop_class: str | None
+
+    @classmethod
+    def of(cls, item: RoutingInput) -> _Facts:
+        try:
+            address: Address | None = ip_address(item.source_ip.strip())
+        except ValueError:
+            address = None
+        modalities = dataset_values(item.dataset, _MODALITY_TAG) or ()
+        sop_class = next(
+            (v[0] for t in _SOP_CLASS_TAGS if (v := dataset_values(item.dataset, t))), None
+        )
+        return cls(
+            calling_aet=item.calling_aet.strip(),
+            called_aet=item.called_aet.strip(),
+            address=address,
+            modalities=tuple((text_of(m) or "").upper() for m in modalities),
+            sop_class=None if sop_class is None else text_of(sop_class),
+        )
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """One routing rule as declared; validated and compiled on construction.
+
+    Empty criteria match anything. ``sop_class`` holds UIDs (keywords are resolved).
+    """
+
+    name: str
+    priority: int = 100
+    enabled: bool = True
+    calling_aet: tuple[str, ...] = ()
+    called_aet: tuple[str, ...] = ()
+    source_ip: tuple[str, ...] = ()
+    modality: tuple[str, ...] = ()
+    sop_class: tuple[str, ...] = ()
+    match: tuple[Condition, ...] = ()
+    destinations: tuple[str, ...] = ()
+    stop: bool = False
+    description: str = ""
+    _calling: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _called: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _networks: tuple[Network, ...] = field(default=(), init=False, repr=False, compare=False)
+    _modalities: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise RuleError("rule: name: expected a non-empty string")
+        for key in ("calling_aet", "called_aet"):
+            for i, pattern in enumerate(getattr(self, key)):
+                if not pattern or _AE_PATTERN_FORBIDDEN.search(pattern):
+                    self._fail(f"{key}[{i}]", f"{pattern!r} is not a valid AE title pattern")
+        object.__setattr__(self, "_calling", _ae_pattern(self.calling_aet))
+        object.__setattr__(self, "_called", _ae_pattern(self.called_aet))
+        object.__setattr__(self, "_networks", self._compile_each("source_ip", _network))
+        object.__setattr__(self, "sop_class", self._compile_each("sop_class", _sop_class_uid))
+        for i, modality in enumerate(self.modality):
+            if not _MODALITY.match(modality):
+                self._fail(f"modality[{i}]", f"{modality!r} is not a modality code such as 'CT'")
+        object.__setattr__(self, "_modalities", frozenset(m.upper() for m in self.modality))
+        self._check_destinations()
+
+    def _fail(self, key: str, problem: str) -> NoReturn:
+        raise RuleError(f"rule {self.name!r}: {key}: {problem}")
+
+    def _compile_each(self, key: str, compile_one: Callable[[str], T]) -> tuple[T, ...]:
+        compiled: list[T] = []
+        for i, text in enumerate(getattr(self, key)):
+            try:
+                compiled.append(compile_one(text))
+            except ValueError as exc:
+                self._fail(f"{key}[{i}]", str(exc))
+        return tuple(compiled)
+
+    def _check_destinations(self) -> None:
+        if not self.destinations and not self.stop:
+            self._fail("destinations", "at least one destination is required unless stop = true")
+        seen: set[str] = set()
+        for i, name in enumerate(self.destinations):
+            if not name or name in seen:
+                self._fail(f"destinations[{i}]", f"empty or duplicate destination {name!r}")
+            seen.add(name)
+
+    def _aet_ok(self, pattern: re.Pattern[str] | None, aet: str) -> bool:
+        return pattern is None or pattern.fullmatch(aet) is not None
+
+    def _address_ok(self, address: Address | None) -> bool:
+        if not self._networks:
+            return True
+        if address is None:
+            return False
+        mapped = address.ipv4_mapped if isinstance(address, IPv6Address) else None
+        return any(address in n or (mapped is not None and mapped in n) for n in self._networks)
+
+    def _modality_ok(self, modalities: tuple[str, ...]) -> bool:
+        return not self._modalities or any(m in self._modalities for m in modalities)
+
+    def _sop_class_ok(self, sop_class: str | None) -> bool:
+        return not self.sop_class or sop_class in self.sop_class
+
+    def _matches(self, facts: _Facts, item: RoutingInput) -> bool:
+        return (
+            self._aet_ok(self._calling, facts.calling_aet)
+            and self._aet_ok(self._called, facts.called_aet)
+            and self._address_ok(facts.address)
+            and self._modality_ok(facts.modalities)
+            and self._sop_class_ok(facts.sop_class)
+            and all(c.matches(item.dataset, item.extra) for c in self.match)
+        )
+
+    def matches(self, item: RoutingInput) -> bool:
+        """True when every criterion holds for ``item`` (``enabled`` is not considered)."""
+        return self._matches(_Facts.of(item), item)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-safe form; ``parse_rule(spec.to_dict()) == spec``."""
+        return {
+            "name": self.name,
+            "priority": self.priority,
+            "enabled": self.enabled,
+            "calling_aet": list(self.calling_aet),
+            "called_aet": list(self.called_aet),
+            "source_ip": list(self.source_ip),
+            "modality": list(self.modality),
+            "sop_class": list(self.sop_class),
+            "match": [c.to_dict() for c in self.match],
+            "destinations": list(self.destinations),
+            "stop": self.stop,
+            "description": self.description,
+        }
+
+
+@dataclass(frozen=True)
+class VersionedRule:
+    """A rule as stored: its aggregate id and version, recorded in routing decisions."""
+
+    rule_id: str
+    version: int
+    spec: RuleSpec
+
+
+@dataclass(frozen=True)
+class RoutingInput:
+    """One received instance as the rules see it: who sent it and its header (no pixel data)."""
+
+    calling_aet: str
+    called_aet: str
+    source_ip: str
+    dataset: pydicom.Dataset
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """A rule that matched, by id and version, so a decision can be explained later."""
+
+    rule_id: str
+    version: int
+    name: str
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """Matching rules in evaluation order and the destinations they chose."""
+
+    matched: tuple[RuleMatch, ...]
+    destinations: tuple[str, ...]
+    stopped_by: str | None
+
+
+@dataclass(frozen=True)
+class ConditionResult:
+    """One criterion of a rule tested against one instance (``actual`` may be PHI)."""
+
+    label: str
+    matched: bool
+    actual: str | None
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+_RULE_KEYS = tuple(f.name for f in fields(RuleSpec) if f.init)
+
+
+def _check_keys(data: Mapping[str, object]) -> None:
+    for key in data:
+        if key not in _RULE_KEYS:
+            close = difflib.get_close_matches(str(key), _RULE_KEYS, n=1)
+            hint = (
+                f"did you mean '{close[0]}'?"
+                if close
+                else f"expected one of {', '.join(_RULE_KEYS)}"
+            )
+            raise _FieldError(f"{key}: unknown key ({hint})")
+
+
+def _string(data: Mapping[str, object], key: str, default: str) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise _FieldError(f"{key}: expected a string, got {value!r}")
+    return value.strip()
+
+
+def _strings(data: Mapping[str, object], key: str) -> tuple[str, ...]:
+    """A string or a list of strings, stripped."""
+    value = data.get(key, ())
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise _FieldError(f"{key}: expected a string or a list of strings, got {value!r}")
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            raise _FieldError(f"{key}[{i}]: expected a non-empty string, got {item!r}")
+    return tuple(item.strip() for item in items)
+
+
+def _integer(data: Mapping[str, object], key: str, default: int) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _FieldError(f"{key}: expected an integer, got {value!r}")
+    return value
+
+
+def _boolean(data: Mapping[str, object], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise _FieldError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _conditions(data: Mapping[str, object]) -> tuple[Condition, ...]:
+    value = data.get("match", ())
+    if not isinstance(value, list | tuple):
+        raise _FieldError(f"match: expected a list of tables, got {value!r}")
+    conditions: list[Condition] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise _FieldError(f"match[{i}]: expected a table with tag, op and value, got {item!r}")
+        try:
+            conditions.append(parse_condition(item))
+        except ConditionError as exc:
+            raise _FieldError(f"match[{i}].{exc}") from None
+    return tuple(conditions)
+
+
+def parse_rule(data: Mapping[str, object]) -> RuleSpec:
+    """A validated :class:`RuleSpec` from a ``[[rules]]`` table; raises :class:`RuleError`."""
+    name = data.get("name") if isinstance(data, Mapping) else None
+    where = f"rule {name.strip()!r}" if isinstance(name, str) and name.strip() else "rule"
+    try:
+        if not isinstance(data, Mapping):
+            raise _FieldError(f"expected a table, got {type(data).__name__}")
+        _check_keys(data)
+        if "name" not in data:
+            raise _FieldError("name: required")
+        return RuleSpec(
+            name=_string(data, "name", ""),
+            priority=_integer(data, "priority", 100),
+            enabled=_boolean(data, "enabled", True),
+            calling_aet=_strings(data, "calling_aet"),
+            called_aet=_strings(data, "called_aet"),
+            source_ip=_strings(data, "source_ip"),
+            modality=_strings(data, "modality"),
+            sop_class=_strings(data, "sop_class"),
+            match=_conditions(data),
+            destinations=_strings(data, "destinations"),
+            stop=_boolean(data, "stop", False),
+            description=_string(data, "description", ""),
+        )
+    except _FieldError as exc:
+        raise RuleError(f"{where}: {exc}") from None
+
+
+# -- evaluating ------------------------------------------------------------------------------
+
+
+def evaluate(rules: Sequence[VersionedRule], item: RoutingInput) -> RoutingDecision:
+    """Enabled rules in (priority, name) order; all matching rules contribute destinations
+    until a matching rule with stop=True."""
+    facts = _Facts.of(item)
+    enabled = sorted(
+        (r for r in rules if r.spec.enabled),
+        key=lambda r: (r.spec.priority, r.spec.name, r.rule_id),
+    )
+    matched: list[RuleMatch] = []
+    destinations: dict[str, None] = {}  # an ordered set
+    for rule in enabled:
+        if not rule.spec._matches(facts, item):
+            continue
+        matched.append(RuleMatch(rule.rule_id, rule.version, rule.spec.name))
+        destinations.update(dict.fromkeys(rule.spec.destinations))
+        if rule.spec.stop:
+            return RoutingDecision(tuple(matched), tuple(destinations), rule.rule_id)
+    return RoutingDecision(tuple(matched), tuple(destinations), None)
+
+
+def _listed(key: str, values: tuple[str, ...]) -> str:
+    return f"{key}: {', '.join(values) if values else 'any'}"
+
+
+def explain(rule: RuleSpec, item: RoutingInput) -> tuple[ConditionResult, ...]:
+    """One row per criterion: the five header criteria (``any`` when unset), then each condition.
+
+    ``enabled`` is not considered. ``actual`` is the instance's value and may be PHI.
+    """
+    facts = _Facts.of(item)
+    checks = (
+        ("calling_aet", rule._aet_ok(rule._calling, facts.calling_aet), facts.calling_aet),
+        ("called_aet", rule._aet_ok(rule._called, facts.called_aet), facts.called_aet),
+        ("source_ip", rule._address_ok(facts.address), item.source_ip),
+        ("modality", rule._modality_ok(facts.modalities), "\\".join(facts.modalities) or None),
+        ("sop_class", rule._sop_class_ok(facts.sop_class), facts.sop_class),
+    )
+    rows = [ConditionResult(_listed(k, getattr(rule, k)), ok, actual) for k, ok, actual in checks]
+    for i, condition in enumerate(rule.match):
+        actual = actual_text(condition.values(item.dataset, item.extra))
+        matched = condition.matches(item.dataset, item.extra)
+        rows.append(ConditionResult(f"match[{i}]: {condition.label()}", matched, actual))
+    return tuple(rows)

@@ -1,0 +1,134 @@
+"""The composition root of the write side: builds stores, views, receiver, dispatcher and the
+DICOM listener from Settings, starts them in order and stops them gracefully.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from projections.audit import AuditView
+from projections.db import ViewDatabase, open_views
+from projections.jobs import JobsView
+from projections.runner import ProjectionRunner, View
+from projections.studies import StudiesView
+from router.application.admin_state import AdminState, DestinationState
+from router.application.commands import Commands
+from router.application.receive import Receiver
+from router.application.stores import EventStores, StoreConfig
+from router.dicom.scp import DicomServer
+from router.dicom.tuning import configure_pynetdicom
+from router.dispatch.base import Adapter
+from router.dispatch.dispatcher import Dispatcher
+from router.dispatch.registry import build_adapter
+from router.secrets import SecretBox, load_master_key
+from router.settings import Settings
+from router.storage.blobs import BlobStore
+
+logger = logging.getLogger(__name__)
+
+VIEW_CLASSES: dict[str, type[View]] = {"jobs": JobsView, "studies": StudiesView,
+                                       "audit": AuditView}
+
+
+def open_stores(settings: Settings, box: SecretBox) -> EventStores:
+    key = box.derive("event-store/ingest") if settings.encrypt_events else None
+    return EventStores(StoreConfig(settings.database_url, cipher_key=key))
+
+
+def open_all_views(settings: Settings) -> dict[str, tuple[View, ViewDatabase]]:
+    return {name: (cls(), open_views(settings.database_url, name))
+            for name, cls in VIEW_CLASSES.items()}
+
+
+@dataclass
+class Router:
+    """Everything one router process runs, wired together."""
+
+    settings: Settings
+    box: SecretBox
+    stores: EventStores
+    blobs: BlobStore
+    admin: AdminState
+    commands: Commands
+    views: dict[str, tuple[View, ViewDatabase]]
+    runner: ProjectionRunner
+    receiver: Receiver
+    dispatcher: Dispatcher
+    dicom: DicomServer
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False
+
+    @classmethod
+    def build(cls, settings: Settings) -> Router:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
+        stores = open_stores(settings, box)
+        blobs = BlobStore(settings.data_dir)
+        configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu, idle_delay=0.0005)
+        admin = AdminState(stores.admin)
+        views = open_all_views(settings)
+        runner = ProjectionRunner(list(views.values()), {
+            "ingest": stores.ingest, "delivery": stores.delivery, "admin": stores.admin})
+        receiver = Receiver(stores, blobs, admin, settings.ingest, settings.dispatch,
+                            on_saved=runner.wake)
+        jobs_db = views["jobs"][1]
+
+        def make_adapter(state: DestinationState) -> Adapter:
+            return build_adapter(state.config, box, calling_ae=settings.ae_title)
+
+        dispatcher = Dispatcher(stores, jobs_db, admin, blobs, settings.dispatch, make_adapter)
+        runner.add_listener(lambda view: dispatcher.wake() if view == "jobs" else None)
+        return cls(settings=settings, box=box, stores=stores, blobs=blobs, admin=admin,
+                   commands=Commands(stores, admin, box), views=views, runner=runner,
+                   receiver=receiver, dispatcher=dispatcher,
+                   dicom=DicomServer(settings, receiver))
+
+    def apply_config_file(self) -> dict[str, int]:
+        return self.commands.apply(self.settings.destinations, self.settings.rules)
+
+    def start(self) -> None:
+        """Apply the TOML config, catch the views up, recover blobs, then open for traffic."""
+        if self.settings.destinations or self.settings.rules:
+            changed = self.apply_config_file()
+            logger.info("configuration applied: %s", changed)
+        self.runner.catch_up()
+        jobs_db = self.views["jobs"][1]
+        self.blobs.recover(lambda sha: bool(jobs_db.query(
+            "SELECT 1 FROM jobs WHERE sha256 = ? LIMIT 1", (sha,))))
+        self.runner.start()
+        if self.settings.is_postgres:
+            self.runner.listen(self.settings.database_url,
+                               [f"{name}_events" for name in ("ingest", "delivery", "admin")])
+        self.dispatcher.start()
+        self.dicom.start()
+        self.ready = True
+        logger.info("router started")
+
+    def stop(self) -> None:
+        """Stop accepting, finish in-flight C-STOREs and deliveries, flush the views."""
+        self.ready = False
+        grace = self.settings.dispatch.shutdown_grace
+        self.dicom.stop(grace=min(grace, 10.0))
+        self.dispatcher.stop(grace=grace)
+        self.runner.stop()
+        for _, db in self.views.values():
+            db.close()
+        self.stores.close()
+        logger.info("router stopped")
+
+    def health(self) -> dict[str, Any]:
+        """What /readyz reports: event store reachable, views' lag, listener up."""
+        lag: dict[str, int] = {}
+        for name, (view, db) in self.views.items():
+            done = {r["application"]: int(r["position"]) for r in db.query(
+                "SELECT application, position FROM projection_positions WHERE view = ?",
+                (name,))}
+            lag[name] = sum(
+                max(0, (self.stores.by_name(app).recorder.max_notification_id() or 0)
+                    - done.get(app, 0))
+                for app in view.follows
+            )
+        return {"ready": self.ready, "view_lag": lag}

@@ -1,0 +1,119 @@
+"""Content-addressed blob store on local disk: ``blobs/ab/cd/<sha256>``, plus the spool.
+
+An object moves spool temp file -> ``spool/<sha>.ready`` (before the receipt is saved) ->
+``blobs/...`` (after). A crash leaves ``.ready`` files that recovery keeps or deletes depending on
+whether a receipt names them, so nothing acknowledged is lost and no orphan stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobError(OSError):
+    """The blob store could not take or find an object."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_sha256(sha256: str) -> str:
+    """Only a lowercase hex SHA-256 ever becomes part of a path."""
+    if not _SHA256.match(sha256):
+        raise BlobError(f"not a SHA-256 digest: {sha256[:80]!r}")
+    return sha256
+
+
+class BlobStore:
+    """Local, content-addressed, fsynced storage of received objects."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blob_dir = root / "blobs"
+        self.spool_dir = root / "spool"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, sha256: str) -> Path:
+        check_sha256(sha256)
+        return self.blob_dir / sha256[:2] / sha256[2:4] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path_for(sha256).exists()
+
+    def _ready_path(self, sha256: str) -> Path:
+        return self.spool_dir / f"{check_sha256(sha256)}.ready"
+
+    def stage(self, temp_path: Path, sha256: str) -> bool:
+        """Move a fsynced spool file aside under its digest; False if the blob already exists.
+
+        When the content is already stored, the temp file is deleted and nothing is staged.
+        """
+        if self.exists(sha256):
+            temp_path.unlink(missing_ok=True)
+            return False
+        os.replace(temp_path, self._ready_path(sha256))
+        return True
+
+    def commit(self, sha256: str) -> Path:
+        """After the receipt is saved: move the staged file into the store, durably."""
+        target = self.path_for(sha256)
+        ready = self._ready_path(sha256)
+        if ready.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(ready, target)
+            _fsync_dir(target.parent)
+        elif not target.exists():
+            raise BlobError(f"blob {sha256} is neither staged nor stored")
+        return target
+
+    def discard(self, sha256: str) -> None:
+        """The receipt was not saved: forget a staged file (a stored blob is left alone)."""
+        self._ready_path(sha256).unlink(missing_ok=True)
+
+    def staged(self) -> Iterator[str]:
+        for path in self.spool_dir.glob("*.ready"):
+            name = path.name.removesuffix(".ready")
+            if _SHA256.match(name):
+                yield name
+
+    def recover(self, is_referenced: Callable[[str], bool]) -> tuple[int, int]:
+        """After a crash: commit staged blobs a receipt names, delete the others and temp files.
+
+        Returns (committed, removed).
+        """
+        committed = removed = 0
+        for sha256 in list(self.staged()):
+            if is_referenced(sha256):
+                self.commit(sha256)
+                committed += 1
+            else:
+                self.discard(sha256)
+                removed += 1
+        for leftover in self.spool_dir.glob("*.part"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        if committed or removed:
+            logger.info("blob recovery: %d staged blobs kept, %d orphans removed",
+                        committed, removed)
+        return committed, removed
+
+    def remove(self, sha256: str) -> None:
+        self.path_for(sha256).unlink(missing_ok=True)
+
+    def disk_free(self) -> int:
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize

@@ -1,0 +1,1 @@
+"""The pieces of ``scripts/bench``: child processes, receivers, workloads, measurement, report."""

@@ -1,0 +1,117 @@
+"""Command line of ``scripts/bench``: parse options, prepare data, run, report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import procs, report
+from .measure import run_all
+from .receivers import MAX_PDU, Orthanc, Receiver, Router, StoreScp
+from .workloads import Workload, dcmtk_version, ensure_data, storescu_argv, workloads
+
+RECEIVERS = ("storescp", "orthanc", "router")
+WORKLOADS = ("ct1", "ct4", "dx", "small", "big")
+
+
+def _csv(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(allowed))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Receive and end-to-end throughput of storescp, Orthanc and the router, "
+        "driven by DCMTK storescu on 127.0.0.1.",
+    )
+    parser.add_argument("--repeat", type=int, default=None, help="runs per measurement (3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 50 CT, 5 DX of 2 MiB, 100 small, no 1 GiB, 1 repeat")
+    parser.add_argument("--only", type=_csv(RECEIVERS), default=list(RECEIVERS),
+                        help="receivers, comma-separated (default: all)")
+    parser.add_argument("--workloads", type=_csv(WORKLOADS), default=None,
+                        help=f"comma-separated from {','.join(WORKLOADS)} (default: all; "
+                        "--quick leaves out big)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".bench-cache"),
+                        help="generated data, reused by later runs (default ./.bench-cache)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--tmp-dir", type=Path, default=None,
+                        help="where receivers store what they get (default: system temp)")
+    parser.add_argument("--router-command", type=Path, default=Path(sys.prefix, "bin", "dicom-router"))
+    parser.add_argument("--check", action="store_true", help="exit 2 if a target FAILs")
+    args = parser.parse_args(argv)  # fmt: skip
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    if args.workloads is None:
+        args.workloads = [w for w in WORKLOADS if not (args.quick and w == "big")]
+    return args
+
+
+def _receivers(args: argparse.Namespace) -> dict[str, Callable[[], Receiver]]:
+    factories: dict[str, Callable[[], Receiver]] = {
+        "storescp": StoreScp,
+        "orthanc": Orthanc,
+        "router": lambda: Router(args.router_command),
+    }
+    return {name: factories[name] for name in RECEIVERS if name in args.only}
+
+
+def _meta(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                 "python": platform.python_version(), "dcmtk": dcmtk_version()},
+        "options": {"repeat": args.repeat, "quick": args.quick, "only": args.only,
+                    "workloads": args.workloads},
+        "commands": {
+            "storescu": " ".join(storescu_argv(0, "<AE>", [Path("<files>")])),
+            "storescp": " ".join(StoreScp.argv("STORESCP", "<dir>", "<port>")),
+            "orthanc": Orthanc.config(Path("<tmp>"), 0, 0),
+            "environment": {**procs.DCMTK_ENV, "router DICOM_ROUTER_* set":
+                            sorted(k for k in os.environ if k.startswith("DICOM_ROUTER_"))},
+        },
+    }  # fmt: skip
+
+
+def _prepare(args: argparse.Namespace) -> list[tuple[Workload, list[Path]]]:
+    """Each selected workload with its files, generating missing data first."""
+    print(f"data cache: {args.cache_dir.resolve()}", flush=True)
+    available = workloads(args.quick)
+    return [(available[name], ensure_data(args.cache_dir, available[name].data))
+            for name in args.workloads]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    procs.install_signal_handlers()
+    print(f"storescu/storescp with TCP_NODELAY=1, receivers' max PDU {MAX_PDU}; "
+          f"repeat {args.repeat}", flush=True)  # fmt: skip
+    try:
+        plan = _prepare(args)
+        with tempfile.TemporaryDirectory(prefix="dicom-bench-", dir=args.tmp_dir) as tmp:
+            runs, skipped = run_all(_receivers(args), plan, args.repeat, Path(tmp))
+    except KeyboardInterrupt:
+        print("\ninterrupted; children stopped", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+    summaries = report.summarize(runs)
+    report.print_report(summaries, skipped, args.repeat)
+    if args.json:
+        report.write_json(args.json, runs, skipped, _meta(args))
+        print(f"\nwrote {args.json}")
+    failed_runs = any(not r.ok for r in runs)
+    failed_targets = any(t["result"] == "FAIL" for t in report.targets(summaries))
+    return 1 if failed_runs else (2 if args.check and failed_targets else 0)

@@ -1,0 +1,123 @@
+"""One measurement (fresh receiver, send a workload, wait for delivery, sample memory) and the
+loop over workloads x repeats x receivers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .procs import ChildFailed, RssSampler
+from .receivers import Receiver, Unavailable
+from .workloads import Sent, Workload, data_size, send
+
+POLL = 0.05  # seconds between checks of the sink folder
+
+
+@dataclass
+class Run:
+    """The outcome of sending one workload once to one freshly started receiver."""
+
+    receiver: str
+    workload: str
+    repeat: int
+    instances: int
+    bytes: int
+    receive_s: float
+    deliver_s: float | None = None
+    rss_sampled: int = 0  # highest sum of VmRSS over the process tree, sampled every 50 ms
+    rss_hwm_sum: int = 0  # sum of each process's VmHWM: exact for 1 process, upper bound else
+    processes: int = 0
+    ok: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_rss(self) -> int:
+        return max(self.rss_sampled, self.rss_hwm_sum)
+
+
+def measure(
+    receiver: Receiver, workload: Workload, files: list[Path], repeat: int, workdir: Path
+) -> Run:
+    """Start ``receiver`` in ``workdir``, send ``files``, check arrival; always clean up."""
+    workdir.mkdir(parents=True)
+    try:
+        receiver.start(workdir)
+        sampler = RssSampler(receiver.pid).start()
+        try:
+            sent = send(files, receiver.port, receiver.ae_title, workload.associations, workdir)
+            deliver_s = _wait_delivered(receiver, len(files), sent) if receiver.forwards else None
+        finally:
+            sampler.stop()
+        run = Run(receiver.name, workload.name, repeat, len(files), data_size(files),
+                  sent.seconds, deliver_s, sampler.peak_sum, sampler.hwm_sum,
+                  sampler.processes, notes=sent.failures)  # fmt: skip
+        _check_arrival(run, receiver)
+        if not run.ok and receiver.child is not None:
+            run.notes.append(f"{receiver.name} log (tail):\n{receiver.child.log_tail()}")
+        return run
+    finally:
+        receiver.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_delivered(receiver: Receiver, expected: int, sent: Sent) -> float | None:
+    """Seconds from the start of sending until the sink holds ``expected`` instances."""
+    deadline = time.monotonic() + max(60.0, 10 * sent.seconds)
+    while time.monotonic() < deadline:
+        if receiver.delivered() >= expected:
+            return time.monotonic() - sent.started
+        time.sleep(POLL)
+    return None
+
+
+def _check_arrival(run: Run, receiver: Receiver) -> None:
+    received = receiver.received()
+    if received is not None and received != run.instances:
+        run.notes.append(f"{receiver.name} holds {received} of {run.instances} instances")
+    if receiver.forwards and run.deliver_s is None:
+        run.notes.append(f"sink holds {receiver.delivered()} of {run.instances} after timeout")
+    run.ok = not run.notes
+
+
+def run_all(
+    receivers: dict[str, Callable[[], Receiver]],
+    plan: list[tuple[Workload, list[Path]]],
+    repeats: int,
+    tmp_root: Path,
+) -> tuple[list[Run], dict[str, str]]:
+    """Every workload ``repeats`` times; receivers interleaved so machine noise hits them all.
+    A receiver that cannot start is skipped from then on, with the reason returned.
+    """
+    runs: list[Run] = []
+    skipped: dict[str, str] = {}
+    for workload, files in plan:
+        print(f"\n{workload.name}: {workload.title} ({len(files)} files)", flush=True)
+        for repeat in range(1, repeats + 1):
+            for name, make in receivers.items():
+                if name in skipped:
+                    continue
+                workdir = tmp_root / f"{workload.name}-{name}-{repeat}"
+                try:
+                    run = measure(make(), workload, files, repeat, workdir)
+                except (Unavailable, ChildFailed) as error:
+                    skipped[name] = str(error)
+                    print(f"  {name}: SKIPPED from now on: {error}", flush=True)
+                    continue
+                runs.append(run)
+                print(progress_line(run), flush=True)
+    return runs, skipped
+
+
+def progress_line(run: Run) -> str:
+    rate = run.instances / run.receive_s
+    line = (
+        f"  {run.receiver:<9} #{run.repeat}: {run.receive_s:7.2f} s  {rate:8.1f} inst/s  "
+        f"{run.bytes / 1e6 / run.receive_s:7.1f} MB/s  peak RSS {run.peak_rss / 1e6:7.1f} MB"
+    )
+    if run.deliver_s is not None:
+        line += f"  delivered in {run.deliver_s:.2f} s"
+    return line + ("" if run.ok else "  FAILED: " + "; ".join(run.notes))

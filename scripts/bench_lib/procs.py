@@ -1,0 +1,224 @@
+"""Child processes of the bench: each in its own process group, all stopped on exit; readiness
+probes (TCP port, HTTP, DICOM echo) and peak-memory sampling of a process tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# DCMTK 3.6.7 disables Nagle only when this is in its environment (ARCHITECTURE.md section 7).
+DCMTK_ENV = {"TCP_NODELAY": "1"}
+
+
+class ChildFailed(RuntimeError):
+    """A child process exited or did not become ready."""
+
+
+@dataclass
+class Child:
+    """A started process, leader of its own process group, logging to ``log``."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+_LIVE: dict[int, Child] = {}
+
+
+def spawn(
+    name: str, argv: Sequence[str | Path], log: Path, env: Mapping[str, str] | None = None
+) -> Child:
+    """Start ``argv`` in a new session (so the whole tree can be signalled) with output to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        popen = subprocess.Popen(
+            [str(a) for a in argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    child = Child(name, popen, log)
+    _LIVE[child.pid] = child
+    return child
+
+
+def stop(child: Child, grace: float = 10.0) -> None:
+    """SIGTERM the child's process group, SIGKILL it after ``grace`` seconds."""
+    _signal_group(child, signal.SIGTERM)
+    try:
+        child.popen.wait(grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(child, signal.SIGKILL)
+        child.popen.wait()
+    _signal_group(child, signal.SIGKILL)  # forked helpers that outlived their leader
+    _LIVE.pop(child.pid, None)
+
+
+def stop_all() -> None:
+    """Stop every child still running; called on exit, failure and Ctrl-C."""
+    for child in list(_LIVE.values()):
+        stop(child, grace=3.0)
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM and SIGHUP unwind like Ctrl-C does, so ``finally`` blocks stop children."""
+
+    def _raise(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)
+    signal.signal(signal.SIGHUP, _raise)
+
+
+def _signal_group(child: Child, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signum)
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    ready: Callable[[], bool], timeout: float, child: Child, what: str, interval: float = 0.1
+) -> None:
+    """Poll ``ready`` until it is true; fail early if ``child`` exits."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if not child.alive():
+            raise ChildFailed(f"{child.name} exited ({child.popen.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise ChildFailed(f"{child.name}: no {what} within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Status and body of a GET; status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as error:
+        return int(error.code), b""
+    except (OSError, ValueError):
+        return 0, b""
+
+
+def dicom_echo(port: int, called_ae: str) -> bool:
+    """True when a C-ECHO to 127.0.0.1:port succeeds (DCMTK ``echoscu``)."""
+    argv = ["echoscu", "-to", "2", "-ta", "2", "-aet", "BENCH", "-aec", called_ae]
+    result = subprocess.run(
+        [*argv, "127.0.0.1", str(port)],
+        env={**os.environ, **DCMTK_ENV},
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+@dataclass
+class RssSampler:
+    """Samples VmRSS of a process and all its descendants every ``interval`` seconds.
+
+    ``peak_sum`` is the largest sum over the tree at one sample; ``hwm_sum`` adds each process's
+    own peak (VmHWM, last seen): exact for one process, an upper bound for several.
+    """
+
+    root: int
+    interval: float = 0.05
+    peak_sum: int = 0
+    hwm: dict[int, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> RssSampler:
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self._sample()
+
+    @property
+    def hwm_sum(self) -> int:
+        return sum(self.hwm.values())
+
+    @property
+    def processes(self) -> int:
+        return len(self.hwm)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        total = 0
+        for pid in process_tree(self.root):
+            rss, hwm = _memory_of(pid)
+            total += rss
+            if hwm:
+                self.hwm[pid] = hwm
+        self.peak_sum = max(self.peak_sum, total)
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its live descendants, from /proc/<pid>/task/<tid>/children."""
+    found, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as children:
+                    pending.extend(int(c) for c in children.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def _memory_of(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in bytes; zeros for a process that is gone."""
+    rss = hwm = 0
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, hwm

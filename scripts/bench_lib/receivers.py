@@ -1,0 +1,195 @@
+"""The receivers the bench sends to: DCMTK storescp, Orthanc, and the router (which forwards to a
+second storescp, the sink). Each one is started fresh in its own folder for every measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .procs import DCMTK_ENV, Child, dicom_echo, free_port, http_get, spawn, stop, wait_until
+
+MAX_PDU = 131072  # the largest DCMTK accepts; what storescp and Orthanc advertise here
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+class Unavailable(RuntimeError):
+    """The receiver could not be started; the bench skips it and says why."""
+
+
+def count_files(folder: Path) -> int:
+    """Files directly in ``folder`` (storescp writes one per instance)."""
+    try:
+        return sum(1 for entry in os.scandir(folder) if entry.is_file())
+    except FileNotFoundError:
+        return 0
+
+
+class Receiver:
+    """A C-STORE SCP on 127.0.0.1:``port`` answering to ``ae_title``."""
+
+    name = "receiver"
+    ae_title = "ANY-SCP"
+    forwards = False  # True when it delivers onwards (end-to-end time is measured)
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.child: Child | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.child is not None
+        return self.child.pid
+
+    def start(self, workdir: Path) -> None:
+        raise NotImplementedError
+
+    def received(self) -> int | None:
+        """Instances stored so far, or None when the receiver cannot tell."""
+        raise NotImplementedError
+
+    def delivered(self) -> int:
+        """Instances that arrived at the final destination (forwarding receivers only)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.child is not None:
+            stop(self.child)
+            self.child = None
+
+
+class StoreScp(Receiver):
+    """DCMTK storescp, one forked process per association, every SOP class and transfer syntax."""
+
+    name = "storescp"
+    ae_title = "STORESCP"
+
+    def __init__(self, ae_title: str = "STORESCP") -> None:
+        super().__init__()
+        self.ae_title = ae_title
+        self.out = Path()
+
+    @staticmethod
+    def argv(ae_title: str, out: Path | str, port: int | str) -> list[str]:
+        # --fork so that 4 concurrent associations are served concurrently, as by Orthanc.
+        flags = ["--fork", "--promiscuous", "--accept-all", "--disable-host-lookup"]
+        return ["storescp", *flags, "-aet", ae_title, "-pdu", str(MAX_PDU), "-od", str(out),
+                str(port)]  # fmt: skip
+
+    def start(self, workdir: Path) -> None:
+        self.out = workdir / "received"
+        self.out.mkdir(parents=True)
+        self.port = free_port()
+        argv = self.argv(self.ae_title, self.out, self.port)
+        self.child = spawn(self.name, argv, workdir / f"{self.name}.log", DCMTK_ENV)
+        wait_until(lambda: dicom_echo(self.port, self.ae_title), 20, self.child, "C-ECHO")
+
+    def received(self) -> int | None:
+        return count_files(self.out)
+
+
+class Orthanc(Receiver):
+    """Orthanc with its own config, SQLite index and storage in the work folder, no plugins."""
+
+    name = "orthanc"
+    ae_title = "ORTHANC"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.http_port = 0
+
+    @staticmethod
+    def config(workdir: Path, dicom_port: int, http_port: int) -> dict[str, object]:
+        """Orthanc defaults otherwise, including SyncStorageArea (fsync) and 4 DICOM threads."""
+        return {
+            "Name": "bench",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "DicomAet": "ORTHANC",
+            "DicomPort": dicom_port,
+            "HttpPort": http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAeTitle": False,
+            "MaximumPduLength": MAX_PDU,
+            "Plugins": [],
+            "SaveJobs": False,
+        }
+
+    def start(self, workdir: Path) -> None:
+        if not os.access(ORTHANC, os.X_OK):
+            raise Unavailable(f"{ORTHANC} not found")
+        self.port, self.http_port = free_port(), free_port()
+        config = workdir / "orthanc.json"
+        config.write_text(json.dumps(self.config(workdir, self.port, self.http_port), indent=2))
+        self.child = spawn(self.name, [ORTHANC, config], workdir / "orthanc.log", DCMTK_ENV)
+        url = f"http://127.0.0.1:{self.http_port}/system"
+        wait_until(lambda: http_get(url)[0] == 200, 60, self.child, "HTTP /system")
+        wait_until(lambda: dicom_echo(self.port, self.ae_title), 20, self.child, "C-ECHO")
+
+    def received(self) -> int | None:
+        status, body = http_get(f"http://127.0.0.1:{self.http_port}/statistics", timeout=30)
+        return int(json.loads(body)["CountInstances"]) if status == 200 else None
+
+
+class Router(Receiver):
+    """``dicom-router serve`` with a TOML that routes everything to a storescp sink."""
+
+    name = "router"
+    ae_title = "DICOMROUTER"
+    forwards = True
+
+    def __init__(self, command: Path) -> None:
+        super().__init__()
+        self.command = command
+        self.http_port = 0
+        self.sink = StoreScp("SINK")
+
+    def start(self, workdir: Path) -> None:
+        if not self.command.exists():
+            raise Unavailable(f"{self.command} not found (is the package installed in .venv?)")
+        self.sink.start(workdir / "sink")
+        self.port, self.http_port = free_port(), free_port()
+        config = workdir / "router.toml"
+        config.write_text(self.config(self.port, self.http_port, self.sink.port))
+        argv = [self.command, "serve", "--config", config, "--data-dir", workdir / "data"]
+        self.child = spawn(self.name, argv, workdir / "router.log")
+        url = f"http://127.0.0.1:{self.http_port}/readyz"
+        try:
+            wait_until(lambda: http_get(url, 2)[0] == 200, 60, self.child, "200 from /readyz")
+        except RuntimeError as error:
+            tail = self.child.log_tail()
+            self.stop()
+            raise Unavailable(f"{error}\n--- router log (tail) ---\n{tail}") from error
+
+    @staticmethod
+    def config(dicom_port: int, http_port: int, sink_port: int) -> str:
+        return f"""\
+[server]
+ae_title = "DICOMROUTER"
+dicom_port = {dicom_port}
+http_port = {http_port}
+
+[[destinations]]
+name = "sink"
+type = "dicom"
+host = "127.0.0.1"
+port = {sink_port}
+ae_title = "SINK"
+
+[[rules]]
+name = "everything to sink"
+calling_aet = "*"
+destinations = ["sink"]
+"""
+
+    def received(self) -> int | None:
+        return None  # no stable API to ask yet; delivery to the sink is the check
+
+    def delivered(self) -> int:
+        return self.sink.received() or 0
+
+    def stop(self) -> None:
+        super().stop()
+        self.sink.stop()

@@ -1,0 +1,157 @@
+"""Medians over repeats, the results table, router ratios, PASS/FAIL targets and the JSON file.
+MB means 10^6 bytes throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .measure import Run
+
+RSS_LIMIT = 300 * 10**6  # bytes, for the "big" workload
+# (workload, what the router is measured on, factor of Orthanc's receive rate it must reach)
+RATE_TARGETS = [
+    ("ct1", "receive", 0.8),
+    ("ct4", "receive", 0.8),
+    ("dx", "receive", 1.5),
+    ("small", "receive", 0.5),
+    *[(w, "end-to-end", 0.6) for w in ("ct1", "ct4", "dx", "small")],
+]
+
+
+@dataclass
+class Summary:
+    """One workload x receiver over its repeats; rates are instances/s, median [min, max]."""
+
+    workload: str
+    receiver: str
+    repeats: int
+    failed: int
+    instances: int
+    megabytes: float
+    receive: tuple[float, float, float]
+    deliver: tuple[float, float, float] | None
+    peak_rss_mb: tuple[float, float, float]
+
+    @property
+    def mb_per_instance(self) -> float:
+        return self.megabytes / self.instances
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def summarize(runs: list[Run]) -> list[Summary]:
+    """Median, min and max per workload x receiver, over the runs that succeeded."""
+    keys = list(dict.fromkeys((r.workload, r.receiver) for r in runs))
+    summaries = []
+    for workload, receiver in keys:
+        group = [r for r in runs if (r.workload, r.receiver) == (workload, receiver)]
+        good = [r for r in group if r.ok] or group
+        delivered = [r.instances / r.deliver_s for r in good if r.deliver_s]
+        summaries.append(Summary(
+            workload, receiver, len(group), sum(not r.ok for r in group), good[0].instances,
+            good[0].bytes / 1e6, _spread([r.instances / r.receive_s for r in good]),
+            _spread(delivered) if delivered else None,
+            _spread([r.peak_rss / 1e6 for r in good]),
+        ))  # fmt: skip
+    return summaries
+
+
+def _find(summaries: list[Summary], workload: str, receiver: str) -> Summary | None:
+    return next((s for s in summaries if (s.workload, s.receiver) == (workload, receiver)), None)
+
+
+def ratios(summaries: list[Summary]) -> list[dict[str, object]]:
+    """Router receive and end-to-end rates over Orthanc's and storescp's receive rates."""
+    rows = []
+    for router in (s for s in summaries if s.receiver == "router"):
+        row: dict[str, object] = {"workload": router.workload}
+        for other in ("orthanc", "storescp"):
+            base = _find(summaries, router.workload, other)
+            ref = base.receive[0] if base else None
+            row[f"receive/{other}"] = router.receive[0] / ref if ref else None
+            deliver = router.deliver[0] if router.deliver else None
+            row[f"end-to-end/{other}"] = deliver / ref if ref and deliver else None
+        rows.append(row)
+    return rows
+
+
+def targets(summaries: list[Summary]) -> list[dict[str, object]]:
+    """Each target with the measured value and PASS, FAIL or n/a (not measured)."""
+    results = []
+    for workload, kind, factor in RATE_TARGETS:
+        router, orthanc = _find(summaries, workload, "router"), _find(summaries, workload, "orthanc")
+        value = None
+        if router and orthanc:
+            rate = router.receive[0] if kind == "receive" else (router.deliver or (0.0,))[0]
+            value = rate / orthanc.receive[0]
+        results.append(_verdict(f"{workload} router {kind} vs Orthanc receive", value,
+                                f">= {factor:g}x", value is not None and value >= factor))  # fmt: skip
+    big = _find(summaries, "big", "router")
+    rss = big.peak_rss_mb[0] if big else None
+    results.append(_verdict("big: router peak RSS (MB)", rss, f"< {RSS_LIMIT / 1e6:g}",
+                            rss is not None and rss * 1e6 < RSS_LIMIT))  # fmt: skip
+    return results
+
+
+def _verdict(name: str, value: float | None, need: str, passed: bool) -> dict[str, object]:
+    result = "n/a" if value is None else ("PASS" if passed else "FAIL")
+    return {"target": name, "value": value, "required": need, "result": result}
+
+
+def _fmt(spread: tuple[float, float, float] | None, digits: int = 1) -> str:
+    if spread is None:
+        return "-"
+    med, low, high = spread
+    return f"{med:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
+
+
+def print_report(summaries: list[Summary], skipped: dict[str, str], repeats: int) -> None:
+    print(f"\nResults: median [min-max] of {repeats} run(s); MB = 10^6 bytes; inst = instances")
+    head = ("workload", "receiver", "n", "MB", "receive inst/s", "MB/s", "end-to-end inst/s",
+            "peak RSS MB")  # fmt: skip
+    print(f"{head[0]:<8} {head[1]:<9} {head[2]:>5} {head[3]:>7}  {head[4]:<24} {head[5]:>7}  "
+          f"{head[6]:<24} {head[7]}")  # fmt: skip
+    for s in summaries:
+        mbs = s.receive[0] * s.mb_per_instance
+        fail = f"  ({s.failed} failed)" if s.failed else ""
+        print(f"{s.workload:<8} {s.receiver:<9} {s.instances:>5} {s.megabytes:>7.1f}  "
+              f"{_fmt(s.receive):<24} {mbs:>7.1f}  {_fmt(s.deliver):<24} "
+              f"{_fmt(s.peak_rss_mb, 0)}{fail}")  # fmt: skip
+    _print_ratios(ratios(summaries))
+    print("\nTargets (router, medians):")
+    for t in targets(summaries):
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        print(f"  {t['result']:<4}  {t['target']:<42} {value:>8}  (required {t['required']})")
+    for name, reason in skipped.items():
+        print(f"\n{name} was skipped: {reason.splitlines()[0]}")
+
+
+def _print_ratios(rows: list[dict[str, object]]) -> None:
+    if not rows:
+        print("\nRatios: no router results.")
+        return
+    cols = ["receive/orthanc", "receive/storescp", "end-to-end/orthanc", "end-to-end/storescp"]
+    print("\nRatios (router rate / receiver's receive rate):")
+    print(f"{'workload':<8} " + " ".join(f"{c:>20}" for c in cols))
+    for row in rows:
+        cells = [f"{v:.2f}x" if isinstance(v, float) else "-" for v in (row[c] for c in cols)]
+        print(f"{row['workload']!s:<8} " + " ".join(f"{c:>20}" for c in cells))
+
+
+def write_json(path: Path, runs: list[Run], skipped: dict[str, str], meta: dict[str, object]) -> None:
+    summaries = summarize(runs)
+    document = {
+        **meta,
+        "runs": [{**asdict(r), "peak_rss": r.peak_rss} for r in runs],
+        "summary": [asdict(s) for s in summaries],
+        "ratios": ratios(summaries),
+        "targets": targets(summaries),
+        "skipped": skipped,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
