@@ -107,7 +107,7 @@ def _clean_env(env: dict[str, str]) -> dict[str, str]:
     eventsourcing merges os.environ under the env we pass; our values win, but keys we do not
     set (say a stray CIPHER_TOPIC or POSTGRES_SCHEMA) would leak in, so set them empty.
     """
-    for key in ("CIPHER_TOPIC", "CIPHER_KEY", "COMPRESSOR_TOPIC", "POSTGRES_SCHEMA",
-                "IS_SNAPSHOTTING_ENABLED"):
+    for key in ("CIPHER_TOPIC", "CIPHER_KEY", "COMPRESSOR_TOPIC", "POSTGRES_SCHEMA"):
         env.setdefault(key, "")
+    env.setdefault("IS_SNAPSHOTTING_ENABLED", "no")
     return env

@@ -216,6 +216,7 @@ def _equality(values: tuple[Scalar, ...], case_sensitive: bool) -> Predicate:
     """
     fold: Callable[[str], str] = (lambda s: s) if case_sensitive else str.casefold
     texts = frozenset(fold(text_of(v) or "") for v in values)
+    joined = any("\\" in t for t in texts)
     loose = frozenset(n for v in values if (n := to_number(v)) is not None)
     strict = frozenset(v for v in values if isinstance(v, int | float) and not isinstance(v, bool))
 
@@ -227,7 +228,7 @@ def _equality(values: tuple[Scalar, ...], case_sensitive: bool) -> Predicate:
             numbers = loose if isinstance(atom, int | float) else strict
             if numbers and not isinstance(atom, bool) and to_number(atom) in numbers:
                 return True
-        if len(atoms) > 1:
+        if joined and len(atoms) > 1:
             return fold("\\".join(text_of(a) or "" for a in atoms)) in texts
         return False
 
@@ -405,15 +406,27 @@ class Condition:
             self, "_test", _compile(self.op, value, self.tag, vr, self.case_sensitive)
         )
 
+    def __reduce__(self) -> tuple[type[Condition], tuple[str, str, object, bool]]:
+        # The compiled predicate is a closure; rebuild it rather than pickle it.
+        return (Condition, (self.tag, self.op, self.value, self.case_sensitive))
+
     def values(self, dataset: Dataset, extra: Mapping[str, object]) -> Atoms | None:
         """The non-blank values this condition looks at; None when missing or empty."""
         if self._tag is not None:
             return dataset_values(dataset, self._tag)
         return _extra_atoms(extra, self._extra_key)
 
+    @property
+    def source(self) -> BaseTag | str:
+        """Where the values come from: a dataset tag or an ``extra`` key (for memoising)."""
+        return self._tag if self._tag is not None else self._extra_key
+
     def matches(self, dataset: Dataset, extra: Mapping[str, object]) -> bool:
         """True when the condition holds; never raises for any element value."""
-        atoms = self.values(dataset, extra)
+        return self.holds_for(self.values(dataset, extra))
+
+    def holds_for(self, atoms: Atoms | None) -> bool:
+        """True when the condition holds for values already read with :meth:`values`."""
         if self.op == "exists":
             return (atoms is not None) is self.value
         if atoms is None:

@@ -19,6 +19,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
 
 from router.domain.rule_conditions import (
+    Atoms,
     Condition,
     ConditionError,
     RuleError,
@@ -114,6 +115,15 @@ class _Facts:
     address: Address | None
     modalities: tuple[str, ...]
     sop_class: str | None
+    item: RoutingInput = field(repr=False)
+    seen: dict[BaseTag | str, Atoms | None] = field(default_factory=dict, repr=False)
+
+    def holds(self, condition: Condition) -> bool:
+        """``condition`` on this instance, reading each element once however many rules ask."""
+        source = condition.source
+        if source not in self.seen:
+            self.seen[source] = condition.values(self.item.dataset, self.item.extra)
+        return condition.holds_for(self.seen[source])
 
     @classmethod
     def of(cls, item: RoutingInput) -> _Facts:
@@ -131,6 +141,7 @@ class _Facts:
             address=address,
             modalities=tuple((text_of(m) or "").upper() for m in modalities),
             sop_class=None if sop_class is None else text_of(sop_class),
+            item=item,
         )
 
 
@@ -216,19 +227,19 @@ class RuleSpec:
     def _sop_class_ok(self, sop_class: str | None) -> bool:
         return not self.sop_class or sop_class in self.sop_class
 
-    def _matches(self, facts: _Facts, item: RoutingInput) -> bool:
+    def _matches(self, facts: _Facts) -> bool:
         return (
             self._aet_ok(self._calling, facts.calling_aet)
             and self._aet_ok(self._called, facts.called_aet)
             and self._address_ok(facts.address)
             and self._modality_ok(facts.modalities)
             and self._sop_class_ok(facts.sop_class)
-            and all(c.matches(item.dataset, item.extra) for c in self.match)
+            and all(facts.holds(c) for c in self.match)
         )
 
     def matches(self, item: RoutingInput) -> bool:
         """True when every criterion holds for ``item`` (``enabled`` is not considered)."""
-        return self._matches(_Facts.of(item), item)
+        return self._matches(_Facts.of(item))
 
     def to_dict(self) -> dict[str, object]:
         """JSON-safe form; ``parse_rule(spec.to_dict()) == spec``."""
@@ -264,8 +275,8 @@ class RoutingInput:
     calling_aet: str
     called_aet: str
     source_ip: str
-    dataset: pydicom.Dataset
-    extra: Mapping[str, object] = field(default_factory=dict)
+    dataset: pydicom.Dataset = field(repr=False)  # PHI: keep it out of logged reprs
+    extra: Mapping[str, object] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -402,7 +413,7 @@ def evaluate(rules: Sequence[VersionedRule], item: RoutingInput) -> RoutingDecis
     matched: list[RuleMatch] = []
     destinations: dict[str, None] = {}  # an ordered set
     for rule in enabled:
-        if not rule.spec._matches(facts, item):
+        if not rule.spec._matches(facts):
             continue
         matched.append(RuleMatch(rule.rule_id, rule.version, rule.spec.name))
         destinations.update(dict.fromkeys(rule.spec.destinations))
@@ -430,7 +441,7 @@ def explain(rule: RuleSpec, item: RoutingInput) -> tuple[ConditionResult, ...]:
     )
     rows = [ConditionResult(_listed(k, getattr(rule, k)), ok, actual) for k, ok, actual in checks]
     for i, condition in enumerate(rule.match):
-        actual = actual_text(condition.values(item.dataset, item.extra))
-        matched = condition.matches(item.dataset, item.extra)
-        rows.append(ConditionResult(f"match[{i}]: {condition.label()}", matched, actual))
+        atoms = condition.values(item.dataset, item.extra)
+        label = f"match[{i}]: {condition.label()}"
+        rows.append(ConditionResult(label, condition.holds_for(atoms), actual_text(atoms)))
     return tuple(rows)

@@ -1,0 +1,234 @@
+"""The explicit table of destination kinds, and parsing, sealing and building of destinations.
+
+A destination is stored as a JSON-safe dict (``seal_config``) whose secret fields are sealed
+with the :class:`~router.secrets.SecretBox`; ``build_adapter`` turns such a dict into an adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from router.dispatch.base import Adapter
+from router.dispatch.dicom import DicomAdapter, DicomDestinationConfig
+from router.dispatch.file import FileAdapter, FileDestinationConfig
+from router.dispatch.s3 import S3Adapter, S3DestinationConfig
+from router.secrets import SecretBox, SecretError
+from router.settings import SettingsError, parse_duration
+
+DestinationConfig = DicomDestinationConfig | FileDestinationConfig | S3DestinationConfig
+
+MASK = "********"
+MAX_CONCURRENCY = 16
+MAX_DESCRIPTION = 500
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class DestinationConfigError(ValueError):
+    """A destination's settings are invalid; ``errors`` maps each bad field to a message."""
+
+    def __init__(self, name: str | None, errors: Mapping[str, str]) -> None:
+        self.name = name
+        self.errors: dict[str, str] = dict(errors)
+        listed = "; ".join(f"{key}: {message}" for key, message in self.errors.items())
+        super().__init__(f"destination {name or '(unnamed)'!r}: {listed}")
+
+
+@dataclass(frozen=True)
+class DestinationKind:
+    """One destination type: its config class, adapter class and secret (sealed) fields."""
+
+    name: str
+    config_class: type[Any]
+    adapter_class: type[Any]
+    secret_fields: frozenset[str]
+    build: Callable[[Any, str], Adapter]
+
+
+DESTINATION_KINDS: dict[str, DestinationKind] = {
+    "dicom": DestinationKind(
+        "dicom",
+        DicomDestinationConfig,
+        DicomAdapter,
+        frozenset(),
+        lambda config, calling_ae: DicomAdapter(config, calling_ae=calling_ae),
+    ),
+    "file": DestinationKind(
+        "file", FileDestinationConfig, FileAdapter, frozenset(), lambda c, _: FileAdapter(c)
+    ),
+    "s3": DestinationKind(
+        "s3",
+        S3DestinationConfig,
+        S3Adapter,
+        frozenset({"secret_access_key", "session_token"}),
+        lambda config, _: S3Adapter(config),
+    ),
+}
+
+
+def parse_destination(data: Mapping[str, object]) -> DestinationConfig:
+    """A validated config from TOML/JSON-shaped ``data`` (plaintext or sealed secrets).
+
+    Raises :class:`DestinationConfigError` listing every problem found, including unknown
+    keys, wrong types, out-of-range values and unusable templates.
+    """
+    if not isinstance(data, Mapping):
+        raise DestinationConfigError(None, {"destination": "must be a table / object"})
+    name = data.get("name")
+    errors: dict[str, str] = {}
+    if not isinstance(name, str) or not _NAME.match(name):
+        errors["name"] = "required: 1-64 characters of A-Z a-z 0-9 _ . -"
+    shown_name = name if isinstance(name, str) else None
+    type_name = data.get("type")
+    kind = DESTINATION_KINDS.get(type_name) if isinstance(type_name, str) else None
+    if kind is None:
+        expected = ", ".join(sorted(DESTINATION_KINDS))
+        given = f"unknown type {type_name!r}; " if isinstance(type_name, str) else "required: "
+        errors["type"] = f"{given}one of {expected}"
+        raise DestinationConfigError(shown_name, errors)
+    values = _typed_values(kind, data, errors)
+    if errors:
+        raise DestinationConfigError(shown_name, errors)
+    config = kind.config_class(**values)
+    errors.update(_common_problems(config, kind))
+    errors.update(config.problems())
+    if errors:
+        raise DestinationConfigError(shown_name, errors)
+    return typing.cast(DestinationConfig, config)
+
+
+def _typed_values(
+    kind: DestinationKind, data: Mapping[str, object], errors: dict[str, str]
+) -> dict[str, object]:
+    """Keyword arguments for the config class, type-checked against its annotations."""
+    fields = {f.name: f for f in dataclasses.fields(kind.config_class)}
+    hints = typing.get_type_hints(kind.config_class)
+    for key in data:
+        if key != "type" and key not in fields:
+            errors[str(key)] = f"unknown key for a {kind.name} destination"
+    values: dict[str, object] = {}
+    for key, spec in fields.items():
+        if key not in data:
+            required = spec.default is dataclasses.MISSING
+            if required and key != "name":
+                errors[key] = "required"
+            continue
+        try:
+            values[key] = _coerce(data[key], hints[key])
+        except (TypeError, ValueError) as exc:
+            errors[key] = str(exc)
+    return values
+
+
+def _coerce(value: object, hint: Any) -> object:
+    """``value`` checked against a simple annotation (str, int, float, bool, X | None)."""
+    if isinstance(hint, types.UnionType):
+        if value is None:
+            return None
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError("must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("must be a whole number")
+        return value
+    if hint is float:
+        try:
+            return parse_duration(value, name="value")
+        except SettingsError:
+            raise ValueError("must be a number of seconds or a duration such as '30s'") from None
+    if not isinstance(value, str):
+        raise TypeError("must be a string")
+    return value
+
+
+def _common_problems(config: Any, kind: DestinationKind) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    if not 1 <= config.concurrency <= MAX_CONCURRENCY:
+        problems["concurrency"] = f"must be between 1 and {MAX_CONCURRENCY}"
+    if len(config.description) > MAX_DESCRIPTION:
+        problems["description"] = f"must be at most {MAX_DESCRIPTION} characters"
+    for key in kind.secret_fields:
+        if getattr(config, key) == MASK:
+            problems[key] = "is the display mask, not a secret: enter the secret again"
+    return problems
+
+
+def seal_config(config: DestinationConfig, box: SecretBox) -> dict[str, object]:
+    """The JSON-safe dict to store: ``name``, ``type``, every set field, secrets sealed.
+
+    A secret that is already sealed is kept as is after checking it opens for this
+    destination and field (sealed values are bound to both).
+    """
+    kind = kind_of(config)
+    stored: dict[str, object] = {"name": config.name, "type": kind.name}
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if spec.name == "name" or value is None:
+            continue
+        if spec.name in kind.secret_fields:
+            value = _sealed(box, config.name, spec.name, str(value))
+        stored[spec.name] = value
+    return stored
+
+
+def _sealed(box: SecretBox, name: str, key: str, value: str) -> str:
+    context = secret_context(name, key)
+    if not SecretBox.is_sealed(value):
+        return box.seal(value, context=context)
+    try:
+        box.open(value, context=context)
+    except SecretError:
+        raise DestinationConfigError(
+            name, {key: "sealed value does not belong to this destination: enter it again"}
+        ) from None
+    return value
+
+
+def secret_context(name: str, key: str) -> str:
+    """The associated data a secret of destination ``name``, field ``key`` is sealed with."""
+    return f"destination:{name}:{key}"
+
+
+def public_config(stored: Mapping[str, object]) -> dict[str, object]:
+    """A copy for display: secret fields (and anything sealed) replaced by ``********``."""
+    kind = DESTINATION_KINDS.get(str(stored.get("type")))
+    secret_fields = kind.secret_fields if kind else frozenset()
+    return {
+        key: MASK if (key in secret_fields and value) or SecretBox.is_sealed(value) else value
+        for key, value in stored.items()
+    }
+
+
+def build_adapter(stored: Mapping[str, object], box: SecretBox, *, calling_ae: str) -> Adapter:
+    """An adapter from a stored (sealed) dict; ``calling_ae`` unless the config sets its own.
+
+    Raises :class:`DestinationConfigError` if the dict is invalid or a secret cannot be opened.
+    """
+    kind = DESTINATION_KINDS.get(str(stored.get("type")))
+    name = str(stored.get("name"))
+    opened = dict(stored)
+    for key in kind.secret_fields if kind else ():
+        value = opened.get(key)
+        if SecretBox.is_sealed(value):
+            try:
+                opened[key] = box.open(str(value), context=secret_context(name, key))
+            except SecretError as exc:
+                raise DestinationConfigError(name, {key: str(exc)}) from None
+    config = parse_destination(opened)
+    return kind_of(config).build(config, calling_ae)
+
+
+def kind_of(config: DestinationConfig) -> DestinationKind:
+    """The registered kind whose config class ``config`` is."""
+    for kind in DESTINATION_KINDS.values():
+        if type(config) is kind.config_class:
+            return kind
+    raise TypeError(f"not a registered destination config: {type(config).__name__}")

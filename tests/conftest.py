@@ -1,0 +1,88 @@
+"""Shared fixtures: backends (SQLite and a fresh PostgreSQL database per test), settings and
+an in-process router that is stopped after the test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from router.settings import DicomSettings, DispatchSettings, Settings, load_settings
+
+PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_base() -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A brand-new PostgreSQL database, dropped after the test."""
+    name = f"router_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{_pg_base()}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each backend-parametrised test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def make_settings(tmp_path: Path, database_url: str, config: Path | None = None,
+                  **overrides: Any) -> Settings:
+    """Settings for a test router: random ports on loopback, fast polling."""
+    settings = load_settings({}, config, tmp_path / "data")
+    settings = replace(
+        settings,
+        database_url=database_url,
+        dicom_host="127.0.0.1", dicom_port=0, http_host="127.0.0.1", http_port=0,
+        secret_key="0" * 64,
+        dispatch=replace(settings.dispatch, poll_interval=0.2, shutdown_grace=5.0),
+        dicom=replace(settings.dicom, network_timeout=10, acse_timeout=10, dimse_timeout=30),
+    )
+    return replace(settings, **overrides)
+
+
+@pytest.fixture
+def start_router(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Build and start in-process routers; all are stopped at teardown."""
+    from router.service import Router
+
+    started: list[Router] = []
+
+    def start(settings: Settings) -> Router:
+        router = Router.build(settings)
+        router.start()
+        started.append(router)
+        return router
+
+    yield start
+    for router in started:
+        if router.ready:
+            router.stop()
+
+
+@pytest.fixture(scope="session")
+def dcmtk() -> None:
+    """DCMTK must be installed (scripts/test installs it); a missing peer is a failure."""
+    for tool in ("storescu", "storescp", "echoscu"):
+        assert shutil.which(tool), f"{tool} not found: run scripts/test, which installs dcmtk"
+
+
+__all__ = ["DicomSettings", "DispatchSettings", "make_settings"]
