@@ -26,10 +26,7 @@ Scalar = str | int | float | bool
 OPERATORS = ("eq", "ne", "in", "contains", "startswith", "regex", "exists", "lt", "gt", "le", "ge")
 _STRING_OPS = frozenset({"eq", "ne", "in", "contains", "startswith", "regex"})
 _ORDERINGS: dict[str, Callable[[Any, Any], bool]] = {
-    "lt": operator.lt,
-    "gt": operator.gt,
-    "le": operator.le,
-    "ge": operator.ge,
+    op: getattr(operator, op) for op in ("lt", "gt", "le", "ge")
 }
 _NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
 

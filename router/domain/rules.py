@@ -77,13 +77,13 @@ def _ae_pattern(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
 def _network(text: str) -> Network:
     try:
         return ip_network(text, strict=True)
-    except ValueError as exc:
-        try:
-            hint = f" (did you mean '{ip_network(text, strict=False)}'?)"
-        except ValueError:
-            hint = ""
-        reason = str(exc) if hint else "not an IP address or CIDR network"
-        raise ValueError(f"{text!r}: {reason}{hint}") from None
+    except ValueError:
+        pass
+    try:
+        loose = ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or CIDR network") from None
+    raise ValueError(f"{text!r} has host bits set (did you mean '{loose}'?)")
 
 
 @cache

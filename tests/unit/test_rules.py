@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import tomllib
 import warnings
@@ -13,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
 
 from router.domain.rules import (
     Condition,
@@ -70,12 +72,22 @@ def rule(**fields: object) -> RuleSpec:
     return parse_rule({"name": "r", "destinations": ["pacs"], **fields})
 
 
-def holds(dataset: Dataset, tag: str, op: str, value: object = None, **kw: object) -> bool:
-    """Whether one condition matches ``dataset`` (``extra`` keyword goes to the input)."""
-    extra = kw.pop("extra", None)
-    condition = {"tag": tag, "op": op, **({} if value is None else {"value": value}), **kw}
-    spec = rule(match=[condition])
-    return spec.matches(routing_input(dataset, extra=extra))  # type: ignore[arg-type]
+def holds(
+    dataset: Dataset,
+    tag: str,
+    op: str,
+    value: object = None,
+    *,
+    case_sensitive: bool | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> bool:
+    """Whether one condition (``value`` omitted when None) matches ``dataset``."""
+    condition: dict[str, object] = {"tag": tag, "op": op}
+    if value is not None:
+        condition["value"] = value
+    if case_sensitive is not None:
+        condition["case_sensitive"] = case_sensitive
+    return rule(match=[condition]).matches(routing_input(dataset, extra=extra))
 
 
 # -- string operators ----------------------------------------------------------------------------
@@ -312,7 +324,7 @@ def test_sop_class_accepts_keywords_and_uids_and_falls_back_to_file_meta(ct: Dat
     assert not rule(sop_class="MRImageStorage").matches(routing_input(ct))
     meta_only = synthetic()
     meta_only.file_meta = FileMetaDataset()
-    meta_only.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    meta_only.file_meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
     assert spec.matches(routing_input(meta_only))
 
 
@@ -441,12 +453,12 @@ def cond(**fields: object) -> dict[str, object]:
         ),
         (
             {"name": "CT chest", "source_ip": ["10.0.0.0/8", "10.0.0.1/8"], "destinations": ["a"]},
-            "rule 'CT chest': source_ip[1]: '10.0.0.1/8': 10.0.0.1/8 has host bits set "
+            "rule 'CT chest': source_ip[1]: '10.0.0.1/8' has host bits set "
             "(did you mean '10.0.0.0/8'?)",
         ),
         (
             {"name": "CT chest", "source_ip": "ten.0.0.1", "destinations": ["a"]},
-            "rule 'CT chest': source_ip[0]: 'ten.0.0.1': not an IP address or CIDR network",
+            "rule 'CT chest': source_ip[0]: 'ten.0.0.1' is not an IP address or CIDR network",
         ),
         (
             {"name": "CT chest", "modality": ["CT", "C*"], "destinations": ["a"]},
@@ -588,6 +600,15 @@ def test_invalid_conditions_are_rejected_naming_the_rule_and_condition(
     assert str(raised.value).startswith(f"rule 'CT chest': match[1].{message}")
 
 
+def test_rules_built_directly_are_validated_and_normalised_too() -> None:
+    spec = RuleSpec(name="direct", sop_class=("CTImageStorage",), destinations=("pacs",))
+    assert spec.sop_class == (CT_IMAGE_STORAGE,)
+    with pytest.raises(RuleError, match=r"^rule 'direct': destinations: at least one"):
+        RuleSpec(name="direct")
+    with pytest.raises(RuleError, match=r"^rule 'direct': source_ip\[0\]: 'x' is not an IP"):
+        RuleSpec(name="direct", source_ip=("x",), destinations=("pacs",))
+
+
 def test_conditions_built_directly_are_validated_too() -> None:
     with pytest.raises(ConditionError, match=r"^op: unknown operator 'equals'"):
         Condition("Modality", "equals", "CT")
@@ -627,6 +648,17 @@ def test_to_dict_is_json_safe_and_round_trips_through_parse_rule() -> None:
     assert as_json["sop_class"] == [CT_IMAGE_STORAGE, MR_IMAGE_STORAGE]
     assert as_json["match"][2] == {"tag": "StudyDate", "op": "ge", "value": "2024-01-01"}
     assert as_json["match"][5] == {"tag": "ai.lungs.nodule", "op": "exists", "value": True}
+
+
+def test_rules_survive_pickling_with_their_compiled_conditions(ct: Dataset) -> None:
+    spec = rule(calling_aet="CT_*", match=[{"tag": "ImageType", "op": "regex", "value": "^AX"}])
+    copy = pickle.loads(pickle.dumps(spec))
+    assert copy == spec
+    assert copy.matches(routing_input(ct))
+
+
+def test_routing_input_repr_leaves_out_the_dataset(ct: Dataset) -> None:
+    assert "CompressedSamples" not in repr(routing_input(ct, extra={"ai.x.name": "Doe"}))
 
 
 def test_defaults_of_a_minimal_rule() -> None:
