@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom import dcmread
+from pydicom import dcmread, uid
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
@@ -35,6 +36,34 @@ logger = logging.getLogger(__name__)
 VERIFICATION = UID("1.2.840.10008.1.1")
 MAX_CONTEXTS = 128  # the protocol's limit (odd context IDs 1..255)
 FALLBACK_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Proposed (uncompressed) from the first association on, so that a mixed study (images, dose
+# report, key objects, presentation states) does not cost one re-association per SOP class.
+COMMON_SOP_CLASSES = (
+    uid.CTImageStorage,
+    uid.MRImageStorage,
+    uid.ComputedRadiographyImageStorage,
+    uid.DigitalXRayImageStorageForPresentation,
+    uid.DigitalMammographyXRayImageStorageForPresentation,
+    uid.UltrasoundImageStorage,
+    uid.UltrasoundMultiFrameImageStorage,
+    uid.SecondaryCaptureImageStorage,
+    uid.NuclearMedicineImageStorage,
+    uid.PositronEmissionTomographyImageStorage,
+    uid.XRayAngiographicImageStorage,
+    uid.EnhancedCTImageStorage,
+    uid.EnhancedMRImageStorage,
+    uid.RTImageStorage,
+    uid.RTDoseStorage,
+    uid.RTStructureSetStorage,
+    uid.RTPlanStorage,
+    uid.BasicTextSRStorage,
+    uid.EnhancedSRStorage,
+    uid.ComprehensiveSRStorage,
+    uid.XRayRadiationDoseSRStorage,
+    uid.KeyObjectSelectionDocumentStorage,
+    uid.GrayscaleSoftcopyPresentationStateStorage,
+    uid.EncapsulatedPDFStorage,
+)
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _HOST = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
 _WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
@@ -144,7 +173,9 @@ class DicomAdapter:
         self._lock = threading.Lock()
         self._assoc: Association | None = None
         self._requested: frozenset[tuple[str, str]] = frozenset()
-        self._wanted: dict[str, list[str]] = {}  # SOP class -> stored syntaxes, LRU order
+        # SOP class -> stored syntaxes to propose besides the fallbacks, least recent first
+        self._wanted: dict[str, list[str]] = {str(sop): [] for sop in COMMON_SOP_CLASSES}
+        self._message_id = 0
         self._last_used = 0.0
         self._timer: threading.Timer | None = None
         self.associations_opened = 0
@@ -217,8 +248,10 @@ class DicomAdapter:
 
     def _want(self, item: Outgoing) -> None:
         syntaxes = self._wanted.pop(item.sop_class_uid, [])
-        if item.transfer_syntax_uid not in syntaxes:
-            syntaxes.append(item.transfer_syntax_uid)
+        # Deflated files are sent inflated: their odd-length streams trip up some peers.
+        stored = _proposed_syntax(item.transfer_syntax_uid)
+        if stored not in syntaxes and stored not in FALLBACK_SYNTAXES:
+            syntaxes.append(stored)
         self._wanted[item.sop_class_uid] = syntaxes  # most recently used last
 
     def _contexts(self) -> tuple[list[PresentationContext], frozenset[tuple[str, str]]]:
@@ -234,7 +267,7 @@ class DicomAdapter:
         return contexts, frozenset(pairs)
 
     def _association_for(self, item: Outgoing) -> Association:
-        needed = (item.sop_class_uid, item.transfer_syntax_uid)
+        needed = (item.sop_class_uid, _proposed_syntax(item.transfer_syntax_uid))
         assoc = self._assoc
         if assoc is not None and assoc.is_established and needed in self._requested:
             return assoc
@@ -287,7 +320,8 @@ class DicomAdapter:
         assoc = self._association_for(item)
         payload, note = self._payload(assoc, item)
         try:
-            status = assoc.send_c_store(payload)
+            self._message_id = self._message_id % 65535 + 1
+            status = assoc.send_c_store(payload, msg_id=self._message_id)
         except OSError as exc:
             raise TransientDeliveryError(
                 f"cannot read the stored blob: {type(exc).__name__} errno {exc.errno}"
@@ -318,11 +352,14 @@ class DicomAdapter:
             for cx in assoc.accepted_contexts
             if cx.abstract_syntax == item.sop_class_uid and cx.as_scu
         }
-        if stored in accepted:
-            return item.path, ""
         sop_name = _uid_name(item.sop_class_uid)
         if not accepted:
             raise PermanentDeliveryError(f"{self._where} does not accept {sop_name}")
+        if stored in accepted and not stored.is_deflated:
+            if _meta_matches(item):
+                return item.path, ""
+            # Streaming takes the UIDs of the command from the file meta: decode instead.
+            return _read(item), " (file meta UIDs differ from the data set)"
         if not any(not ts.is_compressed for ts in accepted):
             names = ", ".join(sorted(ts.name for ts in accepted))
             raise PermanentDeliveryError(
@@ -332,19 +369,41 @@ class DicomAdapter:
         return _decoded(item, sop_name, self._where)
 
 
-def _decoded(item: Outgoing, sop_name: str, where: str) -> tuple[Dataset, str]:
-    """The full dataset, decompressed to Explicit VR Little Endian if stored compressed."""
-    stored = UID(item.transfer_syntax_uid)
+def _proposed_syntax(transfer_syntax: str) -> str:
+    return ExplicitVRLittleEndian if UID(transfer_syntax).is_deflated else transfer_syntax
+
+
+def _meta_matches(item: Outgoing) -> bool:
+    """Whether the file meta names the same SOP class and instance as the data set."""
+    meta = getattr(item.header, "file_meta", None)
+    if meta is None or "MediaStorageSOPInstanceUID" not in meta:
+        meta = read_file_meta_info(item.path)
+    return (
+        meta.get("MediaStorageSOPClassUID") == item.sop_class_uid
+        and meta.get("MediaStorageSOPInstanceUID") == item.sop_instance_uid
+    )
+
+
+def _read(item: Outgoing) -> Dataset:
     try:
-        dataset = dcmread(item.path)
+        return dcmread(item.path)
     except OSError as exc:
         raise TransientDeliveryError(
             f"cannot read the stored blob: {type(exc).__name__} errno {exc.errno}"
         ) from None
+
+
+def _decoded(item: Outgoing, sop_name: str, where: str) -> tuple[Dataset, str]:
+    """The full dataset, decompressed to Explicit VR Little Endian if stored compressed."""
+    stored = UID(item.transfer_syntax_uid)
+    dataset = _read(item)
     if not stored.is_compressed:
+        if not stored.is_little_endian and "PixelData" in dataset:
+            _swap_pixel_data(dataset, item, sop_name, where)
         return dataset, f" (converted from {stored.name})"
     try:
-        dataset.decompress()
+        # Same instance, other encoding: pydicom would otherwise mint a new SOP Instance UID.
+        dataset.decompress(generate_instance_uid=False)
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
         logger.warning("decompressing %s failed: %s", stored.name, type(exc).__name__)
         raise PermanentDeliveryError(
@@ -352,6 +411,23 @@ def _decoded(item: Outgoing, sop_name: str, where: str) -> tuple[Dataset, str]:
             f"cannot be decompressed here ({type(exc).__name__})"
         ) from None
     return dataset, f" (decompressed from {stored.name})"
+
+
+def _swap_pixel_data(dataset: Dataset, item: Outgoing, sop_name: str, where: str) -> None:
+    """pydicom re-encodes every value for a little endian peer except raw pixel bytes: swap them.
+
+    Without this a big endian image would reach the peer with each pixel byte-swapped.
+    """
+    try:
+        array = dataset.pixel_array
+    except Exception as exc:
+        raise PermanentDeliveryError(
+            f"{where} does not accept {sop_name} as {UID(item.transfer_syntax_uid).name} and "
+            f"its pixel data cannot be converted ({type(exc).__name__})"
+        ) from None
+    element = dataset["PixelData"]
+    dataset.PixelData = array.astype(array.dtype.newbyteorder("<")).tobytes()
+    dataset["PixelData"].VR = element.VR
 
 
 def _interpret_status(code: int) -> str:

@@ -150,8 +150,8 @@ class Dispatcher:
                 del self._recent[key]
 
     def _prepare(self, due: DueDelivery) -> Outgoing:
-        path = self._blobs.path_for(due.sha256)
-        if not path.exists():
+        path = self._blobs.wait_for(due.sha256, timeout=5.0)
+        if path is None:
             raise PermanentDeliveryError("stored object is missing from the blob store")
         try:
             header = read_header(path)

@@ -59,6 +59,9 @@ class Lane:
         self.version = version
         self.queue: queue.Queue[DueDelivery] = queue.Queue()
         self.in_flight: set[str] = set()
+        # Two versions of one SOP Instance UID never travel at once: they would race for the
+        # same file, key or PACS record, and the older one could win.
+        self._uids: dict[str, str] = {}
         self._lock = threading.Lock()
         self._make_adapter = make_adapter
         self._prepare = prepare
@@ -76,9 +79,10 @@ class Lane:
 
     def offer(self, due: DueDelivery) -> bool:
         with self._lock:
-            if due.delivery_id in self.in_flight:
+            if due.delivery_id in self.in_flight or due.sop_instance_uid in self._uids:
                 return False
             self.in_flight.add(due.delivery_id)
+            self._uids[due.sop_instance_uid] = due.delivery_id
         self.queue.put(due)
         return True
 
@@ -108,7 +112,7 @@ class Lane:
                         adapter = self._idle(adapter)
                     continue
                 if self._stop.is_set():
-                    self._release(due.delivery_id)
+                    self._release(due)
                     break
                 adapter = self._attempt(adapter, due)
         finally:
@@ -141,12 +145,14 @@ class Lane:
         try:
             self._record(AttemptResult(due, error, detail, duration))
         finally:
-            self._release(due.delivery_id)
+            self._release(due)
         return adapter
 
-    def _release(self, delivery_id: str) -> None:
+    def _release(self, due: DueDelivery) -> None:
         with self._lock:
-            self.in_flight.discard(delivery_id)
+            self.in_flight.discard(due.delivery_id)
+            if self._uids.get(due.sop_instance_uid) == due.delivery_id:
+                del self._uids[due.sop_instance_uid]
 
 
 def _close(adapter: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -53,6 +54,18 @@ class BlobStore:
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).exists()
+
+    def wait_for(self, sha256: str, timeout: float) -> Path | None:
+        """The blob's path once committed. A receipt's events can be visible a moment before
+        its blob is moved into place, so a staged blob is waited for; None if neither exists.
+        """
+        path = self.path_for(sha256)
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if not self._ready_path(sha256).exists() or time.monotonic() > deadline:
+                return path if path.exists() else None
+            time.sleep(0.005)
+        return path
 
     def _ready_path(self, sha256: str) -> Path:
         return self.spool_dir / f"{check_sha256(sha256)}.ready"
