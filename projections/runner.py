@@ -119,6 +119,8 @@ class ProjectionRunner:
         self._apps = apps
         self._poll = poll_interval
         self._wakes = {v.name: threading.Event() for v, _ in self._views}
+        # catch_up() may run beside the view threads: one batch of a view at a time.
+        self._locks = {v.name: threading.Lock() for v, _ in self._views}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[str], None]] = []
@@ -171,14 +173,17 @@ class ProjectionRunner:
         """Synchronously apply everything recorded so far (start-up, tests, shutdown flush)."""
         for view, db in self._views:
             ensure_schema(view, db)
-            while process_batch(view, db, self._apps):
-                pass
+            while True:
+                with self._locks[view.name]:
+                    if not process_batch(view, db, self._apps):
+                        break
 
     def _run(self, view: View, db: ViewDatabase) -> None:
         while not self._stop.is_set():
             self._wakes[view.name].clear()
             try:
-                applied = process_batch(view, db, self._apps)
+                with self._locks[view.name]:
+                    applied = process_batch(view, db, self._apps)
             except Exception:
                 logger.exception("view %s: batch failed; retrying", view.name)
                 self._stop.wait(1.0)

@@ -79,7 +79,8 @@ class Router:
         def make_adapter(state: DestinationState) -> Adapter:
             return build_adapter(state.config, box, calling_ae=settings.ae_title)
 
-        dispatcher = Dispatcher(stores, jobs_db, admin, blobs, settings.dispatch, make_adapter)
+        dispatcher = Dispatcher(stores, jobs_db, admin, blobs, settings.dispatch, make_adapter,
+                                on_saved=runner.wake)
         runner.add_listener(lambda view: dispatcher.wake() if view == "jobs" else None)
         return cls(settings=settings, box=box, stores=stores, blobs=blobs, admin=admin,
                    commands=Commands(stores, admin, box), views=views, runner=runner,

@@ -61,6 +61,7 @@ class Dispatcher:
         settings: DispatchSettings,
         build_adapter: Callable[[DestinationState], Adapter],
         clock: Callable[[], float] = time.time,
+        on_saved: Callable[[], None] = lambda: None,
     ) -> None:
         self._app = stores.delivery
         self._db = jobs_db
@@ -69,6 +70,7 @@ class Dispatcher:
         self._settings = settings
         self._build_adapter = build_adapter
         self._clock = clock
+        self._on_saved = on_saved
         self._lanes: dict[str, Lane] = {}
         self._recent: dict[str, int] = {}  # delivery id -> notification id of its last outcome
         self._recent_lock = threading.Lock()
@@ -188,6 +190,7 @@ class Dispatcher:
         recordings = self._app.save(delivery)
         with self._recent_lock:
             self._recent[due.delivery_id] = recordings[-1].notification.id
+        self._on_saved()
         if error is not None:
             logger.warning("delivery to %s failed (attempt %d): %s", due.destination, attempt,
                            error)

@@ -26,6 +26,9 @@ from tests.synthetic import make_ct_series
 STORESCU_ENV = {**os.environ, "TCP_NODELAY": "1"}
 # Files storescu itself refuses to send (truncated on purpose); the fault tests cover them.
 UNSENDABLE = {"MR_truncated.dcm", "rtplan_truncated.dcm"}
+# storescu converts big endian to little endian on the way out and swaps 32-bit OW pixel data
+# in 16-bit words, so what it sends differs from the file: leave those two out.
+UNSENDABLE |= {"rtdose_expb.dcm", "rtdose_expb_1frame.dcm"}
 
 
 def pydicom_files() -> list[Path]:
@@ -136,7 +139,7 @@ def test_storescu_files_reach_storescp_folder_and_s3(tmp_path: Path, database_ur
         (tmp_path / "archive").mkdir()
         settings = replace(make_settings(tmp_path, database_url), destinations=(
             {"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": scp.port,
-             "ae_title": "STORESCP"},
+             "ae_title": "STORESCP", "concurrency": 1},  # storescp serves one association at a time
             {"name": "archive", "type": "file", "path": str(tmp_path / "archive")},
             {"name": "cloud", "type": "s3", "bucket": "imaging", "prefix": "site-a/",
              "endpoint_url": endpoint, "region": "us-east-1", "access_key_id": "testing",
