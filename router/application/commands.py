@@ -73,7 +73,7 @@ class Commands:
 
     def _same_destination(self, stored: Mapping[str, Any], config: Any) -> bool:
         # Sealed values use random nonces: compare the opened values, not the ciphertexts.
-        plain = seal_config(config, _IdentityBox())
+        plain = seal_config(config, _IdentityBox())  # type: ignore[arg-type]
         opened = {k: (self._box.open(v, context=f"{stored.get('name')}/{k}")
                       if SecretBox.is_sealed(v) else v) for k, v in stored.items()}
         return opened == plain

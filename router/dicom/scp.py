@@ -65,7 +65,7 @@ class DicomServer:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
         ]
@@ -114,18 +114,24 @@ class DicomServer:
         except OSError as exc:
             spool.close()
             spool.path.unlink(missing_ok=True)
-            logger.error("spool write failed: %s", exc.strerror or type(exc).__name__)
-            return STATUS_OUT_OF_RESOURCES
-        requestor = event.assoc.requestor
-        arrival = Arrival(
-            path=spool.path, sha256=sha256, size=spool.size, source="dimse",
-            actor=requestor.ae_title, source_ip=str(requestor.address),
-            calling_aet=requestor.ae_title, called_aet=event.assoc.acceptor.ae_title,
-            sop_class_uid=str(request.AffectedSOPClassUID),
-            sop_instance_uid=str(request.AffectedSOPInstanceUID),
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-        )
-        return self._receiver.receive(arrival).status
+            reason = f"spool write failed: {exc.strerror or type(exc).__name__}"
+            logger.error("%s", reason)
+            # Recorded like every other refusal, so a full disk shows in the audit trail.
+            return self._receiver.refuse(_arrival(event, spool, ""), STATUS_OUT_OF_RESOURCES,
+                                         reason).status
+        return self._receiver.receive(_arrival(event, spool, sha256)).status
+
+
+def _arrival(event: Any, spool: SpoolFile, sha256: str) -> Arrival:
+    request, requestor = event.request, event.assoc.requestor
+    return Arrival(
+        path=spool.path, sha256=sha256, size=spool.size, source="dimse",
+        actor=requestor.ae_title, source_ip=str(requestor.address),
+        calling_aet=requestor.ae_title, called_aet=event.assoc.acceptor.ae_title,
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+    )
 
 
 def _handle_echo(event: Any) -> int:
