@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+import socket
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from projections.audit import AuditView
@@ -18,6 +19,7 @@ from router.application.admin_state import AdminState, DestinationState
 from router.application.commands import Commands
 from router.application.receive import Receiver
 from router.application.stores import EventStores, StoreConfig
+from router.dicom.receivers import ReceiverPool
 from router.dicom.scp import DicomServer
 from router.dicom.tuning import configure_pynetdicom
 from router.dispatch.base import Adapter
@@ -58,8 +60,10 @@ class Router:
     receiver: Receiver
     dispatcher: Dispatcher
     dicom: DicomServer
+    dicom_port: int = 0
     started_at: float = field(default_factory=time.time)
     ready: bool = False
+    receivers: ReceiverPool | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Router:
@@ -104,15 +108,37 @@ class Router:
             self.runner.listen(self.settings.database_url,
                                [f"{name}_events" for name in ("ingest", "delivery", "admin")])
         self.dispatcher.start()
-        self.dicom.start()
+        self._start_receiving()
         self.ready = True
         logger.info("router started")
+
+    def _start_receiving(self) -> None:
+        count = self.settings.dicom.processes
+        if count == 0:
+            self.dicom.start()
+            return
+        settings = self.settings
+        if settings.dicom_port == 0:  # every process must bind the same, known port
+            settings = replace(settings, dicom_port=_free_port(settings.dicom_host))
+        self.receivers = ReceiverPool(settings, count, on_saved=self.runner.wake)
+        self.receivers.start()
+        self.dicom_port = settings.dicom_port
+
+    @property
+    def listening_port(self) -> int:
+        """The DICOM port actually listened on (useful when configured as 0)."""
+        if self.receivers is not None:
+            return self.dicom_port
+        return self.dicom.port
 
     def stop(self) -> None:
         """Stop accepting, finish in-flight C-STOREs and deliveries, flush the views."""
         self.ready = False
         grace = self.settings.dispatch.shutdown_grace
-        self.dicom.stop(grace=min(grace, 10.0))
+        if self.receivers is not None:
+            self.receivers.stop(grace=min(grace, 10.0))
+        else:
+            self.dicom.stop(grace=min(grace, 10.0))
         self.dispatcher.stop(grace=grace)
         self.runner.stop()
         for _, db in self.views.values():
@@ -132,4 +158,11 @@ class Router:
                     - done.get(app, 0))
                 for app in view.follows
             )
-        return {"ready": self.ready, "view_lag": lag}
+        receiving = self.receivers.alive() if self.receivers is not None else True
+        return {"ready": self.ready and receiving, "receivers_alive": receiving, "view_lag": lag}
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

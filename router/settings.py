@@ -43,6 +43,8 @@ class DicomSettings:
     """DICOM SCP behaviour."""
 
     max_associations: int = 32
+    # Receiver processes (SO_REUSEPORT on one port); 0 = receive in the main process's threads.
+    processes: int = 2
     max_pdu_size: int = 0  # what we advertise; 0 = unlimited (fastest for large objects)
     max_incoming_pdu: int = 64 * 1024 * 1024  # hard cap on a PDU a peer may send us
     require_known_calling_ae: bool = False
@@ -164,6 +166,7 @@ def _dicom(doc: Mapping[str, Any]) -> DicomSettings:
     return DicomSettings(
         max_associations=_int(s.get("max_associations", d.max_associations),
                               "dicom.max_associations", 1, 1000),
+        processes=_int(s.get("processes", d.processes), "dicom.processes", 0, 64),
         max_pdu_size=_int(s.get("max_pdu_size", d.max_pdu_size), "dicom.max_pdu_size", 0, 2**31),
         max_incoming_pdu=_int(s.get("max_incoming_pdu", d.max_incoming_pdu),
                               "dicom.max_incoming_pdu", 4096, 2**31),

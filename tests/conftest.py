@@ -54,7 +54,8 @@ def make_settings(tmp_path: Path, database_url: str, config: Path | None = None,
         dicom_host="127.0.0.1", dicom_port=0, http_host="127.0.0.1", http_port=0,
         secret_key="0" * 64,
         dispatch=replace(settings.dispatch, poll_interval=0.2, shutdown_grace=5.0),
-        dicom=replace(settings.dicom, network_timeout=10, acse_timeout=10, dimse_timeout=30),
+        dicom=replace(settings.dicom, network_timeout=10, acse_timeout=10, dimse_timeout=30,
+                      processes=0),
     )
     return replace(settings, **overrides)
 

@@ -7,6 +7,7 @@ no routing or network I/O happens here. Shutdown stops accepting, lets in-flight
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -35,8 +36,9 @@ TRANSFER_SYNTAXES = [
 class DicomServer:
     """Owns the pynetdicom AE and its listening socket."""
 
-    def __init__(self, settings: Settings, receiver: Receiver) -> None:
+    def __init__(self, settings: Settings, receiver: Receiver, reuse_port: bool = False) -> None:
         self._settings = settings
+        self._reuse_port = reuse_port
         self._receiver = receiver
         self._server: ThreadedAssociationServer | None = None
         self._busy = 0
@@ -69,10 +71,15 @@ class DicomServer:
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
         ]
-        self._server = self.ae.start_server(
+        server_class = _ReusePortServer if self._reuse_port else ThreadedAssociationServer
+        self._server = self.ae.make_server(
             (self._settings.dicom_host, self._settings.dicom_port),
-            block=False, evt_handlers=handlers,
+            evt_handlers=handlers, server_class=server_class,
         )
+        thread = threading.Thread(target=self._server.serve_forever, name="dicom-accept",
+                                  daemon=True)
+        thread.start()
+        self.ae._servers.append(self._server)
         logger.info("DICOM listener on %s:%d as %s", self._settings.dicom_host, self.port,
                     self._settings.ae_title)
 
@@ -132,6 +139,15 @@ def _arrival(event: Any, spool: SpoolFile, sha256: str) -> Arrival:
         sop_instance_uid=str(request.AffectedSOPInstanceUID),
         transfer_syntax_uid=str(event.context.transfer_syntax),
     )
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """Several receiver processes bind the same port; the kernel spreads the connections."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def _handle_echo(event: Any) -> int:
