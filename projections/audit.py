@@ -43,6 +43,15 @@ def _detail(event: Any) -> str:
     return json.dumps(out, sort_keys=True, default=str)
 
 
+def _text(value: object) -> str | None:
+    """An index value as text (a value with a backslash was decoded as a list of values)."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
 class AuditView(View):
     name = "audit"
     follows = ("ingest", "delivery", "admin")
@@ -65,6 +74,6 @@ class AuditView(View):
              getattr(e, "actor", "system"), getattr(e, "source_ip", ""), record.topic,
              object_type, record.originator_id,
              "failure" if record.topic in FAILURES else "success",
-             getattr(e, "correlation_id", None), index.get("StudyInstanceUID"),
-             index.get("PatientID"), _detail(e)),
+             getattr(e, "correlation_id", None), _text(index.get("StudyInstanceUID")),
+             _text(index.get("PatientID")), _detail(e)),
         )

@@ -37,7 +37,8 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_sha ON jobs (sha256)",
     "CREATE INDEX IF NOT EXISTS jobs_received ON jobs (received_at)",
     "CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid)",
-    "CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (destination, status, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_queue"
+    " ON deliveries (destination, status, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (job_id)",
 )
 
@@ -47,6 +48,15 @@ _UPSERT_DELIVERY = (
     " ON CONFLICT (delivery_id) DO UPDATE SET created_at = excluded.created_at,"
     " clock_from = COALESCE(deliveries.clock_from, excluded.clock_from)"
 )
+
+
+def _text(value: object) -> str | None:
+    """An index value as text (a value with a backslash was decoded as a list of values)."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 class JobsView(View):
@@ -74,8 +84,9 @@ class JobsView(View):
             " routing, previous_job_id, correlation_id)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)",
             (r.originator_id, r.timestamp, e.source, e.actor, e.source_ip, e.calling_aet,
-             e.called_aet, e.sop_class_uid, e.sop_instance_uid, idx.get("StudyInstanceUID"),
-             idx.get("SeriesInstanceUID"), idx.get("Modality"), idx.get("PatientID"), e.sha256,
+             e.called_aet, e.sop_class_uid, e.sop_instance_uid,
+             _text(idx.get("StudyInstanceUID")), _text(idx.get("SeriesInstanceUID")),
+             _text(idx.get("Modality")), _text(idx.get("PatientID")), e.sha256,
              e.size, e.transfer_syntax_uid, e.previous_job_id, e.correlation_id),
         )
 

@@ -18,9 +18,12 @@ def check_config(path: Path) -> list[str]:
     problems: list[str] = []
     names: list[str] = []
     for i, item in enumerate(settings.destinations):
+        # Declared names count even when the item is invalid: a rule naming it is not "unknown",
+        # and a second item with the same name is still a duplicate.
+        if isinstance(item.get("name"), str):
+            names.append(str(item["name"]))
         try:
             parse_destination(item)
-            names.append(str(item["name"]))
         except DestinationConfigError as exc:
             problems.append(f"destinations[{i}]: {exc}")
     duplicates = {n for n in names if names.count(n) > 1}

@@ -88,6 +88,11 @@ class Receiver:
         except HeaderError as exc:
             arrival.path.unlink(missing_ok=True)
             return self._refuse(arrival, correlation_id, STATUS_CANNOT_UNDERSTAND, str(exc))
+        if not header.get("SOPInstanceUID") or not header.get("SOPClassUID"):
+            # pydicom reads almost any bytes as "a dataset"; one without its identity is not one.
+            arrival.path.unlink(missing_ok=True)
+            return self._refuse(arrival, correlation_id, STATUS_CANNOT_UNDERSTAND,
+                                "dataset has no SOP Class UID or SOP Instance UID")
         sop_uid = str(header.get("SOPInstanceUID") or arrival.sop_instance_uid)
         if arrival.sop_instance_uid and sop_uid != arrival.sop_instance_uid:
             arrival.path.unlink(missing_ok=True)
@@ -188,6 +193,10 @@ class Receiver:
             default_destination_used=default_used,
             stopped_by=decision.stopped_by,
         )
+
+    def refuse(self, arrival: Arrival, status: int, reason: str) -> Receipt:
+        """Refuse an object that never got as far as :meth:`receive` (say the spool failed)."""
+        return self._refuse(arrival, arrival.correlation_id or str(uuid.uuid4()), status, reason)
 
     def _refuse(self, arrival: Arrival, corr: str, status: int, reason: str) -> Receipt:
         """Record why an object was refused (best effort: the store may be what failed)."""
