@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
 
 from projections.db import ViewDatabase
 from router.application.admin_state import AdminState, DestinationState
@@ -166,12 +167,29 @@ class Dispatcher:
         )
 
     def record(self, result: AttemptResult) -> None:
-        """Save the outcome of one attempt (creating the Delivery on its first attempt)."""
+        """Save the outcome of one attempt (creating the Delivery on its first attempt).
+
+        An operator may requeue or cancel the same delivery meanwhile: on a version conflict
+        the aggregate is reloaded and the outcome applied on top. A success is recorded even
+        after a cancel (the object did arrive); a failure after a cancel is not retried.
+        """
+        for _ in range(3):
+            try:
+                self._record_once(result)
+                return
+            except IntegrityError:
+                continue
+        self._record_once(result)
+
+    def _record_once(self, result: AttemptResult) -> None:
         due = result.due
         ctx = {"actor": "system", "source_ip": "", "correlation_id": due.correlation_id}
         delivery = self._load_or_create(due, ctx)
         attempt = delivery.attempts + 1
         error = result.error
+        if error is not None and delivery.status == "cancelled":
+            logger.info("delivery to %s was cancelled during a failed attempt", due.destination)
+            return
         if error is None:
             delivery.succeed(**ctx, attempt=attempt, detail=result.detail[:500],
                              duration_ms=result.duration_ms)

@@ -144,6 +144,10 @@ class Lane:
         duration = int((time.monotonic() - started) * 1000)
         try:
             self._record(AttemptResult(due, error, detail, duration))
+        except Exception:
+            # The outcome is lost, not the delivery: it is still pending in the view and will
+            # be attempted again (at least once delivery). The worker must live on.
+            logger.exception("destination %s: recording an attempt failed", self.name)
         finally:
             self._release(due)
         return adapter

@@ -10,6 +10,7 @@ import hashlib
 import os
 import subprocess
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -135,13 +136,14 @@ def test_storescu_files_reach_storescp_folder_and_s3(tmp_path: Path, database_ur
     with StoreScp(tmp_path / "scp", extra_args=("+xa", "+uf")) as scp, s3_server() as endpoint:
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
-        s3.create_bucket(Bucket="imaging")
+        bucket = f"imaging-{uuid.uuid4().hex[:8]}"  # moto keeps buckets for the whole process
+        s3.create_bucket(Bucket=bucket)
         (tmp_path / "archive").mkdir()
         settings = replace(make_settings(tmp_path, database_url), destinations=(
             {"name": "pacs", "type": "dicom", "host": "127.0.0.1", "port": scp.port,
              "ae_title": "STORESCP", "concurrency": 1},  # storescp serves one association at a time
             {"name": "archive", "type": "file", "path": str(tmp_path / "archive")},
-            {"name": "cloud", "type": "s3", "bucket": "imaging", "prefix": "site-a/",
+            {"name": "cloud", "type": "s3", "bucket": bucket, "prefix": "site-a/",
              "endpoint_url": endpoint, "region": "us-east-1", "access_key_id": "testing",
              "secret_access_key": "testing"},
         ), rules=({"name": "everything", "calling_aet": "CT_*",
@@ -178,13 +180,13 @@ def test_storescu_files_reach_storescp_folder_and_s3(tmp_path: Path, database_ur
         check_latest_versions(in_folder, sent)
 
         keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
-            Bucket="imaging") for o in page.get("Contents", [])]
+            Bucket=bucket) for o in page.get("Contents", [])]
         assert all(k.startswith("site-a/") and ".." not in k.split("/") for k in keys)
         in_s3 = []
         for key in keys:
             target = tmp_path / "s3copy" / hashlib.sha1(key.encode()).hexdigest()
             target.parent.mkdir(exist_ok=True)
-            s3.download_file("imaging", key, str(target))
+            s3.download_file(bucket, key, str(target))
             in_s3.append(content_key(target))
         check_latest_versions(in_s3, sent)
 
