@@ -165,7 +165,7 @@ class Receiver:
 
     def _load_instance(self, sop_uid: str) -> Instance | None:
         try:
-            instance = self._app.repository.get(instance_id(sop_uid))
+            instance: Any = self._app.repository.get(instance_id(sop_uid))
         except AggregateNotFoundError:
             return None
         assert isinstance(instance, Instance)
