@@ -116,7 +116,13 @@ class Receiver:
             if staged:
                 self._blobs.discard(arrival.sha256)
             return receipt
-        self._blobs.commit(arrival.sha256)
+        try:
+            self._blobs.commit(arrival.sha256)
+        except OSError as exc:
+            # The receipt is saved and the bytes are fsynced in the spool: the object is durable
+            # and readable there; start-up recovery moves it into place.
+            logger.error("blob commit failed after the receipt was saved: %s",
+                         exc.strerror or type(exc).__name__)
         self._on_saved()
         return receipt
 

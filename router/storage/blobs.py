@@ -60,10 +60,13 @@ class BlobStore:
         its blob is moved into place, so a staged blob is waited for; None if neither exists.
         """
         path = self.path_for(sha256)
+        ready = self._ready_path(sha256)
         deadline = time.monotonic() + timeout
         while not path.exists():
-            if not self._ready_path(sha256).exists() or time.monotonic() > deadline:
+            if not ready.exists():
                 return path if path.exists() else None
+            if time.monotonic() > deadline:  # commit failed after the save: read it staged
+                return ready
             time.sleep(0.005)
         return path
 
