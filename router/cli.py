@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from router.cli_ops import add_parsers as add_ops_parsers
+from router.cli_ops import cmd_deliveries, cmd_destinations
 from router.settings import Settings, SettingsError, load_settings, read_toml
 
 logger = logging.getLogger("router.cli")
@@ -38,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("name", nargs="?")
     rebuild.add_argument("--all", action="store_true")
     psub.add_parser("status", help="each view's position and lag")
+    add_ops_parsers(sub)
     return p
 
 
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     handlers = {"serve": cmd_serve, "migrate": cmd_migrate, "apply": cmd_apply,
-                "check-config": cmd_check_config, "projections": cmd_projections}
+                "check-config": cmd_check_config, "projections": cmd_projections,
+                "deliveries": cmd_deliveries, "destinations": cmd_destinations}
     try:
         return handlers[args.command](settings, args)
     except SettingsError as exc:
@@ -139,8 +143,8 @@ def cmd_check_config(settings: Settings, args: Any) -> int:
 
 def cmd_projections(settings: Settings, args: Any) -> int:
     from projections.runner import drop_view, ensure_schema, positions, process_batch
-    from router.service import VIEW_CLASSES, open_all_views, open_stores
     from router.secrets import SecretBox, load_master_key
+    from router.service import VIEW_CLASSES, open_all_views, open_stores
 
     stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
                                                              settings.data_dir)))

@@ -5,8 +5,8 @@ DICOM listener from Settings, starts them in order and stops them gracefully.
 from __future__ import annotations
 
 import logging
-import time
 import socket
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 

@@ -31,7 +31,8 @@ def parse_duration(value: object, *, name: str = "duration") -> float:
     else:
         m = _DURATION.match(str(value))
         if not m:
-            raise SettingsError(f"{name}: expected a duration such as '30s' or '24h', got {value!r}")
+            raise SettingsError(
+                f"{name}: expected a duration such as '30s' or '24h', got {value!r}")
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     if seconds < 0:
         raise SettingsError(f"{name}: must not be negative")
@@ -45,8 +46,10 @@ class DicomSettings:
     max_associations: int = 32
     # Receiver processes (SO_REUSEPORT on one port); 0 = receive in the main process's threads.
     processes: int = 2
-    max_pdu_size: int = 0  # what we advertise; 0 = unlimited (fastest for large objects)
-    max_incoming_pdu: int = 64 * 1024 * 1024  # hard cap on a PDU a peer may send us
+    # What we advertise. Large PDUs are fast for big objects, and a whole PDU is held in memory
+    # while it is read, so this is also a memory bound per association (0 = unlimited).
+    max_pdu_size: int = 4 * 1024 * 1024
+    max_incoming_pdu: int = 64 * 1024 * 1024  # hard cap on a PDU a peer may send us anyway
     require_known_calling_ae: bool = False
     known_calling_aets: tuple[str, ...] = ()
     deflate_max_bytes: int = 512 * 1024 * 1024  # inflated size bound for deflated transfer syntax
@@ -163,7 +166,7 @@ def _dicom(doc: Mapping[str, Any]) -> DicomSettings:
     known = s.get("known_calling_aets", [])
     if not isinstance(known, list):
         raise SettingsError("dicom.known_calling_aets must be a list of AE titles")
-    return DicomSettings(
+    settings = DicomSettings(
         max_associations=_int(s.get("max_associations", d.max_associations),
                               "dicom.max_associations", 1, 1000),
         processes=_int(s.get("processes", d.processes), "dicom.processes", 0, 64),
@@ -177,10 +180,15 @@ def _dicom(doc: Mapping[str, Any]) -> DicomSettings:
                                "dicom.deflate_max_bytes", 0, 2**40),
         network_timeout=parse_duration(s.get("network_timeout", d.network_timeout),
                                        name="dicom.network_timeout"),
-        acse_timeout=parse_duration(s.get("acse_timeout", d.acse_timeout), name="dicom.acse_timeout"),
+        acse_timeout=parse_duration(s.get("acse_timeout", d.acse_timeout),
+                                    name="dicom.acse_timeout"),
         dimse_timeout=parse_duration(s.get("dimse_timeout", d.dimse_timeout),
                                      name="dicom.dimse_timeout"),
     )
+    if settings.max_pdu_size == 0 or settings.max_pdu_size > settings.max_incoming_pdu - 6:
+        raise SettingsError("dicom.max_pdu_size must be between 1 and max_incoming_pdu - 6 "
+                            "(a peer may send PDUs as large as we advertise)")
+    return settings
 
 
 def _dispatch(doc: Mapping[str, Any]) -> DispatchSettings:

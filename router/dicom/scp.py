@@ -14,7 +14,7 @@ from typing import Any
 
 from pydicom import uid as uids
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification, _STORAGE_CLASSES  # type: ignore[attr-defined]
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from router.application.receive import STATUS_OUT_OF_RESOURCES, Arrival, Receiver

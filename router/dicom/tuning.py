@@ -6,6 +6,7 @@ These are process-wide settings of the library, applied once by :func:`configure
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from pathlib import Path
@@ -26,10 +27,8 @@ class PduTooLargeError(OSError):
 def _set_nodelay(sock: socket.socket | None) -> None:
     if sock is None:
         return
-    try:
+    with contextlib.suppress(OSError):  # not a TCP socket (tests may use socketpairs)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:  # not a TCP socket (tests may use socketpairs)
-        pass
 
 
 def _spool_file(*_: Any, **kwargs: Any) -> SpoolFile:
