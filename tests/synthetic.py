@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
@@ -72,7 +74,7 @@ def make_dx_images(
     study_uid: str | None = None,
     patient_id: str = "SYNTH002",
 ) -> list[Path]:
-    """Write ``count`` square 16-bit DX radiographs of about ``size_mb`` MiB each (10: 2290 x 2290)."""
+    """Write ``count`` square 16-bit DX radiographs of about ``size_mb`` MiB each (10: 2290^2)."""
     side = max(16, round((size_mb * 2**20 / 2) ** 0.5))
     ds = _image_template(
         DigitalXRayImageStorageForPresentation, "DX", patient_id, study_uid, side, side
@@ -165,24 +167,30 @@ def make_large_instance(
 
 def pixel_data_length(path: str | Path) -> int:
     """Length of the Pixel Data value in ``path``, read from its header without loading it."""
-    ds = pydicom.dcmread(path, defer_size=1024)
-    return int(ds.get_item("PixelData", keep_deferred=True).length)
+    return int(_deferred_pixel_data(path).length)
 
 
 def check_large_instance(path: str | Path) -> int:
     """Check that a large instance reads back; return its Pixel Data length."""
     header = pydicom.dcmread(path, stop_before_pixels=True)
     expected = int(header.NumberOfFrames) * header.Rows * header.Columns * 2
-    ds = pydicom.dcmread(path, defer_size=1024)
-    element = ds.get_item("PixelData", keep_deferred=True)
+    element = _deferred_pixel_data(path)
     found = int(element.length)
     if found != expected or element.value_tell + found != Path(path).stat().st_size:
         raise ValueError(f"{path}: Pixel Data is {found} bytes, header implies {expected}")
     return found
 
 
+def _deferred_pixel_data(path: str | Path) -> RawDataElement:
+    """The Pixel Data element of ``path`` with its value left unread (position and length)."""
+    element = pydicom.dcmread(path, defer_size=1024).get_item("PixelData", keep_deferred=True)
+    if not isinstance(element, RawDataElement):
+        raise ValueError(f"{path}: no deferred Pixel Data element")
+    return element
+
+
 def _image_template(
-    sop_class: str, modality: str, patient_id: str, study_uid: str | None, rows: int, cols: int
+    sop_class: UID, modality: str, patient_id: str, study_uid: str | None, rows: int, cols: int
 ) -> Dataset:
     """A dataset with patient, study, series, equipment and 16-bit image pixel attributes."""
     ds = Dataset()
@@ -237,7 +245,7 @@ def _write_series(
     return paths
 
 
-def _set_instance_uid(ds: Dataset, uid: str) -> None:
+def _set_instance_uid(ds: Dataset, uid: UID) -> None:
     ds.SOPInstanceUID = uid
     ds.file_meta.MediaStorageSOPInstanceUID = uid
 

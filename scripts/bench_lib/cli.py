@@ -37,26 +37,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Receive and end-to-end throughput of storescp, Orthanc and the router, "
         "driven by DCMTK storescu on 127.0.0.1.",
     )
-    parser.add_argument("--repeat", type=int, default=None, help="runs per measurement (3)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 50 CT, 5 DX of 2 MiB, 100 small, no 1 GiB, 1 repeat")
-    parser.add_argument("--only", type=_csv(RECEIVERS), default=list(RECEIVERS),
-                        help="receivers, comma-separated (default: all)")
-    parser.add_argument("--workloads", type=_csv(WORKLOADS), default=None,
-                        help=f"comma-separated from {','.join(WORKLOADS)} (default: all; "
-                        "--quick leaves out big)")
-    parser.add_argument("--cache-dir", type=Path, default=Path(".bench-cache"),
-                        help="generated data, reused by later runs (default ./.bench-cache)")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--tmp-dir", type=Path, default=None,
-                        help="where receivers store what they get (default: system temp)")
-    parser.add_argument("--router-command", type=Path, default=Path(sys.prefix, "bin", "dicom-router"))
+    _add_selection_options(parser)
+    _add_path_options(parser)
     parser.add_argument("--check", action="store_true", help="exit 2 if a target FAILs")
-    args = parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
     if args.workloads is None:
         args.workloads = [w for w in WORKLOADS if not (args.quick and w == "big")]
     return args
+
+
+def _add_selection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeat", type=int, default=None, help="runs per measurement (3)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 50 CT, 5 DX of 2 MiB, 100 small, no 1 GiB, 1 repeat",
+    )
+    parser.add_argument(
+        "--only",
+        type=_csv(RECEIVERS),
+        default=list(RECEIVERS),
+        help="receivers, comma-separated (default: all)",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=_csv(WORKLOADS),
+        default=None,
+        help=f"comma-separated from {','.join(WORKLOADS)} (default: all; --quick leaves out big)",
+    )
+
+
+def _add_path_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(".bench-cache"),
+        help="generated data, reused by later runs (default ./.bench-cache)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--tmp-dir",
+        type=Path,
+        default=None,
+        help="where receivers store what they get (default: system temp)",
+    )
+    parser.add_argument(
+        "--router-command",
+        type=Path,
+        default=Path(sys.prefix, "bin", "dicom-router"),
+        help="the router's console script (default: this python's dicom-router)",
+    )
 
 
 def _receivers(args: argparse.Namespace) -> dict[str, Callable[[], Receiver]]:
@@ -68,36 +99,58 @@ def _receivers(args: argparse.Namespace) -> dict[str, Callable[[], Receiver]]:
     return {name: factories[name] for name in RECEIVERS if name in args.only}
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def _meta(args: argparse.Namespace) -> dict[str, object]:
     return {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                 "python": platform.python_version(), "dcmtk": dcmtk_version()},
-        "options": {"repeat": args.repeat, "quick": args.quick, "only": args.only,
-                    "workloads": args.workloads},
+        "load_average_at_end": os.getloadavg(),
+        "host": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "dcmtk": dcmtk_version(),
+        },
+        "options": {
+            "repeat": args.repeat,
+            "quick": args.quick,
+            "only": args.only,
+            "workloads": args.workloads,
+        },
         "commands": {
-            "storescu": " ".join(storescu_argv(0, "<AE>", [Path("<files>")])),
+            "storescu": " ".join(storescu_argv("<port>", "<AE>", [Path("<files>")])),
             "storescp": " ".join(StoreScp.argv("STORESCP", "<dir>", "<port>")),
             "orthanc": Orthanc.config(Path("<tmp>"), 0, 0),
-            "environment": {**procs.DCMTK_ENV, "router DICOM_ROUTER_* set":
-                            sorted(k for k in os.environ if k.startswith("DICOM_ROUTER_"))},
+            "environment": {
+                **procs.DCMTK_ENV,
+                "router DICOM_ROUTER_* set": sorted(
+                    k for k in os.environ if k.startswith("DICOM_ROUTER_")
+                ),
+            },
         },
-    }  # fmt: skip
+    }
 
 
 def _prepare(args: argparse.Namespace) -> list[tuple[Workload, list[Path]]]:
     """Each selected workload with its files, generating missing data first."""
     print(f"data cache: {args.cache_dir.resolve()}", flush=True)
     available = workloads(args.quick)
-    return [(available[name], ensure_data(args.cache_dir, available[name].data))
-            for name in args.workloads]  # fmt: skip
+    return [
+        (available[name], ensure_data(args.cache_dir, available[name].data))
+        for name in args.workloads
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     procs.install_signal_handlers()
-    print(f"storescu/storescp with TCP_NODELAY=1, receivers' max PDU {MAX_PDU}; "
-          f"repeat {args.repeat}", flush=True)  # fmt: skip
+    print(
+        f"storescu/storescp with TCP_NODELAY=1, receivers' max PDU {MAX_PDU}; repeat {args.repeat}"
+        f"; load average {_load()}",
+        flush=True,
+    )
     try:
         plan = _prepare(args)
         with tempfile.TemporaryDirectory(prefix="dicom-bench-", dir=args.tmp_dir) as tmp:
@@ -109,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
     summaries = report.summarize(runs)
     report.print_report(summaries, skipped, args.repeat)
+    print(f"\nload average at the end: {_load()} ({os.cpu_count()} CPUs)")
     if args.json:
         report.write_json(args.json, runs, skipped, _meta(args))
         print(f"\nwrote {args.json}")

@@ -30,7 +30,7 @@ class Run:
     deliver_s: float | None = None
     rss_sampled: int = 0  # highest sum of VmRSS over the process tree, sampled every 50 ms
     rss_hwm_sum: int = 0  # sum of each process's VmHWM: exact for 1 process, upper bound else
-    processes: int = 0
+    rss_by_process: dict[str, int] = field(default_factory=dict)  # VmHWM per "<pid> <cmd>"
     ok: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -52,9 +52,19 @@ def measure(
             deliver_s = _wait_delivered(receiver, len(files), sent) if receiver.forwards else None
         finally:
             sampler.stop()
-        run = Run(receiver.name, workload.name, repeat, len(files), data_size(files),
-                  sent.seconds, deliver_s, sampler.peak_sum, sampler.hwm_sum,
-                  sampler.processes, notes=sent.failures)  # fmt: skip
+        run = Run(
+            receiver.name,
+            workload.name,
+            repeat,
+            len(files),
+            data_size(files),
+            sent.seconds,
+            deliver_s,
+            sampler.peak_sum,
+            sampler.hwm_sum,
+            sampler.by_process(),
+            notes=sent.failures,
+        )
         _check_arrival(run, receiver)
         if not run.ok and receiver.child is not None:
             run.notes.append(f"{receiver.name} log (tail):\n{receiver.child.log_tail()}")
@@ -118,6 +128,8 @@ def progress_line(run: Run) -> str:
         f"  {run.receiver:<9} #{run.repeat}: {run.receive_s:7.2f} s  {rate:8.1f} inst/s  "
         f"{run.bytes / 1e6 / run.receive_s:7.1f} MB/s  peak RSS {run.peak_rss / 1e6:7.1f} MB"
     )
+    if len(run.rss_by_process) > 1:
+        line += f" (sum over {len(run.rss_by_process)} processes)"
     if run.deliver_s is not None:
         line += f"  delivered in {run.deliver_s:.2f} s"
     return line + ("" if run.ok else "  FAILED: " + "; ".join(run.notes))

@@ -54,7 +54,7 @@ _LIVE: dict[int, Child] = {}
 def spawn(
     name: str, argv: Sequence[str | Path], log: Path, env: Mapping[str, str] | None = None
 ) -> Child:
-    """Start ``argv`` in a new session (so the whole tree can be signalled) with output to ``log``."""
+    """Start ``argv`` in a new session (to signal its whole tree), output going to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         popen = subprocess.Popen(
@@ -126,7 +126,7 @@ def wait_until(
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """Status and body of a GET; status 0 when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as error:
         return int(error.code), b""
@@ -158,6 +158,7 @@ class RssSampler:
     interval: float = 0.05
     peak_sum: int = 0
     hwm: dict[int, int] = field(default_factory=dict)
+    commands: dict[int, str] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -176,9 +177,9 @@ class RssSampler:
     def hwm_sum(self) -> int:
         return sum(self.hwm.values())
 
-    @property
-    def processes(self) -> int:
-        return len(self.hwm)
+    def by_process(self) -> dict[str, int]:
+        """VmHWM of each process seen, keyed "<pid> <command line, shortened>"."""
+        return {f"{pid} {self.commands.get(pid, '?')}": hwm for pid, hwm in self.hwm.items()}
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -191,6 +192,8 @@ class RssSampler:
             total += rss
             if hwm:
                 self.hwm[pid] = hwm
+                if pid not in self.commands:
+                    self.commands[pid] = _command_of(pid)
         self.peak_sum = max(self.peak_sum, total)
 
 
@@ -207,6 +210,14 @@ def process_tree(root: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def _command_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+    except OSError:
+        return "(exited)"
 
 
 def _memory_of(pid: int) -> tuple[int, int]:

@@ -74,8 +74,17 @@ class StoreScp(Receiver):
     def argv(ae_title: str, out: Path | str, port: int | str) -> list[str]:
         # --fork so that 4 concurrent associations are served concurrently, as by Orthanc.
         flags = ["--fork", "--promiscuous", "--accept-all", "--disable-host-lookup"]
-        return ["storescp", *flags, "-aet", ae_title, "-pdu", str(MAX_PDU), "-od", str(out),
-                str(port)]  # fmt: skip
+        return [
+            "storescp",
+            *flags,
+            "-aet",
+            ae_title,
+            "-pdu",
+            str(MAX_PDU),
+            "-od",
+            str(out),
+            str(port),
+        ]
 
     def start(self, workdir: Path) -> None:
         self.out = workdir / "received"
@@ -153,7 +162,8 @@ class Router(Receiver):
         self.port, self.http_port = free_port(), free_port()
         config = workdir / "router.toml"
         config.write_text(self.config(self.port, self.http_port, self.sink.port))
-        argv = [self.command, "serve", "--config", config, "--data-dir", workdir / "data"]
+        argv: list[str | Path] = [self.command, "serve", "--config", config]
+        argv += ["--data-dir", workdir / "data"]
         self.child = spawn(self.name, argv, workdir / "router.log")
         url = f"http://127.0.0.1:{self.http_port}/readyz"
         try:

@@ -53,12 +53,19 @@ def summarize(runs: list[Run]) -> list[Summary]:
         group = [r for r in runs if (r.workload, r.receiver) == (workload, receiver)]
         good = [r for r in group if r.ok] or group
         delivered = [r.instances / r.deliver_s for r in good if r.deliver_s]
-        summaries.append(Summary(
-            workload, receiver, len(group), sum(not r.ok for r in group), good[0].instances,
-            good[0].bytes / 1e6, _spread([r.instances / r.receive_s for r in good]),
-            _spread(delivered) if delivered else None,
-            _spread([r.peak_rss / 1e6 for r in good]),
-        ))  # fmt: skip
+        summaries.append(
+            Summary(
+                workload,
+                receiver,
+                len(group),
+                sum(not r.ok for r in group),
+                good[0].instances,
+                good[0].bytes / 1e6,
+                _spread([r.instances / r.receive_s for r in good]),
+                _spread(delivered) if delivered else None,
+                _spread([r.peak_rss / 1e6 for r in good]),
+            )
+        )
     return summaries
 
 
@@ -85,17 +92,25 @@ def targets(summaries: list[Summary]) -> list[dict[str, object]]:
     """Each target with the measured value and PASS, FAIL or n/a (not measured)."""
     results = []
     for workload, kind, factor in RATE_TARGETS:
-        router, orthanc = _find(summaries, workload, "router"), _find(summaries, workload, "orthanc")
+        router = _find(summaries, workload, "router")
+        orthanc = _find(summaries, workload, "orthanc")
         value = None
         if router and orthanc:
             rate = router.receive[0] if kind == "receive" else (router.deliver or (0.0,))[0]
             value = rate / orthanc.receive[0]
-        results.append(_verdict(f"{workload} router {kind} vs Orthanc receive", value,
-                                f">= {factor:g}x", value is not None and value >= factor))  # fmt: skip
+        passed = value is not None and value >= factor
+        name = f"{workload} router {kind} vs Orthanc receive"
+        results.append(_verdict(name, value, f">= {factor:g}x", passed))
     big = _find(summaries, "big", "router")
     rss = big.peak_rss_mb[0] if big else None
-    results.append(_verdict("big: router peak RSS (MB)", rss, f"< {RSS_LIMIT / 1e6:g}",
-                            rss is not None and rss * 1e6 < RSS_LIMIT))  # fmt: skip
+    results.append(
+        _verdict(
+            "big: router peak RSS (MB)",
+            rss,
+            f"< {RSS_LIMIT / 1e6:g}",
+            rss is not None and rss * 1e6 < RSS_LIMIT,
+        )
+    )
     return results
 
 
@@ -104,25 +119,39 @@ def _verdict(name: str, value: float | None, need: str, passed: bool) -> dict[st
     return {"target": name, "value": value, "required": need, "result": result}
 
 
-def _fmt(spread: tuple[float, float, float] | None, digits: int = 1) -> str:
+def _fmt(spread: tuple[float, float, float] | None, digits: int | None = None) -> str:
     if spread is None:
         return "-"
     med, low, high = spread
+    if digits is None:
+        digits = 2 if med < 10 else 1
     return f"{med:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
 
 
 def print_report(summaries: list[Summary], skipped: dict[str, str], repeats: int) -> None:
     print(f"\nResults: median [min-max] of {repeats} run(s); MB = 10^6 bytes; inst = instances")
-    head = ("workload", "receiver", "n", "MB", "receive inst/s", "MB/s", "end-to-end inst/s",
-            "peak RSS MB")  # fmt: skip
-    print(f"{head[0]:<8} {head[1]:<9} {head[2]:>5} {head[3]:>7}  {head[4]:<24} {head[5]:>7}  "
-          f"{head[6]:<24} {head[7]}")  # fmt: skip
+    head = (
+        "workload",
+        "receiver",
+        "n",
+        "MB",
+        "receive inst/s",
+        "MB/s",
+        "end-to-end inst/s",
+        "peak RSS MB",
+    )
+    print(
+        f"{head[0]:<8} {head[1]:<9} {head[2]:>5} {head[3]:>7}  {head[4]:<24} {head[5]:>7}  "
+        f"{head[6]:<24} {head[7]}"
+    )
     for s in summaries:
         mbs = s.receive[0] * s.mb_per_instance
         fail = f"  ({s.failed} failed)" if s.failed else ""
-        print(f"{s.workload:<8} {s.receiver:<9} {s.instances:>5} {s.megabytes:>7.1f}  "
-              f"{_fmt(s.receive):<24} {mbs:>7.1f}  {_fmt(s.deliver):<24} "
-              f"{_fmt(s.peak_rss_mb, 0)}{fail}")  # fmt: skip
+        print(
+            f"{s.workload:<8} {s.receiver:<9} {s.instances:>5} {s.megabytes:>7.1f}  "
+            f"{_fmt(s.receive):<24} {mbs:>7.1f}  {_fmt(s.deliver):<24} "
+            f"{_fmt(s.peak_rss_mb, 0)}{fail}"
+        )
     _print_ratios(ratios(summaries))
     print("\nTargets (router, medians):")
     for t in targets(summaries):
@@ -144,7 +173,9 @@ def _print_ratios(rows: list[dict[str, object]]) -> None:
         print(f"{row['workload']!s:<8} " + " ".join(f"{c:>20}" for c in cells))
 
 
-def write_json(path: Path, runs: list[Run], skipped: dict[str, str], meta: dict[str, object]) -> None:
+def write_json(
+    path: Path, runs: list[Run], skipped: dict[str, str], meta: dict[str, object]
+) -> None:
     summaries = summarize(runs)
     document = {
         **meta,

@@ -77,10 +77,18 @@ def ensure_data(cache_dir: Path, data: DataSet) -> list[Path]:
     return sorted(folder.glob("*.dcm"))
 
 
-def storescu_argv(port: int, called_ae: str, files: list[Path]) -> list[str]:
+def storescu_argv(port: int | str, called_ae: str, files: list[Path]) -> list[str]:
     """One association sending ``files``; storescu proposes the SOP classes it finds in them."""
-    return ["storescu", "-aet", BENCH_AE, "-aec", called_ae, "127.0.0.1", str(port),
-            *map(str, files)]  # fmt: skip
+    return [
+        "storescu",
+        "-aet",
+        BENCH_AE,
+        "-aec",
+        called_ae,
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    ]
 
 
 @dataclass
@@ -108,8 +116,11 @@ def send(files: list[Path], port: int, called_ae: str, associations: int, logdir
     finally:
         for child in children:
             stop(child, grace=1.0)
-    failures = [f"{c.name} exit {c.popen.returncode}: {c.log_tail(3)}" for c in children
-                if c.popen.returncode != 0]  # fmt: skip
+    failures = [
+        f"{c.name} exit {c.popen.returncode}: {c.log_tail(3)}"
+        for c in children
+        if c.popen.returncode != 0
+    ]
     return Sent(started, seconds, failures)
 
 
