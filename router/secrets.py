@@ -52,8 +52,9 @@ def parse_key_text(text: str, *, source: str = "DICOM_ROUTER_SECRET_KEY") -> byt
         ) from None
     if len(key) != _KEY_BYTES:
         raise SecretError(
-            f"{source} must encode exactly 32 bytes (AES-256), but its base64 decodes to "
-            f"{len(key)} bytes; {_HOW_TO_MAKE}"
+            f"{source} must be 32 bytes written as 64 hex characters or as base64 "
+            f"(44 characters); this value has {len(value)} characters and decodes as "
+            f"base64 to {len(key)} bytes; {_HOW_TO_MAKE}"
         )
     return key
 

@@ -91,38 +91,41 @@ def parse_destination(data: Mapping[str, object]) -> DestinationConfig:
         given = f"unknown type {type_name!r}; " if isinstance(type_name, str) else "required: "
         errors["type"] = f"{given}one of {expected}"
         raise DestinationConfigError(shown_name, errors)
-    values = _typed_values(kind, data, errors)
-    if errors:
-        raise DestinationConfigError(shown_name, errors)
-    config = kind.config_class(**values)
-    errors.update(_common_problems(config, kind))
-    errors.update(config.problems())
+    fields = {spec.name: spec for spec in dataclasses.fields(kind.config_class)}
+    unknown = [key for key in data if key != "type" and key not in fields]
+    values, type_errors = _typed_values(kind, data)
+    if not type_errors:
+        # Semantic checks need typed values; the name may still be invalid (checked above).
+        config = kind.config_class(**{**values, "name": name if isinstance(name, str) else ""})
+        errors.update(_common_problems(config, kind))
+        errors.update(config.problems())
+    errors.update(type_errors)
+    errors.update({str(key): f"unknown key for a {kind.name} destination" for key in unknown})
     if errors:
         raise DestinationConfigError(shown_name, errors)
     return typing.cast(DestinationConfig, config)
 
 
 def _typed_values(
-    kind: DestinationKind, data: Mapping[str, object], errors: dict[str, str]
-) -> dict[str, object]:
+    kind: DestinationKind, data: Mapping[str, object]
+) -> tuple[dict[str, object], dict[str, str]]:
     """Keyword arguments for the config class, type-checked against its annotations."""
-    fields = {f.name: f for f in dataclasses.fields(kind.config_class)}
     hints = typing.get_type_hints(kind.config_class)
-    for key in data:
-        if key != "type" and key not in fields:
-            errors[str(key)] = f"unknown key for a {kind.name} destination"
     values: dict[str, object] = {}
-    for key, spec in fields.items():
+    errors: dict[str, str] = {}
+    for spec in dataclasses.fields(kind.config_class):
+        key = spec.name
+        if key == "name":
+            continue  # checked by parse_destination
         if key not in data:
-            required = spec.default is dataclasses.MISSING
-            if required and key != "name":
+            if spec.default is dataclasses.MISSING:
                 errors[key] = "required"
             continue
         try:
             values[key] = _coerce(data[key], hints[key])
         except (TypeError, ValueError) as exc:
             errors[key] = str(exc)
-    return values
+    return values, errors
 
 
 def _coerce(value: object, hint: Any) -> object:
@@ -194,7 +197,7 @@ def _sealed(box: SecretBox, name: str, key: str, value: str) -> str:
 
 def secret_context(name: str, key: str) -> str:
     """The associated data a secret of destination ``name``, field ``key`` is sealed with."""
-    return f"destination:{name}:{key}"
+    return f"{name}/{key}"
 
 
 def public_config(stored: Mapping[str, object]) -> dict[str, object]:
@@ -207,10 +210,10 @@ def public_config(stored: Mapping[str, object]) -> dict[str, object]:
     }
 
 
-def build_adapter(stored: Mapping[str, object], box: SecretBox, *, calling_ae: str) -> Adapter:
-    """An adapter from a stored (sealed) dict; ``calling_ae`` unless the config sets its own.
+def open_config(stored: Mapping[str, object], box: SecretBox) -> dict[str, object]:
+    """A copy of a stored dict with its sealed secrets opened (for building or comparing).
 
-    Raises :class:`DestinationConfigError` if the dict is invalid or a secret cannot be opened.
+    Raises :class:`DestinationConfigError` if a secret does not open with ``box``.
     """
     kind = DESTINATION_KINDS.get(str(stored.get("type")))
     name = str(stored.get("name"))
@@ -222,7 +225,15 @@ def build_adapter(stored: Mapping[str, object], box: SecretBox, *, calling_ae: s
                 opened[key] = box.open(str(value), context=secret_context(name, key))
             except SecretError as exc:
                 raise DestinationConfigError(name, {key: str(exc)}) from None
-    config = parse_destination(opened)
+    return opened
+
+
+def build_adapter(stored: Mapping[str, object], box: SecretBox, *, calling_ae: str) -> Adapter:
+    """An adapter from a stored (sealed) dict; ``calling_ae`` unless the config sets its own.
+
+    Raises :class:`DestinationConfigError` if the dict is invalid or a secret cannot be opened.
+    """
+    config = parse_destination(open_config(stored, box))
     return kind_of(config).build(config, calling_ae)
 
 
