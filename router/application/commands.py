@@ -13,7 +13,7 @@ from eventsourcing.application import AggregateNotFoundError
 
 from router.application.admin_state import AdminState
 from router.application.stores import EventStores
-from router.dispatch.registry import parse_destination, seal_config
+from router.dispatch.registry import open_config, parse_destination, seal_config
 from router.domain.admin import Destination, Rule, destination_id, rule_id
 from router.domain.delivery import Delivery, delivery_id
 from router.domain.rules import RuleError, parse_rule
@@ -73,10 +73,8 @@ class Commands:
 
     def _same_destination(self, stored: Mapping[str, Any], config: Any) -> bool:
         # Sealed values use random nonces: compare the opened values, not the ciphertexts.
-        plain = seal_config(config, _IdentityBox())  # type: ignore[arg-type]
-        opened = {k: (self._box.open(v, context=f"{stored.get('name')}/{k}")
-                      if SecretBox.is_sealed(v) else v) for k, v in stored.items()}
-        return opened == plain
+        return open_config(seal_config(config, self._box), self._box) == open_config(
+            stored, self._box)
 
     def delete_destination(self, name: str, actor: Actor) -> None:
         aggregate = self._require(Destination, destination_id(name), f"destination {name!r}")
@@ -198,9 +196,3 @@ class Commands:
             raise NotFoundError(f"{label} does not exist")
         return aggregate
 
-
-class _IdentityBox:
-    """Stands in for SecretBox when comparing configurations in plain text."""
-
-    def seal(self, plaintext: str, *, context: str = "") -> str:
-        return plaintext
