@@ -32,16 +32,19 @@ class HeaderError(ValueError):
     """The object is not a DICOM dataset we can parse (the message carries no PHI)."""
 
 
-def read_header(path: Path) -> Dataset:
-    """The dataset without pixel data; HeaderError if it is not parseable DICOM or truncated."""
+def read_header(path: Path, *, check: bool = True) -> Dataset:
+    """The dataset without pixel data; HeaderError if it is not parseable DICOM or truncated.
+
+    ``check`` walks every element header to the end of the file (cheap: values are not read
+    or converted); objects already accepted into the blob store are read with check=False.
+    """
     try:
         with path.open("rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False)
-            _check_complete(ds, fp)
-        # Touch an element so that a truncated or garbled dataset fails here, not later.
+            if check:
+                _check_complete(ds, fp)
+        # Touch an element so that a garbled dataset fails here, not later.
         _ = ds.get("SOPInstanceUID")
-        for elem in ds:  # decode every element header before the pixel data
-            _ = elem.tag
     except HeaderError:
         raise
     except InvalidDicomError as exc:

@@ -157,7 +157,7 @@ class Dispatcher:
         if path is None:
             raise PermanentDeliveryError("stored object is missing from the blob store")
         try:
-            header = read_header(path)
+            header = read_header(path, check=False)
         except HeaderError as exc:
             raise PermanentDeliveryError(f"stored object unreadable: {exc}") from None
         return Outgoing(

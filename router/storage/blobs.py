@@ -7,6 +7,7 @@ whether a receipt names them, so nothing acknowledged is lost and no orphan stay
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -23,12 +24,12 @@ class BlobError(OSError):
     """The blob store could not take or find an object."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_sha256(sha256: str) -> str:
@@ -89,9 +90,12 @@ class BlobStore:
         target = self.path_for(sha256)
         ready = self._ready_path(sha256)
         if ready.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.parent.is_dir():
+                target.parent.mkdir(parents=True, exist_ok=True)
+            # No directory fsync here: the data was fsynced before the receipt was saved, and a
+            # rename lost in a power cut leaves the file under its old name, which recovery
+            # finds (by name for .ready files, by content hash for .part files).
             os.replace(ready, target)
-            _fsync_dir(target.parent)
         elif not target.exists():
             raise BlobError(f"blob {sha256} is neither staged nor stored")
         return target
@@ -107,11 +111,19 @@ class BlobStore:
                 yield name
 
     def recover(self, is_referenced: Callable[[str], bool]) -> tuple[int, int]:
-        """After a crash: commit staged blobs a receipt names, delete the others and temp files.
+        """After a crash: keep staged or spooled files a receipt names, delete the others.
 
+        A ``.part`` file whose rename to ``.ready`` was lost is identified by hashing it.
         Returns (committed, removed).
         """
         committed = removed = 0
+        for leftover in list(self.spool_dir.glob("*.part")):
+            sha256 = _hash_file(leftover)
+            if is_referenced(sha256) and not self.exists(sha256):
+                os.replace(leftover, self._ready_path(sha256))
+            else:
+                leftover.unlink(missing_ok=True)
+                removed += 1
         for sha256 in list(self.staged()):
             if is_referenced(sha256):
                 self.commit(sha256)
@@ -119,9 +131,6 @@ class BlobStore:
             else:
                 self.discard(sha256)
                 removed += 1
-        for leftover in self.spool_dir.glob("*.part"):
-            leftover.unlink(missing_ok=True)
-            removed += 1
         if committed or removed:
             logger.info("blob recovery: %d staged blobs kept, %d orphans removed",
                         committed, removed)
