@@ -84,38 +84,50 @@ def topic_name(topic: str) -> str:
     return topic.rsplit(":", 1)[-1]
 
 
-def process_batch(view: View, db: ViewDatabase, apps: dict[str, Any]) -> int:
-    """Apply up to BATCH_SIZE new events of each followed log; returns how many were applied."""
-    done = 0
-    current = positions(view, db)
+def process_batch(view: View, db: ViewDatabase, apps: dict[str, Any],
+                  current: dict[str, int] | None = None) -> int:
+    """Apply up to BATCH_SIZE new events of each followed log in one transaction.
+
+    ``current`` (positions by log) may be passed in to save a query; it is updated only once
+    the transaction has committed. Returns how many events were applied.
+    """
+    current = positions(view, db) if current is None else current
+    batches = []
     for app_name in view.follows:
-        app = apps[app_name]
-        start = current.get(app_name, 0)
-        batch = app.recorder.select_notifications(start=start, limit=BATCH_SIZE,
-                                                  inclusive_of_start=False)
-        if not batch:
-            continue
-        with db.transaction() as cur:
+        batch = apps[app_name].recorder.select_notifications(
+            start=current.get(app_name, 0), limit=BATCH_SIZE, inclusive_of_start=False)
+        if batch:
+            batches.append((app_name, batch))
+    if not batches:
+        return 0
+    with db.transaction() as cur:
+        for app_name, batch in batches:
+            mapper = apps[app_name].mapper
             for n in batch:
-                record = EventRecord(app_name, n.id, topic_name(n.topic),
-                                     app.mapper.to_domain_event(n))
-                view.apply(cur, record)
-            view.end_batch(cur)
+                view.apply(cur, EventRecord(app_name, n.id, topic_name(n.topic),
+                                            mapper.to_domain_event(n)))
+        view.end_batch(cur)
+        for app_name, batch in batches:
             cur.execute(
                 "INSERT INTO projection_positions (view, application, position) VALUES (?, ?, ?)"
                 " ON CONFLICT (view, application) DO UPDATE SET position = excluded.position",
                 (view.name, app_name, batch[-1].id),
             )
-        done += len(batch)
-    return done
+    for app_name, batch in batches:
+        current[app_name] = batch[-1].id
+    return sum(len(batch) for _, batch in batches)
 
 
 class ProjectionRunner:
     """One thread per view, woken by saves (in-process), NOTIFY (PostgreSQL) or a poll."""
 
     def __init__(self, views: Sequence[tuple[View, ViewDatabase]], apps: dict[str, Any],
-                 poll_interval: float = 0.5) -> None:
+                 poll_interval: float = 0.5, coalesce: float = 0.05) -> None:
         self._views = list(views)
+        # After a partial batch, wait this long so that the next one is larger: one
+        # transaction per receipt would cost more than the receipts themselves.
+        self._coalesce = coalesce
+        self._positions: dict[str, dict[str, int]] = {}
         self._apps = apps
         self._poll = poll_interval
         self._wakes = {v.name: threading.Event() for v, _ in self._views}
@@ -173,17 +185,26 @@ class ProjectionRunner:
         """Synchronously apply everything recorded so far (start-up, tests, shutdown flush)."""
         for view, db in self._views:
             ensure_schema(view, db)
-            while True:
-                with self._locks[view.name]:
-                    if not process_batch(view, db, self._apps):
-                        break
+            while self._step(view, db):
+                pass
+
+    def _step(self, view: View, db: ViewDatabase) -> int:
+        """One batch of one view, with its cached positions (re-read after a failure)."""
+        with self._locks[view.name]:
+            current = self._positions.get(view.name)
+            if current is None:
+                current = self._positions[view.name] = positions(view, db)
+            try:
+                return process_batch(view, db, self._apps, current)
+            except Exception:
+                self._positions.pop(view.name, None)
+                raise
 
     def _run(self, view: View, db: ViewDatabase) -> None:
         while not self._stop.is_set():
             self._wakes[view.name].clear()
             try:
-                with self._locks[view.name]:
-                    applied = process_batch(view, db, self._apps)
+                applied = self._step(view, db)
             except Exception:
                 logger.exception("view %s: batch failed; retrying", view.name)
                 self._stop.wait(1.0)
@@ -191,6 +212,8 @@ class ProjectionRunner:
             if applied:
                 for callback in self._listeners:
                     callback(view.name)
+                if applied < BATCH_SIZE:
+                    self._stop.wait(self._coalesce)
                 continue
             self._caught_up[view.name].set()
             self._wakes[view.name].wait(self._poll)
