@@ -34,6 +34,10 @@ STATUS_DATASET_MISMATCH = 0xA900
 STATUS_DUPLICATE_REFUSED = 0xC001  # "changed duplicate" refused by policy
 
 
+class NotDurableError(OSError):
+    """The spooled bytes could not be made durable (fsync failed: disk full, I/O error)."""
+
+
 @dataclass(frozen=True)
 class Arrival:
     """One object spooled to disk, with where it came from."""
@@ -50,6 +54,8 @@ class Arrival:
     sop_instance_uid: str
     transfer_syntax_uid: str
     correlation_id: str = ""
+    # Blocks until the object's bytes are on disk (raises OSError if they cannot be).
+    wait_durable: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,11 @@ class Receiver:
                                 f"blob store: {exc.strerror or type(exc).__name__}")
         try:
             receipt = self._save_with_retry(arrival, header, sop_uid, correlation_id)
+        except NotDurableError as exc:
+            if staged:
+                self._blobs.discard(arrival.sha256)
+            return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
+                                f"could not write the object to disk: {exc}")
         except Exception as exc:
             if staged:
                 self._blobs.discard(arrival.sha256)
@@ -166,6 +177,10 @@ class Receiver:
         elif original is None:
             instance.add_version(**ctx, job_id=str(job.id), sha256=arrival.sha256)
             to_save.append(instance)
+        try:
+            arrival.wait_durable()  # the bytes are on disk before anything refers to them
+        except OSError as exc:
+            raise NotDurableError(exc.strerror or type(exc).__name__) from None
         self._app.save(*to_save)
         return Receipt(STATUS_SUCCESS, str(job.id), duplicate=original is not None)
 

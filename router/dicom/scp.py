@@ -132,6 +132,7 @@ class DicomServer:
 def _arrival(event: Any, spool: SpoolFile, sha256: str) -> Arrival:
     request, requestor = event.request, event.assoc.requestor
     return Arrival(
+        wait_durable=spool.wait_durable,
         path=spool.path, sha256=sha256, size=spool.size, source="dimse",
         actor=requestor.ae_title, source_ip=str(requestor.address),
         calling_aet=requestor.ae_title, called_aet=event.assoc.acceptor.ae_title,

@@ -7,7 +7,10 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+_SYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-fsync")
 
 
 class _NoFlush:
@@ -27,6 +30,7 @@ class SpoolFile:
         self.error: OSError | None = None
         self._hash = hashlib.sha256()
         self._fh = open(self.name, "xb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+        self._sync: Future[None] | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._hash.update(data)
@@ -39,18 +43,30 @@ class SpoolFile:
         return len(data)
 
     def finish(self) -> str:
-        """Flush and fsync; return the SHA-256. Raises the remembered or a new OSError."""
+        """Flush to the OS and start the fsync in the background; return the SHA-256.
+
+        Raises the remembered write error. :meth:`wait_durable` must be called (and must not
+        raise) before anything refers to this file as stored.
+        """
         if self.error is None:
             try:
                 self._fh.flush()
-                os.fsync(self._fh.fileno())
             except OSError as exc:
                 self.error = exc
         if self.error is not None:
             raise self.error
+        # The fsync (about 1 ms for 0.5 MB here) overlaps parsing and routing.
+        self._sync = _SYNCS.submit(os.fsync, self._fh.fileno())
         return self._hash.hexdigest()
 
+    def wait_durable(self) -> None:
+        """Block until the data is on disk; raises the fsync's OSError."""
+        if self._sync is not None:
+            self._sync.result()
+
     def close(self) -> None:
+        if self._sync is not None:
+            self._sync.exception()  # never close the descriptor under a running fsync
         try:
             self._fh.close()
         except OSError as exc:

@@ -80,7 +80,15 @@ def _connect(self: transport.AssociationSocket, primitive: Any) -> None:
 
 
 def _wait_for_message(assoc: Any, timeout: float = 0.005) -> None:
-    """Block until the DIMSE layer has a message (or ``timeout``), instead of sleeping 1 ms."""
+    """Acceptors: block until the DIMSE layer has a message (or ``timeout``), not sleep 1 ms.
+
+    Only for acceptors, whose reactor is the queue's sole reader. On a requestor another
+    thread (send_c_store) waits on the same queue and Queue.put wakes only one waiter: the
+    reactor could take the wake-up and leave the sender waiting until its DIMSE timeout.
+    """
+    if not assoc.is_acceptor:
+        time.sleep(0.001)
+        return
     messages = assoc.dimse.msg_queue
     with messages.not_empty:
         if not messages._qsize():
@@ -113,7 +121,7 @@ def _patched(func: Any, old: str, new: str, helpers: dict[str, Any]) -> Any:
         return None
     namespace = dict(vars(inspect.getmodule(func)))
     namespace.update(helpers)
-    exec(compile(source.replace(old, new), inspect.getsourcefile(func) or "<pynetdicom>",
+    exec(compile(source.replace(old, new), inspect.getsourcefile(func) or "<pynetdicom>",  # noqa: S102 - pynetdicom's own source
                  "exec"), namespace)
     return namespace[func.__name__]
 
