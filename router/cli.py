@@ -100,8 +100,9 @@ async def _serve(router: Any) -> int:
 
 def cmd_migrate(settings: Settings, args: Any) -> int:
     from projections.runner import ensure_schema
+    from router.application.stores import open_stores
     from router.secrets import SecretBox, load_master_key
-    from router.service import open_all_views, open_stores
+    from router.service import open_all_views
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
@@ -143,8 +144,9 @@ def cmd_check_config(settings: Settings, args: Any) -> int:
 
 def cmd_projections(settings: Settings, args: Any) -> int:
     from projections.runner import drop_view, ensure_schema, positions, process_batch
+    from router.application.stores import open_stores
     from router.secrets import SecretBox, load_master_key
-    from router.service import VIEW_CLASSES, open_all_views, open_stores
+    from router.service import VIEW_CLASSES, open_all_views
 
     stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
                                                              settings.data_dir)))

@@ -18,7 +18,7 @@ from projections.studies import StudiesView
 from router.application.admin_state import AdminState, DestinationState
 from router.application.commands import Commands
 from router.application.receive import Receiver
-from router.application.stores import EventStores, StoreConfig
+from router.application.stores import EventStores, open_stores
 from router.dicom.receivers import ReceiverPool
 from router.dicom.scp import DicomServer
 from router.dicom.tuning import configure_pynetdicom
@@ -33,11 +33,6 @@ logger = logging.getLogger(__name__)
 
 VIEW_CLASSES: dict[str, type[View]] = {"jobs": JobsView, "studies": StudiesView,
                                        "audit": AuditView}
-
-
-def open_stores(settings: Settings, box: SecretBox) -> EventStores:
-    key = box.derive("event-store/ingest") if settings.encrypt_events else None
-    return EventStores(StoreConfig(settings.database_url, cipher_key=key))
 
 
 def open_all_views(settings: Settings) -> dict[str, tuple[View, ViewDatabase]]:

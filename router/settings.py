@@ -233,6 +233,9 @@ def load_settings(
 ) -> Settings:
     """Build the settings: defaults, then the TOML file, then the environment, then flags."""
     doc: Mapping[str, Any] = read_toml(config_path) if config_path else {}
+    processes = environ.get(ENV_PREFIX + "RECEIVER_PROCESSES")
+    if processes:
+        doc = {**doc, "dicom": {**_section(doc, "dicom"), "processes": processes}}
     server = dict(_section(doc, "server"))
     for key in ("ae_title", "dicom_port", "http_port", "data_dir", "database_url", "secret_key",
                 "admin_password", "log_format", "log_level", "dicom_host", "http_host",

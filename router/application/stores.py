@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from eventsourcing.application import Application
@@ -111,3 +112,10 @@ def _clean_env(env: dict[str, str]) -> dict[str, str]:
         env.setdefault(key, "")
     env.setdefault("IS_SNAPSHOTTING_ENABLED", "no")
     return env
+
+
+def open_stores(settings: Any, box: Any) -> EventStores:
+    """The stores of a router with these Settings; the ingest log is encrypted with a key
+    derived from the master key unless ``encrypt_events`` is off."""
+    key = box.derive("event-store/ingest") if settings.encrypt_events else None
+    return EventStores(StoreConfig(settings.database_url, cipher_key=key))

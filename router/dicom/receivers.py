@@ -43,11 +43,11 @@ def receiver_main(settings: Settings, ready: MpEvent, saved: MpEvent, parent_pid
 
     from router.application.admin_state import AdminState
     from router.application.receive import Receiver
+    from router.application.stores import open_stores
     from router.dicom.scp import DicomServer
     from router.dicom.tuning import configure_pynetdicom
     from router.logs import configure_logging
     from router.secrets import SecretBox, load_master_key
-    from router.service import open_stores
     from router.storage.blobs import BlobStore
 
     configure_logging(settings.log_format, settings.log_level)

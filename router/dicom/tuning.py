@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import queue
 import select
 import socket
 import textwrap
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import _config, association, dimse_messages, dul, transport
+from pynetdicom import _config, association, dimse, dimse_messages, dul, transport
 
 from router.dicom.spool import SpoolFile
 
@@ -138,6 +139,18 @@ def _tune_reactors() -> None:
         dul.DULServiceProvider.run_reactor = run  # type: ignore[method-assign]
 
 
+SEND_QUEUE_PDUS = 8
+MAX_SEND_PDU = 4 * 1024 * 1024
+_peer_max_pdu = dimse.DIMSEServiceProvider.maximum_pdu_size
+
+
+def _capped_peer_max_pdu(self: dimse.DIMSEServiceProvider) -> int:
+    """The PDU size we send with: the peer's maximum, but never unlimited or above 4 MiB
+    (pynetdicom would send a 1 GB instance to an "unlimited" peer as one 1 GB PDU)."""
+    peer = int(_peer_max_pdu.fget(self))  # type: ignore[attr-defined]
+    return MAX_SEND_PDU if peer == 0 or peer > MAX_SEND_PDU else peer
+
+
 def configure_pynetdicom(spool_dir: Path, max_incoming_pdu: int, idle_delay: float) -> None:
     """Apply our settings to the pynetdicom library (idempotent; latest values win)."""
     with _lock:
@@ -156,6 +169,8 @@ def configure_pynetdicom(spool_dir: Path, max_incoming_pdu: int, idle_delay: flo
         transport.AssociationSocket.__init__ = _init  # type: ignore[method-assign]
         transport.AssociationSocket.connect = _connect  # type: ignore[method-assign]
         _tune_reactors()
+        dimse.DIMSEServiceProvider.maximum_pdu_size = property(  # type: ignore[method-assign,assignment]
+            _capped_peer_max_pdu)
         _state["applied"] = True
 
 
@@ -168,6 +183,9 @@ def _set_idle_delay(delay: float) -> None:
     def init(self: dul.DULServiceProvider, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         self._run_loop_delay = delay
+        # Bounded: a chunked send from a file otherwise queues every fragment of the file
+        # (1 GB in memory for a 1 GB instance) faster than the socket drains them.
+        self.to_provider_queue = queue.Queue(maxsize=SEND_QUEUE_PDUS)
 
     init.__wrapped__ = original  # type: ignore[attr-defined]
     init._router_wrapped = True  # type: ignore[attr-defined]
