@@ -88,12 +88,23 @@ def _wait_for_message(assoc: Any, timeout: float = 0.005) -> None:
     reactor could take the wake-up and leave the sender waiting until its DIMSE timeout.
     """
     if not assoc.is_acceptor:
-        time.sleep(0.001)
+        # Requestors: sleep as pynetdicom does, but wake early when a sender wants the
+        # reactor parked (see wake_reactor).
+        wake = assoc.__dict__.setdefault("_router_wake", threading.Event())
+        wake.wait(0.001)
+        wake.clear()
         return
     messages = assoc.dimse.msg_queue
     with messages.not_empty:
         if not messages._qsize():
             messages.not_empty.wait(timeout)
+
+
+def wake_reactor(assoc: Any) -> None:
+    """Cut short a requestor reactor's idle sleep (so that it parks for a send sooner)."""
+    wake = assoc.__dict__.get("_router_wake")
+    if wake is not None:
+        wake.set()
 
 
 def _wait_for_socket(dul_provider: Any) -> None:

@@ -26,6 +26,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 
+from router.dicom.tuning import wake_reactor
 from router.dispatch.base import (
     DeliveryError,
     Outgoing,
@@ -453,6 +454,7 @@ def _park_reactor(assoc: Association, limit: float = 0.5) -> None:
     """
     assoc._reactor_checkpoint.clear()
     assoc._is_paused = False
+    wake_reactor(assoc)
     deadline = time.monotonic() + limit
     while not assoc._is_paused and time.monotonic() < deadline:
         time.sleep(0.0001)

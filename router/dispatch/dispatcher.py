@@ -173,18 +173,18 @@ class Dispatcher:
         the aggregate is reloaded and the outcome applied on top. A success is recorded even
         after a cancel (the object did arrive); a failure after a cancel is not retried.
         """
-        for _ in range(3):
+        for read_first in (False, True, True):
             try:
-                self._record_once(result)
+                self._record_once(result, read_first)
                 return
             except IntegrityError:
                 continue
-        self._record_once(result)
+        self._record_once(result, read_first=True)
 
-    def _record_once(self, result: AttemptResult) -> None:
+    def _record_once(self, result: AttemptResult, read_first: bool) -> None:
         due = result.due
         ctx = {"actor": "system", "source_ip": "", "correlation_id": due.correlation_id}
-        delivery = self._load_or_create(due, ctx)
+        delivery = self._load_or_create(due, ctx, read_first)
         attempt = delivery.attempts + 1
         error = result.error
         if error is not None and delivery.status == "cancelled":
@@ -213,7 +213,11 @@ class Dispatcher:
             logger.warning("delivery to %s failed (attempt %d): %s", due.destination, attempt,
                            error)
 
-    def _load_or_create(self, due: DueDelivery, ctx: dict[str, str]) -> Any:
+    def _load_or_create(self, due: DueDelivery, ctx: dict[str, str], read_first: bool) -> Any:
+        if due.attempts == 0 and not read_first:
+            # First attempt per the view: create without a read. If an operator's command
+            # created it meanwhile, the save conflicts and record() retries with a read.
+            return Delivery(due.job_id, due.destination, **ctx, sha256=due.sha256)
         try:
             return self._app.repository.get(delivery_id(due.job_id, due.destination))
         except AggregateNotFoundError:
