@@ -7,7 +7,9 @@ raise :class:`TransientDeliveryError` (try again later) or :class:`PermanentDeli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -30,8 +32,8 @@ class PermanentDeliveryError(DeliveryError):
 class Outgoing:
     """One stored instance to deliver.
 
-    ``header`` is the dataset read without pixel data (for templates and presentation
-    contexts); ``path`` is the blob file holding the complete Part 10 file.
+    ``path`` is the blob file holding the complete Part 10 file. ``header`` is the dataset
+    read without pixel data (for templates), read on first use: a DICOM peer never needs it.
     """
 
     delivery_id: str
@@ -41,7 +43,11 @@ class Outgoing:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
-    header: Dataset
+    load_header: Callable[[], Dataset] = field(repr=False, compare=False)
+
+    @cached_property
+    def header(self) -> Dataset:
+        return self.load_header()
 
 
 class Adapter(Protocol):

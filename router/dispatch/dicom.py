@@ -365,9 +365,7 @@ def _proposed_syntax(transfer_syntax: str) -> str:
 
 def _meta_matches(item: Outgoing) -> bool:
     """Whether the file meta names the same SOP class and instance as the data set."""
-    meta = getattr(item.header, "file_meta", None)
-    if meta is None or "MediaStorageSOPInstanceUID" not in meta:
-        meta = read_file_meta_info(item.path)
+    meta = read_file_meta_info(item.path)  # group 0002 only: the header is never needed here
     return (
         meta.get("MediaStorageSOPClassUID") == item.sop_class_uid
         and meta.get("MediaStorageSOPInstanceUID") == item.sop_instance_uid

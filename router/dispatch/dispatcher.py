@@ -156,14 +156,10 @@ class Dispatcher:
         path = self._blobs.wait_for(due.sha256, timeout=5.0)
         if path is None:
             raise PermanentDeliveryError("stored object is missing from the blob store")
-        try:
-            header = read_header(path, check=False)
-        except HeaderError as exc:
-            raise PermanentDeliveryError(f"stored object unreadable: {exc}") from None
         return Outgoing(
             delivery_id=due.delivery_id, path=path, sha256=due.sha256, size=due.size,
             sop_class_uid=due.sop_class_uid, sop_instance_uid=due.sop_instance_uid,
-            transfer_syntax_uid=due.transfer_syntax_uid, header=header,
+            transfer_syntax_uid=due.transfer_syntax_uid, load_header=lambda: _header(path),
         )
 
     def record(self, result: AttemptResult) -> None:
@@ -222,6 +218,13 @@ class Dispatcher:
             return self._app.repository.get(delivery_id(due.job_id, due.destination))
         except AggregateNotFoundError:
             return Delivery(due.job_id, due.destination, **ctx, sha256=due.sha256)
+
+
+def _header(path: Any) -> Any:
+    try:
+        return read_header(path, check=False)
+    except HeaderError as exc:
+        raise PermanentDeliveryError(f"stored object unreadable: {exc}") from None
 
 
 def _due(row: dict[str, Any]) -> DueDelivery:

@@ -71,7 +71,7 @@ def outgoing(path: Path, header: Dataset | None = None, sha256: str | None = Non
         sop_class_uid=str(header.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7")),
         sop_instance_uid=str(header.get("SOPInstanceUID", "1.2.3")),
         transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
-        header=header,
+        load_header=lambda: header,
     )
 
 
