@@ -1,9 +1,7 @@
-"""The dispatcher: reads due deliveries from the jobs view, feeds each destination's lane, and
-records every attempt's outcome as Delivery events. It, not the adapters, decides retries.
+"""The dispatcher: reads due deliveries from the jobs view and feeds each destination's lane;
+the outcome recorder (outcomes.py) turns results into Delivery events and decides retries.
 
-Backoff 30 s, 1 m, 5 m, 15 m, 30 m, then every 30 m until the maximum age, then dead-letter;
-permanent errors dead-letter at once. Pending work resumes after a restart because the queue
-is the view, rebuilt from the log.
+Pending work resumes after a restart because the queue is the view, rebuilt from the log.
 """
 
 from __future__ import annotations
@@ -14,9 +12,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.persistence import IntegrityError
-
 from projections.db import ViewDatabase
 from router.application.admin_state import AdminState, DestinationState
 from router.application.stores import EventStores
@@ -25,10 +20,9 @@ from router.dispatch.base import (
     Adapter,
     Outgoing,
     PermanentDeliveryError,
-    TransientDeliveryError,
 )
-from router.dispatch.lanes import AttemptResult, DueDelivery, Lane
-from router.domain.delivery import Delivery, delivery_id
+from router.dispatch.lanes import DueDelivery, Lane
+from router.dispatch.outcomes import OutcomeRecorder
 from router.settings import DispatchSettings
 from router.storage.blobs import BlobStore
 
@@ -42,12 +36,6 @@ DUE_SQL = (
     " AND COALESCE(d.next_attempt_at, 0) <= ?"
     " ORDER BY COALESCE(d.next_attempt_at, 0), d.created_at LIMIT ?"
 )
-
-
-def next_delay(attempt: int, settings: DispatchSettings) -> float:
-    """Seconds before attempt ``attempt + 1`` after ``attempt`` transient failures."""
-    delays = settings.retry_delays
-    return delays[attempt - 1] if attempt <= len(delays) else settings.retry_every_after
 
 
 class Dispatcher:
@@ -71,15 +59,14 @@ class Dispatcher:
         self._settings = settings
         self._build_adapter = build_adapter
         self._clock = clock
-        self._on_saved = on_saved
+        self.outcomes = OutcomeRecorder(stores.delivery, settings, clock, on_saved)
         self._lanes: dict[str, Lane] = {}
-        self._recent: dict[str, int] = {}  # delivery id -> notification id of its last outcome
-        self._recent_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
     def start(self) -> None:
+        self.outcomes.start()
         self._thread.start()
 
     def wake(self) -> None:
@@ -92,6 +79,7 @@ class Dispatcher:
         deadline = time.monotonic() + grace
         for lane in list(self._lanes.values()):
             lane.stop(max(0.1, deadline - time.monotonic()))
+        self.outcomes.stop()  # after the lanes: their last outcomes are saved too
 
     def lanes(self) -> dict[str, Lane]:
         return dict(self._lanes)
@@ -110,8 +98,7 @@ class Dispatcher:
         destinations = self._admin.snapshot().live_destinations()
         self._sync_lanes(destinations)
         self._forget_projected()
-        with self._recent_lock:
-            recent = set(self._recent)
+        recent = self.outcomes.recent()
         offered = 0
         for name, lane in self._lanes.items():
             if destinations[name].paused:
@@ -140,17 +127,14 @@ class Dispatcher:
         concurrency = int(state.config.get("concurrency") or 1)
         lane = Lane(state.name, state.version, concurrency,
                     make_adapter=lambda: self._build_adapter(state),
-                    prepare=self._prepare, record=self.record)
+                    prepare=self._prepare, record=self.outcomes.submit)
         lane.start()
         return lane
 
     def _forget_projected(self) -> None:
         rows = self._db.query("SELECT position FROM projection_positions"
                               " WHERE view = 'jobs' AND application = 'delivery'")
-        position = int(rows[0]["position"]) if rows else 0
-        with self._recent_lock:
-            for key in [k for k, v in self._recent.items() if v <= position]:
-                del self._recent[key]
+        self.outcomes.forget_upto(int(rows[0]["position"]) if rows else 0)
 
     def _prepare(self, due: DueDelivery) -> Outgoing:
         path = self._blobs.wait_for(due.sha256, timeout=5.0)
@@ -161,63 +145,6 @@ class Dispatcher:
             sop_class_uid=due.sop_class_uid, sop_instance_uid=due.sop_instance_uid,
             transfer_syntax_uid=due.transfer_syntax_uid, load_header=lambda: _header(path),
         )
-
-    def record(self, result: AttemptResult) -> None:
-        """Save the outcome of one attempt (creating the Delivery on its first attempt).
-
-        An operator may requeue or cancel the same delivery meanwhile: on a version conflict
-        the aggregate is reloaded and the outcome applied on top. A success is recorded even
-        after a cancel (the object did arrive); a failure after a cancel is not retried.
-        """
-        for read_first in (False, True, True):
-            try:
-                self._record_once(result, read_first)
-                return
-            except IntegrityError:
-                continue
-        self._record_once(result, read_first=True)
-
-    def _record_once(self, result: AttemptResult, read_first: bool) -> None:
-        due = result.due
-        ctx = {"actor": "system", "source_ip": "", "correlation_id": due.correlation_id}
-        delivery = self._load_or_create(due, ctx, read_first)
-        attempt = delivery.attempts + 1
-        error = result.error
-        if error is not None and delivery.status == "cancelled":
-            logger.info("delivery to %s was cancelled during a failed attempt", due.destination)
-            return
-        if error is None:
-            delivery.succeed(**ctx, attempt=attempt, detail=result.detail[:500],
-                             duration_ms=result.duration_ms)
-        elif isinstance(error, TransientDeliveryError):
-            now = self._clock()
-            retry_at = now + next_delay(attempt, self._settings)
-            if retry_at - due.clock_from > self._settings.max_age:
-                delivery.dead_letter(**ctx, attempt=attempt, permanent=False,
-                                     reason=f"gave up after {attempt} attempts: {error}"[:1000])
-            else:
-                delivery.fail_attempt(**ctx, attempt=attempt, error=str(error)[:1000],
-                                      retry_at=retry_at, duration_ms=result.duration_ms)
-        else:
-            delivery.dead_letter(**ctx, attempt=attempt, permanent=True,
-                                 reason=str(error)[:1000])
-        recordings = self._app.save(delivery)
-        with self._recent_lock:
-            self._recent[due.delivery_id] = recordings[-1].notification.id
-        self._on_saved()
-        if error is not None:
-            logger.warning("delivery to %s failed (attempt %d): %s", due.destination, attempt,
-                           error)
-
-    def _load_or_create(self, due: DueDelivery, ctx: dict[str, str], read_first: bool) -> Any:
-        if due.attempts == 0 and not read_first:
-            # First attempt per the view: create without a read. If an operator's command
-            # created it meanwhile, the save conflicts and record() retries with a read.
-            return Delivery(due.job_id, due.destination, **ctx, sha256=due.sha256)
-        try:
-            return self._app.repository.get(delivery_id(due.job_id, due.destination))
-        except AggregateNotFoundError:
-            return Delivery(due.job_id, due.destination, **ctx, sha256=due.sha256)
 
 
 def _header(path: Any) -> Any:

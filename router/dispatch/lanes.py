@@ -53,7 +53,7 @@ class Lane:
         concurrency: int,
         make_adapter: Callable[[], Adapter],
         prepare: Callable[[DueDelivery], Outgoing],
-        record: Callable[[AttemptResult], None],
+        record: Callable[[AttemptResult, Callable[[], None]], None],
     ) -> None:
         self.name = name
         self.version = version
@@ -143,12 +143,10 @@ class Lane:
             adapter = None
         duration = int((time.monotonic() - started) * 1000)
         try:
-            self._record(AttemptResult(due, error, detail, duration))
+            # Released once the outcome is saved: until then it must not be offered again.
+            self._record(AttemptResult(due, error, detail, duration), lambda: self._release(due))
         except Exception:
-            # The outcome is lost, not the delivery: it is still pending in the view and will
-            # be attempted again (at least once delivery). The worker must live on.
-            logger.exception("destination %s: recording an attempt failed", self.name)
-        finally:
+            logger.exception("destination %s: handing over an outcome failed", self.name)
             self._release(due)
         return adapter
 
