@@ -55,8 +55,13 @@ def receiver_main(settings: Settings, ready: MpEvent, saved: MpEvent, parent_pid
     stores = open_stores(settings, box)
     blobs = BlobStore(settings.data_dir)
     configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu, idle_delay=0.0005)
+
+    def wake_parent() -> None:
+        if not saved.is_set():  # set() notifies through semaphores: skip when already set
+            saved.set()
+
     receiver = Receiver(stores, blobs, AdminState(stores.admin), settings.ingest,
-                        settings.dispatch, on_saved=saved.set)
+                        settings.dispatch, on_saved=wake_parent)
     server = DicomServer(settings, receiver, reuse_port=True)
     server.start()
     ready.set()

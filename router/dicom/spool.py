@@ -29,7 +29,8 @@ class SpoolFile:
         self.size = 0
         self.error: OSError | None = None
         self._hash = hashlib.sha256()
-        self._fh = open(self.name, "xb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+        # pynetdicom writes whole PDVs (up to the PDU size), so a small buffer is enough.
+        self._fh = open(self.name, "xb", buffering=1 << 16)  # noqa: SIM115 - closed in close()
         self._sync: Future[None] | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
