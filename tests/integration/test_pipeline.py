@@ -36,9 +36,15 @@ def pydicom_files() -> list[Path]:
     """Every file bundled with pydicom that is a valid storage instance in a syntax we accept."""
     from pynetdicom.sop_class import _STORAGE_CLASSES  # type: ignore[attr-defined]
 
-    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    folders = [Path(pydicom.__file__).parent / "data" / "test_files"]
+    try:  # the pydicom-data wheel: real files from many producers (US, RG, Siemens MR...)
+        import data_store  # type: ignore[import-not-found]
+
+        folders.append(Path(data_store.__file__).parent / "data")
+    except ImportError:
+        pass
     chosen = []
-    for path in sorted(folder.glob("*.dcm")):
+    for path in sorted(p for folder in folders for p in folder.glob("*.dcm")):
         if path.name in UNSENDABLE:
             continue
         try:
@@ -49,7 +55,7 @@ def pydicom_files() -> list[Path]:
             ok = False
         if ok:
             chosen.append(path)
-    assert len(chosen) > 50, "pydicom's bundled test files were not found"
+    assert len(chosen) > 100, "pydicom's bundled test files or pydicom-data were not found"
     return chosen
 
 
@@ -77,7 +83,9 @@ STORESCU_PROPOSE = {
 
 # Files pydicom reads but DCMTK refuses as malformed (odd-length OW pixel data, SOP class
 # only in the file meta): storescu will not send them, so they are not part of the test.
-DCMTK_REFUSES = {"693_J2KI.dcm", "rtdose_rle.dcm", "rtdose_rle_1frame.dcm", "SC_rgb_jpeg.dcm"}
+DCMTK_REFUSES = {"693_J2KI.dcm", "rtdose_rle.dcm", "rtdose_rle_1frame.dcm", "SC_rgb_jpeg.dcm",
+                 # pydicom-data: SOP class only readable as UN; a deliberately cut JPEG 2000
+                 "explicit_VR-UN.dcm", "emri_small_jpeg_2k_lossless_too_short.dcm"}
 
 
 def storescu_all(port: int, files: list[Path]) -> list[Path]:
