@@ -193,8 +193,18 @@ class RouterProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def view(self, name: str, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Read a view's SQLite file directly (read-only; fine while the router runs)."""
-        path = self.data_dir / "db" / f"view_{name}.sqlite"
+        """Read a view directly (read-only; fine while the router runs): its SQLite file, or
+        the PostgreSQL database when the router runs on one."""
+        if self.database_url and self.database_url.startswith("postgresql://"):
+            import psycopg
+            from psycopg.rows import dict_row
+
+            with psycopg.connect(self.database_url, row_factory=dict_row) as pg:
+                return list(pg.execute(sql.replace("?", "%s"), params).fetchall())
+        folder = self.data_dir / "db"
+        if self.database_url and self.database_url.startswith("sqlite:///"):
+            folder = Path(self.database_url.removeprefix("sqlite:///"))
+        path = folder / f"view_{name}.sqlite"
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         conn.row_factory = sqlite3.Row
         try:

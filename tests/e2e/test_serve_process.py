@@ -98,13 +98,13 @@ ROUTE_ALL = {"name": "everything", "destinations": ["pacs"]}
 
 
 def test_kill_9_mid_study_then_restart_delivers_every_acknowledged_instance(
-    tmp_path: Path, serve_router: Callable[..., RouterProcess]
+    tmp_path: Path, serve_router: Callable[..., RouterProcess], database_url: str
 ) -> None:
     files = make_ct_series(tmp_path / "ct", count=100)  # 512 x 512, about 0.5 MB each
     uid_of = {path: sop_uid_of(path) for path in files}
     with StoreScp(tmp_path / "pacs") as pacs:
         router = serve_router(destinations=[pacs_destination(pacs)], rules=[ROUTE_ALL],
-                              dispatch=FAST_RETRIES).start()
+                              dispatch=FAST_RETRIES, database_url=database_url).start()
         scu = StoreScuRun(router.dicom_port, files)
         wait_for(lambda: len(scu.acknowledged) >= 30 or scu.process.poll() is not None, 60,
                  "storescu to store 30 instances")
