@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from projections.audit import AuditView
@@ -56,7 +55,6 @@ class Router:
     dispatcher: Dispatcher
     dicom: DicomServer
     dicom_port: int = 0
-    started_at: float = field(default_factory=time.time)
     ready: bool = False
     receivers: ReceiverPool | None = None
 

@@ -52,7 +52,6 @@ class DicomSettings:
     max_incoming_pdu: int = 64 * 1024 * 1024  # hard cap on a PDU a peer may send us anyway
     require_known_calling_ae: bool = False
     known_calling_aets: tuple[str, ...] = ()
-    deflate_max_bytes: int = 512 * 1024 * 1024  # inflated size bound for deflated transfer syntax
     network_timeout: float = 60.0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -176,8 +175,6 @@ def _dicom(doc: Mapping[str, Any]) -> DicomSettings:
         require_known_calling_ae=_bool(s.get("require_known_calling_ae", False),
                                        "dicom.require_known_calling_ae"),
         known_calling_aets=tuple(_ae_title(a, "dicom.known_calling_aets") for a in known),
-        deflate_max_bytes=_int(s.get("deflate_max_bytes", d.deflate_max_bytes),
-                               "dicom.deflate_max_bytes", 0, 2**40),
         network_timeout=parse_duration(s.get("network_timeout", d.network_timeout),
                                        name="dicom.network_timeout"),
         acse_timeout=parse_duration(s.get("acse_timeout", d.acse_timeout),
