@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -79,6 +80,18 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., Any]]:
             router.stop()
 
 
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def dcmtk() -> None:
     """DCMTK must be installed (scripts/test installs it); a missing peer is a failure."""
@@ -86,4 +99,4 @@ def dcmtk() -> None:
         assert shutil.which(tool), f"{tool} not found: run scripts/test, which installs dcmtk"
 
 
-__all__ = ["DicomSettings", "DispatchSettings", "make_settings"]
+__all__ = ["DicomSettings", "DispatchSettings", "make_settings", "wait_for"]

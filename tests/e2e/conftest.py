@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import wait_for  # re-exported for the e2e tests
+
 ROUTER_BIN = Path(sys.executable).parent / "dicom-router"
 ROUTER_AET = "DICOMROUTER"
 SECRET_KEY = "0" * 64
@@ -238,16 +240,6 @@ def serve_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
                 router.process.wait(10)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def run_cli(*args: str, config: Path | None = None,

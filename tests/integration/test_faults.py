@@ -32,7 +32,7 @@ from pynetdicom import AE
 from router.application.commands import Actor
 from router.service import Router, open_all_views
 from router.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_for
 from tests.integration.peers import free_port, is_listening, s3_server
 from tests.synthetic import make_ct_series
 
@@ -46,16 +46,6 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def jobs(router: Router, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
