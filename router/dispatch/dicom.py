@@ -15,11 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
-from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
@@ -33,6 +29,7 @@ from router.dispatch.base import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from router.dispatch.transcode import blob_error, decoded_for_peer, read_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +47,6 @@ _COMMON_SUFFIXES = (
 COMMON_SOP_CLASSES = tuple(f"1.2.840.10008.5.1.4.1.1.{s}" for s in _COMMON_SUFFIXES.split())
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _HOST = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
-_PIXEL_DATA = Tag(0x7FE0, 0x0010)
-_WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 _TRANSIENT_STATUSES = frozenset({0x0210, 0x0213})
 _STATUS_MEANINGS = {
@@ -315,7 +310,7 @@ class DicomAdapter:
             _park_reactor(assoc)
             status = assoc.send_c_store(payload, msg_id=self._message_id)
         except OSError as exc:
-            raise _blob_error(exc) from None
+            raise blob_error(exc) from None
         except (ValueError, AttributeError) as exc:
             logger.warning("C-STORE to %s not sent: %s", self._where, type(exc).__name__)
             raise PermanentDeliveryError(
@@ -349,14 +344,14 @@ class DicomAdapter:
             if _meta_matches(item):
                 return item.path, ""
             # Streaming takes the UIDs of the command from the file meta: decode instead.
-            return _read(item), " (file meta UIDs differ from the data set)"
+            return read_dataset(item), " (file meta UIDs differ from the data set)"
         if not any(not ts.is_compressed for ts in accepted):
             names = ", ".join(sorted(ts.name for ts in accepted))
             raise PermanentDeliveryError(
                 f"{self._where} accepts {sop_name} only as {names}; cannot convert "
                 f"from {stored.name}"
             )
-        return _decoded(item, sop_name, self._where)
+        return decoded_for_peer(item, sop_name, self._where)
 
 
 def _proposed_syntax(transfer_syntax: str) -> str:
@@ -370,58 +365,6 @@ def _meta_matches(item: Outgoing) -> bool:
         meta.get("MediaStorageSOPClassUID") == item.sop_class_uid
         and meta.get("MediaStorageSOPInstanceUID") == item.sop_instance_uid
     )
-
-
-def _read(item: Outgoing) -> Dataset:
-    try:
-        return dcmread(item.path)
-    except OSError as exc:
-        raise _blob_error(exc) from None
-
-
-def _blob_error(exc: OSError) -> TransientDeliveryError:
-    return TransientDeliveryError(f"cannot read the stored blob: errno {exc.errno}")
-
-
-def _decoded(item: Outgoing, sop_name: str, where: str) -> tuple[Dataset, str]:
-    """The full dataset, decompressed to Explicit VR Little Endian if stored compressed."""
-    stored = UID(item.transfer_syntax_uid)
-    dataset = _read(item)
-    if not stored.is_compressed:
-        if not stored.is_little_endian:
-            _to_little_endian(dataset)
-        return dataset, f" (converted from {stored.name})"
-    try:
-        # Same instance, other encoding: pydicom would otherwise mint a new SOP Instance UID.
-        dataset.decompress(generate_instance_uid=False)
-    except Exception as exc:  # decoders raise many types; all mean "cannot decode"
-        logger.warning("decompressing %s failed: %s", stored.name, type(exc).__name__)
-        raise PermanentDeliveryError(
-            f"{where} accepts {sop_name} only uncompressed and {stored.name} "
-            f"cannot be decompressed here ({type(exc).__name__})"
-        ) from None
-    return dataset, f" (decompressed from {stored.name})"
-
-
-def _to_little_endian(dataset: Dataset) -> None:
-    """Re-encode a big endian data set as Explicit VR Little Endian (pynetdicom will not).
-
-    Decoding every element lets pydicom write numbers little endian; binary values, which
-    pydicom leaves alone, are swapped in their word size: OW in 16-bit words (PS3.5 7.3), but
-    the Pixel Data in units of Bits Allocated, as pydicom reads 32-bit big endian pixels.
-    """
-    pixel_data = dataset.get(_PIXEL_DATA)  # a tag key gives the element, not its value
-    pixel_size = max(int(dataset.get("BitsAllocated", 16)) // 8, 1)
-    for element in dataset.iterall():  # iterating decodes raw elements with the old encoding
-        size = pixel_size if element is pixel_data else _WORD_SIZES.get(element.VR)
-        if size and isinstance(element.value, bytes) and len(element.value) % size == 0:
-            element.value = _swapped(element.value, size)
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.set_original_encoding(False, True, dataset.original_character_set)
-
-
-def _swapped(data: bytes, size: int) -> bytes:
-    return numpy.frombuffer(data, dtype=f">u{size}").astype(f"<u{size}").tobytes()
 
 
 def _interpret_status(code: int) -> str:
