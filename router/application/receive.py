@@ -113,22 +113,19 @@ class Receiver:
         try:
             receipt = self._save_with_retry(arrival, header, sop_uid, correlation_id)
         except NotDurableError as exc:
-            if staged:
-                self._blobs.discard(arrival.sha256)
+            self._blobs.discard(staged)
             return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
                                 f"could not write the object to disk: {exc}")
         except Exception as exc:
-            if staged:
-                self._blobs.discard(arrival.sha256)
+            self._blobs.discard(staged)
             logger.error("receipt not saved: %s", type(exc).__name__)
             return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
                                 f"event store unavailable: {type(exc).__name__}")
         if receipt.status != STATUS_SUCCESS:
-            if staged:
-                self._blobs.discard(arrival.sha256)
+            self._blobs.discard(staged)
             return receipt
         try:
-            self._blobs.commit(arrival.sha256)
+            self._blobs.commit(arrival.sha256, staged)
         except OSError as exc:
             # The receipt is saved and the bytes are fsynced in the spool: the object is durable
             # and readable there; start-up recovery moves it into place.

@@ -98,7 +98,6 @@ class Dispatcher:
         destinations = self._admin.snapshot().live_destinations()
         self._sync_lanes(destinations)
         self._forget_projected()
-        recent = self.outcomes.recent()
         offered = 0
         for name, lane in self._lanes.items():
             if destinations[name].paused:
@@ -106,7 +105,10 @@ class Dispatcher:
             room = max(0, lane.concurrency * 64 - lane.backlog())
             if room == 0:
                 continue
-            skip = lane.busy_ids() | recent
+            # Busy first, then recent: a delivery leaves "busy" only after its outcome is in
+            # "recent", so read in this order it is in one of the two until the view has it.
+            busy = lane.busy_ids()
+            skip = busy | self.outcomes.recent()
             rows = self._db.query(DUE_SQL, (name, self._clock(), room + len(skip)))
             for row in rows:
                 if row["delivery_id"] in skip:

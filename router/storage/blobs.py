@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,54 +62,58 @@ class BlobStore:
         its blob is moved into place, so a staged blob is waited for; None if neither exists.
         """
         path = self.path_for(sha256)
-        ready = self._ready_path(sha256)
         deadline = time.monotonic() + timeout
         while not path.exists():
-            if not ready.exists():
+            ready = next(self._staged_files(sha256), None)
+            if ready is None:
                 return path if path.exists() else None
             if time.monotonic() > deadline:  # commit failed after the save: read it staged
                 return ready
             time.sleep(0.005)
         return path
 
-    def _ready_path(self, sha256: str) -> Path:
-        return self.spool_dir / f"{check_sha256(sha256)}.ready"
+    def _staged_files(self, sha256: str) -> Iterator[Path]:
+        return self.spool_dir.glob(f"{check_sha256(sha256)}.*.ready")
 
-    def stage(self, temp_path: Path, sha256: str) -> bool:
-        """Move a fsynced spool file aside under its digest; False if the blob already exists.
+    def stage(self, temp_path: Path, sha256: str) -> Path | None:
+        """Move a fsynced spool file aside under its digest; None if the blob already exists.
 
-        When the content is already stored, the temp file is deleted and nothing is staged.
+        Each receipt stages under its own name (``<sha>.<id>.ready``): two receipts of the same
+        content at once never share, so one failing cannot discard the other's bytes. When the
+        content is already stored, the temp file is deleted and nothing is staged.
         """
         if self.exists(sha256):
             temp_path.unlink(missing_ok=True)
-            return False
-        os.replace(temp_path, self._ready_path(sha256))
-        return True
+            return None
+        staged = self.spool_dir / f"{check_sha256(sha256)}.{uuid.uuid4().hex}.ready"
+        os.replace(temp_path, staged)
+        return staged
 
-    def commit(self, sha256: str) -> Path:
-        """After the receipt is saved: move the staged file into the store, durably."""
+    def commit(self, sha256: str, staged: Path | None) -> Path:
+        """After the receipt is saved: move the staged file into the store."""
         target = self.path_for(sha256)
-        ready = self._ready_path(sha256)
-        if ready.exists():
+        if staged is not None and staged.exists():
             if not target.parent.is_dir():
                 target.parent.mkdir(parents=True, exist_ok=True)
             # No directory fsync here: the data was fsynced before the receipt was saved, and a
             # rename lost in a power cut leaves the file under its old name, which recovery
-            # finds (by name for .ready files, by content hash for .part files).
-            os.replace(ready, target)
+            # finds (by name for .ready files, by content hash for .part files). Identical
+            # content committed twice simply replaces itself.
+            os.replace(staged, target)
         elif not target.exists():
             raise BlobError(f"blob {sha256} is neither staged nor stored")
         return target
 
-    def discard(self, sha256: str) -> None:
-        """The receipt was not saved: forget a staged file (a stored blob is left alone)."""
-        self._ready_path(sha256).unlink(missing_ok=True)
+    def discard(self, staged: Path | None) -> None:
+        """The receipt was not saved: forget its staged file (a stored blob is left alone)."""
+        if staged is not None:
+            staged.unlink(missing_ok=True)
 
-    def staged(self) -> Iterator[str]:
+    def staged(self) -> Iterator[tuple[str, Path]]:
         for path in self.spool_dir.glob("*.ready"):
-            name = path.name.removesuffix(".ready")
-            if _SHA256.match(name):
-                yield name
+            sha256 = path.name.split(".", 1)[0]
+            if _SHA256.match(sha256):
+                yield sha256, path
 
     def recover(self, is_referenced: Callable[[str], bool]) -> tuple[int, int]:
         """After a crash: keep staged or spooled files a receipt names, delete the others.
@@ -120,16 +125,17 @@ class BlobStore:
         for leftover in list(self.spool_dir.glob("*.part")):
             sha256 = _hash_file(leftover)
             if is_referenced(sha256) and not self.exists(sha256):
-                os.replace(leftover, self._ready_path(sha256))
+                self.commit(sha256, leftover)
+                committed += 1
             else:
                 leftover.unlink(missing_ok=True)
                 removed += 1
-        for sha256 in list(self.staged()):
+        for sha256, path in list(self.staged()):
             if is_referenced(sha256):
-                self.commit(sha256)
+                self.commit(sha256, path)
                 committed += 1
             else:
-                self.discard(sha256)
+                self.discard(path)
                 removed += 1
         if committed or removed:
             logger.info("blob recovery: %d staged blobs kept, %d orphans removed",
