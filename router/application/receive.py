@@ -7,6 +7,7 @@ receipt and the routing decision are durably saved together.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_DATASET_MISMATCH = 0xA900
-STATUS_DUPLICATE_REFUSED = 0xC001  # "changed duplicate" refused by policy
+STATUS_DUPLICATE_REFUSED = 0xC001
+STORE_DOWN_BACKOFF = 5.0  # seconds  # "changed duplicate" refused by policy
 
 
 class NotDurableError(OSError):
@@ -86,6 +88,7 @@ class Receiver:
         self._ingest = ingest
         self._dispatch = dispatch
         self._on_saved = on_saved
+        self._store_down_until = 0.0  # after a failed save, refuse at once for a few seconds
 
     def receive(self, arrival: Arrival) -> Receipt:
         correlation_id = arrival.correlation_id or str(uuid.uuid4())
@@ -104,6 +107,10 @@ class Receiver:
             arrival.path.unlink(missing_ok=True)
             return self._refuse(arrival, correlation_id, STATUS_DATASET_MISMATCH,
                                 "SOP Instance UID in the dataset differs from the command")
+        if time.monotonic() < self._store_down_until:
+            arrival.path.unlink(missing_ok=True)
+            return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
+                                "event store unavailable (recent failure)", record=False)
         try:
             staged = self._blobs.stage(arrival.path, arrival.sha256)
         except OSError as exc:
@@ -119,8 +126,11 @@ class Receiver:
         except Exception as exc:
             self._blobs.discard(staged)
             logger.error("receipt not saved: %s", type(exc).__name__)
+            # Recording the failure would wait on the same unavailable store: log it only, and
+            # answer the next senders at once for a while instead of making each one wait.
+            self._store_down_until = time.monotonic() + STORE_DOWN_BACKOFF
             return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
-                                f"event store unavailable: {type(exc).__name__}")
+                                f"event store unavailable: {type(exc).__name__}", record=False)
         if receipt.status != STATUS_SUCCESS:
             self._blobs.discard(staged)
             return receipt
@@ -216,8 +226,13 @@ class Receiver:
         """Refuse an object that never got as far as :meth:`receive` (say the spool failed)."""
         return self._refuse(arrival, arrival.correlation_id or str(uuid.uuid4()), status, reason)
 
-    def _refuse(self, arrival: Arrival, corr: str, status: int, reason: str) -> Receipt:
+    def _refuse(self, arrival: Arrival, corr: str, status: int, reason: str,
+                record: bool = True) -> Receipt:
         """Record why an object was refused (best effort: the store may be what failed)."""
+        if not record:
+            logger.warning("refused object from %s: 0x%04X %s", arrival.calling_aet, status,
+                           reason)
+            return Receipt(status, reason=reason)
         try:
             failure = ReceiptFailure(
                 actor=arrival.actor, source_ip=arrival.source_ip, correlation_id=corr,

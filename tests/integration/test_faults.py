@@ -608,3 +608,46 @@ def test_unknown_calling_ae_is_rejected_when_only_known_aes_are_allowed(
         assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     rows = jobs(router, "SELECT calling_aet FROM jobs")
     assert [r["calling_aet"] for r in rows] == [MODALITY_AET]
+
+
+# --------------------------------------------------------------------------- database down
+
+
+@pytest.mark.postgres
+def test_store_answers_a700_when_the_database_is_unavailable(
+    tmp_path: Path, pg_url: str, start_router: Callable[..., Router]
+) -> None:
+    """PostgreSQL refusing connections: 0xA700, no blob kept; once it is back, all is well."""
+    import psycopg
+
+    name = pg_url.rsplit("/", 1)[1]
+    admin_url = pg_url.rsplit("/", 1)[0] + "/postgres"
+    router = start_router(router_settings(tmp_path, pg_url,
+                                          [file_destination("archive", tmp_path / "archive")]))
+    before, during, after = make_ct_series(tmp_path / "ct", count=3, rows=64, cols=64)
+    assert c_store(router.dicom.port, [before]) == [0]
+
+    def cut_off(allow: bool) -> None:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}')
+            if not allow:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+
+    cut_off(allow=False)
+    try:
+        assert c_store(router.dicom.port, [during]) == [STATUS_OUT_OF_RESOURCES]
+        assert list(router.blobs.spool_dir.iterdir()) == []
+        blobs = {p.name for p in router.blobs.blob_dir.rglob("*") if p.is_file()}
+        assert hashlib.sha256(during.read_bytes()).hexdigest() not in blobs
+    finally:
+        cut_off(allow=True)
+
+    # Senders retry: after a failed save the router refuses at once for a few seconds.
+    wait_for(lambda: c_store(router.dicom.port, [during]) == [0], 30,
+             "the router to accept again once the database is back")
+    assert c_store(router.dicom.port, [after]) == [0]
+    wait_for(lambda: deliveries_done(router, 3, "archive"), 30,
+             "every acknowledged instance to be delivered once the database is back")
+    uids = {r["sop_instance_uid"] for r in jobs(router, "SELECT sop_instance_uid FROM jobs")}
+    assert uids == {sop_uid_of(p) for p in (before, during, after)}

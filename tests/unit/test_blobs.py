@@ -41,7 +41,7 @@ def test_recovery_keeps_what_a_receipt_names_and_removes_the_rest(tmp_path: Path
     store.stage(kept, kept_sha)
     orphan, orphan_sha = spooled(store, "orphan", b"never acknowledged")
     store.stage(orphan, orphan_sha)
-    lost_rename, lost_sha = spooled(store, "lost", b"saved, rename lost")  # still .part
+    _, lost_sha = spooled(store, "lost", b"saved, rename lost")  # still .part
     store.spool_dir.joinpath("junk.part").write_bytes(b"half written")
 
     committed, removed = store.recover(lambda sha: sha in {kept_sha, lost_sha})
