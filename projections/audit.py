@@ -12,6 +12,7 @@ from typing import Any
 
 from projections.db import Cursor
 from projections.runner import EventRecord, View
+from projections.runner import index_text as _text
 
 AUDIT_SQL = """CREATE TABLE IF NOT EXISTS audit (
     application TEXT NOT NULL, position BIGINT NOT NULL, occurred_at DOUBLE PRECISION NOT NULL,
@@ -41,15 +42,6 @@ DETAIL_FIELDS = (
 def _detail(event: Any) -> str:
     out = {f: getattr(event, f) for f in DETAIL_FIELDS if hasattr(event, f)}
     return json.dumps(out, sort_keys=True, default=str)
-
-
-def _text(value: object) -> str | None:
-    """An index value as text (a value with a backslash was decoded as a list of values)."""
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 class AuditView(View):

@@ -11,6 +11,7 @@ import json
 
 from projections.db import Cursor
 from projections.runner import EventRecord, View
+from projections.runner import index_text as _text
 from router.domain.delivery import delivery_id
 
 JOBS_SQL = """CREATE TABLE IF NOT EXISTS jobs (
@@ -48,15 +49,6 @@ _UPSERT_DELIVERY = (
     " ON CONFLICT (delivery_id) DO UPDATE SET created_at = excluded.created_at,"
     " clock_from = COALESCE(deliveries.clock_from, excluded.clock_from)"
 )
-
-
-def _text(value: object) -> str | None:
-    """An index value as text (a value with a backslash was decoded as a list of values)."""
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 class JobsView(View):

@@ -80,6 +80,15 @@ def drop_view(view: View, db: ViewDatabase) -> None:
         cur.execute("DELETE FROM projection_positions WHERE view = ?", (view.name,))
 
 
+def index_text(value: object) -> str | None:
+    """An index value as text (a value with a backslash was decoded as a list of values)."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
 def topic_name(topic: str) -> str:
     return topic.rsplit(":", 1)[-1]
 
@@ -136,8 +145,6 @@ class ProjectionRunner:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[str], None]] = []
-        self._caught_up: dict[str, threading.Event] = {v.name: threading.Event()
-                                                       for v, _ in self._views}
 
     def add_listener(self, callback: Callable[[str], None]) -> None:
         """``callback(view_name)`` runs after each committed batch (keep it quick)."""
@@ -178,9 +185,6 @@ class ProjectionRunner:
             t.start()
             self._threads.append(t)
 
-    def wait_caught_up(self, timeout: float) -> bool:
-        return all(e.wait(timeout) for e in self._caught_up.values())
-
     def catch_up(self) -> None:
         """Synchronously apply everything recorded so far (start-up, tests, shutdown flush)."""
         for view, db in self._views:
@@ -215,7 +219,6 @@ class ProjectionRunner:
                 if applied < BATCH_SIZE:
                     self._stop.wait(self._coalesce)
                 continue
-            self._caught_up[view.name].set()
             self._wakes[view.name].wait(self._poll)
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from projections.db import Cursor
 from projections.runner import EventRecord, View
+from projections.runner import index_text as _text
 
 STUDIES_SQL = """CREATE TABLE IF NOT EXISTS studies (
     study_instance_uid TEXT PRIMARY KEY, patient_id TEXT, issuer_of_patient_id TEXT,
@@ -48,14 +49,6 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 class StudiesView(View):

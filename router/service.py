@@ -54,7 +54,6 @@ class Router:
     receiver: Receiver
     dispatcher: Dispatcher
     dicom: DicomServer
-    dicom_port: int = 0
     ready: bool = False
     receivers: ReceiverPool | None = None
 
@@ -115,14 +114,6 @@ class Router:
             settings = replace(settings, dicom_port=_free_port(settings.dicom_host))
         self.receivers = ReceiverPool(settings, count, on_saved=self.runner.wake)
         self.receivers.start()
-        self.dicom_port = settings.dicom_port
-
-    @property
-    def listening_port(self) -> int:
-        """The DICOM port actually listened on (useful when configured as 0)."""
-        if self.receivers is not None:
-            return self.dicom_port
-        return self.dicom.port
 
     def stop(self) -> None:
         """Stop accepting, finish in-flight C-STOREs and deliveries, flush the views."""

@@ -100,11 +100,3 @@ class AdminState:
             for name, d in self._destinations.items()
         }
         return AdminSnapshot(position=position, rules=tuple(rules), destinations=destinations)
-
-    def rule_aggregates(self) -> dict[str, Any]:
-        with self._lock:
-            return dict(self._rules)
-
-    def destination_aggregates(self) -> dict[str, Any]:
-        with self._lock:
-            return dict(self._destinations)

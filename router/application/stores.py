@@ -14,8 +14,6 @@ from urllib.parse import unquote, urlparse
 
 from eventsourcing.application import Application
 
-APP_NAMES = ("ingest", "delivery", "admin")
-
 
 class IngestApplication(Application):
     """Jobs (receipt + routing decision), instance versions and receipt failures."""

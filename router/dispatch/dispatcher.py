@@ -81,9 +81,6 @@ class Dispatcher:
             lane.stop(max(0.1, deadline - time.monotonic()))
         self.outcomes.stop()  # after the lanes: their last outcomes are saved too
 
-    def lanes(self) -> dict[str, Lane]:
-        return dict(self._lanes)
-
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()

@@ -42,6 +42,18 @@ def is_listening(port: int) -> bool:
     return False
 
 
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """Terminate a child, killing it if it has not exited within 5 s."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
 def require_tool(name: str) -> str:
     """The tool's path, or skip the test if it is not installed."""
     path = shutil.which(name)
@@ -108,14 +120,7 @@ class StoreScp:
     def stop(self) -> None:
         """Terminate storescp (kill it if it does not exit within 5 s)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process)
 
     def log(self) -> str:
         """Everything storescp printed so far."""
@@ -172,13 +177,7 @@ class _MotoServer:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop_process(process)
 
 
 @contextlib.contextmanager
