@@ -18,17 +18,31 @@ AUDIT_SQL = """CREATE TABLE IF NOT EXISTS audit (
     application TEXT NOT NULL, position BIGINT NOT NULL, occurred_at DOUBLE PRECISION NOT NULL,
     actor TEXT NOT NULL, source_ip TEXT NOT NULL, action TEXT NOT NULL, object_type TEXT NOT NULL,
     object_id TEXT NOT NULL, outcome TEXT NOT NULL, correlation_id TEXT,
-    study_instance_uid TEXT, patient_id TEXT, detail TEXT,
+    study_instance_uid TEXT, patient_id TEXT, detail TEXT, job_id TEXT,
     PRIMARY KEY (application, position))"""
+
+# The study and patient of each job, so that delivery rows (whose events carry only the job
+# id) can be found by "history of this study". The delivery log may be read before the ingest
+# log: rows are filled in when the job's receipt arrives, so the result does not depend on
+# the order the logs are read in.
+JOBS_SQL = """CREATE TABLE IF NOT EXISTS audit_jobs (
+    job_id TEXT PRIMARY KEY, study_instance_uid TEXT, patient_id TEXT)"""
+# Later delivery events carry only the delivery id; its Created event (always first, same log)
+# says which job it belongs to.
+DELIVERIES_SQL = """CREATE TABLE IF NOT EXISTS audit_deliveries (
+    delivery_id TEXT PRIMARY KEY, job_id TEXT NOT NULL)"""
 
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS audit_time ON audit (occurred_at)",
     "CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor)",
     "CREATE INDEX IF NOT EXISTS audit_study ON audit (study_instance_uid)",
     "CREATE INDEX IF NOT EXISTS audit_object ON audit (object_id)",
+    "CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id)",
+    "CREATE INDEX IF NOT EXISTS audit_patient ON audit (patient_id)",
 )
 
-FAILURES = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered"}
+FAILURES = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
+            "LoginFailure.Recorded"}
 
 # Fields that are safe and useful to show in the audit trail's detail column.
 DETAIL_FIELDS = (
@@ -46,26 +60,70 @@ def _detail(event: Any) -> str:
 
 class AuditView(View):
     name = "audit"
-    follows = ("ingest", "delivery", "admin")
-    tables = ("audit",)
+    follows = ("ingest", "delivery", "admin", "access")
+    tables = ("audit", "audit_jobs", "audit_deliveries")
 
     def create(self, cur: Cursor, dialect: str) -> None:
-        for sql in (AUDIT_SQL, *INDEXES):
+        for sql in (AUDIT_SQL, JOBS_SQL, DELIVERIES_SQL, *INDEXES):
             cur.execute(sql)
 
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         e = record.event
-        index = getattr(e, "index", None) or {}
-        object_type = record.topic.split(".", 1)[0].lower()
+        row = _row(record)
+        if record.topic == "Delivery.Created":
+            cur.execute("INSERT INTO audit_deliveries (delivery_id, job_id) VALUES (?, ?)"
+                        " ON CONFLICT (delivery_id) DO NOTHING",
+                        (record.originator_id, row["job_id"]))
+        elif record.topic.startswith("Delivery."):
+            cur.execute("SELECT job_id FROM audit_deliveries WHERE delivery_id = ?",
+                        (record.originator_id,))
+            found = cur.fetchone()
+            row["job_id"] = found["job_id"] if found is not None else None
+        if record.topic == "Job.Received":
+            cur.execute("INSERT INTO audit_jobs (job_id, study_instance_uid, patient_id)"
+                        " VALUES (?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET"
+                        " study_instance_uid = excluded.study_instance_uid,"
+                        " patient_id = excluded.patient_id",
+                        (row["job_id"], row["study"], row["patient"]))
+            cur.execute("UPDATE audit SET study_instance_uid = ?, patient_id = ?"
+                        " WHERE job_id = ? AND study_instance_uid IS NULL",
+                        (row["study"], row["patient"], row["job_id"]))
+        elif row["job_id"] and row["study"] is None:
+            cur.execute("SELECT study_instance_uid, patient_id FROM audit_jobs WHERE job_id = ?",
+                        (row["job_id"],))
+            found = cur.fetchone()
+            if found is not None:
+                row["study"] = found["study_instance_uid"]
+                row["patient"] = found["patient_id"]
         cur.execute(
             "INSERT INTO audit (application, position, occurred_at, actor, source_ip, action,"
             " object_type, object_id, outcome, correlation_id, study_instance_uid, patient_id,"
-            " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " detail, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (application, position) DO NOTHING",
             (record.application, record.position, record.timestamp,
-             getattr(e, "actor", "system"), getattr(e, "source_ip", ""), record.topic,
-             object_type, record.originator_id,
-             "failure" if record.topic in FAILURES else "success",
-             getattr(e, "correlation_id", None), _text(index.get("StudyInstanceUID")),
-             _text(index.get("PatientID")), _detail(e)),
+             getattr(e, "actor", "system"), getattr(e, "source_ip", ""), row["action"],
+             row["object_type"], row["object_id"], row["outcome"],
+             getattr(e, "correlation_id", None), row["study"], row["patient"], row["detail"],
+             row["job_id"]),
         )
+
+
+def _row(record: EventRecord) -> dict[str, Any]:
+    """Action, object, outcome, job, study and patient of one event."""
+    e = record.event
+    if record.topic == "Access.Recorded":
+        return {"action": e.action, "object_type": e.object_type, "object_id": e.object_id,
+                "outcome": e.outcome, "study": _text(e.study_instance_uid),
+                "patient": _text(e.patient_id), "job_id": None,
+                "detail": json.dumps({"detail": e.detail}, sort_keys=True)}
+    index = getattr(e, "index", None) or {}
+    job_id = None
+    if record.topic.startswith("Job."):
+        job_id = record.originator_id
+    elif record.topic.startswith("Delivery."):
+        job_id = getattr(e, "job_id", None)
+    return {"action": record.topic, "object_type": record.topic.split(".", 1)[0].lower(),
+            "object_id": record.originator_id,
+            "outcome": "failure" if record.topic in FAILURES else "success",
+            "study": _text(index.get("StudyInstanceUID")),
+            "patient": _text(index.get("PatientID")), "job_id": job_id, "detail": _detail(e)}

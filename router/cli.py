@@ -14,8 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from router.cli_audit import add_parsers as add_audit_parsers
+from router.cli_audit import cmd_audit
 from router.cli_ops import add_parsers as add_ops_parsers
 from router.cli_ops import cmd_deliveries, cmd_destinations
+from router.cli_users import add_parsers as add_user_parsers
+from router.cli_users import cmd_user
 from router.settings import Settings, SettingsError, load_settings, read_toml
 
 logger = logging.getLogger("router.cli")
@@ -41,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--all", action="store_true")
     psub.add_parser("status", help="each view's position and lag")
     add_ops_parsers(sub)
+    add_user_parsers(sub)
+    add_audit_parsers(sub)
     return p
 
 
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     handlers = {"serve": cmd_serve, "migrate": cmd_migrate, "apply": cmd_apply,
                 "check-config": cmd_check_config, "projections": cmd_projections,
-                "deliveries": cmd_deliveries, "destinations": cmd_destinations}
+                "deliveries": cmd_deliveries, "destinations": cmd_destinations,
+                "user": cmd_user, "audit": cmd_audit}
     try:
         return handlers[args.command](settings, args)
     except SettingsError as exc:
@@ -150,7 +157,7 @@ def cmd_projections(settings: Settings, args: Any) -> int:
 
     stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
                                                              settings.data_dir)))
-    apps = {"ingest": stores.ingest, "delivery": stores.delivery, "admin": stores.admin}
+    apps = stores.all()
     views = open_all_views(settings)
     try:
         if args.action == "status":

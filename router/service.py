@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +18,9 @@ from projections.studies import StudiesView
 from router.application.admin_state import AdminState, DestinationState
 from router.application.commands import Commands
 from router.application.receive import Receiver
-from router.application.stores import EventStores, open_stores
+from router.application.sessions import Sessions
+from router.application.stores import APP_NAMES, EventStores, open_stores
+from router.application.users import Users
 from router.dicom.receivers import ReceiverPool
 from router.dicom.scp import DicomServer
 from router.dicom.tuning import configure_pynetdicom
@@ -54,6 +57,8 @@ class Router:
     receiver: Receiver
     dispatcher: Dispatcher
     dicom: DicomServer
+    users: Users
+    sessions: Sessions
     ready: bool = False
     receivers: ReceiverPool | None = None
 
@@ -66,8 +71,7 @@ class Router:
         configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu, idle_delay=0.0005)
         admin = AdminState(stores.admin)
         views = open_all_views(settings)
-        runner = ProjectionRunner(list(views.values()), {
-            "ingest": stores.ingest, "delivery": stores.delivery, "admin": stores.admin})
+        runner = ProjectionRunner(list(views.values()), stores.all())
         receiver = Receiver(stores, blobs, admin, settings.ingest, settings.dispatch,
                             on_saved=runner.wake)
         jobs_db = views["jobs"][1]
@@ -81,7 +85,8 @@ class Router:
         return cls(settings=settings, box=box, stores=stores, blobs=blobs, admin=admin,
                    commands=Commands(stores, admin, box), views=views, runner=runner,
                    receiver=receiver, dispatcher=dispatcher,
-                   dicom=DicomServer(settings, receiver))
+                   dicom=DicomServer(settings, receiver),
+                   users=Users(stores, admin, settings.web), sessions=Sessions(stores))
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -91,6 +96,12 @@ class Router:
         if self.settings.destinations or self.settings.rules:
             changed = self.apply_config_file()
             logger.info("configuration applied: %s", changed)
+        generated = self.users.ensure_first_admin(self.settings.admin_password)
+        if generated is not None:
+            # Printed once, to the console only (not to the log, which may be shipped).
+            print(f"\n  First start: created user 'admin' with password: {generated}\n"
+                  "  Change it after logging in (or set DICOM_ROUTER_ADMIN_PASSWORD).\n",
+                  file=sys.stderr, flush=True)
         self.runner.catch_up()
         jobs_db = self.views["jobs"][1]
         self.blobs.recover(lambda sha: bool(jobs_db.query(
@@ -98,7 +109,7 @@ class Router:
         self.runner.start()
         if self.settings.is_postgres:
             self.runner.listen(self.settings.database_url,
-                               [f"{name}_events" for name in ("ingest", "delivery", "admin")])
+                               [f"{name}_events" for name in APP_NAMES])
         self.dispatcher.start()
         self._start_receiving()
         self.ready = True

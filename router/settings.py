@@ -80,6 +80,26 @@ class IngestSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """Sessions, logins and passwords of the web UI and API."""
+
+    session_idle_timeout: float = 30 * 60.0
+    session_max_age: float = 12 * 3600.0
+    api_token_lifetime: float = 3600.0  # POST /api/v1/auth/token
+    min_password_length: int = 12
+    max_login_failures: int = 5  # per user name, then locked for lockout_time
+    lockout_time: float = 15 * 60.0
+    secure_cookies: bool = False  # set when served over TLS (directly or behind a proxy)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Blob retention: 0 keeps everything; N purges fully delivered jobs older than N days."""
+
+    retention_days: int = 0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the router needs to start; built by :func:`load_settings`."""
 
@@ -98,6 +118,8 @@ class Settings:
     dicom: DicomSettings = field(default_factory=DicomSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     destinations: tuple[Mapping[str, Any], ...] = ()
     rules: tuple[Mapping[str, Any], ...] = ()
 
@@ -216,6 +238,32 @@ def _ingest(doc: Mapping[str, Any]) -> IngestSettings:
     return IngestSettings(changed_duplicate_policy=policy)
 
 
+def _web(doc: Mapping[str, Any]) -> WebSettings:
+    s = _section(doc, "web")
+    d = WebSettings()
+    return WebSettings(
+        session_idle_timeout=parse_duration(
+            s.get("session_idle_timeout", d.session_idle_timeout), name="web.session_idle_timeout"),
+        session_max_age=parse_duration(s.get("session_max_age", d.session_max_age),
+                                       name="web.session_max_age"),
+        api_token_lifetime=parse_duration(s.get("api_token_lifetime", d.api_token_lifetime),
+                                          name="web.api_token_lifetime"),
+        min_password_length=_int(s.get("min_password_length", d.min_password_length),
+                                 "web.min_password_length", 8, 72),
+        max_login_failures=_int(s.get("max_login_failures", d.max_login_failures),
+                                "web.max_login_failures", 1, 1000),
+        lockout_time=parse_duration(s.get("lockout_time", d.lockout_time),
+                                    name="web.lockout_time"),
+        secure_cookies=_bool(s.get("secure_cookies", d.secure_cookies), "web.secure_cookies"),
+    )
+
+
+def _storage(doc: Mapping[str, Any]) -> StorageSettings:
+    s = _section(doc, "storage")
+    return StorageSettings(retention_days=_int(s.get("retention_days", 0),
+                                               "storage.retention_days", 0, 36500))
+
+
 def _tables(doc: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], ...]:
     items = doc.get(name, [])
     if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
@@ -264,6 +312,8 @@ def load_settings(
         dicom=_dicom(doc),
         dispatch=_dispatch(doc),
         ingest=_ingest(doc),
+        web=_web(doc),
+        storage=_storage(doc),
         destinations=_tables(doc, "destinations"),
         rules=_tables(doc, "rules"),
     )

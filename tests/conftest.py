@@ -17,6 +17,8 @@ import pytest
 
 from router.settings import DicomSettings, DispatchSettings, Settings, load_settings
 
+ADMIN_PASSWORD = "correct horse battery"  # the first admin of every test router
+
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -54,6 +56,7 @@ def make_settings(tmp_path: Path, database_url: str, config: Path | None = None,
         database_url=database_url,
         dicom_host="127.0.0.1", dicom_port=0, http_host="127.0.0.1", http_port=0,
         secret_key="0" * 64,
+        admin_password=ADMIN_PASSWORD,
         dispatch=replace(settings.dispatch, poll_interval=0.2, shutdown_grace=5.0),
         dicom=replace(settings.dicom, network_timeout=10, acse_timeout=10, dimse_timeout=30,
                       processes=0),
@@ -100,3 +103,23 @@ def dcmtk() -> None:
 
 
 __all__ = ["DicomSettings", "DispatchSettings", "make_settings", "wait_for"]
+
+
+@pytest.fixture
+def web_router(start_router: Callable[..., Any], tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start an in-process router with its web application on a free port; returns a
+    WebServer (``.url``, ``.router``). Stopped at teardown."""
+    from tests.web_harness import WebServer
+
+    servers: list[WebServer] = []
+
+    def start(settings: Settings | None = None) -> WebServer:
+        router = start_router(settings or make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}"))
+        server = WebServer(router)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,66 +1,64 @@
-"""The URL table of the web application and its health handlers."""
+"""The URL table of the web application: every route with the one permission it needs.
+
+Feature modules (web/api/*.py, web/pages/*.py) each export ``ROUTES``; this module collects
+them, registers them and remembers each route's permission for the auth middleware. A route
+that is not in the table is never reachable; a route in the table without a known permission
+fails at start.
+"""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any
 
 from aiohttp import web
 
+from web.security import PERMISSIONS
 
-def _router(request: web.Request) -> Any:
-    from web.app import ROUTER_KEY
-
-    return request.app[ROUTER_KEY]
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PERMISSIONS_KEY = web.AppKey("route_permissions", dict)
+TABLE_KEY = web.AppKey("route_table", list)
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """Readiness: started, event stores reachable, views readable (with their lag)."""
-    router = _router(request)
-    try:
-        health = await asyncio.to_thread(router.health)
-    except Exception as exc:
-        return web.json_response({"ready": False, "error": type(exc).__name__}, status=503)
-    return web.json_response(health, status=200 if health["ready"] else 503)
+@dataclass(frozen=True)
+class Route:
+    """One URL: method, path, handler, the permission it needs, and its API documentation."""
+
+    method: str
+    path: str
+    handler: Handler
+    permission: str
+    summary: str = ""
+    body: Any = None  # a pydantic model for JSON request bodies (OpenAPI + validation)
+    query: tuple[str, ...] = ()  # documented query parameters
+    tags: tuple[str, ...] = field(default=())
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format: deliveries by destination and status, receipts, view lag."""
-    router = _router(request)
-    lines = await asyncio.to_thread(_metric_lines, router)
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+# Modules that export ROUTES, in registration order.
+ROUTE_MODULES = (
+    "web.health", "web.pages.auth", "web.pages.dashboard", "web.pages.jobs", "web.pages.rules",
+    "web.pages.destinations", "web.pages.studies", "web.pages.audit", "web.pages.users",
+    "web.pages.settings", "web.pages.storage", "web.api.auth", "web.api.jobs", "web.api.rules",
+    "web.api.destinations", "web.api.studies", "web.api.audit", "web.api.users",
+    "web.api.settings", "web.api.storage", "web.api.stats", "web.api.openapi",
+)
 
 
-def _metric_lines(router: Any) -> list[str]:
-    jobs_db = router.views["jobs"][1]
-    lines = ["# TYPE dicom_router_deliveries gauge"]
-    for row in jobs_db.query("SELECT destination, status, count(*) AS n FROM deliveries"
-                             " GROUP BY destination, status ORDER BY destination, status"):
-        lines.append(f'dicom_router_deliveries{{destination="{_label(row["destination"])}",'
-                     f'status="{row["status"]}"}} {row["n"]}')
-    lines.append("# TYPE dicom_router_receipts gauge")
-    for row in jobs_db.query("SELECT routing, count(*) AS n FROM jobs GROUP BY routing"
-                             " ORDER BY routing"):
-        lines.append(f'dicom_router_receipts{{routing="{row["routing"]}"}} {row["n"]}')
-    failures = jobs_db.query("SELECT count(*) AS n FROM receipt_failures")[0]["n"]
-    lines.append("# TYPE dicom_router_receipt_failures gauge")
-    lines.append(f"dicom_router_receipt_failures {failures}")
-    lines.append("# TYPE dicom_router_view_lag gauge")
-    for name, lag in router.health()["view_lag"].items():
-        lines.append(f'dicom_router_view_lag{{view="{name}"}} {lag}')
-    return lines
+def all_routes() -> list[Route]:
+    return [route for name in ROUTE_MODULES for route in import_module(name).ROUTES]
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-
-
-def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+def setup_routes(app: web.Application, routes: list[Route] | None = None) -> None:
+    routes = all_routes() if routes is None else routes
+    permissions: dict[Any, str] = {}
+    for route in routes:
+        if route.permission not in PERMISSIONS:
+            raise ValueError(
+                f"{route.method} {route.path}: unknown permission {route.permission!r}"
+            )
+        registered = app.router.add_route(route.method, route.path, route.handler)
+        permissions[registered] = route.permission
+    app[PERMISSIONS_KEY] = permissions
+    app[TABLE_KEY] = routes

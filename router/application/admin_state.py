@@ -1,4 +1,4 @@
-"""The current rules and destinations, kept in memory by following the admin log.
+"""The current rules, destinations and user accounts, kept in memory by following the admin log.
 
 The admin log is small (configuration changes), so it is replayed from the start when the
 router starts and then followed; the routing path reads a consistent snapshot without I/O.
@@ -6,12 +6,13 @@ router starts and then followed; the routing path reads a consistent snapshot wi
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.domain import admin
+from router.domain import admin, users
 from router.domain.rules import VersionedRule, parse_rule
 
 
@@ -28,12 +29,30 @@ class DestinationState:
 
 
 @dataclass(frozen=True)
+class UserState:
+    """A user account as logins and permission checks see it."""
+
+    name: str
+    role: str
+    disabled: bool
+    password_hash: str
+    version: int
+    tokens: dict[str, dict[str, Any]]
+
+    @property
+    def credentials_tag(self) -> str:
+        """Changes when the password changes: sessions carry it and die with the old password."""
+        return hashlib.sha256(self.password_hash.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
 class AdminSnapshot:
     """Rules (enabled or not, in priority order) and destinations at one admin log position."""
 
     position: int = 0
     rules: tuple[VersionedRule, ...] = ()
     destinations: dict[str, DestinationState] = field(default_factory=dict)
+    users: dict[str, UserState] = field(default_factory=dict)  # by lower-case name
 
     def live_destinations(self) -> dict[str, DestinationState]:
         return {n: d for n, d in self.destinations.items() if not d.deleted}
@@ -48,6 +67,7 @@ class AdminState:
         self._lock = threading.Lock()
         self._rules: dict[str, Any] = {}
         self._destinations: dict[str, Any] = {}
+        self._users: dict[str, Any] = {}
         self._snapshot = AdminSnapshot()
         self._checked = 0.0
         self.refresh()
@@ -84,6 +104,8 @@ class AdminState:
             self._rules[str(aggregate.id)] = aggregate
         elif isinstance(aggregate, admin.Destination):
             self._destinations[aggregate.name] = aggregate
+        elif isinstance(aggregate, users.User):
+            self._users[aggregate.name.lower()] = aggregate
 
     def _build(self, position: int) -> AdminSnapshot:
         rules = [
@@ -99,4 +121,11 @@ class AdminState:
             )
             for name, d in self._destinations.items()
         }
-        return AdminSnapshot(position=position, rules=tuple(rules), destinations=destinations)
+        accounts = {
+            key: UserState(name=u.name, role=u.role, disabled=u.disabled,
+                           password_hash=u.password_hash, version=u.version,
+                           tokens={k: dict(v) for k, v in u.tokens.items()})
+            for key, u in self._users.items()
+        }
+        return AdminSnapshot(position=position, rules=tuple(rules), destinations=destinations,
+                             users=accounts)

@@ -1,4 +1,5 @@
-"""The event-sourced applications (ingest, delivery, admin), one log each, on SQLite or PostgreSQL.
+"""The event-sourced applications (ingest, delivery, admin, access), one log each, on SQLite
+or PostgreSQL.
 
 The log is split by write rate: receipts, delivery attempts and configuration never contend for
 the same table lock. On SQLite each application has its own database file.
@@ -33,12 +34,21 @@ class AdminApplication(Application):
     name = "admin"
 
 
+class AccessApplication(Application):
+    """Accesses to PHI and the audit trail, logins and sessions: written often, never replayed."""
+
+    name = "access"
+
+
+APP_NAMES = ("ingest", "delivery", "admin", "access")
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Where the logs live: ``sqlite:///DIR``, ``postgresql://...`` or ``memory:`` (tests)."""
 
     database_url: str
-    cipher_key: bytes | None = None  # 32 bytes: encrypts the ingest log (it carries PHI)
+    cipher_key: bytes | None = None  # 32 bytes: encrypts the ingest and access logs (PHI)
 
 
 def postgres_env(url: str) -> dict[str, str]:
@@ -79,26 +89,31 @@ def app_env(config: StoreConfig, name: str) -> dict[str, str]:
     else:
         raise ValueError("database_url must be sqlite:///DIR, postgresql://... or memory:")
     env["AGGREGATE_CACHE_MAXSIZE"] = "20000" if name == "admin" else "2000"
-    if name == "ingest" and config.cipher_key is not None:
+    if name in ("ingest", "access") and config.cipher_key is not None:
         env["CIPHER_TOPIC"] = "eventsourcing.cryptography:AESCipher"
         env["CIPHER_KEY"] = base64.b64encode(config.cipher_key).decode()
     return env
 
 
 class EventStores:
-    """The three applications of one router, built together and closed together."""
+    """The applications of one router, built together and closed together."""
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self.ingest = IngestApplication(env=_clean_env(app_env(config, "ingest")))
         self.delivery = DeliveryApplication(env=_clean_env(app_env(config, "delivery")))
         self.admin = AdminApplication(env=_clean_env(app_env(config, "admin")))
+        self.access = AccessApplication(env=_clean_env(app_env(config, "access")))
 
     def by_name(self, name: str) -> Application:
-        return {"ingest": self.ingest, "delivery": self.delivery, "admin": self.admin}[name]
+        return self.all()[name]
+
+    def all(self) -> dict[str, Application]:
+        return {"ingest": self.ingest, "delivery": self.delivery, "admin": self.admin,
+                "access": self.access}
 
     def close(self) -> None:
-        for app in (self.ingest, self.delivery, self.admin):
+        for app in self.all().values():
             app.close()
 
 

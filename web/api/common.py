@@ -1,0 +1,87 @@
+"""What every API handler shares: JSON in and out, field-level validation errors, paging, and
+the mapping of command errors to HTTP statuses (400/404/422, never a stack trace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from router.application.commands import CommandError, NotFoundError
+from router.dispatch.registry import DestinationConfigError
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+MAX_LIMIT = 1000
+
+
+class ApiError(Exception):
+    """An API error; the error middleware answers ``{"error": {status, message, fields?}}``."""
+
+    def __init__(self, status: int, message: str, fields: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.fields = fields or {}
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(body=orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS),
+                        status=status, content_type="application/json", headers=headers)
+
+
+async def read_json(request: web.Request, model: type[M]) -> M:
+    """The request body validated against ``model``; 400 for bad JSON, 422 with fields."""
+    try:
+        data = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return validate(model, data)
+
+
+def validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid request", fields=field_errors(exc)) from None
+
+
+def field_errors(exc: ValidationError) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for error in exc.errors(include_url=False, include_input=False):
+        key = ".".join(str(part) for part in error["loc"]) or "body"
+        out.setdefault(key, error["msg"])
+    return out
+
+
+def paging(request: web.Request, default: int = 50) -> tuple[int, int]:
+    """``limit`` (1..1000) and ``offset`` (>= 0) from the query string."""
+    try:
+        limit = int(request.query.get("limit", default))
+        offset = int(request.query.get("offset", 0))
+    except ValueError:
+        raise ApiError(400, "limit and offset must be whole numbers") from None
+    if not 1 <= limit <= MAX_LIMIT or offset < 0:
+        raise ApiError(400, f"limit must be 1..{MAX_LIMIT} and offset >= 0")
+    return limit, offset
+
+
+async def run_command(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a write-side command in a thread; its errors become 404 / 422 API errors."""
+    try:
+        return await asyncio.to_thread(func, *args, **kwargs)
+    except NotFoundError as exc:
+        raise ApiError(404, str(exc)) from None
+    except DestinationConfigError as exc:
+        raise ApiError(422, str(exc), fields=exc.errors) from None
+    except (CommandError, ValueError) as exc:
+        raise ApiError(422, str(exc)) from None

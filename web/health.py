@@ -1,0 +1,70 @@
+"""Health and metrics: /healthz, /readyz, /metrics (public, for probes and Prometheus;
+no PHI: counts by destination and status only)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from web.keys import ROUTER_KEY
+from web.routes import Route
+from web.security import PUBLIC
+
+
+def _router(request: web.Request) -> Any:
+    return request.app[ROUTER_KEY]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: started, event stores reachable, views readable (with their lag)."""
+    router = _router(request)
+    try:
+        health = await asyncio.to_thread(router.health)
+    except Exception as exc:
+        return web.json_response({"ready": False, "error": type(exc).__name__}, status=503)
+    return web.json_response(health, status=200 if health["ready"] else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: deliveries by destination and status, receipts, view lag."""
+    router = _router(request)
+    lines = await asyncio.to_thread(_metric_lines, router)
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _metric_lines(router: Any) -> list[str]:
+    jobs_db = router.views["jobs"][1]
+    lines = ["# TYPE dicom_router_deliveries gauge"]
+    for row in jobs_db.query("SELECT destination, status, count(*) AS n FROM deliveries"
+                             " GROUP BY destination, status ORDER BY destination, status"):
+        lines.append(f'dicom_router_deliveries{{destination="{_label(row["destination"])}",'
+                     f'status="{row["status"]}"}} {row["n"]}')
+    lines.append("# TYPE dicom_router_receipts gauge")
+    for row in jobs_db.query("SELECT routing, count(*) AS n FROM jobs GROUP BY routing"
+                             " ORDER BY routing"):
+        lines.append(f'dicom_router_receipts{{routing="{row["routing"]}"}} {row["n"]}')
+    failures = jobs_db.query("SELECT count(*) AS n FROM receipt_failures")[0]["n"]
+    lines.append("# TYPE dicom_router_receipt_failures gauge")
+    lines.append(f"dicom_router_receipt_failures {failures}")
+    lines.append("# TYPE dicom_router_view_lag gauge")
+    for name, lag in router.health()["view_lag"].items():
+        lines.append(f'dicom_router_view_lag{{view="{name}"}} {lag}')
+    return lines
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+ROUTES = [
+    Route("GET", "/healthz", healthz, PUBLIC, "Liveness"),
+    Route("GET", "/readyz", readyz, PUBLIC, "Readiness with view lag"),
+    Route("GET", "/metrics", metrics, PUBLIC, "Prometheus metrics"),
+]

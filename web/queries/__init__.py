@@ -1,0 +1,1 @@
+"""Read-side queries the pages and the API share (views only, never the event tables)."""

@@ -1,0 +1,41 @@
+"""Rendering pages: the template context every page shares (user, navigation, CSRF token)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from web.keys import ISSUER_KEY, PRINCIPAL
+from web.security import Principal
+
+# (label, path, permission): the navigation bar shows what the user's role may open.
+NAVIGATION = (
+    ("Dashboard", "/", "dashboard"),
+    ("Jobs", "/jobs", "jobs.read"),
+    ("Rules", "/rules", "rules.read"),
+    ("Destinations", "/destinations", "destinations.read"),
+    ("Studies", "/studies", "studies.read"),
+    ("Audit", "/audit", "audit.read"),
+    ("Users", "/users", "users.manage"),
+    ("Settings", "/settings", "settings.read"),
+    ("Storage", "/storage", "storage.manage"),
+)
+
+
+def page_context(request: web.Request, **values: Any) -> dict[str, Any]:
+    principal: Principal | None = request.get(PRINCIPAL)
+    csrf = ""
+    if principal is not None and principal.jti is not None:
+        csrf = request.app[ISSUER_KEY].csrf_token(principal.jti)
+    nav = [(label, path) for label, path, perm in NAVIGATION
+           if principal is not None and principal.can(perm)]
+    return {"user": principal, "csrf_token": csrf, "nav": nav, "path": request.path, **values}
+
+
+def render(request: web.Request, template: str, status: int = 200,
+           **values: Any) -> web.Response:
+    """Render a page (or an HTMX fragment) with the shared context; autoescaped."""
+    return aiohttp_jinja2.render_template(template, request, page_context(request, **values),
+                                          status=status)
