@@ -41,6 +41,7 @@ class AccessApplication(Application):
 
 
 APP_NAMES = ("ingest", "delivery", "admin", "access")
+POOL_SIZES = {"ingest": "4", "delivery": "2", "admin": "1", "access": "1"}
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,7 @@ def postgres_env(url: str) -> dict[str, str]:
         "POSTGRES_PORT": str(parts.port or 5432),
         "POSTGRES_USER": unquote(parts.username or "postgres"),
         "POSTGRES_PASSWORD": unquote(parts.password or ""),
-        "POSTGRES_POOL_SIZE": "8",
-        "POSTGRES_MAX_OVERFLOW": "8",
+        "POSTGRES_MAX_OVERFLOW": "6",
         # Also the pool's wait for a connection, which eventsourcing retries 10 times: a
         # database that is down fails a save in about 20 s, inside a sender's DIMSE timeout.
         "POSTGRES_CONNECT_TIMEOUT": "2",
@@ -76,6 +76,9 @@ def app_env(config: StoreConfig, name: str) -> dict[str, str]:
     url = config.database_url
     if url.startswith(("postgresql://", "postgres://")):
         env = postgres_env(url)
+        # Connections a pool opens at once, per process (the parent and each receiver):
+        # PostgreSQL's default of 100 connections must hold them all, with room for bursts.
+        env["POSTGRES_POOL_SIZE"] = POOL_SIZES[name]
     elif url.startswith("sqlite:///"):
         folder = Path(url.removeprefix("sqlite:///"))
         folder.mkdir(parents=True, exist_ok=True)
