@@ -41,6 +41,11 @@ class WebServer:
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
 
+    @property
+    def app(self) -> web.Application:
+        assert self._runner is not None
+        return self._runner.app
+
     def stop(self) -> None:
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)

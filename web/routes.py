@@ -43,6 +43,8 @@ ROUTE_MODULES = (
     "web.pages.settings", "web.pages.storage", "web.api.auth", "web.api.jobs", "web.api.rules",
     "web.api.destinations", "web.api.studies", "web.api.audit", "web.api.users",
     "web.api.settings", "web.api.storage", "web.api.stats", "web.api.openapi",
+    "web.dicomweb.qido", "web.dicomweb.wado", "web.dicomweb.wado_uri", "web.dicomweb.stow",
+    "web.viewer",
 )
 
 

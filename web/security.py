@@ -23,7 +23,7 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "operator": frozenset({
         "dashboard", "jobs.read", "jobs.write", "rules.read", "rules.write",
         "destinations.read", "destinations.write", "stats.read", "remote.read",
-        "remote.write",
+        "remote.write", "studies.store",
     }),
     "radiologist": frozenset({"dashboard", "studies.read", "viewer", "stats.read",
                               "remote.read"}),
@@ -33,7 +33,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
 # Every permission a route may name (tests check routes only use these).
 PERMISSIONS = frozenset({
     PUBLIC, AUTHENTICATED, "dashboard", "jobs.read", "jobs.write", "rules.read", "rules.write",
-    "destinations.read", "destinations.write", "studies.read", "viewer", "stats.read",
+    "destinations.read", "destinations.write", "studies.read", "studies.store", "viewer",
+    "stats.read",
     "audit.read", "users.manage", "settings.read", "settings.write", "storage.manage",
     "remote.read", "remote.write",
 })
