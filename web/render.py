@@ -17,6 +17,7 @@ NAVIGATION = (
     ("Rules", "/rules", "rules.read"),
     ("Destinations", "/destinations", "destinations.read"),
     ("Studies", "/studies", "studies.read"),
+    ("Remote PACS", "/remote", "remote.read"),
     ("Audit", "/audit", "audit.read"),
     ("Users", "/users", "users.manage"),
     ("Settings", "/settings", "settings.read"),
