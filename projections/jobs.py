@@ -1,5 +1,6 @@
 """The ``jobs`` view: one row per receipt and one per delivery (status, attempts, next retry,
-last error). The dispatcher's queue is this view; the UI and API read it too.
+last error), and one per job whose stored object retention purged. The dispatcher's queue is
+this view; the UI and API read it too.
 
 Rows are written so that applying the ingest and delivery logs in either order gives the same
 tables (a rebuild may interleave them differently from live processing).
@@ -34,6 +35,12 @@ FAILURES_SQL = """CREATE TABLE IF NOT EXISTS receipt_failures (
     source_ip TEXT NOT NULL, calling_aet TEXT NOT NULL, called_aet TEXT NOT NULL,
     status INTEGER NOT NULL, reason TEXT NOT NULL, sop_instance_uid TEXT)"""
 
+# One row per job whose stored object retention purged (Job.BlobPurged); purge_id is the
+# correlation id of the purge run, so a run's jobs, blobs and bytes can be summed.
+PURGES_SQL = """CREATE TABLE IF NOT EXISTS blob_purges (
+    job_id TEXT PRIMARY KEY, purge_id TEXT NOT NULL, purged_at DOUBLE PRECISION NOT NULL,
+    actor TEXT NOT NULL, sha256 TEXT NOT NULL, size BIGINT NOT NULL)"""
+
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_sha ON jobs (sha256)",
     "CREATE INDEX IF NOT EXISTS jobs_received ON jobs (received_at)",
@@ -41,6 +48,8 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS deliveries_queue"
     " ON deliveries (destination, status, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (job_id)",
+    "CREATE INDEX IF NOT EXISTS blob_purges_run ON blob_purges (purge_id)",
+    "CREATE INDEX IF NOT EXISTS blob_purges_sha ON blob_purges (sha256)",
 )
 
 _UPSERT_DELIVERY = (
@@ -54,10 +63,10 @@ _UPSERT_DELIVERY = (
 class JobsView(View):
     name = "jobs"
     follows = ("ingest", "delivery")
-    tables = ("jobs", "deliveries", "receipt_failures")
+    tables = ("jobs", "deliveries", "receipt_failures", "blob_purges")
 
     def create(self, cur: Cursor, dialect: str) -> None:
-        for sql in (JOBS_SQL, DELIVERIES_SQL, FAILURES_SQL, *INDEXES):
+        for sql in (JOBS_SQL, DELIVERIES_SQL, FAILURES_SQL, PURGES_SQL, *INDEXES):
             cur.execute(sql)
 
     def apply(self, cur: Cursor, record: EventRecord) -> None:
@@ -112,6 +121,14 @@ class JobsView(View):
     def _Job_ConflictKept(self, cur: Cursor, r: EventRecord) -> None:
         cur.execute("UPDATE jobs SET routing = 'conflict', duplicate_of = ? WHERE job_id = ?",
                     (r.event.original_job_id, r.originator_id))
+
+    def _Job_BlobPurged(self, cur: Cursor, r: EventRecord) -> None:
+        e = r.event
+        cur.execute(
+            "INSERT INTO blob_purges (job_id, purge_id, purged_at, actor, sha256, size)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
+            (r.originator_id, e.correlation_id, r.timestamp, e.actor, e.sha256, e.size),
+        )
 
     def _ReceiptFailure_Recorded(self, cur: Cursor, r: EventRecord) -> None:
         e = r.event

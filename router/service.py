@@ -18,6 +18,8 @@ from projections.studies import StudiesView
 from router.application.admin_state import AdminState, DestinationState
 from router.application.commands import Commands
 from router.application.receive import Receiver
+from router.application.retention import Retention
+from router.application.runtime_settings import RuntimeSettingsStore
 from router.application.sessions import Sessions
 from router.application.stores import APP_NAMES, EventStores, open_stores
 from router.application.users import Users
@@ -59,6 +61,8 @@ class Router:
     dicom: DicomServer
     users: Users
     sessions: Sessions
+    runtime: RuntimeSettingsStore
+    retention: Retention
     ready: bool = False
     receivers: ReceiverPool | None = None
 
@@ -82,11 +86,14 @@ class Router:
         dispatcher = Dispatcher(stores, jobs_db, admin, blobs, settings.dispatch, make_adapter,
                                 on_saved=runner.wake)
         runner.add_listener(lambda view: dispatcher.wake() if view == "jobs" else None)
+        runtime = RuntimeSettingsStore(stores, settings)
+        retention = Retention(stores, jobs_db, blobs, runtime, on_saved=runner.wake)
         return cls(settings=settings, box=box, stores=stores, blobs=blobs, admin=admin,
                    commands=Commands(stores, admin, box), views=views, runner=runner,
                    receiver=receiver, dispatcher=dispatcher,
                    dicom=DicomServer(settings, receiver),
-                   users=Users(stores, admin, settings.web), sessions=Sessions(stores))
+                   users=Users(stores, admin, settings.web), sessions=Sessions(stores),
+                   runtime=runtime, retention=retention)
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -111,6 +118,7 @@ class Router:
             self.runner.listen(self.settings.database_url,
                                [f"{name}_events" for name in APP_NAMES])
         self.dispatcher.start()
+        self.retention.start()  # purges hourly while storage.retention_days > 0
         self._start_receiving()
         self.ready = True
         logger.info("router started")
@@ -135,6 +143,7 @@ class Router:
         else:
             self.dicom.stop(grace=min(grace, 10.0))
         self.dispatcher.stop(grace=grace)
+        self.retention.stop()
         self.runner.stop()
         for _, db in self.views.values():
             db.close()

@@ -50,6 +50,7 @@ class Job(Aggregate):
         self.previous_job_id = previous_job_id
         self.destinations: list[str] = []
         self.duplicate_of: str | None = None
+        self.blob_purged = False
 
     @event("Routed")
     def route(
@@ -93,6 +94,14 @@ class Job(Aggregate):
     ) -> None:
         """An operator routed the job again (new destinations are added, none removed)."""
         self.destinations = sorted(set(self.destinations) | set(destinations))
+
+    @event("BlobPurged")
+    def purge_blob(
+        self, *, actor: str, source_ip: str, correlation_id: str, sha256: str, size: int,
+        reason: str,
+    ) -> None:
+        """Retention deleted the stored object of this fully delivered job (events stay)."""
+        self.blob_purged = True
 
 
 class Instance(Aggregate):
