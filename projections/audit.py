@@ -2,7 +2,8 @@
 source IP, correlation id), keyed by (application, position) so a rebuild is identical.
 
 Study and patient identifiers are kept in their own columns for "history of this study"
-queries; the detail column holds a short, PHI-free summary.
+queries; the detail column holds a short, PHI-free JSON summary built from an allow-list of
+event fields (never password or token hashes, destination configs or rule criteria).
 """
 
 from __future__ import annotations
@@ -31,10 +32,16 @@ JOBS_SQL = """CREATE TABLE IF NOT EXISTS audit_jobs (
 # says which job it belongs to.
 DELIVERIES_SQL = """CREATE TABLE IF NOT EXISTS audit_deliveries (
     delivery_id TEXT PRIMARY KEY, job_id TEXT NOT NULL)"""
+# The name of each rule, destination and user (given in its Created event, same log), so
+# that the rows of later changes say which one changed.
+NAMES_SQL = """CREATE TABLE IF NOT EXISTS audit_names (
+    object_id TEXT PRIMARY KEY, name TEXT NOT NULL)"""
 
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS audit_time ON audit (occurred_at)",
     "CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor)",
+    "CREATE INDEX IF NOT EXISTS audit_actor_lower ON audit (lower(actor))",
+    "CREATE INDEX IF NOT EXISTS audit_action ON audit (action, occurred_at)",
     "CREATE INDEX IF NOT EXISTS audit_study ON audit (study_instance_uid)",
     "CREATE INDEX IF NOT EXISTS audit_object ON audit (object_id)",
     "CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id)",
@@ -44,68 +51,57 @@ INDEXES = (
 FAILURES = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
             "LoginFailure.Recorded"}
 
-# Fields that are safe and useful to show in the audit trail's detail column.
+# Fields that are safe and useful to show in the audit trail's detail column. Anything not
+# listed (index, config, spec, password_hash, token_hash) never reaches the view.
 DETAIL_FIELDS = (
     "source", "calling_aet", "called_aet", "sop_class_uid", "transfer_syntax_uid", "size",
     "destinations", "unrouted", "default_destination_used", "matched_rules", "status",
     "reason", "destination", "attempt", "error", "retry_at", "detail", "permanent",
-    "original_job_id", "job_id", "name", "duration_ms",
+    "original_job_id", "job_id", "name", "duration_ms", "role", "token_id", "label", "kind",
+    "expires_at", "stopped_by",
+)
+# What a rule change shows of the rule: not its criteria, which may quote tag values.
+RULE_SUMMARY = ("priority", "enabled", "destinations", "stop")
+
+_INSERT = (
+    "INSERT INTO audit (application, position, occurred_at, actor, source_ip, action,"
+    " object_type, object_id, outcome, correlation_id, study_instance_uid, patient_id,"
+    " detail, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (application, position) DO NOTHING"
 )
 
 
-def _detail(event: Any) -> str:
-    out = {f: getattr(event, f) for f in DETAIL_FIELDS if hasattr(event, f)}
-    return json.dumps(out, sort_keys=True, default=str)
+def _fields(event: Any) -> dict[str, Any]:
+    return {f: getattr(event, f) for f in DETAIL_FIELDS if hasattr(event, f)}
+
+
+def _dump(detail: dict[str, Any]) -> str:
+    return json.dumps(detail, sort_keys=True, default=str)
 
 
 class AuditView(View):
     name = "audit"
     follows = ("ingest", "delivery", "admin", "access")
-    tables = ("audit", "audit_jobs", "audit_deliveries")
+    tables = ("audit", "audit_jobs", "audit_deliveries", "audit_names")
 
     def create(self, cur: Cursor, dialect: str) -> None:
-        for sql in (AUDIT_SQL, JOBS_SQL, DELIVERIES_SQL, *INDEXES):
+        for sql in (AUDIT_SQL, JOBS_SQL, DELIVERIES_SQL, NAMES_SQL, *INDEXES):
             cur.execute(sql)
 
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         e = record.event
         row = _row(record)
-        if record.topic == "Delivery.Created":
-            cur.execute("INSERT INTO audit_deliveries (delivery_id, job_id) VALUES (?, ?)"
-                        " ON CONFLICT (delivery_id) DO NOTHING",
-                        (record.originator_id, row["job_id"]))
+        if record.application == "admin":
+            row["detail"] = _dump(_admin_detail(cur, record))
         elif record.topic.startswith("Delivery."):
-            cur.execute("SELECT job_id FROM audit_deliveries WHERE delivery_id = ?",
-                        (record.originator_id,))
-            found = cur.fetchone()
-            row["job_id"] = found["job_id"] if found is not None else None
-        if record.topic == "Job.Received":
-            cur.execute("INSERT INTO audit_jobs (job_id, study_instance_uid, patient_id)"
-                        " VALUES (?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET"
-                        " study_instance_uid = excluded.study_instance_uid,"
-                        " patient_id = excluded.patient_id",
-                        (row["job_id"], row["study"], row["patient"]))
-            cur.execute("UPDATE audit SET study_instance_uid = ?, patient_id = ?"
-                        " WHERE job_id = ? AND study_instance_uid IS NULL",
-                        (row["study"], row["patient"], row["job_id"]))
-        elif row["job_id"] and row["study"] is None:
-            cur.execute("SELECT study_instance_uid, patient_id FROM audit_jobs WHERE job_id = ?",
-                        (row["job_id"],))
-            found = cur.fetchone()
-            if found is not None:
-                row["study"] = found["study_instance_uid"]
-                row["patient"] = found["patient_id"]
-        cur.execute(
-            "INSERT INTO audit (application, position, occurred_at, actor, source_ip, action,"
-            " object_type, object_id, outcome, correlation_id, study_instance_uid, patient_id,"
-            " detail, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (application, position) DO NOTHING",
-            (record.application, record.position, record.timestamp,
-             getattr(e, "actor", "system"), getattr(e, "source_ip", ""), row["action"],
-             row["object_type"], row["object_id"], row["outcome"],
-             getattr(e, "correlation_id", None), row["study"], row["patient"], row["detail"],
-             row["job_id"]),
-        )
+            _link_delivery(cur, record, row)
+        _link_job(cur, record, row)
+        cur.execute(_INSERT, (
+            record.application, record.position, record.timestamp,
+            getattr(e, "actor", "system"), getattr(e, "source_ip", ""), row["action"],
+            row["object_type"], row["object_id"], row["outcome"],
+            getattr(e, "correlation_id", None), row["study"], row["patient"], row["detail"],
+            row["job_id"]))
 
 
 def _row(record: EventRecord) -> dict[str, Any]:
@@ -114,8 +110,9 @@ def _row(record: EventRecord) -> dict[str, Any]:
     if record.topic == "Access.Recorded":
         return {"action": e.action, "object_type": e.object_type, "object_id": e.object_id,
                 "outcome": e.outcome, "study": _text(e.study_instance_uid),
-                "patient": _text(e.patient_id), "job_id": None,
-                "detail": json.dumps({"detail": e.detail}, sort_keys=True)}
+                "patient": _text(e.patient_id),
+                "job_id": e.object_id if e.object_type == "job" and e.object_id else None,
+                "detail": _dump({"detail": e.detail})}
     index = getattr(e, "index", None) or {}
     job_id = None
     if record.topic.startswith("Job."):
@@ -126,4 +123,62 @@ def _row(record: EventRecord) -> dict[str, Any]:
             "object_id": record.originator_id,
             "outcome": "failure" if record.topic in FAILURES else "success",
             "study": _text(index.get("StudyInstanceUID")),
-            "patient": _text(index.get("PatientID")), "job_id": job_id, "detail": _detail(e)}
+            "patient": _text(index.get("PatientID")), "job_id": job_id,
+            "detail": _dump(_fields(e))}
+
+
+def _admin_detail(cur: Cursor, record: EventRecord) -> dict[str, Any]:
+    """Name and version of the rule, destination or user changed, and a safe summary."""
+    e = record.event
+    detail = _fields(e)
+    name = getattr(e, "name", None)
+    if isinstance(name, str):
+        cur.execute("INSERT INTO audit_names (object_id, name) VALUES (?, ?)"
+                    " ON CONFLICT (object_id) DO UPDATE SET name = excluded.name",
+                    (record.originator_id, name))
+    else:
+        cur.execute("SELECT name FROM audit_names WHERE object_id = ?", (record.originator_id,))
+        found = cur.fetchone()
+        name = found["name"] if found is not None else None
+    detail["name"] = name
+    detail["version"] = e.originator_version
+    spec = getattr(e, "spec", None)
+    if isinstance(spec, dict):
+        detail.update({key: spec.get(key) for key in RULE_SUMMARY})
+    config = getattr(e, "config", None)
+    if isinstance(config, dict):
+        detail["type"] = config.get("type")
+    return detail
+
+
+def _link_delivery(cur: Cursor, record: EventRecord, row: dict[str, Any]) -> None:
+    """Remember each delivery's job; later events of the delivery carry only its id."""
+    if record.topic == "Delivery.Created":
+        cur.execute("INSERT INTO audit_deliveries (delivery_id, job_id) VALUES (?, ?)"
+                    " ON CONFLICT (delivery_id) DO NOTHING",
+                    (record.originator_id, row["job_id"]))
+        return
+    cur.execute("SELECT job_id FROM audit_deliveries WHERE delivery_id = ?",
+                (record.originator_id,))
+    found = cur.fetchone()
+    row["job_id"] = found["job_id"] if found is not None else None
+
+
+def _link_job(cur: Cursor, record: EventRecord, row: dict[str, Any]) -> None:
+    """Tie rows of a job to its study and patient, whichever log is read first."""
+    if record.topic == "Job.Received":
+        cur.execute("INSERT INTO audit_jobs (job_id, study_instance_uid, patient_id)"
+                    " VALUES (?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET"
+                    " study_instance_uid = excluded.study_instance_uid,"
+                    " patient_id = excluded.patient_id",
+                    (row["job_id"], row["study"], row["patient"]))
+        cur.execute("UPDATE audit SET study_instance_uid = ?, patient_id = ?"
+                    " WHERE job_id = ? AND study_instance_uid IS NULL",
+                    (row["study"], row["patient"], row["job_id"]))
+    elif row["job_id"] and row["study"] is None:
+        cur.execute("SELECT study_instance_uid, patient_id FROM audit_jobs WHERE job_id = ?",
+                    (row["job_id"],))
+        found = cur.fetchone()
+        if found is not None:
+            row["study"] = found["study_instance_uid"]
+            row["patient"] = found["patient_id"]

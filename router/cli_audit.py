@@ -1,16 +1,99 @@
-"""``dicom-router audit export ...``: TODO(issue 3), filled in by its owner this session."""
+"""``dicom-router audit export``: the audit trail (or part of it) as CSV or JSON, read from the
+audit view after catching it up with the log. The export is itself recorded as an access by
+the actor ``cli``. An output file is created readable by its owner only (it holds PHI).
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import getpass
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
 
 from router.settings import Settings
 
 
 def add_parsers(sub: Any) -> None:
-    sub.add_parser("audit", help="audit trail (export)")
+    audit = sub.add_parser("audit", help="audit trail (export)")
+    asub = audit.add_subparsers(dest="action", required=True)
+    export = asub.add_parser("export", help="write matching audit rows, oldest first")
+    export.add_argument("--from", dest="since", metavar="ISO",
+                        help="from this time (ISO 8601, UTC unless a zone is given)")
+    export.add_argument("--to", dest="until", metavar="ISO",
+                        help="up to this time (a bare date covers the whole day)")
+    export.add_argument("--study", help="StudyInstanceUID")
+    export.add_argument("--patient", help="patient ID")
+    export.add_argument("--user", help="who acted (user name, AE title, config, system...)")
+    export.add_argument("--action", help="event or access action; a trailing * is a prefix")
+    export.add_argument("--outcome", choices=["success", "failure", "denied", "not_found"])
+    export.add_argument("--format", choices=["csv", "json"], default="csv")
+    export.add_argument("--output", type=Path, help="file to write (default: standard output)")
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
-    raise ValueError("not implemented yet")
+    from router.application.commands import Actor
+    from router.application.sessions import AccessRecord
+    from router.service import Router
+    from web.queries.audit import AuditFilter, FilterError
+
+    query = {"from": args.since, "to": args.until, "study": args.study,
+             "patient": args.patient, "user": args.user, "action": args.action,
+             "outcome": args.outcome}
+    try:
+        flt = AuditFilter.from_query({k: v for k, v in query.items() if v})
+    except FilterError as exc:
+        raise ValueError(f"audit export: {exc}") from None
+    router = Router.build(settings)
+    try:
+        router.runner.catch_up()
+        flt = flt.up_to(time.time())
+        with _output(args.output) as out:
+            count = write_export(router.views["audit"][1], flt, args.format, out)
+        router.sessions.record(Actor("cli"), AccessRecord(
+            action="audit.export", object_type="audit", study_instance_uid=flt.study_uid,
+            patient_id=flt.patient_id,
+            detail=f"format={args.format} rows={count} os_user={_os_user()} "
+                   f"{flt.describe()}".strip()))
+    finally:
+        for _, db in router.views.values():
+            db.close()
+        router.stores.close()
+    if args.output is not None:
+        print(f"wrote {count} audit rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def write_export(db: Any, flt: Any, fmt: str, out: IO[str]) -> int:
+    """Write the rows matching ``flt`` to ``out`` as CSV or a JSON array; returns the count."""
+    from web.queries.audit import csv_text, export_pages, json_items
+
+    count = 0
+    out.write(csv_text([], header=True) if fmt == "csv" else "[\n")
+    for rows in export_pages(db, flt):
+        out.write(csv_text(rows) if fmt == "csv" else json_items(rows, first=count == 0))
+        count += len(rows)
+    if fmt == "json":
+        out.write("\n]\n")
+    return count
+
+
+@contextmanager
+def _output(path: Path | None) -> Any:
+    if path is None:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8", newline="") as handle:
+        yield handle
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

@@ -1,0 +1,264 @@
+"""Reads of the audit view: search with filters and paging, export in time order (keyset
+pages, so an export of millions of rows never holds them all), the history of one study, and
+the CSV/JSON encodings (CSV cells neutralised against formula injection).
+
+Used by the web pages, the API and ``dicom-router audit export``; no aiohttp here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+Row = dict[str, Any]
+
+# Export columns, in order. ``time`` is occurred_at as ISO 8601 UTC.
+COLUMNS = ("time", "actor", "source_ip", "action", "object_type", "object_id", "outcome",
+           "study_instance_uid", "patient_id", "job_id", "correlation_id", "detail",
+           "application", "position")
+OUTCOMES = ("success", "failure", "denied", "not_found")
+# Offered in the action field (a trailing * matches a prefix: "Delivery.*", "audit.*").
+KNOWN_ACTIONS = (
+    "Job.*", "Job.Received", "Job.Routed", "Job.DuplicateIgnored", "Job.ConflictKept",
+    "Job.Rerouted", "ReceiptFailure.Recorded", "Delivery.*", "Delivery.Created",
+    "Delivery.Succeeded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
+    "Delivery.Requeued", "Delivery.Cancelled", "Rule.*", "Destination.*", "User.*",
+    "Session.*", "LoginFailure.Recorded", "access.denied", "study.*", "audit.*",
+)
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+MAX_TEXT = 256  # longest filter value accepted (a UID is 64, an ID 64)
+_SELECT = ("SELECT application, position, occurred_at, actor, source_ip, action, object_type,"
+           " object_id, outcome, correlation_id, study_instance_uid, patient_id, detail, job_id"
+           " FROM audit")
+_ASC = " ORDER BY occurred_at, application, position"
+_DESC = " ORDER BY occurred_at DESC, application DESC, position DESC"
+
+
+class FilterError(ValueError):
+    """Bad filter values; ``fields`` maps each parameter to what is wrong with it."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{k}: {v}" for k, v in fields.items()))
+        self.fields = fields
+
+
+def parse_time(value: str, end_of_day: bool = False) -> float:
+    """ISO 8601 as Unix seconds; without a zone it is UTC. A bare date is its first instant
+    (or, with ``end_of_day``, its last), so ``to=2024-01-15`` covers that whole day."""
+    text = value.strip()
+    if len(text) == 10 and text[4] == "-" and text[7] == "-":
+        day = datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
+        if end_of_day:
+            return (day + timedelta(days=1)).timestamp() - 1e-6
+        return day.timestamp()
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def iso(ts: float | None) -> str:
+    """Unix seconds as ISO 8601 UTC with milliseconds (``2024-01-15T09:30:00.123Z``)."""
+    if ts is None:
+        return ""
+    moment = datetime.fromtimestamp(ts, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """What to look for; every field is optional and they combine with AND."""
+
+    user: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    action: str | None = None
+    outcome: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> AuditFilter:
+        """From query parameters user (or actor), patient, study, action, outcome, from, to."""
+        errors: dict[str, str] = {}
+        text = {key: _text(query, key, errors)
+                for key in ("user", "actor", "patient", "study", "action", "outcome")}
+        if text["outcome"] and text["outcome"] not in OUTCOMES:
+            errors["outcome"] = f"must be one of {', '.join(OUTCOMES)}"
+        since = _time(query, "from", errors)
+        until = _time(query, "to", errors)
+        if since is not None and until is not None and since > until:
+            errors["to"] = "must not be before from"
+        if errors:
+            raise FilterError(errors)
+        return cls(user=text["user"] or text["actor"], patient_id=text["patient"],
+                   study_uid=text["study"], action=text["action"], outcome=text["outcome"],
+                   since=since, until=until)
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.user:
+            clauses.append("lower(actor) = lower(?)")
+            params.append(self.user)
+        for column, value in (("patient_id", self.patient_id),
+                              ("study_instance_uid", self.study_uid),
+                              ("outcome", self.outcome)):
+            if value:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.action and self.action.endswith("*"):
+            clauses.append("action LIKE ? ESCAPE '!'")
+            params.append(_like_prefix(self.action[:-1]))
+        elif self.action:
+            clauses.append("action = ?")
+            params.append(self.action)
+        if self.since is not None:
+            clauses.append("occurred_at >= ?")
+            params.append(self.since)
+        if self.until is not None:
+            clauses.append("occurred_at <= ?")
+            params.append(self.until)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def up_to(self, moment: float) -> AuditFilter:
+        """This filter, ending no later than ``moment`` (an export is a fixed snapshot)."""
+        return replace(self, until=moment if self.until is None else min(self.until, moment))
+
+    def describe(self) -> str:
+        """The filter for the access record. Patient and study go in their own fields."""
+        parts = [f"{key}={value}" for key, value in (
+            ("user", self.user), ("action", self.action), ("outcome", self.outcome),
+            ("from", iso(self.since) if self.since is not None else None),
+            ("to", iso(self.until) if self.until is not None else None)) if value]
+        return " ".join(parts)
+
+    def query_params(self) -> dict[str, str]:
+        """The filter as query parameters (for paging and export links)."""
+        values = {"user": self.user, "patient": self.patient_id, "study": self.study_uid,
+                  "action": self.action, "outcome": self.outcome,
+                  "from": iso(self.since) if self.since is not None else None,
+                  "to": iso(self.until) if self.until is not None else None}
+        return {key: value for key, value in values.items() if value}
+
+
+def _text(query: Mapping[str, str], key: str, errors: dict[str, str]) -> str | None:
+    value = (query.get(key) or "").strip()
+    if len(value) > MAX_TEXT:
+        errors[key] = f"at most {MAX_TEXT} characters"
+    return value or None
+
+
+def _time(query: Mapping[str, str], key: str, errors: dict[str, str]) -> float | None:
+    value = (query.get(key) or "").strip()
+    if not value:
+        return None
+    try:
+        return parse_time(value, end_of_day=key == "to")
+    except ValueError:
+        errors[key] = "expected ISO 8601 UTC, e.g. 2024-01-15T09:30:00Z or 2024-01-15"
+        return None
+
+
+def _like_prefix(prefix: str) -> str:
+    escaped = prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    return escaped + "%"
+
+
+def search(db: Any, flt: AuditFilter, limit: int, offset: int) -> tuple[list[Row], int]:
+    """One page of matching rows, newest first, and how many match in all."""
+    where, params = flt.where()
+    total = int(db.query("SELECT count(*) AS n FROM audit" + where, params)[0]["n"])
+    rows = db.query(_SELECT + where + _DESC + " LIMIT ? OFFSET ?", [*params, limit, offset])
+    return rows, total
+
+
+def export_pages(db: Any, flt: AuditFilter, page_size: int = 1000) -> Iterator[list[Row]]:
+    """Matching rows oldest first, a page at a time (keyset: no OFFSET, no snapshot held)."""
+    after: tuple[Any, ...] | None = None
+    while True:
+        rows = export_page(db, flt, after, page_size)
+        if not rows:
+            return
+        yield rows
+        if len(rows) < page_size:
+            return
+        last = rows[-1]
+        after = (last["occurred_at"], last["application"], last["position"])
+
+
+def export_page(db: Any, flt: AuditFilter, after: Sequence[Any] | None,
+                page_size: int) -> list[Row]:
+    """The page of matching rows that follows ``after`` = (occurred_at, application, position)."""
+    where, params = flt.where()
+    if after is not None:
+        where += (" AND " if where else " WHERE ") + \
+            "(occurred_at, application, position) > (?, ?, ?)"
+        params = [*params, *after]
+    rows: list[Row] = db.query(_SELECT + where + _ASC + " LIMIT ?", [*params, page_size])
+    return rows
+
+
+def study_history(db: Any, study_uid: str, limit: int, offset: int
+                  ) -> tuple[list[Row], int, list[Row]]:
+    """Every row of one study in time order (one page), the total, and counts per action."""
+    where = " WHERE study_instance_uid = ?"
+    summary = db.query("SELECT action, outcome, count(*) AS n FROM audit" + where
+                       + " GROUP BY action, outcome ORDER BY action, outcome", [study_uid])
+    total = sum(int(r["n"]) for r in summary)
+    rows = db.query(_SELECT + where + _ASC + " LIMIT ? OFFSET ?", [study_uid, limit, offset])
+    return rows, total, summary
+
+
+def patient_of(rows: Sequence[Row]) -> str | None:
+    """The patient ID the rows of a study name (the first one given)."""
+    return next((r["patient_id"] for r in rows if r.get("patient_id")), None)
+
+
+# --- encodings ------------------------------------------------------------------------------
+
+def public_row(row: Row) -> Row:
+    """A row as the API and exports show it: ISO time, detail as an object."""
+    out = {key: row.get(key) for key in COLUMNS if key not in ("time", "detail")}
+    out["time"] = iso(row["occurred_at"])
+    out["position"] = int(row["position"])
+    try:
+        out["detail"] = json.loads(row["detail"]) if row.get("detail") else {}
+    except ValueError:
+        out["detail"] = {"text": row["detail"]}
+    return {key: out[key] for key in COLUMNS}
+
+
+def csv_cell(value: Any) -> str:
+    """A cell a spreadsheet will not run: text starting with = + - @ TAB or CR gets a '."""
+    text = "" if value is None else str(value)
+    if text.startswith(FORMULA_PREFIXES):
+        return "'" + text
+    return text
+
+
+def csv_text(rows: Sequence[Row], header: bool = False) -> str:
+    """RFC 4180 lines (CRLF, quoted where needed) of ``rows``, with the header if asked."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
+    if header:
+        writer.writerow(COLUMNS)
+    for row in rows:
+        public = public_row(row)
+        public["detail"] = row.get("detail") or ""
+        writer.writerow([csv_cell(public[key]) for key in COLUMNS])
+    return buffer.getvalue()
+
+
+def json_items(rows: Sequence[Row], first: bool) -> str:
+    """Rows as the items of a JSON array (comma-led unless they are the first)."""
+    parts = [json.dumps(public_row(row), ensure_ascii=False, sort_keys=False)
+             for row in rows]
+    if not parts:
+        return ""
+    return ("" if first else ",\n") + ",\n".join(parts)
