@@ -1,11 +1,14 @@
 """The ``studies`` view: study, series and instance index with what C-FIND and QIDO-RS need.
 
-Built from receipt events only (the index attributes they carry). The latest stored version of
-a SOP Instance UID wins; counts are recomputed for the studies and series a batch touched.
+Built from receipt events (the index attributes they carry) and blob purges (an instance whose
+stored object retention deleted is no longer available). The latest stored version of a SOP
+Instance UID wins; counts are recomputed for the studies and series a batch touched. A view
+created by an older release (missing columns) is dropped and replayed from the log at start.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from projections.db import Cursor
@@ -17,21 +20,23 @@ STUDIES_SQL = """CREATE TABLE IF NOT EXISTS studies (
     patient_name TEXT, patient_birth_date TEXT, patient_sex TEXT, study_date TEXT,
     study_time TEXT, accession_number TEXT, study_id TEXT, study_description TEXT,
     referring_physician_name TEXT, specific_character_set TEXT, modalities TEXT,
-    number_of_series INTEGER NOT NULL DEFAULT 0, number_of_instances INTEGER NOT NULL DEFAULT 0,
-    updated_at DOUBLE PRECISION NOT NULL)"""
+    timezone_offset_from_utc TEXT, number_of_series INTEGER NOT NULL DEFAULT 0,
+    number_of_instances INTEGER NOT NULL DEFAULT 0, updated_at DOUBLE PRECISION NOT NULL)"""
 
 SERIES_SQL = """CREATE TABLE IF NOT EXISTS series (
     series_instance_uid TEXT PRIMARY KEY, study_instance_uid TEXT NOT NULL, modality TEXT,
     series_number INTEGER, series_description TEXT, body_part_examined TEXT,
-    series_date TEXT, series_time TEXT,
+    series_date TEXT, series_time TEXT, performed_procedure_step_start_date TEXT,
+    performed_procedure_step_start_time TEXT,
     number_of_instances INTEGER NOT NULL DEFAULT 0, updated_at DOUBLE PRECISION NOT NULL)"""
 
 INSTANCES_SQL = """CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY, series_instance_uid TEXT NOT NULL,
     study_instance_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, instance_number INTEGER,
-    rows_ INTEGER, columns_ INTEGER, number_of_frames INTEGER, transfer_syntax_uid TEXT,
+    rows_ INTEGER, columns_ INTEGER, number_of_frames INTEGER, bits_allocated INTEGER,
+    acquisition_date_time TEXT, transfer_syntax_uid TEXT,
     sha256 TEXT NOT NULL, size BIGINT NOT NULL, job_id TEXT NOT NULL,
-    received_at DOUBLE PRECISION NOT NULL)"""
+    available INTEGER NOT NULL DEFAULT 1, received_at DOUBLE PRECISION NOT NULL)"""
 
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_id)",
@@ -42,6 +47,34 @@ INDEXES = (
 )
 
 UNKNOWN = "UNKNOWN"
+PURGED = "Job.BlobPurged"
+
+logger = logging.getLogger(__name__)
+
+# (column, index keyword) of each table: text columns, then whole numbers.
+STUDY_FIELDS = (
+    ("patient_id", "PatientID"), ("issuer_of_patient_id", "IssuerOfPatientID"),
+    ("patient_name", "PatientName"), ("patient_birth_date", "PatientBirthDate"),
+    ("patient_sex", "PatientSex"), ("study_date", "StudyDate"), ("study_time", "StudyTime"),
+    ("accession_number", "AccessionNumber"), ("study_id", "StudyID"),
+    ("study_description", "StudyDescription"),
+    ("referring_physician_name", "ReferringPhysicianName"),
+    ("specific_character_set", "SpecificCharacterSet"),
+    ("timezone_offset_from_utc", "TimezoneOffsetFromUTC"),
+)
+SERIES_FIELDS = (
+    ("modality", "Modality"), ("series_description", "SeriesDescription"),
+    ("body_part_examined", "BodyPartExamined"), ("series_date", "SeriesDate"),
+    ("series_time", "SeriesTime"),
+    ("performed_procedure_step_start_date", "PerformedProcedureStepStartDate"),
+    ("performed_procedure_step_start_time", "PerformedProcedureStepStartTime"),
+)
+SERIES_NUMBERS = (("series_number", "SeriesNumber"),)
+INSTANCE_NUMBERS = (
+    ("instance_number", "InstanceNumber"), ("rows_", "Rows"), ("columns_", "Columns"),
+    ("number_of_frames", "NumberOfFrames"), ("bits_allocated", "BitsAllocated"),
+)
+INSTANCE_TEXTS = (("acquisition_date_time", "AcquisitionDateTime"),)
 
 
 def _int(value: Any) -> int | None:
@@ -49,6 +82,33 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _upsert(table: str, key: str, columns: list[str]) -> str:
+    """An INSERT ... ON CONFLICT DO UPDATE of every column (both engines understand it)."""
+    names = [key, *columns]
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns)
+    return (f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+            f" ON CONFLICT ({key}) DO UPDATE SET {updates}")
+
+
+def _expected_columns() -> dict[str, set[str]]:
+    """Column names per table, read from the CREATE statements above."""
+    out = {}
+    for table, sql in (("studies", STUDIES_SQL), ("series", SERIES_SQL),
+                       ("instances", INSTANCES_SQL)):
+        body = sql.split("(", 1)[1].rsplit(")", 1)[0]
+        out[table] = {part.split()[0] for part in body.split(",") if part.split()}
+    return out
+
+
+def _existing_columns(cur: Cursor, dialect: str, table: str) -> set[str]:
+    if dialect == "sqlite":
+        cur.execute(f"PRAGMA table_info({table})")
+        return {row["name"] for row in cur.fetchall()}
+    cur.execute("SELECT column_name AS name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = ?", (table,))
+    return {row["name"] for row in cur.fetchall()}
 
 
 class StudiesView(View):
@@ -61,76 +121,56 @@ class StudiesView(View):
         self._touched_series: set[str] = set()
 
     def create(self, cur: Cursor, dialect: str) -> None:
+        self._drop_if_outdated(cur, dialect)
         for sql in (STUDIES_SQL, SERIES_SQL, INSTANCES_SQL, *INDEXES):
             cur.execute(sql)
+
+    def _drop_if_outdated(self, cur: Cursor, dialect: str) -> None:
+        """Tables of an older schema are dropped and the view replays the log from 0."""
+        for table, expected in _expected_columns().items():
+            existing = _existing_columns(cur, dialect, table)
+            if existing and not expected <= existing:
+                logger.info("studies view: schema changed; rebuilding it from the log")
+                for name in self.tables:
+                    cur.execute(f"DROP TABLE IF EXISTS {name}")
+                cur.execute("DELETE FROM projection_positions WHERE view = ?", (self.name,))
+                return
 
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         if record.topic == "Job.Received":
             self._received(cur, record)
+        elif record.topic == PURGED:
+            # Retention deleted the stored object of this receipt (the row names its job).
+            cur.execute("UPDATE instances SET available = 0 WHERE job_id = ?",
+                        (record.originator_id,))
 
     def _received(self, cur: Cursor, r: EventRecord) -> None:
-        e, idx = r.event, r.event.index
+        idx = r.event.index
         study = str(idx.get("StudyInstanceUID") or UNKNOWN)
         series = str(idx.get("SeriesInstanceUID") or UNKNOWN)
-        cur.execute(
-            "INSERT INTO studies (study_instance_uid, patient_id, issuer_of_patient_id,"
-            " patient_name, patient_birth_date, patient_sex, study_date, study_time,"
-            " accession_number, study_id, study_description, referring_physician_name,"
-            " specific_character_set, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (study_instance_uid) DO UPDATE SET patient_id = excluded.patient_id,"
-            " issuer_of_patient_id = excluded.issuer_of_patient_id,"
-            " patient_name = excluded.patient_name,"
-            " patient_birth_date = excluded.patient_birth_date,"
-            " patient_sex = excluded.patient_sex, study_date = excluded.study_date,"
-            " study_time = excluded.study_time, accession_number = excluded.accession_number,"
-            " study_id = excluded.study_id, study_description = excluded.study_description,"
-            " referring_physician_name = excluded.referring_physician_name,"
-            " specific_character_set = excluded.specific_character_set,"
-            " updated_at = excluded.updated_at",
-            (study, _text(idx.get("PatientID")), _text(idx.get("IssuerOfPatientID")),
-             _text(idx.get("PatientName")), _text(idx.get("PatientBirthDate")),
-             _text(idx.get("PatientSex")), _text(idx.get("StudyDate")),
-             _text(idx.get("StudyTime")), _text(idx.get("AccessionNumber")),
-             _text(idx.get("StudyID")), _text(idx.get("StudyDescription")),
-             _text(idx.get("ReferringPhysicianName")), _text(idx.get("SpecificCharacterSet")),
-             r.timestamp),
-        )
-        cur.execute(
-            "INSERT INTO series (series_instance_uid, study_instance_uid, modality,"
-            " series_number, series_description, body_part_examined, series_date,"
-            " series_time, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (series_instance_uid) DO UPDATE SET"
-            " study_instance_uid = excluded.study_instance_uid, modality = excluded.modality,"
-            " series_number = excluded.series_number,"
-            " series_description = excluded.series_description,"
-            " body_part_examined = excluded.body_part_examined,"
-            " series_date = excluded.series_date, series_time = excluded.series_time,"
-            " updated_at = excluded.updated_at",
-            (series, study, _text(idx.get("Modality")), _int(idx.get("SeriesNumber")),
-             _text(idx.get("SeriesDescription")), _text(idx.get("BodyPartExamined")),
-             _text(idx.get("SeriesDate")), _text(idx.get("SeriesTime")), r.timestamp),
-        )
-        cur.execute(
-            "INSERT INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid,"
-            " sop_class_uid, instance_number, rows_, columns_, number_of_frames,"
-            " transfer_syntax_uid, sha256, size, job_id, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (sop_instance_uid) DO UPDATE SET"
-            " series_instance_uid = excluded.series_instance_uid,"
-            " study_instance_uid = excluded.study_instance_uid,"
-            " sop_class_uid = excluded.sop_class_uid,"
-            " instance_number = excluded.instance_number, rows_ = excluded.rows_,"
-            " columns_ = excluded.columns_, number_of_frames = excluded.number_of_frames,"
-            " transfer_syntax_uid = excluded.transfer_syntax_uid, sha256 = excluded.sha256,"
-            " size = excluded.size, job_id = excluded.job_id,"
-            " received_at = excluded.received_at",
-            (e.sop_instance_uid, series, study, e.sop_class_uid,
-             _int(idx.get("InstanceNumber")), _int(idx.get("Rows")), _int(idx.get("Columns")),
-             _int(idx.get("NumberOfFrames")), e.transfer_syntax_uid, e.sha256, e.size,
-             r.originator_id, r.timestamp),
-        )
+        cur.execute(_upsert("studies", "study_instance_uid",
+                            [c for c, _ in STUDY_FIELDS] + ["updated_at"]),
+                    (study, *(_text(idx.get(k)) for _, k in STUDY_FIELDS), r.timestamp))
+        cur.execute(_upsert("series", "series_instance_uid",
+                            ["study_instance_uid", "series_number",
+                             *(c for c, _ in SERIES_FIELDS), "updated_at"]),
+                    (series, study, _int(idx.get("SeriesNumber")),
+                     *(_text(idx.get(k)) for _, k in SERIES_FIELDS), r.timestamp))
+        self._instance(cur, r, study, series)
         self._touched_studies.add(study)
         self._touched_series.add(series)
+
+    def _instance(self, cur: Cursor, r: EventRecord, study: str, series: str) -> None:
+        e, idx = r.event, r.event.index
+        columns = ["series_instance_uid", "study_instance_uid", "sop_class_uid",
+                   *(c for c, _ in INSTANCE_NUMBERS), *(c for c, _ in INSTANCE_TEXTS),
+                   "transfer_syntax_uid", "sha256", "size", "job_id", "available",
+                   "received_at"]
+        cur.execute(_upsert("instances", "sop_instance_uid", columns),
+                    (e.sop_instance_uid, series, study, e.sop_class_uid,
+                     *(_int(idx.get(k)) for _, k in INSTANCE_NUMBERS),
+                     *(_text(idx.get(k)) for _, k in INSTANCE_TEXTS),
+                     e.transfer_syntax_uid, e.sha256, e.size, r.originator_id, 1, r.timestamp))
 
     def end_batch(self, cur: Cursor) -> None:
         for series in sorted(self._touched_series):
@@ -154,4 +194,3 @@ class StudiesView(View):
             )
         self._touched_studies.clear()
         self._touched_series.clear()
-

@@ -20,11 +20,12 @@ INDEX_KEYWORDS = (
     "SpecificCharacterSet",
     "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
     "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-    "StudyDescription", "ReferringPhysicianName",
+    "StudyDescription", "ReferringPhysicianName", "TimezoneOffsetFromUTC",
     "SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescription", "BodyPartExamined",
-    "SeriesDate", "SeriesTime",
+    "SeriesDate", "SeriesTime", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
     "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
-    "BitsAllocated",
+    "BitsAllocated", "AcquisitionDateTime",
 )
 
 
