@@ -1,7 +1,154 @@
-"""TODO(issue 3): filled in by its owner this session."""
+"""The effective configuration under ``/api/v1/settings`` (read: settings.read) and the settings
+that can change at run time (write: settings.write; recorded in the admin log as the caller).
+
+Secrets (the master key, the first admin's password, a database password) are never shown:
+only whether they are set. Each value says where it comes from: the default, the TOML file or
+the environment (the router keeps no record of which of the two), or a change at run time.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, StrictInt
+
+from router.application.runtime_settings import RUNTIME_SETTINGS, RuntimeValue
+from router.settings import Settings
+from web.api.common import ApiError, json_response, read_json, run_command
+from web.auth import actor_of
+from web.keys import ROUTER_KEY
 from web.routes import Route
 
-ROUTES: list[Route] = []
+SECTIONS = ("server", "dicom", "dispatch", "ingest", "web", "storage")
+SECRETS = frozenset({"secret_key", "admin_password"})
+DEFAULT = "default"
+CONFIGURED = "configuration file or environment"
+READ_ONLY_NOTE = ("Only the settings marked changeable can change here; every other value "
+                  "comes from the TOML file or DICOM_ROUTER_* environment variables and "
+                  "changes with a restart.")
+
+
+class RuntimeChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: StrictInt | None  # None: back to the value of the file (or the default)
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def shown(value: Any) -> Any:
+    """A JSON-friendly value: tuples as lists, paths as text."""
+    if isinstance(value, tuple):
+        return [shown(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def mask_url(url: str) -> str:
+    """A database URL without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _item(value: Any, default: Any, secret: bool = False) -> dict[str, Any]:
+    if secret:
+        return {"value": "set" if value else "not set",
+                "source": CONFIGURED if value else DEFAULT, "changeable": False}
+    return {"value": shown(value), "source": DEFAULT if value == default else CONFIGURED,
+            "changeable": False}
+
+
+def _server(settings: Settings) -> dict[str, dict[str, Any]]:
+    base = Settings()
+    out: dict[str, dict[str, Any]] = {}
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value) or f.name in ("destinations", "rules"):
+            continue
+        default = getattr(base, f.name)
+        if f.name == "database_url":
+            default = f"sqlite:///{settings.data_dir / 'db'}"
+            out[f.name] = _item(value, default)
+            out[f.name]["value"] = mask_url(value)
+            continue
+        out[f.name] = _item(value, default, secret=f.name in SECRETS)
+    return out
+
+
+def runtime_json(value: RuntimeValue) -> dict[str, Any]:
+    source = (f"changed at run time by {value.changed_by}" if value.overridden
+              else "configuration file, environment or default")
+    return {"value": value.value, "source": source, "changeable": True,
+            "file_value": value.file_value, "overridden": value.overridden,
+            "changed_by": value.changed_by, "changed_at": iso(value.changed_at),
+            "help": value.help}
+
+
+def describe(settings: Settings, runtime: dict[str, RuntimeValue]) -> dict[str, Any]:
+    """The effective settings by section, each with its value, source and changeability."""
+    sections: dict[str, dict[str, Any]] = {"server": _server(settings)}
+    for name in SECTIONS[1:]:
+        current = getattr(settings, name)
+        base = type(current)()
+        sections[name] = {f.name: _item(getattr(current, f.name), getattr(base, f.name))
+                          for f in dataclasses.fields(current)}
+    for full_name, value in runtime.items():
+        section, key = full_name.split(".", 1)
+        sections[section][key] = runtime_json(value)
+    sections["server"]["destinations_in_file"] = _item(len(settings.destinations), 0)
+    sections["server"]["rules_in_file"] = _item(len(settings.rules), 0)
+    return {"sections": sections, "note": READ_ONLY_NOTE}
+
+
+async def get_settings(request: web.Request) -> web.Response:
+    router = request.app[ROUTER_KEY]
+    runtime = await asyncio.to_thread(router.runtime.all)
+    return json_response(describe(router.settings, runtime))
+
+
+async def change_setting(request: web.Request, name: str, value: int | None) -> RuntimeValue:
+    """Change one runtime setting as the caller; 404 for unknown, 422 for read-only/invalid."""
+    router = request.app[ROUTER_KEY]
+    if name not in RUNTIME_SETTINGS:
+        section, _, key = name.partition(".")
+        known = describe(router.settings, {}).get("sections", {}).get(section, {})
+        if key in known:
+            raise ApiError(422, f"{name} cannot change at run time: it comes from the "
+                                "TOML file or the environment (restart to change it)")
+        raise ApiError(404, f"no setting named {name!r}")
+    try:
+        await run_command(router.runtime.set, name, value, actor_of(request))
+    except ApiError as exc:
+        raise ApiError(exc.status, exc.message, fields={"value": exc.message}) from None
+    return await asyncio.to_thread(router.runtime.get, name)
+
+
+async def put_setting(request: web.Request) -> web.Response:
+    body = await read_json(request, RuntimeChange)
+    name = request.match_info["name"]
+    return json_response({"name": name, **runtime_json(await change_setting(request, name,
+                                                                            body.value))})
+
+
+ROUTES = [
+    Route("GET", "/api/v1/settings", get_settings, "settings.read",
+          "The effective configuration by section (secrets only as set / not set), with "
+          "where each value comes from", tags=("settings",)),
+    Route("PUT", "/api/v1/settings/{name}", put_setting, "settings.write",
+          "Change a runtime setting such as storage.retention_days (value null: back to the "
+          "file's value)", body=RuntimeChange, tags=("settings",)),
+]
