@@ -319,3 +319,29 @@ def test_database_passwords_are_masked() -> None:
     assert mask_url("postgresql://router:s3cret@db:5432/router") == \
         "postgresql://router:***@db:5432/router"
     assert mask_url("sqlite:///data/db") == "sqlite:///data/db"
+
+
+def test_no_route_of_these_modules_answers_500_to_empty_or_odd_input(web_router: Any) -> None:
+    from web.routes import all_routes
+
+    server = web_router()
+    admin = bearer(server.url, "admin", ADMIN_PASSWORD)
+    browser = Browser(server.url)
+    browser.login("admin", ADMIN_PASSWORD)
+    mine = ("web.api.users", "web.pages.users", "web.api.settings", "web.pages.settings",
+            "web.api.storage", "web.pages.storage")
+    routes = [r for r in all_routes() if r.handler.__module__ in mine]
+    assert len(routes) >= 30
+    for route in routes:
+        for name in ("admin", "x" * 70, "%3Cscript%3E"):
+            path = re.sub(r"\{[^}]+\}", name, route.path)
+            as_api = requests.request(route.method, server.url + path, headers=admin,
+                                      json={"value": "x", "role": 5}, timeout=30,
+                                      allow_redirects=False)
+            as_form = browser.request(route.method, server.url + path, timeout=30,
+                                      data={"value": "", "role": "x", "disabled": "1"},
+                                      allow_redirects=False)
+            for r in (as_api, as_form):
+                assert r.status_code < 500, (route.method, path, r.status_code, r.text[:300])
+                if r.headers.get("Content-Type", "").startswith("text/html"):
+                    assert "<script>" not in r.text, (route.method, path)

@@ -39,7 +39,7 @@ async def change(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     raw = str(form.get("value", "")).strip()
     if name not in RUNTIME_SETTINGS:
-        raise web.HTTPNotFound(text=f"{name} cannot change at run time")
+        raise web.HTTPNotFound(text="this setting cannot change at run time")
     value: int | None = None
     if raw and form.get("reset") is None:
         try:
