@@ -58,7 +58,7 @@ DETAIL_FIELDS = (
     "destinations", "unrouted", "default_destination_used", "matched_rules", "status",
     "reason", "destination", "attempt", "error", "retry_at", "detail", "permanent",
     "original_job_id", "job_id", "name", "duration_ms", "role", "token_id", "label", "kind",
-    "expires_at", "stopped_by",
+    "expires_at", "stopped_by", "value", "previous",
 )
 # What a rule change shows of the rule: not its criteria, which may quote tag values.
 RULE_SUMMARY = ("priority", "enabled", "destinations", "stop")

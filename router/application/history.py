@@ -14,7 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from router.dispatch.registry import public_config
-from router.domain import admin, users
+from router.domain import admin, runtime_settings, users
 
 PAGE = 500
 
@@ -79,6 +79,7 @@ class StateAsOf:
     rules: tuple[RuleAsOf, ...]
     destinations: tuple[DestinationAsOf, ...]
     users: tuple[UserAsOf, ...]
+    settings: dict[str, Any]  # run-time overrides of the configuration file
 
 
 def _admin_events(app: Any) -> Iterator[Any]:
@@ -129,6 +130,7 @@ def state_as_of(app: Any, at: float) -> StateAsOf:
     """Rules (by priority), destinations and users (by name) as they were at ``at``."""
     aggregates, changes, count = replay(app, at)
     rules, destinations, accounts = [], [], []
+    overrides: dict[str, Any] = {}
     for oid, aggregate in aggregates.items():
         created, changed = changes[oid]
         if isinstance(aggregate, admin.Rule):
@@ -137,11 +139,14 @@ def state_as_of(app: Any, at: float) -> StateAsOf:
             destinations.append(_destination(aggregate, created, changed))
         elif isinstance(aggregate, users.User):
             accounts.append(_user(aggregate, created, changed))
+        elif isinstance(aggregate, runtime_settings.RuntimeSettings):
+            overrides = dict(sorted(aggregate.values.items()))
     rules.sort(key=lambda r: (r.deleted, int(r.spec.get("priority", 100)), r.name))
     destinations.sort(key=lambda d: (d.deleted, d.name))
     accounts.sort(key=lambda u: u.name.lower())
     return StateAsOf(at=at, events=count, rules=tuple(rules),
-                     destinations=tuple(destinations), users=tuple(accounts))
+                     destinations=tuple(destinations), users=tuple(accounts),
+                     settings=overrides)
 
 
 def _rule(rule: admin.Rule, created: Change, changed: Change) -> RuleAsOf:
