@@ -52,6 +52,8 @@ class DicomSettings:
     max_incoming_pdu: int = 64 * 1024 * 1024  # hard cap on a PDU a peer may send us anyway
     require_known_calling_ae: bool = False
     known_calling_aets: tuple[str, ...] = ()
+    # C-FIND, C-MOVE and C-GET from any calling AE; by default only from remote nodes allowed it.
+    open_query_retrieve: bool = False
     network_timeout: float = 60.0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -122,6 +124,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     destinations: tuple[Mapping[str, Any], ...] = ()
     rules: tuple[Mapping[str, Any], ...] = ()
+    remote_nodes: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def is_postgres(self) -> bool:
@@ -197,6 +200,8 @@ def _dicom(doc: Mapping[str, Any]) -> DicomSettings:
         require_known_calling_ae=_bool(s.get("require_known_calling_ae", False),
                                        "dicom.require_known_calling_ae"),
         known_calling_aets=tuple(_ae_title(a, "dicom.known_calling_aets") for a in known),
+        open_query_retrieve=_bool(s.get("open_query_retrieve", False),
+                                  "dicom.open_query_retrieve"),
         network_timeout=parse_duration(s.get("network_timeout", d.network_timeout),
                                        name="dicom.network_timeout"),
         acse_timeout=parse_duration(s.get("acse_timeout", d.acse_timeout),
@@ -316,6 +321,7 @@ def load_settings(
         storage=_storage(doc),
         destinations=_tables(doc, "destinations"),
         rules=_tables(doc, "rules"),
+        remote_nodes=_tables(doc, "remote_nodes"),
     )
     if not settings.database_url:
         settings = replace(settings, database_url=f"sqlite:///{directory / 'db'}")

@@ -1,4 +1,5 @@
-"""The DICOM listener: C-ECHO and C-STORE for every storage SOP class, streamed to the spool.
+"""The DICOM listener: C-ECHO and C-STORE for every storage SOP class, streamed to the spool,
+and query/retrieve (C-FIND, C-MOVE, C-GET) when given a QueryRetrieveSCP.
 
 The C-STORE handler finishes the spool file, calls the Receiver once and returns its status;
 no routing or network I/O happens here. Shutdown stops accepting, lets in-flight C-STOREs end.
@@ -10,7 +11,8 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pydicom import uid as uids
 from pynetdicom import AE, evt
@@ -20,6 +22,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from router.application.receive import STATUS_OUT_OF_RESOURCES, Arrival, Receiver
 from router.dicom.spool import SpoolFile
 from router.settings import Settings
+
+if TYPE_CHECKING:
+    from router.dicom.qr_scp import QueryRetrieveSCP
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +41,12 @@ TRANSFER_SYNTAXES = [
 class DicomServer:
     """Owns the pynetdicom AE and its listening socket."""
 
-    def __init__(self, settings: Settings, receiver: Receiver, reuse_port: bool = False) -> None:
+    def __init__(self, settings: Settings, receiver: Receiver, reuse_port: bool = False,
+                 qr: QueryRetrieveSCP | None = None) -> None:
         self._settings = settings
         self._reuse_port = reuse_port
         self._receiver = receiver
+        self._qr = qr
         self._server: ThreadedAssociationServer | None = None
         self._busy = 0
         self._busy_lock = threading.Condition()
@@ -58,7 +65,10 @@ class DicomServer:
             ae.require_calling_aet = list(s.dicom.known_calling_aets) or ["\x00"]
         ae.add_supported_context(Verification)
         for sop_class in sorted(_STORAGE_CLASSES.values()):
-            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+            # Both roles: a C-GET requestor takes the SCP role for the storage sub-operations.
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        if self._qr is not None:
+            self._qr.add_contexts(ae)
         return ae
 
     @property
@@ -70,6 +80,7 @@ class DicomServer:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
+            *(self._qr.handlers() if self._qr is not None else []),
         ]
         server_class = _ReusePortServer if self._reuse_port else ThreadedAssociationServer
         self._server = self.ae.make_server(
@@ -111,34 +122,58 @@ class DicomServer:
                 self._busy_lock.notify_all()
 
     def _store(self, event: Any) -> int:
-        request = event.request
-        spool = getattr(request, "_dataset_file", None)
-        if not isinstance(spool, SpoolFile):
-            logger.error("C-STORE without a spool file; is configure_pynetdicom() applied?")
-            return STATUS_OUT_OF_RESOURCES
-        try:
-            sha256 = spool.finish()
-        except OSError as exc:
-            spool.close()
-            spool.path.unlink(missing_ok=True)
-            reason = f"spool write failed: {exc.strerror or type(exc).__name__}"
-            logger.error("%s", reason)
-            # Recorded like every other refusal, so a full disk shows in the audit trail.
-            return self._receiver.refuse(_arrival(event, spool, ""), STATUS_OUT_OF_RESOURCES,
-                                         reason).status
-        return self._receiver.receive(_arrival(event, spool, sha256)).status
+        origin = None
+        if self._qr is not None:
+            job = self._qr.retrieve_of(event)  # a sub-operation of a C-MOVE a user asked for?
+            if job is not None:
+                origin = Origin("retrieve", job.user, job.correlation_id)
+        return store_spooled(event, self._receiver, origin)
 
 
-def _arrival(event: Any, spool: SpoolFile, sha256: str) -> Arrival:
-    request, requestor = event.request, event.assoc.requestor
+@dataclass(frozen=True)
+class Origin:
+    """Whom a received object is attributed to when it is not a plain C-STORE (retrieves)."""
+
+    source: str
+    actor: str
+    correlation_id: str
+
+
+def store_spooled(event: Any, receiver: Receiver, origin: Origin | None = None) -> int:
+    """Finish a C-STORE streamed to the spool and hand it to the receiver; the status."""
+    request = event.request
+    spool = getattr(request, "_dataset_file", None)
+    if not isinstance(spool, SpoolFile):
+        logger.error("C-STORE without a spool file; is configure_pynetdicom() applied?")
+        return STATUS_OUT_OF_RESOURCES
+    try:
+        sha256 = spool.finish()
+    except OSError as exc:
+        spool.close()
+        spool.path.unlink(missing_ok=True)
+        reason = f"spool write failed: {exc.strerror or type(exc).__name__}"
+        logger.error("%s", reason)
+        # Recorded like every other refusal, so a full disk shows in the audit trail.
+        return receiver.refuse(_arrival(event, spool, "", origin), STATUS_OUT_OF_RESOURCES,
+                               reason).status
+    return receiver.receive(_arrival(event, spool, sha256, origin)).status
+
+
+def _arrival(event: Any, spool: SpoolFile, sha256: str, origin: Origin | None) -> Arrival:
+    request, assoc = event.request, event.assoc
+    # On an association we opened (C-GET) the sender is the peer we called.
+    sender, us = (assoc.acceptor, assoc.requestor) if assoc.is_requestor else (
+        assoc.requestor, assoc.acceptor)
     return Arrival(
         wait_durable=spool.wait_durable,
-        path=spool.path, sha256=sha256, size=spool.size, source="dimse",
-        actor=requestor.ae_title, source_ip=str(requestor.address),
-        calling_aet=requestor.ae_title, called_aet=event.assoc.acceptor.ae_title,
+        path=spool.path, sha256=sha256, size=spool.size,
+        source=origin.source if origin else "dimse",
+        actor=origin.actor if origin else sender.ae_title, source_ip=str(sender.address),
+        calling_aet=sender.ae_title, called_aet=us.ae_title,
         sop_class_uid=str(request.AffectedSOPClassUID),
         sop_instance_uid=str(request.AffectedSOPInstanceUID),
         transfer_syntax_uid=str(event.context.transfer_syntax),
+        correlation_id=origin.correlation_id if origin else "",
     )
 
 

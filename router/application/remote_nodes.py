@@ -1,0 +1,296 @@
+"""Remote DICOM nodes (declared in TOML as ``[[remote_nodes]]`` or edited in the UI/API) and the
+retrieve jobs, as every process sees them: commands that record admin events, and a follower
+of the admin log that keeps the current nodes and jobs in memory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from eventsourcing.application import AggregateNotFoundError
+
+from router.application.commands import CONFIG_ACTOR, Actor, CommandError, NotFoundError
+from router.application.stores import EventStores
+from router.domain.remote import RemoteNode, Retrieve, remote_node_id
+
+SERVICES = ("find", "move", "get")  # what a node may ask of us (C-FIND, C-MOVE, C-GET)
+MAX_DESCRIPTION = 500
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_KEYS = {"name", "ae_title", "host", "port", "services", "description"}
+_TOPICS = tuple(f"router.domain.remote:{name}" for name in (
+    "RemoteNode.Created", "RemoteNode.Updated", "RemoteNode.Deleted", "Retrieve.Requested",
+    "Retrieve.Progressed", "Retrieve.Completed", "Retrieve.Failed"))
+
+
+class RemoteNodeError(CommandError):
+    """A remote node's settings are invalid; ``errors`` maps each bad field to a message."""
+
+    def __init__(self, errors: Mapping[str, str]) -> None:
+        self.errors = dict(errors)
+        super().__init__("; ".join(f"{key}: {message}" for key, message in self.errors.items()))
+
+
+@dataclass(frozen=True)
+class RemoteNodeConfig:
+    """A remote AE as stored in its events."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    services: tuple[str, ...] = SERVICES
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ae_title": self.ae_title, "host": self.host, "port": self.port,
+                "services": list(self.services), "description": self.description}
+
+    def allows(self, service: str) -> bool:
+        return service in self.services
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_HOST.match(host))
+
+
+def _check_fields(data: Mapping[str, Any]) -> dict[str, str]:
+    errors: dict[str, str] = {}
+    for key in sorted(set(data) - _KEYS):
+        errors[key] = "unknown setting"
+    if not isinstance(data.get("name"), str) or not _NAME.match(data["name"]):
+        errors["name"] = "1-64 letters, digits, '.', '_' or '-'"
+    ae = data.get("ae_title")
+    if not isinstance(ae, str) or not _AE_TITLE.match(ae) or not ae.strip():
+        errors["ae_title"] = "1-16 printable ASCII characters, no backslash"
+    host = data.get("host")
+    if not isinstance(host, str) or not _valid_host(host):
+        errors["host"] = "a host name or an IP address"
+    port = data.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        errors["port"] = "a whole number between 1 and 65535"
+    services = data.get("services", list(SERVICES))
+    if not isinstance(services, list | tuple) or not all(s in SERVICES for s in services):
+        errors["services"] = "a list of: " + ", ".join(SERVICES)
+    description = data.get("description", "")
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+        errors["description"] = f"text of at most {MAX_DESCRIPTION} characters"
+    return errors
+
+
+def parse_remote_node(data: Mapping[str, Any]) -> RemoteNodeConfig:
+    """A validated node from TOML/JSON-shaped ``data``; RemoteNodeError lists every problem."""
+    if not isinstance(data, Mapping):
+        raise RemoteNodeError({"body": "a remote node is a table of settings"})
+    errors = _check_fields(data)
+    if errors:
+        raise RemoteNodeError(errors)
+    services = tuple(s for s in SERVICES if s in data.get("services", SERVICES))
+    return RemoteNodeConfig(name=data["name"], ae_title=data["ae_title"].strip(),
+                            host=data["host"], port=int(data["port"]), services=services,
+                            description=str(data.get("description", "")))
+
+
+@dataclass(frozen=True)
+class RemoteNodeState:
+    """A live remote node and its version (the number of changes)."""
+
+    config: RemoteNodeConfig
+    version: int
+    created_by: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True)
+class RetrieveState:
+    """A retrieve job as shown and as matched to incoming C-STOREs."""
+
+    id: str
+    user: str
+    correlation_id: str
+    node: str
+    node_ae: str
+    method: str  # "move" | "get"
+    level: str  # "STUDY" | "SERIES"
+    target: str  # sealed JSON {"study": uid, "series": uid | null}
+    message_id: int
+    runner: str
+    status: str  # running | completed | partial | failed
+    counts: dict[str, int] = field(default_factory=dict)
+    reason: str = ""
+    dimse_status: int | None = None
+    requested_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+class RemoteState:
+    """Follows the remote-node and retrieve events of the admin log; cheap to read."""
+
+    def __init__(self, app: Any, refresh_interval: float = 1.0) -> None:
+        self._app = app
+        self._interval = refresh_interval
+        self._lock = threading.Lock()
+        self._position = 0
+        self._checked = 0.0
+        self._nodes: dict[str, RemoteNodeState] = {}
+        self._retrieves: dict[str, RetrieveState] = {}
+        self.refresh()
+
+    def _fresh(self) -> None:
+        if time.monotonic() - self._checked > self._interval:
+            self.refresh()
+
+    def nodes(self) -> dict[str, RemoteNodeState]:
+        self._fresh()
+        return dict(self._nodes)
+
+    def node(self, name: str) -> RemoteNodeState | None:
+        return self.nodes().get(name)
+
+    def node_for_ae(self, ae_title: str) -> RemoteNodeState | None:
+        wanted = ae_title.strip()
+        return next((n for n in self.nodes().values() if n.config.ae_title == wanted), None)
+
+    def retrieves(self, node: str | None = None, limit: int = 50) -> list[RetrieveState]:
+        self._fresh()
+        jobs = [r for r in self._retrieves.values() if node is None or r.node == node]
+        jobs.sort(key=lambda r: r.requested_at, reverse=True)
+        return jobs[:limit]
+
+    def retrieve(self, retrieve_id: str) -> RetrieveState | None:
+        self._fresh()
+        return self._retrieves.get(retrieve_id)
+
+    def running_for(self, calling_ae: str, message_id: int | None) -> RetrieveState | None:
+        """The running C-MOVE job a C-STORE sub-operation from ``calling_ae`` belongs to."""
+        for attempt in range(2):
+            candidates = [r for r in self._retrieves.values() if r.running
+                          and r.method == "move" and r.node_ae == calling_ae.strip()]
+            if message_id is not None:
+                candidates = [r for r in candidates if r.message_id == message_id]
+            if len(candidates) == 1:
+                return candidates[0]
+            if attempt == 0:
+                self.refresh()  # the job may have been requested by another process just now
+        return None
+
+    def refresh(self) -> None:
+        """Apply the events recorded since the last refresh (by any process or node)."""
+        with self._lock:
+            self._checked = time.monotonic()
+            while True:
+                batch = self._app.recorder.select_notifications(
+                    start=self._position, limit=500, topics=_TOPICS, inclusive_of_start=False)
+                if not batch:
+                    return
+                for notification in batch:
+                    self._remember(notification.originator_id)
+                    self._position = notification.id
+
+    def _remember(self, originator_id: Any) -> None:
+        aggregate = self._app.repository.get(originator_id)
+        if isinstance(aggregate, RemoteNode):
+            self._remember_node(aggregate)
+        elif isinstance(aggregate, Retrieve):
+            self._retrieves[str(aggregate.id)] = _retrieve_state(aggregate)
+
+    def _remember_node(self, aggregate: RemoteNode) -> None:
+        if aggregate.deleted:
+            self._nodes.pop(aggregate.name, None)
+            return
+        known = self._nodes.get(aggregate.name)
+        created_by = known.created_by if known else _first_actor(self._app, aggregate.id)
+        config = parse_remote_node({"name": aggregate.name, **aggregate.config})
+        self._nodes[aggregate.name] = RemoteNodeState(config, aggregate.version, created_by)
+
+
+def _first_actor(app: Any, aggregate_id: uuid.UUID) -> str:
+    events = list(app.events.get(aggregate_id, lte=1))
+    return str(getattr(events[0], "actor", "")) if events else ""
+
+
+def _retrieve_state(r: Retrieve) -> RetrieveState:
+    return RetrieveState(
+        id=str(r.id), user=r.user, correlation_id=r.correlation_id,
+        node=r.node, node_ae=r.node_ae, method=r.method, level=r.level, target=r.target,
+        message_id=r.message_id, runner=r.runner, status=r.status, counts=dict(r.counts),
+        reason=r.reason, dimse_status=r.dimse_status,
+        requested_at=r.created_on.timestamp(), updated_at=r.modified_on.timestamp())
+
+
+class RemoteNodes:
+    """Commands on remote nodes; reads go through :attr:`state`."""
+
+    def __init__(self, stores: EventStores, state: RemoteState) -> None:
+        self._app = stores.admin
+        self.state = state
+
+    def put(self, data: Mapping[str, Any], actor: Actor) -> bool:
+        """Create or replace a node (by name); False when nothing changed."""
+        config = parse_remote_node(data)
+        clash = self.state.node_for_ae(config.ae_title)
+        if clash is not None and clash.name != config.name:
+            raise RemoteNodeError({"ae_title": f"already used by remote node {clash.name!r}"})
+        existing = self._get(config.name)
+        stored = config.to_dict()
+        if existing is not None and not existing.deleted and existing.config == stored:
+            return False
+        if existing is None:
+            aggregate = RemoteNode(config.name, **actor.ctx(), config=stored)
+        else:
+            existing.update(**actor.ctx(), config=stored)
+            aggregate = existing
+        self._app.save(aggregate)
+        self.state.refresh()
+        return True
+
+    def delete(self, name: str, actor: Actor) -> None:
+        aggregate = self._get(name)
+        if aggregate is None or aggregate.deleted:
+            raise NotFoundError(f"remote node {name!r} does not exist")
+        aggregate.delete(**actor.ctx())
+        self._app.save(aggregate)
+        self.state.refresh()
+
+    def apply(self, items: Sequence[Mapping[str, Any]],
+              actor: Actor = CONFIG_ACTOR) -> dict[str, int]:
+        """Make the store match a TOML file's ``[[remote_nodes]]`` (idempotent).
+
+        Nodes the file declared before and no longer declares are deleted; nodes created in
+        the UI or API are left alone.
+        """
+        changed = {"remote_nodes": 0, "deleted": 0}
+        for item in items:
+            changed["remote_nodes"] += self.put(item, actor)
+        declared = {str(item.get("name")) for item in items}
+        for name, node in self.state.nodes().items():
+            if name not in declared and node.created_by == actor.name:
+                self.delete(name, actor)
+                changed["deleted"] += 1
+        return changed
+
+    def _get(self, name: str) -> RemoteNode | None:
+        try:
+            aggregate: Any = self._app.repository.get(remote_node_id(name))
+        except AggregateNotFoundError:
+            return None
+        return aggregate if isinstance(aggregate, RemoteNode) else None
