@@ -84,6 +84,9 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
 
 def _require_absent(users: Any, name: str) -> None:
     # Checked before asking for a password, so nobody types one for nothing.
+    from router.application.users import check_name
+
+    check_name(name)
     if users.fresh(name) is not None:
         raise CommandError(f"user {name!r} already exists (use 'user passwd' to change its "
                            "password)")

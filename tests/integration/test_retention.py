@@ -68,14 +68,14 @@ def start(web_router: Any, tmp_path: Path, database_url: str) -> Any:
     return web_router(settings)
 
 
-def test_retention_purges_only_delivered_old_jobs_and_keeps_needed_shared_blobs(
-    web_router: Any, tmp_path: Path, database_url: str, dcmtk: None,
-) -> None:
-    server = start(web_router, tmp_path, database_url)
-    router = server.router
+def send_scenario(router: Any, tmp_path: Path) -> tuple[float, dict[str, str], list[Path]]:
+    """Five objects: three delivered (f1-f3), one to the dead node (f4) plus its duplicate,
+    one unrouted (f5); then, after the returned cutoff, a young duplicate of f3. Returns the
+    cutoff, each object's sha256 and the files."""
     real = [Path(get_testdata_file(n, download=False)) for n in ("CT_small.dcm",
                                                                   "MR_small.dcm")]
-    f1, f2, f3, f4, f5 = [*real, *make_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)]
+    files = [*real, *make_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)]
+    f1, f2, f3, f4, f5 = files
     port = router.dicom.port
     send(port, "GOOD", f1, f2, f3)
     send(port, "BAD", f4)  # its destination is down: retrying
@@ -87,10 +87,18 @@ def test_retention_purges_only_delivered_old_jobs_and_keeps_needed_shared_blobs(
     middle = time.time()  # the cutoff: everything above is older
     send(port, "GOOD", f3)  # a young duplicate: f3's blob is still needed for it
     wait_for(lambda: len(jobs(router)) == 7, 30, "seven jobs in the view")
-    sha = {name: next(j["sha256"] for j in jobs(router) if j["sop_instance_uid"] == uid)
-           for name, uid in zip(("f1", "f2", "f3", "f4", "f5"),
-                                [read_uid(f) for f in (f1, f2, f3, f4, f5)], strict=True)}
+    uids = {read_uid(f): name for name, f in zip(("f1", "f2", "f3", "f4", "f5"), files,
+                                                 strict=True)}
+    sha = {uids[j["sop_instance_uid"]]: j["sha256"] for j in jobs(router)}
+    return middle, sha, files
 
+
+def test_retention_purges_only_delivered_old_jobs_and_keeps_needed_shared_blobs(
+    web_router: Any, tmp_path: Path, database_url: str, dcmtk: None,
+) -> None:
+    server = start(web_router, tmp_path, database_url)
+    router = server.router
+    middle, sha, files = send_scenario(router, tmp_path)
     admin = bearer(server.url, "admin", ADMIN_PASSWORD)
     off = requests.post(server.url + "/api/v1/storage/purge", headers=admin, timeout=30)
     assert off.status_code == 409 and "retention is off" in off.json()["error"]["message"]
@@ -106,15 +114,23 @@ def test_retention_purges_only_delivered_old_jobs_and_keeps_needed_shared_blobs(
     assert not router.blobs.exists(sha["f1"]) and not router.blobs.exists(sha["f2"])
     assert all(router.blobs.exists(sha[n]) for n in ("f3", "f4", "f5"))
     purged = {j["sop_instance_uid"]: j["purged_by"] for j in jobs(router) if j["purged_by"]}
-    assert purged == {read_uid(f1): "admin", read_uid(f2): "admin"}
+    assert purged == {read_uid(files[0]): "admin", read_uid(files[1]): "admin"}
     runs = purge_runs(server, admin)
     assert [(r["actor"], r["jobs"], r["objects"]) for r in runs] == [("admin", 2, 2)]
     assert "<td>admin</td>" in browser.get(browser.url("/storage")).text
     assert len([p for p in (tmp_path / "archive").rglob("*") if p.is_file()]) == 3
 
-    # The periodic run, later: the young duplicate is old now; the rest is still needed.
+    check_periodic_purge(server, admin, middle + 10 * DAY, sha)
+    assert_purge_events(router, {"admin": 2, "system": 2})
+    assert_rebuild_is_identical(router)
+
+
+def check_periodic_purge(server: Any, admin: dict[str, str], now: float,
+                         sha: dict[str, str]) -> None:
+    """The hourly thread, later: the young duplicate is old now; the rest is still needed."""
+    router = server.router
     router.retention.stop()
-    router.retention.clock = lambda: middle + 10 * DAY
+    router.retention.clock = lambda: now
     router.retention.first_delay = 0.0
     router.retention.start()
     wait_for(lambda: len(purge_runs(server, admin)) == 2, 30, "the periodic purge")
@@ -125,8 +141,6 @@ def test_retention_purges_only_delivered_old_jobs_and_keeps_needed_shared_blobs(
     kept = [j for j in jobs(router) if not j["purged_by"]]
     assert sorted((j["calling_aet"], j["routing"]) for j in kept) == [
         ("BAD", "routed"), ("GOOD", "duplicate"), ("NOBODY", "unrouted")]
-    assert_purge_events(router, {"admin": 2, "system": 2})
-    assert_rebuild_is_identical(router)
 
 
 def read_uid(path: Path) -> str:

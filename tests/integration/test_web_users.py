@@ -283,6 +283,11 @@ def test_settings_show_the_effective_configuration_without_secrets(web_router: A
     assert api(server, "PUT", "/api/v1/settings/nope.nothing", admin,
                json={"value": 5}).status_code == 404
 
+
+def test_settings_page_changes_retention_as_the_user(web_router: Any) -> None:
+    server = web_router()
+    admin = bearer(server.url, "admin", ADMIN_PASSWORD)
+    api(server, "PUT", "/api/v1/settings/storage.retention_days", admin, json={"value": 30})
     browser = Browser(server.url)
     browser.login("admin", ADMIN_PASSWORD)
     page = browser.get(browser.url("/settings"))
