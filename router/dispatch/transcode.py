@@ -59,7 +59,9 @@ def _to_little_endian(dataset: Dataset) -> None:
     the Pixel Data in units of Bits Allocated, as pydicom reads 32-bit big endian pixels.
     """
     pixel_data = dataset.get(_PIXEL_DATA)  # a tag key gives the element, not its value
-    pixel_size = max(int(dataset.get("BitsAllocated", 16)) // 8, 1)
+    # OW is swapped in 16-bit words even when the samples are 8 bits.
+    word = 2 if pixel_data is not None and pixel_data.VR == "OW" else 1
+    pixel_size = max(int(dataset.get("BitsAllocated", 16)) // 8, word)
     for element in dataset.iterall():  # iterating decodes raw elements with the old encoding
         size = pixel_size if element is pixel_data else _WORD_SIZES.get(element.VR)
         if size and isinstance(element.value, bytes) and len(element.value) % size == 0:
