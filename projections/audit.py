@@ -117,7 +117,7 @@ def _row(record: EventRecord) -> dict[str, Any]:
     job_id = None
     if record.topic.startswith("Job."):
         job_id = record.originator_id
-    elif record.topic.startswith("Delivery."):
+    elif record.topic.startswith(("Delivery.", "Instance.")):
         job_id = getattr(e, "job_id", None)
     return {"action": record.topic, "object_type": record.topic.split(".", 1)[0].lower(),
             "object_id": record.originator_id,

@@ -148,8 +148,9 @@ def test_search_filters_paging_and_each_search_is_recorded(
     # Searches by patient are recorded with the patient: count only what came before them.
     between = queries.iso(scene.between)
     by_patient = scene.api("/api/v1/audit", patient=PATIENT, to=between, limit=100).json()
-    # Per instance: receipt, routing decision, and two deliveries (created + outcome).
-    assert by_patient["total"] == 3 * 6 == len(by_patient["items"])
+    # Per instance: receipt, routing decision, instance registration, and two deliveries
+    # (each created with the outcome of its first attempt).
+    assert by_patient["total"] == 3 * 7 == len(by_patient["items"])
     assert {i["study_instance_uid"] for i in by_patient["items"]} == {scene.study}
     times = [i["time"] for i in by_patient["items"]]
     assert times == sorted(times, reverse=True)
@@ -170,9 +171,9 @@ def test_search_filters_paging_and_each_search_is_recorded(
                      **{"from": between}).json()["total"] == 2
 
     pages = [scene.api("/api/v1/audit", patient=PATIENT, to=between, limit=5, offset=o).json()
-             for o in (0, 5, 10, 15)]
-    assert [len(p["items"]) for p in pages] == [5, 5, 5, 3]
-    assert {p["total"] for p in pages} == {18}
+             for o in (0, 5, 10, 15, 20)]
+    assert [len(p["items"]) for p in pages] == [5, 5, 5, 5, 1]
+    assert {p["total"] for p in pages} == {21}
     assert [i for p in pages for i in p["items"]] == by_patient["items"]
 
     # The recorded search names the patient it was for, who ran it and from where.
@@ -234,7 +235,7 @@ def test_csv_and_json_exports_follow_the_filters_and_csv_is_neutralised(
     table = list(csv.reader(io.StringIO(r.text, newline="")))
     assert tuple(table[0]) == queries.COLUMNS
     patient = queries.COLUMNS.index("patient_id")
-    assert len(table) - 1 == 2 * 6
+    assert len(table) - 1 == 2 * 7
     assert {row[patient] for row in table[1:]} == {"'" + EVIL}
     detail = queries.COLUMNS.index("detail")
     assert all(isinstance(json.loads(row[detail]), dict) for row in table[1:])
@@ -270,9 +271,9 @@ def test_study_history_shows_receipts_routing_deliveries_and_accesses_in_order(
     wait_access(scene, "study.view", RADIOLOGIST[0])
     body = scene.api("/api/v1/audit/history", study=scene.study).json()
     actions = [i["action"] for i in body["items"]]
-    assert body["total"] == len(actions) == 3 * 6 + 1
-    for action in ("Job.Received", "Job.Routed", "Delivery.Created", "Delivery.Succeeded",
-                   "Delivery.AttemptFailed"):
+    assert body["total"] == len(actions) == 3 * 7 + 1
+    for action in ("Job.Received", "Job.Routed", "Instance.Registered", "Delivery.Created",
+                   "Delivery.Succeeded", "Delivery.AttemptFailed"):
         assert action in actions
     times = [i["time"] for i in body["items"]]
     assert times == sorted(times) and actions[-1] == "study.view"
@@ -316,16 +317,17 @@ def test_audit_pages_filter_page_and_escape_hostile_values(
     assert "<img src=x" not in page.text
     evil = browser.get(browser.url("/audit"), params={"patient": EVIL})
     assert EVIL not in evil.text and "=HYPERLINK(&#34;http://evil.test&#34;" in evil.text
-    assert "1 to 12 of 12 rows" in evil.text
+    assert "1 to 14 of 14 rows" in evil.text
     assert 'href="/api/v1/audit/export?patient=%3DHYPERLINK' in evil.text
 
     first = browser.get(browser.url("/audit"), params={"patient": PATIENT, "limit": 10})
-    assert "1 to 10 of 18 rows" in first.text
+    assert "1 to 10 of 21 rows" in first.text
     older = re.search(r'href="(/audit\?[^"]*offset=10)"', first.text)
     assert older, "no link to the next page"
     second = browser.get(browser.url(older.group(1).replace("&amp;", "&")),
                          headers={"HX-Request": "true", "HX-Target": "audit-results"})
-    assert "11 to 18 of 18 rows" in second.text and "<html" not in second.text
+    assert "11 to 20 of 21 rows" in second.text and "<html" not in second.text
+    assert "offset=20" in second.text and "offset=0" in second.text
     bad = browser.get(browser.url("/audit"), params={"to": "not a time"})
     assert bad.status_code == 400 and "expected ISO 8601" in bad.text
 
@@ -395,7 +397,7 @@ def test_cli_export_reads_the_view_and_is_recorded_as_cli(
     assert result.returncode == 0, result.stderr[-2000:]
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     table = list(csv.reader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
-    assert tuple(table[0]) == queries.COLUMNS and len(table) - 1 == 2 * 6
+    assert tuple(table[0]) == queries.COLUMNS and len(table) - 1 == 2 * 7
     assert {row[queries.COLUMNS.index("patient_id")] for row in table[1:]} == {"'" + EVIL}
 
     result = subprocess.run(
@@ -404,11 +406,12 @@ def test_cli_export_reads_the_view_and_is_recorded_as_cli(
         env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     items = json.loads(result.stdout)
-    assert {i["action"] for i in items} == {"Job.Received", "Job.Routed"} and len(items) == 6
+    assert {i["action"] for i in items} == {"Job.Received", "Job.Routed", "Instance.Registered"}
+    assert len(items) == 9
 
     exports = wait_access(scene, "audit.export", "cli", count=2)
     assert exports[0]["study_instance_uid"] == scene.evil_study
-    assert "format=csv rows=12" in exports[0]["detail"]
+    assert "format=csv rows=14" in exports[0]["detail"]
     assert exports[1]["patient_id"] == PATIENT
 
     bad = subprocess.run([sys.executable, "-m", "router.cli", "audit", "export", "--from",
