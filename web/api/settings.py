@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -68,8 +69,17 @@ def _item(value: Any, default: Any, secret: bool = False) -> dict[str, Any]:
     if secret:
         return {"value": "set" if value else "not set",
                 "source": CONFIGURED if value else DEFAULT, "changeable": False}
-    return {"value": shown(value), "source": DEFAULT if value == default else CONFIGURED,
+    item = {"value": shown(value), "source": DEFAULT if value == default else CONFIGURED,
             "changeable": False}
+    if isinstance(value, float) or (value and isinstance(value, tuple)
+                                    and all(isinstance(v, float) for v in value)):
+        item["unit"] = "seconds"  # every float setting is a duration
+    return item
+
+
+def _declared(value: Any) -> bool:
+    """A list of tables from the file ([[destinations]], [[rules]], ...): may hold secrets."""
+    return isinstance(value, tuple) and all(isinstance(v, Mapping) for v in value)
 
 
 def _server(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -77,7 +87,10 @@ def _server(settings: Settings) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for f in dataclasses.fields(Settings):
         value = getattr(settings, f.name)
-        if dataclasses.is_dataclass(value) or f.name in ("destinations", "rules"):
+        if dataclasses.is_dataclass(value):
+            continue
+        if _declared(value):  # only how many: their pages show them, secrets sealed
+            out[f"{f.name}_in_file"] = _item(len(value), 0)
             continue
         default = getattr(base, f.name)
         if f.name == "database_url":
@@ -109,8 +122,6 @@ def describe(settings: Settings, runtime: dict[str, RuntimeValue]) -> dict[str, 
     for full_name, value in runtime.items():
         section, key = full_name.split(".", 1)
         sections[section][key] = runtime_json(value)
-    sections["server"]["destinations_in_file"] = _item(len(settings.destinations), 0)
-    sections["server"]["rules_in_file"] = _item(len(settings.rules), 0)
     return {"sections": sections, "note": READ_ONLY_NOTE}
 
 
