@@ -201,3 +201,49 @@ def test_purge_now_needs_the_storage_permission_and_reports_usage(
     assert r.status_code == 409 and "retention is off" in r.text
     fragment = browser.get(browser.url("/storage/usage"))
     assert fragment.status_code == 200 and 'id="storage-usage"' in fragment.text
+
+
+def test_which_jobs_may_lose_their_blob(tmp_path: Path, database_url: str) -> None:
+    """The purge query against a real jobs view, one job per delivery state."""
+    from projections.db import open_views
+    from projections.jobs import JobsView
+    from router.application.retention import CANDIDATES_SQL
+
+    now, old, young = 1_000_000.0, 1_000.0, 999_999.0
+    jobs_spec = {  # job: (received, routing, sha, delivery statuses)
+        "A": (old, "routed", "a", ["delivered", "delivered"]),
+        "B": (old, "routed", "b", ["delivered", "dead"]),
+        "C": (old, "routed", "c", ["pending"]),
+        "D": (old, "routed", "d", ["delivered", "cancelled"]),
+        "E": (old, "routed", "e", ["retrying"]),
+        "F": (old, "unrouted", "f", []),
+        "G": (old, "conflict", "g", []),
+        "H": (old, "duplicate", "c", []),  # shares C's object, which C still needs
+        "I": (young, "routed", "i", ["delivered"]),
+        "J": (old, "routed", "i", ["delivered"]),  # shares the young I's object
+        "K": (old, "routed", "k", []),  # deliveries not in the view yet
+        "L": (old, "duplicate", "a", []),  # shares A's object: both may go
+        "M": (old, "routed", "m", ["delivered"]),  # already purged
+    }
+    view, db = JobsView(), open_views(database_url, "jobs")
+    try:
+        ensure_schema(view, db)
+        with db.transaction() as cur:
+            for job, (received, routing, sha, statuses) in jobs_spec.items():
+                cur.execute(
+                    "INSERT INTO jobs (job_id, received_at, source, actor, source_ip,"
+                    " calling_aet, called_aet, sop_class_uid, sop_instance_uid, sha256, size,"
+                    " transfer_syntax_uid, routing) VALUES (?, ?, 'dimse', 'A', '', 'A', 'B',"
+                    " '1.2', ?, ?, 10, '1.2.840.10008.1.2.1', ?)",
+                    (job, received, job, sha * 64, routing))
+                for n, status in enumerate(statuses):
+                    cur.execute("INSERT INTO deliveries (delivery_id, job_id, destination,"
+                                " status) VALUES (?, ?, ?, ?)", (f"{job}{n}", job, f"d{n}",
+                                                                   status))
+            cur.execute("INSERT INTO blob_purges (job_id, purge_id, purged_at, actor, sha256,"
+                        " size) VALUES ('M', 'p', 1.0, 'system', ?, 10)", ("m" * 64,))
+        cutoff = now - 1000.0
+        rows = db.query(CANDIDATES_SQL, (cutoff, cutoff, 100))
+        assert sorted(r["job_id"] for r in rows) == ["A", "L"]
+    finally:
+        db.close()
