@@ -1,7 +1,142 @@
-"""TODO(issue 3): filled in by its owner this session."""
+"""Jobs under ``/api/v1/jobs``: a filtered, paged list; one job with its deliveries and its
+whole event history; requeue and cancel a delivery (through the write side, as the caller).
+Listing and viewing jobs shows PHI, so each call is recorded in the access log.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, Field
+
+from router.application.sessions import AccessRecord
+from web.api.common import ApiError, json_response, paging, read_json, run_command
+from web.auth import actor_of, record_access
+from web.keys import ROUTER_KEY
+from web.queries.filters import FilterError, with_iso_times
+from web.queries.jobs import (
+    FILTER_FIELDS,
+    JobFilters,
+    get_delivery,
+    get_job,
+    job_events,
+    list_jobs,
+    parse_filters,
+    wait_for_view,
+)
 from web.routes import Route
 
-ROUTES: list[Route] = []
+TAGS = ("jobs",)
+
+
+class CancelRequest(BaseModel):
+    reason: str = Field(default="", max_length=500)
+
+
+def filters_or_400(query: Any, strict: bool = True) -> JobFilters:
+    try:
+        return parse_filters(query, strict)
+    except FilterError as exc:
+        raise ApiError(400, str(exc), fields={exc.field: exc.message}) from None
+
+
+def list_record(filters: JobFilters, total: int) -> AccessRecord:
+    used = ", ".join(filters.used()) or "none"
+    return AccessRecord(action="jobs.list", object_type="job",
+                        study_instance_uid=filters.study_uid, patient_id=filters.patient_id,
+                        detail=f"filters: {used}; matched: {total}")
+
+
+def view_record(job_id: str, job: dict[str, Any] | None) -> AccessRecord:
+    if job is None:
+        return AccessRecord(action="job.view", object_type="job", object_id=job_id[:64],
+                            outcome="not_found")
+    return AccessRecord(action="job.view", object_type="job", object_id=job["job_id"],
+                        study_instance_uid=job["study_instance_uid"],
+                        patient_id=job["patient_id"])
+
+
+async def load_job(request: web.Request, job_id: str) -> dict[str, Any] | None:
+    """The job with its deliveries and timeline (views only), or None."""
+    router = request.app[ROUTER_KEY]
+    job = await asyncio.to_thread(get_job, router.views["jobs"][1], job_id)
+    if job is not None:
+        job["events"] = await asyncio.to_thread(job_events, router.views["audit"][1], job)
+    return job
+
+
+async def jobs_list(request: web.Request) -> web.Response:
+    filters = filters_or_400(request.query)
+    limit, offset = paging(request)
+    router = request.app[ROUTER_KEY]
+    rows, total = await asyncio.to_thread(list_jobs, router.views["jobs"][1], filters, limit,
+                                          offset)
+    await record_access(request, list_record(filters, total))
+    return json_response({"total": total, "limit": limit, "offset": offset,
+                          "items": with_iso_times(rows)})
+
+
+async def job_detail(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    job = await load_job(request, job_id)
+    await record_access(request, view_record(job_id, job))
+    if job is None:
+        raise ApiError(404, "no job with this id")
+    for delivery in job["deliveries"]:
+        delivery.pop("job_id", None)
+    return json_response(with_iso_times(job))
+
+
+async def change_delivery(request: web.Request, job_id: str, destination: str, action: str,
+                          reason: str = "") -> dict[str, Any]:
+    """Requeue or cancel one delivery of a job as the caller; answers the delivery as the
+    jobs view shows it once the view has applied the change. 404 / 422 as ApiError."""
+    router = request.app[ROUTER_KEY]
+    jobs_db = router.views["jobs"][1]
+    job = await asyncio.to_thread(get_job, jobs_db, job_id)
+    if job is None:
+        raise ApiError(404, "no job with this id")
+    if not any(d["destination"] == destination for d in job["deliveries"]):
+        raise ApiError(404, f"this job has no delivery to {destination!r}")
+    actor = actor_of(request)
+    if action == "requeue":
+        await run_command(router.commands.requeue, job["job_id"], destination, actor)
+    else:
+        await run_command(router.commands.cancel, job["job_id"], destination, actor, reason)
+    position = await asyncio.to_thread(router.stores.delivery.recorder.max_notification_id)
+    router.runner.wake()
+    await asyncio.to_thread(wait_for_view, jobs_db, "jobs", "delivery", int(position or 0))
+    delivery = await asyncio.to_thread(get_delivery, jobs_db, job["job_id"], destination)
+    return delivery or {}
+
+
+async def requeue(request: web.Request) -> web.Response:
+    delivery = await change_delivery(request, request.match_info["job_id"],
+                                     request.match_info["destination"], "requeue")
+    return json_response({"requeued": True, "delivery": with_iso_times(delivery)})
+
+
+async def cancel(request: web.Request) -> web.Response:
+    body = CancelRequest()
+    if request.can_read_body:
+        body = await read_json(request, CancelRequest)
+    delivery = await change_delivery(request, request.match_info["job_id"],
+                                     request.match_info["destination"], "cancel", body.reason)
+    return json_response({"cancelled": True, "delivery": with_iso_times(delivery)})
+
+
+DELIVERY = "/api/v1/jobs/{job_id}/deliveries/{destination}"
+ROUTES = [
+    Route("GET", "/api/v1/jobs", jobs_list, "jobs.read",
+          "Jobs, newest first, filtered and paged; status is derived from the deliveries",
+          query=(*FILTER_FIELDS, "limit", "offset"), tags=TAGS),
+    Route("GET", "/api/v1/jobs/{job_id}", job_detail, "jobs.read",
+          "One job: receipt, routing, deliveries and its whole event history", tags=TAGS),
+    Route("POST", DELIVERY + "/requeue", requeue, "jobs.write",
+          "Attempt this delivery again now", tags=TAGS),
+    Route("POST", DELIVERY + "/cancel", cancel, "jobs.write",
+          "Stop this delivery (no more attempts unless requeued)", body=CancelRequest,
+          tags=TAGS),
+]

@@ -1,0 +1,205 @@
+"""Reads of jobs for the jobs pages and API: filtered, paged lists with each job's status
+derived from its deliveries, one job with its deliveries, and its event timeline (audit view).
+
+Views only; ``?`` placeholders work on both backends. On SQLite each view is its own file, so
+the jobs and audit views are never joined in one statement.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from projections.db import ViewDatabase
+from web.queries.filters import (
+    FilterError,
+    check_known,
+    choice,
+    instant,
+    like_pattern,
+    text,
+    uid,
+)
+
+# A job's status is the most urgent status among its deliveries ("failed": one is dead-
+# lettered); a job without deliveries shows its routing (received, unrouted, duplicate, ...).
+JOB_STATUSES = ("failed", "retrying", "pending", "delivered", "cancelled", "received",
+                "unrouted", "duplicate", "conflict")
+_BY_DELIVERY = (("failed", "dead"), ("retrying", "retrying"), ("pending", "pending"),
+                ("delivered", "delivered"), ("cancelled", "cancelled"))
+STATUS_SQL = "CASE " + " ".join(
+    f"WHEN EXISTS (SELECT 1 FROM deliveries x WHERE x.job_id = j.job_id"
+    f" AND x.status = '{delivery}') THEN '{job}'" for job, delivery in _BY_DELIVERY
+) + " ELSE j.routing END"
+
+FILTER_FIELDS = ("status", "destination", "calling_aet", "modality", "received_from",
+                 "received_to", "patient_id", "study_uid")
+PAGING_FIELDS = ("limit", "offset")
+LIST_COLUMNS = (
+    "j.job_id, j.received_at, j.source, j.calling_aet, j.called_aet, j.source_ip, j.modality,"
+    " j.patient_id, j.study_instance_uid, j.series_instance_uid, j.sop_instance_uid,"
+    " j.sop_class_uid, j.size, j.routing"
+)
+DETAIL_COLUMNS = LIST_COLUMNS + (
+    ", j.actor, j.transfer_syntax_uid, j.sha256, j.matched_rules, j.destinations,"
+    " j.duplicate_of, j.previous_job_id, j.correlation_id"
+)
+DELIVERY_COLUMNS = (
+    "delivery_id, job_id, destination, status, attempts, created_at, next_attempt_at,"
+    " last_attempt_at, last_error, delivered_at, detail"
+)
+
+
+@dataclass(frozen=True)
+class JobFilters:
+    """What the jobs list is narrowed to; None means "any"."""
+
+    status: str | None = None
+    destination: str | None = None
+    calling_aet: str | None = None  # wildcards allowed
+    modality: str | None = None
+    received_from: float | None = None  # Unix seconds, inclusive
+    received_to: float | None = None  # Unix seconds, exclusive
+    patient_id: str | None = None
+    study_uid: str | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.status is not None:
+            clauses.append(f"({STATUS_SQL}) = ?")
+            params.append(self.status)
+        if self.destination is not None:
+            clauses.append("EXISTS (SELECT 1 FROM deliveries y WHERE y.job_id = j.job_id"
+                           " AND y.destination = ?)")
+            params.append(self.destination)
+        if self.calling_aet is not None:
+            clauses.append("UPPER(j.calling_aet) LIKE UPPER(?) ESCAPE '\\'")
+            params.append(like_pattern(self.calling_aet))
+        for column, value in (("modality", self.modality), ("patient_id", self.patient_id),
+                              ("study_instance_uid", self.study_uid)):
+            if value is not None:
+                clauses.append(f"j.{column} = ?")
+                params.append(value)
+        if self.received_from is not None:
+            clauses.append("j.received_at >= ?")
+            params.append(self.received_from)
+        if self.received_to is not None:
+            clauses.append("j.received_at < ?")
+            params.append(self.received_to)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def used(self) -> list[str]:
+        """Names of the filters in use (PHI-free, for the access record)."""
+        return [name for name in FILTER_FIELDS if getattr(self, name) is not None]
+
+
+def parse_filters(query: Mapping[str, str], strict: bool = True) -> JobFilters:
+    """Filters from a query string; :class:`FilterError` names a bad or unknown field."""
+    if strict:
+        check_known(query, FILTER_FIELDS + PAGING_FIELDS)
+    modality = text(query, "modality", 16)
+    filters = JobFilters(
+        status=choice(query, "status", JOB_STATUSES),
+        destination=text(query, "destination", 64),
+        calling_aet=text(query, "calling_aet", 16),
+        modality=modality.upper() if modality else None,
+        received_from=instant(query, "received_from"),
+        received_to=instant(query, "received_to", end_of_day=True),
+        patient_id=text(query, "patient_id", 64),
+        study_uid=uid(query, "study_uid"),
+    )
+    if (filters.received_from is not None and filters.received_to is not None
+            and filters.received_from >= filters.received_to):
+        raise FilterError("received_to", "must be after received_from")
+    return filters
+
+
+def list_jobs(db: ViewDatabase, filters: JobFilters, limit: int, offset: int
+              ) -> tuple[list[dict[str, Any]], int]:
+    """One page of jobs, newest first, each with ``status`` and ``deliveries``; and the total."""
+    where, params = filters.where()
+    total = int(db.query(f"SELECT count(*) AS n FROM jobs j{where}", params)[0]["n"])
+    rows = db.query(
+        f"SELECT {LIST_COLUMNS}, {STATUS_SQL} AS status FROM jobs j{where}"
+        " ORDER BY j.received_at DESC, j.job_id LIMIT ? OFFSET ?", [*params, limit, offset])
+    by_job: dict[str, list[dict[str, Any]]] = {row["job_id"]: [] for row in rows}
+    if by_job:
+        marks = ", ".join("?" for _ in by_job)
+        for d in db.query(f"SELECT job_id, destination, status FROM deliveries"
+                          f" WHERE job_id IN ({marks}) ORDER BY destination", list(by_job)):
+            by_job[d["job_id"]].append({"destination": d["destination"], "status": d["status"]})
+    for row in rows:
+        row["deliveries"] = by_job[row["job_id"]]
+    return rows, total
+
+
+def valid_job_id(job_id: str) -> bool:
+    try:
+        return str(uuid.UUID(job_id)) == job_id.lower()
+    except ValueError:
+        return False
+
+
+def get_job(db: ViewDatabase, job_id: str) -> dict[str, Any] | None:
+    """The job with its status, matched rules and deliveries; None if unknown."""
+    if not valid_job_id(job_id):
+        return None
+    rows = db.query(f"SELECT {DETAIL_COLUMNS}, {STATUS_SQL} AS status FROM jobs j"
+                    " WHERE j.job_id = ?", (job_id.lower(),))
+    if not rows:
+        return None
+    job = rows[0]
+    job["matched_rules"] = json.loads(job["matched_rules"] or "[]")
+    job["destinations"] = json.loads(job["destinations"] or "[]")
+    job["deliveries"] = db.query(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE job_id = ?"
+                                 " ORDER BY destination", (job["job_id"],))
+    return job
+
+
+def get_delivery(db: ViewDatabase, job_id: str, destination: str) -> dict[str, Any] | None:
+    rows = db.query(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE job_id = ?"
+                    " AND destination = ?", (job_id, destination))
+    return rows[0] if rows else None
+
+
+def job_events(audit_db: ViewDatabase, job: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every recorded event of the job (receipt, routing, each delivery attempt and operator
+    action) in the order it happened, with the destination each delivery event concerns.
+    Views of the job (access log rows) are the audit trail's business, not the timeline's."""
+    destination_of = {str(d["delivery_id"]): d["destination"] for d in job["deliveries"]}
+    rows = audit_db.query(
+        "SELECT occurred_at, application, position, actor, source_ip, action, object_id,"
+        " outcome, correlation_id, detail FROM audit WHERE job_id = ?"
+        " AND application IN ('ingest', 'delivery')"
+        " ORDER BY occurred_at, application, position", (job["job_id"],))
+    events = []
+    for row in rows:
+        detail = json.loads(row.pop("detail") or "{}")
+        row["details"] = detail if isinstance(detail, dict) else {}
+        row["destination"] = row["details"].get("destination") or destination_of.get(
+            row["object_id"])
+        events.append(row)
+    return events
+
+
+def view_position(db: ViewDatabase, view: str, application: str) -> int:
+    rows = db.query("SELECT position FROM projection_positions WHERE view = ?"
+                    " AND application = ?", (view, application))
+    return int(rows[0]["position"]) if rows else 0
+
+
+def wait_for_view(db: ViewDatabase, view: str, application: str, position: int,
+                  timeout: float = 5.0) -> bool:
+    """Block until ``view`` has applied ``application``'s log up to ``position``."""
+    deadline = time.monotonic() + timeout
+    while view_position(db, view, application) < position:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
