@@ -49,7 +49,7 @@ INDEXES = (
 )
 
 FAILURES = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
-            "LoginFailure.Recorded"}
+            "LoginFailure.Recorded", "Retrieve.Failed"}
 
 # Fields that are safe and useful to show in the audit trail's detail column. Anything not
 # listed (index, config, spec, password_hash, token_hash) never reaches the view.
@@ -58,7 +58,8 @@ DETAIL_FIELDS = (
     "destinations", "unrouted", "default_destination_used", "matched_rules", "status",
     "reason", "destination", "attempt", "error", "retry_at", "detail", "permanent",
     "original_job_id", "job_id", "name", "duration_ms", "role", "token_id", "label", "kind",
-    "expires_at", "stopped_by", "value", "previous",
+    "expires_at", "stopped_by", "value", "previous", "node", "node_ae", "method", "level",
+    "completed", "failed", "warning", "remaining",
 )
 # What a rule change shows of the rule: not its criteria, which may quote tag values.
 RULE_SUMMARY = ("priority", "enabled", "destinations", "stop")
@@ -146,8 +147,8 @@ def _admin_detail(cur: Cursor, record: EventRecord) -> dict[str, Any]:
     if isinstance(spec, dict):
         detail.update({key: spec.get(key) for key in RULE_SUMMARY})
     config = getattr(e, "config", None)
-    if isinstance(config, dict):
-        detail["type"] = config.get("type")
+    if isinstance(config, dict) and "type" in config:
+        detail["type"] = config["type"]
     return detail
 
 

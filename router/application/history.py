@@ -13,8 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from router.dispatch.registry import public_config
-from router.domain import admin, runtime_settings, users
+from router.dispatch.registry import MASK, public_config
+from router.domain import admin, remote, runtime_settings, users
+from router.secrets import SecretBox
 
 PAGE = 500
 
@@ -53,6 +54,16 @@ class DestinationAsOf:
 
 
 @dataclass(frozen=True)
+class RemoteNodeAsOf:
+    name: str
+    version: int
+    config: dict[str, Any]  # AE title, host, port, services (anything sealed masked)
+    deleted: bool
+    created: Change
+    changed: Change
+
+
+@dataclass(frozen=True)
 class TokenAsOf:
     token_id: str
     label: str
@@ -80,6 +91,7 @@ class StateAsOf:
     destinations: tuple[DestinationAsOf, ...]
     users: tuple[UserAsOf, ...]
     settings: dict[str, Any]  # run-time overrides of the configuration file
+    remote_nodes: tuple[RemoteNodeAsOf, ...] = ()
 
 
 def _admin_events(app: Any) -> Iterator[Any]:
@@ -129,7 +141,7 @@ def replay(app: Any, at: float) -> tuple[dict[UUID, Any], dict[UUID, tuple[Chang
 def state_as_of(app: Any, at: float) -> StateAsOf:
     """Rules (by priority), destinations and users (by name) as they were at ``at``."""
     aggregates, changes, count = replay(app, at)
-    rules, destinations, accounts = [], [], []
+    rules, destinations, accounts, nodes = [], [], [], []
     overrides: dict[str, Any] = {}
     for oid, aggregate in aggregates.items():
         created, changed = changes[oid]
@@ -139,14 +151,17 @@ def state_as_of(app: Any, at: float) -> StateAsOf:
             destinations.append(_destination(aggregate, created, changed))
         elif isinstance(aggregate, users.User):
             accounts.append(_user(aggregate, created, changed))
+        elif isinstance(aggregate, remote.RemoteNode):
+            nodes.append(_remote_node(aggregate, created, changed))
         elif isinstance(aggregate, runtime_settings.RuntimeSettings):
             overrides = dict(sorted(aggregate.values.items()))
     rules.sort(key=lambda r: (r.deleted, int(r.spec.get("priority", 100)), r.name))
     destinations.sort(key=lambda d: (d.deleted, d.name))
     accounts.sort(key=lambda u: u.name.lower())
+    nodes.sort(key=lambda n: (n.deleted, n.name))
     return StateAsOf(at=at, events=count, rules=tuple(rules),
                      destinations=tuple(destinations), users=tuple(accounts),
-                     settings=overrides)
+                     settings=overrides, remote_nodes=tuple(nodes))
 
 
 def _rule(rule: admin.Rule, created: Change, changed: Change) -> RuleAsOf:
@@ -168,3 +183,10 @@ def _user(user: users.User, created: Change, changed: Change) -> UserAsOf:
                    for token_id, token in sorted(user.tokens.items()))
     return UserAsOf(name=user.name, role=user.role, disabled=user.disabled, tokens=tokens,
                     version=user.version, created=created, changed=changed)
+
+
+def _remote_node(node: remote.RemoteNode, created: Change, changed: Change) -> RemoteNodeAsOf:
+    config = {key: MASK if SecretBox.is_sealed(value) else value
+              for key, value in node.config.items()}
+    return RemoteNodeAsOf(name=node.name, version=node.version, config=config,
+                          deleted=node.deleted, created=created, changed=changed)

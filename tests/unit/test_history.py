@@ -133,3 +133,19 @@ def test_event_count_and_time_are_reported(world: World) -> None:
     assert (state.at, state.events) == (at, 1)
     assert state.destinations[0].config["path"] == "/srv/a"
     assert world.state(time.time()).events == 2
+
+
+def test_remote_nodes_are_shown_as_they_were(world: World) -> None:
+    from router.application.remote_nodes import RemoteNodes, RemoteState
+
+    nodes = RemoteNodes(world.stores, RemoteState(world.stores.admin))
+    nodes.put({"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}, ADMIN)
+    first = world.mark()
+    nodes.put({"name": "pacs", "ae_title": "PACS2", "host": "10.0.0.6", "port": 11112}, ADMIN)
+    nodes.delete("pacs", ADMIN)
+
+    then = world.state(first).remote_nodes[0]
+    assert (then.name, then.version, then.deleted) == ("pacs", 1, False)
+    assert (then.config["ae_title"], then.config["port"]) == ("PACS", 104)
+    later = world.state(time.time()).remote_nodes[0]
+    assert (later.config["ae_title"], later.deleted) == ("PACS2", True)
