@@ -380,3 +380,14 @@ def test_non_uid_study_in_url_is_400(server: Any, auth: dict[str, str]) -> None:
     body = multipart(("application/dicom", CT.read_bytes()))
     assert post(server, auth, body, "/1.2.abc").status_code == 400
     assert post(server, auth, body, "/" + "1." * 40 + "1").status_code == 400
+
+
+def test_a_client_that_only_takes_xml_gets_406(server: Any, auth: dict[str, str]) -> None:
+    body = multipart(("application/dicom", CT.read_bytes()))
+    r = requests.post(f"{server.url}/dicom-web/studies", data=body, timeout=60, headers={
+        **auth, "Content-Type": MULTIPART, "Accept": "application/dicom+xml"})
+    assert r.status_code == 406
+    r = requests.post(f"{server.url}/dicom-web/studies", data=body, timeout=60, headers={
+        **auth, "Content-Type": MULTIPART,
+        "Accept": "application/dicom+xml, application/dicom+json;q=0.5"})
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/dicom+json"
