@@ -23,7 +23,7 @@ from web.keys import ROUTER_KEY
 
 ROOT = "/dicom-web"
 _PATH_UID = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable, no spaces: what a UID segment may be
-_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+){0,8}$")
+_PREFIX = re.compile(r"^(/(?!\.\.?(/|$))[A-Za-z0-9._~-]+){0,8}$")  # no . or .. segments
 
 INSTANCE_SQL = (
     "SELECT i.sop_instance_uid, i.series_instance_uid, i.study_instance_uid, i.sop_class_uid,"
