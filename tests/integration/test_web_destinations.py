@@ -213,7 +213,7 @@ def test_crud_and_health_on_postgres(pg_url: str, web_router: Any, tmp_path: Pat
     run_health_scenario(server, tmp_path)
 
 
-def test_pages_create_edit_test_pause_and_delete(web_router: Any, tmp_path: Path) -> None:
+def test_forms_per_kind_create_and_edit_keeping_secrets(web_router: Any) -> None:
     server = web_router()
     browser = Browser(server.url)
     browser.login("admin", ADMIN_PASSWORD)
@@ -251,12 +251,19 @@ def test_pages_create_edit_test_pause_and_delete(web_router: Any, tmp_path: Path
         "ae_title": "PACS"})
     assert r.status_code == 422 and "must be between 1 and 65535" in r.text
 
+
+def test_page_actions_test_pause_resume_and_delete(web_router: Any, tmp_path: Path) -> None:
+    server = web_router()
+    browser = Browser(server.url)
+    browser.login("admin", ADMIN_PASSWORD)
     (tmp_path / "out").mkdir()
     r = browser.post(browser.url("/destinations"),
                      data={"type": "file", "name": "archive", "path": str(tmp_path / "out")})
     assert r.url.endswith("?ok=created")
     r = browser.post(browser.url("/destinations/archive/test"), headers={"HX-Request": "true"})
     assert r.status_code == 200 and "connection works" in r.text and "<html" not in r.text
+    r = browser.post(browser.url("/destinations/archive/test"))  # without JavaScript
+    assert "connection works" in r.text and "<table" in r.text
     r = browser.post(browser.url("/destinations/check"), data={
         "type": "file", "name": "archive2", "path": str(tmp_path / "missing")})
     assert "test failed" in r.text and "does not exist" in r.text

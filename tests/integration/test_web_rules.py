@@ -79,7 +79,8 @@ def dry_run_file(server: Any, auth: dict[str, str], path: Path, **fields: str) -
 def test_crud_through_the_api(web_router: Any) -> None:
     server = web_router()
     auth = setup(server, "pacs", "cloud")
-    rule = {"name": "CT chest", "priority": 10, "calling_aet": "CT_*", "modality": ["CT"],
+    name = "CT chest / 50%? #1"  # every character that means something in a URL
+    rule = {"name": name, "priority": 10, "calling_aet": "CT_*", "modality": ["CT"],
             "match": [{"tag": "BodyPartExamined", "op": "eq", "value": "CHEST"}],
             "destinations": ["pacs", "cloud"]}
     r = requests.post(server.url + API, json=rule, headers=auth, timeout=10)
@@ -89,14 +90,14 @@ def test_crud_through_the_api(web_router: Any) -> None:
     assert body["from_config"] is False and body["position"] == 1
     assert requests.post(server.url + API, json=rule, headers=auth,
                          timeout=10).status_code == 409
-    path = API + "/" + quote("CT chest", safe="")
+    path = API + "/" + quote(name, safe="")
     r = requests.put(server.url + path, headers=auth, timeout=10,
                      json={**rule, "enabled": False, "stop": True})
     assert r.status_code == 200 and r.json()["enabled"] is False and r.json()["version"] == 2
     got = requests.get(server.url + path, headers=auth, timeout=10).json()
     assert got["stop"] is True and got["match"][0] == {"tag": "BodyPartExamined", "op": "eq",
                                                        "value": "CHEST"}
-    events = list(server.router.stores.admin.events.get(rule_id("CT chest")))
+    events = list(server.router.stores.admin.events.get(rule_id(name)))
     assert [e.actor for e in events] == ["admin", "admin"]
     assert requests.delete(server.url + path, headers=auth, timeout=10).status_code == 200
     assert requests.get(server.url + path, headers=auth, timeout=10).status_code == 404
@@ -264,17 +265,20 @@ def editor_form(browser: Browser, **values: Any) -> dict[str, Any]:
     return {"csrf_token": browser.csrf, "priority": "50", "enabled": "on", **values}
 
 
-def test_pages_editor_reorder_test_and_delete(web_router: Any) -> None:
+CT_FORM = {"calling_aet": "CT_*, CT?", "modality": "CT",
+           "match_tag": ["BodyPartExamined", "", "Modality"], "match_op": ["in", "eq", "eq"],
+           "match_value": ["CHEST, ABDOMEN", "", "ct"],
+           "match_case": ["sensitive", "sensitive", "insensitive"],
+           "destinations": ["pacs", "cloud"], "action": "save"}
+
+
+def test_editor_saves_every_criterion_and_shows_field_errors(web_router: Any) -> None:
     server = web_router()
     setup(server, "pacs", "cloud")
     browser = Browser(server.url)
     browser.login("admin", ADMIN_PASSWORD)
     assert browser.get(browser.url("/rules/new")).status_code == 200
-    form = editor_form(browser, name=HOSTILE, calling_aet="CT_*, CT?", modality="CT",
-                       match_tag=["BodyPartExamined", "", "Modality"],
-                       match_op=["in", "eq", "eq"], match_value=["CHEST, ABDOMEN", "", "ct"],
-                       match_case=["sensitive", "sensitive", "insensitive"],
-                       destinations=["pacs", "cloud"], action="save")
+    form = editor_form(browser, name=HOSTILE, **CT_FORM)
     r = browser.post(browser.url("/rules"), data=form)
     assert r.url.endswith("/rules?ok=created"), r.text[-500:]
     assert HOSTILE not in r.text and "&lt;img src=x onerror=alert(1)&gt;" in r.text
@@ -290,32 +294,44 @@ def test_pages_editor_reorder_test_and_delete(web_router: Any) -> None:
     assert 'value="CHEST, ABDOMEN"' in edit.text
     more = browser.post(edit_url, data={**form, "action": "add_condition"})
     assert more.text.count('name="match_tag"') == 4  # two conditions, two blank rows
+    fewer = browser.post(edit_url, data={**form, "action": "remove_condition:0"})
+    assert fewer.text.count('name="match_tag"') == 2 and "CHEST, ABDOMEN" not in fewer.text
     bad = browser.post(edit_url, data={**form, "match_op": ["gt", "eq", "eq"],
                                        "match_value": ["not-a-date", "", "ct"]})
     assert bad.status_code == 422 and "match[0].value" in bad.text
     assert server.router.admin.refresh().rules[0].version == 1
+    taken = browser.post(browser.url("/rules"), data=form)
+    assert taken.status_code == 409 and "already exists" in taken.text
 
-    browser.post(browser.url("/rules"), data=editor_form(
-        browser, name="second", destinations=["pacs"], priority="60", action="save"))
-    names = [r.spec.name for r in server.router.admin.refresh().rules]
-    assert names == [HOSTILE, "second"]
+
+def test_pages_reorder_test_this_rule_and_delete(web_router: Any) -> None:
+    server = web_router()
+    auth = setup(server, "pacs", "cloud")
+    for name, priority in ((HOSTILE, 50), ("second", 60)):
+        requests.post(server.url + API, headers=auth, timeout=10, json={
+            "name": name, "priority": priority, "destinations": ["pacs"]})
+    browser = Browser(server.url)
+    browser.login("admin", ADMIN_PASSWORD)
     r = browser.post(browser.url("/rules/second/move"), data={"direction": "up"})
     assert r.url.endswith("?ok=moved")
     assert [(r.spec.name, r.spec.priority) for r in server.router.admin.refresh().rules] == [
         ("second", 10), (HOSTILE, 20)]
 
+    form = editor_form(browser, name=HOSTILE, existing=HOSTILE, test_calling_aet="CT_1",
+                       **CT_FORM)
     with CT_SMALL.open("rb") as f:
         tested = browser.post(browser.url("/rules/test"), headers={"HX-Request": "true"},
-                              data={**form, "existing": HOSTILE, "test_calling_aet": "CT_1"},
-                              files={"test_file": ("ct.dcm", f, "application/dicom")})
+                              data=form, files={"test_file": ("ct.dcm", f)})
     assert tested.status_code == 200 and "<html" not in tested.text
     assert "this rule" in tested.text and "BodyPartExamined in" in tested.text
     assert "(absent)" in tested.text and HOSTILE not in tested.text
+    with CT_SMALL.open("rb") as f:  # without JavaScript: the whole editor, result included
+        page = browser.post(browser.url("/rules/test"), data=form,
+                            files={"test_file": ("ct.dcm", f)})
+    assert "Would be sent to:" in page.text and 'name="match_tag"' in page.text
     with CT_SMALL.open("rb") as f:
-        full = browser.post(browser.url("/rules/dry-run"),
-                            files={"test_file": ("ct.dcm", f, "application/dicom")})
+        full = browser.post(browser.url("/rules/dry-run"), files={"test_file": ("ct.dcm", f)})
     assert full.status_code == 200 and "Would be sent to:" in full.text
-    assert "<html" in full.text
     missing = browser.post(browser.url("/rules/dry-run"), data={"test_job": ""})
     assert "Choose a DICOM file or a recent job" in missing.text
 
@@ -323,6 +339,7 @@ def test_pages_editor_reorder_test_and_delete(web_router: Any) -> None:
     assert r.url.endswith("?ok=deleted")
     assert [r.spec.name for r in server.router.admin.refresh().rules] == [HOSTILE]
     assert browser.get(browser.url("/rules/second/edit")).status_code == 404
+    assert browser.post(browser.url("/rules/second/delete")).status_code == 404
 
 
 def test_roles_csrf_and_config_file_origin(web_router: Any, tmp_path: Path) -> None:

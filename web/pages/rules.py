@@ -179,8 +179,10 @@ async def save(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
-    await run_command(router.commands.delete_rule, request.match_info["name"],
-                      actor_of(request))
+    name = request.match_info["name"]
+    if api.find_rule(router, name) is None:
+        raise web.HTTPNotFound(text="no such rule")
+    await run_command(router.commands.delete_rule, name, actor_of(request))
     raise web.HTTPFound("/rules?ok=deleted")
 
 
