@@ -1,15 +1,53 @@
-"""The dashboard (placeholder until its owner fills it in this session)."""
+"""The dashboard ``/``: throughput over the last hour, queues, failures and destination health,
+refreshed by HTMX polling ``/dashboard/live`` every few seconds. No PHI is shown.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
+from web.api.stats import read_stats
+from web.pages.jobs import HELPERS
 from web.render import render
 from web.routes import Route
 
+CHART_WIDTH = 600
+CHART_HEIGHT = 120
+POLL_SECONDS = 5
+
+
+def chart(minutes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bar geometry for the per-minute chart (SVG attributes, no inline styles: the CSP
+    forbids them): two bars per minute, scaled to the busiest minute."""
+    slot = CHART_WIDTH / max(1, len(minutes))
+    peak = max([1] + [max(m["received"], m["delivered"]) for m in minutes])
+    bars = []
+    for i, minute in enumerate(minutes):
+        for j, key in enumerate(("received", "delivered")):
+            height = round(minute[key] / peak * (CHART_HEIGHT - 4), 1)
+            bars.append({"kind": key, "x": round(i * slot + 1 + j * slot / 2.5, 1),
+                         "y": round(CHART_HEIGHT - height, 1), "width": round(slot / 2.5, 1),
+                         "height": height, "count": minute[key], "at": minute["start_at"]})
+    return {"width": CHART_WIDTH, "height": CHART_HEIGHT, "peak": peak, "bars": bars}
+
+
+async def stats_values(request: web.Request) -> dict[str, Any]:
+    stats = await read_stats(request)
+    return {"stats": stats, "chart": chart(stats["throughput"]["minutes"]),
+            "poll_seconds": POLL_SECONDS, **HELPERS}
+
 
 async def dashboard(request: web.Request) -> web.Response:
-    return render(request, "dashboard.html")
+    return render(request, "dashboard.html", **await stats_values(request))
 
 
-ROUTES = [Route("GET", "/", dashboard, "dashboard", "Dashboard")]
+async def live(request: web.Request) -> web.Response:
+    return render(request, "_dashboard_stats.html", **await stats_values(request))
+
+
+ROUTES = [
+    Route("GET", "/", dashboard, "dashboard", "Dashboard"),
+    Route("GET", "/dashboard/live", live, "dashboard", "Dashboard figures (HTMX fragment)"),
+]

@@ -1,7 +1,59 @@
-"""TODO(issue 3): filled in by its owner this session."""
+"""The studies pages: ``/studies`` (search form, results, paging) and ``/studies/{uid}``
+(series, instances and where each was delivered). Each view of PHI is recorded.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from web.api.studies import load_study, search_record, view_record
+from web.auth import record_access
+from web.keys import ROUTER_KEY
+from web.pages.jobs import HELPERS, page_window, pager
+from web.queries.filters import FilterError
+from web.queries.studies import DELIVERY_STATUSES, FILTER_FIELDS, parse_filters, search_studies
+from web.render import render
 from web.routes import Route
 
-ROUTES: list[Route] = []
+
+async def studies_page(request: web.Request) -> web.Response:
+    query = request.query
+    values: dict[str, Any] = {"form": {f: query.get(f, "") for f in FILTER_FIELDS},
+                              "studies": [], "pager": None, **HELPERS}
+    try:
+        filters = parse_filters(query, strict=False)
+        limit, offset = page_window(query)
+    except FilterError as exc:
+        return render(request, "studies.html", status=400, flash=str(exc), flash_kind="error",
+                      **values)
+    router = request.app[ROUTER_KEY]
+    rows, total = await asyncio.to_thread(search_studies, router.views["studies"][1], filters,
+                                          limit, offset)
+    await record_access(request, search_record(filters, total))
+    values.update(studies=rows, pager=pager("/studies", query, limit, offset, len(rows),
+                                            total))
+    return render(request, "studies.html", **values)
+
+
+async def study_page(request: web.Request) -> web.Response:
+    study_uid = request.match_info["study_uid"]
+    study = await load_study(request, study_uid)
+    await record_access(request, view_record(study_uid, study))
+    if study is None:
+        return render(request, "error.html", status=404,
+                      message="No study with this Study Instance UID.")
+    by_series: dict[str, list[dict[str, Any]]] = {}
+    for instance in study["instances"]:
+        by_series.setdefault(instance["series_instance_uid"], []).append(instance)
+    return render(request, "study_detail.html", study=study, by_series=by_series,
+                  statuses=DELIVERY_STATUSES, destinations=list(study["deliveries"]), **HELPERS)
+
+
+ROUTES = [
+    Route("GET", "/studies", studies_page, "studies.read", "Study search"),
+    Route("GET", "/studies/{study_uid}", study_page, "studies.read",
+          "One study: series, instances, delivery status"),
+]
