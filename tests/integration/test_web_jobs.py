@@ -90,45 +90,24 @@ def get(server: Any, headers: dict[str, str], path: str, **params: Any) -> reque
     return requests.get(server.url + path, headers=headers, params=params, timeout=30)
 
 
-def test_job_list_filters_and_pages_real_receipts(database_url: str, web_router: Any,
-                                                  tmp_path: Path) -> None:
-    server = web_router(routed_settings(tmp_path, database_url))
-    sent = send_ct_and_mr(server, tmp_path)
-    api = bearer(server.url, "admin", ADMIN_PASSWORD)
-
-    def ids(**params: Any) -> list[str]:
+def check_filters(server: Any, api: dict[str, str], ct_study: str, ct_jobs: set[str],
+                  mr_jobs: set[str]) -> None:
+    def ids(**params: Any) -> set[str]:
         r = get(server, api, "/api/v1/jobs", **params)
         assert r.status_code == 200, r.text
-        return [job["job_id"] for job in r.json()["items"]]
+        return {job["job_id"] for job in r.json()["items"]}
 
-    everything = get(server, api, "/api/v1/jobs").json()
-    assert everything["total"] == 5 and len(everything["items"]) == 5
-    by_id = {job["job_id"]: job for job in everything["items"]}
-    ct_jobs = {i for i, job in by_id.items() if job["modality"] == "CT"}
-    mr_jobs = set(by_id) - ct_jobs
-    assert {by_id[i]["status"] for i in ct_jobs} == {"retrying"}
-    assert {by_id[i]["status"] for i in mr_jobs} == {"delivered"}
-    assert {(d["destination"], d["status"]) for i in ct_jobs for d in by_id[i]["deliveries"]
-            } == {("archive", "delivered"), ("down", "retrying")}
-    assert everything["items"][0]["received_at"].endswith("Z")
-
-    assert set(ids(status="retrying")) == ct_jobs and set(ids(status="delivered")) == mr_jobs
-    assert ids(status="failed") == []
-    assert set(ids(destination="down")) == ct_jobs
-    assert set(ids(calling_aet="mr_*")) == mr_jobs and ids(calling_aet="XX*") == []
-    assert set(ids(modality="ct")) == ct_jobs
-    assert set(ids(patient_id="PID-MR")) == mr_jobs
-    assert set(ids(study_uid=sent["ct_study"])) == ct_jobs
-    assert set(ids(study_uid=sent["ct_study"], status="delivered")) == set()
-    assert ids(received_from="2999-01-01") == [] and len(ids(received_to="2999-01-01")) == 5
-    assert ids(received_to="2000-01-01T00:00:00Z") == []
-
-    pages = [get(server, api, "/api/v1/jobs", limit=2, offset=o).json() for o in (0, 2, 4)]
-    assert [len(p["items"]) for p in pages] == [2, 2, 1]
-    assert all(p["total"] == 5 for p in pages)
-    paged = [job["job_id"] for p in pages for job in p["items"]]
-    assert paged == [job["job_id"] for job in everything["items"]]  # newest first, no overlap
-
+    assert ids(status="retrying") == ct_jobs and ids(status="delivered") == mr_jobs
+    assert ids(status="failed") == set()
+    assert ids(destination="down") == ct_jobs
+    assert ids(calling_aet="mr_*") == mr_jobs and ids(calling_aet="XX*") == set()
+    assert ids(modality="ct") == ct_jobs
+    assert ids(patient_id="PID-MR") == mr_jobs
+    assert ids(study_uid=ct_study) == ct_jobs
+    assert ids(study_uid=ct_study, status="delivered") == set()
+    assert ids(received_from="2999-01-01") == set()
+    assert ids(received_to="2999-01-01") == ct_jobs | mr_jobs
+    assert ids(received_to="2000-01-01T00:00:00Z") == set()
     for params, field in (({"status": "bogus"}, "status"), ({"received_from": "yesterday"},
                           "received_from"), ({"colour": "red"}, "colour"),
                           ({"study_uid": "1.2.abc"}, "study_uid")):
@@ -136,11 +115,8 @@ def test_job_list_filters_and_pages_real_receipts(database_url: str, web_router:
         assert r.status_code == 400 and field in r.json()["error"]["fields"], r.text
     assert get(server, api, "/api/v1/jobs", limit=0).status_code == 400
 
-    recorded = accesses(server.router, "jobs.list")
-    assert recorded and all(a["actor"] == "admin" for a in recorded)
-    assert any(a["patient_id"] == "PID-MR" for a in recorded)
-    assert any(a["study_instance_uid"] == sent["ct_study"] for a in recorded)
 
+def check_list_page(server: Any, ct_jobs: set[str], mr_jobs: set[str]) -> None:
     browser = Browser(server.url)
     browser.login("admin", ADMIN_PASSWORD)
     page = browser.get(browser.url("/jobs"), params={"status": "retrying", "limit": 2})
@@ -155,29 +131,52 @@ def test_job_list_filters_and_pages_real_receipts(database_url: str, web_router:
     assert bad.status_code == 400 and "received_from" in bad.text
 
 
-def test_job_detail_timeline_requeue_and_cancel(database_url: str, web_router: Any,
-                                                tmp_path: Path) -> None:
+def test_job_list_filters_and_pages_real_receipts(database_url: str, web_router: Any,
+                                                  tmp_path: Path) -> None:
     server = web_router(routed_settings(tmp_path, database_url))
     sent = send_ct_and_mr(server, tmp_path)
     api = bearer(server.url, "admin", ADMIN_PASSWORD)
-    job_id = get(server, api, "/api/v1/jobs", modality="CT", limit=1).json()["items"][0][
-        "job_id"]
+    everything = get(server, api, "/api/v1/jobs").json()
+    assert everything["total"] == 5 and len(everything["items"]) == 5
+    by_id = {job["job_id"]: job for job in everything["items"]}
+    ct_jobs = {i for i, job in by_id.items() if job["modality"] == "CT"}
+    mr_jobs = set(by_id) - ct_jobs
+    assert {by_id[i]["status"] for i in ct_jobs} == {"retrying"}
+    assert {by_id[i]["status"] for i in mr_jobs} == {"delivered"}
+    assert {(d["destination"], d["status"]) for i in ct_jobs for d in by_id[i]["deliveries"]
+            } == {("archive", "delivered"), ("down", "retrying")}
+    assert everything["items"][0]["received_at"].endswith("Z")
+    check_filters(server, api, sent["ct_study"], ct_jobs, mr_jobs)
 
-    job = get(server, api, f"/api/v1/jobs/{job_id}").json()
-    assert job["status"] == "retrying" and job["study_instance_uid"] == sent["ct_study"]
+    pages = [get(server, api, "/api/v1/jobs", limit=2, offset=o).json() for o in (0, 2, 4)]
+    assert [len(p["items"]) for p in pages] == [2, 2, 1]
+    assert all(p["total"] == 5 for p in pages)
+    paged = [job["job_id"] for p in pages for job in p["items"]]
+    assert paged == [job["job_id"] for job in everything["items"]]  # newest first, no overlap
+
+    check_list_page(server, ct_jobs, mr_jobs)
+    recorded = accesses(server.router, "jobs.list")
+    assert recorded and all(a["actor"] == "admin" for a in recorded)
+    assert any(a["patient_id"] == "PID-MR" for a in recorded)
+    assert any(a["study_instance_uid"] == sent["ct_study"] for a in recorded)
+
+
+def check_timeline(job: dict[str, Any]) -> None:
+    """Receipt, routing by rule ``ct`` version 1, one delivery each way."""
     assert [r["name"] for r in job["matched_rules"]] == ["ct"]
     actions = [e["action"] for e in job["events"]]
     assert actions[:2] == ["Job.Received", "Job.Routed"]
     assert actions.count("Delivery.Created") == 2
-    routed = job["events"][1]
-    assert routed["details"]["matched_rules"][0]["name"] == "ct"
-    assert routed["details"]["matched_rules"][0]["version"] == 1
+    routed = job["events"][1]["details"]["matched_rules"][0]
+    assert (routed["name"], routed["version"]) == ("ct", 1)
     done = {(e["action"], e["destination"]) for e in job["events"]}
     assert ("Delivery.Succeeded", "archive") in done
     assert ("Delivery.AttemptFailed", "down") in done
     failed = next(e for e in job["events"] if e["action"] == "Delivery.AttemptFailed")
     assert "cannot connect" in failed["details"]["error"]
 
+
+def requeue_and_check(server: Any, api: dict[str, str], job_id: str) -> None:
     r = requests.post(f"{server.url}/api/v1/jobs/{job_id}/deliveries/down/requeue",
                       headers=api, timeout=30)
     assert r.status_code == 200 and r.json()["delivery"]["status"] in ("pending", "retrying")
@@ -193,7 +192,9 @@ def test_job_detail_timeline_requeue_and_cancel(database_url: str, web_router: A
     assert requeued[0]["destination"] == "down"
     assert [e["action"] for e in events].count("Delivery.AttemptFailed") == 2
 
-    # A browser cancels through the page's form (CSRF token in the form and the header).
+
+def cancel_in_browser(server: Any, api: dict[str, str], job_id: str) -> Browser:
+    """The page's cancel form (CSRF token in the form and the header)."""
     browser = Browser(server.url)
     browser.login("admin", ADMIN_PASSWORD)
     page = browser.get(browser.url(f"/jobs/{job_id}"))
@@ -209,8 +210,11 @@ def test_job_detail_timeline_requeue_and_cancel(database_url: str, web_router: A
     assert detail["status"] == "delivered"
     cancelled = [e for e in detail["events"] if e["action"] == "Delivery.Cancelled"]
     assert cancelled[0]["details"]["reason"] == "peer retired"
+    return browser
 
-    # Refused commands: 422 with the reason; unknown job or delivery: 404.
+
+def check_refusals(server: Any, api: dict[str, str], job_id: str) -> None:
+    """Refused commands: 422 with the reason; unknown job or delivery: 404."""
     again = requests.post(f"{server.url}/api/v1/jobs/{job_id}/deliveries/down/cancel",
                           headers=api, json={}, timeout=30)
     assert again.status_code == 422 and "cancelled" in again.json()["error"]["message"]
@@ -224,10 +228,26 @@ def test_job_detail_timeline_requeue_and_cancel(database_url: str, web_router: A
                ).status_code == 404
     assert get(server, api, "/api/v1/jobs/not-a-job").status_code == 404
 
+
+def test_job_detail_timeline_requeue_and_cancel(database_url: str, web_router: Any,
+                                                tmp_path: Path) -> None:
+    server = web_router(routed_settings(tmp_path, database_url))
+    sent = send_ct_and_mr(server, tmp_path)
+    api = bearer(server.url, "admin", ADMIN_PASSWORD)
+    job_id = get(server, api, "/api/v1/jobs", modality="CT", limit=1).json()["items"][0][
+        "job_id"]
+    job = get(server, api, f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "retrying" and job["study_instance_uid"] == sent["ct_study"]
+    check_timeline(job)
+    requeue_and_check(server, api, job_id)
+    browser = cancel_in_browser(server, api, job_id)
+    check_refusals(server, api, job_id)
+
     # HTMX: the requeue button swaps the live part of the page.
     fragment = browser.post(browser.url(f"/jobs/{job_id}/deliveries/down/requeue"),
                             headers={"HX-Request": "true"})
-    assert fragment.status_code == 200 and fragment.text.lstrip().startswith("<div id=\"job-live\"")
+    assert fragment.status_code == 200
+    assert fragment.text.lstrip().startswith('<div id="job-live"')
     assert "Requeued the delivery to down" in fragment.text and "<html" not in fragment.text
 
     views = accesses(server.router, "job.view")

@@ -49,6 +49,23 @@ def send_two_studies(server: Any, tmp_path: Path) -> dict[str, str]:
             "ct_instance": str(pydicom.dcmread(ct[0]).SOPInstanceUID)}
 
 
+def check_detail(server: Any, api: dict[str, str], uids: dict[str, str]) -> None:
+    """Series, instances and where each instance went; 404 for unknown UIDs."""
+    study = get(server, api, f"/api/v1/studies/{uids['ct']}").json()
+    assert study["patient_name"] == HOSTILE_NAME and study["number_of_instances"] == 3
+    assert [s["modality"] for s in study["series"]] == ["CT"]
+    assert len(study["instances"]) == 3 and not study["instances_truncated"]
+    assert study["deliveries"]["archive"]["delivered"] == 3
+    assert study["deliveries"]["down"]["retrying"] == 3
+    one = next(i for i in study["instances"] if i["sop_instance_uid"] == uids["ct_instance"])
+    assert one["deliveries"] == {"archive": "delivered", "down": "retrying"}
+    mr = get(server, api, f"/api/v1/studies/{uids['mr']}").json()
+    assert mr["deliveries"] == {"archive": {"dead": 0, "retrying": 0, "pending": 0,
+                                            "cancelled": 0, "delivered": 2}}
+    assert get(server, api, "/api/v1/studies/1.2.3.4").status_code == 404
+    assert get(server, api, "/api/v1/studies/not-a-uid").status_code == 404
+
+
 def test_study_search_and_detail_with_delivery_status(database_url: str, web_router: Any,
                                                       tmp_path: Path) -> None:
     server = web_router(routed_settings(tmp_path, database_url))
@@ -83,19 +100,7 @@ def test_study_search_and_detail_with_delivery_status(database_url: str, web_rou
         r = get(server, api, "/api/v1/studies", **params)
         assert r.status_code == 400 and field in r.json()["error"]["fields"], r.text
 
-    study = get(server, api, f"/api/v1/studies/{uids['ct']}").json()
-    assert study["patient_name"] == HOSTILE_NAME and study["number_of_instances"] == 3
-    assert [s["modality"] for s in study["series"]] == ["CT"]
-    assert len(study["instances"]) == 3 and not study["instances_truncated"]
-    assert study["deliveries"]["archive"]["delivered"] == 3
-    assert study["deliveries"]["down"]["retrying"] == 3
-    one = next(i for i in study["instances"] if i["sop_instance_uid"] == uids["ct_instance"])
-    assert one["deliveries"] == {"archive": "delivered", "down": "retrying"}
-    mr = get(server, api, f"/api/v1/studies/{uids['mr']}").json()
-    assert mr["deliveries"] == {"archive": {"dead": 0, "retrying": 0, "pending": 0,
-                                            "cancelled": 0, "delivered": 2}}
-    assert get(server, api, "/api/v1/studies/1.2.3.4").status_code == 404
-    assert get(server, api, "/api/v1/studies/not-a-uid").status_code == 404
+    check_detail(server, api, uids)
 
     views = accesses(server.router, "study.view")
     assert {(a["study_instance_uid"], a["patient_id"]) for a in views

@@ -89,7 +89,9 @@ async def jobs_page(request: web.Request) -> web.Response:
     values: dict[str, Any] = {"form": {f: query.get(f, "") for f in FILTER_FIELDS},
                               "statuses": JOB_STATUSES, "jobs": [], "pager": None, **HELPERS}
     router = request.app[ROUTER_KEY]
-    values["destination_names"] = sorted(router.admin.snapshot().destinations)
+    # The snapshot may refresh from the admin log: not on the event loop.
+    values["destination_names"] = await asyncio.to_thread(
+        lambda: sorted(router.admin.snapshot().destinations))
     try:
         filters: JobFilters = parse_filters(query, strict=False)
         limit, offset = page_window(query)
