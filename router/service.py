@@ -18,11 +18,14 @@ from projections.studies import StudiesView
 from router.application.admin_state import AdminState, DestinationState
 from router.application.commands import Commands
 from router.application.receive import Receiver
+from router.application.remote_nodes import RemoteNodes, RemoteState
 from router.application.retention import Retention
+from router.application.retrieve import Retriever
 from router.application.runtime_settings import RuntimeSettingsStore
 from router.application.sessions import Sessions
 from router.application.stores import APP_NAMES, EventStores, open_stores
 from router.application.users import Users
+from router.dicom.qr_scp import QueryRetrieveSCP
 from router.dicom.receivers import ReceiverPool
 from router.dicom.scp import DicomServer
 from router.dicom.tuning import configure_pynetdicom
@@ -63,6 +66,8 @@ class Router:
     sessions: Sessions
     runtime: RuntimeSettingsStore
     retention: Retention
+    remote_nodes: RemoteNodes
+    retriever: Retriever
     ready: bool = False
     receivers: ReceiverPool | None = None
 
@@ -88,12 +93,18 @@ class Router:
         runner.add_listener(lambda view: dispatcher.wake() if view == "jobs" else None)
         runtime = RuntimeSettingsStore(stores, settings)
         retention = Retention(stores, jobs_db, blobs, runtime, on_saved=runner.wake)
+        sessions = Sessions(stores)
+        remote_nodes = RemoteNodes(stores, RemoteState(stores.admin))
+        qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
+                              remote_nodes.state, lambda: views["studies"][1], blobs, sessions)
         return cls(settings=settings, box=box, stores=stores, blobs=blobs, admin=admin,
                    commands=Commands(stores, admin, box), views=views, runner=runner,
                    receiver=receiver, dispatcher=dispatcher,
-                   dicom=DicomServer(settings, receiver),
-                   users=Users(stores, admin, settings.web), sessions=Sessions(stores),
-                   runtime=runtime, retention=retention)
+                   dicom=DicomServer(settings, receiver, qr=qr),
+                   users=Users(stores, admin, settings.web), sessions=sessions,
+                   runtime=runtime, retention=retention, remote_nodes=remote_nodes,
+                   retriever=Retriever(settings, remote_nodes.state, stores, receiver,
+                                       sessions, box))
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -103,6 +114,10 @@ class Router:
         if self.settings.destinations or self.settings.rules:
             changed = self.apply_config_file()
             logger.info("configuration applied: %s", changed)
+        if self.settings.remote_nodes:
+            logger.info("remote nodes applied: %s",
+                        self.remote_nodes.apply(self.settings.remote_nodes))
+        self.retriever.recover()
         generated = self.users.ensure_first_admin(self.settings.admin_password)
         if generated is not None:
             # Printed once, to the console only (not to the log, which may be shipped).
@@ -138,6 +153,7 @@ class Router:
         """Stop accepting, finish in-flight C-STOREs and deliveries, flush the views."""
         self.ready = False
         grace = self.settings.dispatch.shutdown_grace
+        self.retriever.stop(timeout=min(grace, 10.0))
         if self.receivers is not None:
             self.receivers.stop(grace=min(grace, 10.0))
         else:

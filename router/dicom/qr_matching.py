@@ -377,13 +377,13 @@ def _response_value(key: Key, value: Any) -> Any:
 
 def response_identifier(query: Query, row: dict[str, Any], retrieve_ae: str) -> Dataset:
     """The C-FIND response for one match: every requested key (empty when unknown), the unique
-    keys of this level and above, and the character set its values need."""
+    keys of this level and above, where to retrieve it, and the character set it needs."""
     ds = Dataset()
     ds.QueryRetrieveLevel = query.level
     answered = {k.keyword: k for k in keys_at(query.level)}
     unique = [UNIQUE_KEYS[lv] for lv in LEVELS[LEVELS.index(query.level)::-1]
               if lv in MODEL_LEVELS[query.model]]
-    for keyword in dict.fromkeys([*query.requested, *unique]):
+    for keyword in dict.fromkeys([*query.requested, *unique, "RetrieveAETitle"]):
         key = answered.get(keyword)
         if key is not None:
             setattr(ds, keyword, _response_value(key, row.get(key.alias)))

@@ -9,6 +9,7 @@ PHI is sent; if that record cannot be written, nothing is sent. Identifiers are 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +26,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
-    Verification,
 )
 
 from projections.db import ViewDatabase
 from router.application.commands import Actor
 from router.application.remote_nodes import RemoteNodeState, RemoteState, RetrieveState
 from router.application.sessions import AccessRecord, Sessions
+from router.application.stores import EventStores
 from router.dicom.qr_matching import (
     RETRIEVE_COLUMNS,
     Query,
@@ -43,6 +44,7 @@ from router.dicom.qr_matching import (
 )
 from router.dispatch.base import DeliveryError, Outgoing
 from router.dispatch.transcode import decoded_for_peer
+from router.settings import Settings
 from router.storage.blobs import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,33 @@ STATUS_NOT_AUTHORISED = 0x0124
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+class MoveRefusedError(Exception):
+    """A C-MOVE refused before any destination association (logged by us, not pynetdicom)."""
+
+
+class _Refusing(threading.local):
+    active = False
+
+
+_refusing = _Refusing()
+
+
+class _MoveRefusalFilter(logging.Filter):
+    """Drops pynetdicom's error and traceback for a C-MOVE we refuse on purpose (the refusal
+    is logged by us, without a traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _refusing.active:
+            return True
+        error = record.exc_info[1] if record.exc_info else record.msg
+        if isinstance(error, MoveRefusedError):
+            _refusing.active = False  # the last of the two records pynetdicom writes
+        return False
+
+
+_FILTER = _MoveRefusalFilter()
 
 
 @dataclass(frozen=True)
@@ -93,6 +122,9 @@ class QueryRetrieveSCP:
         self._studies = studies
         self._blobs = blobs
         self._sessions = sessions
+        service_log = logging.getLogger("pynetdicom.service_class")
+        if _FILTER not in service_log.filters:
+            service_log.addFilter(_FILTER)
 
     @staticmethod
     def add_contexts(ae: AE) -> None:
@@ -156,12 +188,10 @@ class QueryRetrieveSCP:
         suffix = f" destination={destination.config.ae_title}"
         status, rows = self._retrieve_request(event, peer, "move", model, suffix)
         if status is not None:
-            # A status can only follow the destination: associate for verification only.
-            yield (destination.config.host, destination.config.port,
-                   {"contexts": [build_context(Verification)]})
-            yield 1
-            yield status, None
-            return
+            # pynetdicom sends a C-MOVE status only after associating with the destination;
+            # refusing before that is an exception, answered 0xC514 (unable to process).
+            _refusing.active = True
+            raise MoveRefusedError(f"refused with 0x{status:04X}")
         accepted: dict[str, set[str]] = {}
         yield self._move_association(destination, rows, accepted)
         yield len(rows)
@@ -302,3 +332,32 @@ def storage_contexts(rows: list[dict[str, Any]]) -> list[PresentationContext]:
             break
         contexts.extend(build_context(sop_class, ts) for ts in wanted)
     return contexts
+
+
+class LazyStudies:
+    """The studies view, opened on the first query (receiver processes rarely need it)."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._db: ViewDatabase | None = None
+
+    def __call__(self) -> ViewDatabase:
+        if self._db is None:
+            from projections.db import open_views
+
+            self._db = open_views(self._url, "studies")
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def standalone(settings: Settings, stores: EventStores, blobs: BlobStore
+               ) -> tuple[QueryRetrieveSCP, LazyStudies]:
+    """The Q/R handlers of a receiver process, with its own view of the remote nodes."""
+    studies = LazyStudies(settings.database_url)
+    qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
+                          RemoteState(stores.admin), studies, blobs, Sessions(stores))
+    return qr, studies

@@ -44,6 +44,7 @@ def receiver_main(settings: Settings, ready: MpEvent, saved: MpEvent, parent_pid
     from router.application.admin_state import AdminState
     from router.application.receive import Receiver
     from router.application.stores import open_stores
+    from router.dicom.qr_scp import standalone
     from router.dicom.scp import DicomServer
     from router.dicom.tuning import configure_pynetdicom
     from router.logs import configure_logging
@@ -62,13 +63,15 @@ def receiver_main(settings: Settings, ready: MpEvent, saved: MpEvent, parent_pid
 
     receiver = Receiver(stores, blobs, AdminState(stores.admin), settings.ingest,
                         settings.dispatch, on_saved=wake_parent)
-    server = DicomServer(settings, receiver, reuse_port=True)
+    qr, studies = standalone(settings, stores, blobs)  # C-FIND/MOVE/GET may arrive here too
+    server = DicomServer(settings, receiver, reuse_port=True, qr=qr)
     server.start()
     ready.set()
     while not stop.wait(1.0):
         if os.getppid() != parent_pid:  # parent gone and PDEATHSIG unavailable
             break
     server.stop(grace=settings.dispatch.shutdown_grace)
+    studies.close()
     stores.close()
 
 
