@@ -19,6 +19,8 @@ from router.settings import DicomSettings, DispatchSettings, Settings, load_sett
 
 ADMIN_PASSWORD = "correct horse battery"  # the first admin of every test router
 
+_RUNNING: list[Any] = []  # routers started by start_router and not yet torn down
+
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -32,9 +34,15 @@ def pg_url() -> Iterator[str]:
     name = f"router_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{_pg_base()}/{name}"
     try:
-        yield f"{_pg_base()}/{name}"
+        yield url
     finally:
+        # A router fixture set up before this one would be torn down after it: stop such
+        # routers now, before their database goes (else their stop waits on a dead server).
+        for router in _RUNNING:
+            if router.ready and router.settings.database_url == url:
+                router.stop()
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -75,12 +83,14 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., Any]]:
         router = Router.build(settings)
         router.start()
         started.append(router)
+        _RUNNING.append(router)
         return router
 
     yield start
     for router in started:
         if router.ready:
             router.stop()
+        _RUNNING.remove(router)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -38,11 +38,14 @@ class UserState:
     password_hash: str
     version: int
     tokens: dict[str, dict[str, Any]]
+    times_disabled: int = 0
 
     @property
     def credentials_tag(self) -> str:
-        """Changes when the password changes: sessions carry it and die with the old password."""
-        return hashlib.sha256(self.password_hash.encode()).hexdigest()[:12]
+        """Changes when the password changes or the user is disabled: sessions carry it, so
+        they die with the old password and are not revived when the user is enabled again."""
+        text = f"{self.password_hash}:{self.times_disabled}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,8 @@ class AdminState:
         accounts = {
             key: UserState(name=u.name, role=u.role, disabled=u.disabled,
                            password_hash=u.password_hash, version=u.version,
-                           tokens={k: dict(v) for k, v in u.tokens.items()})
+                           tokens={k: dict(v) for k, v in u.tokens.items()},
+                           times_disabled=getattr(u, "times_disabled", 0))
             for key, u in self._users.items()
         }
         return AdminSnapshot(position=position, rules=tuple(rules), destinations=destinations,

@@ -37,6 +37,7 @@ class User(Aggregate):
         self.role = role
         self.password_hash = password_hash
         self.disabled = False
+        self.times_disabled = 0  # part of the session tag: re-enabling revives no old session
         self.tokens: dict[str, dict[str, Any]] = {}
 
     @event("RoleChanged")
@@ -55,6 +56,7 @@ class User(Aggregate):
     def disable(self, *, actor: str, source_ip: str, correlation_id: str) -> None:
         """The user can no longer log in; sessions and API tokens stop working."""
         self.disabled = True
+        self.times_disabled += 1
 
     @event("Enabled")
     def enable(self, *, actor: str, source_ip: str, correlation_id: str) -> None:

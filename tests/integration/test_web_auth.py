@@ -132,3 +132,16 @@ def test_a_password_over_72_bytes_gets_a_clear_message(web_router: Any) -> None:
         server.router.users.add("long", "auditor", "é" * 40, Actor("admin"))
     with pytest.raises(PasswordError, match="at least 12"):
         server.router.users.add("short", "auditor", "short", Actor("admin"))
+
+
+def test_enabling_a_disabled_user_again_does_not_revive_old_sessions(web_router: Any) -> None:
+    server = web_router()
+    users = server.router.users
+    users.add("op1", "operator", "operator pass 12", Actor("admin"))
+    old = bearer(server.url, "op1", "operator pass 12")
+    users.set_disabled("op1", True, Actor("admin"))
+    users.set_disabled("op1", False, Actor("admin"))
+    assert requests.get(server.url + "/api/v1/auth/me", headers=old, timeout=10).status_code == 401
+    fresh = bearer(server.url, "op1", "operator pass 12")
+    assert requests.get(server.url + "/api/v1/auth/me", headers=fresh,
+                        timeout=10).status_code == 200

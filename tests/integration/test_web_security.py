@@ -25,13 +25,15 @@ PUBLIC_ALLOWLIST = {
     ("GET", "/login"), ("POST", "/login"),
     ("POST", "/api/v1/auth/token"), ("GET", "/api/v1/openapi.json"),
 }
-PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
+PARAM = re.compile(r"\{([^}:]+)(:[^}]*)?\}")
 PASSWORD = "a long enough password"
 
 
 def concrete(path: str) -> str:
-    """The route's path with each parameter filled in (an id that does not exist)."""
-    return PARAM.sub("00000000-0000-4000-8000-000000000000", path)
+    """The route's path with each parameter filled in (an id that does not exist); a
+    parameter with its own pattern gets a value of hex digits (a DICOM tag)."""
+    return PARAM.sub(lambda m: "7FE00010" if m.group(2)
+                     else "00000000-0000-4000-8000-000000000000", path)
 
 
 def table(server: Any) -> list[Route]:

@@ -248,6 +248,9 @@ def test_the_last_enabled_admin_cannot_be_demoted_or_disabled(web_router: Any) -
     assert r.status_code == 200
     assert api(server, "PATCH", "/api/v1/users/boss", boss,
                json={"role": "operator"}).status_code == 200
+    # Disabling ended admin's sessions for good; enabling again revives none of them.
+    assert api(server, "GET", "/api/v1/users", admin).status_code == 401
+    admin = bearer(server.url, "admin", ADMIN_PASSWORD)
     assert api(server, "PATCH", "/api/v1/users/ghost", admin,
                json={"role": "operator"}).status_code == 404
 
