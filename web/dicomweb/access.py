@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from web.auth import record_access
 from web.dicomweb.multipart import ClientGone
 
 logger = logging.getLogger(__name__)
+_LOOKS_LIKE_UID = re.compile(r"^[0-9A-Za-z.]{1,64}$")
 
 NoteHandler = Callable[[web.Request, "AccessNote"], Awaitable[web.StreamResponse]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -52,6 +54,12 @@ class AccessNote:
                             detail=self.detail)
 
 
+def _asked(request: web.Request, name: str, query: str) -> str | None:
+    """A UID the request names (path or WADO-URI query), if it looks like one at all."""
+    value = request.match_info.get(name) or request.query.get(query)
+    return value if value and _LOOKS_LIKE_UID.match(value) else None
+
+
 def audited(action: str, object_type: str) -> Callable[[NoteHandler], Handler]:
     """Wrap a handler ``(request, note)`` so that its call is recorded with its outcome."""
 
@@ -59,6 +67,9 @@ def audited(action: str, object_type: str) -> Callable[[NoteHandler], Handler]:
         @functools.wraps(handler)
         async def run(request: web.Request) -> web.StreamResponse:
             note = AccessNote(action, object_type)
+            note.about(_asked(request, "study", "studyUID"), None,
+                       _asked(request, "instance", "objectUID")
+                       or _asked(request, "series", "seriesUID") or "")
             outcome = "failure"
             try:
                 response = await handler(request, note)
