@@ -29,10 +29,11 @@ def safe_next(value: str | None) -> str:
 
 
 async def login_form(request: web.Request, error: str = "", username: str = "",
-                     status: int = 200) -> web.Response:
+                     status: int = 200, next_path: str | None = None) -> web.Response:
     token = secrets.token_urlsafe(24)
+    target = safe_next(next_path if next_path is not None else request.query.get("next"))
     response = render(request, "login.html", status=status, error=error, username=username,
-                      login_csrf=token, next_path=safe_next(request.query.get("next")))
+                      login_csrf=token, next_path=target)
     response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Strict",
                         path="/login", secure=request.secure)
     return response
@@ -47,12 +48,13 @@ async def login_page(request: web.Request) -> web.StreamResponse:
 async def login_submit(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     username = str(form.get("username", ""))[:200]
+    next_path = str(form.get("next", "/"))
     password = str(form.get("password", ""))
     expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     presented = str(form.get("csrf_token", ""))
     if not expected or not hmac.compare_digest(expected, presented):
         return await login_form(request, "The login form expired; please try again.",
-                                username, status=403)
+                                username, status=403, next_path=next_path)
     router = request.app[ROUTER_KEY]
     source_ip = request.remote or ""
     try:
@@ -60,13 +62,13 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     except LoginRefused as exc:
         message = ("Too many failed attempts; try again later."
                    if exc.reason.startswith("locked") else GENERIC_REFUSAL)
-        return await login_form(request, message, username, status=401)
+        return await login_form(request, message, username, status=401, next_path=next_path)
     issuer = request.app[ISSUER_KEY]
     expires = time.time() + issuer.max_age
     actor = Actor(user.name, source_ip, actor_of(request).correlation_id)
     jti = await asyncio.to_thread(router.sessions.start, actor, "cookie", expires)
     token = issuer.issue(user.name, jti, "cookie", user.credentials_tag)
-    response = web.HTTPFound(safe_next(str(form.get("next", "/"))))
+    response = web.HTTPFound(safe_next(next_path))
     set_session_cookie(request, response, token)
     response.del_cookie(LOGIN_CSRF_COOKIE, path="/login")
     raise response
