@@ -27,6 +27,7 @@ from tests.conftest import ADMIN_PASSWORD, make_settings
 from tests.integration.test_pipeline import storescu
 from tests.synthetic import make_ct_series, make_small_instances
 from tests.web_harness import WebServer, bearer
+from web.routes import TABLE_KEY
 
 pytestmark = pytest.mark.dcmtk
 MEDIA = "application/dicom+json"
@@ -330,14 +331,31 @@ def test_unknown_study_or_series_is_404_and_access_needs_the_permission(qido: Qi
     assert qido.get("/studies/" + "9" * 65 + "/series").status_code == 400
     anonymous = requests.get(qido.server.url + "/dicom-web/studies", timeout=30)
     assert anonymous.status_code == 401 and "Bearer" in anonymous.headers["WWW-Authenticate"]
-    users = qido.server.router.users
-    for name, role in (("qido-rad", "radiologist"), ("qido-aud", "auditor")):
-        if users.get(name) is None:
-            users.add(name, role, "a long enough password", Actor("admin"))
-    rad = bearer(qido.server.url, "qido-rad", "a long enough password")
-    aud = bearer(qido.server.url, "qido-aud", "a long enough password")
-    assert qido.get("/studies", headers=rad).status_code == 200
-    assert qido.get("/instances", headers=aud).status_code == 403
+    assert qido.get("/studies", headers=user(qido, "qido-rad", "radiologist")).status_code == 200
+    assert qido.get("/instances", headers=user(qido, "qido-aud", "auditor")).status_code == 403
+
+
+OURS = ("web.dicomweb.qido", "web.dicomweb.wado", "web.dicomweb.wado_pixels",
+        "web.dicomweb.wado_uri")
+
+
+def user(q: Qido, name: str, role: str) -> dict[str, str]:
+    if q.server.router.users.get(name) is None:
+        q.server.router.users.add(name, role, "a long enough password", Actor("admin"))
+    return bearer(q.server.url, name, "a long enough password")
+
+
+def test_every_read_route_needs_a_session_and_studies_read(qido: Qido) -> None:
+    routes = [r for r in qido.server.app[TABLE_KEY] if r.handler.__module__ in OURS]
+    assert len(routes) == 21 and {r.method for r in routes} == {"GET"}
+    auditor = user(qido, "qido-aud", "auditor")
+    for route in routes:
+        assert route.permission == "studies.read"
+        filled = re.sub(r"\{[^}]+\}", lambda m: "7FE00010" if "path" in m[0] else "1",
+                        route.path)
+        url = qido.server.url + filled
+        assert requests.get(url, timeout=30).status_code == 401, route.path
+        assert requests.get(url, headers=auditor, timeout=30).status_code == 403, route.path
 
 
 def test_retrieve_urls_follow_the_reverse_proxy_prefix(qido: Qido) -> None:

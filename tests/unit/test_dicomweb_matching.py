@@ -30,7 +30,7 @@ LE = accept.EXPLICIT_LE
 
 ROWS = [  # (uid, name, accession, date, time, datetime, number)
     ("1.2.1", "Doe^Jane", "ACC_1%", "20240115", "093000", "20240115093000.5+0100", 1),
-    ("1.2.2", "DOE^JOHN", "ACC11", "20240120", "1530", "2024012015", 2),
+    ("1.2.2", "DOE^JOHN^^", "ACC11", "20240120", "1530", "2024012015", 2),
     ("1.2.3", "Smith^Ann=スミス", "acc_1%", "20231231", "23", None, None),
     ("1.2.4", None, None, None, "10:15:00", "20231231235959", 3),
 ]
@@ -66,6 +66,8 @@ def matches(db: sqlite3.Connection, column: str, value: str) -> set[str]:
     ("uid", "1.2.1,1.2.3", {"1.2.1", "1.2.3"}),
     ("uid", "1.2.2\\1.2.4", {"1.2.2", "1.2.4"}),
     ("name", "doe^jane", {"1.2.1"}),
+    ("name", "Doe^John", {"1.2.2"}),
+    ("name", "Doe^John^", {"1.2.2"}),
     ("name", "DOE*", {"1.2.1", "1.2.2"}),
     ("name", "d?e^j??n", {"1.2.2"}),
     ("name", "*ann*", {"1.2.3"}),
@@ -121,7 +123,7 @@ def test_postgresql_patterns_escape_like_characters() -> None:
     assert found.sql == "acc LIKE ? ESCAPE '\\'"
     assert found.params == ("A\\_1\\%%\\\\_",)
     name = condition(KEYS["name"], "doe*", "postgres")
-    assert name is not None and name.sql == "UPPER(name) LIKE UPPER(?) ESCAPE '\\'"
+    assert name is not None and name.sql == "UPPER(rtrim(name, '^ ')) LIKE UPPER(?) ESCAPE '\\'"
 
 
 def test_modalities_in_study_matches_any_series() -> None:

@@ -82,11 +82,12 @@ def audited(action: str, object_type: str) -> Callable[[NoteHandler], Handler]:
             except ClientGone as gone:
                 note.add("client closed the connection")
                 return gone.response
-            except Exception:
+            except Exception as exc:
                 if note.stream is None or not note.stream.prepared:
                     raise
-                # Headers are gone: all we can do is end the body early and say why in the log.
-                logger.exception("%s failed while streaming", action)
+                # Headers are gone: all we can do is end the body early and say why in the log
+                # (the exception's type only: messages can quote tag values).
+                logger.error("%s failed while streaming: %s", action, type(exc).__name__)
                 note.add("failed while streaming")
                 return note.stream
             finally:

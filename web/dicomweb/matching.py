@@ -147,9 +147,13 @@ def _number(key: Key, value: str) -> Condition:
 
 
 def _text(column: str, value: str, dialect: str, fold_case: bool) -> Condition:
+    """Names ignore case and empty trailing components (``DOE^JOHN^^`` is ``DOE^JOHN``)."""
     if len(value) > 256:
         raise MatchError("the value is too long")
-    subject, param = (f"UPPER({column})", "UPPER(?)") if fold_case else (column, "?")
+    subject, param = column, "?"
+    if fold_case:
+        subject, param = f"UPPER(rtrim({column}, '^ '))", "UPPER(?)"
+        value = value.rstrip("^ ") or value
     if "*" not in value and "?" not in value:
         return Condition(f"{subject} = {param}", (value,))
     if dialect == "sqlite":
