@@ -145,9 +145,11 @@ def test_dicomweb_client_stores_every_pydicom_image_and_they_are_routed(
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert item.ReferencedSOPInstanceUID == ds.SOPInstanceUID
         study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
-        expected = (f"{server.url}/dicom-web/studies/{study}/series/{series}/instances/"
+        expected = (f"/dicom-web/studies/{study}/series/{series}/instances/"
                     f"{ds.SOPInstanceUID}") if study and series else None
         assert (item.get("RetrieveURL") or None) == expected  # type 2: empty without UIDs
+    retrieved = requests.get(server.url + referenced[0].RetrieveURL, headers=auth, timeout=60)
+    assert retrieved.status_code == 200  # the Retrieve URL leads to the instance (WADO-RS)
     rows = jobs(server, "SELECT source, actor, source_ip, calling_aet, routing FROM jobs")
     assert len(rows) == len(files)
     assert {(r["source"], r["actor"], r["source_ip"], r["calling_aet"]) for r in rows} == {
@@ -176,14 +178,18 @@ def test_study_in_the_url_must_match_409(server: Any, auth: dict[str, str]) -> N
     body = pydicom.Dataset.from_json(r.json())
     ct_uid = str(pydicom.dcmread(CT).SOPInstanceUID)
     assert failures(body) == [(ct_uid, 0xA900)] and "ReferencedSOPSequence" not in body
-    assert body.RetrieveURL == f"{server.url}/dicom-web/studies/{other_study}"
+    assert body.RetrieveURL == f"/dicom-web/studies/{other_study}"  # a path, as in QIDO
     assert jobs(server, "SELECT * FROM jobs") == []
     refused = jobs(server, "SELECT status, source, sop_instance_uid FROM receipt_failures")
     assert [(r["status"], r["source"]) for r in refused] == [(0xA900, "stow")] * 2
 
     study = str(pydicom.dcmread(CT).StudyInstanceUID)
-    assert post(server, auth, multipart(("application/dicom", CT.read_bytes())),
-                f"/{study}").status_code == 200
+    r = requests.post(f"{server.url}/dicom-web/studies/{study}", timeout=60,
+                      data=multipart(("application/dicom", CT.read_bytes())),
+                      headers={**auth, "Content-Type": MULTIPART,
+                               "X-Forwarded-Prefix": "/router"})  # behind a reverse proxy
+    assert r.status_code == 200
+    assert pydicom.Dataset.from_json(r.json()).RetrieveURL == f"/router/dicom-web/studies/{study}"
 
 
 def test_a_part_that_is_not_dicom_is_400_and_nothing_is_stored(

@@ -34,6 +34,7 @@ from router.dicom.header import HeaderError, read_header
 from router.dicom.scp import TRANSFER_SYNTAXES
 from web.api.common import ApiError
 from web.auth import actor_of, record_access
+from web.dicomweb.lookup import base_path, url_path
 from web.dicomweb.multipart_in import (
     BodyTooLargeError,
     MultipartError,
@@ -170,7 +171,8 @@ def http_status(outcomes: list[Outcome]) -> int:
 
 
 def response_dataset(outcomes: list[Outcome], base: str, study: str | None) -> dict[str, Any]:
-    """The Store Instances Response Module (PS3.18 Annex I) as DICOM JSON."""
+    """The Store Instances Response Module (PS3.18 Annex I) as DICOM JSON; ``base`` is the
+    DICOMweb root path."""
     def reference(o: Outcome) -> dict[str, Any]:
         return {"00081150": {"vr": "UI", "Value": [o.sop_class_uid]},
                 "00081155": {"vr": "UI", "Value": [o.sop_instance_uid]}}
@@ -180,7 +182,7 @@ def response_dataset(outcomes: list[Outcome], base: str, study: str | None) -> d
     studies = {o.study_uid for o in stored} or ({study} if study else set())
     dataset: dict[str, Any] = {"00081190": {"vr": "UR"}}
     if len(studies) == 1 and all(is_uid(s) for s in studies):
-        dataset["00081190"]["Value"] = [f"{base}/dicom-web/studies/{studies.pop()}"]
+        dataset["00081190"]["Value"] = [url_path(base, studies.pop())]
     if failed:
         dataset["00081198"] = {"vr": "SQ", "Value": [
             {**reference(o), "00081197": {"vr": "US", "Value": [o.status]}} for o in failed]}
@@ -194,8 +196,7 @@ def response_dataset(outcomes: list[Outcome], base: str, study: str | None) -> d
 def _instance_url(base: str, o: Outcome) -> str:
     if not (is_uid(o.study_uid) and is_uid(o.series_uid)):
         return ""
-    return (f"{base}/dicom-web/studies/{o.study_uid}/series/{o.series_uid}"
-            f"/instances/{o.sop_instance_uid}")
+    return url_path(base, o.study_uid, o.series_uid, o.sop_instance_uid)
 
 
 def dicom_json(data: Any, status: int) -> web.Response:
@@ -230,10 +231,6 @@ def check_accept(request: web.Request) -> None:
         if media in ("*/*", "application/*", DICOM_JSON, "application/json"):
             return
     raise ApiError(406, "the response is only available as application/dicom+json")
-
-
-def base_url(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}"
 
 
 async def read_request(request: web.Request, study: str | None) -> list[Candidate]:
@@ -281,7 +278,8 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
                                        actor_of(request))
     for record in access_records(outcomes, study):
         await record_access(request, record)
-    return dicom_json(response_dataset(outcomes, base_url(request), study),
+    # Retrieve URLs are paths on this server, like QIDO's (right behind a reverse proxy too).
+    return dicom_json(response_dataset(outcomes, base_path(request), study),
                       http_status(outcomes))
 
 
