@@ -24,7 +24,7 @@ from router.application.commands import Actor
 from tests.conftest import ADMIN_PASSWORD, make_settings, wait_for
 from tests.integration.peers import free_port, is_listening, stop_process
 from tests.integration.test_qr_scp import Study, write_study
-from tests.web_harness import bearer
+from tests.web_harness import Browser, bearer
 
 ORTHANC = "/usr/sbin/Orthanc"
 RADIOLOGIST = ("rad", "a long enough password")
@@ -237,3 +237,46 @@ def test_failed_retrieves_and_remote_node_permissions(
     assert requests.delete(f"{api}/gone", headers=rad, timeout=30).status_code == 403
     assert requests.delete(f"{api}/gone", headers=admin, timeout=30).status_code == 204
     assert requests.get(f"{api}/gone", headers=admin, timeout=30).status_code == 404
+
+
+def test_remote_pages_create_echo_query_and_retrieve(
+        pacs_router: Callable[..., Any], loaded: list[Study], tmp_path: Path) -> None:
+    server = pacs_router(f"sqlite:///{tmp_path / 'db'}")
+    router = server.router
+    with Orthanc(tmp_path / "orthanc", router.settings.ae_title, dicom_port(router)) as pacs:
+        pacs.load(loaded[0].files)
+        admin = Browser(server.url)
+        admin.login("admin", ADMIN_PASSWORD)
+        assert "No remote nodes" in admin.get(admin.url("/remote")).text
+        bad = admin.post(admin.url("/remote/new"), data={
+            "name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": "70000"})
+        assert bad.status_code == 422 and "between 1 and 65535" in bad.text
+        created = admin.post(admin.url("/remote/new"), data={
+            "name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": str(pacs.port),
+            "service_find": "on", "description": "<b>test PACS</b>"}, allow_redirects=False)
+        assert created.status_code == 303
+        page = admin.get(admin.url("/remote?done=created")).text
+        assert "Remote node created." in page and "&lt;b&gt;test PACS&lt;/b&gt;" in page
+        htmx = {"HX-Request": "true"}
+        echo = admin.post(admin.url("/remote/pacs/echo"), headers=htmx)
+        assert "C-ECHO ok" in echo.text
+
+        rad = Browser(server.url)
+        rad.login(*RADIOLOGIST)
+        results = rad.get(rad.url("/remote/query"), headers=htmx, params={
+            "node": "pacs", "patient_name": "DOE*", "study_date_from": "2023-01-01"})
+        assert "DOE^JANE" in results.text and "ACC100" in results.text
+        series = rad.get(rad.url("/remote/query"), headers=htmx, params={
+            "node": "pacs", "level": "SERIES", "study_instance_uid": loaded[0].uid})
+        assert series.text.count('value="get"') == 2
+        assert "Add a remote node" not in rad.get(rad.url("/remote")).text
+        assert rad.get(rad.url("/remote/new"), allow_redirects=False).status_code == 403
+        jobs = rad.post(rad.url("/remote/pacs/retrieve"), headers=htmx, data={
+            "method": "get", "study_instance_uid": loaded[0].uid})
+        assert jobs.status_code == 200 and loaded[0].uid in jobs.text
+        job_id = router.remote_nodes.state.retrieves()[0].id
+        wait_for(lambda: "completed" in rad.get(
+            rad.url(f"/remote/retrieves/{job_id}/progress")).text, 30, "the job to complete")
+        assert "4 received" in rad.get(rad.url(f"/remote/retrieves/{job_id}/progress")).text
+        deleted = admin.post(admin.url("/remote/pacs/delete"), allow_redirects=False)
+        assert deleted.status_code == 303 and router.remote_nodes.state.nodes() == {}
