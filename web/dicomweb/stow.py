@@ -30,7 +30,7 @@ from router.application.receive import (
     Receiver,
 )
 from router.application.sessions import AccessRecord
-from router.dicom.header import HeaderError, read_header
+from router.dicom.header import read_header
 from router.dicom.scp import TRANSFER_SYNTAXES
 from web.api.common import ApiError
 from web.auth import actor_of, record_access
@@ -120,24 +120,33 @@ def store_one(receiver: Receiver, candidate: Candidate, study: str | None,
         sop_class_uid=candidate.sop_class_uid, sop_instance_uid=candidate.sop_instance_uid,
         transfer_syntax_uid=candidate.transfer_syntax_uid,
         correlation_id=actor.correlation_id)
-    try:
-        header = read_header(part.path, check=False) \
-            if candidate.transfer_syntax_uid in _SYNTAX_UIDS else None
-    except HeaderError:
-        header = None  # the Receiver refuses it (0xC000) and records why
-    found = {key: str(header.get(key) or "") if header is not None else "" for key in
-             ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID")}
-    sop_class = found["SOPClassUID"] or candidate.sop_class_uid
+    found = _identity(candidate)
+    sop_class = found.get("SOPClassUID", "")
+    sop_class = sop_class if is_uid(sop_class) else candidate.sop_class_uid
     # An unreadable header is the Receiver's to refuse (0xC000), whatever the URL says.
-    refusal = _refusal(candidate, sop_class, found["StudyInstanceUID"],
-                       study if header is not None else None)
+    refusal = _refusal(candidate, sop_class, found.get("StudyInstanceUID", ""),
+                       study if found else None)
     if refusal is not None:
         part.path.unlink(missing_ok=True)
         receipt: Receipt = receiver.refuse(arrival, *refusal)
     else:
         receipt = receiver.receive(arrival)
     return Outcome(sop_class, candidate.sop_instance_uid, receipt.status,
-                   found["StudyInstanceUID"], found["SeriesInstanceUID"], found["PatientID"])
+                   found.get("StudyInstanceUID", ""), found.get("SeriesInstanceUID", ""),
+                   found.get("PatientID", ""))
+
+
+def _identity(candidate: Candidate) -> dict[str, str]:
+    """SOP class, study, series and patient from the header; empty when it is unreadable
+    (never read in a transfer syntax we refuse: deflate would be inflated without bound)."""
+    if candidate.transfer_syntax_uid not in _SYNTAX_UIDS:
+        return {}
+    try:
+        header = read_header(candidate.part.path, check=False)
+        return {key: str(header.get(key) or "") for key in
+                ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID")}
+    except Exception:  # HeaderError, or a value pydicom cannot convert: the Receiver says
+        return {}
 
 
 def _refusal(candidate: Candidate, sop_class: str, study_uid: str,
