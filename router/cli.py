@@ -129,11 +129,13 @@ def cmd_apply(settings: Settings, args: Any) -> int:
     router = Router.build(settings)
     try:
         changed = router.commands.apply(doc.get("destinations", []), doc.get("rules", []))
+        nodes = router.remote_nodes.apply(doc.get("remote_nodes", []))
         router.runner.catch_up()
     finally:
         router.stores.close()
     print(f"applied {args.file}: {changed['destinations']} destination(s) and "
-          f"{changed['rules']} rule(s) changed, {changed['deleted']} deleted")
+          f"{changed['rules']} rule(s) changed, {changed['deleted']} deleted; "
+          f"{nodes['remote_nodes']} remote node(s) changed, {nodes['deleted']} deleted")
     return 0
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from router.application.remote_nodes import RemoteNodeError, parse_remote_node
 from router.dispatch.registry import DestinationConfigError, parse_destination
 from router.domain.rules import RuleError, parse_rule
 from router.settings import SettingsError, load_settings
@@ -43,4 +46,21 @@ def check_config(path: Path) -> list[str]:
     default = settings.dispatch.default_destination
     if default and default not in names:
         problems.append(f"dispatch.default_destination {default!r} is not a declared destination")
+    return problems + _remote_node_problems(settings.remote_nodes)
+
+
+def _remote_node_problems(items: tuple[Mapping[str, Any], ...]) -> list[str]:
+    problems, names, aets = [], [], []
+    for i, item in enumerate(items):
+        try:
+            node = parse_remote_node(item)
+        except RemoteNodeError as exc:
+            problems.append(f"remote_nodes[{i}]: {exc}")
+            continue
+        names.append(node.name)
+        aets.append(node.ae_title)
+    problems += [f"remote node {n!r} is declared more than once"
+                 for n in sorted({n for n in names if names.count(n) > 1})]
+    problems += [f"AE title {a!r} is used by more than one remote node"
+                 for a in sorted({a for a in aets if aets.count(a) > 1})]
     return problems

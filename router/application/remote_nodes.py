@@ -6,6 +6,7 @@ of the admin log that keeps the current nodes and jobs in memory.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import threading
 import time
@@ -19,6 +20,8 @@ from eventsourcing.application import AggregateNotFoundError
 from router.application.commands import CONFIG_ACTOR, Actor, CommandError, NotFoundError
 from router.application.stores import EventStores
 from router.domain.remote import RemoteNode, Retrieve, remote_node_id
+
+logger = logging.getLogger(__name__)
 
 SERVICES = ("find", "move", "get")  # what a node may ask of us (C-FIND, C-MOVE, C-GET)
 MAX_DESCRIPTION = 500
@@ -181,7 +184,14 @@ class RemoteState:
         return self._retrieves.get(retrieve_id)
 
     def running_for(self, calling_ae: str, message_id: int | None) -> RetrieveState | None:
-        """The running C-MOVE job a C-STORE sub-operation from ``calling_ae`` belongs to."""
+        """The running C-MOVE job a C-STORE sub-operation from ``calling_ae`` belongs to.
+
+        With a Move Originator Message ID, a miss re-reads the log at once (the job may have
+        been requested by another process a moment ago); without one (most C-STOREs are not
+        sub-operations) only the usual once-a-second refresh applies: no query per C-STORE.
+        """
+        if message_id is None:
+            self._fresh()
         for attempt in range(2):
             candidates = [r for r in self._retrieves.values() if r.running
                           and r.method == "move" and r.node_ae == calling_ae.strip()]
@@ -189,38 +199,48 @@ class RemoteState:
                 candidates = [r for r in candidates if r.message_id == message_id]
             if len(candidates) == 1:
                 return candidates[0]
-            if attempt == 0:
-                self.refresh()  # the job may have been requested by another process just now
+            if attempt == 0 and message_id is not None:
+                self.refresh()
+            else:
+                break
         return None
 
     def refresh(self) -> None:
-        """Apply the events recorded since the last refresh (by any process or node)."""
+        """Apply the events recorded since the last refresh (by any process or node).
+
+        Readers never lock: the dicts are rebuilt aside and swapped in whole.
+        """
         with self._lock:
             self._checked = time.monotonic()
-            while True:
-                batch = self._app.recorder.select_notifications(
-                    start=self._position, limit=500, topics=_TOPICS, inclusive_of_start=False)
-                if not batch:
-                    return
+            changed: dict[Any, None] = {}
+            while batch := self._app.recorder.select_notifications(
+                    start=self._position, limit=500, topics=_TOPICS, inclusive_of_start=False):
                 for notification in batch:
-                    self._remember(notification.originator_id)
+                    changed[notification.originator_id] = None
                     self._position = notification.id
+            if not changed:
+                return
+            nodes, retrieves = dict(self._nodes), dict(self._retrieves)
+            for originator_id in changed:
+                aggregate = self._app.repository.get(originator_id)
+                if isinstance(aggregate, RemoteNode):
+                    self._remember_node(aggregate, nodes)
+                elif isinstance(aggregate, Retrieve):
+                    retrieves[str(aggregate.id)] = _retrieve_state(aggregate)
+            self._nodes, self._retrieves = nodes, retrieves
 
-    def _remember(self, originator_id: Any) -> None:
-        aggregate = self._app.repository.get(originator_id)
-        if isinstance(aggregate, RemoteNode):
-            self._remember_node(aggregate)
-        elif isinstance(aggregate, Retrieve):
-            self._retrieves[str(aggregate.id)] = _retrieve_state(aggregate)
-
-    def _remember_node(self, aggregate: RemoteNode) -> None:
+    def _remember_node(self, aggregate: RemoteNode, nodes: dict[str, RemoteNodeState]) -> None:
         if aggregate.deleted:
-            self._nodes.pop(aggregate.name, None)
+            nodes.pop(aggregate.name, None)
             return
-        known = self._nodes.get(aggregate.name)
+        known = nodes.get(aggregate.name)
         created_by = known.created_by if known else _first_actor(self._app, aggregate.id)
-        config = parse_remote_node({"name": aggregate.name, **aggregate.config})
-        self._nodes[aggregate.name] = RemoteNodeState(config, aggregate.version, created_by)
+        try:
+            config = parse_remote_node({"name": aggregate.name, **aggregate.config})
+        except RemoteNodeError:
+            logger.error("remote node %s has an invalid stored configuration", aggregate.name)
+            return
+        nodes[aggregate.name] = RemoteNodeState(config, aggregate.version, created_by)
 
 
 def _first_actor(app: Any, aggregate_id: uuid.UUID) -> str:

@@ -393,3 +393,30 @@ def test_c_find_is_answered_in_receiver_processes(
             tmp_path, QueryRetrieveLevel="STUDY", StudyInstanceUID="", PatientID="P2"), "-S")
         assert [r.StudyInstanceUID for r in found] == [studies[1].uid]
     assert len(accesses(router, "dimse.find", 4)) == 4
+
+
+def test_remote_nodes_declared_in_toml_are_applied_by_config(
+        tmp_path: Path, start_router: Callable[..., Any]) -> None:
+    from router.config_check import check_config
+
+    config = tmp_path / "router.toml"
+    config.write_text('[[remote_nodes]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.5"\n'
+                      'port = 104\nservices = ["find"]\n')
+    assert check_config(config) == []
+    url = f"sqlite:///{tmp_path / 'db'}"
+    router = start_router(make_settings(tmp_path, url, config))
+    node = router.remote_nodes.state.node("pacs")
+    assert node.created_by == "config" and node.config.services == ("find",)
+    router.remote_nodes.put({"name": "mine", "ae_title": "MINE", "host": "127.0.0.1",
+                             "port": 11112}, Actor("admin"))
+    router.stop()
+    config.write_text('[[remote_nodes]]\nname = "other"\nae_title = "OTHER"\nhost = "h"\n'
+                      'port = 104\n')
+    router = start_router(make_settings(tmp_path, url, config))
+    assert sorted(router.remote_nodes.state.nodes()) == ["mine", "other"]
+    config.write_text('[[remote_nodes]]\nname = "bad"\nae_title = "A\\\\B"\nhost = "h"\n'
+                      'port = 0\n[[remote_nodes]]\nname = "x"\nae_title = "OTHER"\nhost = "h"\n'
+                      'port = 1\n[[remote_nodes]]\nname = "y"\nae_title = "OTHER"\nhost = "h"\n'
+                      'port = 1\n')
+    problems = check_config(config)
+    assert len(problems) == 2 and "port" in problems[0] and "OTHER" in problems[1]
