@@ -134,8 +134,9 @@ def cmd_apply(settings: Settings, args: Any) -> int:
     finally:
         router.stores.close()
     print(f"applied {args.file}: {changed['destinations']} destination(s) and "
-          f"{changed['rules']} rule(s) changed, {changed['deleted']} deleted; "
-          f"{nodes['remote_nodes']} remote node(s) changed, {nodes['deleted']} deleted")
+          f"{changed['rules']} rule(s) changed, {changed['deleted']} deleted")
+    if doc.get("remote_nodes") or nodes["deleted"]:
+        print(f"remote nodes: {nodes['remote_nodes']} changed, {nodes['deleted']} deleted")
     return 0
 
 
