@@ -13,6 +13,7 @@ import json
 from projections.db import Cursor
 from projections.runner import EventRecord, View
 from projections.runner import index_text as _text
+from projections.units import UNIT_TABLES, UnitHandlers
 from router.domain.delivery import delivery_id
 
 JOBS_SQL = """CREATE TABLE IF NOT EXISTS jobs (
@@ -60,14 +61,15 @@ _UPSERT_DELIVERY = (
 )
 
 
-class JobsView(View):
+class JobsView(UnitHandlers, View):
     name = "jobs"
     follows = ("ingest", "delivery")
-    tables = ("jobs", "deliveries", "receipt_failures", "blob_purges")
+    tables = ("jobs", "deliveries", "receipt_failures", "blob_purges", *UNIT_TABLES)
 
     def create(self, cur: Cursor, dialect: str) -> None:
         for sql in (JOBS_SQL, DELIVERIES_SQL, FAILURES_SQL, PURGES_SQL, *INDEXES):
             cur.execute(sql)
+        self.create_units(cur)
 
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         handler = getattr(self, "_" + record.topic.replace(".", "_"), None)
@@ -98,7 +100,8 @@ class JobsView(View):
             ("unrouted" if e.unrouted else "routed", json.dumps(e.matched_rules),
              json.dumps(e.destinations), r.originator_id),
         )
-        self._add_deliveries(cur, r, e.destinations)
+        held = self.hold(cur, r, getattr(e, "units", None) or [])
+        self._add_deliveries(cur, r, [d for d in e.destinations if d not in held])
 
     def _Job_Rerouted(self, cur: Cursor, r: EventRecord) -> None:
         row = cur.execute("SELECT destinations FROM jobs WHERE job_id = ?", (r.originator_id,))
@@ -107,7 +110,8 @@ class JobsView(View):
         merged = sorted(set(known) | set(r.event.destinations))
         cur.execute("UPDATE jobs SET routing = 'routed', destinations = ? WHERE job_id = ?",
                     (json.dumps(merged), r.originator_id))
-        self._add_deliveries(cur, r, r.event.destinations)
+        held = self.hold(cur, r, getattr(r.event, "units", None) or [])
+        self._add_deliveries(cur, r, [d for d in r.event.destinations if d not in held])
 
     def _add_deliveries(self, cur: Cursor, r: EventRecord, destinations: list[str]) -> None:
         for name in destinations:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +34,7 @@ from router.dicom.tuning import configure_pynetdicom
 from router.dispatch.base import Adapter
 from router.dispatch.dispatcher import Dispatcher
 from router.dispatch.registry import build_adapter
+from router.dispatch.units import UnitScheduler
 from router.secrets import SecretBox, load_master_key
 from router.settings import Settings
 from router.storage.blobs import BlobStore
@@ -68,11 +71,13 @@ class Router:
     retention: Retention
     remote_nodes: RemoteNodes
     retriever: Retriever
+    units: UnitScheduler
     ready: bool = False
     receivers: ReceiverPool | None = None
 
     @classmethod
-    def build(cls, settings: Settings) -> Router:
+    def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Router:
+        """Wire a router; ``clock`` (Unix seconds) drives series/study stability and retries."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
         stores = open_stores(settings, box)
@@ -89,8 +94,11 @@ class Router:
             return build_adapter(state.config, box, calling_ae=settings.ae_title)
 
         dispatcher = Dispatcher(stores, jobs_db, admin, blobs, settings.dispatch, make_adapter,
-                                on_saved=runner.wake)
+                                clock=clock, on_saved=runner.wake)
+        units = UnitScheduler(stores, jobs_db, admin, clock=clock,
+                              poll_interval=settings.dispatch.poll_interval, on_saved=runner.wake)
         runner.add_listener(lambda view: dispatcher.wake() if view == "jobs" else None)
+        runner.add_listener(lambda view: units.wake() if view == "jobs" else None)
         runtime = RuntimeSettingsStore(stores, settings)
         retention = Retention(stores, jobs_db, blobs, runtime, on_saved=runner.wake)
         sessions = Sessions(stores)
@@ -104,7 +112,7 @@ class Router:
                    users=Users(stores, admin, settings.web), sessions=sessions,
                    runtime=runtime, retention=retention, remote_nodes=remote_nodes,
                    retriever=Retriever(settings, remote_nodes.state, stores, receiver,
-                                       sessions, box))
+                                       sessions, box), units=units)
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -133,6 +141,7 @@ class Router:
             self.runner.listen(self.settings.database_url,
                                [f"{name}_events" for name in APP_NAMES])
         self.dispatcher.start()
+        self.units.start()
         self.retention.start()  # purges hourly while storage.retention_days > 0
         self._start_receiving()
         self.ready = True
@@ -158,6 +167,7 @@ class Router:
             self.receivers.stop(grace=min(grace, 10.0))
         else:
             self.dicom.stop(grace=min(grace, 10.0))
+        self.units.stop()
         self.dispatcher.stop(grace=grace)
         self.retention.stop()
         self.runner.stop()

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 
 from router.application.admin_state import AdminState
 from router.application.stores import EventStores
+from router.application.unit_plan import plan_units
 from router.dicom.header import HeaderError, index_attributes, read_header
 from router.domain.ingest import Instance, Job, ReceiptFailure, instance_id
 from router.domain.rules import RoutingDecision, RoutingInput, evaluate
@@ -211,6 +212,7 @@ class Receiver:
             destinations = [self._dispatch.default_destination]
             default_used = True
         job.route(
+            plan_units(snapshot, decision, destinations, header) or None,
             **ctx,
             matched_rules=[
                 {"rule_id": m.rule_id, "version": m.version, "name": m.name}

@@ -55,6 +55,7 @@ class Job(Aggregate):
     @event("Routed")
     def route(
         self,
+        units: list[dict[str, Any]] | None = None,
         *,
         actor: str,
         source_ip: str,
@@ -65,7 +66,8 @@ class Job(Aggregate):
         default_destination_used: bool,
         stopped_by: str | None,
     ) -> None:
-        """The rules that matched (id, version, name) and the destinations chosen."""
+        """The rules that matched (id, version, name) and the destinations chosen; ``units``
+        names the destinations held for a series or study unit (absent in older events)."""
         self.destinations = list(destinations)
 
     @event("DuplicateIgnored")
@@ -85,6 +87,7 @@ class Job(Aggregate):
     @event("Rerouted")
     def reroute(
         self,
+        units: list[dict[str, Any]] | None = None,
         *,
         actor: str,
         source_ip: str,

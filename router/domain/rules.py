@@ -18,6 +18,7 @@ import pydicom
 from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
 
+from router.domain.grouping import GROUPING_KEYS, GroupingError, check_grouping, duration_seconds
 from router.domain.rule_conditions import (
     Atoms,
     Condition,
@@ -167,6 +168,11 @@ class RuleSpec:
     destinations: tuple[str, ...] = ()
     stop: bool = False
     description: str = ""
+    # Series/study-level routing (router.domain.grouping); None: the destination's default.
+    granularity: str | None = None
+    quiet_time: float | None = None
+    expected_count: int | None = None
+    amendments: str = "late_only"
     _calling: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _called: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _networks: tuple[Network, ...] = field(default=(), init=False, repr=False, compare=False)
@@ -188,6 +194,13 @@ class RuleSpec:
                 self._fail(f"modality[{i}]", f"{modality!r} is not a modality code such as 'CT'")
         object.__setattr__(self, "_modalities", frozenset(m.upper() for m in self.modality))
         self._check_destinations()
+        try:
+            check_grouping(self.granularity, self.quiet_time, self.expected_count,
+                           self.amendments)
+        except GroupingError as exc:
+            raise RuleError(f"rule {self.name!r}: {exc}") from None
+        if self.quiet_time is not None:
+            object.__setattr__(self, "quiet_time", duration_seconds(self.quiet_time, ""))
 
     def _fail(self, key: str, problem: str) -> NoReturn:
         raise RuleError(f"rule {self.name!r}: {key}: {problem}")
@@ -256,7 +269,15 @@ class RuleSpec:
             "destinations": list(self.destinations),
             "stop": self.stop,
             "description": self.description,
+            **self.grouping(),
         }
+
+    def grouping(self) -> dict[str, object]:
+        """The grouping keys that are set (left out when unset: older specs compare equal)."""
+        keys = {key: getattr(self, key) for key in GROUPING_KEYS}
+        if keys["amendments"] == "late_only":
+            del keys["amendments"]
+        return {key: value for key, value in keys.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -394,6 +415,10 @@ def parse_rule(data: Mapping[str, object]) -> RuleSpec:
             destinations=_strings(data, "destinations"),
             stop=_boolean(data, "stop", False),
             description=_string(data, "description", ""),
+            granularity=data.get("granularity"),  # type: ignore[arg-type]  # checked by RuleSpec
+            quiet_time=data.get("quiet_time"),  # type: ignore[arg-type]
+            expected_count=data.get("expected_count"),  # type: ignore[arg-type]
+            amendments=data.get("amendments", "late_only"),  # type: ignore[arg-type]
         )
     except _FieldError as exc:
         raise RuleError(f"{where}: {exc}") from None

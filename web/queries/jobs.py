@@ -27,10 +27,11 @@ from web.queries.filters import (
 
 # A job's status is the most urgent status among its deliveries ("failed": one is dead-
 # lettered); a job without deliveries shows its routing (received, unrouted, duplicate, ...).
-JOB_STATUSES = ("failed", "retrying", "pending", "delivered", "cancelled", "received",
+# "held": a delivery waits for its series or study unit to be stable or complete.
+JOB_STATUSES = ("failed", "retrying", "pending", "held", "delivered", "cancelled", "received",
                 "unrouted", "duplicate", "conflict")
 _BY_DELIVERY = (("failed", "dead"), ("retrying", "retrying"), ("pending", "pending"),
-                ("delivered", "delivered"), ("cancelled", "cancelled"))
+                ("held", "held"), ("delivered", "delivered"), ("cancelled", "cancelled"))
 STATUS_SQL = "CASE " + " ".join(
     f"WHEN EXISTS (SELECT 1 FROM deliveries x WHERE x.job_id = j.job_id"
     f" AND x.status = '{delivery}') THEN '{job}'" for job, delivery in _BY_DELIVERY
