@@ -169,9 +169,15 @@ class RemoteState:
     def node(self, name: str) -> RemoteNodeState | None:
         return self.nodes().get(name)
 
-    def node_for_ae(self, ae_title: str) -> RemoteNodeState | None:
+    def node_for_ae(self, ae_title: str, recheck: bool = False) -> RemoteNodeState | None:
+        """The node with this AE title; ``recheck``: read the log again before saying none
+        (a node created a moment ago in another process is then found)."""
         wanted = ae_title.strip()
-        return next((n for n in self.nodes().values() if n.config.ae_title == wanted), None)
+        found = next((n for n in self.nodes().values() if n.config.ae_title == wanted), None)
+        if found is None and recheck:
+            self.refresh()
+            found = next((n for n in self._nodes.values() if n.config.ae_title == wanted), None)
+        return found
 
     def retrieves(self, node: str | None = None, limit: int = 50) -> list[RetrieveState]:
         self._fresh()
@@ -267,7 +273,7 @@ class RemoteNodes:
     def put(self, data: Mapping[str, Any], actor: Actor) -> bool:
         """Create or replace a node (by name); False when nothing changed."""
         config = parse_remote_node(data)
-        clash = self.state.node_for_ae(config.ae_title)
+        clash = self.state.node_for_ae(config.ae_title, recheck=True)
         if clash is not None and clash.name != config.name:
             raise RemoteNodeError({"ae_title": f"already used by remote node {clash.name!r}"})
         existing = self._get(config.name)

@@ -180,7 +180,7 @@ class QueryRetrieveSCP:
     def handle_move(self, event: Any) -> Iterator[Any]:
         peer = _peer(event)
         model = MOVE_MODELS.get(str(event.request.AffectedSOPClassUID), "study")
-        destination = self._remote.node_for_ae(str(event.move_destination or ""))
+        destination = self._remote.node_for_ae(str(event.move_destination or ""), recheck=True)
         if destination is None:
             self._refusal(peer, "dimse.move", "move destination is not a remote node")
             yield None, None  # pynetdicom answers 0xA801: move destination unknown
@@ -242,7 +242,7 @@ class QueryRetrieveSCP:
         except QueryError as exc:
             self._refusal(peer, action, str(exc), outcome="failure")
             return exc.status, []
-        if not self._record(peer, action, query, f"instances={len(rows)}{detail}"):
+        if not self._record(peer, action, query, f"instances={len(rows)}{detail}", rows):
             return STATUS_OUT_OF_RESOURCES, []
         return None, rows
 
@@ -284,14 +284,23 @@ class QueryRetrieveSCP:
         if self._open:
             return True
         node = self._remote.node_for_ae(peer.ae_title)
+        if node is None or not node.config.allows(service):
+            self._remote.refresh()  # refusals are rare: make sure the refusal is current
+            node = self._remote.node_for_ae(peer.ae_title)
         return node is not None and node.config.allows(service)
 
-    def _record(self, peer: Peer, action: str, query: Query, detail: str) -> bool:
-        """Record the access before answering; False if the access log cannot be written."""
-        study = query.single("StudyInstanceUID")
+    def _record(self, peer: Peer, action: str, query: Query, detail: str,
+                rows: list[dict[str, Any]] | None = None) -> bool:
+        """Record the access before answering; False if the access log cannot be written.
+
+        The study and patient are the ones the query names, or, for a retrieve, the one study
+        and patient all its instances belong to.
+        """
+        study = query.single("StudyInstanceUID") or _only(rows, "k_studyinstanceuid")
         record = AccessRecord(
             action=action, object_type="study" if study else "query", object_id=study or "",
-            study_instance_uid=study, patient_id=query.single("PatientID"),
+            study_instance_uid=study,
+            patient_id=query.single("PatientID") or _only(rows, "k_patientid"),
             detail=f"model={query.model} level={query.level} {detail}")
         try:
             self._sessions.record(peer.actor, record)
@@ -307,6 +316,11 @@ class QueryRetrieveSCP:
                 action=action, object_type="query", outcome=outcome, detail=reason))
         except Exception as exc:
             logger.error("refusal not recorded: %s", type(exc).__name__)
+
+
+def _only(rows: list[dict[str, Any]] | None, column: str) -> str | None:
+    values = {row[column] for row in rows or ()}
+    return str(values.pop()) if len(values) == 1 and None not in values else None
 
 
 def _identifier(event: Any) -> Dataset:

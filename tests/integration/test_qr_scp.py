@@ -379,6 +379,7 @@ def test_getscu_receives_the_study_on_its_own_association(
     assert received == {str(pydicom.dcmread(p).SOPInstanceUID) for p in studies[0].files[:2]}
     rows = accesses(router, "dimse.get", 1)
     assert [r["actor"] for r in rows] == [TOOL] and "instances=2" in rows[0]["detail"]
+    assert (rows[0]["study_instance_uid"], rows[0]["patient_id"]) == (studies[0].uid, "P1")
 
 
 @pytest.mark.postgres
