@@ -249,6 +249,14 @@ def test_c_cancel_stops_the_responses(node: Callable[..., Any], tmp_path: Path) 
     assert result.returncode == 0, result.stdout
     assert final_response(result.stdout)["status"] == 0xFE00
     assert 1 <= len(list(out.glob("rsp*.dcm"))) < 200
+    with StoreScp(tmp_path, ae_title="SINK") as sink:
+        router.remote_nodes.put({"name": "sink", "ae_title": "SINK", "host": "127.0.0.1",
+                                 "port": sink.port}, Actor("test"))
+        study_query = query_file(tmp_path, QueryRetrieveLevel="STUDY", StudyInstanceUID=study.uid)
+        moved = run_tool("movescu", router.dicom.port, ["-d", "-S", "-aem", "SINK", "--cancel",
+                                                        "1"], [study_query])
+        final = final_response(moved.stdout)
+        assert final["status"] == 0xFE00 and 1 <= final["completed"] < 200
 
 
 def test_unknown_calling_aes_are_refused_and_recorded(
