@@ -28,7 +28,9 @@ KNOWN_ACTIONS = (
     "Job.Rerouted", "ReceiptFailure.Recorded", "Delivery.*", "Delivery.Created",
     "Delivery.Succeeded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
     "Delivery.Requeued", "Delivery.Cancelled", "Rule.*", "Destination.*", "User.*",
-    "Session.*", "LoginFailure.Recorded", "access.denied", "study.*", "audit.*",
+    "Session.*", "LoginFailure.Recorded", "access.denied", "study.*", "studies.*", "job.*",
+    "jobs.*", "audit.*", "dicomweb.*", "wado.*", "viewer.open", "dimse.*", "remote.*",
+    "RemoteNode.*", "Retrieve.*", "ai.*",
 )
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MAX_TEXT = 256  # longest filter value accepted (a UID is 64, an ID 64)
