@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from projections.ai_requests import AI_TABLES, AIRequestHandlers
 from projections.db import Cursor
 from projections.runner import EventRecord, View
 from projections.runner import index_text as _text
@@ -61,15 +62,17 @@ _UPSERT_DELIVERY = (
 )
 
 
-class JobsView(UnitHandlers, View):
+class JobsView(AIRequestHandlers, UnitHandlers, View):
     name = "jobs"
     follows = ("ingest", "delivery")
-    tables = ("jobs", "deliveries", "receipt_failures", "blob_purges", *UNIT_TABLES)
+    tables = ("jobs", "deliveries", "receipt_failures", "blob_purges", *UNIT_TABLES,
+              *AI_TABLES)
 
     def create(self, cur: Cursor, dialect: str) -> None:
         for sql in (JOBS_SQL, DELIVERIES_SQL, FAILURES_SQL, PURGES_SQL, *INDEXES):
             cur.execute(sql)
         self.create_units(cur)
+        self.create_ai(cur)
 
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         handler = getattr(self, "_" + record.topic.replace(".", "_"), None)

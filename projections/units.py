@@ -58,6 +58,10 @@ _RESEND_DELIVERY = (
 class UnitHandlers:
     """Mixed into the jobs view: handlers for units, called from its ingest handlers."""
 
+    def open_request(self, cur: Cursor, r: EventRecord, request_id: str, unit: dict[str, Any],
+                     job_ids: list[str], amendment: bool) -> None:
+        raise NotImplementedError  # the AI request handlers provide it
+
     def create_units(self, cur: Cursor) -> None:
         for sql in (UNITS_SQL, MEMBERS_SQL, *UNIT_INDEXES):
             cur.execute(sql)
@@ -102,10 +106,14 @@ class UnitHandlers:
                     " last_released_at = ? WHERE unit_id = ?",
                     (r.timestamp, e.reason, r.timestamp, r.originator_id))
         self._release(cur, r, e.destination, e.job_ids, "dispatched")
+        if e.request_id:
+            self.open_request(cur, r, e.request_id, {"destination": e.destination,
+                              "study_instance_uid": e.study_instance_uid}, e.job_ids, False)
 
     def _Unit_Amended(self, cur: Cursor, r: EventRecord) -> None:
         e = r.event
-        cur.execute("SELECT destination FROM units WHERE unit_id = ?", (r.originator_id,))
+        cur.execute("SELECT destination, study_instance_uid FROM units WHERE unit_id = ?",
+                    (r.originator_id,))
         row = cur.fetchone()
         if row is None:
             return
@@ -113,6 +121,8 @@ class UnitHandlers:
         cur.execute("UPDATE units SET amended_count = amended_count + 1, last_released_at = ?"
                     " WHERE unit_id = ?", (r.timestamp, r.originator_id))
         self._release(cur, r, destination, e.job_ids, "amendment")
+        if e.request_id:
+            self.open_request(cur, r, e.request_id, dict(row), e.job_ids, True)
         if e.resend_unit:
             cur.execute("SELECT job_id FROM unit_members WHERE unit_id = ?", (r.originator_id,))
             for member in cur.fetchall():

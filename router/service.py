@@ -17,6 +17,9 @@ from projections.db import ViewDatabase, open_views
 from projections.jobs import JobsView
 from projections.runner import ProjectionRunner, View
 from projections.studies import StudiesView
+from router.ai.callbacks import AICallbacks
+from router.ai.requests import AIRequests
+from router.ai.worker import AIWorker
 from router.application.admin_state import AdminState, DestinationState
 from router.application.commands import Commands
 from router.application.receive import Receiver
@@ -72,6 +75,9 @@ class Router:
     remote_nodes: RemoteNodes
     retriever: Retriever
     units: UnitScheduler
+    ai_requests: AIRequests
+    ai_worker: AIWorker
+    ai_callbacks: AICallbacks
     ready: bool = False
     receivers: ReceiverPool | None = None
 
@@ -99,6 +105,11 @@ class Router:
                               poll_interval=settings.dispatch.poll_interval, on_saved=runner.wake)
         runner.add_listener(lambda view: dispatcher.wake() if view == "jobs" else None)
         runner.add_listener(lambda view: units.wake() if view == "jobs" else None)
+        ai_requests = AIRequests(stores.delivery, jobs_db, admin, blobs, box, settings.ai,
+                                 settings.ai.public_url or _default_public_url(settings))
+        ai_worker = AIWorker(ai_requests, jobs_db, admin, settings.dispatch, clock=clock,
+                             on_saved=runner.wake)
+        runner.add_listener(lambda view: ai_worker.wake() if view == "jobs" else None)
         runtime = RuntimeSettingsStore(stores, settings)
         retention = Retention(stores, jobs_db, blobs, runtime, on_saved=runner.wake)
         sessions = Sessions(stores)
@@ -112,7 +123,9 @@ class Router:
                    users=Users(stores, admin, settings.web), sessions=sessions,
                    runtime=runtime, retention=retention, remote_nodes=remote_nodes,
                    retriever=Retriever(settings, remote_nodes.state, stores, receiver,
-                                       sessions, box), units=units)
+                                       sessions, box), units=units,
+                   ai_requests=ai_requests, ai_worker=ai_worker,
+                   ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver))
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -142,6 +155,7 @@ class Router:
                                [f"{name}_events" for name in APP_NAMES])
         self.dispatcher.start()
         self.units.start()
+        self.ai_worker.start()
         self.retention.start()  # purges hourly while storage.retention_days > 0
         self._start_receiving()
         self.ready = True
@@ -168,6 +182,7 @@ class Router:
         else:
             self.dicom.stop(grace=min(grace, 10.0))
         self.units.stop()
+        self.ai_worker.stop()
         self.dispatcher.stop(grace=grace)
         self.retention.stop()
         self.runner.stop()
@@ -190,6 +205,14 @@ class Router:
             )
         receiving = self.receivers.alive() if self.receivers is not None else True
         return {"ready": self.ready and receiving, "receivers_alive": receiving, "view_lag": lag}
+
+
+def _default_public_url(settings: Settings) -> str:
+    """Where AI processors reach us when ``[ai] public_url`` is not set: this host's name."""
+    host = settings.http_host
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 - compared, not bound
+        host = socket.getfqdn()
+    return f"http://{host}:{settings.http_port}"
 
 
 def _free_port(host: str) -> int:

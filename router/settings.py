@@ -9,6 +9,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,18 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class AISettings:
+    """AI processors: where they reach us, and which otherwise refused networks they may use."""
+
+    # The router's base URL as AI processors reach it (callbacks, DICOMweb); empty: derived
+    # from http_port on this host's name.
+    public_url: str = ""
+    # Link-local and cloud-metadata addresses are refused for outbound URLs unless listed here.
+    allowed_networks: tuple[str, ...] = ()
+    max_callback_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the router needs to start; built by :func:`load_settings`."""
 
@@ -122,6 +135,7 @@ class Settings:
     ingest: IngestSettings = field(default_factory=IngestSettings)
     web: WebSettings = field(default_factory=WebSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    ai: AISettings = field(default_factory=AISettings)
     destinations: tuple[Mapping[str, Any], ...] = ()
     rules: tuple[Mapping[str, Any], ...] = ()
     remote_nodes: tuple[Mapping[str, Any], ...] = ()
@@ -269,6 +283,25 @@ def _storage(doc: Mapping[str, Any]) -> StorageSettings:
                                                "storage.retention_days", 0, 36500))
 
 
+def _ai(doc: Mapping[str, Any]) -> AISettings:
+    s = _section(doc, "ai")
+    networks = s.get("allowed_networks", [])
+    if not isinstance(networks, list) or not all(isinstance(n, str) for n in networks):
+        raise SettingsError("ai.allowed_networks must be a list of CIDR networks")
+    for network in networks:
+        try:
+            ip_network(network, strict=False)
+        except ValueError:
+            raise SettingsError(f"ai.allowed_networks: {network!r} is not a network") from None
+    url = str(s.get("public_url", "")).rstrip("/")
+    if url and not url.startswith(("http://", "https://")):
+        raise SettingsError("ai.public_url must start with http:// or https://")
+    return AISettings(public_url=url, allowed_networks=tuple(networks),
+                      max_callback_bytes=_int(s.get("max_callback_bytes",
+                                                    AISettings.max_callback_bytes),
+                                              "ai.max_callback_bytes", 1024, 2**40))
+
+
 def _tables(doc: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], ...]:
     items = doc.get(name, [])
     if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
@@ -319,6 +352,7 @@ def load_settings(
         ingest=_ingest(doc),
         web=_web(doc),
         storage=_storage(doc),
+        ai=_ai(doc),
         destinations=_tables(doc, "destinations"),
         rules=_tables(doc, "rules"),
         remote_nodes=_tables(doc, "remote_nodes"),

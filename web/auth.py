@@ -19,6 +19,9 @@ from aiohttp import web
 
 from router.application.commands import Actor
 from router.application.sessions import AccessRecord
+from web.ai_scope import PREFIX as AI_TOKEN_PREFIX
+from web.ai_scope import VIA as AI_VIA
+from web.ai_scope import ai_allowed, ai_principal
 from web.api.common import ApiError
 from web.keys import ISSUER_KEY, PRINCIPAL, ROUTER_KEY
 from web.routes import PERMISSIONS_KEY
@@ -98,6 +101,8 @@ async def authenticate(request: web.Request) -> Principal | None:
         if value.startswith("drt_"):
             user = await asyncio.to_thread(router.users.user_for_api_token, value)
             return Principal(user.name, user.role, "api_token") if user else None
+        if value.startswith(AI_TOKEN_PREFIX):  # an AI processor, scoped to one study
+            return await ai_principal(router, value)
         return await _session_principal(router, issuer, value, "bearer")
     cookie = request.cookies.get(COOKIE_NAME)
     if cookie:
@@ -143,7 +148,8 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
             return forbidden(request, "route has no permission")
         if principal is None:
             return unauthenticated(request)
-        if not principal.can(permission):
+        if not (ai_allowed(request, principal, permission) if principal.via == AI_VIA
+                else principal.can(permission)):
             await record_access(request, AccessRecord(
                 action="access.denied", object_type="route", object_id=request.path,
                 outcome="denied", detail=f"{request.method} needs {permission}"))

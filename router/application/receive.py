@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class Arrival:
     correlation_id: str = ""
     # Blocks until the object's bytes are on disk (raises OSError if they cannot be).
     wait_durable: Callable[[], None] = lambda: None
+    # Values rules may test besides the header, e.g. an AI processor's result tags
+    # (``ai.<destination>.<key>``) for the objects it sent back.
+    extra: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,7 @@ class Receiver:
         snapshot = self._admin.snapshot()
         decision: RoutingDecision = evaluate(snapshot.rules, RoutingInput(
             calling_aet=arrival.calling_aet, called_aet=arrival.called_aet,
-            source_ip=arrival.source_ip, dataset=header,
+            source_ip=arrival.source_ip, dataset=header, extra=arrival.extra,
         ))
         destinations = list(decision.destinations)
         default_used = False

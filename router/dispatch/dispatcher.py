@@ -92,7 +92,10 @@ class Dispatcher:
 
     def feed(self) -> int:
         """Offer due deliveries to their lanes; returns how many were offered."""
-        destinations = self._admin.snapshot().live_destinations()
+        # AI processors get whole units from the AI worker, not instances from lanes.
+        destinations = {name: state for name, state
+                        in self._admin.snapshot().live_destinations().items()
+                        if state.config.get("type") != "ai"}
         self._sync_lanes(destinations)
         self._forget_projected()
         offered = 0

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from router.dispatch.ai import AIAdapter, AIDestinationConfig
 from router.dispatch.base import Adapter
 from router.dispatch.dicom import DicomAdapter, DicomDestinationConfig
 from router.dispatch.file import FileAdapter, FileDestinationConfig
@@ -21,7 +22,8 @@ from router.dispatch.s3 import S3Adapter, S3DestinationConfig
 from router.secrets import SecretBox, SecretError
 from router.settings import SettingsError, parse_duration
 
-DestinationConfig = DicomDestinationConfig | FileDestinationConfig | S3DestinationConfig
+DestinationConfig = (DicomDestinationConfig | FileDestinationConfig | S3DestinationConfig
+                     | AIDestinationConfig)
 
 MASK = "********"
 MAX_CONCURRENCY = 16
@@ -67,6 +69,10 @@ DESTINATION_KINDS: dict[str, DestinationKind] = {
         S3Adapter,
         frozenset({"secret_access_key", "session_token"}),
         lambda config, _: S3Adapter(config),
+    ),
+    # Requests are made per series or study by router.ai.worker; the adapter only checks.
+    "ai": DestinationKind(
+        "ai", AIDestinationConfig, AIAdapter, frozenset({"secret"}), lambda c, _: AIAdapter(c)
     ),
 }
 

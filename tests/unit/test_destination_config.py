@@ -57,7 +57,23 @@ def test_the_documented_examples_parse_with_defaults() -> None:
     cloud = parse_destination(CLOUD)
     assert isinstance(cloud, S3DestinationConfig)
     assert cloud.multipart_threshold == 16 * 1024 * 1024 and cloud.concurrency == 4
-    assert set(DESTINATION_KINDS) == {"dicom", "file", "s3"}
+    assert set(DESTINATION_KINDS) == {"dicom", "file", "s3", "ai"}
+
+
+def test_the_documented_ai_example_parses_and_seals_its_secret() -> None:
+    from router.dispatch.ai import AIDestinationConfig
+
+    lungai = parse_destination({
+        "name": "lungai", "type": "ai", "url": "https://ai.example.org/v1/studies",
+        "secret": "a vendor secret of some length", "send": "dicomweb",
+        "callback_timeout": "2h", "granularity": "study"})
+    assert isinstance(lungai, AIDestinationConfig)
+    assert (lungai.callback_timeout, lungai.quiet_time, lungai.deidentify) == (7200.0, None,
+                                                                              False)
+    with pytest.raises(DestinationConfigError) as refused:
+        parse_destination({"name": "x", "type": "ai", "url": "ftp://a", "secret": "short",
+                           "send": "dicomweb", "deidentify": True, "granularity": "patient"})
+    assert set(refused.value.errors) == {"url", "secret", "deidentify", "granularity"}
 
 
 def test_durations_accept_units() -> None:
@@ -73,7 +89,7 @@ def test_durations_accept_units() -> None:
         ({"name": "a b"}, "name", "1-64 characters"),
         ({"name": "x" * 65}, "name", "1-64 characters"),
         ({"name": 5}, "name", "1-64 characters"),
-        ({"type": "ai"}, "type", "unknown type 'ai'; one of dicom, file, s3"),
+        ({"type": "webhook"}, "type", "unknown type 'webhook'; one of ai, dicom, file, s3"),
         ({"type": None}, "type", "required"),
         ({"colour": "red"}, "colour", "unknown key for a dicom destination"),
         ({"host": None}, "host", "must be a string"),
