@@ -16,6 +16,7 @@ NAVIGATION = (
     ("Jobs", "/jobs", "jobs.read"),
     ("Rules", "/rules", "rules.read"),
     ("Destinations", "/destinations", "destinations.read"),
+    ("AI", "/ai", "destinations.read"),
     ("Studies", "/studies", "studies.read"),
     ("Remote PACS", "/remote", "remote.read"),
     ("Audit", "/audit", "audit.read"),

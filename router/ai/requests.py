@@ -21,6 +21,7 @@ from router.ai.outbound import Body, Member, describe, write_body
 from router.ai.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER
 from router.ai.tokens import AITokens
 from router.application.admin_state import AdminState
+from router.application.commands import Actor, CommandError, NotFoundError
 from router.dispatch.ai import AIDestinationConfig, call
 from router.dispatch.base import PermanentDeliveryError
 from router.dispatch.registry import DestinationConfigError, open_config, parse_destination
@@ -176,6 +177,16 @@ class AIRequests:
             aggregate.resend(**ctx, attempt=attempt)
         self.save(aggregate)
         return aggregate
+
+    def requeue(self, request_id: str, actor: Actor) -> None:
+        """An operator's new attempt now (CommandError unless dead or waiting to retry)."""
+        aggregate = self.load(request_id)
+        if aggregate is None:
+            raise NotFoundError("no AI request with this id")
+        if aggregate.status not in ("dead", "retrying"):
+            raise CommandError(f"the request is {aggregate.status}; nothing to requeue")
+        aggregate.requeue(**actor.ctx())
+        self.save(aggregate)
 
     def _send_mode(self, destination: str) -> str:
         try:

@@ -29,7 +29,8 @@ from router.application.commands import Actor
 from router.application.sessions import AccessRecord
 from router.dispatch.ai import AIAdapter
 from router.dispatch.base import DeliveryError
-from web.api.common import ApiError, json_response, paging
+from web.api.common import ApiError, json_response, paging, run_command
+from web.auth import actor_of
 from web.dicomweb.multipart_in import (
     BodyTooLargeError,
     MultipartError,
@@ -168,10 +169,12 @@ async def requests_list(request: web.Request) -> web.StreamResponse:
     return json_response({"items": rows, "limit": limit, "offset": offset})
 
 
-async def ping(request: web.Request) -> web.StreamResponse:
+async def run_ping(request: web.Request, name: str) -> dict[str, Any]:
     """A signed ``{"ping": true}`` to the processor, through the SSRF checks and allow-list."""
     router = request.app[ROUTER_KEY]
-    name = request.match_info["name"]
+    state = router.admin.snapshot().live_destinations().get(name)
+    if state is None or state.config.get("type") != "ai":
+        raise ApiError(404, f"no AI processor named {name!r}")
 
     def run() -> dict[str, Any]:
         try:
@@ -180,7 +183,20 @@ async def ping(request: web.Request) -> web.StreamResponse:
         except DeliveryError as exc:
             return {"ok": False, "detail": str(exc)}
 
-    return json_response({"name": name, **await asyncio.to_thread(run)})
+    return await asyncio.to_thread(run)
+
+
+async def ping(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    return json_response({"name": name, **await run_ping(request, name)})
+
+
+async def requeue(request: web.Request) -> web.StreamResponse:
+    """Make a dead-lettered or waiting AI request again now."""
+    router = request.app[ROUTER_KEY]
+    await run_command(router.ai_requests.requeue, request.match_info["request_id"],
+                      actor_of(request))
+    return json_response({"requeued": request.match_info["request_id"]}, 202)
 
 
 ROUTES = [
@@ -191,4 +207,6 @@ ROUTES = [
                                                  "offset"), tags=("ai",)),
     Route("POST", "/api/v1/ai/processors/{name}/ping", ping, "destinations.write",
           "Send a signed test ping to an AI processor", tags=("ai",)),
+    Route("POST", "/api/v1/ai/requests/{request_id}/requeue", requeue, "jobs.write",
+          "Make an AI request again now (dead-lettered or retrying)", tags=("ai",)),
 ]

@@ -67,6 +67,11 @@ class RuleBody(BaseModel):
     destinations: list[str] = []
     stop: bool = False
     description: str = ""
+    granularity: Literal["instance", "series", "study"] | None = Field(
+        None, description="send per series or study once stable; unset: destination default")
+    quiet_time: str | float | None = Field(None, description="e.g. 60s; default 60 s / 180 s")
+    expected_count: int | None = Field(None, description="send once this many arrived")
+    amendments: Literal["late_only", "whole_unit"] = "late_only"
 
 
 class ReorderBody(BaseModel):

@@ -4,18 +4,23 @@ refreshed by HTMX polling ``/dashboard/live`` every few seconds. No PHI is shown
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from aiohttp import web
 
 from web.api.stats import read_stats
+from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS
+from web.queries.ai import turnaround
 from web.render import render
 from web.routes import Route
 
 CHART_WIDTH = 600
 CHART_HEIGHT = 120
 POLL_SECONDS = 5
+AI_WINDOW = 24 * 3600.0  # AI turnaround times over the last day
 
 
 def chart(minutes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -35,8 +40,10 @@ def chart(minutes: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def stats_values(request: web.Request) -> dict[str, Any]:
     stats = await read_stats(request)
+    ai = await asyncio.to_thread(turnaround, request.app[ROUTER_KEY].views["jobs"][1],
+                                 time.time() - AI_WINDOW)
     return {"stats": stats, "chart": chart(stats["throughput"]["minutes"]),
-            "poll_seconds": POLL_SECONDS, **HELPERS}
+            "poll_seconds": POLL_SECONDS, "ai_turnaround": ai, **HELPERS}
 
 
 async def dashboard(request: web.Request) -> web.Response:

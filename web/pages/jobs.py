@@ -17,6 +17,7 @@ from web.api.common import ApiError
 from web.api.jobs import change_delivery, list_record, load_job, view_record
 from web.auth import record_access
 from web.keys import ROUTER_KEY
+from web.queries.ai import requests_for_job
 from web.queries.filters import FilterError
 from web.queries.jobs import FILTER_FIELDS, JOB_STATUSES, JobFilters, list_jobs, parse_filters
 from web.render import render
@@ -115,7 +116,10 @@ async def job_page(request: web.Request) -> web.Response:
     done, target = request.query.get("done", ""), request.query.get("destination", "")
     if done in DONE and any(d["destination"] == target for d in job["deliveries"]):
         flash = DONE[done].format(target)
-    return render(request, "job_detail.html", job=job, flash=flash, final=FINAL, **HELPERS)
+    ai_requests = await asyncio.to_thread(requests_for_job, request.app[ROUTER_KEY].views[
+        "jobs"][1], job["job_id"])
+    return render(request, "job_detail.html", job=job, flash=flash, final=FINAL,
+                  ai_requests=ai_requests, **HELPERS)
 
 
 async def live_fragment(request: web.Request, message: str = "", kind: str = "ok"

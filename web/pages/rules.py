@@ -32,7 +32,8 @@ _INTEGER = re.compile(r"^[+-]?\d+$")
 BLANK_ROW = {"tag": "", "op": "eq", "value": "", "insensitive": False, "error": ""}
 NEW_RULE: dict[str, Any] = {
     "name": "", "priority": 100, "enabled": True, "stop": False, "description": "",
-    "match": [], "destinations": [], **{key: [] for key in LIST_FIELDS}}
+    "match": [], "destinations": [], **{key: [] for key in LIST_FIELDS},
+    "granularity": None, "quiet_time": None, "expected_count": None, "amendments": "late_only"}
 
 
 def href(name: str) -> str:
@@ -80,7 +81,22 @@ def rule_data(form: Any) -> dict[str, Any]:
     }
     for key in LIST_FIELDS:
         data[key] = _split(form.get(key))
+    data.update(grouping_of(form))
     return data
+
+
+def grouping_of(form: Any) -> dict[str, Any]:
+    """Series/study-level keys of the editor; empty fields leave them unset."""
+    out: dict[str, Any] = {}
+    for key in ("granularity", "quiet_time"):
+        if value := str(form.get(key, "")).strip():
+            out[key] = value
+    count = str(form.get("expected_count", "")).strip()
+    if count:
+        out["expected_count"] = int(count) if _INTEGER.match(count) else count
+    if form.get("amendments") == "whole_unit":
+        out["amendments"] = "whole_unit"
+    return out
 
 
 def _rows(rule: dict[str, Any], errors: dict[str, str], blank: int = 1) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from web.api.studies import load_study, search_record, view_record
 from web.auth import record_access
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS, page_window, pager
+from web.queries.ai import requests_for_study
 from web.queries.filters import FilterError
 from web.queries.studies import DELIVERY_STATUSES, FILTER_FIELDS, parse_filters, search_studies
 from web.render import render
@@ -48,8 +49,11 @@ async def study_page(request: web.Request) -> web.Response:
     by_series: dict[str, list[dict[str, Any]]] = {}
     for instance in study["instances"]:
         by_series.setdefault(instance["series_instance_uid"], []).append(instance)
+    ai_requests = await asyncio.to_thread(requests_for_study, request.app[ROUTER_KEY].views[
+        "jobs"][1], study_uid)
     return render(request, "study_detail.html", study=study, by_series=by_series,
-                  statuses=DELIVERY_STATUSES, destinations=list(study["deliveries"]), **HELPERS)
+                  statuses=DELIVERY_STATUSES, destinations=list(study["deliveries"]),
+                  ai_requests=ai_requests, **HELPERS)
 
 
 ROUTES = [
