@@ -139,6 +139,7 @@ def _body(result: dict[str, Any], objects: list[Dataset]) -> tuple[str, bytes]:
 def make_sr(source: Dataset, text: str = "Nodule found") -> Dataset:
     """A Basic Text SR about ``source``'s study (patient and study copied as they were seen)."""
     ds = Dataset()
+    ds.preamble = b"\0" * 128  # written as Part 10 by any writer (dicomweb-client too)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

@@ -265,3 +265,83 @@ def test_deidentified_files_and_reidentified_results(
         assert not (tmp_path / "urgent").exists() or not any((tmp_path / "urgent").iterdir())
         row = ai_rows(router)[0]
         assert row["deidentified"] == 1 and row["status"] == "completed"
+
+
+def test_results_stored_by_stow_with_the_token_and_an_identical_rebuild(
+        tmp_path: Path, database_url: str, served: Callable[..., WebServer]) -> None:
+    with AIStub(SECRET) as stub:
+        settings = make_settings(tmp_path, database_url, config(tmp_path, stub.url))
+        clock = Clock()
+        server = served(settings, clock)
+        router = server.router
+        files = make_ct_series(tmp_path / "a", count=2, rows=16, cols=16)
+        study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        storescu(router.dicom.port, files)
+        wait_for(lambda: len(router.views["jobs"][1].query(
+            "SELECT 1 FROM deliveries WHERE status = 'held'")) == 2, 10, "held")
+        clock.advance(61)
+        request = stub.wait(1)[0]
+        wait_for(lambda: [r for r in ai_rows(router) if r["status"] == "accepted"], 10, "ok")
+        web = request.document["dicomweb"]
+        client = DICOMwebClient(web["base_url"], headers={
+            "Authorization": f"Bearer {web['token']}"})
+        sr = make_sr(pydicom.dcmread(files[0]))
+        client.store_instances([sr], study_instance_uid=study)
+        answer = stub.callback(request.document["callback_url"],
+                               {"status": "completed", "tags": {"finding": "negative"}})
+        assert answer.status_code == 200
+        wait_for(lambda: (tmp_path / "results" / study / f"{sr.SOPInstanceUID}.dcm").is_file(),
+                 20, "the SR stored by STOW-RS at its destination")
+        actor = router.views["jobs"][1].query(
+            "SELECT actor, source FROM jobs WHERE sop_instance_uid = ?", (sr.SOPInstanceUID,))
+        assert actor == [{"actor": "ai:lungai", "source": "stow"}]
+        wait_for(lambda: [r for r in ai_rows(router) if r["status"] == "completed"], 10, "done")
+        assert_identical_rebuild(router)
+
+
+def assert_identical_rebuild(router: Router) -> None:
+    """The jobs view rebuilt from the logs has the same deliveries, units and AI rows."""
+    from projections.runner import drop_view, ensure_schema, process_batch
+    from router.application.stores import open_stores
+    from router.service import open_all_views
+
+    queries = ("SELECT * FROM deliveries ORDER BY delivery_id",
+               "SELECT * FROM units ORDER BY unit_id",
+               "SELECT * FROM unit_members ORDER BY unit_id, job_id",
+               "SELECT * FROM ai_requests ORDER BY request_id",
+               "SELECT * FROM ai_request_jobs ORDER BY request_id, job_id")
+    time.sleep(0.5)
+    router.runner.catch_up()
+    before = [router.views["jobs"][1].query(q) for q in queries]
+    settings = router.settings
+    router.stop()
+    stores = open_stores(settings, router.box)
+    views = open_all_views(settings)
+    try:
+        view, db = views["jobs"]
+        drop_view(view, db)
+        ensure_schema(view, db)
+        while process_batch(view, db, stores.all()):
+            pass
+        assert [db.query(q) for q in queries] == before
+    finally:
+        for _, opened in views.values():
+            opened.close()
+        stores.close()
+
+
+def test_a_metadata_address_is_refused_and_dead_lettered(
+        tmp_path: Path, database_url: str, served: Callable[..., WebServer]) -> None:
+    settings = make_settings(tmp_path, database_url,
+                             config(tmp_path, "http://169.254.169.254/latest/v1"))
+    clock = Clock()
+    router = served(settings, clock).router
+    storescu(router.dicom.port, make_ct_series(tmp_path / "a", count=1, rows=16, cols=16))
+    wait_for(lambda: router.views["jobs"][1].query(
+        "SELECT 1 FROM deliveries WHERE status = 'held'"), 10, "held")
+    clock.advance(61)
+    row = wait_for(lambda: [r for r in ai_rows(router) if r["status"] == "dead"], 10, "dead")[0]
+    assert "refusing to connect to 169.254.169.254" in row["last_error"]
+    job = router.views["jobs"][1].query(
+        "SELECT status, last_error FROM deliveries WHERE destination = 'lungai'")
+    assert job[0]["status"] == "dead" and "link-local" in job[0]["last_error"]
