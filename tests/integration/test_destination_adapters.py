@@ -32,6 +32,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 
 from router.dispatch.base import (
     Outgoing,
@@ -555,6 +556,10 @@ def status_peer(
             received.append(dataset)
         return statuses.pop(0) if statuses else 0x0000
 
+    # A router built earlier in this process switched pynetdicom (a global) to streaming
+    # received data sets into our spool format; this peer wants plain pynetdicom data sets.
+    chunked = pynetdicom_config.STORE_RECV_CHUNKED_DATASET
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False
     server = ae.start_server(
         ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, answer)]
     )
@@ -562,6 +567,7 @@ def status_peer(
         yield int(server.server_address[1])
     finally:
         server.shutdown()
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = chunked
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # a UID in rtdose_expb.dcm
