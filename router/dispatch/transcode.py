@@ -37,7 +37,7 @@ def decoded_for_peer(item: Outgoing, sop_name: str, where: str) -> tuple[Dataset
     dataset = read_dataset(item)
     if not stored.is_compressed:
         if not stored.is_little_endian:
-            _to_little_endian(dataset)
+            to_little_endian(dataset)
         return dataset, f" (converted from {stored.name})"
     try:
         # Same instance, other encoding: pydicom would otherwise mint a new SOP Instance UID.
@@ -51,7 +51,7 @@ def decoded_for_peer(item: Outgoing, sop_name: str, where: str) -> tuple[Dataset
     return dataset, f" (decompressed from {stored.name})"
 
 
-def _to_little_endian(dataset: Dataset) -> None:
+def to_little_endian(dataset: Dataset) -> None:
     """Re-encode a big endian data set as Explicit VR Little Endian (pynetdicom will not).
 
     Decoding every element lets pydicom write numbers little endian; binary values, which

@@ -24,7 +24,7 @@ from pydicom.pixels import get_decoder, pack_bits, pixel_array, unpack_bits
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from router.dispatch.transcode import _to_little_endian
+from router.dispatch.transcode import to_little_endian
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def little_endian(ds: Dataset) -> Dataset:
     """``ds`` re-encoded little endian in place if it was read big endian."""
     ts = ds.file_meta.get("TransferSyntaxUID")
     if ts is not None and not UID(ts).is_little_endian:
-        _to_little_endian(ds)
+        to_little_endian(ds)
     return ds
 
 
@@ -221,7 +221,7 @@ def explicit_le(path: Path) -> bytes:
             logger.warning("decompressing %s failed: %s", stored.name, type(exc).__name__)
             raise DecodeError(f"the {stored.name} pixel data could not be decoded") from None
     elif not stored.is_little_endian:
-        _to_little_endian(ds)
+        to_little_endian(ds)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = io.BytesIO()
     try:
