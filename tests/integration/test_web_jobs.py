@@ -208,8 +208,14 @@ def cancel_in_browser(server: Any, api: dict[str, str], job_id: str) -> Browser:
     assert {d["destination"]: d["status"] for d in detail["deliveries"]} == {
         "archive": "delivered", "down": "cancelled"}
     assert detail["status"] == "delivered"
-    cancelled = [e for e in detail["events"] if e["action"] == "Delivery.Cancelled"]
-    assert cancelled[0]["details"]["reason"] == "peer retired"
+
+    def cancelled() -> list[dict[str, Any]]:
+        # The timeline comes from the audit view, which may trail the jobs view a moment.
+        events = get(server, api, f"/api/v1/jobs/{job_id}").json()["events"]
+        return [e for e in events if e["action"] == "Delivery.Cancelled"]
+
+    assert wait_for(cancelled, 10, "the cancel in the timeline")[0]["details"]["reason"] == (
+        "peer retired")
     return browser
 
 
