@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
-
 from router.dispatch.base import Outgoing, PermanentDeliveryError, TransientDeliveryError
 from router.dispatch.templates import PathTemplate, TemplateError
 
 if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
     from mypy_boto3_s3.client import S3Client
 
 logger = logging.getLogger(__name__)
@@ -145,9 +143,14 @@ class S3Adapter:
     """Uploads instances with boto3; used by one worker thread at a time."""
 
     def __init__(self, config: S3DestinationConfig) -> None:
-        import boto3  # deferred: only processes with an S3 destination pay for the import
+        # Deferred: only processes with an S3 destination pay for boto3 (about 17 MB each).
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
 
         self._config = config
+        self._boto_errors: tuple[type[Exception], ...] = (ClientError, BotoCoreError)
+        self._client_error: type[ClientError] = ClientError
         self._template = PathTemplate.parse(config.template)
         session = boto3.session.Session(
             aws_access_key_id=config.access_key_id,
@@ -183,7 +186,7 @@ class S3Adapter:
             else:
                 expected, parts = self._put_multipart(key, item)
             self._verify(key, item, expected)
-        except (ClientError, BotoCoreError) as exc:
+        except self._boto_errors as exc:
             raise self._error(exc) from None
         except OSError as exc:
             raise TransientDeliveryError(
@@ -195,7 +198,7 @@ class S3Adapter:
         """HeadBucket: the endpoint answers and the credentials may use the bucket."""
         try:
             self._client.head_bucket(Bucket=self._config.bucket)
-        except (ClientError, BotoCoreError) as exc:
+        except self._boto_errors as exc:
             raise self._error(exc) from None
         return f"bucket {self._config.bucket} reachable"
 
@@ -248,7 +251,7 @@ class S3Adapter:
                 MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
             )
         except BaseException:
-            with contextlib.suppress(ClientError, BotoCoreError):
+            with contextlib.suppress(*self._boto_errors):
                 self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             raise
         composite = base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()
@@ -304,7 +307,7 @@ class S3Adapter:
     def _error(self, exc: Exception) -> PermanentDeliveryError | TransientDeliveryError:
         """Classify a boto error; the message names the bucket and code, never the key."""
         bucket = self._config.bucket
-        if isinstance(exc, ClientError):
+        if isinstance(exc, self._client_error):
             error = exc.response.get("Error", {})
             code = str(error.get("Code", "unknown"))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import procs, report
 from .measure import run_all
 from .receivers import MAX_PDU, Orthanc, Receiver, Router, StoreScp
+from .runtime_venv import runtime_router
 from .workloads import Workload, dcmtk_version, ensure_data, storescu_argv, workloads
 
 RECEIVERS = ("storescp", "orthanc", "router")
@@ -85,8 +86,9 @@ def _add_path_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--router-command",
         type=Path,
-        default=Path(sys.prefix, "bin", "dicom-router"),
-        help="the router's console script (default: this python's dicom-router)",
+        default=None,
+        help="the router's console script (default: one in <cache-dir>/router-venv with the"
+        " runtime dependencies only, built on first use)",
     )
 
 
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         f"; load average {_load()}",
         flush=True,
     )
+    if args.router_command is None and "router" in args.only:
+        args.router_command = runtime_router(args.cache_dir)
+    print(f"router: {args.router_command}", flush=True)
     try:
         plan = _prepare(args)
         with tempfile.TemporaryDirectory(prefix="dicom-bench-", dir=args.tmp_dir) as tmp:
