@@ -5,16 +5,19 @@ held to one core by the GIL. The parent supervises them and runs views and dispa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
-import multiprocessing
+import os
+import pickle
+import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from multiprocessing.synchronize import Event as MpEvent
-from typing import Any
 
 from router.settings import Settings
 
@@ -32,8 +35,12 @@ def _die_with_parent() -> None:
         logger.warning("cannot ask to die with the parent; relying on polling")
 
 
-def receiver_main(settings: Settings, ready: MpEvent, saved: MpEvent, parent_pid: int) -> None:
-    """Entry point of a receiver process (spawned: nothing inherited but the arguments)."""
+def receiver_main(settings: Settings, signal_fd: int, parent_pid: int) -> None:
+    """Entry point of a receiver process: a listener, until SIGTERM or the parent is gone.
+
+    It writes ``R`` to ``signal_fd`` once listening and ``S`` after each saved receipt (the
+    parent then wakes its views at once instead of at their next poll).
+    """
     import os
 
     _die_with_parent()
@@ -56,17 +63,19 @@ def receiver_main(settings: Settings, ready: MpEvent, saved: MpEvent, parent_pid
     stores = open_stores(settings, box)
     blobs = BlobStore(settings.data_dir)
     configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu, idle_delay=0.0005)
+    os.set_blocking(signal_fd, False)
 
-    def wake_parent() -> None:
-        if not saved.is_set():  # set() notifies through semaphores: skip when already set
-            saved.set()
+    def tell_parent(message: bytes) -> None:
+        # A full pipe means the parent has wake-ups pending already: dropping one is fine.
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(signal_fd, message)
 
     receiver = Receiver(stores, blobs, AdminState(stores.admin), settings.ingest,
-                        settings.dispatch, on_saved=wake_parent)
+                        settings.dispatch, on_saved=lambda: tell_parent(b"S"))
     qr, studies = standalone(settings, stores, blobs)  # C-FIND/MOVE/GET may arrive here too
     server = DicomServer(settings, receiver, reuse_port=True, qr=qr)
     server.start()
-    ready.set()
+    tell_parent(b"R")
     while not stop.wait(1.0):
         if os.getppid() != parent_pid:  # parent gone and PDEATHSIG unavailable
             break
@@ -75,8 +84,41 @@ def receiver_main(settings: Settings, ready: MpEvent, saved: MpEvent, parent_pid
     stores.close()
 
 
+class _Child:
+    """One receiver process and the pipe it signals on."""
+
+    def __init__(self, settings: Settings, timeout: float) -> None:
+        read_fd, write_fd = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "router.dicom.receivers", str(write_fd), str(os.getpid())],
+            stdin=subprocess.PIPE, pass_fds=(write_fd,))
+        os.close(write_fd)
+        self.signals = os.fdopen(read_fd, "rb", buffering=0)
+        assert self.process.stdin is not None
+        with self.process.stdin as stdin:
+            pickle.dump(settings, stdin)
+        ready, _, _ = select.select([self.signals], [], [], timeout)
+        first = self.signals.read(1) if ready else b""
+        if first != b"R":
+            self.process.kill()
+            self.process.wait(5)
+            self.signals.close()
+            raise RuntimeError("a receiver process did not start in time (see its log)")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
 class ReceiverPool:
-    """Starts, watches and stops the receiver processes."""
+    """Starts, watches and stops the receiver processes.
+
+    Plain subprocesses, not multiprocessing: its spawn method also starts a resource-tracker
+    process (about 13 MB) that receivers do not need.
+    """
 
     def __init__(self, settings: Settings, count: int, on_saved: Callable[[], None]) -> None:
         per_process = max(1, -(-settings.dicom.max_associations // count))
@@ -84,66 +126,65 @@ class ReceiverPool:
                                                          max_associations=per_process))
         self._count = count
         self._on_saved = on_saved
-        self._ctx = multiprocessing.get_context("spawn")
-        self._saved = self._ctx.Event()
-        self._procs: list[Any] = []
+        self._children: list[_Child] = []
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self, timeout: float = 60.0) -> None:
         for _ in range(self._count):
-            self._procs.append(self._spawn(timeout))
-        for target, name in ((self._forward_saves, "receivers-wake"),
-                             (self._watch, "receivers-watch")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._children.append(self._spawn(timeout))
+        watcher = threading.Thread(target=self._watch, name="receivers-watch", daemon=True)
+        watcher.start()
+        self._threads.append(watcher)
         logger.info("%d receiver processes listening", self._count)
 
-    def _spawn(self, timeout: float) -> Any:
-        import os
-
-        ready = self._ctx.Event()
-        proc = self._ctx.Process(target=receiver_main, name="dicom-receiver",
-                                 args=(self._settings, ready, self._saved, os.getpid()))
-        proc.start()
-        if not ready.wait(timeout):
-            proc.terminate()
-            raise RuntimeError("a receiver process did not start in time (see its log)")
-        return proc
+    def _spawn(self, timeout: float) -> _Child:
+        child = _Child(self._settings, timeout)
+        reader = threading.Thread(target=self._forward_saves, args=(child,),
+                                  name=f"receiver-{child.pid}-wake", daemon=True)
+        reader.start()
+        return child
 
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self._procs)
+        return all(child.alive() for child in self._children)
 
-    def _forward_saves(self) -> None:
-        while not self._stopping.is_set():
-            if self._saved.wait(0.5):
-                self._saved.clear()
+    def _forward_saves(self, child: _Child) -> None:
+        """Wake the parent's views after a child's saves; ends when the child exits."""
+        while data := child.signals.read(4096):
+            if b"S" in data:
                 self._on_saved()
+        child.signals.close()
 
     def _watch(self) -> None:
         while not self._stopping.wait(1.0):
-            for i, proc in enumerate(self._procs):
-                if not proc.is_alive() and not self._stopping.is_set():
-                    logger.error("receiver process %d exited with %s; restarting", proc.pid,
-                                 proc.exitcode)
+            for i, child in enumerate(self._children):
+                if not child.alive() and not self._stopping.is_set():
+                    logger.error("receiver process %d exited with %s; restarting", child.pid,
+                                 child.process.returncode)
                     try:
-                        self._procs[i] = self._spawn(60.0)
+                        self._children[i] = self._spawn(60.0)
                     except RuntimeError:
                         logger.exception("receiver restart failed")
 
     def stop(self, grace: float) -> None:
         """SIGTERM each child (they finish in-flight C-STOREs), then wait; kill stragglers."""
         self._stopping.set()
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.terminate()
+        for child in self._children:
+            if child.alive():
+                child.process.terminate()
         deadline = time.monotonic() + grace + 5
-        for proc in self._procs:
-            proc.join(timeout=max(0.1, deadline - time.monotonic()))
-            if proc.is_alive():
-                logger.error("receiver process %d did not stop; killing it", proc.pid)
-                proc.kill()
-                proc.join(5)
+        for child in self._children:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.error("receiver process %d did not stop; killing it", child.pid)
+                child.process.kill()
+                child.process.wait(5)
         for t in self._threads:
             t.join(timeout=2)
+
+
+if __name__ == "__main__":  # a receiver process started by ReceiverPool
+    # The settings come from our parent, through a pipe only it holds.
+    settings_ = pickle.load(sys.stdin.buffer)  # noqa: S301
+    receiver_main(settings_, int(sys.argv[1]), int(sys.argv[2]))
