@@ -296,3 +296,35 @@ def test_sigint_stops_like_sigterm(
     router.signal(signal.SIGINT)
     assert router.wait(20) == 0
     assert time.monotonic() - started < SHUTDOWN_GRACE + 3.0
+
+
+# --------------------------------------------------------------------------- receivers
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_a_receiver_process_killed_is_restarted_and_receives_again(
+    tmp_path: Path, serve_router: Callable[..., RouterProcess]
+) -> None:
+    import os
+
+    files = make_ct_series(tmp_path / "ct", count=4, rows=32, cols=32)
+    with StoreScp(tmp_path / "pacs") as pacs:
+        router = serve_router(destinations=[pacs_destination(pacs)], rules=[ROUTE_ALL],
+                              dispatch=FAST_RETRIES).start()
+        assert router.process is not None
+        receivers = _children(router.process.pid)
+        assert len(receivers) == 2, "two receiver processes and nothing else (no helper)"
+        os.kill(receivers[0], signal.SIGKILL)
+        wait_for(lambda: len(set(_children(router.process.pid)) - set(receivers)) == 1, 30,
+                 "the killed receiver to be replaced")
+        wait_for(lambda: router.readyz() == 200, 30, "readiness with both receivers")
+        for path in files:  # each association lands on either receiver
+            scu = StoreScuRun(router.dicom_port, [path])
+            scu.wait()
+            assert scu.acknowledged == [path], scu.output()[-2000:]
+        wait_for(lambda: len(received_uids(pacs)) == len(files), 30, "the deliveries")
+        assert "restarting" in router.log()
