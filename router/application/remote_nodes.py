@@ -145,6 +145,11 @@ class RetrieveState:
         return self.status == "running"
 
 
+# How long a C-STORE waits for the once-a-second re-read of the retrieve jobs (a few ms when
+# the database is up) before it goes on with what is already known.
+SUB_OPERATION_LOOKUP_WAIT = 0.5
+
+
 class RemoteState:
     """Follows the remote-node and retrieve events of the admin log; cheap to read."""
 
@@ -156,11 +161,33 @@ class RemoteState:
         self._checked = 0.0
         self._nodes: dict[str, RemoteNodeState] = {}
         self._retrieves: dict[str, RetrieveState] = {}
+        self._refresher: threading.Thread | None = None
         self.refresh()
 
     def _fresh(self) -> None:
         if time.monotonic() - self._checked > self._interval:
             self.refresh()
+
+    def _fresh_within(self, wait: float) -> None:
+        """Like ``_fresh`` but waits at most ``wait`` seconds for the read, on a helper thread:
+        a C-STORE never hangs on a database that is away (it goes on with what is known; the
+        save itself then answers the sender)."""
+        if time.monotonic() - self._checked <= self._interval:
+            return
+        refresher = self._refresher
+        if refresher is None or not refresher.is_alive():
+            self._checked = time.monotonic()  # one refresher at a time
+            refresher = threading.Thread(target=self._refresh_quietly, daemon=True,
+                                         name="remote-state-refresh")
+            self._refresher = refresher
+            refresher.start()
+        refresher.join(wait)
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self.refresh()
+        except Exception as exc:
+            logger.warning("remote nodes and retrieves not refreshed: %s", type(exc).__name__)
 
     def nodes(self) -> dict[str, RemoteNodeState]:
         self._fresh()
@@ -197,7 +224,7 @@ class RemoteState:
         sub-operations) only the usual once-a-second refresh applies: no query per C-STORE.
         """
         if message_id is None:
-            self._fresh()
+            self._fresh_within(SUB_OPERATION_LOOKUP_WAIT)
         for attempt in range(2):
             candidates = [r for r in self._retrieves.values() if r.running
                           and r.method == "move" and r.node_ae == calling_ae.strip()]

@@ -11,7 +11,9 @@ import logging
 import socket
 import threading
 import time
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom import uid as uids
@@ -116,6 +118,18 @@ class DicomServer:
             self._busy += 1
         try:
             return self._store(event)
+        except Exception as exc:
+            # pynetdicom would answer 0xC211 and log the traceback, whose message may quote tag
+            # values; a transient "out of resources" tells the sender to try again (nothing was
+            # saved). Only the type and where it was raised are logged: no PHI.
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            logger.error("C-STORE handler failed: %s at %s:%d; answered 0xA700",
+                         type(exc).__name__, Path(where.filename).name, where.lineno or 0)
+            spool = getattr(event.request, "_dataset_file", None)
+            if isinstance(spool, SpoolFile):
+                spool.close()
+                spool.path.unlink(missing_ok=True)
+            return STATUS_OUT_OF_RESOURCES
         finally:
             with self._busy_lock:
                 self._busy -= 1
@@ -124,7 +138,14 @@ class DicomServer:
     def _store(self, event: Any) -> int:
         origin = None
         if self._qr is not None:
-            job = self._qr.retrieve_of(event)  # a sub-operation of a C-MOVE a user asked for?
+            try:
+                job = self._qr.retrieve_of(event)  # a sub-operation of a C-MOVE a user asked for?
+            except Exception as exc:
+                # The lookup reads the log about once a second; when the database is away the
+                # save below fails too and answers 0xA700, so just go on without the attribution.
+                logger.warning("retrieve lookup failed (%s); received as a plain C-STORE",
+                               type(exc).__name__)
+                job = None
             if job is not None:
                 origin = Origin("retrieve", job.user, job.correlation_id)
         return store_spooled(event, self._receiver, origin)
