@@ -33,7 +33,7 @@ from router.application.users import Users
 from router.dicom.qr_scp import QueryRetrieveSCP
 from router.dicom.receivers import ReceiverPool
 from router.dicom.scp import DicomServer
-from router.dicom.tuning import configure_pynetdicom
+from router.dicom.tuning import DUL_IDLE_DELAY, configure_pynetdicom
 from router.dispatch.base import Adapter
 from router.dispatch.dispatcher import Dispatcher
 from router.dispatch.registry import build_adapter
@@ -88,7 +88,8 @@ class Router:
         box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
         stores = open_stores(settings, box)
         blobs = BlobStore(settings.data_dir)
-        configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu, idle_delay=0.0005)
+        configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
+                        idle_delay=DUL_IDLE_DELAY)
         admin = AdminState(stores.admin)
         views = open_all_views(settings)
         runner = ProjectionRunner(list(views.values()), stores.all())

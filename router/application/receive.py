@@ -151,8 +151,14 @@ class Receiver:
     def _save_with_retry(
         self, arrival: Arrival, header: Dataset, sop_uid: str, correlation_id: str
     ) -> Receipt:
-        # Two associations may deliver the same new UID at once: the loser of the optimistic
-        # concurrency check reloads the Instance and decides again.
+        # Most UIDs are new: the first attempt does not read the log for the Instance, it
+        # creates it, and the optimistic concurrency check (version 1 exists) says otherwise for
+        # a UID seen before, as it does when two associations deliver the same new UID at once.
+        # Then the Instance is loaded and the decision made again.
+        try:
+            return self._save(arrival, header, sop_uid, correlation_id, assume_new=True)
+        except IntegrityError:
+            pass
         for _ in range(3):
             try:
                 return self._save(arrival, header, sop_uid, correlation_id)
@@ -160,9 +166,10 @@ class Receiver:
                 continue
         return self._save(arrival, header, sop_uid, correlation_id)
 
-    def _save(self, arrival: Arrival, header: Dataset, sop_uid: str, corr: str) -> Receipt:
+    def _save(self, arrival: Arrival, header: Dataset, sop_uid: str, corr: str,
+              assume_new: bool = False) -> Receipt:
         ctx = {"actor": arrival.actor, "source_ip": arrival.source_ip, "correlation_id": corr}
-        instance = self._load_instance(sop_uid)
+        instance = None if assume_new else self._load_instance(sop_uid)
         original = instance.job_with(arrival.sha256) if instance else None
         previous = instance.latest_job_id if instance else None
         if instance and original is None and self._ingest.changed_duplicate_policy == "reject":

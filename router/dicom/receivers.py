@@ -53,7 +53,7 @@ def receiver_main(settings: Settings, signal_fd: int, parent_pid: int) -> None:
     from router.application.stores import open_stores
     from router.dicom.qr_scp import standalone
     from router.dicom.scp import DicomServer
-    from router.dicom.tuning import configure_pynetdicom
+    from router.dicom.tuning import DUL_IDLE_DELAY, configure_pynetdicom
     from router.logs import configure_logging
     from router.secrets import SecretBox, load_master_key
     from router.storage.blobs import BlobStore
@@ -62,7 +62,8 @@ def receiver_main(settings: Settings, signal_fd: int, parent_pid: int) -> None:
     box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
     stores = open_stores(settings, box)
     blobs = BlobStore(settings.data_dir)
-    configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu, idle_delay=0.0005)
+    configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
+                        idle_delay=DUL_IDLE_DELAY)
     os.set_blocking(signal_fd, False)
 
     def tell_parent(message: bytes) -> None:

@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -576,6 +577,49 @@ def test_same_uid_other_content_is_kept_as_new_version_and_routed(
     assert len(added) == 1
     instance = router.views["studies"][1].query("SELECT job_id, sha256 FROM instances")
     assert instance == [{"job_id": rows[1]["job_id"], "sha256": rows[1]["sha256"]}]
+
+
+def test_same_uid_other_content_under_keep_first_is_stored_not_routed(
+    tmp_path: Path, database_url: str, start_router: Callable[..., Router]
+) -> None:
+    out = tmp_path / "archive"
+    settings = router_settings(tmp_path, database_url, [file_destination("archive", out)])
+    settings = replace(settings, ingest=replace(settings.ingest,
+                                                changed_duplicate_policy="keep_first"))
+    router = start_router(settings)
+    (original,) = make_ct_series(tmp_path / "ct", count=1, rows=64, cols=64)
+    assert c_store(router.dicom.port, [original]) == [0]
+    changed = new_version_of(original, tmp_path / "v2")
+
+    assert c_store(router.dicom.port, [changed]) == [0]
+
+    wait_for(lambda: len(jobs(router, "SELECT 1 FROM jobs WHERE routing = 'conflict'")) == 1,
+             20, "the conflicting receipt to be recorded")
+    wait_for(lambda: deliveries_done(router, 1, "archive"), 20, "the original's delivery")
+    rows = jobs(router, "SELECT job_id, routing, duplicate_of FROM jobs ORDER BY received_at")
+    assert [r["routing"] for r in rows] == ["routed", "conflict"]
+    assert rows[1]["duplicate_of"] == rows[0]["job_id"]
+    assert len(jobs(router, "SELECT 1 FROM deliveries")) == 1  # the conflict is not routed
+    assert len(blob_names(router.settings.data_dir)) == 2  # but its bytes are kept
+
+
+def test_the_same_new_uid_on_two_associations_at_once_makes_one_instance(
+    tmp_path: Path, database_url: str, start_router: Callable[..., Router]
+) -> None:
+    """The first save of a UID assumes it is new; the loser of the race must reload and be
+    recorded as a duplicate, not fail or make a second Instance."""
+    router = start_router(router_settings(tmp_path, database_url,
+                                          [file_destination("archive", tmp_path / "out")]))
+    files = make_ct_series(tmp_path / "ct", count=20, rows=32, cols=32)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda _: c_store(router.dicom.port, files), range(2)))
+    assert results == [[0] * 20, [0] * 20]
+    wait_for(lambda: len(jobs(router, "SELECT 1 FROM jobs WHERE routing IS NOT NULL")) == 40,
+             20, "all 40 receipts in the jobs view")
+    rows = jobs(router, "SELECT routing, count(*) AS n FROM jobs GROUP BY routing")
+    assert {r["routing"]: r["n"] for r in rows} == {"routed": 20, "duplicate": 20}
+    wait_for(lambda: deliveries_done(router, 20, "archive"), 30, "20 deliveries")
+    assert len(jobs(router, "SELECT 1 FROM deliveries")) == 20
 
 
 # --------------------------------------------------------------------------- 9. unknown AE
