@@ -69,6 +69,16 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _create_cost(folder: Path, count: int = 200) -> float:
+    """Seconds to create (and close) one empty file in ``folder``: every receiver creates at
+    least one file per instance, and on some machines this differs tenfold between folders."""
+    with tempfile.TemporaryDirectory(prefix="create-cost-", dir=folder) as tmp:
+        started = time.perf_counter()
+        for n in range(count):
+            os.close(os.open(os.path.join(tmp, str(n)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return (time.perf_counter() - started) / count
+
+
 def _add_path_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir",
@@ -81,7 +91,8 @@ def _add_path_options(parser: argparse.ArgumentParser) -> None:
         "--tmp-dir",
         type=Path,
         default=None,
-        help="where receivers store what they get (default: system temp)",
+        help="where receivers store what they get (default: <cache-dir>/receivers, on the"
+        " disk a deployment would use; see docs/benchmarks.md for why not the system temp)",
     )
     parser.add_argument(
         "--router-command",
@@ -156,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.router_command is None and "router" in args.only:
         args.router_command = runtime_router(args.cache_dir)
     print(f"router: {args.router_command}", flush=True)
+    if args.tmp_dir is None:
+        args.tmp_dir = args.cache_dir / "receivers"
+    args.tmp_dir.mkdir(parents=True, exist_ok=True)
+    print(f"receivers store under {args.tmp_dir} (creating a file there: "
+          f"{_create_cost(args.tmp_dir) * 1000:.3f} ms; in {tempfile.gettempdir()}: "
+          f"{_create_cost(Path(tempfile.gettempdir())) * 1000:.3f} ms)", flush=True)
     try:
         plan = _prepare(args)
         with tempfile.TemporaryDirectory(prefix="dicom-bench-", dir=args.tmp_dir) as tmp:

@@ -31,6 +31,7 @@ class Run:
     rss_sampled: int = 0  # highest sum of VmRSS over the process tree, sampled every 50 ms
     rss_hwm_sum: int = 0  # sum of each process's VmHWM: exact for 1 process, upper bound else
     rss_by_process: dict[str, int] = field(default_factory=dict)  # VmHWM per "<pid> <cmd>"
+    cpu_s: float = 0.0  # CPU seconds of the receiver's process tree (without a router's sink)
     ok: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -47,6 +48,7 @@ def measure(
     try:
         receiver.start(workdir)
         sampler = RssSampler(receiver.pid).start()
+        cpu_at_start = sampler.sample_cpu()  # start-up (imports, recovery) is not counted
         try:
             sent = send(files, receiver.port, receiver.ae_title, workload.associations, workdir)
             deliver_s = _wait_delivered(receiver, len(files), sent) if receiver.forwards else None
@@ -63,6 +65,7 @@ def measure(
             sampler.peak_sum,
             sampler.hwm_sum,
             sampler.by_process(),
+            sampler.cpu_sum - cpu_at_start,
             notes=sent.failures,
         )
         _check_arrival(run, receiver)
@@ -130,6 +133,7 @@ def progress_line(run: Run) -> str:
     )
     if len(run.rss_by_process) > 1:
         line += f" (sum over {len(run.rss_by_process)} processes)"
+    line += f"  CPU {run.cpu_s * 1000 / run.instances:.2f} ms/inst"
     if run.deliver_s is not None:
         line += f"  delivered in {run.deliver_s:.2f} s"
     return line + ("" if run.ok else "  FAILED: " + "; ".join(run.notes))

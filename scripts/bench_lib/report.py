@@ -35,6 +35,7 @@ class Summary:
     receive: tuple[float, float, float]
     deliver: tuple[float, float, float] | None
     peak_rss_mb: tuple[float, float, float]
+    cpu_ms: tuple[float, float, float]  # receiver CPU per instance (receive and delivery)
 
     @property
     def mb_per_instance(self) -> float:
@@ -64,6 +65,7 @@ def summarize(runs: list[Run]) -> list[Summary]:
                 _spread([r.instances / r.receive_s for r in good]),
                 _spread(delivered) if delivered else None,
                 _spread([r.peak_rss / 1e6 for r in good]),
+                _spread([r.cpu_s * 1000 / r.instances for r in good]),
             )
         )
     return summaries
@@ -139,10 +141,11 @@ def print_report(summaries: list[Summary], skipped: dict[str, str], repeats: int
         "MB/s",
         "end-to-end inst/s",
         "peak RSS MB",
+        "CPU ms/inst",
     )
     print(
         f"{head[0]:<8} {head[1]:<9} {head[2]:>5} {head[3]:>7}  {head[4]:<24} {head[5]:>7}  "
-        f"{head[6]:<24} {head[7]}"
+        f"{head[6]:<24} {head[7]:<16} {head[8]}"
     )
     for s in summaries:
         mbs = s.receive[0] * s.mb_per_instance
@@ -150,7 +153,7 @@ def print_report(summaries: list[Summary], skipped: dict[str, str], repeats: int
         print(
             f"{s.workload:<8} {s.receiver:<9} {s.instances:>5} {s.megabytes:>7.1f}  "
             f"{_fmt(s.receive):<24} {mbs:>7.1f}  {_fmt(s.deliver):<24} "
-            f"{_fmt(s.peak_rss_mb, 0)}{fail}"
+            f"{_fmt(s.peak_rss_mb, 0):<16} {_fmt(s.cpu_ms, 2)}{fail}"
         )
     _print_ratios(ratios(summaries))
     print("\nTargets (router, medians):")
