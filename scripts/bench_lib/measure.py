@@ -32,6 +32,7 @@ class Run:
     rss_hwm_sum: int = 0  # sum of each process's VmHWM: exact for 1 process, upper bound else
     rss_by_process: dict[str, int] = field(default_factory=dict)  # VmHWM per "<pid> <cmd>"
     cpu_s: float = 0.0  # CPU seconds of the receiver's process tree (without a router's sink)
+    cpu_by_process: dict[str, float] = field(default_factory=dict)  # same, per "<pid> <cmd>"
     ok: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -49,6 +50,7 @@ def measure(
         receiver.start(workdir)
         sampler = RssSampler(receiver.pid).start()
         cpu_at_start = sampler.sample_cpu()  # start-up (imports, recovery) is not counted
+        cpu_each_at_start = dict(sampler.cpu)
         try:
             sent = send(files, receiver.port, receiver.ae_title, workload.associations, workdir)
             deliver_s = _wait_delivered(receiver, len(files), sent) if receiver.forwards else None
@@ -66,6 +68,7 @@ def measure(
             sampler.hwm_sum,
             sampler.by_process(),
             sampler.cpu_sum - cpu_at_start,
+            sampler.cpu_by_process(cpu_each_at_start),
             notes=sent.failures,
         )
         _check_arrival(run, receiver)

@@ -193,6 +193,11 @@ class RssSampler:
         """VmHWM of each process seen, keyed "<pid> <command line, shortened>"."""
         return {f"{pid} {self.commands.get(pid, '?')}": hwm for pid, hwm in self.hwm.items()}
 
+    def cpu_by_process(self, since: dict[int, float]) -> dict[str, float]:
+        """CPU seconds of each process since ``since`` (a copy of ``cpu`` taken earlier)."""
+        return {f"{pid} {self.commands.get(pid, '?')}": round(cpu - since.get(pid, 0.0), 3)
+                for pid, cpu in self.cpu.items()}
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
