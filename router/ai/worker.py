@@ -27,6 +27,7 @@ from router.dispatch.base import DeliveryError, TransientDeliveryError
 from router.dispatch.outcomes import next_delay
 from router.domain.ai import AIRequest
 from router.settings import DispatchSettings
+from router.ticker import Ticker
 
 logger = logging.getLogger(__name__)
 
@@ -54,31 +55,18 @@ class AIWorker:
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._busy: set[str] = set()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ai-worker", daemon=True)
+        self._ticker = Ticker("ai-worker", self.tick, settings.poll_interval)
 
     def start(self) -> None:
-        self._thread.start()
+        self._ticker.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._ticker.wake()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=5)
+        self._ticker.stop()
         for pool in self._pools.values():
             pool.shutdown(wait=True, cancel_futures=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            try:
-                self.tick()
-            except Exception:
-                logger.exception("AI worker tick failed; retrying")
-            self._wake.wait(self._settings.poll_interval)
 
     def tick(self) -> None:
         """Start due attempts and record overdue callbacks."""

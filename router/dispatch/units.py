@@ -11,7 +11,6 @@ node never releases an instance twice.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from projections.db import ViewDatabase
 from router.application.admin_state import AdminState
 from router.application.stores import EventStores
 from router.domain.units import Unit
+from router.ticker import Ticker
 
 logger = logging.getLogger(__name__)
 
@@ -49,31 +49,17 @@ class UnitScheduler:
         self._db = jobs_db
         self._admin = admin
         self.clock = clock
-        self._poll = poll_interval
         self._on_saved = on_saved
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="units", daemon=True)
+        self._ticker = Ticker("units", self.tick, poll_interval)
 
     def start(self) -> None:
-        self._thread.start()
+        self._ticker.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._ticker.wake()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            try:
-                self.tick()
-            except Exception:
-                logger.exception("unit scheduler tick failed; retrying")
-            self._wake.wait(self._poll)
+        self._ticker.stop()
 
     def tick(self) -> int:
         """Dispatch or amend every due unit; returns how many events were saved."""
