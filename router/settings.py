@@ -93,6 +93,9 @@ class WebSettings:
     max_login_failures: int = 5  # per user name, then locked for lockout_time
     lockout_time: float = 15 * 60.0
     secure_cookies: bool = False  # set when served over TLS (directly or behind a proxy)
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (CIDR networks);
+    # empty: the audit trail records the connecting address, whatever headers say.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,7 @@ def _web(doc: Mapping[str, Any]) -> WebSettings:
         lockout_time=parse_duration(s.get("lockout_time", d.lockout_time),
                                     name="web.lockout_time"),
         secure_cookies=_bool(s.get("secure_cookies", d.secure_cookies), "web.secure_cookies"),
+        trusted_proxies=_networks(s, "trusted_proxies", "web.trusted_proxies"),
     )
 
 
@@ -283,20 +287,25 @@ def _storage(doc: Mapping[str, Any]) -> StorageSettings:
                                                "storage.retention_days", 0, 36500))
 
 
-def _ai(doc: Mapping[str, Any]) -> AISettings:
-    s = _section(doc, "ai")
-    networks = s.get("allowed_networks", [])
+def _networks(section: Mapping[str, Any], key: str, name: str) -> tuple[str, ...]:
+    networks = section.get(key, [])
     if not isinstance(networks, list) or not all(isinstance(n, str) for n in networks):
-        raise SettingsError("ai.allowed_networks must be a list of CIDR networks")
+        raise SettingsError(f"{name} must be a list of CIDR networks")
     for network in networks:
         try:
             ip_network(network, strict=False)
         except ValueError:
-            raise SettingsError(f"ai.allowed_networks: {network!r} is not a network") from None
+            raise SettingsError(f"{name}: {network!r} is not a network") from None
+    return tuple(networks)
+
+
+def _ai(doc: Mapping[str, Any]) -> AISettings:
+    s = _section(doc, "ai")
+    networks = _networks(s, "allowed_networks", "ai.allowed_networks")
     url = str(s.get("public_url", "")).rstrip("/")
     if url and not url.startswith(("http://", "https://")):
         raise SettingsError("ai.public_url must start with http:// or https://")
-    return AISettings(public_url=url, allowed_networks=tuple(networks),
+    return AISettings(public_url=url, allowed_networks=networks,
                       max_callback_bytes=_int(s.get("max_callback_bytes",
                                                     AISettings.max_callback_bytes),
                                               "ai.max_callback_bytes", 1024, 2**40))

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from web.auth import auth_middleware, error_middleware
 from web.keys import ISSUER_KEY, ROUTER_KEY
+from web.proxies import proxy_middleware
 from web.routes import PERMISSIONS_KEY, setup_routes
 from web.security import PUBLIC, TokenIssuer
 
@@ -23,8 +24,10 @@ HERE = Path(__file__).parent
 
 def create_app(router: Any) -> web.Application:
     """Build the web application around a started (or starting) Router."""
-    app = web.Application(client_max_size=64 * 1024 * 1024,
-                          middlewares=[error_middleware, auth_middleware])
+    middlewares = [error_middleware, auth_middleware]
+    if router.settings.web.trusted_proxies:
+        middlewares.insert(0, proxy_middleware(router.settings.web.trusted_proxies))
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
     app[ROUTER_KEY] = router
     web_settings = router.settings.web
     app[ISSUER_KEY] = TokenIssuer(router.box.derive("web/session-tokens"),
