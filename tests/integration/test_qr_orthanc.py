@@ -100,6 +100,11 @@ def pacs_router(tmp_path: Path, web_router: Callable[..., Any]) -> Callable[...,
         commands.put_rule({"name": "from the PACS", "calling_aet": "ORTHANC",
                            "destinations": ["archive"]}, actor)
         server.router.users.add(*RADIOLOGIST[:1], "radiologist", RADIOLOGIST[1], actor)
+        if processes:
+            # Receiver processes re-read rules at most once a second (README, "Commands"): a
+            # C-MOVE right after start could otherwise meet the rule-less snapshot they began
+            # with, and its instances would be recorded as unrouted (seen in CI).
+            time.sleep(1.1)
         return server
 
     return start
