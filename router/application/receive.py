@@ -21,7 +21,8 @@ from pydicom.dataset import Dataset
 from router.application.admin_state import AdminState
 from router.application.stores import EventStores
 from router.application.unit_plan import plan_units
-from router.dicom.header import HeaderError, index_attributes, read_header
+from router.dicom.header import HeaderError
+from router.dicom.header_scan import ScannedHeader, scan_header
 from router.domain.ingest import Instance, Job, ReceiptFailure, instance_id
 from router.domain.rules import RoutingDecision, RoutingInput, evaluate
 from router.settings import DispatchSettings, IngestSettings
@@ -96,17 +97,19 @@ class Receiver:
 
     def receive(self, arrival: Arrival) -> Receipt:
         correlation_id = arrival.correlation_id or str(uuid.uuid4())
+        if arrival.sha256:
+            self._blobs.prepare(arrival.sha256)  # its folder is made while we parse
         try:
-            header = read_header(arrival.path)
+            header = scan_header(arrival.path)
         except HeaderError as exc:
             arrival.path.unlink(missing_ok=True)
             return self._refuse(arrival, correlation_id, STATUS_CANNOT_UNDERSTAND, str(exc))
-        if not header.get("SOPInstanceUID") or not header.get("SOPClassUID"):
+        if not header.index.get("SOPInstanceUID") or not header.index.get("SOPClassUID"):
             # pydicom reads almost any bytes as "a dataset"; one without its identity is not one.
             arrival.path.unlink(missing_ok=True)
             return self._refuse(arrival, correlation_id, STATUS_CANNOT_UNDERSTAND,
                                 "dataset has no SOP Class UID or SOP Instance UID")
-        sop_uid = str(header.get("SOPInstanceUID") or arrival.sop_instance_uid)
+        sop_uid = str(header.index["SOPInstanceUID"])
         if arrival.sop_instance_uid and sop_uid != arrival.sop_instance_uid:
             arrival.path.unlink(missing_ok=True)
             return self._refuse(arrival, correlation_id, STATUS_DATASET_MISMATCH,
@@ -149,7 +152,7 @@ class Receiver:
         return receipt
 
     def _save_with_retry(
-        self, arrival: Arrival, header: Dataset, sop_uid: str, correlation_id: str
+        self, arrival: Arrival, header: ScannedHeader, sop_uid: str, correlation_id: str
     ) -> Receipt:
         # Most UIDs are new: the first attempt does not read the log for the Instance, it
         # creates it, and the optimistic concurrency check (version 1 exists) says otherwise for
@@ -166,7 +169,7 @@ class Receiver:
                 continue
         return self._save(arrival, header, sop_uid, correlation_id)
 
-    def _save(self, arrival: Arrival, header: Dataset, sop_uid: str, corr: str,
+    def _save(self, arrival: Arrival, header: ScannedHeader, sop_uid: str, corr: str,
               assume_new: bool = False) -> Receipt:
         ctx = {"actor": arrival.actor, "source_ip": arrival.source_ip, "correlation_id": corr}
         instance = None if assume_new else self._load_instance(sop_uid)
@@ -178,9 +181,9 @@ class Receiver:
         job = Job(
             **ctx, source=arrival.source, calling_aet=arrival.calling_aet,
             called_aet=arrival.called_aet,
-            sop_class_uid=str(header.get("SOPClassUID") or arrival.sop_class_uid),
+            sop_class_uid=str(header.index["SOPClassUID"]),
             sop_instance_uid=sop_uid, transfer_syntax_uid=arrival.transfer_syntax_uid,
-            sha256=arrival.sha256, size=arrival.size, index=index_attributes(header),
+            sha256=arrival.sha256, size=arrival.size, index=header.index,
             previous_job_id=previous,
         )
         if original is not None:
@@ -188,7 +191,7 @@ class Receiver:
         elif instance is not None and self._ingest.changed_duplicate_policy == "keep_first":
             job.keep_conflict(**ctx, original_job_id=instance.versions[0]["job_id"])
         else:
-            self._route(job, arrival, header, ctx)
+            self._route(job, arrival, header.dataset, ctx)
         to_save: list[Any] = [job]
         if instance is None:
             to_save.append(Instance(sop_uid, **ctx, job_id=str(job.id), sha256=arrival.sha256))

@@ -81,9 +81,14 @@ def _check_complete(ds: Dataset, fp: BinaryIO) -> None:
             raise HeaderError("dataset is truncated")
         return
     implicit, little = ds.original_encoding
-    order = ">" if little is False else "<"
+    check_rest(fp, size, bool(implicit), ">" if little is False else "<")
+
+
+def check_rest(fp: BinaryIO, size: int, implicit: bool, order: str) -> None:
+    """HeaderError unless the element headers from ``fp``'s position lead to the file's end
+    (values are seeked over, never read)."""
     while fp.tell() < size:
-        group, element, length = _element_header(fp, bool(implicit), order)
+        group, element, length = _element_header(fp, implicit, order)
         if length != _UNDEFINED:
             if fp.tell() + length > size:
                 raise HeaderError("dataset is truncated")
@@ -139,16 +144,21 @@ def index_attributes(ds: Dataset) -> dict[str, Any]:
     """JSON-safe values of :data:`INDEX_KEYWORDS` present in ``ds`` (empty ones omitted)."""
     index: dict[str, Any] = {}
     for keyword in INDEX_KEYWORDS:
-        try:
-            elem = ds.data_element(keyword)
-        except (KeyError, ValueError, TypeError):
-            continue
-        if elem is None:
-            continue
-        try:
-            value = _json_value(elem.value)
-        except (ValueError, TypeError, OverflowError):
-            continue
+        value = index_value(ds, keyword)
         if value not in (None, "", []):
             index[keyword] = value
     return index
+
+
+def index_value(ds: Dataset, keyword: str) -> Any:
+    """The JSON-safe value of one element (None when missing or not convertible)."""
+    try:
+        elem = ds.data_element(keyword)
+    except (KeyError, ValueError, TypeError):
+        return None
+    if elem is None:
+        return None
+    try:
+        return _json_value(elem.value)
+    except (ValueError, TypeError, OverflowError):
+        return None

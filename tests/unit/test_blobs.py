@@ -51,3 +51,17 @@ def test_recovery_keeps_what_a_receipt_names_and_removes_the_rest(tmp_path: Path
     assert store.path_for(lost_sha).read_bytes() == b"saved, rename lost"
     assert not store.exists(orphan_sha)
     assert list(store.spool_dir.iterdir()) == []
+
+
+def test_a_prepared_folder_is_made_ahead_and_a_vanished_one_made_again(tmp_path: Path) -> None:
+    import shutil
+
+    store = BlobStore(tmp_path)
+    path, sha = spooled(store, "a", b"prepared")
+    store.prepare(sha)
+    store.prepare(sha)  # twice: one background job
+    assert store.commit(sha, store.stage(path, sha)).read_bytes() == b"prepared"
+    # The store remembers the folder exists; removed behind its back, it is made again.
+    shutil.rmtree(store.blob_dir / sha[:2])
+    again, _ = spooled(store, "b", b"prepared")
+    assert store.commit(sha, store.stage(again, sha)).read_bytes() == b"prepared"
