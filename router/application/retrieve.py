@@ -32,7 +32,7 @@ from router.dicom.qr_scu import (
     RemoteError,
     status_text,
 )
-from router.dicom.scp import Origin, store_spooled
+from router.dicom.scp import Origin, StoreRequest, store_spooled
 from router.domain.remote import Retrieve
 from router.secrets import SecretBox
 from router.settings import Settings
@@ -159,7 +159,7 @@ class Retriever:
         origin = Origin("retrieve", job.user, job.correlation_id)
 
         def on_store(event: Any) -> int:
-            return store_spooled(event, self._receiver, origin)
+            return store_spooled(StoreRequest.from_event(event), self._receiver, origin)
 
         return self._scu.get(node.config, identifier, job.message_id, on_store,
                              recorder.update)

@@ -138,14 +138,12 @@ class QueryRetrieveSCP:
 
     # -- C-STORE sub-operations of our own C-MOVEs ----------------------------------------
 
-    def retrieve_of(self, event: Any) -> RetrieveState | None:
+    def retrieve_of(self, calling: str, originator: str,
+                    originator_message_id: int | None) -> RetrieveState | None:
         """The retrieve job an incoming C-STORE belongs to, when it is a sub-operation of a
         C-MOVE we asked for (Move Originator = our AE, or not given by the remote)."""
-        request = event.request
-        originator = str(request.MoveOriginatorApplicationEntityTitle or "").strip()
-        calling = str(event.assoc.requestor.ae_title).strip()
         if originator == self._ae_title:
-            return self._remote.running_for(calling, request.MoveOriginatorMessageID)
+            return self._remote.running_for(calling, originator_message_id)
         if not originator:
             return self._remote.running_for(calling, None)
         return None

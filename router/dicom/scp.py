@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom import uid as uids
 from pynetdicom import AE, evt
+from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from router.application.receive import STATUS_OUT_OF_RESOURCES, Arrival, Receiver
-from router.dicom.spool import SpoolFile
+from router.dicom.push_scp import PushAssociation, PushPolicy, is_push, peek_request
+from router.dicom.store_request import StoreRequest
 from router.settings import Settings
 
 if TYPE_CHECKING:
@@ -53,6 +55,9 @@ class DicomServer:
         self._busy = 0
         self._busy_lock = threading.Condition()
         self.ae = self._build_ae()
+        self._pushes: set[Any] = set()  # push_scp.PushAssociation being served
+        self._pushes_lock = threading.Lock()
+        self.push_policy = self._push_policy()
 
     def _build_ae(self) -> AE:
         s = self._settings
@@ -73,6 +78,38 @@ class DicomServer:
             self._qr.add_contexts(ae)
         return ae
 
+    def _push_policy(self) -> PushPolicy:
+        s = self._settings
+        known = (frozenset(a.strip() for a in s.dicom.known_calling_aets)
+                 if s.dicom.require_known_calling_ae else None)
+        return PushPolicy(
+            ae_title=s.ae_title, storage_classes=frozenset(_STORAGE_CLASSES.values()),
+            transfer_syntaxes=frozenset(TRANSFER_SYNTAXES),
+            verification_syntaxes=frozenset(DEFAULT_TRANSFER_SYNTAXES),
+            known_calling_aets=known, max_pdu=s.dicom.max_pdu_size,
+            max_incoming_pdu=s.dicom.max_incoming_pdu, acse_timeout=s.dicom.acse_timeout,
+            network_timeout=s.dicom.network_timeout,
+        )
+
+    def serve_push(self, sock: socket.socket, address: tuple[str, int]) -> bool:
+        """Serve a storage push association here (True), or leave it to pynetdicom."""
+        request = peek_request(sock, self.push_policy.acse_timeout)
+        if request is None or not is_push(request, self.push_policy):
+            return False
+        push = PushAssociation(sock, address, request, self.push_policy, self.store)
+        server = self._server
+        with self._pushes_lock:
+            theirs = len([a for a in server.active_associations if a.is_acceptor]) if server else 0
+            over_limit = len(self._pushes) + theirs >= self.ae.maximum_associations
+            if not over_limit:
+                self._pushes.add(push)
+        try:
+            push.run(over_limit)
+        finally:
+            with self._pushes_lock:
+                self._pushes.discard(push)
+        return True
+
     @property
     def port(self) -> int:
         assert self._server is not None
@@ -84,11 +121,12 @@ class DicomServer:
             (evt.EVT_C_STORE, self._handle_store),
             *(self._qr.handlers() if self._qr is not None else []),
         ]
-        server_class = _ReusePortServer if self._reuse_port else ThreadedAssociationServer
+        server_class = _ReusePortServer if self._reuse_port else _Server
         self._server = self.ae.make_server(
             (self._settings.dicom_host, self._settings.dicom_port),
             evt_handlers=handlers, server_class=server_class,
         )
+        self._server.router_scp = self  # type: ignore[attr-defined]
         thread = threading.Thread(target=self._server.serve_forever, name="dicom-accept",
                                   daemon=True)
         thread.start()
@@ -101,6 +139,8 @@ class DicomServer:
         if self._server is None:
             return
         associations = list(self._server.active_associations)
+        with self._pushes_lock:
+            associations += list(self._pushes)
         self._server.shutdown()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(a.is_alive() for a in associations):
@@ -114,10 +154,19 @@ class DicomServer:
         self._server = None
 
     def _handle_store(self, event: Any) -> int:
+        try:
+            request = StoreRequest.from_event(event)
+        except RuntimeError as exc:
+            logger.error("%s", exc)
+            return STATUS_OUT_OF_RESOURCES
+        return self.store(request)
+
+    def store(self, request: StoreRequest) -> int:
+        """Take in one spooled C-STORE and answer its status (never raises)."""
         with self._busy_lock:
             self._busy += 1
         try:
-            return self._store(event)
+            return self._store(request)
         except Exception as exc:
             # pynetdicom would answer 0xC211 and log the traceback, whose message may quote tag
             # values; a transient "out of resources" tells the sender to try again (nothing was
@@ -125,21 +174,21 @@ class DicomServer:
             where = traceback.extract_tb(exc.__traceback__)[-1]
             logger.error("C-STORE handler failed: %s at %s:%d; answered 0xA700",
                          type(exc).__name__, Path(where.filename).name, where.lineno or 0)
-            spool = getattr(event.request, "_dataset_file", None)
-            if isinstance(spool, SpoolFile):
-                spool.close()
-                spool.path.unlink(missing_ok=True)
+            request.spool.close()
+            request.spool.path.unlink(missing_ok=True)
             return STATUS_OUT_OF_RESOURCES
         finally:
             with self._busy_lock:
                 self._busy -= 1
                 self._busy_lock.notify_all()
 
-    def _store(self, event: Any) -> int:
+    def _store(self, request: StoreRequest) -> int:
         origin = None
         if self._qr is not None:
             try:
-                job = self._qr.retrieve_of(event)  # a sub-operation of a C-MOVE a user asked for?
+                # A sub-operation of a C-MOVE a user asked for?
+                job = self._qr.retrieve_of(request.sender_aet, request.move_originator_aet,
+                                           request.move_originator_message_id)
             except Exception as exc:
                 # The lookup reads the log about once a second; when the database is away the
                 # save below fails too and answers 0xA700, so just go on without the attribution.
@@ -148,7 +197,7 @@ class DicomServer:
                 job = None
             if job is not None:
                 origin = Origin("retrieve", job.user, job.correlation_id)
-        return store_spooled(event, self._receiver, origin)
+        return store_spooled(request, self._receiver, origin)
 
 
 @dataclass(frozen=True)
@@ -160,13 +209,10 @@ class Origin:
     correlation_id: str
 
 
-def store_spooled(event: Any, receiver: Receiver, origin: Origin | None = None) -> int:
+def store_spooled(request: StoreRequest, receiver: Receiver,
+                  origin: Origin | None = None) -> int:
     """Finish a C-STORE streamed to the spool and hand it to the receiver; the status."""
-    request = event.request
-    spool = getattr(request, "_dataset_file", None)
-    if not isinstance(spool, SpoolFile):
-        logger.error("C-STORE without a spool file; is configure_pynetdicom() applied?")
-        return STATUS_OUT_OF_RESOURCES
+    spool = request.spool
     try:
         sha256 = spool.finish()
     except OSError as exc:
@@ -175,30 +221,44 @@ def store_spooled(event: Any, receiver: Receiver, origin: Origin | None = None) 
         reason = f"spool write failed: {exc.strerror or type(exc).__name__}"
         logger.error("%s", reason)
         # Recorded like every other refusal, so a full disk shows in the audit trail.
-        return receiver.refuse(_arrival(event, spool, "", origin), STATUS_OUT_OF_RESOURCES,
+        return receiver.refuse(_arrival(request, "", origin), STATUS_OUT_OF_RESOURCES,
                                reason).status
-    return receiver.receive(_arrival(event, spool, sha256, origin)).status
+    return receiver.receive(_arrival(request, sha256, origin)).status
 
 
-def _arrival(event: Any, spool: SpoolFile, sha256: str, origin: Origin | None) -> Arrival:
-    request, assoc = event.request, event.assoc
-    # On an association we opened (C-GET) the sender is the peer we called.
-    sender, us = (assoc.acceptor, assoc.requestor) if assoc.is_requestor else (
-        assoc.requestor, assoc.acceptor)
+def _arrival(request: StoreRequest, sha256: str, origin: Origin | None) -> Arrival:
+    spool = request.spool
     return Arrival(
         wait_durable=spool.wait_durable,
         path=spool.path, sha256=sha256, size=spool.size,
         source=origin.source if origin else "dimse",
-        actor=origin.actor if origin else sender.ae_title, source_ip=str(sender.address),
-        calling_aet=sender.ae_title, called_aet=us.ae_title,
-        sop_class_uid=str(request.AffectedSOPClassUID),
-        sop_instance_uid=str(request.AffectedSOPInstanceUID),
-        transfer_syntax_uid=str(event.context.transfer_syntax),
+        actor=origin.actor if origin else request.sender_aet, source_ip=request.sender_ip,
+        calling_aet=request.sender_aet, called_aet=request.our_aet,
+        sop_class_uid=request.sop_class_uid, sop_instance_uid=request.sop_instance_uid,
+        transfer_syntax_uid=request.transfer_syntax_uid,
         correlation_id=origin.correlation_id if origin else "",
     )
 
 
-class _ReusePortServer(ThreadedAssociationServer):
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server, but storage push associations are served by push_scp."""
+
+    router_scp: DicomServer | None = None
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        scp = self.router_scp
+        if scp is not None and isinstance(request, socket.socket):
+            try:
+                if scp.serve_push(request, client_address):
+                    return
+            except Exception:
+                logger.exception("storage push association failed")
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+class _ReusePortServer(_Server):
     """Several receiver processes bind the same port; the kernel spreads the connections."""
 
     def server_bind(self) -> None:

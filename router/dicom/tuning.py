@@ -51,16 +51,21 @@ def _set_nodelay(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def spool_dir() -> Path:
+    """Where received datasets are spooled (set by configure_pynetdicom)."""
+    folder = _state["spool_dir"]
+    if folder is None:
+        raise RuntimeError("configure_pynetdicom() was not called")
+    return Path(folder)
+
+
 def _spool_file(*_: Any, **kwargs: Any) -> SpoolFile:
     """Stands in for NamedTemporaryFile inside pynetdicom's chunked C-STORE receive."""
-    spool_dir = _state["spool_dir"]
-    if spool_dir is None:
-        raise RuntimeError("configure_pynetdicom() was not called")
-    return SpoolFile(spool_dir)
+    return SpoolFile(spool_dir())
 
 
 @dataclass(frozen=True)
-class _FileMeta:
+class FileMeta:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
@@ -70,9 +75,9 @@ class _FileMeta:
 
 def _file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
                implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
-               implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION) -> _FileMeta:
+               implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION) -> FileMeta:
     """Stands in for pynetdicom's create_file_meta in its chunked C-STORE receive."""
-    return _FileMeta(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax),
+    return FileMeta(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax),
                      str(implementation_uid), str(implementation_version))
 
 
@@ -87,7 +92,7 @@ def _padded(value: str, pad: bytes) -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
-def encode_file_meta(meta: _FileMeta) -> bytes:
+def encode_file_meta(meta: FileMeta) -> bytes:
     """Group 0002 as pydicom's write_file_meta_info writes it (Explicit VR Little Endian,
     UIDs padded with NUL, the version name with a space), about 20x faster: pynetdicom spent
     more time building and writing this header than decoding the C-STORE request."""
@@ -104,7 +109,7 @@ def encode_file_meta(meta: _FileMeta) -> bytes:
 
 def _write_file_meta(fp: Any, meta: Any, enforce_standard: bool = True) -> None:
     """Stands in for pydicom's write_file_meta_info in pynetdicom's chunked C-STORE receive."""
-    if isinstance(meta, _FileMeta):
+    if isinstance(meta, FileMeta):
         fp.write(encode_file_meta(meta))
     else:  # not ours (another caller): pydicom's own writer
         write_file_meta_info(fp, meta, enforce_standard)
@@ -298,6 +303,9 @@ def configure_pynetdicom(spool_dir: Path, max_incoming_pdu: int, idle_delay: flo
         _config.LOG_RESPONSE_IDENTIFIERS = False
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
+        # Its standard handlers format every PDU and message for log lines our logging
+        # configuration drops (the pynetdicom logger is at WARNING): pure cost.
+        _config.LOG_HANDLER_LEVEL = "none"
         _set_idle_delay(idle_delay)
         if _state["applied"]:
             return

@@ -1,0 +1,133 @@
+"""Our storage-push PDUs and command sets, checked against pynetdicom's own encoders and
+decoders (an independent implementation of PS3.8 and PS3.7)."""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import build_context
+
+from router.dicom import pdus
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+
+
+def _request_bytes(*, role_selection: bool = False, max_pdu: int = 16384) -> bytes:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = pdus.APPLICATION_CONTEXT
+    primitive.calling_ae_title = "MODALITY"
+    primitive.called_ae_title = "DICOMROUTER"
+    contexts = [build_context(CT, [EXPLICIT, IMPLICIT]), build_context(MR, [IMPLICIT])]
+    for number, context in enumerate(contexts):
+        context.context_id = 2 * number + 1
+    primitive.presentation_context_definition_list = contexts
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    primitive.user_information = [length]
+    if role_selection:
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid = CT
+        role.scu_role = True
+        role.scp_role = True
+        primitive.user_information.append(role)
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def test_a_request_encoded_by_pynetdicom_is_parsed() -> None:
+    request = pdus.parse_associate_rq(_request_bytes()[6:])
+    assert (request.calling_aet, request.called_aet) == ("MODALITY", "DICOMROUTER")
+    assert request.application_context == pdus.APPLICATION_CONTEXT
+    assert request.contexts == (pdus.ProposedContext(1, CT, (EXPLICIT, IMPLICIT)),
+                                pdus.ProposedContext(3, MR, (IMPLICIT,)))
+    assert request.max_pdu == 16384
+    assert 0x51 in request.user_items and 0x54 not in request.user_items
+    assert 0x54 in pdus.parse_associate_rq(_request_bytes(role_selection=True)[6:]).user_items
+
+
+def test_our_accept_is_decoded_by_pynetdicom() -> None:
+    request = pdus.parse_associate_rq(_request_bytes()[6:])
+    raw = pdus.encode_associate_ac(
+        request, [(1, pdus.ACCEPTED, EXPLICIT), (3, pdus.TRANSFER_SYNTAXES_NOT_SUPPORTED,
+                                                 IMPLICIT)],
+        1 << 20, "1.2.3.4", "ROUTER_1")
+    ac = A_ASSOCIATE_AC()
+    ac.decode(raw)
+    primitive = ac.to_primitive()
+    assert primitive.called_ae_title == "DICOMROUTER"
+    assert primitive.calling_ae_title == "MODALITY"
+    results = {c.context_id: (c.result, c.transfer_syntax[0])
+               for c in primitive.presentation_context_definition_results_list}
+    assert results == {1: (0, EXPLICIT), 3: (4, IMPLICIT)}
+    assert primitive.maximum_length_received == 1 << 20
+    assert primitive.implementation_class_uid == "1.2.3.4"
+
+
+def test_truncated_or_inconsistent_requests_are_refused() -> None:
+    raw = _request_bytes()[6:]
+    with pytest.raises(pdus.PduError):
+        pdus.parse_associate_rq(raw[:40])
+    with pytest.raises(pdus.PduError):
+        pdus.parse_associate_rq(raw[:-3])  # the last item claims more bytes than are left
+
+
+def test_a_store_request_encoded_by_pynetdicom_is_decoded() -> None:
+    command = Dataset()
+    command.AffectedSOPClassUID = CT
+    command.CommandField = 0x0001
+    command.MessageID = 7
+    command.Priority = 0
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = "1.2.3.4.5"
+    command.MoveOriginatorApplicationEntityTitle = "PACS"
+    command.MoveOriginatorMessageID = 3
+    raw = encode(command, True, True)
+    assert raw is not None
+    decoded = pdus.decode_command(raw)
+    assert decoded == pdus.Command(command_field=1, message_id=7, dataset_type=0,
+                                   sop_class_uid=CT, sop_instance_uid="1.2.3.4.5",
+                                   move_originator_aet="PACS", move_originator_message_id=3)
+
+
+@pytest.mark.parametrize("instance_uid", ["1.2.3.4.5", "1.2.3.4.56"])  # odd and even lengths
+def test_our_store_response_is_what_pynetdicom_decodes(instance_uid: str) -> None:
+    raw = pdus.encode_response(pdus.C_STORE_RSP, CT, 7, 0xA700, instance_uid)
+    command = decode(BytesIO(raw), True, True)
+    assert command.CommandField == 0x8001
+    assert command.MessageIDBeingRespondedTo == 7
+    assert command.Status == 0xA700
+    assert command.AffectedSOPInstanceUID == instance_uid
+    assert command.CommandDataSetType == pdus.NO_DATASET
+    assert command.CommandGroupLength == len(raw) - 12
+
+
+def test_pdata_is_split_to_the_peers_maximum_and_walked_back() -> None:
+    data = bytes(range(256)) * 4
+    raw = pdus.encode_pdata(5, False, data, max_pdu=206)  # 200 bytes of data per PDU
+    pieces, pos = [], 0
+    while pos < len(raw):
+        kind, _, length = struct.unpack_from(">BBL", raw, pos)
+        assert kind == pdus.P_DATA_TF and length <= 206
+        pieces += list(pdus.iter_pdvs(memoryview(raw[pos + 6:pos + 6 + length])))
+        pos += 6 + length
+    assert [bytes(p[2]) for p in pieces] and b"".join(bytes(p[2]) for p in pieces) == data
+    assert [p[1] for p in pieces] == [0] * (len(pieces) - 1) + [2]  # the last one says so
+    assert {p[0] for p in pieces} == {5}
+
+
+def test_a_pdv_longer_than_its_pdu_is_refused() -> None:
+    with pytest.raises(pdus.PduError):
+        list(pdus.iter_pdvs(memoryview(struct.pack(">LBB", 100, 1, 3) + b"xx")))
