@@ -2,27 +2,24 @@
 
 The adapter keeps an association open while instances keep coming (released after
 ``idle_close`` idle seconds), widens its presentation contexts as new SOP classes and transfer
-syntaxes appear, streams files as stored and decompresses only when the peer insists.
+syntaxes appear, streams files as stored and decompresses only when the peer insists. The
+association itself is router.dicom.store_scu's (not pynetdicom's: about half the CPU).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, build_context, evt
-from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
-from pynetdicom.presentation import PresentationContext
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from router.dicom.tuning import wake_reactor
+from router.dicom.store_scu import FileDataset, LinkError, Rejected, StoreLink, dataset_offset
 from router.dispatch.base import (
     DeliveryError,
     Outgoing,
@@ -100,52 +97,40 @@ def is_valid_ae_title(value: str) -> bool:
     return bool(_AE_TITLE.match(value)) and bool(value.strip())
 
 
-class _Negotiation:
-    """What happened while one association was being requested (filled by event handlers)."""
+def _reason(rejected: Rejected) -> str:
+    """The standard's words for an A-ASSOCIATE-RJ's result, source and reason."""
+    primitive = A_ASSOCIATE()
+    try:
+        primitive.result = rejected.result
+        primitive.result_source = rejected.source
+        primitive.diagnostic = rejected.reason
+        return str(primitive.reason_str)
+    except (ValueError, KeyError, TypeError):
+        return f"result {rejected.result}, source {rejected.source}, reason {rejected.reason}"
 
-    def __init__(self, timeout: float) -> None:
-        self.connected = False
-        self.answer: object = None  # the first A-ASSOCIATE / A-ABORT primitive received
-        self.timeout = timeout
-        self.handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, self._on_connect),
-            (evt.EVT_ACSE_RECV, self._on_acse),
-        ]
 
-    def _on_connect(self, event: evt.Event) -> None:
-        # pynetdicom never disables Nagle: without this, each small PDU waits up to 40 ms.
-        self.connected = True
-        wrapper = event.assoc.dul.socket
-        sock = wrapper.socket if wrapper is not None else None
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(self.timeout)  # a peer that stops reading cannot block us forever
-
-    def _on_acse(self, event: evt.Event) -> None:
-        if self.answer is None:
-            self.answer = event.primitive  # type: ignore[attr-defined]
-
-    def failure(self, assoc: Association, where: str, proposed: str) -> DeliveryError:
-        """The error for an association that was not established."""
-        # pynetdicom gives up without reading the answer if the peer closed the connection
-        # right after sending it (as a rejecting storescp does): look in the DUL's queue.
-        answer = self.answer or assoc.dul.peek_next_pdu()
-        if not self.connected:
-            return TransientDeliveryError(f"cannot connect to {where} (refused or timed out)")
-        if isinstance(answer, A_ASSOCIATE) and answer.result in (0x01, 0x02):
-            kind = "permanently" if answer.result == 0x01 else "transiently"
-            message = f"{where} {kind} rejected the association: {answer.reason_str}"
-            if answer.result == 0x01:
-                return PermanentDeliveryError(message)
-            return TransientDeliveryError(message)
-        if isinstance(answer, A_ASSOCIATE):
-            return PermanentDeliveryError(f"{where} accepted none of the proposed {proposed}")
-        if isinstance(answer, A_ABORT | A_P_ABORT):
-            return TransientDeliveryError(f"{where} aborted the association request")
+def _open_failure(error: LinkError, where: str, timeout: float) -> DeliveryError:
+    """The delivery error for an association that could not be opened."""
+    if isinstance(error, Rejected) and error.result in (0x01, 0x02):
+        kind = "permanently" if error.result == 0x01 else "transiently"
+        message = f"{where} {kind} rejected the association: {_reason(error)}"
+        if error.result == 0x01:
+            return PermanentDeliveryError(message)
+        return TransientDeliveryError(message)
+    if error.kind == "resolve":
+        return TransientDeliveryError(f"cannot resolve or reach {where}: {error.detail}")
+    if error.kind == "connect":
+        return TransientDeliveryError(f"cannot connect to {where} (refused or timed out)")
+    if error.kind == "aborted":
+        return TransientDeliveryError(f"{where} aborted the association request")
+    if error.kind == "protocol":
         return TransientDeliveryError(
-            f"no answer from {where} to the association request (connection closed, "
-            f"or nothing within {self.timeout:g} s)"
-        )
+            f"{where} answered the association request with something else than DICOM: "
+            f"{error.detail}")
+    return TransientDeliveryError(
+        f"no answer from {where} to the association request (connection closed, "
+        f"or nothing within {timeout:g} s)"
+    )
 
 
 class DicomAdapter:
@@ -155,9 +140,8 @@ class DicomAdapter:
         self._config = config
         self._calling_ae = config.calling_ae or calling_ae
         self._where = f"{config.ae_title}@{config.host}:{config.port}"
-        self._ae = self._new_ae()
         self._lock = threading.Lock()
-        self._assoc: Association | None = None
+        self._assoc: StoreLink | None = None
         self._requested: frozenset[tuple[str, str]] = frozenset()
         # SOP class -> stored syntaxes to propose besides the fallbacks, least recent first
         self._wanted: dict[str, list[str]] = {str(sop): [] for sop in COMMON_SOP_CLASSES}
@@ -165,9 +149,6 @@ class DicomAdapter:
         self._last_used = 0.0
         self._timer: threading.Timer | None = None
         self.associations_opened = 0
-        # Stream files from disk instead of decoding them (needs an exact context; we
-        # decode ourselves when conversion is needed). A process-wide pynetdicom switch.
-        _config.STORE_SEND_CHUNKED_DATASET = True
 
     def send(self, item: Outgoing) -> str:
         """C-STORE ``item``; warnings count as success, the detail names the status."""
@@ -180,13 +161,13 @@ class DicomAdapter:
     def check(self) -> str:
         """C-ECHO on a fresh association of its own."""
         started = time.monotonic()
-        ae = self._new_ae()
-        assoc = self._associate(ae, [build_context(VERIFICATION)], "Verification context")
+        link = self._associate([(VERIFICATION, ImplicitVRLittleEndian)], "Verification context")
         try:
-            status = assoc.send_c_echo()
+            code: int | None = link.echo(message_id=1)
+        except LinkError:
+            code = None
         finally:
-            _finish(assoc)
-        code = status.get("Status") if status else None
+            link.release()
         if code != 0x0000:
             shown = "no response" if code is None else f"status 0x{code:04X}"
             raise TransientDeliveryError(f"C-ECHO to {self._where} failed: {shown}")
@@ -202,35 +183,18 @@ class DicomAdapter:
 
     # -- association management ------------------------------------------------------------
 
-    def _new_ae(self) -> AE:
-        ae = AE(ae_title=self._calling_ae)
-        timeout = self._config.timeout
-        ae.connection_timeout = timeout
-        ae.acse_timeout = timeout
-        ae.dimse_timeout = timeout
-        # pynetdicom aborts an association with no incoming data for this long; our own
-        # idle timer releases it gracefully first.
-        ae.network_timeout = max(timeout, self._config.idle_close + timeout)
-        return ae
-
-    def _associate(self, ae: AE, contexts: list[PresentationContext], proposed: str) -> Association:
-        negotiation = _Negotiation(timeout=self._config.timeout)
+    def _associate(self, pairs: list[tuple[str, str]], proposed: str) -> StoreLink:
+        config = self._config
         try:
-            assoc = ae.associate(
-                self._config.host,
-                self._config.port,
-                contexts=contexts,
-                ae_title=self._config.ae_title,
-                max_pdu=self._config.max_pdu,
-                evt_handlers=negotiation.handlers,
-            )
-        except OSError as exc:  # host name resolution
-            raise TransientDeliveryError(
-                f"cannot resolve or reach {self._where}: {type(exc).__name__}"
-            ) from None
-        if not assoc.is_established:
-            raise negotiation.failure(assoc, self._where, proposed)
-        return assoc
+            link = StoreLink.open(config.host, config.port, calling=self._calling_ae,
+                                  called=config.ae_title, pairs=pairs, max_pdu=config.max_pdu,
+                                  timeout=config.timeout)
+        except LinkError as exc:
+            raise _open_failure(exc, self._where, config.timeout) from None
+        if not link.accepted_pairs():
+            link.release()
+            raise PermanentDeliveryError(f"{self._where} accepted none of the proposed {proposed}")
+        return link
 
     def _want(self, item: Outgoing) -> None:
         syntaxes = self._wanted.pop(item.sop_class_uid, [])
@@ -240,7 +204,7 @@ class DicomAdapter:
             syntaxes.append(stored)
         self._wanted[item.sop_class_uid] = syntaxes  # most recently used last
 
-    def _contexts(self) -> tuple[list[PresentationContext], frozenset[tuple[str, str]]]:
+    def _contexts(self) -> tuple[list[tuple[str, str]], frozenset[tuple[str, str]]]:
         """One context per (SOP class, syntax), newest SOP classes first, at most 128."""
         pairs: list[tuple[str, str]] = []
         for sop_class in reversed(self._wanted):
@@ -249,28 +213,27 @@ class DicomAdapter:
             if len(pairs) + len(wanted) > MAX_CONTEXTS:
                 break
             pairs.extend(wanted)
-        contexts = [build_context(sop_class, [ts]) for sop_class, ts in pairs]
-        return contexts, frozenset(pairs)
+        return pairs, frozenset(pairs)
 
-    def _association_for(self, item: Outgoing) -> Association:
+    def _association_for(self, item: Outgoing) -> StoreLink:
         needed = (item.sop_class_uid, _proposed_syntax(item.transfer_syntax_uid))
-        assoc = self._assoc
-        if assoc is not None and assoc.is_established and needed in self._requested:
-            return assoc
+        link = self._assoc
+        if link is not None and link.is_established and needed in self._requested:
+            return link
         self._drop_association()
-        contexts, requested = self._contexts()
+        pairs, requested = self._contexts()
         proposed = f"presentation contexts for {_uid_name(item.sop_class_uid)}"
-        self._assoc = self._associate(self._ae, contexts, proposed)
+        self._assoc = self._associate(pairs, proposed)
         self._requested = requested
         self.associations_opened += 1
         logger.debug("association %d to %s", self.associations_opened, self._where)
         return self._assoc
 
     def _drop_association(self) -> None:
-        assoc, self._assoc = self._assoc, None
+        link, self._assoc = self._assoc, None
         self._requested = frozenset()
-        if assoc is not None:
-            _finish(assoc)
+        if link is not None:
+            link.release()
 
     def _touch(self) -> None:
         """Note the use; make sure a timer will release the association once idle."""
@@ -303,68 +266,77 @@ class DicomAdapter:
 
     def _send_locked(self, item: Outgoing) -> str:
         self._want(item)
-        assoc = self._association_for(item)
-        payload, note = self._payload(assoc, item)
+        link = self._association_for(item)
+        payload, syntax, note = self._payload(link, item)
+        self._message_id = self._message_id % 65535 + 1
         try:
-            self._message_id = self._message_id % 65535 + 1
-            _park_reactor(assoc)
-            status = assoc.send_c_store(payload, msg_id=self._message_id)
+            code = link.store(item.sop_class_uid, item.sop_instance_uid, syntax, payload,
+                              self._message_id)
         except OSError as exc:
-            raise blob_error(exc) from None
-        except (ValueError, AttributeError) as exc:
-            logger.warning("C-STORE to %s not sent: %s", self._where, type(exc).__name__)
-            raise PermanentDeliveryError(
-                f"cannot send {_uid_name(item.sop_class_uid)} stored as "
-                f"{_uid_name(item.transfer_syntax_uid)} to {self._where} (encoding failed)"
-            ) from None
-        except RuntimeError:  # the association ended between our check and the send
             self._drop_association()
-            raise TransientDeliveryError(f"association with {self._where} was lost") from None
-        code = status.get("Status") if status else None
-        if code is None:
+            raise blob_error(exc) from None
+        except LinkError:
             self._drop_association()
             raise TransientDeliveryError(
                 f"association with {self._where} ended before a C-STORE response "
                 f"(aborted, closed or no answer within {self._config.timeout:g} s)"
-            )
-        return _interpret_status(int(code)) + note
+            ) from None
+        return _interpret_status(code) + note
 
-    def _payload(self, assoc: Association, item: Outgoing) -> tuple[Any, str]:
-        """The file path (streamed as stored) or a decoded dataset pynetdicom can convert."""
+    def _payload(self, link: StoreLink, item: Outgoing) -> tuple[FileDataset | bytes, str, str]:
+        """What to send (the stored file's data set as is, or a re-encoded one), in which
+        accepted transfer syntax, and a note for the delivery detail."""
         stored = UID(item.transfer_syntax_uid)
-        accepted = {
-            UID(cx.transfer_syntax[0])
-            for cx in assoc.accepted_contexts
-            if cx.abstract_syntax == item.sop_class_uid and cx.as_scu
-        }
+        accepted = {UID(ts) for ts in link.accepted_syntaxes(item.sop_class_uid)}
         sop_name = _uid_name(item.sop_class_uid)
         if not accepted:
             raise PermanentDeliveryError(f"{self._where} does not accept {sop_name}")
         if stored in accepted and not stored.is_deflated:
-            if _meta_matches(item):
-                return item.path, ""
-            # Streaming takes the UIDs of the command from the file meta: decode instead.
-            return read_dataset(item), " (file meta UIDs differ from the data set)"
+            offset = _dataset_offset(item)
+            if offset is not None:
+                return FileDataset(item.path, offset), stored, ""
+            dataset, note = read_dataset(item), " (file meta re-read by pydicom)"
+            return _encoded(dataset, stored, sop_name, self._where), stored, note
         if not any(not ts.is_compressed for ts in accepted):
             names = ", ".join(sorted(ts.name for ts in accepted))
             raise PermanentDeliveryError(
                 f"{self._where} accepts {sop_name} only as {names}; cannot convert "
                 f"from {stored.name}"
             )
-        return decoded_for_peer(item, sop_name, self._where)
+        dataset, note = decoded_for_peer(item, sop_name, self._where)
+        syntax = next(ts for ts in _UNCOMPRESSED_PREFERENCE if ts in accepted)
+        return _encoded(dataset, syntax, sop_name, self._where), syntax, note
+
+
+# Decoded data sets are sent in the first of these the peer accepted.
+_UNCOMPRESSED_PREFERENCE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+
+
+def _dataset_offset(item: Outgoing) -> int | None:
+    try:
+        with open(item.path, "rb") as stored:
+            head = stored.read(8192)
+    except OSError as exc:
+        raise blob_error(exc) from None
+    return dataset_offset(head)
+
+
+def _encoded(dataset: Dataset, syntax: UID, sop_name: str, where: str) -> bytes:
+    """The data set encoded in ``syntax`` (pixel data as they are: decoded when needed)."""
+    try:
+        raw = encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian,
+                     syntax.is_deflated)
+    except Exception as exc:  # pydicom raises many types for values it cannot write
+        logger.warning("C-STORE to %s not sent: %s", where, type(exc).__name__)
+        raw = None
+    if raw is None:
+        raise PermanentDeliveryError(
+            f"cannot send {sop_name} to {where} as {syntax.name} (encoding failed)")
+    return bytes(raw)
 
 
 def _proposed_syntax(transfer_syntax: str) -> str:
     return ExplicitVRLittleEndian if UID(transfer_syntax).is_deflated else transfer_syntax
-
-
-def _meta_matches(item: Outgoing) -> bool:
-    """Whether the file meta names the same SOP class and instance as the data set."""
-    meta = read_file_meta_info(item.path)  # group 0002 only: the header is never needed here
-    return (
-        meta.get("MediaStorageSOPClassUID") == item.sop_class_uid
-        and meta.get("MediaStorageSOPInstanceUID") == item.sop_instance_uid
-    )
 
 
 def _interpret_status(code: int) -> str:
@@ -382,34 +354,6 @@ def _interpret_status(code: int) -> str:
     else:
         meaning = _STATUS_MEANINGS.get(code, "failure")
     raise PermanentDeliveryError(f"peer refused the instance: status 0x{code:04X} ({meaning})")
-
-
-def _park_reactor(assoc: Association, limit: float = 0.5) -> None:
-    """Make sure the association's reactor is parked before the next request (pynetdicom 3.0.4).
-
-    send_c_store() clears the reactor checkpoint and trusts ``_is_paused``, which is still
-    True from the previous request while the reactor wakes up from that request's release:
-    the woken reactor can then take the next C-STORE response ("Received unexpected C-STORE
-    service message") and the send waits for the DIMSE timeout. Measured: about 1 in 1,600
-    back-to-back sends. Clearing the flag first means only a fresh pause counts.
-    """
-    assoc._reactor_checkpoint.clear()
-    assoc._is_paused = False
-    wake_reactor(assoc)
-    deadline = time.monotonic() + limit
-    while not assoc._is_paused and time.monotonic() < deadline:
-        time.sleep(0.0001)
-    # Not seen: the reactor paused before our write, or it has stopped; it is parked either
-    # way and send_c_store() must not spin on the flag.
-    assoc._is_paused = True
-
-
-def _finish(assoc: Association) -> None:
-    """Release an established association; abort if the release is not answered."""
-    if assoc.is_established:
-        assoc.release()
-    if assoc.is_established:
-        assoc.abort()
 
 
 def _uid_name(uid: str) -> str:

@@ -131,3 +131,60 @@ def test_pdata_is_split_to_the_peers_maximum_and_walked_back() -> None:
 def test_a_pdv_longer_than_its_pdu_is_refused() -> None:
     with pytest.raises(pdus.PduError):
         list(pdus.iter_pdvs(memoryview(struct.pack(">LBB", 100, 1, 3) + b"xx")))
+
+
+# -- the sending side (router/dicom/store_scu.py) --------------------------------------------
+
+
+def test_our_association_request_is_decoded_by_pynetdicom() -> None:
+    from router.dicom.store_scu import encode_associate_rq
+
+    raw = encode_associate_rq("ROUTER", "PACS", [(CT, EXPLICIT), (CT, IMPLICIT), (MR, IMPLICIT)],
+                              max_pdu=0)
+    rq = A_ASSOCIATE_RQ()
+    rq.decode(raw)
+    primitive = rq.to_primitive()
+    assert (primitive.calling_ae_title, primitive.called_ae_title) == ("ROUTER", "PACS")
+    contexts = [(c.context_id, c.abstract_syntax, c.transfer_syntax)
+                for c in primitive.presentation_context_definition_list]
+    assert contexts == [(1, CT, [EXPLICIT]), (3, CT, [IMPLICIT]), (5, MR, [IMPLICIT])]
+    assert primitive.maximum_length_received == 0
+
+
+def test_an_accept_encoded_by_pynetdicom_is_parsed() -> None:
+    from router.dicom.store_scu import parse_associate_ac
+
+    request = pdus.parse_associate_rq(_request_bytes()[6:])
+    # pynetdicom's decoder agreed with this encoder above; the parse must give it back.
+    raw = pdus.encode_associate_ac(request, [(1, 0, EXPLICIT), (3, 3, IMPLICIT)], 32768,
+                                   "1.2.3", "X")
+    results, max_pdu = parse_associate_ac(raw[6:])
+    assert results == {1: (0, EXPLICIT), 3: (3, IMPLICIT)} and max_pdu == 32768
+
+
+@pytest.mark.parametrize("instance_uid", ["1.2.3.4.5", "1.2.3.4.56"])
+def test_our_store_request_is_what_pynetdicom_decodes(instance_uid: str) -> None:
+    from router.dicom.store_scu import encode_request
+
+    raw = encode_request(pdus.C_STORE_RQ, CT, 9, True, instance_uid)
+    command = decode(BytesIO(raw), True, True)
+    assert command.CommandField == 1 and command.MessageID == 9 and command.Priority == 0
+    assert command.CommandDataSetType == 0 and command.AffectedSOPClassUID == CT
+    assert command.AffectedSOPInstanceUID == instance_uid
+    assert command.CommandGroupLength == len(raw) - 12
+
+
+def test_the_data_set_offset_is_where_pydicom_finishes_the_file_meta() -> None:
+    from pydicom.data import get_testdata_file
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    from router.dicom.store_scu import dataset_offset
+
+    for name in ("CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "rtplan.dcm"):
+        with open(get_testdata_file(name), "rb") as fp:
+            head = fp.read(8192)
+            fp.seek(0)
+            read_preamble(fp, False)
+            _read_file_meta_info(fp)
+            assert dataset_offset(head) == fp.tell(), name
+    assert dataset_offset(b"\0" * 200) is None  # no DICM

@@ -1,0 +1,347 @@
+"""The association we open to send C-STOREs (and C-ECHOs), without pynetdicom's layers.
+
+pynetdicom's C-STORE SCU costs about as much CPU per instance as our whole receipt (a reactor
+thread per association, command sets through pydicom, each fragment copied per layer). This
+one is a socket and a few encoders: the dataset is streamed from the stored file straight into
+P-DATA PDUs (``sendmsg`` of header and chunk, no joining copies), and the response's status is
+read back on the same thread. Used by router.dispatch.dicom; Q/R and C-GET stay on pynetdicom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+from router.dicom import pdus
+
+MAX_SEND_PDU = 4 * 1024 * 1024  # also when the peer says "unlimited"
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+class LinkError(Exception):
+    """The association could not be opened or was lost; ``kind`` says how."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(detail or kind)
+        self.kind = kind  # resolve|connect|rejected|aborted|no-answer|lost|protocol
+        self.detail = detail
+
+
+class Rejected(LinkError):
+    """A-ASSOCIATE-RJ: result (1 permanent, 2 transient), source and reason (PS3.8 9.3.4)."""
+
+    def __init__(self, result: int, source: int, reason: int) -> None:
+        super().__init__("rejected", f"result {result}, source {source}, reason {reason}")
+        self.result, self.source, self.reason = result, source, reason
+
+
+@dataclass(frozen=True)
+class FileDataset:
+    """A stored Part 10 file's data set: the bytes after its file meta."""
+
+    path: Path
+    offset: int
+
+
+def dataset_offset(head: bytes) -> int | None:
+    """Where the data set starts in a Part 10 file whose first bytes are ``head`` (enough to
+    hold the file meta); None when the file meta cannot be walked."""
+    if head[128:132] != b"DICM":
+        return None
+    pos = 132
+    while pos + 8 <= len(head):
+        group, _ = struct.unpack_from("<HH", head, pos)
+        if group != 2:
+            return pos
+        vr = head[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV",
+                  b"SV", b"UV"):
+            if pos + 12 > len(head):
+                return None
+            length, pos = struct.unpack_from("<L", head, pos + 8)[0], pos + 12
+        else:
+            length, pos = struct.unpack_from("<H", head, pos + 6)[0], pos + 8
+        if length == 0xFFFFFFFF:
+            return None
+        pos += length
+    return pos if pos == len(head) else None
+
+
+def _rq_contexts(pairs: list[tuple[str, str]]) -> bytes:
+    items = []
+    for number, (abstract, syntax) in enumerate(pairs):
+        body = (struct.pack(">BBBB", 2 * number + 1, 0, 0, 0) + _item(0x30, abstract.encode())
+                + _item(0x40, syntax.encode()))
+        items.append(_item(0x20, body))
+    return b"".join(items)
+
+
+def _item(kind: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(value)) + value
+
+
+def _ae_field(title: str) -> bytes:
+    return title.encode("ascii", "replace")[:16].ljust(16, b" ")
+
+
+def encode_associate_rq(calling: str, called: str, pairs: list[tuple[str, str]],
+                        max_pdu: int) -> bytes:
+    """A-ASSOCIATE-RQ proposing one context per (abstract syntax, transfer syntax) pair,
+    context IDs 1, 3, 5... in order."""
+    user = (_item(0x51, struct.pack(">L", max_pdu))
+            + _item(0x52, PYNETDICOM_IMPLEMENTATION_UID.encode())
+            + _item(0x55, PYNETDICOM_IMPLEMENTATION_VERSION.encode()))
+    body = (struct.pack(">HH", 1, 0) + _ae_field(called) + _ae_field(calling) + b"\0" * 32
+            + _item(0x10, pdus.APPLICATION_CONTEXT.encode()) + _rq_contexts(pairs)
+            + _item(0x50, user))
+    return struct.pack(">BBL", pdus.A_ASSOCIATE_RQ, 0, len(body)) + body
+
+
+def parse_associate_ac(body: bytes) -> tuple[dict[int, tuple[int, str]], int]:
+    """(context id -> (result, transfer syntax), the peer's maximum PDU) of an AC's body."""
+    if len(body) < 68:
+        raise LinkError("protocol", "A-ASSOCIATE-AC shorter than its fixed fields")
+    results: dict[int, tuple[int, str]] = {}
+    max_pdu = 0
+    try:
+        for kind, value in pdus._items(body, 68):
+            if kind == 0x21 and len(value) >= 4:
+                syntax = ""
+                for sub_kind, sub_value in pdus._items(value, 4):
+                    if sub_kind == 0x40:
+                        syntax = sub_value.decode("ascii", "replace").rstrip("\0 ")
+                results[value[0]] = (value[2], syntax)
+            elif kind == 0x50:
+                for sub_kind, sub_value in pdus._items(value, 0):
+                    if sub_kind == 0x51 and len(sub_value) == 4:
+                        max_pdu = struct.unpack(">L", sub_value)[0]
+    except pdus.PduError as exc:
+        raise LinkError("protocol", str(exc)) from None
+    return results, max_pdu
+
+
+def encode_request(command_field: int, sop_class_uid: str, message_id: int, has_dataset: bool,
+                   sop_instance_uid: str | None = None) -> bytes:
+    """A C-STORE-RQ (priority medium) or C-ECHO-RQ command set, elements in tag order."""
+    element, ui = pdus._element, pdus._ui
+    body = [element(0x0002, ui(sop_class_uid)),
+            element(0x0100, struct.pack("<H", command_field)),
+            element(0x0110, struct.pack("<H", message_id))]
+    if command_field == pdus.C_STORE_RQ:
+        body.append(element(0x0700, struct.pack("<H", 0)))
+    body.append(element(0x0800, struct.pack("<H", 0x0000 if has_dataset else pdus.NO_DATASET)))
+    if sop_instance_uid is not None:
+        body.append(element(0x1000, ui(sop_instance_uid)))
+    joined = b"".join(body)
+    return element(0x0000, struct.pack("<L", len(joined))) + joined
+
+
+def _status_of(raw: bytes) -> int:
+    pos = 0
+    while pos + 8 <= len(raw):
+        group, element, length = struct.unpack_from("<HHL", raw, pos)
+        if (group, element) == (0, 0x0900) and length == 2:
+            return int(struct.unpack_from("<H", raw, pos + 8)[0])
+        pos += 8 + length
+    raise LinkError("protocol", "response without a Status")
+
+
+class StoreLink:
+    """One established association to a C-STORE SCP; one thread uses it at a time."""
+
+    def __init__(self, sock: socket.socket, accepted: dict[tuple[str, str], int],
+                 peer_max_pdu: int, timeout: float) -> None:
+        self._sock = sock
+        self._accepted = accepted
+        # The largest P-DATA-TF body we send (the peer's "maximum length received").
+        self._max_body = MAX_SEND_PDU if peer_max_pdu == 0 else min(peer_max_pdu, MAX_SEND_PDU)
+        self._timeout = timeout
+        self.is_established = True
+
+    @classmethod
+    def open(cls, host: str, port: int, *, calling: str, called: str,
+             pairs: list[tuple[str, str]], max_pdu: int, timeout: float) -> StoreLink:
+        """Connect and negotiate; LinkError (kind connect, rejected, aborted, no-answer)."""
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except socket.gaierror as exc:
+            raise LinkError("resolve", type(exc).__name__) from None
+        except OSError as exc:
+            raise LinkError("connect", type(exc).__name__) from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(encode_associate_rq(calling, called, pairs, max_pdu))
+            kind, body = _read_pdu(sock)
+        except (OSError, LinkError) as exc:
+            sock.close()
+            if isinstance(exc, LinkError) and exc.kind == "protocol":
+                raise
+            raise LinkError("no-answer") from None
+        if kind == pdus.A_ASSOCIATE_RJ and len(body) >= 4:
+            sock.close()
+            raise Rejected(body[1], body[2], body[3])
+        if kind == pdus.A_ABORT:
+            sock.close()
+            raise LinkError("aborted")
+        if kind != pdus.A_ASSOCIATE_AC:
+            _abort(sock)
+            raise LinkError("protocol", f"PDU type 0x{kind:02X} in answer to A-ASSOCIATE-RQ")
+        try:
+            results, peer_max = parse_associate_ac(body)
+        except LinkError:
+            _abort(sock)
+            raise
+        accepted = {}
+        for number, pair in enumerate(pairs):
+            result = results.get(2 * number + 1)
+            if result is not None and result[0] == pdus.ACCEPTED:
+                accepted[(pair[0], result[1] or pair[1])] = 2 * number + 1
+        return cls(sock, accepted, peer_max, timeout)
+
+    def accepted_pairs(self) -> frozenset[tuple[str, str]]:
+        """(abstract syntax, transfer syntax) of every accepted presentation context."""
+        return frozenset(self._accepted)
+
+    def accepted_syntaxes(self, sop_class_uid: str) -> set[str]:
+        return {ts for (sop, ts) in self._accepted if sop == sop_class_uid}
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    def store(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+              dataset: FileDataset | bytes, message_id: int) -> int:
+        """C-STORE one data set; the response's status. LinkError "lost" when the association
+        ends or stays silent; OSError when the stored file cannot be read."""
+        context_id = self._accepted[(sop_class_uid, transfer_syntax)]
+        command = pdus.encode_pdata(context_id, True, encode_request(
+            pdus.C_STORE_RQ, sop_class_uid, message_id, True, sop_instance_uid), self._max_body)
+        if isinstance(dataset, bytes):
+            self._send(command)
+            self._send(pdus.encode_pdata(context_id, False, dataset, self._max_body))
+        else:
+            with open(dataset.path, "rb") as source:  # unreadable: OSError before any send
+                self._send(command)
+                try:
+                    self._stream(context_id, source.fileno(), dataset.offset)
+                except OSError:
+                    self._lost()  # half a data set was sent: the association is unusable
+                    raise
+        return self._response()
+
+    def echo(self, message_id: int) -> int:
+        context_id = next(number for (sop, _), number in self._accepted.items()
+                          if sop == VERIFICATION)
+        self._send(pdus.encode_pdata(context_id, True, encode_request(
+            pdus.C_ECHO_RQ, VERIFICATION, message_id, False), self._max_body))
+        return self._response()
+
+    def release(self) -> None:
+        """A-RELEASE; aborts if the peer does not answer it."""
+        if not self.is_established:
+            return
+        self.is_established = False
+        try:
+            self._sock.settimeout(self._timeout)
+            self._sock.sendall(struct.pack(">BBL", pdus.A_RELEASE_RQ, 0, 4) + b"\0" * 4)
+            kind, _ = _read_pdu(self._sock)
+            if kind != pdus.A_RELEASE_RP:
+                _abort(self._sock)
+        except (OSError, LinkError):
+            _abort(self._sock)
+        finally:
+            self._sock.close()
+
+    def abort(self) -> None:
+        if self.is_established:
+            self.is_established = False
+            _abort(self._sock)
+            self._sock.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.settimeout(self._timeout)
+            self._sock.sendall(data)
+        except OSError as exc:
+            self._lost()
+            raise LinkError("lost", type(exc).__name__) from None
+
+    def _stream(self, context_id: int, fd: int, offset: int) -> None:
+        remaining = os.fstat(fd).st_size - offset
+        if remaining <= 0:
+            self._send(pdus.encode_pdata(context_id, False, b"", self._max_body))
+            return
+        position = offset
+        while remaining > 0:
+            size = min(remaining, self._max_body - 6)
+            chunk = os.pread(fd, size, position)
+            if len(chunk) != size:
+                raise OSError("stored file shorter than expected")
+            remaining -= size
+            position += size
+            header = struct.pack(">BBLLBB", pdus.P_DATA_TF, 0, size + 6, size + 2, context_id,
+                                 2 if remaining == 0 else 0)
+            try:
+                sent = self._sock.sendmsg([header, chunk])  # no joined copy of the chunk
+                if sent < len(header) + size:  # a partial send: the rest the usual way
+                    self._sock.sendall(memoryview(header + chunk)[sent:] if sent < len(header)
+                                       else memoryview(chunk)[sent - len(header):])
+            except OSError as exc:
+                self._lost()
+                raise LinkError("lost", type(exc).__name__) from None
+
+    def _response(self) -> int:
+        command = bytearray()
+        try:
+            self._sock.settimeout(self._timeout)
+            while True:
+                kind, body = _read_pdu(self._sock)
+                if kind != pdus.P_DATA_TF:
+                    raise LinkError("lost", f"PDU type 0x{kind:02X} instead of a response")
+                for _, control, fragment in pdus.iter_pdvs(memoryview(body)):
+                    if control & 1:
+                        command += fragment
+                        if control & 2:
+                            return _status_of(bytes(command))
+        except (OSError, pdus.PduError, LinkError) as exc:
+            self._lost()
+            if isinstance(exc, LinkError) and exc.kind == "lost":
+                raise
+            raise LinkError("lost", type(exc).__name__) from None
+
+    def _lost(self) -> None:
+        if self.is_established:
+            self.is_established = False
+            _abort(self._sock)
+            self._sock.close()
+
+
+def _abort(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(pdus.encode_abort(0, 0))  # from the service user
+
+
+def _read_exactly(sock: socket.socket, count: int) -> bytes:
+    data = bytearray(count)
+    view, got = memoryview(data), 0
+    while got < count:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise LinkError("lost", "connection closed")
+        got += n
+    return bytes(data)
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    kind, _, length = struct.unpack(">BBL", _read_exactly(sock, 6))
+    if length > 64 * 1024 * 1024:
+        raise LinkError("protocol", f"PDU of {length} bytes")
+    return kind, _read_exactly(sock, length)
