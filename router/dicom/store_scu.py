@@ -3,7 +3,7 @@
 pynetdicom's C-STORE SCU costs about as much CPU per instance as our whole receipt (a reactor
 thread per association, command sets through pydicom, each fragment copied per layer). This
 one is a socket and a few encoders: the dataset is streamed from the stored file straight into
-P-DATA PDUs (``sendmsg`` of header and chunk, no joining copies), and the response's status is
+P-DATA PDUs (``sendfile``: from the page cache to the socket), and the response's status is
 read back on the same thread. Used by router.dispatch.dicom; Q/R and C-GET stay on pynetdicom.
 """
 
@@ -15,6 +15,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
@@ -22,6 +23,7 @@ from router.dicom import pdus
 
 MAX_SEND_PDU = 4 * 1024 * 1024  # also when the peer says "unlimited"
 VERIFICATION = "1.2.840.10008.1.1"
+_SENDFILE_FROM = 64 * 1024  # smaller fragments: one read and one send cost less
 
 
 class LinkError(Exception):
@@ -229,7 +231,7 @@ class StoreLink:
             with open(dataset.path, "rb") as source:  # unreadable: OSError before any send
                 self._send(command)
                 try:
-                    self._stream(context_id, source.fileno(), dataset.offset)
+                    self._stream(context_id, source, dataset.offset)
                 except OSError:
                     self._lost()  # half a data set was sent: the association is unusable
                     raise
@@ -274,29 +276,35 @@ class StoreLink:
             self._lost()
             raise LinkError("lost", type(exc).__name__) from None
 
-    def _stream(self, context_id: int, fd: int, offset: int) -> None:
-        remaining = os.fstat(fd).st_size - offset
+    def _stream(self, context_id: int, source: BinaryIO, offset: int) -> None:
+        remaining = os.fstat(source.fileno()).st_size - offset
         if remaining <= 0:
             self._send(pdus.encode_pdata(context_id, False, b"", self._max_body))
             return
         position = offset
         while remaining > 0:
             size = min(remaining, self._max_body - 6)
-            chunk = os.pread(fd, size, position)
-            if len(chunk) != size:
-                raise OSError("stored file shorter than expected")
             remaining -= size
-            position += size
             header = struct.pack(">BBLLBB", pdus.P_DATA_TF, 0, size + 6, size + 2, context_id,
                                  2 if remaining == 0 else 0)
+            if size < _SENDFILE_FROM:
+                chunk = os.pread(source.fileno(), size, position)
+                if len(chunk) != size:
+                    raise OSError("stored file shorter than expected")
+                self._send(header + chunk)
+                position += size
+                continue
+            self._send(header)
+            # Large fragments go from the page cache to the socket: no copy through Python
+            # (socket.sendfile waits for room within the timeout).
             try:
-                sent = self._sock.sendmsg([header, chunk])  # no joined copy of the chunk
-                if sent < len(header) + size:  # a partial send: the rest the usual way
-                    self._sock.sendall(memoryview(header + chunk)[sent:] if sent < len(header)
-                                       else memoryview(chunk)[sent - len(header):])
+                sent = self._sock.sendfile(source, offset=position, count=size)
             except OSError as exc:
                 self._lost()
                 raise LinkError("lost", type(exc).__name__) from None
+            if sent != size:
+                raise OSError("stored file shorter than expected")
+            position += size
 
     def _response(self) -> int:
         command = bytearray()

@@ -661,3 +661,19 @@ def test_dicom_proposes_at_most_128_contexts_and_always_the_newest() -> None:
     assert (item.sop_class_uid, ExplicitVRLittleEndian) in requested
     assert ("1.2.3.79", ImplicitVRLittleEndian) in requested
     assert ("1.2.3.0", ExplicitVRLittleEndian) not in requested  # least recently used
+
+
+@pytest.mark.dcmtk
+def test_dicom_large_objects_are_streamed_in_full_size_fragments(tmp_path: Path) -> None:
+    """3 MB data sets to a peer taking 128 KB PDUs: the fragments go by sendfile."""
+    from tests.synthetic import make_ct_series
+
+    paths = make_ct_series(tmp_path / "big", count=2, rows=1224, cols=1224)
+    items = [outgoing(path) for path in paths]
+    with StoreScp(tmp_path / "scp", extra_args=("--max-pdu", "131072")) as scp:
+        adapter = dicom_adapter(scp.port)
+        assert [adapter.send(item) for item in items] == ["stored", "stored"]
+        adapter.close()
+    received = received_by_uid(scp)
+    for item in items:
+        assert pixel_hash(received[item.sop_instance_uid]) == pixel_hash(dcmread(item.path))

@@ -52,7 +52,7 @@ def router(tmp_path: Path, start_router: Callable[..., Router]) -> Router:
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}")
     settings = replace(settings, dicom=replace(settings.dicom, max_associations=2,
                                                open_query_retrieve=True, network_timeout=2,
-                                               max_incoming_pdu=1 << 20))
+                                               max_pdu_size=1 << 19, max_incoming_pdu=1 << 20))
     return start_router(settings)
 
 
@@ -173,3 +173,33 @@ def test_a_dataset_without_a_request_aborts(router: Router) -> None:
     sock.sendall(pdus.encode_pdata(1, False, b"\0" * 16, 0))
     sock.settimeout(5)
     assert sock.recv(64)[:1] == bytes([pdus.A_ABORT])
+
+
+def test_a_large_object_is_written_back_while_it_arrives(
+    router: Router, served: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Objects above EARLY_SYNC_BYTES start their write-back before the last byte; the bytes
+    stored are the bytes sent."""
+    from router.dicom import spool
+
+    syncs: list[int] = []
+    real = spool.os.fdatasync
+
+    def counting(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(spool.os, "fdatasync", counting)
+    (path,) = make_ct_series(tmp_path / "big", count=1, rows=2048, cols=2048)  # 8 MB
+    dataset = dcmread(path)
+    ae = AE(ae_title="PUSHER")
+    ae.add_requested_context(CTImageStorage, str(dataset.file_meta.TransferSyntaxUID))
+    assoc = ae.associate("127.0.0.1", router.dicom.port, ae_title=ROUTER_AET,
+                         max_pdu=1 << 20)
+    assert assoc.send_c_store(dataset).Status == 0
+    assoc.release()
+    assert served == ["PUSHER"] and syncs
+    (row,) = wait_for(lambda: router.views["jobs"][1].query("SELECT sha256 FROM jobs"), 10,
+                      "the job")
+    stored = router.blobs.path_for(row["sha256"])
+    assert dcmread(stored).PixelData == dataset.PixelData
