@@ -16,7 +16,6 @@ from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
-from pydicom.dataset import Dataset
 
 from router.application.admin_state import AdminState
 from router.application.stores import EventStores
@@ -191,7 +190,7 @@ class Receiver:
         elif instance is not None and self._ingest.changed_duplicate_policy == "keep_first":
             job.keep_conflict(**ctx, original_job_id=instance.versions[0]["job_id"])
         else:
-            self._route(job, arrival, header.dataset, ctx)
+            self._route(job, arrival, header, ctx)
         to_save: list[Any] = [job]
         if instance is None:
             to_save.append(Instance(sop_uid, **ctx, job_id=str(job.id), sha256=arrival.sha256))
@@ -213,11 +212,12 @@ class Receiver:
         assert isinstance(instance, Instance)
         return instance
 
-    def _route(self, job: Job, arrival: Arrival, header: Dataset, ctx: dict[str, str]) -> None:
+    def _route(self, job: Job, arrival: Arrival, header: ScannedHeader,
+               ctx: dict[str, str]) -> None:
         snapshot = self._admin.snapshot()
         decision: RoutingDecision = evaluate(snapshot.rules, RoutingInput(
             calling_aet=arrival.calling_aet, called_aet=arrival.called_aet,
-            source_ip=arrival.source_ip, dataset=header, extra=arrival.extra,
+            source_ip=arrival.source_ip, dataset=header.dataset, extra=arrival.extra,
         ))
         destinations = list(decision.destinations)
         default_used = False
@@ -225,7 +225,7 @@ class Receiver:
             destinations = [self._dispatch.default_destination]
             default_used = True
         job.route(
-            plan_units(snapshot, decision, destinations, header) or None,
+            plan_units(snapshot, decision, destinations, header.index) or None,
             **ctx,
             matched_rules=[
                 {"rule_id": m.rule_id, "version": m.version, "name": m.name}

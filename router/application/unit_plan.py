@@ -28,14 +28,17 @@ def _rule_keys(rules: Sequence[VersionedRule], decision: RoutingDecision,
     return {}
 
 
-def _text(dataset: Dataset, keyword: str) -> str:
+def _text(dataset: Dataset | Mapping[str, Any], keyword: str) -> str:
     value = dataset.get(keyword)
     return str(value).strip() if value is not None else ""
 
 
 def plan_units(snapshot: AdminSnapshot, decision: RoutingDecision, destinations: Sequence[str],
-               dataset: Dataset) -> list[dict[str, Any]]:
-    """The ``units`` entries of a ``Job.Routed`` event: one per held destination."""
+               dataset: Dataset | Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``units`` entries of a ``Job.Routed`` event: one per held destination.
+
+    ``dataset`` is the header, or its index attributes (the receive path: no conversion).
+    """
     study = _text(dataset, "StudyInstanceUID")
     series = _text(dataset, "SeriesInstanceUID")
     sop = _text(dataset, "SOPInstanceUID")
