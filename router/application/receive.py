@@ -21,7 +21,7 @@ from router.application.admin_state import AdminState
 from router.application.stores import EventStores
 from router.application.unit_plan import plan_units
 from router.dicom.header import HeaderError
-from router.dicom.header_scan import ScannedHeader, scan_header
+from router.dicom.header_scan import Readable, ScannedHeader, scan_header
 from router.domain.ingest import Instance, Job, ReceiptFailure, instance_id
 from router.domain.rules import RoutingDecision, RoutingInput, evaluate
 from router.settings import DispatchSettings, IngestSettings
@@ -59,6 +59,8 @@ class Arrival:
     correlation_id: str = ""
     # Blocks until the object's bytes are on disk (raises OSError if they cannot be).
     wait_durable: Callable[[], None] = lambda: None
+    # Reads the spooled file without opening it again (the spool's own descriptor).
+    reader: Callable[[], Readable] | None = None
     # Values rules may test besides the header, e.g. an AI processor's result tags
     # (``ai.<destination>.<key>``) for the objects it sent back.
     extra: Mapping[str, object] = field(default_factory=dict)
@@ -99,7 +101,7 @@ class Receiver:
         if arrival.sha256:
             self._blobs.prepare(arrival.sha256)  # its folder is made while we parse
         try:
-            header = scan_header(arrival.path)
+            header = scan_header(arrival.path, arrival.reader() if arrival.reader else None)
         except HeaderError as exc:
             arrival.path.unlink(missing_ok=True)
             return self._refuse(arrival, correlation_id, STATUS_CANNOT_UNDERSTAND, str(exc))

@@ -19,7 +19,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -45,7 +45,7 @@ _SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", 
 _VRS = _LONG_VRS | _SHORT_VRS
 _PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))  # where pydicom stops too
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_FIRST_READ = 1 << 16
+_FIRST_READ = 1 << 14  # headers are a few KB; more is read only when needed
 
 # Transfer syntax -> (implicit VR, little endian). Deflate and unknown syntaxes go to pydicom.
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -77,6 +77,15 @@ _CHARSET_TAG = BaseTag(0x00080005)
 _Elements = dict[BaseTag, DataElement | RawDataElement]
 
 
+class Readable(Protocol):
+    """What the header reader needs of an open file (a file object, or spool's reader)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+    def tell(self) -> int: ...
+    def fileno(self) -> int: ...
+
+
 class _Fallback(Exception):
     """Not read here: pydicom's reader decides."""
 
@@ -89,12 +98,16 @@ class ScannedHeader:
     index: dict[str, Any]
 
 
-def scan_header(path: Path) -> ScannedHeader:
+def scan_header(path: Path, opened: Readable | None = None) -> ScannedHeader:
     """The header and index of a received file; HeaderError exactly when read_header raises it.
 
     Checks, like ``read_header(path, check=True)``, that the file holds all of its elements.
+    ``opened`` reads the same file without opening it again (it is not closed here).
     """
     try:
+        if opened is not None:
+            opened.seek(0)
+            return _scan(cast(BinaryIO, opened))
         with path.open("rb") as fp:
             return _scan(fp)
     except (_Fallback, struct.error, UnicodeDecodeError):

@@ -122,6 +122,7 @@ class PushAssociation:
         self._pending: _Pending | None = None
         self._buffer = bytearray(1 << 16)
         self._done = threading.Event()
+        self._timeout: float | None = None
 
     def is_alive(self) -> bool:
         return not self._done.is_set()
@@ -137,6 +138,9 @@ class PushAssociation:
         """Serve until release or abort; ``over_limit``: reject (too many associations)."""
         try:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Blocking, with the timeouts in the kernel: Python's own socket timeout polls
+            # before every read and write (two system calls for one).
+            self._sock.settimeout(None)
             self._read_pdu(self._policy.acse_timeout)  # the request we peeked at
             if over_limit:
                 # Rejected transient, by the presentation service provider, local limit
@@ -194,16 +198,27 @@ class PushAssociation:
                                         PYNETDICOM_IMPLEMENTATION_UID,
                                         PYNETDICOM_IMPLEMENTATION_VERSION)
 
+    def _set_timeout(self, seconds: float) -> None:
+        if seconds != self._timeout:
+            whole = int(seconds)
+            value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+            self._timeout = seconds
+
     def _read_exactly(self, view: memoryview) -> None:
         got = 0
         while got < len(view):
-            count = self._sock.recv_into(view[got:], min(len(view) - got, 1 << 20))
+            try:
+                count = self._sock.recv_into(view[got:], min(len(view) - got, 1 << 20))
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise TimeoutError from None
             if not count:
                 raise _Closed
             got += count
 
     def _read_pdu(self, timeout: float) -> tuple[int, memoryview]:
-        self._sock.settimeout(timeout)
+        self._set_timeout(timeout)
         header = bytearray(6)
         self._read_exactly(memoryview(header))
         kind, _, length = struct.unpack(">BBL", header)
@@ -271,18 +286,24 @@ class PushAssociation:
     def _on_stored(self) -> None:
         pending, self._pending = self._pending, None
         assert pending is not None
-        command = pending.command
-        if pending.spool is None:
+        command, spool = pending.command, pending.spool
+        if spool is None:
             status = STATUS_OUT_OF_RESOURCES
         else:
-            status = self._store(StoreRequest(
-                spool=pending.spool, sop_class_uid=command.sop_class_uid,
-                sop_instance_uid=command.sop_instance_uid,
-                transfer_syntax_uid=pending.transfer_syntax,
-                sender_aet=self._request.calling_aet, our_aet=self._policy.ae_title,
-                sender_ip=self._address[0], move_originator_aet=command.move_originator_aet,
-                move_originator_message_id=command.move_originator_message_id,
-            ))
+            try:
+                status = self._store(StoreRequest(
+                    spool=spool, sop_class_uid=command.sop_class_uid,
+                    sop_instance_uid=command.sop_instance_uid,
+                    transfer_syntax_uid=pending.transfer_syntax,
+                    sender_aet=self._request.calling_aet, our_aet=self._policy.ae_title,
+                    sender_ip=self._address[0], move_originator_aet=command.move_originator_aet,
+                    move_originator_message_id=command.move_originator_message_id,
+                ))
+            finally:
+                # As pynetdicom does after its handler: the receipt moved the file away or
+                # refused it; whatever is left under the spool name goes.
+                spool.close()
+                spool.path.unlink(missing_ok=True)
         self._respond(pending.context_id, pdus.encode_response(
             pdus.C_STORE_RSP, command.sop_class_uid, command.message_id, status,
             command.sop_instance_uid))

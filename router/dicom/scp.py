@@ -229,7 +229,7 @@ def store_spooled(request: StoreRequest, receiver: Receiver,
 def _arrival(request: StoreRequest, sha256: str, origin: Origin | None) -> Arrival:
     spool = request.spool
     return Arrival(
-        wait_durable=spool.wait_durable,
+        wait_durable=spool.wait_durable, reader=spool.reader,
         path=spool.path, sha256=sha256, size=spool.size,
         source=origin.source if origin else "dimse",
         actor=origin.actor if origin else request.sender_aet, source_ip=request.sender_ip,

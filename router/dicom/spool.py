@@ -34,7 +34,9 @@ class SpoolFile:
         self.error: OSError | None = None
         self._hash = hashlib.sha256()
         # pynetdicom writes whole PDVs (up to the PDU size), so a small buffer is enough.
-        self._fh = open(self.name, "xb", buffering=1 << 16)  # noqa: SIM115 - closed in close()
+        # Readable too: the receipt reads the header back through this descriptor (reader()),
+        # not by opening the file again.
+        self._fh = open(self.name, "x+b", buffering=1 << 16)  # noqa: SIM115 - closed in close()
         self._sync: Future[None] | None = None
         self._unsynced = 0
         self._early: list[Future[None]] = []
@@ -85,6 +87,10 @@ class SpoolFile:
         if self._sync is not None:
             self._sync.result()
 
+    def reader(self) -> PositionalReader:
+        """A read-only view of the finished file (after :meth:`finish`) on this descriptor."""
+        return PositionalReader(self._fh.fileno())
+
     def close(self) -> None:
         for pending in (*self._early, self._sync):
             if pending is not None:
@@ -97,3 +103,40 @@ class SpoolFile:
     @property
     def path(self) -> Path:
         return Path(self.name)
+
+
+class PositionalReader:
+    """Reads a descriptor by position (os.pread), as a minimal binary file: opening the file
+    again costs a path lookup, and 0.1-0.3 ms here when the journal is busy with fsyncs.
+    Leaving a ``with`` block does not close the descriptor (its SpoolFile does)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pos = 0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(os.fstat(self._fd).st_size - self._pos, 0)
+        data = os.pread(self._fd, size, self._pos)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._pos
+        elif whence == os.SEEK_END:
+            offset += os.fstat(self._fd).st_size
+        self._pos = offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __enter__(self) -> PositionalReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None

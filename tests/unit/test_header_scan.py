@@ -124,3 +124,14 @@ def test_deflate_goes_to_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
     _without_fallback(monkeypatch)
     with pytest.raises(AssertionError, match="fell back"):
         scan_header(Path(get_testdata_file("image_dfl.dcm")))
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "rtplan.dcm", "JPEG2000.dcm"])
+def test_reading_through_the_spools_descriptor_gives_the_same(name: str) -> None:
+    from router.dicom.spool import PositionalReader
+
+    path = Path(get_testdata_file(name))
+    with path.open("rb") as fp:
+        reader = PositionalReader(fp.fileno())
+        reader.seek(100)  # wherever it was left: the scan starts at 0
+        assert scan_header(path, reader).index == scan_header(path).index
