@@ -203,3 +203,30 @@ def test_a_large_object_is_written_back_while_it_arrives(
                       "the job")
     stored = router.blobs.path_for(row["sha256"])
     assert dcmread(stored).PixelData == dataset.PixelData
+
+
+def test_one_router_forwards_to_another_over_both_of_our_implementations(
+    router: Router, served: list[str], tmp_path: Path
+) -> None:
+    """Multi-site: our C-STORE SCU (store_scu, behind DicomAdapter) into our push_scp."""
+    from router.dispatch.base import Outgoing
+    from router.dispatch.dicom import DicomAdapter, DicomDestinationConfig
+
+    paths = make_ct_series(tmp_path / "ct", count=3, rows=256, cols=256)
+    adapter = DicomAdapter(DicomDestinationConfig(
+        name="site-b", host="127.0.0.1", port=router.dicom.port, ae_title=ROUTER_AET),
+        calling_ae="SITE_A")
+    for path in paths:
+        header = dcmread(path, stop_before_pixels=True)
+        item = Outgoing(
+            delivery_id=path.name, path=path, sha256="0" * 64, size=path.stat().st_size,
+            sop_class_uid=str(header.SOPClassUID), sop_instance_uid=str(header.SOPInstanceUID),
+            transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
+            load_header=lambda header=header: header)
+        assert adapter.send(item) == "stored"
+    assert adapter.check().startswith("C-ECHO ok")
+    adapter.close()
+    assert served == ["SITE_A", "SITE_A"]  # the stores' association, then the echo's
+    rows = wait_for(lambda: len(_jobs(router)) == 3 and _jobs(router), 10, "three receipts")
+    stored = {r["sop_instance_uid"] for r in rows}
+    assert stored == {str(dcmread(p).SOPInstanceUID) for p in paths}
