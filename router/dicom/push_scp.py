@@ -36,6 +36,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 PEEK_LIMIT = 64 * 1024  # a larger A-ASSOCIATE-RQ goes to pynetdicom
 _USER_ITEMS_SERVED = frozenset((0x51, 0x52, 0x53, 0x55))  # max length, implementation, async
 STATUS_OUT_OF_RESOURCES = 0xA700
+MAX_COMMAND_SET = 64 * 1024  # a C-STORE-RQ is a few hundred bytes; endless fragments are not
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,8 @@ class PushAssociation:
                 raise pdus.PduError(f"PDV on presentation context {context_id}, not accepted")
             if control & 1:
                 self._command += fragment
+                if len(self._command) > MAX_COMMAND_SET:
+                    raise pdus.PduError("command set larger than any C-STORE or C-ECHO needs")
                 if control & 2:
                     command = pdus.decode_command(bytes(self._command))
                     self._command.clear()

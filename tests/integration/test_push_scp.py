@@ -230,3 +230,13 @@ def test_one_router_forwards_to_another_over_both_of_our_implementations(
     rows = wait_for(lambda: len(_jobs(router)) == 3 and _jobs(router), 10, "three receipts")
     stored = {r["sop_instance_uid"] for r in rows}
     assert stored == {str(dcmread(p).SOPInstanceUID) for p in paths}
+
+
+def test_a_command_set_that_never_ends_aborts(router: Router) -> None:
+    sock = _associate_raw(router.dicom.port)
+    fragment = struct.pack(">BBLLBB", pdus.P_DATA_TF, 0, 6 + 16384, 2 + 16384, 1, 1)
+    sock.settimeout(5)
+    with contextlib.suppress(OSError):  # the router may close while we are still sending
+        for _ in range(8):  # 128 KB of command fragments, none of them the last
+            sock.sendall(fragment + b"\0" * 16384)
+    assert sock.recv(64)[:1] == bytes([pdus.A_ABORT])
