@@ -56,8 +56,9 @@ def read_header(path: Path, *, check: bool = True) -> Dataset:
 
 
 _UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-             b"UV"}
+# Explicit VR elements with a 4-byte length (PS3.5 7.1.2).
+LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                      b"UR", b"UT", b"UV"))
 _ITEM, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 
 
@@ -106,7 +107,7 @@ def _element_header(fp: BinaryIO, implicit: bool, order: str) -> tuple[int, int,
     group, element = struct.unpack(order + "HH", head[:4])
     if implicit:
         return group, element, struct.unpack(order + "L", head[4:])[0]
-    if head[4:6] in _LONG_VRS:
+    if head[4:6] in LONG_VRS:
         extra = fp.read(4)
         if len(extra) < 4:
             raise HeaderError("dataset is truncated")

@@ -29,6 +29,7 @@ from pydicom.tag import BaseTag
 
 from router.dicom.header import (
     INDEX_KEYWORDS,
+    LONG_VRS,
     HeaderError,
     check_rest,
     index_attributes,
@@ -37,12 +38,10 @@ from router.dicom.header import (
 )
 
 _UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"))
 _SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS",
                         b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
                         b"US"))
-_VRS = _LONG_VRS | _SHORT_VRS
+_VRS = LONG_VRS | _SHORT_VRS
 _PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))  # where pydicom stops too
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _FIRST_READ = 1 << 14  # headers are a few KB; more is read only when needed
@@ -168,7 +167,7 @@ def _read_meta(reader: _Reader, pos: int) -> tuple[_Elements, int]:
         if group != 2:
             return meta, pos
         vr = data[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             data = reader.need(pos + 12)
             length, start = struct.unpack_from("<L", data, pos + 8)[0], pos + 12
         elif vr in _SHORT_VRS:
@@ -216,7 +215,7 @@ def _read_dataset(reader: _Reader, pos: int, implicit: bool,
         vr: str | None
         if implicit:
             length, start, vr = struct.unpack_from(long_format, data, pos + 4)[0], pos + 8, None
-        elif vr_bytes in _LONG_VRS:
+        elif vr_bytes in LONG_VRS:
             data = reader.need(pos + 12)
             length, start = struct.unpack_from(long_format, data, pos + 8)[0], pos + 12
             vr = vr_bytes.decode()
@@ -286,7 +285,7 @@ def _skip_item(reader: _Reader, pos: int, implicit: bool, order: str) -> int:
         if implicit or number >> 16 == 0xFFFE:
             length, pos = struct.unpack_from(order + "L", data, pos + 4)[0], pos + 8
             is_sequence = implicit
-        elif vr_bytes in _LONG_VRS:
+        elif vr_bytes in LONG_VRS:
             data = reader.need(pos + 12)
             length, pos = struct.unpack_from(order + "L", data, pos + 8)[0], pos + 12
             is_sequence = vr_bytes == b"SQ"

@@ -1,9 +1,9 @@
 """The few DICOM Upper Layer PDUs (PS3.8 section 9.3) and DIMSE command sets (PS3.7 section 9.3)
-that a storage push needs, encoded and decoded without pynetdicom's object layers.
-
-Used by :mod:`router.dicom.push_scp`, which serves associations that only store and echo.
-Everything else (query/retrieve, role or extended negotiation, user identity) stays with
-pynetdicom, so this module only knows what those associations use.
+that a storage push needs, encoded and decoded without pynetdicom's object layers, for both
+sides: :mod:`router.dicom.push_scp` serves associations that only store and echo,
+:mod:`router.dicom.store_scu` opens them to our destinations. Everything else (query/retrieve,
+role or extended negotiation, user identity) stays with pynetdicom, so this module only knows
+what those associations use.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"  # the SOP class of C-ECHO
 
 # Presentation context results (PS3.8 table 9-18).
 ACCEPTED, ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 3, 4
@@ -239,3 +240,74 @@ def encode_response(command_field: int, sop_class_uid: str, responding_to: int, 
         body.append(_element(0x1000, _ui(sop_instance_uid)))
     joined = b"".join(body)
     return _element(0x0000, struct.pack("<L", len(joined))) + joined
+
+
+# -- the requesting side (router/dicom/store_scu.py) ----------------------------------------
+
+
+def _rq_contexts(pairs: list[tuple[str, str]]) -> bytes:
+    items = []
+    for number, (abstract, syntax) in enumerate(pairs):
+        body = (struct.pack(">BBBB", 2 * number + 1, 0, 0, 0) + _item(0x30, abstract.encode())
+                + _item(0x40, syntax.encode()))
+        items.append(_item(0x20, body))
+    return b"".join(items)
+
+
+def encode_associate_rq(calling: str, called: str, pairs: list[tuple[str, str]],
+                        max_pdu: int, implementation_uid: str,
+                        implementation_version: str) -> bytes:
+    """A-ASSOCIATE-RQ proposing one context per (abstract syntax, transfer syntax) pair,
+    context IDs 1, 3, 5... in order."""
+    user = (_item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, implementation_uid.encode())
+            + _item(0x55, implementation_version.encode()))
+    body = (struct.pack(">HH", 1, 0) + _ae_field(called) + _ae_field(calling) + b"\0" * 32
+            + _item(0x10, APPLICATION_CONTEXT.encode()) + _rq_contexts(pairs)
+            + _item(0x50, user))
+    return _pdu(A_ASSOCIATE_RQ, body)
+
+
+def parse_associate_ac(body: bytes) -> tuple[dict[int, tuple[int, str]], int]:
+    """(context id -> (result, transfer syntax), the peer's maximum PDU) of an AC's body."""
+    if len(body) < 68:
+        raise PduError("A-ASSOCIATE-AC shorter than its fixed fields")
+    results: dict[int, tuple[int, str]] = {}
+    max_pdu = 0
+    for kind, value in _items(body, 68):
+        if kind == 0x21 and len(value) >= 4:
+            syntax = ""
+            for sub_kind, sub_value in _items(value, 4):
+                if sub_kind == 0x40:
+                    syntax = _uid(sub_value)
+            results[value[0]] = (value[2], syntax)
+        elif kind == 0x50:
+            for sub_kind, sub_value in _items(value, 0):
+                if sub_kind == 0x51 and len(sub_value) == 4:
+                    max_pdu = struct.unpack(">L", sub_value)[0]
+    return results, max_pdu
+
+
+def encode_request(command_field: int, sop_class_uid: str, message_id: int, has_dataset: bool,
+                   sop_instance_uid: str | None = None) -> bytes:
+    """A C-STORE-RQ (priority medium) or C-ECHO-RQ command set, elements in tag order."""
+    element, ui = _element, _ui
+    body = [element(0x0002, ui(sop_class_uid)),
+            element(0x0100, struct.pack("<H", command_field)),
+            element(0x0110, struct.pack("<H", message_id))]
+    if command_field == C_STORE_RQ:
+        body.append(element(0x0700, struct.pack("<H", 0)))
+    body.append(element(0x0800, struct.pack("<H", 0x0000 if has_dataset else NO_DATASET)))
+    if sop_instance_uid is not None:
+        body.append(element(0x1000, ui(sop_instance_uid)))
+    joined = b"".join(body)
+    return element(0x0000, struct.pack("<L", len(joined))) + joined
+
+
+def status_of(raw: bytes) -> int:
+    pos = 0
+    while pos + 8 <= len(raw):
+        group, element, length = struct.unpack_from("<HHL", raw, pos)
+        if (group, element) == (0, 0x0900) and length == 2:
+            return int(struct.unpack_from("<H", raw, pos + 8)[0])
+        pos += 8 + length
+    raise PduError("response without a Status")

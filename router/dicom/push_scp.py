@@ -32,7 +32,6 @@ from router.dicom.tuning import FileMeta, encode_file_meta, spool_dir
 
 logger = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
 PEEK_LIMIT = 64 * 1024  # a larger A-ASSOCIATE-RQ goes to pynetdicom
 _USER_ITEMS_SERVED = frozenset((0x51, 0x52, 0x53, 0x55))  # max length, implementation, async
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -88,8 +87,8 @@ def is_push(request: pdus.AssociateRequest, policy: PushPolicy) -> bool:
     if policy.known_calling_aets is not None and (
             request.calling_aet not in policy.known_calling_aets):
         return False  # pynetdicom rejects it, with its reason
-    return all(c.abstract_syntax == VERIFICATION or c.abstract_syntax in policy.storage_classes
-               for c in request.contexts)
+    return all(c.abstract_syntax in policy.storage_classes
+               or c.abstract_syntax == pdus.VERIFICATION for c in request.contexts)
 
 
 class _Closed(Exception):
@@ -184,8 +183,8 @@ class PushAssociation:
     def _accept(self) -> bytes:
         policy, results = self._policy, []
         for context in self._request.contexts:
-            supported = (policy.verification_syntaxes if context.abstract_syntax == VERIFICATION
-                         else policy.transfer_syntaxes)
+            is_echo = context.abstract_syntax == pdus.VERIFICATION
+            supported = policy.verification_syntaxes if is_echo else policy.transfer_syntaxes
             # The first of the requestor's transfer syntaxes that we support (as pynetdicom).
             chosen = next((ts for ts in context.transfer_syntaxes if ts in supported), None)
             if chosen is None:
@@ -260,10 +259,10 @@ class PushAssociation:
         abstract, syntax = self._accepted[context_id]
         if command.command_field == pdus.C_ECHO_RQ:
             self._respond(context_id, pdus.encode_response(
-                pdus.C_ECHO_RSP, command.sop_class_uid or VERIFICATION, command.message_id,
+                pdus.C_ECHO_RSP, command.sop_class_uid or pdus.VERIFICATION, command.message_id,
                 0x0000))
         elif command.command_field == pdus.C_STORE_RQ:
-            if command.dataset_type == pdus.NO_DATASET or abstract == VERIFICATION:
+            if command.dataset_type == pdus.NO_DATASET or abstract == pdus.VERIFICATION:
                 raise pdus.PduError("C-STORE request without a dataset or on a Verification "
                                     "context")
             self._pending = _Pending(command, context_id, syntax, self._open_spool(command,

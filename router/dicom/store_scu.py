@@ -20,9 +20,9 @@ from typing import BinaryIO
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from router.dicom import pdus
+from router.dicom.header import LONG_VRS
 
 MAX_SEND_PDU = 4 * 1024 * 1024  # also when the peer says "unlimited"
-VERIFICATION = "1.2.840.10008.1.1"
 _SENDFILE_FROM = 64 * 1024  # smaller fragments: one read and one send cost less
 
 
@@ -62,8 +62,7 @@ def dataset_offset(head: bytes) -> int | None:
         if group != 2:
             return pos
         vr = head[pos + 4:pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV",
-                  b"SV", b"UV"):
+        if vr in LONG_VRS:
             if pos + 12 > len(head):
                 return None
             length, pos = struct.unpack_from("<L", head, pos + 8)[0], pos + 12
@@ -73,85 +72,6 @@ def dataset_offset(head: bytes) -> int | None:
             return None
         pos += length
     return pos if pos == len(head) else None
-
-
-def _rq_contexts(pairs: list[tuple[str, str]]) -> bytes:
-    items = []
-    for number, (abstract, syntax) in enumerate(pairs):
-        body = (struct.pack(">BBBB", 2 * number + 1, 0, 0, 0) + _item(0x30, abstract.encode())
-                + _item(0x40, syntax.encode()))
-        items.append(_item(0x20, body))
-    return b"".join(items)
-
-
-def _item(kind: int, value: bytes) -> bytes:
-    return struct.pack(">BBH", kind, 0, len(value)) + value
-
-
-def _ae_field(title: str) -> bytes:
-    return title.encode("ascii", "replace")[:16].ljust(16, b" ")
-
-
-def encode_associate_rq(calling: str, called: str, pairs: list[tuple[str, str]],
-                        max_pdu: int) -> bytes:
-    """A-ASSOCIATE-RQ proposing one context per (abstract syntax, transfer syntax) pair,
-    context IDs 1, 3, 5... in order."""
-    user = (_item(0x51, struct.pack(">L", max_pdu))
-            + _item(0x52, PYNETDICOM_IMPLEMENTATION_UID.encode())
-            + _item(0x55, PYNETDICOM_IMPLEMENTATION_VERSION.encode()))
-    body = (struct.pack(">HH", 1, 0) + _ae_field(called) + _ae_field(calling) + b"\0" * 32
-            + _item(0x10, pdus.APPLICATION_CONTEXT.encode()) + _rq_contexts(pairs)
-            + _item(0x50, user))
-    return struct.pack(">BBL", pdus.A_ASSOCIATE_RQ, 0, len(body)) + body
-
-
-def parse_associate_ac(body: bytes) -> tuple[dict[int, tuple[int, str]], int]:
-    """(context id -> (result, transfer syntax), the peer's maximum PDU) of an AC's body."""
-    if len(body) < 68:
-        raise LinkError("protocol", "A-ASSOCIATE-AC shorter than its fixed fields")
-    results: dict[int, tuple[int, str]] = {}
-    max_pdu = 0
-    try:
-        for kind, value in pdus._items(body, 68):
-            if kind == 0x21 and len(value) >= 4:
-                syntax = ""
-                for sub_kind, sub_value in pdus._items(value, 4):
-                    if sub_kind == 0x40:
-                        syntax = sub_value.decode("ascii", "replace").rstrip("\0 ")
-                results[value[0]] = (value[2], syntax)
-            elif kind == 0x50:
-                for sub_kind, sub_value in pdus._items(value, 0):
-                    if sub_kind == 0x51 and len(sub_value) == 4:
-                        max_pdu = struct.unpack(">L", sub_value)[0]
-    except pdus.PduError as exc:
-        raise LinkError("protocol", str(exc)) from None
-    return results, max_pdu
-
-
-def encode_request(command_field: int, sop_class_uid: str, message_id: int, has_dataset: bool,
-                   sop_instance_uid: str | None = None) -> bytes:
-    """A C-STORE-RQ (priority medium) or C-ECHO-RQ command set, elements in tag order."""
-    element, ui = pdus._element, pdus._ui
-    body = [element(0x0002, ui(sop_class_uid)),
-            element(0x0100, struct.pack("<H", command_field)),
-            element(0x0110, struct.pack("<H", message_id))]
-    if command_field == pdus.C_STORE_RQ:
-        body.append(element(0x0700, struct.pack("<H", 0)))
-    body.append(element(0x0800, struct.pack("<H", 0x0000 if has_dataset else pdus.NO_DATASET)))
-    if sop_instance_uid is not None:
-        body.append(element(0x1000, ui(sop_instance_uid)))
-    joined = b"".join(body)
-    return element(0x0000, struct.pack("<L", len(joined))) + joined
-
-
-def _status_of(raw: bytes) -> int:
-    pos = 0
-    while pos + 8 <= len(raw):
-        group, element, length = struct.unpack_from("<HHL", raw, pos)
-        if (group, element) == (0, 0x0900) and length == 2:
-            return int(struct.unpack_from("<H", raw, pos + 8)[0])
-        pos += 8 + length
-    raise LinkError("protocol", "response without a Status")
 
 
 class StoreLink:
@@ -178,7 +98,9 @@ class StoreLink:
             raise LinkError("connect", type(exc).__name__) from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(encode_associate_rq(calling, called, pairs, max_pdu))
+            sock.sendall(pdus.encode_associate_rq(calling, called, pairs, max_pdu,
+                                                  PYNETDICOM_IMPLEMENTATION_UID,
+                                                  PYNETDICOM_IMPLEMENTATION_VERSION))
             kind, body = _read_pdu(sock)
         except (OSError, LinkError) as exc:
             sock.close()
@@ -195,10 +117,10 @@ class StoreLink:
             _abort(sock)
             raise LinkError("protocol", f"PDU type 0x{kind:02X} in answer to A-ASSOCIATE-RQ")
         try:
-            results, peer_max = parse_associate_ac(body)
-        except LinkError:
+            results, peer_max = pdus.parse_associate_ac(body)
+        except pdus.PduError as exc:
             _abort(sock)
-            raise
+            raise LinkError("protocol", str(exc)) from None
         accepted = {}
         for number, pair in enumerate(pairs):
             result = results.get(2 * number + 1)
@@ -222,7 +144,7 @@ class StoreLink:
         """C-STORE one data set; the response's status. LinkError "lost" when the association
         ends or stays silent; OSError when the stored file cannot be read."""
         context_id = self._accepted[(sop_class_uid, transfer_syntax)]
-        command = pdus.encode_pdata(context_id, True, encode_request(
+        command = pdus.encode_pdata(context_id, True, pdus.encode_request(
             pdus.C_STORE_RQ, sop_class_uid, message_id, True, sop_instance_uid), self._max_body)
         if isinstance(dataset, bytes):
             self._send(command)
@@ -239,9 +161,9 @@ class StoreLink:
 
     def echo(self, message_id: int) -> int:
         context_id = next(number for (sop, _), number in self._accepted.items()
-                          if sop == VERIFICATION)
-        self._send(pdus.encode_pdata(context_id, True, encode_request(
-            pdus.C_ECHO_RQ, VERIFICATION, message_id, False), self._max_body))
+                          if sop == pdus.VERIFICATION)
+        self._send(pdus.encode_pdata(context_id, True, pdus.encode_request(
+            pdus.C_ECHO_RQ, pdus.VERIFICATION, message_id, False), self._max_body))
         return self._response()
 
     def release(self) -> None:
@@ -318,7 +240,7 @@ class StoreLink:
                     if control & 1:
                         command += fragment
                         if control & 2:
-                            return _status_of(bytes(command))
+                            return pdus.status_of(bytes(command))
         except (OSError, pdus.PduError, LinkError) as exc:
             self._lost()
             if isinstance(exc, LinkError) and exc.kind == "lost":

@@ -137,10 +137,9 @@ def test_a_pdv_longer_than_its_pdu_is_refused() -> None:
 
 
 def test_our_association_request_is_decoded_by_pynetdicom() -> None:
-    from router.dicom.store_scu import encode_associate_rq
-
-    raw = encode_associate_rq("ROUTER", "PACS", [(CT, EXPLICIT), (CT, IMPLICIT), (MR, IMPLICIT)],
-                              max_pdu=0)
+    raw = pdus.encode_associate_rq("ROUTER", "PACS",
+                                   [(CT, EXPLICIT), (CT, IMPLICIT), (MR, IMPLICIT)], 0,
+                                   "1.2.3", "ROUTER_1")
     rq = A_ASSOCIATE_RQ()
     rq.decode(raw)
     primitive = rq.to_primitive()
@@ -152,21 +151,17 @@ def test_our_association_request_is_decoded_by_pynetdicom() -> None:
 
 
 def test_an_accept_encoded_by_pynetdicom_is_parsed() -> None:
-    from router.dicom.store_scu import parse_associate_ac
-
     request = pdus.parse_associate_rq(_request_bytes()[6:])
     # pynetdicom's decoder agreed with this encoder above; the parse must give it back.
     raw = pdus.encode_associate_ac(request, [(1, 0, EXPLICIT), (3, 3, IMPLICIT)], 32768,
                                    "1.2.3", "X")
-    results, max_pdu = parse_associate_ac(raw[6:])
+    results, max_pdu = pdus.parse_associate_ac(raw[6:])
     assert results == {1: (0, EXPLICIT), 3: (3, IMPLICIT)} and max_pdu == 32768
 
 
 @pytest.mark.parametrize("instance_uid", ["1.2.3.4.5", "1.2.3.4.56"])
 def test_our_store_request_is_what_pynetdicom_decodes(instance_uid: str) -> None:
-    from router.dicom.store_scu import encode_request
-
-    raw = encode_request(pdus.C_STORE_RQ, CT, 9, True, instance_uid)
+    raw = pdus.encode_request(pdus.C_STORE_RQ, CT, 9, True, instance_uid)
     command = decode(BytesIO(raw), True, True)
     assert command.CommandField == 1 and command.MessageID == 9 and command.Priority == 0
     assert command.CommandDataSetType == 0 and command.AffectedSOPClassUID == CT
