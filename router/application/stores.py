@@ -15,6 +15,8 @@ from urllib.parse import unquote, urlparse
 
 from eventsourcing.application import Application
 
+from router.application.sqlite_writes import order_sqlite_writes, release
+
 
 class IngestApplication(Application):
     """Jobs (receipt + routing decision), instance versions and receipt failures."""
@@ -103,6 +105,8 @@ class EventStores:
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
+        if config.database_url.startswith("sqlite:///"):
+            order_sqlite_writes()  # receivers and supervisor share the files
         self.ingest = IngestApplication(env=_clean_env(app_env(config, "ingest")))
         self.delivery = DeliveryApplication(env=_clean_env(app_env(config, "delivery")))
         self.admin = AdminApplication(env=_clean_env(app_env(config, "admin")))
@@ -118,6 +122,7 @@ class EventStores:
     def close(self) -> None:
         for app in self.all().values():
             app.close()
+            release(getattr(app.recorder, "datastore", None))
 
 
 def _clean_env(env: dict[str, str]) -> dict[str, str]:
