@@ -121,6 +121,9 @@ class StoreLink:
         except pdus.PduError as exc:
             _abort(sock)
             raise LinkError("protocol", str(exc)) from None
+        if 0 < peer_max < 7:  # a PDV header alone takes 6 bytes of a P-DATA-TF
+            _abort(sock)
+            raise LinkError("protocol", f"maximum PDU length {peer_max} leaves no room for data")
         accepted = {}
         for number, pair in enumerate(pairs):
             result = results.get(2 * number + 1)
@@ -205,7 +208,7 @@ class StoreLink:
             return
         position = offset
         while remaining > 0:
-            size = min(remaining, self._max_body - 6)
+            size = min(remaining, self._max_body - 6)  # >= 1: see open()
             remaining -= size
             header = struct.pack(">BBLLBB", pdus.P_DATA_TF, 0, size + 6, size + 2, context_id,
                                  2 if remaining == 0 else 0)

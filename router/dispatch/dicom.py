@@ -125,8 +125,7 @@ def _open_failure(error: LinkError, where: str, timeout: float) -> DeliveryError
         return TransientDeliveryError(f"{where} aborted the association request")
     if error.kind == "protocol":
         return TransientDeliveryError(
-            f"{where} answered the association request with something else than DICOM: "
-            f"{error.detail}")
+            f"{where} answered the association request in a way we cannot use: {error.detail}")
     return TransientDeliveryError(
         f"no answer from {where} to the association request (connection closed, "
         f"or nothing within {timeout:g} s)"

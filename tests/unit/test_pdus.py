@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from io import BytesIO
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -183,3 +184,62 @@ def test_the_data_set_offset_is_where_pydicom_finishes_the_file_meta() -> None:
             _read_file_meta_info(fp)
             assert dataset_offset(head) == fp.tell(), name
     assert dataset_offset(b"\0" * 200) is None  # no DICM
+
+
+@pytest.mark.parametrize("peer_max", [7, 6])
+def test_a_peer_with_a_tiny_maximum_pdu_gets_tiny_pdus_or_a_clear_refusal(
+    tmp_path: Any, peer_max: int
+) -> None:
+    """A minimal SCP announcing a 7-byte maximum gets the data set whole, in 1-byte
+    fragments, and answers; 6 bytes leave no room for data: refused at once (the fragment
+    size once went to 0 there: an endless loop)."""
+    import socket
+    import threading
+
+    from router.dicom.store_scu import FileDataset, LinkError, StoreLink
+
+    data = bytes(range(40))
+    stored = tmp_path / "x.dcm"
+    stored.write_bytes(b"\0" * 10 + data)
+    server = socket.create_server(("127.0.0.1", 0))
+    received = bytearray()
+
+    def read_pdu(conn: socket.socket) -> tuple[int, bytes]:
+        kind, _, length = struct.unpack(">BBL", conn.recv(6, socket.MSG_WAITALL))
+        return kind, conn.recv(length, socket.MSG_WAITALL) if length else b""
+
+    def scp() -> None:
+        conn, _ = server.accept()
+        with conn:
+            _, body = read_pdu(conn)
+            request = pdus.parse_associate_rq(body)
+            conn.sendall(pdus.encode_associate_ac(request, [(1, 0, EXPLICIT)], peer_max, "1.2",
+                                                  "T"))
+            if peer_max < 7:
+                return
+            while True:
+                kind, body = read_pdu(conn)
+                assert kind == pdus.P_DATA_TF and len(body) <= 7
+                for _, control, fragment in pdus.iter_pdvs(memoryview(body)):
+                    if not control & 1:
+                        received.extend(fragment)
+                        if control & 2:
+                            conn.sendall(pdus.encode_pdata(1, True, pdus.encode_response(
+                                pdus.C_STORE_RSP, CT, 1, 0, "1.2.3"), 0))
+                            return
+
+    thread = threading.Thread(target=scp, daemon=True)
+    thread.start()
+    if peer_max < 7:
+        with pytest.raises(LinkError, match="leaves no room"):
+            StoreLink.open("127.0.0.1", server.getsockname()[1], calling="A", called="B",
+                           pairs=[(CT, EXPLICIT)], max_pdu=0, timeout=5)
+        server.close()
+        return
+    link = StoreLink.open("127.0.0.1", server.getsockname()[1], calling="A", called="B",
+                          pairs=[(CT, EXPLICIT)], max_pdu=0, timeout=5)
+    assert link.store(CT, "1.2.3", EXPLICIT, FileDataset(stored, 10), 1) == 0
+    link.abort()
+    thread.join(5)
+    server.close()
+    assert bytes(received) == data
