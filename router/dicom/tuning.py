@@ -156,23 +156,12 @@ def _wait_for_message(assoc: Any, timeout: float = 0.005) -> None:
     reactor could take the wake-up and leave the sender waiting until its DIMSE timeout.
     """
     if not assoc.is_acceptor:
-        # Requestors: sleep as pynetdicom does, but wake early when a sender wants the
-        # reactor parked (see wake_reactor).
-        wake = assoc.__dict__.setdefault("_router_wake", threading.Event())
-        wake.wait(0.001)
-        wake.clear()
+        time.sleep(0.001)  # requestors (our C-MOVE/C-GET/C-FIND SCU): as pynetdicom does
         return
     messages = assoc.dimse.msg_queue
     with messages.not_empty:
         if not messages._qsize():
             messages.not_empty.wait(timeout)
-
-
-def wake_reactor(assoc: Any) -> None:
-    """Cut short a requestor reactor's idle sleep (so that it parks for a send sooner)."""
-    wake = assoc.__dict__.get("_router_wake")
-    if wake is not None:
-        wake.set()
 
 
 class _WakingQueue(queue.Queue):
