@@ -55,7 +55,7 @@ class DicomServer:
         self._busy = 0
         self._busy_lock = threading.Condition()
         self.ae = self._build_ae()
-        self._pushes: set[Any] = set()  # push_scp.PushAssociation being served
+        self._pushes: set[PushAssociation] = set()  # being served by push_scp
         self._pushes_lock = threading.Lock()
         self.push_policy = self._push_policy()
 
