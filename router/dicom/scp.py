@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom import uid as uids
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -138,7 +139,9 @@ class DicomServer:
         """Stop accepting, wait up to ``grace`` s for associations to end, then abort the rest."""
         if self._server is None:
             return
-        associations = list(self._server.active_associations)
+        # pynetdicom's and push_scp's: both have is_alive() and abort().
+        associations: list[Association | PushAssociation] = list(
+            self._server.active_associations)
         with self._pushes_lock:
             associations += list(self._pushes)
         self._server.shutdown()
