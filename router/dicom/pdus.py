@@ -172,7 +172,7 @@ def encode_pdata(context_id: int, command: bool, data: bytes, max_pdu: int) -> b
 # -- command sets: implicit VR little endian, group 0000 -------------------------------------
 
 _US_TAGS = frozenset((0x0100, 0x0110, 0x0120, 0x0700, 0x0800, 0x0900, 0x1031))
-_UI_TAGS = {0x0002: "AffectedSOPClassUID", 0x1000: "AffectedSOPInstanceUID"}
+_UI_TAGS = frozenset((0x0002, 0x1000))  # Affected SOP Class / Instance UID
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class SpoolFile:
 class PositionalReader:
     """Reads a descriptor by position (os.pread), as a minimal binary file: opening the file
     again costs a path lookup, and 0.1-0.3 ms here when the journal is busy with fsyncs.
-    Leaving a ``with`` block does not close the descriptor (its SpoolFile does)."""
+    It never closes the descriptor (its SpoolFile does)."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -134,9 +134,3 @@ class PositionalReader:
 
     def tell(self) -> int:
         return self._pos
-
-    def __enter__(self) -> PositionalReader:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        return None
