@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from projections.audit import AuditView
@@ -167,10 +167,7 @@ class Router:
         if count == 0:
             self.dicom.start()
             return
-        settings = self.settings
-        if settings.dicom_port == 0:  # every process must bind the same, known port
-            settings = replace(settings, dicom_port=_free_port(settings.dicom_host))
-        self.receivers = ReceiverPool(settings, count, on_saved=self.runner.wake)
+        self.receivers = ReceiverPool(self.settings, count, on_saved=self.runner.wake)
         self.receivers.start()
 
     def stop(self) -> None:
@@ -215,8 +212,3 @@ def _default_public_url(settings: Settings) -> str:
         host = socket.getfqdn()
     return f"http://{host}:{settings.http_port}"
 
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,12 +45,19 @@ TRANSFER_SYNTAXES = [
 
 
 class DicomServer:
-    """Owns the pynetdicom AE and its listening socket."""
+    """Owns the pynetdicom AE and its listening socket.
 
-    def __init__(self, settings: Settings, receiver: Receiver, reuse_port: bool = False,
-                 qr: QueryRetrieveSCP | None = None) -> None:
+    In a receiver process (``channel`` given) there is no listening socket: the parent accepts
+    and hands each connection over ``channel``; ``on_connection_done`` is called when one is
+    finished with (see :mod:`router.dicom.receivers`).
+    """
+
+    def __init__(self, settings: Settings, receiver: Receiver,
+                 qr: QueryRetrieveSCP | None = None, channel: socket.socket | None = None,
+                 on_connection_done: Callable[[], None] = lambda: None) -> None:
         self._settings = settings
-        self._reuse_port = reuse_port
+        self._channel = channel
+        self._on_connection_done = on_connection_done
         self._receiver = receiver
         self._qr = qr
         self._server: ThreadedAssociationServer | None = None
@@ -122,12 +130,15 @@ class DicomServer:
             (evt.EVT_C_STORE, self._handle_store),
             *(self._qr.handlers() if self._qr is not None else []),
         ]
-        server_class = _ReusePortServer if self._reuse_port else _Server
+        server_class = _Server if self._channel is None else _HandedServer
         self._server = self.ae.make_server(
             (self._settings.dicom_host, self._settings.dicom_port),
             evt_handlers=handlers, server_class=server_class,
         )
         self._server.router_scp = self  # type: ignore[attr-defined]
+        if isinstance(self._server, _HandedServer):
+            assert self._channel is not None
+            self._server.adopt(self._channel, self._on_connection_done)
         thread = threading.Thread(target=self._server.serve_forever, name="dicom-accept",
                                   daemon=True)
         thread.start()
@@ -261,13 +272,45 @@ class _Server(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
-class _ReusePortServer(_Server):
-    """Several receiver processes bind the same port; the kernel spreads the connections."""
+class _HandedServer(_Server):
+    """A receiver process's server: it binds nothing. Its "listening" socket is the Unix socket
+    over which the parent process hands it accepted connections (one descriptor per message,
+    with the peer's address as text); ``done`` is called once each connection is finished with.
+    """
+
+    _done: Callable[[], None] = staticmethod(lambda: None)
 
     def server_bind(self) -> None:
+        pass  # the parent process owns the port
+
+    def server_activate(self) -> None:
+        pass
+
+    def adopt(self, channel: socket.socket, done: Callable[[], None]) -> None:
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.close()  # the unbound TCP socket TCPServer made
+        self.socket = channel
+        self._done = done
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        message, fds, _, _ = socket.recv_fds(self.socket, 512, 1)
+        if not fds:
+            time.sleep(0.2)  # the parent is gone; SIGTERM follows (PDEATHSIG)
+            raise OSError("connection channel closed")
+        host, port = message.decode("ascii").rsplit(" ", 1)
+        return socket.socket(fileno=fds[0]), (host, int(port))
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+            # pynetdicom serves its associations on a thread of their own: wait for it, so
+            # that the parent's count of this process's connections stays true.
+            for assoc in self.active_associations:
+                if getattr(assoc.dul.socket, "socket", None) is request:
+                    assoc.join()
+        finally:
+            self._done()
 
 
 def _handle_echo(event: Any) -> int:
