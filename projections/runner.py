@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from projections.db import Cursor, ViewDatabase
+from router.priority import lower_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ class ProjectionRunner:
                 raise
 
     def _run(self, view: View, db: ViewDatabase) -> None:
+        lower_this_thread()
         while not self._stop.is_set():
             self._wakes[view.name].clear()
             try:

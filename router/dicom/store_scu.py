@@ -85,6 +85,14 @@ class StoreLink:
         self._max_body = MAX_SEND_PDU if peer_max_pdu == 0 else min(peer_max_pdu, MAX_SEND_PDU)
         self._timeout = timeout
         self.is_established = True
+        # Blocking, with the timeouts in the kernel (a timed-out call raises BlockingIOError,
+        # an OSError): Python's own timeout mode polls before every send and read, and
+        # socket.sendfile builds a selector for every call.
+        sock.settimeout(None)
+        whole = int(timeout)
+        value = struct.pack("ll", whole, int((timeout - whole) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
     @classmethod
     def open(cls, host: str, port: int, *, calling: str, called: str,
@@ -193,10 +201,9 @@ class StoreLink:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, flags: int = 0) -> None:
         try:
-            self._sock.settimeout(self._timeout)
-            self._sock.sendall(data)
+            self._sock.sendall(data, flags)
         except OSError as exc:
             self._lost()
             raise LinkError("lost", type(exc).__name__) from None
@@ -219,22 +226,23 @@ class StoreLink:
                 self._send(header + chunk)
                 position += size
                 continue
-            self._send(header)
-            # Large fragments go from the page cache to the socket: no copy through Python
-            # (socket.sendfile waits for room within the timeout).
-            try:
-                sent = self._sock.sendfile(source, offset=position, count=size)
-            except OSError as exc:
-                self._lost()
-                raise LinkError("lost", type(exc).__name__) from None
-            if sent != size:
-                raise OSError("stored file shorter than expected")
-            position += size
+            self._send(header, socket.MSG_MORE)  # sent with the data that follows
+            # Large fragments go from the page cache to the socket: no copy through Python.
+            end = position + size
+            while position < end:
+                try:
+                    sent = os.sendfile(self._sock.fileno(), source.fileno(), position,
+                                       end - position)
+                except OSError as exc:
+                    self._lost()
+                    raise LinkError("lost", type(exc).__name__) from None
+                if sent == 0:
+                    raise OSError("stored file shorter than expected")
+                position += sent
 
     def _response(self) -> int:
         command = bytearray()
         try:
-            self._sock.settimeout(self._timeout)
             while True:
                 kind, body = _read_pdu(self._sock)
                 if kind != pdus.P_DATA_TF:

@@ -23,6 +23,7 @@ from router.dispatch.base import (
 )
 from router.dispatch.lanes import DueDelivery, Lane
 from router.dispatch.outcomes import OutcomeRecorder
+from router.priority import lower_this_thread
 from router.settings import DispatchSettings
 from router.storage.blobs import BlobStore
 
@@ -82,6 +83,7 @@ class Dispatcher:
         self.outcomes.stop()  # after the lanes: their last outcomes are saved too
 
     def _run(self) -> None:
+        lower_this_thread()
         while not self._stop.is_set():
             self._wake.clear()
             try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.dispatch.base import Adapter, DeliveryError, Outgoing, TransientDeliveryError
+from router.priority import lower_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Lane:
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _work(self) -> None:
+        lower_this_thread()
         adapter: Adapter | None = None
         try:
             while not self._stop.is_set():

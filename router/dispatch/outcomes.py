@@ -19,6 +19,7 @@ from eventsourcing.persistence import IntegrityError
 from router.dispatch.base import TransientDeliveryError
 from router.dispatch.lanes import AttemptResult, DueDelivery
 from router.domain.delivery import Delivery, delivery_id
+from router.priority import lower_this_thread
 from router.settings import DispatchSettings
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class OutcomeRecorder:
                 del self._recent[key]
 
     def _run(self) -> None:
+        lower_this_thread()
         while not (self._stop.is_set() and self._queue.empty()):
             try:
                 batch = [self._queue.get(timeout=0.2)]

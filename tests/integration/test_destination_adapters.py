@@ -677,3 +677,52 @@ def test_dicom_large_objects_are_streamed_in_full_size_fragments(tmp_path: Path)
     received = received_by_uid(scp)
     for item in items:
         assert pixel_hash(received[item.sop_instance_uid]) == pixel_hash(dcmread(item.path))
+
+
+@pytest.mark.parametrize("peer_reads", [True, False], ids=["reads-all", "stops-reading"])
+def test_dicom_gives_up_on_a_peer_that_accepts_but_never_answers(
+        tmp_path: Path, peer_reads: bool) -> None:
+    """The association's timeout holds while sending (a 12 MB object to a peer that stops
+    reading blocks sendfile) and while waiting for the response (a peer that reads all and
+    answers nothing): one timeout and a transient error, not a hang."""
+    import threading
+
+    from router.dicom import pdus
+    from tests.synthetic import make_ct_series
+
+    path = make_ct_series(tmp_path / "big", count=1, rows=2448, cols=2448)[0]
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    ended = threading.Event()
+
+    def silent_peer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            header = conn.recv(6, socket.MSG_WAITALL)
+            length = int.from_bytes(header[2:6], "big")
+            request = pdus.parse_associate_rq(conn.recv(length, socket.MSG_WAITALL))
+            results = [(c.context_id, pdus.ACCEPTED, c.transfer_syntaxes[0])
+                       for c in request.contexts]
+            conn.sendall(pdus.encode_associate_ac(request, results, 0, "1.2.3", "SILENT"))
+            if peer_reads:
+                while conn.recv(1 << 16):  # reads everything, answers nothing
+                    pass
+            else:
+                conn.recv(1 << 16)  # a first bite, then nothing until the sender gives up
+                while conn.recv(1 << 16, socket.MSG_PEEK) and not ended.wait(0.2):
+                    pass
+            ended.set()
+
+    thread = threading.Thread(target=silent_peer, daemon=True)
+    thread.start()
+    adapter = dicom_adapter(port, timeout=1.5)
+    started = time.monotonic()
+    with pytest.raises(TransientDeliveryError, match=r"no answer within 1\.5 s"):
+        adapter.send(outgoing(path))
+    assert 1.0 < time.monotonic() - started < 10
+    if peer_reads:
+        assert ended.wait(5), "the association was closed after the timeout"
+    ended.set()
+    adapter.close()
+    listener.close()
