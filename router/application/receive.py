@@ -18,6 +18,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from router.application.admin_state import AdminState
+from router.application.sqlite_writes import LogNotDurable
 from router.application.stores import EventStores
 from router.application.unit_plan import plan_units
 from router.dicom.header import HeaderError
@@ -127,6 +128,15 @@ class Receiver:
                                 f"blob store: {exc.strerror or type(exc).__name__}")
         try:
             receipt = self._save_with_retry(arrival, header, sop_uid, correlation_id)
+        except LogNotDurable:
+            # Committed (the job is in the log and will be delivered) but the log's sync
+            # failed: keep the object its events refer to, and do not acknowledge it. A resend
+            # is then recorded as a duplicate of this job.
+            self._commit_blob(arrival.sha256, staged)
+            self._on_saved()
+            logger.error("receipt committed but the log could not be synced; answered 0xA700")
+            self._store_down_until = time.monotonic() + STORE_DOWN_BACKOFF
+            return Receipt(STATUS_OUT_OF_RESOURCES, reason="event log could not be synced to disk")
         except NotDurableError as exc:
             self._blobs.discard(staged)
             return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
@@ -142,15 +152,18 @@ class Receiver:
         if receipt.status != STATUS_SUCCESS:
             self._blobs.discard(staged)
             return receipt
+        self._commit_blob(arrival.sha256, staged)
+        self._on_saved()
+        return receipt
+
+    def _commit_blob(self, sha256: str, staged: Path | None) -> None:
         try:
-            self._blobs.commit(arrival.sha256, staged)
+            self._blobs.commit(sha256, staged)
         except OSError as exc:
             # The receipt is saved and the bytes are fsynced in the spool: the object is durable
             # and readable there; start-up recovery moves it into place.
             logger.error("blob commit failed after the receipt was saved: %s",
                          exc.strerror or type(exc).__name__)
-        self._on_saved()
-        return receipt
 
     def _save_with_retry(
         self, arrival: Arrival, header: ScannedHeader, sop_uid: str, correlation_id: str

@@ -9,12 +9,14 @@ pynetdicom or DCMTK; destinations are a folder, DCMTK ``storescp`` and a moto S3
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import random
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -698,3 +700,32 @@ def test_store_answers_a700_when_the_database_is_unavailable(
              "every acknowledged instance to be delivered once the database is back")
     uids = {r["sop_instance_uid"] for r in jobs(router, "SELECT sop_instance_uid FROM jobs")}
     assert uids == {sop_uid_of(p) for p in (before, during, after)}
+
+
+def test_a_receipt_whose_log_cannot_be_synced_is_kept_but_not_acknowledged(
+    tmp_path: Path, start_router: Callable[..., Router], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SQLite: the commit went through but the WAL sync failed (EIO). The sender is told
+    0xA700; the job stays, with its object, and is delivered; the resend is a duplicate."""
+    out = tmp_path / "out"
+    router = start_router(router_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}",
+                                          [file_destination("archive", out)]))
+    (source,) = make_ct_series(tmp_path / "ct", count=1, rows=64, cols=64)
+    real_fdatasync = os.fdatasync
+    failing = threading.Event()
+
+    def fdatasync(fd: int) -> None:
+        if failing.is_set() and os.readlink(f"/proc/self/fd/{fd}").endswith("ingest.sqlite-wal"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    failing.set()
+    assert c_store(router.dicom.port, [source]) == [STATUS_OUT_OF_RESOURCES]
+    failing.clear()
+    wait_for(lambda: deliveries_done(router, 1, "archive"), 20, "the committed job's delivery")
+    time.sleep(5.1)  # the receiver refuses at once for 5 s after a failed save
+    assert c_store(router.dicom.port, [source]) == [0]
+    rows = jobs(router, "SELECT routing FROM jobs ORDER BY received_at")
+    assert [r["routing"] for r in rows] == ["routed", "duplicate"]
+    assert len(list(out.rglob("*.dcm"))) == 1

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from router.application.sqlite_writes import LogNotDurable
 from router.application.stores import EventStores, StoreConfig
 from router.domain.ingest import ReceiptFailure
 
@@ -38,6 +42,59 @@ def test_a_save_waits_while_another_holder_has_the_logs_write_lock(tmp_path: Pat
         os.close(other)
         assert saved.wait(5)
         writer.join()
+        assert len(stores.ingest.recorder.select_notifications(start=1, limit=10)) == 2
+    finally:
+        stores.close()
+
+
+def test_each_save_syncs_the_wal_after_releasing_the_write_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite itself no longer fsyncs inside the commit (synchronous=NORMAL); the save syncs
+    the WAL, outside the lock, before it returns."""
+    stores = EventStores(StoreConfig(f"sqlite:///{tmp_path}"))
+    try:
+        stores.ingest.save(_failure())
+        wal = tmp_path / "ingest.sqlite-wal"
+        lock_path = tmp_path / "ingest.sqlite.lock"
+        synced: list[tuple[int, bool]] = []
+        real_fdatasync = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            probe = os.open(lock_path, os.O_RDWR)
+            try:  # is the write lock free while the WAL is synced?
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                free = True
+                fcntl.flock(probe, fcntl.LOCK_UN)
+            except BlockingIOError:
+                free = False
+            finally:
+                os.close(probe)
+            synced.append((os.fstat(fd).st_ino, free))
+            real_fdatasync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        stores.ingest.save(_failure())
+        assert synced == [(wal.stat().st_ino, True)]
+        with stores.ingest.recorder.datastore.transaction(commit=False) as cursor:  # type: ignore[attr-defined]
+            cursor.execute("PRAGMA synchronous")
+            assert cursor.fetchone()[0] == 1  # NORMAL: no fsync inside the commit
+    finally:
+        stores.close()
+
+
+def test_a_failed_wal_sync_fails_the_save_after_its_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stores = EventStores(StoreConfig(f"sqlite:///{tmp_path}"))
+    try:
+        stores.ingest.save(_failure())
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fdatasync", failing)
+        with pytest.raises(LogNotDurable, match="WAL sync failed"):
+            stores.ingest.save(_failure())
+        # Committed (visible), though not confirmed on disk: the caller must say so.
         assert len(stores.ingest.recorder.select_notifications(start=1, limit=10)) == 2
     finally:
         stores.close()
