@@ -10,7 +10,7 @@ import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from functools import cache
+from functools import cache, cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import NoReturn, TypeVar
 
@@ -109,13 +109,12 @@ def _sop_class_uid(text: str) -> str:
 
 @dataclass(frozen=True)
 class _Facts:
-    """What every rule looks at, read once per instance."""
+    """What every rule looks at, read once per instance (the header's values only when a rule
+    asks: converting them is most of the routing time when rules test AE titles only)."""
 
     calling_aet: str
     called_aet: str
     address: Address | None
-    modalities: tuple[str, ...]
-    sop_class: str | None
     item: RoutingInput = field(repr=False)
     seen: dict[BaseTag | str, Atoms | None] = field(default_factory=dict, repr=False)
 
@@ -126,24 +125,26 @@ class _Facts:
             self.seen[source] = condition.values(self.item.dataset, self.item.extra)
         return condition.holds_for(self.seen[source])
 
+    @cached_property
+    def modalities(self) -> tuple[str, ...]:
+        found = dataset_values(self.item.dataset, _MODALITY_TAG) or ()
+        return tuple((text_of(m) or "").upper() for m in found)
+
+    @cached_property
+    def sop_class(self) -> str | None:
+        found = next(
+            (v[0] for t in _SOP_CLASS_TAGS if (v := dataset_values(self.item.dataset, t))), None
+        )
+        return None if found is None else text_of(found)
+
     @classmethod
     def of(cls, item: RoutingInput) -> _Facts:
         try:
             address: Address | None = ip_address(item.source_ip.strip())
         except ValueError:
             address = None
-        modalities = dataset_values(item.dataset, _MODALITY_TAG) or ()
-        sop_class = next(
-            (v[0] for t in _SOP_CLASS_TAGS if (v := dataset_values(item.dataset, t))), None
-        )
-        return cls(
-            calling_aet=item.calling_aet.strip(),
-            called_aet=item.called_aet.strip(),
-            address=address,
-            modalities=tuple((text_of(m) or "").upper() for m in modalities),
-            sop_class=None if sop_class is None else text_of(sop_class),
-            item=item,
-        )
+        return cls(calling_aet=item.calling_aet.strip(), called_aet=item.called_aet.strip(),
+                   address=address, item=item)
 
 
 # -- the model -------------------------------------------------------------------------------
@@ -245,8 +246,8 @@ class RuleSpec:
             self._aet_ok(self._calling, facts.calling_aet)
             and self._aet_ok(self._called, facts.called_aet)
             and self._address_ok(facts.address)
-            and self._modality_ok(facts.modalities)
-            and self._sop_class_ok(facts.sop_class)
+            and (not self._modalities or self._modality_ok(facts.modalities))
+            and (not self.sop_class or self._sop_class_ok(facts.sop_class))
             and all(facts.holds(c) for c in self.match)
         )
 
