@@ -62,26 +62,26 @@ class WriteLock:
     def sync_log(self) -> None:
         """fdatasync the WAL: what was committed before this call is then on disk."""
         try:
-            inode = os.stat(self._wal).st_ino
+            fd = self._wal_descriptor()
         except FileNotFoundError:
             return  # checkpointed and removed: in the database file, synced by the checkpoint
-        with self._wal_lock:
-            fd = self._wal_fds.get(inode)
-            if fd is None:
-                try:
-                    fd = os.open(self._wal, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    return
-                if os.fstat(fd).st_ino != inode:  # replaced between stat and open
-                    inode = os.fstat(fd).st_ino
-                    if inode in self._wal_fds:
-                        os.close(fd)
-                        fd = self._wal_fds[inode]
-                self._wal_fds.setdefault(inode, fd)
         try:
             os.fdatasync(fd)
         except OSError as exc:
             raise LogNotDurable(exc.errno, f"WAL sync failed: {exc.strerror}") from None
+
+    def _wal_descriptor(self) -> int:
+        """A descriptor of the current WAL file (FileNotFoundError when there is none)."""
+        inode = os.stat(self._wal).st_ino
+        with self._wal_lock:
+            fd = self._wal_fds.get(inode)
+            if fd is None:
+                fd = os.open(self._wal, os.O_RDONLY | os.O_CLOEXEC)
+                known = self._wal_fds.setdefault(os.fstat(fd).st_ino, fd)
+                if known != fd:  # replaced since the stat, by one already held
+                    os.close(fd)
+                    fd = known
+            return fd
 
     def close(self) -> None:
         os.close(self._fd)

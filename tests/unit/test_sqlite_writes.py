@@ -98,3 +98,26 @@ def test_a_failed_wal_sync_fails_the_save_after_its_commit(
         assert len(stores.ingest.recorder.select_notifications(start=1, limit=10)) == 2
     finally:
         stores.close()
+
+
+def test_the_wal_sync_follows_a_replaced_wal_and_skips_a_removed_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.application.sqlite_writes import WriteLock
+
+    wal = tmp_path / "log.sqlite-wal"
+    lock = WriteLock(str(tmp_path / "log.sqlite.lock"), str(wal))
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(os.fstat(fd).st_ino))
+    try:
+        lock.sync_log()  # no WAL yet: nothing to sync
+        wal.write_bytes(b"first")
+        first = wal.stat().st_ino
+        lock.sync_log()
+        wal.unlink()
+        wal.write_bytes(b"second")  # SQLite made a new WAL after a checkpoint
+        second = wal.stat().st_ino
+        lock.sync_log()
+        lock.sync_log()
+        assert first != second and synced == [first, second, second]
+    finally:
+        lock.close()
