@@ -45,7 +45,8 @@ class DicomSettings:
     """DICOM SCP behaviour."""
 
     max_associations: int = 32
-    # Receiver processes (SO_REUSEPORT on one port); 0 = receive in the main process's threads.
+    # Receiver processes (the supervisor hands each connection to the least busy one); 0 =
+    # receive in the main process's threads.
     processes: int = 2
     # What we advertise. Large PDUs are fast for big objects, and a whole PDU is held in memory
     # while it is read, so this is also a memory bound per association (0 = unlimited).

@@ -397,7 +397,7 @@ def test_c_find_is_answered_in_receiver_processes(
     port = router.receivers._settings.dicom_port
     studies = three_studies(tmp_path / "data")
     load(router, port, studies)
-    for _ in range(4):  # the kernel spreads associations over both processes
+    for _ in range(4):  # the supervisor alternates idle receivers: both processes answer
         found = findscu(port, tmp_path / "rsp", query_file(
             tmp_path, QueryRetrieveLevel="STUDY", StudyInstanceUID="", PatientID="P2"), "-S")
         assert [r.StudyInstanceUID for r in found] == [studies[1].uid]
