@@ -8,6 +8,7 @@ what those associations use.
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -311,3 +312,14 @@ def status_of(raw: bytes) -> int:
             return int(struct.unpack_from("<H", raw, pos + 8)[0])
         pos += 8 + length
     raise PduError("response without a Status")
+
+
+def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` blocking with send and receive timeouts kept by the kernel (a timed-out
+    call raises BlockingIOError). Both sides use it: Python's own timeout mode polls before
+    every send and read, and socket.sendfile builds a selector for every call."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)

@@ -138,9 +138,7 @@ class PushAssociation:
         """Serve until release or abort; ``over_limit``: reject (too many associations)."""
         try:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # Blocking, with the timeouts in the kernel: Python's own socket timeout polls
-            # before every read and write (two system calls for one).
-            self._sock.settimeout(None)
+            # Blocking from here, with the timeouts in the kernel (set by _read_pdu).
             self._read_pdu(self._policy.acse_timeout)  # the request we peeked at
             if over_limit:
                 # Rejected transient, by the presentation service provider, local limit
@@ -200,10 +198,7 @@ class PushAssociation:
 
     def _set_timeout(self, seconds: float) -> None:
         if seconds != self._timeout:
-            whole = int(seconds)
-            value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+            pdus.set_kernel_timeouts(self._sock, seconds)
             self._timeout = seconds
 
     def _read_exactly(self, view: memoryview) -> None:

@@ -85,14 +85,7 @@ class StoreLink:
         self._max_body = MAX_SEND_PDU if peer_max_pdu == 0 else min(peer_max_pdu, MAX_SEND_PDU)
         self._timeout = timeout
         self.is_established = True
-        # Blocking, with the timeouts in the kernel (a timed-out call raises BlockingIOError,
-        # an OSError): Python's own timeout mode polls before every send and read, and
-        # socket.sendfile builds a selector for every call.
-        sock.settimeout(None)
-        whole = int(timeout)
-        value = struct.pack("ll", whole, int((timeout - whole) * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        pdus.set_kernel_timeouts(sock, timeout)  # a timed-out call raises an OSError
 
     @classmethod
     def open(cls, host: str, port: int, *, calling: str, called: str,
