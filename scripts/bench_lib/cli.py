@@ -106,6 +106,33 @@ def _spread_subfolders(folder: Path) -> str:
     return "each run's folder in a block group of its own (chattr +T)"
 
 
+# How long inodes deleted by an earlier bench slow down creating files near them: ext4 without
+# a journal skips inodes deleted in the last 60 s (plus 5 min while their inode table block is
+# unwritten, hence the sync in _note_deletions). A new run root tends to be placed in the
+# block groups the last cleanup emptied (they hold the fewest folders).
+_DELETIONS_SETTLE_S = 70.0
+_DELETIONS_STAMP = ".last-cleanup"
+
+
+def _note_deletions(tmp_dir: Path) -> None:
+    """After the run folders are deleted: write them out, and remember when."""
+    os.sync()
+    (tmp_dir / _DELETIONS_STAMP).write_text(f"{time.time()}\n")
+
+
+def _wait_for_old_deletions(tmp_dir: Path) -> None:
+    """Wait until the last bench's deletions no longer slow down file creation here."""
+    try:
+        deleted_at = float((tmp_dir / _DELETIONS_STAMP).read_text())
+    except (OSError, ValueError):
+        return
+    wait = deleted_at + _DELETIONS_SETTLE_S - time.time()
+    if wait > 0:
+        print(f"waiting {wait:.0f} s for the previous bench's deleted files to age "
+              "(see docs/benchmarks.md)", flush=True)
+        time.sleep(wait)
+
+
 def _add_path_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir",
@@ -202,9 +229,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{_create_cost(Path(tempfile.gettempdir())) * 1000:.3f} ms)", flush=True)
     try:
         plan = _prepare(args)
-        with tempfile.TemporaryDirectory(prefix="dicom-bench-", dir=args.tmp_dir) as tmp:
-            print(f"run folders: {_spread_subfolders(Path(tmp))}", flush=True)
-            runs, skipped = run_all(_receivers(args), plan, args.repeat, Path(tmp))
+        _wait_for_old_deletions(args.tmp_dir)
+        try:
+            with tempfile.TemporaryDirectory(prefix="dicom-bench-", dir=args.tmp_dir) as tmp:
+                print(f"run folders: {_spread_subfolders(Path(tmp))}", flush=True)
+                runs, skipped = run_all(_receivers(args), plan, args.repeat, Path(tmp))
+        finally:
+            _note_deletions(args.tmp_dir)
     except KeyboardInterrupt:
         print("\ninterrupted; children stopped", file=sys.stderr)
         return 130

@@ -15,6 +15,13 @@ from .receivers import Receiver, Unavailable
 from .workloads import Sent, Workload, data_size, send
 
 POLL = 0.05  # seconds between checks of the sink folder
+# A run's folder is kept until the end of the bench (the caller's temporary folder goes then)
+# while more than this is free on its disk. Deleting it at once made the next run slow on
+# these machines: on ext4 without a journal, allocating an inode in a block group skips, one
+# by one, every inode deleted there in the last 30 s (5 min while the inode table is unwritten),
+# and the next run's folder was often placed in the group just emptied (perf: 10-40% of the
+# receivers' CPU in recently_deleted and find_get_block_common).
+KEEP_WHILE_FREE = 16 * 1024**3
 
 
 @dataclass
@@ -77,7 +84,8 @@ def measure(
         return run
     finally:
         receiver.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if shutil.disk_usage(workdir).free < KEEP_WHILE_FREE:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _wait_delivered(receiver: Receiver, expected: int, sent: Sent) -> float | None:
