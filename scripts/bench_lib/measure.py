@@ -4,7 +4,8 @@ loop over workloads x repeats x receivers.
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,13 +16,6 @@ from .receivers import Receiver, Unavailable
 from .workloads import Sent, Workload, data_size, send
 
 POLL = 0.05  # seconds between checks of the sink folder
-# A run's folder is kept until the end of the bench (the caller's temporary folder goes then)
-# while more than this is free on its disk. Deleting it at once made the next run slow on
-# these machines: on ext4 without a journal, allocating an inode in a block group skips, one
-# by one, every inode deleted there in the last 30 s (5 min while the inode table is unwritten),
-# and the next run's folder was often placed in the group just emptied (perf: 10-40% of the
-# receivers' CPU in recently_deleted and find_get_block_common).
-KEEP_WHILE_FREE = 16 * 1024**3
 
 
 @dataclass
@@ -84,8 +78,24 @@ def measure(
         return run
     finally:
         receiver.stop()
-        if shutil.disk_usage(workdir).free < KEEP_WHILE_FREE:
-            shutil.rmtree(workdir, ignore_errors=True)
+        _empty_files(workdir)
+
+
+def _empty_files(folder: Path) -> None:
+    """Free what a run stored (disk space and page cache) but keep its files until the end of
+    the bench (the caller's temporary folder goes then), as empty files.
+
+    Deleting them made the next run slow on these machines: on ext4 without a journal,
+    allocating an inode skips, one by one, every inode of the block group deleted in the last
+    minute, and the next run's folder was placed in the group just emptied (perf: 10-40% of
+    the receivers' CPU in recently_deleted and find_get_block_common). Keeping their data
+    instead made every receiver slow once the page cache had to grow into memory the VM had
+    not touched yet (storescp: 26 instead of 3.4 ms of CPU per 10 MB instance).
+    """
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink():
+                os.truncate(path, 0)
 
 
 def _wait_delivered(receiver: Receiver, expected: int, sent: Sent) -> float | None:
