@@ -113,19 +113,23 @@ def _spread_subfolders(folder: Path) -> str:
 # perf, 70 s after a cleanup: still 10% of all samples in recently_deleted and
 # find_get_block_common during a small-object run.
 _DELETIONS_SETTLE_S = 6 * 60 + 10
+_DELETIONS_MANY = 5000  # fewer (a --quick run deletes about 1,800) are not worth waiting for
 _DELETIONS_STAMP = ".last-cleanup"
 
 
-def _note_deletions(tmp_dir: Path) -> None:
-    """After the run folders are deleted: remember when."""
-    (tmp_dir / _DELETIONS_STAMP).write_text(f"{time.time()}\n")
+def _note_deletions(tmp_dir: Path, count: int) -> None:
+    """Just before the run folders are deleted: remember when, and how many entries."""
+    (tmp_dir / _DELETIONS_STAMP).write_text(f"{time.time()} {count}\n")
 
 
 def _wait_for_old_deletions(tmp_dir: Path) -> None:
     """Wait until the last bench's deletions no longer slow down file creation here."""
     try:
-        deleted_at = float((tmp_dir / _DELETIONS_STAMP).read_text())
+        when, count = (tmp_dir / _DELETIONS_STAMP).read_text().split()
+        deleted_at, deleted = float(when), int(count)
     except (OSError, ValueError):
+        return
+    if deleted < _DELETIONS_MANY:
         return
     wait = deleted_at + _DELETIONS_SETTLE_S - time.time()
     if wait > 0:
@@ -231,12 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = _prepare(args)
         _wait_for_old_deletions(args.tmp_dir)
-        try:
-            with tempfile.TemporaryDirectory(prefix="dicom-bench-", dir=args.tmp_dir) as tmp:
-                print(f"run folders: {_spread_subfolders(Path(tmp))}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="dicom-bench-", dir=args.tmp_dir) as tmp:
+            print(f"run folders: {_spread_subfolders(Path(tmp))}", flush=True)
+            try:
                 runs, skipped = run_all(_receivers(args), plan, args.repeat, Path(tmp))
-        finally:
-            _note_deletions(args.tmp_dir)
+            finally:
+                _note_deletions(args.tmp_dir, sum(1 for _ in Path(tmp).rglob("*")))
     except KeyboardInterrupt:
         print("\ninterrupted; children stopped", file=sys.stderr)
         return 130
