@@ -83,13 +83,9 @@ def _create_cost(folder: Path, count: int = 200) -> float:
 
 def _spread_subfolders(folder: Path) -> str:
     """Mark ``folder`` as a top of directory hierarchies for ext4's Orlov allocator (what
-    ``chattr +T`` does), so that each run's folder is placed in a block group of its own.
-
-    Without it every run's folder lands in the block group of the previous runs, whose files
-    were just deleted. On ext4 without a journal (these machines) each new inode then scans
-    past every recently deleted one in that group: perf put about 40% of the router's receiving
-    CPU in ``recently_deleted`` and ``find_inode_bit`` after a previous run's folder was
-    removed, and runs got slower one after another. Returns what happened, for the report.
+    ``chattr +T`` does), so that each run's folder is placed in a block group of its own, away
+    from inodes deleted by earlier runs (why that matters: measure._empty_files). Returns what
+    happened, for the report.
     """
     fs_ioc_getflags, fs_ioc_setflags, fs_topdir_fl = 0x80086601, 0x40086602, 0x00020000
     try:
@@ -106,12 +102,11 @@ def _spread_subfolders(folder: Path) -> str:
     return "each run's folder in a block group of its own (chattr +T)"
 
 
-# How long inodes deleted by an earlier bench slow down creating files near them: ext4 without
-# a journal skips inodes deleted in the last 60 s, and in the last 6 min when their inode table
-# block is dirty, which allocating new inodes next to them makes it again. A new run root tends
-# to be placed in the block groups the last cleanup emptied (they hold the fewest folders).
-# perf, 70 s after a cleanup: still 10% of all samples in recently_deleted and
-# find_get_block_common during a small-object run.
+# A new run root tends to be placed in the block groups the last cleanup emptied (they hold
+# the fewest folders), where creating files is slow for a while (measure._empty_files says
+# why). The kernel skips inodes deleted in the last 60 s, or 6 min while their inode table
+# block is dirty, which allocating next to them makes it again; 70 s after a cleanup perf
+# still put 10% of a small-object run's samples in recently_deleted.
 _DELETIONS_SETTLE_S = 6 * 60 + 10
 _DELETIONS_MANY = 5000  # fewer (a --quick run deletes about 1,800) are not worth waiting for
 _DELETIONS_STAMP = ".last-cleanup"
