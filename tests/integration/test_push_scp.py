@@ -5,6 +5,7 @@ badly leaves behind (nothing)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import struct
 import time
@@ -182,14 +183,14 @@ def test_a_large_object_is_written_back_while_it_arrives(
     stored are the bytes sent."""
     from router.dicom import spool
 
-    syncs: list[int] = []
-    real = spool.os.fdatasync
+    started: list[tuple[int, int]] = []
+    real = spool.start_writeback
 
-    def counting(fd: int) -> None:
-        syncs.append(fd)
-        real(fd)
+    def counting(fd: int, offset: int, length: int) -> None:
+        started.append((offset, length))
+        real(fd, offset, length)
 
-    monkeypatch.setattr(spool.os, "fdatasync", counting)
+    monkeypatch.setattr(spool, "start_writeback", counting)
     (path,) = make_ct_series(tmp_path / "big", count=1, rows=2048, cols=2048)  # 8 MB
     dataset = dcmread(path)
     ae = AE(ae_title="PUSHER")
@@ -198,7 +199,11 @@ def test_a_large_object_is_written_back_while_it_arrives(
                          max_pdu=1 << 20)
     assert assoc.send_c_store(dataset).Status == 0
     assoc.release()
-    assert served == ["PUSHER"] and syncs
+    assert served == ["PUSHER"]
+    # In order and without gaps: one range per EARLY_SYNC_BYTES as it arrived, then the tail.
+    assert len(started) >= 2 and started[0][0] == 0
+    assert started[0][1] >= spool.EARLY_SYNC_BYTES
+    assert all(b[0] == a[0] + a[1] for a, b in itertools.pairwise(started))
     (row,) = wait_for(lambda: router.views["jobs"][1].query("SELECT sha256 FROM jobs"), 10,
                       "the job")
     stored = router.blobs.path_for(row["sha256"])
