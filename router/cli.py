@@ -86,6 +86,7 @@ def cmd_serve(settings: Settings, args: Any) -> int:
 async def _serve(router: Any) -> int:
     from aiohttp import web
 
+    from router.gc_tuning import freeze_startup_heap
     from web.app import create_app
 
     loop = asyncio.get_running_loop()
@@ -97,6 +98,7 @@ async def _serve(router: Any) -> int:
     await runner.setup()
     site = web.TCPSite(runner, router.settings.http_host, router.settings.http_port)
     await site.start()
+    freeze_startup_heap()
     logger.info("HTTP on %s:%d", router.settings.http_host, router.settings.http_port)
     await stopping.wait()
     logger.info("shutting down")

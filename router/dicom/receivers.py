@@ -63,6 +63,7 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
     from router.dicom.qr_scp import standalone
     from router.dicom.scp import DicomServer
     from router.dicom.tuning import DUL_IDLE_DELAY, configure_pynetdicom
+    from router.gc_tuning import freeze_startup_heap
     from router.logs import configure_logging
     from router.secrets import SecretBox, load_master_key
     from router.storage.blobs import BlobStore
@@ -98,6 +99,7 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
     server = DicomServer(settings, receiver, qr=qr, channel=channel,
                          on_connection_done=connection_done)
     server.start()
+    freeze_startup_heap()
     tell_parent(b"R")
     while not stop.wait(1.0):
         if os.getppid() != parent_pid:  # parent gone and PDEATHSIG unavailable
