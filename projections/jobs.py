@@ -65,7 +65,6 @@ _UPSERT_DELIVERY = (
 class JobsView(AIRequestHandlers, UnitHandlers, View):
     name = "jobs"
     follows = ("ingest", "delivery")
-    feeds_dispatch = True  # due deliveries, units and AI requests are found here
     tables = ("jobs", "deliveries", "receipt_failures", "blob_purges", *UNIT_TABLES,
               *AI_TABLES)
 

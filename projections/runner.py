@@ -22,7 +22,6 @@ from router.priority import lower_this_thread
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
-RECORD_KEEPING_WAIT = 0.5  # seconds
 
 POSITIONS_SQL = """CREATE TABLE IF NOT EXISTS projection_positions (
     view TEXT NOT NULL, application TEXT NOT NULL, position BIGINT NOT NULL,
@@ -53,9 +52,6 @@ class View:
     name: str = ""
     follows: tuple[str, ...] = ()
     tables: tuple[str, ...] = ()
-    # Whether the dispatcher finds its work through this view. The others (audit trail,
-    # study index) wait longer between batches while events keep coming (RECORD_KEEPING_WAIT).
-    feeds_dispatch: bool = False
 
     def create(self, cur: Cursor, dialect: str) -> None:
         raise NotImplementedError
@@ -288,8 +284,7 @@ class ProjectionRunner:
                 for callback in self._listeners:
                     callback(view.name)
                 if applied < BATCH_SIZE:
-                    self._stop.wait(self._coalesce if view.feeds_dispatch else
-                                    max(self._coalesce, RECORD_KEEPING_WAIT))
+                    self._stop.wait(self._coalesce)
                 continue
             self._wakes[view.name].wait(self._poll)
 
