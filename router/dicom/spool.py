@@ -5,7 +5,6 @@ raising into pynetdicom's reader thread (a full disk becomes a status, not a dro
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import uuid
@@ -22,8 +21,7 @@ _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-back of dirty pages, do 
 def _writeback_starter() -> Callable[[int, int, int, int], int] | None:
     """Linux's sync_file_range(2), or None where libc has no such call."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        call = libc.sync_file_range
+        call = ctypes.CDLL(None).sync_file_range  # the process's own symbols: libc's
     except (OSError, AttributeError):
         return None
     call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
