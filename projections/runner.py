@@ -7,13 +7,11 @@ subscription, so it polls and is woken in-process right after each save.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 from projections.db import Cursor, ViewDatabase
@@ -37,8 +35,8 @@ class EventRecord:
     topic: str  # "Job.Received"
     event: Any
 
-    @cached_property
-    def originator_id(self) -> str:  # views ask several times; str(UUID) is not free
+    @property
+    def originator_id(self) -> str:
         return str(self.event.originator_id)
 
     @property
@@ -98,12 +96,11 @@ def topic_name(topic: str) -> str:
 
 
 class DecodedEvents:
-    """Log entries read and decoded once for every view that follows their log.
+    """Events decoded once for every view that follows their log.
 
     Each view reads the same log entries in its own thread; decrypting and parsing an entry
     again for each (three times for ingest, twice for delivery) was about a tenth of the
-    supervisor's CPU, and selecting the same rows again (each converted to Python objects
-    again) about 6% more. Domain events are immutable, so the views can share them.
+    supervisor's CPU. Domain events are immutable, so the views can share them.
     """
 
     def __init__(self, apps: dict[str, Any], size: int = 4 * BATCH_SIZE) -> None:
@@ -111,35 +108,6 @@ class DecodedEvents:
         self._size = size
         self._events: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._lock = threading.Lock()
-        # Per log: the last entries selected, exactly those with after < id <= last id.
-        self._recent: dict[str, tuple[int, list[Any]]] = {}
-        self._select_locks = {name: threading.Lock() for name in apps}
-
-    def select(self, app_name: str, start: int, limit: int) -> list[Any]:
-        """The log's entries after position ``start``, at most ``limit``, as
-        ``select_notifications(start=start, limit=limit, inclusive_of_start=False)`` gives
-        them; those another view selected just before are not selected again.
-
-        A log only grows at its end, in position order, so the entries between two positions,
-        once read, never change: the cache holds exactly the entries with after < id <= the
-        last one's id, and anything beyond that is read from the log.
-        """
-        with self._select_locks[app_name]:
-            after, entries = self._recent.get(app_name, (0, []))
-            if not (entries and after <= start <= entries[-1].id):
-                after, entries = start, []  # not covered (a view far behind): a new run
-            first = bisect.bisect_right(entries, start, key=lambda n: int(n.id))
-            found = entries[first:first + limit]
-            if len(found) < limit:
-                more = list(self._apps[app_name].recorder.select_notifications(
-                    start=entries[-1].id if entries else start, limit=limit - len(found),
-                    inclusive_of_start=False))
-                entries, found = entries + more, found + more
-            if len(entries) > self._size:
-                dropped = len(entries) - self._size
-                after, entries = int(entries[dropped - 1].id), entries[dropped:]
-            self._recent[app_name] = (after, entries)
-            return found
 
     def get(self, app_name: str, notification: Any) -> Any:
         key = (app_name, int(notification.id))
@@ -166,10 +134,8 @@ def process_batch(view: View, db: ViewDatabase, apps: dict[str, Any],
     current = positions(view, db) if current is None else current
     batches = []
     for app_name in view.follows:
-        start = current.get(app_name, 0)
-        batch = decoded.select(app_name, start, BATCH_SIZE) if decoded else (
-            apps[app_name].recorder.select_notifications(
-                start=start, limit=BATCH_SIZE, inclusive_of_start=False))
+        batch = apps[app_name].recorder.select_notifications(
+            start=current.get(app_name, 0), limit=BATCH_SIZE, inclusive_of_start=False)
         if batch:
             batches.append((app_name, batch))
     if not batches:
