@@ -114,7 +114,11 @@ class PostgresViews(ViewDatabase):
         from psycopg.rows import dict_row
         from psycopg_pool import ConnectionPool
 
+        # check: a pooled connection is tested (one empty query) before it is handed out.
+        # Without it, after PostgreSQL restarted or terminated our sessions, each dead
+        # connection failed once in the hands of a caller: a view batch, a page, a catch-up.
         self._pool = ConnectionPool(url, min_size=1, max_size=6, open=True,
+                                    check=ConnectionPool.check_connection,
                                     kwargs={"row_factory": dict_row, "autocommit": False})
 
     @contextmanager
