@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +130,27 @@ def process_batch(view: View, db: ViewDatabase, apps: dict[str, Any],
     ``current`` (positions by log) may be passed in to save a query; it is updated only once
     the transaction has committed. ``decoded`` shares decoded events between views. Returns
     how many events were applied.
+
+    Another process may apply the same view (the views process and the supervisor's flush,
+    or routers of several sites on one PostgreSQL database): the transaction locks the
+    view's positions and re-reads them, and a batch that another applier has already
+    applied is dropped and selected again from where that one got to.
     """
     current = positions(view, db) if current is None else current
+    while True:  # each retry follows another applier's progress, so this ends
+        applied = _try_batch(view, db, apps, current, decoded)
+        if applied is not None:
+            return applied
+
+
+class _Moved(Exception):
+    """The view's stored positions moved since they were read (another applier)."""
+
+
+def _try_batch(view: View, db: ViewDatabase, apps: dict[str, Any], current: dict[str, int],
+               decoded: DecodedEvents | None) -> int | None:
+    """One batch from ``current``; None when another applier had moved the positions
+    (``current`` then holds the stored ones)."""
     batches = []
     for app_name in view.follows:
         batch = apps[app_name].recorder.select_notifications(
@@ -140,22 +159,46 @@ def process_batch(view: View, db: ViewDatabase, apps: dict[str, Any],
             batches.append((app_name, batch))
     if not batches:
         return 0
-    with db.transaction() as cur:
-        for app_name, batch in batches:
-            mapper = apps[app_name].mapper
-            for n in batch:
-                event = decoded.get(app_name, n) if decoded else mapper.to_domain_event(n)
-                view.apply(cur, EventRecord(app_name, n.id, topic_name(n.topic), event))
-        view.end_batch(cur)
-        for app_name, batch in batches:
-            cur.execute(
-                "INSERT INTO projection_positions (view, application, position) VALUES (?, ?, ?)"
-                " ON CONFLICT (view, application) DO UPDATE SET position = excluded.position",
-                (view.name, app_name, batch[-1].id),
-            )
+    stored: dict[str, int] = {}
+    try:
+        with db.transaction() as cur:
+            stored = _lock_positions(cur, db.dialect, view.name)
+            if any(stored.get(app, 0) != current.get(app, 0) for app in view.follows):
+                raise _Moved
+            for app_name, batch in batches:
+                mapper = apps[app_name].mapper
+                for n in batch:
+                    event = decoded.get(app_name, n) if decoded else mapper.to_domain_event(n)
+                    view.apply(cur, EventRecord(app_name, n.id, topic_name(n.topic), event))
+            view.end_batch(cur)
+            for app_name, batch in batches:
+                cur.execute(
+                    "INSERT INTO projection_positions (view, application, position)"
+                    " VALUES (?, ?, ?) ON CONFLICT (view, application)"
+                    " DO UPDATE SET position = excluded.position",
+                    (view.name, app_name, batch[-1].id),
+                )
+    except _Moved:
+        current.clear()
+        current.update(stored)
+        return None
     for app_name, batch in batches:
         current[app_name] = batch[-1].id
     return sum(len(batch) for _, batch in batches)
+
+
+def _lock_positions(cur: Cursor, dialect: str, view_name: str) -> dict[str, int]:
+    """Take the view's write lock for this transaction and read its positions under it.
+
+    SQLite: the transaction began IMMEDIATE, so it holds the file's write lock already.
+    PostgreSQL: an advisory lock keyed by the view's name (rows of a view that has not
+    committed a batch yet do not exist, so they cannot be locked with FOR UPDATE).
+    """
+    if dialect == "postgres":
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"view:{view_name}",))
+    cur.execute("SELECT application, position FROM projection_positions WHERE view = ?",
+                (view_name,))
+    return {r["application"]: int(r["position"]) for r in cur.fetchall()}
 
 
 class ProjectionRunner:
@@ -177,14 +220,21 @@ class ProjectionRunner:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[str], None]] = []
+        self._also_wake: list[Callable[[], None]] = []
 
     def add_listener(self, callback: Callable[[str], None]) -> None:
         """``callback(view_name)`` runs after each committed batch (keep it quick)."""
         self._listeners.append(callback)
 
+    def also_wake(self, callback: Callable[[], None]) -> None:
+        """``callback()`` runs on every wake (views that run in another process)."""
+        self._also_wake.append(callback)
+
     def wake(self) -> None:
         for event in self._wakes.values():
             event.set()
+        for callback in self._also_wake:
+            callback()
 
     def listen(self, database_url: str, channels: Sequence[str]) -> None:
         """PostgreSQL: wake on NOTIFY from any node's saves (the recorder sends them)."""
@@ -209,9 +259,13 @@ class ProjectionRunner:
                                type(exc).__name__)
                 self._stop.wait(2.0)
 
-    def start(self) -> None:
+    def start(self, elsewhere: Collection[str] = ()) -> None:
+        """A thread for each view, except those ``elsewhere`` (another process builds them;
+        ``catch_up`` still covers them)."""
         for view, db in self._views:
             ensure_schema(view, db)
+            if view.name in elsewhere:
+                continue
             t = threading.Thread(target=self._run, args=(view, db), name=f"view-{view.name}",
                                  daemon=True)
             t.start()

@@ -19,6 +19,7 @@ from web.queries.filters import FilterError, with_iso_times
 from web.queries.jobs import (
     FILTER_FIELDS,
     JobFilters,
+    audit_in_step,
     get_delivery,
     get_job,
     job_events,
@@ -61,9 +62,11 @@ def view_record(job_id: str, job: dict[str, Any] | None) -> AccessRecord:
 async def load_job(request: web.Request, job_id: str) -> dict[str, Any] | None:
     """The job with its deliveries and timeline (views only), or None."""
     router = request.app[ROUTER_KEY]
-    job = await asyncio.to_thread(get_job, router.views["jobs"][1], job_id)
+    jobs_db, audit_db = router.views["jobs"][1], router.views["audit"][1]
+    job = await asyncio.to_thread(get_job, jobs_db, job_id)
     if job is not None:
-        job["events"] = await asyncio.to_thread(job_events, router.views["audit"][1], job)
+        job["timeline_complete"] = await asyncio.to_thread(audit_in_step, jobs_db, audit_db)
+        job["events"] = await asyncio.to_thread(job_events, audit_db, job)
     return job
 
 

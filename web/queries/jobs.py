@@ -204,3 +204,21 @@ def wait_for_view(db: ViewDatabase, view: str, application: str, position: int,
         time.sleep(0.05)
     return True
 
+
+
+TIMELINE_WAIT_S = 2.0
+
+
+def audit_in_step(jobs_db: ViewDatabase, audit_db: ViewDatabase,
+                  timeout: float = TIMELINE_WAIT_S) -> bool:
+    """Wait until the audit view has applied the ingest and delivery logs as far as the jobs
+    view had when asked: a job's timeline (audit view) then holds every event behind the
+    status shown beside it (jobs view). The two views are built apart (the audit view in the
+    views process); False when the audit view is still behind after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    for application in ("ingest", "delivery"):
+        target = view_position(jobs_db, "jobs", application)
+        left = max(0.0, deadline - time.monotonic())
+        if not wait_for_view(audit_db, "audit", application, target, left):
+            return False
+    return True
