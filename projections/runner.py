@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,10 +131,10 @@ def process_batch(view: View, db: ViewDatabase, apps: dict[str, Any],
     the transaction has committed. ``decoded`` shares decoded events between views. Returns
     how many events were applied.
 
-    Another process may apply the same view (the views process and the supervisor's flush,
-    or routers of several sites on one PostgreSQL database): the transaction locks the
-    view's positions and re-reads them, and a batch that another applier has already
-    applied is dropped and selected again from where that one got to.
+    Another process may apply the same view (routers of several sites on one PostgreSQL
+    database, or ``dicom-router projections rebuild`` while the router serves): the
+    transaction locks the view's positions and re-reads them, and a batch that another
+    applier has already applied is dropped and selected again from where that one got to.
     """
     current = positions(view, db) if current is None else current
     while True:  # each retry follows another applier's progress, so this ends
@@ -220,21 +220,14 @@ class ProjectionRunner:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[str], None]] = []
-        self._also_wake: list[Callable[[], None]] = []
 
     def add_listener(self, callback: Callable[[str], None]) -> None:
         """``callback(view_name)`` runs after each committed batch (keep it quick)."""
         self._listeners.append(callback)
 
-    def also_wake(self, callback: Callable[[], None]) -> None:
-        """``callback()`` runs on every wake (views that run in another process)."""
-        self._also_wake.append(callback)
-
     def wake(self) -> None:
         for event in self._wakes.values():
             event.set()
-        for callback in self._also_wake:
-            callback()
 
     def listen(self, database_url: str, channels: Sequence[str]) -> None:
         """PostgreSQL: wake on NOTIFY from any node's saves (the recorder sends them)."""
@@ -259,13 +252,9 @@ class ProjectionRunner:
                                type(exc).__name__)
                 self._stop.wait(2.0)
 
-    def start(self, elsewhere: Collection[str] = ()) -> None:
-        """A thread for each view, except those ``elsewhere`` (another process builds them;
-        ``catch_up`` still covers them)."""
+    def start(self) -> None:
         for view, db in self._views:
             ensure_schema(view, db)
-            if view.name in elsewhere:
-                continue
             t = threading.Thread(target=self._run, args=(view, db), name=f"view-{view.name}",
                                  daemon=True)
             t.start()

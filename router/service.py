@@ -41,7 +41,6 @@ from router.dispatch.units import UnitScheduler
 from router.secrets import SecretBox, load_master_key
 from router.settings import Settings
 from router.storage.blobs import BlobStore
-from router.views_process import ViewsProcess
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,6 @@ class Router:
     ai_callbacks: AICallbacks
     ready: bool = False
     receivers: ReceiverPool | None = None
-    views_process: ViewsProcess | None = None
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Router:
@@ -152,7 +150,7 @@ class Router:
         jobs_db = self.views["jobs"][1]
         self.blobs.recover(lambda sha: bool(jobs_db.query(
             "SELECT 1 FROM jobs WHERE sha256 = ? LIMIT 1", (sha,))))
-        self._start_views()
+        self.runner.start()
         if self.settings.is_postgres:
             self.runner.listen(self.settings.database_url,
                                [f"{name}_events" for name in APP_NAMES])
@@ -163,17 +161,6 @@ class Router:
         self._start_receiving()
         self.ready = True
         logger.info("router started")
-
-    def _start_views(self) -> None:
-        """With receiver processes, the audit and study views get a process of their own
-        (router/views_process.py says why); with none, every view is a thread here."""
-        if self.settings.dicom.processes == 0:
-            self.runner.start()
-            return
-        self.views_process = ViewsProcess(self.settings)
-        self.views_process.start()
-        self.runner.also_wake(self.views_process.wake)
-        self.runner.start(elsewhere=self.views_process.names)
 
     def _start_receiving(self) -> None:
         count = self.settings.dicom.processes
@@ -196,9 +183,7 @@ class Router:
         self.ai_worker.stop()
         self.dispatcher.stop(grace=grace)
         self.retention.stop()
-        if self.views_process is not None:
-            self.views_process.stop(grace)
-        self.runner.stop()  # and flush every view, those of the views process included
+        self.runner.stop()
         for _, db in self.views.values():
             db.close()
         self.stores.close()
@@ -217,9 +202,7 @@ class Router:
                 for app in view.follows
             )
         receiving = self.receivers.alive() if self.receivers is not None else True
-        viewing = self.views_process.alive() if self.views_process is not None else True
-        return {"ready": self.ready and receiving and viewing, "receivers_alive": receiving,
-                "views_process_alive": viewing, "view_lag": lag}
+        return {"ready": self.ready and receiving, "receivers_alive": receiving, "view_lag": lag}
 
 
 def _default_public_url(settings: Settings) -> str:

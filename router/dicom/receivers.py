@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def _die_with_parent() -> None:
     """Linux: get SIGTERM when the parent dies (even by kill -9), so no orphan keeps the port."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -52,7 +52,7 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
     """
     import os
 
-    die_with_parent()
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,6 +1,6 @@
-"""Two appliers of one view (the views process and the supervisor's flush, or routers of
-several sites on one PostgreSQL database) never apply an event twice or skip one, whether
-they take turns with stale positions or run at the same time."""
+"""Two appliers of one view (routers of several sites on one PostgreSQL database, a rebuild
+beside a serving router, catch_up beside a view's thread) never apply an event twice or skip
+one, whether they take turns with stale positions or run at the same time."""
 
 from __future__ import annotations
 

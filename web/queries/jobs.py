@@ -213,8 +213,8 @@ def audit_in_step(jobs_db: ViewDatabase, audit_db: ViewDatabase,
                   timeout: float = TIMELINE_WAIT_S) -> bool:
     """Wait until the audit view has applied the ingest and delivery logs as far as the jobs
     view had when asked: a job's timeline (audit view) then holds every event behind the
-    status shown beside it (jobs view). The two views are built apart (the audit view in the
-    views process); False when the audit view is still behind after ``timeout``."""
+    status shown beside it (jobs view). Each view has its own thread and batches, so the
+    audit view may trail by a batch; False when it is still behind after ``timeout``."""
     deadline = time.monotonic() + timeout
     for application in ("ingest", "delivery"):
         target = view_position(jobs_db, "jobs", application)
