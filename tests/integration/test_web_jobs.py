@@ -163,6 +163,7 @@ def test_job_list_filters_and_pages_real_receipts(database_url: str, web_router:
 
 def check_timeline(job: dict[str, Any]) -> None:
     """Receipt, routing by rule ``ct`` version 1, one delivery each way."""
+    assert job["timeline_complete"] is True  # the audit view had caught up with the jobs view
     assert [r["name"] for r in job["matched_rules"]] == ["ct"]
     actions = [e["action"] for e in job["events"]]
     assert actions[:2] == ["Job.Received", "Job.Routed"]

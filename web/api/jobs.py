@@ -136,7 +136,9 @@ ROUTES = [
           "Jobs, newest first, filtered and paged; status is derived from the deliveries",
           query=(*FILTER_FIELDS, "limit", "offset"), tags=TAGS),
     Route("GET", "/api/v1/jobs/{job_id}", job_detail, "jobs.read",
-          "One job: receipt, routing, deliveries and its whole event history", tags=TAGS),
+          "One job: receipt, routing, deliveries and its whole event history"
+          " (timeline_complete is false when the audit trail had not yet caught up with"
+          " the delivery status after 2 s)", tags=TAGS),
     Route("POST", DELIVERY + "/requeue", requeue, "jobs.write",
           "Attempt this delivery again now", tags=TAGS),
     Route("POST", DELIVERY + "/cancel", cancel, "jobs.write",

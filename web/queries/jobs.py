@@ -205,7 +205,6 @@ def wait_for_view(db: ViewDatabase, view: str, application: str, position: int,
     return True
 
 
-
 TIMELINE_WAIT_S = 2.0
 
 
