@@ -72,8 +72,14 @@ _INSERT = (
 )
 
 
+_DETAIL_SET = frozenset(DETAIL_FIELDS)
+
+
 def _fields(event: Any) -> dict[str, Any]:
-    return {f: getattr(event, f) for f in DETAIL_FIELDS if hasattr(event, f)}
+    # An event's fields are its instance attributes: no event class has one of these names
+    # as a class attribute (tests/unit/test_audit_fields.py checks), so scanning its
+    # __dict__ once replaces 38 hasattr calls per event.
+    return {f: v for f, v in vars(event).items() if f in _DETAIL_SET}
 
 
 def _dump(detail: dict[str, Any]) -> str:
