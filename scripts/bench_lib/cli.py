@@ -16,7 +16,7 @@ from pathlib import Path
 from . import procs, report
 from .measure import run_all
 from .receivers import MAX_PDU, Orthanc, Receiver, Router, StoreScp
-from .runtime_venv import runtime_router
+from .runtime_venv import commit_router, runtime_router
 from .workloads import Workload, dcmtk_version, ensure_data, storescu_argv, workloads
 
 RECEIVERS = ("storescp", "orthanc", "router")
@@ -155,6 +155,21 @@ def _add_path_options(parser: argparse.ArgumentParser) -> None:
         help="the router's console script (default: one in <cache-dir>/router-venv with the"
         " runtime dependencies only, built on first use)",
     )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="a second router build's console script (or wrapper), run as router-b"
+        " interleaved with the first, so machine drift hits both; the report adds B/A"
+        " ratios (docs/benchmarks.md, 'Comparing two builds')",
+    )
+    parser.add_argument(
+        "--compare-commit",
+        metavar="REV",
+        default=None,
+        help="--compare with this git revision's router code (a worktree in"
+        " <cache-dir>/compare and a wrapper that really imports it)",
+    )
 
 
 def _receivers(args: argparse.Namespace) -> dict[str, Callable[[], Receiver]]:
@@ -163,7 +178,10 @@ def _receivers(args: argparse.Namespace) -> dict[str, Callable[[], Receiver]]:
         "orthanc": Orthanc,
         "router": lambda: Router(args.router_command),
     }
-    return {name: factories[name] for name in RECEIVERS if name in args.only}
+    chosen = {name: factories[name] for name in RECEIVERS if name in args.only}
+    if args.compare is not None:
+        chosen["router-b"] = lambda: Router(args.compare, name="router-b")
+    return chosen
 
 
 def _load() -> str:
@@ -185,6 +203,7 @@ def _meta(args: argparse.Namespace) -> dict[str, object]:
             "quick": args.quick,
             "only": args.only,
             "workloads": args.workloads,
+            "compare": str(args.compare) if args.compare else None,
         },
         "commands": {
             "storescu": " ".join(storescu_argv("<port>", "<AE>", [Path("<files>")])),
@@ -220,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.router_command is None and "router" in args.only:
         args.router_command = runtime_router(args.cache_dir)
+    if args.compare_commit is not None:
+        args.compare = commit_router(args.cache_dir, args.compare_commit)
     print(f"router: {args.router_command}", flush=True)
     if args.tmp_dir is None:
         args.tmp_dir = args.cache_dir / "receivers"

@@ -149,9 +149,10 @@ class Router(Receiver):
     ae_title = "DICOMROUTER"
     forwards = True
 
-    def __init__(self, command: Path) -> None:
+    def __init__(self, command: Path, name: str = "router") -> None:
         super().__init__()
         self.command = command
+        self.name = name  # "router-b": the build a --compare run measures beside it
         self.http_port = 0
         self.sink = StoreScp("SINK")
 

@@ -90,6 +90,25 @@ def ratios(summaries: list[Summary]) -> list[dict[str, object]]:
     return rows
 
 
+def comparison(summaries: list[Summary]) -> list[dict[str, object]]:
+    """With --compare: per workload, build B's medians over build A's (the router's)."""
+    rows = []
+    for a in (s for s in summaries if s.receiver == "router"):
+        b = _find(summaries, a.workload, "router-b")
+        if b is None:
+            continue
+        rows.append({
+            "workload": a.workload,
+            "receive B/A": b.receive[0] / a.receive[0],
+            "end-to-end B/A": b.deliver[0] / a.deliver[0] if a.deliver and b.deliver else None,
+            "CPU ms/inst A": a.cpu_ms[0],
+            "CPU ms/inst B": b.cpu_ms[0],
+            "peak RSS MB A": a.peak_rss_mb[0],
+            "peak RSS MB B": b.peak_rss_mb[0],
+        })
+    return rows
+
+
 def targets(summaries: list[Summary]) -> list[dict[str, object]]:
     """Each target with the measured value and PASS, FAIL or n/a (not measured)."""
     results = []
@@ -156,6 +175,7 @@ def print_report(summaries: list[Summary], skipped: dict[str, str], repeats: int
             f"{_fmt(s.peak_rss_mb, 0):<16} {_fmt(s.cpu_ms, 2)}{fail}"
         )
     _print_ratios(ratios(summaries))
+    _print_comparison(comparison(summaries))
     print("\nTargets (router, medians):")
     for t in targets(summaries):
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
@@ -176,6 +196,26 @@ def _print_ratios(rows: list[dict[str, object]]) -> None:
         print(f"{row['workload']!s:<8} " + " ".join(f"{c:>20}" for c in cells))
 
 
+def _print_comparison(rows: list[dict[str, object]]) -> None:
+    if not rows:
+        return
+    cols = ["receive B/A", "end-to-end B/A", "CPU ms/inst A", "CPU ms/inst B",
+            "peak RSS MB A", "peak RSS MB B"]
+    print("\nBuilds compared (router-b = --compare, router = A; medians):")
+    print(f"{'workload':<8} " + " ".join(f"{c:>15}" for c in cols))
+    for row in rows:
+        cells = []
+        for col in cols:
+            value = row[col]
+            if not isinstance(value, float):
+                cells.append("-")
+            elif "B/A" in col:
+                cells.append(f"{value:.2f}x")
+            else:
+                cells.append(f"{value:.{0 if 'RSS' in col else 2}f}")
+        print(f"{row['workload']!s:<8} " + " ".join(f"{c:>15}" for c in cells))
+
+
 def write_json(
     path: Path, runs: list[Run], skipped: dict[str, str], meta: dict[str, object]
 ) -> None:
@@ -185,6 +225,7 @@ def write_json(
         "runs": [{**asdict(r), "peak_rss": r.peak_rss} for r in runs],
         "summary": [asdict(s) for s in summaries],
         "ratios": ratios(summaries),
+        "comparison": comparison(summaries),
         "targets": targets(summaries),
         "skipped": skipped,
     }
