@@ -67,9 +67,14 @@ def ensure_schema(view: View, db: ViewDatabase) -> None:
         view.create(cur, db.dialect)
 
 
+_SELECT_POSITIONS = "SELECT application, position FROM projection_positions WHERE view = ?"
+
+
 def positions(view: View, db: ViewDatabase) -> dict[str, int]:
-    rows = db.query("SELECT application, position FROM projection_positions WHERE view = ?",
-                    (view.name,))
+    return _by_application(db.query(_SELECT_POSITIONS, (view.name,)))
+
+
+def _by_application(rows: Sequence[Any]) -> dict[str, int]:
     return {r["application"]: int(r["position"]) for r in rows}
 
 
@@ -196,9 +201,8 @@ def _lock_positions(cur: Cursor, dialect: str, view_name: str) -> dict[str, int]
     """
     if dialect == "postgres":
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"view:{view_name}",))
-    cur.execute("SELECT application, position FROM projection_positions WHERE view = ?",
-                (view_name,))
-    return {r["application"]: int(r["position"]) for r in cur.fetchall()}
+    cur.execute(_SELECT_POSITIONS, (view_name,))
+    return _by_application(cur.fetchall())
 
 
 class ProjectionRunner:

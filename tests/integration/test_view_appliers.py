@@ -5,7 +5,6 @@ one, whether they take turns with stale positions or run at the same time."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,7 +44,7 @@ def counted(db: Any) -> int:
 
 
 @pytest.fixture
-def logged(database_url: str, tmp_path: Path) -> Any:
+def logged(database_url: str) -> Any:
     stores = EventStores(StoreConfig(database_url))
     stores.admin.save(*[Thing(f"thing {i}") for i in range(40)])
     db = open_views(database_url, "counting")
