@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TAGS = 100
 MAX_TEXT = 1000
+SAVE_TRIES = 5
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -105,19 +106,34 @@ class AICallbacks:
         ctx = {"actor": actor, "source_ip": source_ip, "correlation_id": str(aggregate.id)}
         extra = routing_tags(aggregate.destination, tags)
         job_ids, refused = self._receive(aggregate, files, ctx, extra)
-        aggregate.receive_result(**ctx, status=status, tags=tags, result_job_ids=job_ids,
-                                 signature=signature, detail=detail)
-        try:
-            self.requests.save(aggregate)
-        except IntegrityError:
-            raise CallbackError(409, "the request changed meanwhile (a concurrent "
-                                     "callback?); nothing recorded") from None
+        self._record(aggregate, ctx, {"status": status, "tags": tags, "result_job_ids": job_ids,
+                                      "signature": signature, "detail": detail})
         rerouted = 0
         if status == "completed" and tags:
             rerouted = reroute(self._ingest, self._admin, self._blobs, aggregate.job_ids,
                                extra, ctx)
         return {"status": status, "result_objects": len(job_ids), "refused_objects": refused,
                 "rerouted_jobs": rerouted}
+
+    def _record(self, aggregate: AIRequest, ctx: dict[str, Any], result: dict[str, Any]) -> None:
+        """Save ``ResultReceived``. The worker may save ``Accepted`` between our load and this
+        save (a processor can call back before its answer to the POST is recorded): then the
+        result goes onto the request as stored now. Only another result in between is a
+        conflict."""
+        for _ in range(SAVE_TRIES):
+            aggregate.receive_result(**ctx, **result)
+            try:
+                self.requests.save(aggregate)
+                return
+            except IntegrityError:
+                fresh = self.requests.load(str(aggregate.id))
+                if fresh is None or result["signature"] in fresh.signatures \
+                        or fresh.status in ("completed", "failed"):
+                    raise CallbackError(409, "this request got its result from a concurrent "
+                                             "callback; this result is not recorded") from None
+                aggregate = fresh
+        raise CallbackError(503, "the request kept changing while the result was recorded; "
+                                 "send the callback again")
 
     def _receive(self, aggregate: AIRequest, files: list[ResultFile], ctx: dict[str, str],
                  extra: dict[str, object]) -> tuple[list[str], int]:

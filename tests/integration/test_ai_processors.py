@@ -345,3 +345,72 @@ def test_a_metadata_address_is_refused_and_dead_lettered(
     job = router.views["jobs"][1].query(
         "SELECT status, last_error FROM deliveries WHERE destination = 'lungai'")
     assert job[0]["status"] == "dead" and "link-local" in job[0]["last_error"]
+
+
+def _race_on_load(router: Router, concurrent: Callable[[Any], None]) -> None:
+    """The next load of the request hands out a copy that another writer then outdates:
+    the interleaving of a callback with the worker (or a second callback) saving between
+    the callback's load and its save."""
+    requests_ = router.ai_requests
+    real_load = requests_.load
+
+    def load(request_id: str) -> Any:
+        requests_.load = real_load  # type: ignore[method-assign]
+        stale = real_load(request_id)
+        other = real_load(request_id)
+        assert other is not None
+        concurrent(other)
+        requests_.save(other)
+        return stale
+
+    requests_.load = load  # type: ignore[method-assign]
+
+
+def _accepted_request(tmp_path: Path, database_url: str,
+                      served: Callable[..., WebServer], stub: AIStub) -> tuple[Router, str]:
+    clock = Clock()
+    router = served(make_settings(tmp_path, database_url, config(tmp_path, stub.url)),
+                    clock).router
+    storescu(router.dicom.port, make_ct_series(tmp_path / "a", count=1, rows=16, cols=16))
+    wait_for(lambda: router.views["jobs"][1].query(
+        "SELECT 1 FROM deliveries WHERE status = 'held'"), 10, "held")
+    clock.advance(61)
+    url = stub.wait(1)[0].document["callback_url"]
+    wait_for(lambda: [r for r in ai_rows(router) if r["status"] == "accepted"], 10, "accepted")
+    return router, url
+
+
+def test_a_callback_that_overtakes_the_recorded_answer_is_taken(
+        tmp_path: Path, database_url: str, served: Callable[..., WebServer]) -> None:
+    """A processor may call back before the router has recorded its answer to the POST: the
+    worker's Accepted lands between the callback's load and save. The result is recorded
+    on the request as stored now (this was a 409 "changed meanwhile" that lost the result)."""
+    with AIStub(SECRET) as stub:
+        router, url = _accepted_request(tmp_path, database_url, served, stub)
+        rid = url.rsplit("/", 1)[1]
+        _race_on_load(router, lambda other: other.accept(
+            actor="system", source_ip="", correlation_id=rid, attempt=other.attempts,
+            http_status=200, deadline=time.time() + 3600, duration_ms=1))
+        answer = stub.callback(url, {"status": "completed", "tags": {"finding": "negative"}})
+        assert answer.status_code == 200, answer.text
+        stored = router.ai_requests.load(rid)
+        assert stored is not None and stored.status == "completed"
+        row = wait_for(lambda: [r for r in ai_rows(router) if r["status"] == "completed"], 10,
+                       "completed")[0]
+        assert json.loads(row["tags"]) == {"finding": "negative"}
+
+
+def test_a_result_that_loses_to_a_concurrent_result_is_refused(
+        tmp_path: Path, database_url: str, served: Callable[..., WebServer]) -> None:
+    with AIStub(SECRET) as stub:
+        router, url = _accepted_request(tmp_path, database_url, served, stub)
+        rid = url.rsplit("/", 1)[1]
+        _race_on_load(router, lambda other: other.receive_result(
+            actor="ai:lungai", source_ip="127.0.0.1", correlation_id=rid, status="failed",
+            tags={}, result_job_ids=[], signature="the other callback", detail="first"))
+        answer = stub.callback(url, {"status": "completed", "tags": {"finding": "positive"}})
+        assert answer.status_code == 409, answer.text
+        assert "concurrent callback" in answer.json()["error"]["message"]
+        stored = router.ai_requests.load(rid)
+        assert stored is not None and stored.status == "failed"
+        assert stored.signatures == ["the other callback"]
