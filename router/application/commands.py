@@ -5,11 +5,12 @@ will expose. Each command records events with who asked, from where, and a corre
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
 
 from router.application.admin_state import AdminState
 from router.application.stores import EventStores
@@ -121,22 +122,40 @@ class Commands:
     # --- deliveries -----------------------------------------------------------------
     def requeue(self, job_id: str, destination: str, actor: Actor) -> None:
         """Attempt again now; a delivery that never ran yet is simply left pending."""
-        aggregate = self._get_delivery(job_id, destination)
-        if aggregate is None:
-            return
-        if aggregate.status == "delivered":
-            raise CommandError("already delivered; nothing to requeue")
-        aggregate.requeue(**actor.ctx())
-        self._stores.delivery.save(aggregate)
+        def change(aggregate: Any) -> Any:
+            if aggregate is None:
+                return None
+            if aggregate.status == "delivered":
+                raise CommandError("already delivered; nothing to requeue")
+            aggregate.requeue(**actor.ctx())
+            return aggregate
+        self._change_delivery(job_id, destination, change)
 
     def cancel(self, job_id: str, destination: str, actor: Actor, reason: str = "") -> None:
-        aggregate = self._get_delivery(job_id, destination)
-        if aggregate is None:
-            aggregate = Delivery(job_id, destination, **actor.ctx(), sha256="")
-        elif aggregate.status in ("delivered", "cancelled"):
-            raise CommandError(f"delivery is {aggregate.status}; nothing to cancel")
-        aggregate.cancel(**actor.ctx(), reason=reason or f"cancelled by {actor.name}")
-        self._stores.delivery.save(aggregate)
+        def change(aggregate: Any) -> Any:
+            if aggregate is None:
+                aggregate = Delivery(job_id, destination, **actor.ctx(), sha256="")
+            elif aggregate.status in ("delivered", "cancelled"):
+                raise CommandError(f"delivery is {aggregate.status}; nothing to cancel")
+            aggregate.cancel(**actor.ctx(), reason=reason or f"cancelled by {actor.name}")
+            return aggregate
+        self._change_delivery(job_id, destination, change)
+
+    def _change_delivery(self, job_id: str, destination: str,
+                         change: Callable[[Any], Any]) -> None:
+        """Read, change and save a Delivery. The dispatcher may record an attempt between our
+        read and our save: then read again and decide again on what is stored now (a delivery
+        that has just arrived is no longer requeued). IntegrityError after three tries."""
+        for tries_left in (2, 1, 0):
+            aggregate = change(self._get_delivery(job_id, destination))
+            if aggregate is None:
+                return
+            try:
+                self._stores.delivery.save(aggregate)
+                return
+            except IntegrityError:
+                if not tries_left:
+                    raise
 
     def _get_delivery(self, job_id: str, destination: str) -> Any:
         return self._get_from(self._stores.delivery, Delivery, delivery_id(job_id, destination))

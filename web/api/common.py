@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
+from eventsourcing.persistence import IntegrityError
 from pydantic import BaseModel, ValidationError
 
 from router.application.commands import CommandError, NotFoundError
@@ -85,3 +86,6 @@ async def run_command(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise ApiError(422, str(exc), fields=exc.errors) from None
     except (CommandError, ValueError) as exc:
         raise ApiError(422, str(exc)) from None
+    except IntegrityError:
+        raise ApiError(409, "changed by someone else meanwhile; nothing was saved. Reload "
+                            "and try again") from None
