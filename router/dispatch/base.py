@@ -28,6 +28,11 @@ class PermanentDeliveryError(DeliveryError):
     """Retrying cannot succeed (refused transfer syntax with no decoder, bad credentials...)."""
 
 
+class SeatUnavailable(Exception):
+    """Not an attempt: the destination is taking our other connections and no more at the
+    moment, so this instance goes back to the lane for one of those (nothing is recorded)."""
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """One stored instance to deliver.

@@ -24,8 +24,10 @@ from router.dispatch.base import (
     DeliveryError,
     Outgoing,
     PermanentDeliveryError,
+    SeatUnavailable,
     TransientDeliveryError,
 )
+from router.dispatch.seats import EXTRA_OPEN_TIMEOUT, seats_for
 from router.dispatch.transcode import blob_error, decoded_for_peer, read_dataset
 
 logger = logging.getLogger(__name__)
@@ -148,6 +150,13 @@ class DicomAdapter:
         self._last_used = 0.0
         self._timer: threading.Timer | None = None
         self.associations_opened = 0
+        self._seats = seats_for(config.host, config.port, config.ae_title, self._calling_ae)
+        self._seated = False  # self._assoc counts in self._seats
+
+    def ready(self) -> bool:
+        """False while the peer takes no more of our associations and we hold none: the
+        lane's worker then leaves the queue to the workers that hold one."""
+        return self._assoc is not None or self._seats.available()
 
     def send(self, item: Outgoing) -> str:
         """C-STORE ``item``; warnings count as success, the detail names the status."""
@@ -160,7 +169,13 @@ class DicomAdapter:
     def check(self) -> str:
         """C-ECHO on a fresh association of its own."""
         started = time.monotonic()
-        link = self._associate([(VERIFICATION, ImplicitVRLittleEndian)], "Verification context")
+        others = self._seats.taken()
+        try:
+            link = self._associate([(VERIFICATION, ImplicitVRLittleEndian)],
+                                   "Verification context", others)
+        except SeatUnavailable:
+            return (f"C-ECHO not made: {self._where} is serving {others} association(s) of "
+                    "ours and takes no more at the moment")
         try:
             code: int | None = link.echo(message_id=1)
         except LinkError:
@@ -182,14 +197,22 @@ class DicomAdapter:
 
     # -- association management ------------------------------------------------------------
 
-    def _associate(self, pairs: list[tuple[str, str]], proposed: str) -> StoreLink:
+    def _associate(self, pairs: list[tuple[str, str]], proposed: str,
+                   others: int = 0) -> StoreLink:
+        """A new association; ``others`` of ours to this peer are open meanwhile. An extra
+        one the peer does not take (within a short time) is SeatUnavailable, not a failure:
+        the peer is evidently up and serving the others (see router.dispatch.seats)."""
         config = self._config
+        timeout = min(config.timeout, EXTRA_OPEN_TIMEOUT) if others else config.timeout
         try:
             link = StoreLink.open(config.host, config.port, calling=self._calling_ae,
                                   called=config.ae_title, pairs=pairs, max_pdu=config.max_pdu,
-                                  timeout=config.timeout)
+                                  timeout=timeout)
         except LinkError as exc:
-            raise _open_failure(exc, self._where, config.timeout) from None
+            if others and self._seats.taken():
+                self._seats.learn(others)
+                raise SeatUnavailable(f"{self._where} takes no more associations") from None
+            raise _open_failure(exc, self._where, timeout) from None
         if not link.accepted_pairs():
             link.release()
             raise PermanentDeliveryError(f"{self._where} accepted none of the proposed {proposed}")
@@ -220,9 +243,14 @@ class DicomAdapter:
         if link is not None and link.is_established and needed in self._requested:
             return link
         self._drop_association()
+        others = self._seats.taken()
+        if others and not self._seats.available():
+            raise SeatUnavailable(f"{self._where} takes no more associations")
         pairs, requested = self._contexts()
         proposed = f"presentation contexts for {_uid_name(item.sop_class_uid)}"
-        self._assoc = self._associate(pairs, proposed)
+        self._assoc = self._associate(pairs, proposed, others)
+        self._seats.opened()
+        self._seated = True
         self._requested = requested
         self.associations_opened += 1
         logger.debug("association %d to %s", self.associations_opened, self._where)
@@ -231,6 +259,9 @@ class DicomAdapter:
     def _drop_association(self) -> None:
         link, self._assoc = self._assoc, None
         self._requested = frozenset()
+        if self._seated:
+            self._seated = False
+            self._seats.closed()
         if link is not None:
             link.release()
 

@@ -13,10 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from router.dispatch.base import Adapter, DeliveryError, Outgoing, TransientDeliveryError
+from router.dispatch.base import (
+    Adapter,
+    DeliveryError,
+    Outgoing,
+    SeatUnavailable,
+    TransientDeliveryError,
+)
 from router.priority import lower_this_thread
 
 logger = logging.getLogger(__name__)
+
+_PARKED_POLL = 0.2  # seconds between looks at the peer's seats by a worker holding none
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,9 @@ class Lane:
         adapter: Adapter | None = None
         try:
             while not self._stop.is_set():
+                if adapter is not None and not _ready(adapter):
+                    self._stop.wait(_PARKED_POLL)  # the peer's seats are taken by our others
+                    continue
                 try:
                     due = self.queue.get(timeout=0.5)
                 except queue.Empty:
@@ -135,6 +146,9 @@ class Lane:
             if adapter is None:
                 adapter = self._make_adapter()
             detail = adapter.send(self._prepare(due))
+        except SeatUnavailable:
+            self.queue.put(due)  # not attempted: a worker holding an association takes it
+            return adapter
         except DeliveryError as exc:
             error = exc
         except Exception as exc:  # an adapter bug must not kill the lane or lose the item
@@ -157,6 +171,11 @@ class Lane:
             self.in_flight.discard(due.delivery_id)
             if self._uids.get(due.sop_instance_uid) == due.delivery_id:
                 del self._uids[due.sop_instance_uid]
+
+
+def _ready(adapter: Any) -> bool:
+    ready = getattr(adapter, "ready", None)
+    return not callable(ready) or bool(ready())
 
 
 def _close(adapter: Any) -> None:
