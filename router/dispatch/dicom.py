@@ -199,9 +199,9 @@ class DicomAdapter:
 
     def _associate(self, pairs: list[tuple[str, str]], proposed: str,
                    others: int = 0) -> StoreLink:
-        """A new association; ``others`` of ours to this peer are open meanwhile. An extra
-        one the peer does not take (within a short time) is SeatUnavailable, not a failure:
-        the peer is evidently up and serving the others (see router.dispatch.seats)."""
+        """A new association while ``others`` of ours to this peer are open. An extra one
+        the peer does not take within a short time is SeatUnavailable, not a failure: the
+        peer is evidently up and serving the others (see router.dispatch.seats)."""
         config = self._config
         timeout = min(config.timeout, EXTRA_OPEN_TIMEOUT) if others else config.timeout
         try:
@@ -243,13 +243,13 @@ class DicomAdapter:
         if link is not None and link.is_established and needed in self._requested:
             return link
         self._drop_association()
-        others = self._seats.taken()
-        if others and not self._seats.available():
-            raise SeatUnavailable(f"{self._where} takes no more associations")
         pairs, requested = self._contexts()
         proposed = f"presentation contexts for {_uid_name(item.sop_class_uid)}"
-        self._assoc = self._associate(pairs, proposed, others)
-        self._seats.opened()
+        with self._seats.opening:
+            if not self._seats.available():
+                raise SeatUnavailable(f"{self._where} takes no more associations")
+            self._assoc = self._associate(pairs, proposed, self._seats.taken())
+            self._seats.opened()
         self._seated = True
         self._requested = requested
         self.associations_opened += 1

@@ -4,10 +4,10 @@ Many PACS, and DCMTK's storescp without ``--fork``, serve one association at a t
 one waits unanswered (or is rejected) until the first is released. A lane with two workers then
 had one worker stuck for up to the destination's timeout with an instance in hand, recorded a
 failed attempt and retried it 30 s later, though the destination was up and busy with our
-other association. Now an extra association (one while others of ours to the same peer are
-open) gets a short timeout; when the peer does not take it, the instance goes back to the lane
-unrecorded and the peer's limit is remembered for a while, so the extra workers wait instead
-of asking again.
+other association. Now associations to one peer are opened one at a time, and an extra one
+(while others of ours to the same peer are open) gets a short timeout; when the peer does not
+take it, the instance goes back to the lane unrecorded and the peer's limit is remembered for
+a while, so the extra workers wait instead of asking again.
 """
 
 from __future__ import annotations
@@ -23,16 +23,21 @@ LEARN_FOR = 600.0  # seconds a learned limit holds before more associations are 
 
 
 class Seats:
-    """Our open associations to one peer (host, port, called AE, calling AE) and its limit."""
+    """Our open associations to one peer (host, port, called AE, calling AE), and the peer's
+    limit once learned. One association is being opened at a time: the peer accepts them in
+    the order they reach it, so a second one opened at once could be accepted first, and the
+    one left waiting would be the one counted as first (with the full timeout)."""
 
     def __init__(self, where: str) -> None:
         self._where = where
         self._lock = threading.Lock()
+        self.opening = threading.Lock()  # held while an association is being opened
         self._open = 0
         self._limit = 0  # 0: none known
         self._until = 0.0
 
     def taken(self) -> int:
+        """Associations of ours the peer has accepted and that are still open."""
         with self._lock:
             return self._open
 

@@ -15,14 +15,14 @@ def test_a_learned_limit_holds_for_a_while_then_more_are_tried(
     seats = Seats("PACS@pacs:104")
     assert seats.available() and seats.taken() == 0
     seats.opened()
-    assert seats.available()  # no limit known yet
+    assert seats.available()  # no limit known yet: an extra one may be tried
     seats.learn(1)
     assert not seats.available()
     seats.closed()
     assert seats.available() and seats.taken() == 0  # below the limit again
     seats.opened()
     now[0] += seats_module.LEARN_FOR + 1
-    assert seats.available()  # forgotten: a second association may be tried again
+    assert seats.available()  # forgotten: an extra one is tried again
     seats.closed()
     seats.closed()
     assert seats.taken() == 0  # never negative
