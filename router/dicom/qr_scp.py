@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,7 @@ class QueryRetrieveSCP:
             yield STATUS_OUT_OF_RESOURCES, None
             return
         for row in rows:
+            _let_replies_go(event.assoc)
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
                 return
@@ -373,3 +375,21 @@ def standalone(settings: Settings, stores: EventStores, blobs: BlobStore
     qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
                           RemoteState(stores.admin), studies, blobs, Sessions(stores))
     return qr, studies
+
+
+_QUEUED_REPLIES = 4  # C-FIND responses waiting for pynetdicom's reactor before we make more
+_REPLY_WAIT = 5.0  # seconds, at most, per response
+
+
+def _let_replies_go(assoc: Any) -> None:
+    """Wait while a few responses are still queued for sending. pynetdicom's reactor reads an
+    incoming PDU (such as a C-CANCEL) only when it has nothing left to send, so a handler that
+    queued every match at once never saw the cancel of a long answer. This also keeps a large
+    answer's datasets from piling up in memory ahead of the socket."""
+    queue = getattr(getattr(assoc, "dul", None), "to_provider_queue", None)
+    if queue is None:
+        return
+    deadline = time.monotonic() + _REPLY_WAIT
+    while queue.qsize() >= _QUEUED_REPLIES and assoc.is_established \
+            and time.monotonic() < deadline:
+        time.sleep(0.0005)
