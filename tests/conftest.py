@@ -105,6 +105,24 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.1)
 
 
+def outdated_on_next_read(owner: Any, method: str, change: Callable[[Any], None],
+                          save: Callable[[Any], None]) -> None:
+    """The next ``owner.method(...)`` returns an aggregate that another writer then outdates
+    (a second copy is read, ``change``d and ``save``d): the interleaving of a concurrent save
+    between a command's read and its own save."""
+    real = getattr(owner, method)
+
+    def read(*args: Any) -> Any:
+        setattr(owner, method, real)
+        stale, other = real(*args), real(*args)
+        assert other is not None
+        change(other)
+        save(other)
+        return stale
+
+    setattr(owner, method, read)
+
+
 @pytest.fixture(scope="session")
 def dcmtk() -> None:
     """DCMTK must be installed (scripts/test installs it); a missing peer is a failure."""

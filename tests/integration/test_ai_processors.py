@@ -22,7 +22,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from router.service import Router
 from router.settings import AISettings
-from tests.conftest import make_settings, wait_for
+from tests.conftest import make_settings, outdated_on_next_read, wait_for
 from tests.integration.ai_stub import AIStub, make_sr, sign
 from tests.integration.test_pipeline import storescu
 from tests.integration.test_study_routing import Clock
@@ -348,22 +348,9 @@ def test_a_metadata_address_is_refused_and_dead_lettered(
 
 
 def _race_on_load(router: Router, concurrent: Callable[[Any], None]) -> None:
-    """The next load of the request hands out a copy that another writer then outdates:
-    the interleaving of a callback with the worker (or a second callback) saving between
-    the callback's load and its save."""
-    requests_ = router.ai_requests
-    real_load = requests_.load
-
-    def load(request_id: str) -> Any:
-        requests_.load = real_load  # type: ignore[method-assign]
-        stale = real_load(request_id)
-        other = real_load(request_id)
-        assert other is not None
-        concurrent(other)
-        requests_.save(other)
-        return stale
-
-    requests_.load = load  # type: ignore[method-assign]
+    """The callback's load of the request hands out a copy that the worker (or a second
+    callback) then outdates."""
+    outdated_on_next_read(router.ai_requests, "load", concurrent, router.ai_requests.save)
 
 
 def _accepted_request(tmp_path: Path, database_url: str,

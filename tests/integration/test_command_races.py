@@ -15,7 +15,7 @@ import pytest
 
 from router.application.commands import Actor, CommandError
 from router.service import Router
-from tests.conftest import wait_for
+from tests.conftest import outdated_on_next_read, wait_for
 from tests.integration.peers import free_port
 from tests.integration.test_faults import (
     c_store,
@@ -44,18 +44,8 @@ def _retrying(tmp_path: Path, database_url: str,
 
 def _race_on_read(router: Router, concurrent: Callable[[Any], None]) -> None:
     """The command's next read hands out a copy that the 'dispatcher' then outdates."""
-    commands = router.commands
-    real = commands._get_delivery
-
-    def read(job_id: str, destination: str) -> Any:
-        commands._get_delivery = real  # type: ignore[method-assign]
-        stale = real(job_id, destination)
-        other = real(job_id, destination)
-        concurrent(other)
-        router.stores.delivery.save(other)
-        return stale
-
-    commands._get_delivery = read  # type: ignore[method-assign]
+    outdated_on_next_read(router.commands, "_get_delivery", concurrent,
+                          router.stores.delivery.save)
 
 
 def _attempt_failed(delivery: Any) -> None:
