@@ -19,6 +19,7 @@ from router.ai.deid import reidentify
 from router.ai.requests import AIRequests
 from router.ai.reroute import reroute, routing_tags
 from router.application.admin_state import AdminState
+from router.application.conflicts import save_changed
 from router.application.receive import STATUS_SUCCESS, Arrival, Receiver
 from router.domain.ai import AIRequest
 from router.storage.blobs import BlobStore
@@ -120,20 +121,24 @@ class AICallbacks:
         save (a processor can call back before its answer to the POST is recorded): then the
         result goes onto the request as stored now. Only another result in between is a
         conflict."""
-        for _ in range(SAVE_TRIES):
-            aggregate.receive_result(**ctx, **result)
-            try:
-                self.requests.save(aggregate)
-                return
-            except IntegrityError:
-                fresh = self.requests.load(str(aggregate.id))
-                if fresh is None or result["signature"] in fresh.signatures \
-                        or fresh.status in ("completed", "failed"):
-                    raise CallbackError(409, "this request got its result from a concurrent "
-                                             "callback; this result is not recorded") from None
-                aggregate = fresh
-        raise CallbackError(503, "the request kept changing while the result was recorded; "
-                                 "send the callback again")
+        reads = iter([aggregate])
+
+        def read() -> AIRequest | None:
+            return next(reads, None) or self.requests.load(str(aggregate.id))
+
+        def change(current: AIRequest | None) -> AIRequest:
+            if current is None or result["signature"] in current.signatures \
+                    or current.status in ("completed", "failed"):
+                raise CallbackError(409, "this request got its result from a concurrent "
+                                         "callback; this result is not recorded")
+            current.receive_result(**ctx, **result)
+            return current
+
+        try:
+            save_changed(read, change, self.requests.save, tries=SAVE_TRIES)
+        except IntegrityError:
+            raise CallbackError(503, "the request kept changing while the result was "
+                                     "recorded; send the callback again") from None
 
     def _receive(self, aggregate: AIRequest, files: list[ResultFile], ctx: dict[str, str],
                  extra: dict[str, object]) -> tuple[list[str], int]:

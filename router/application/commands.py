@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.persistence import IntegrityError
 
 from router.application.admin_state import AdminState
+from router.application.conflicts import save_changed
 from router.application.stores import EventStores
 from router.dispatch.registry import open_config, parse_destination, seal_config
 from router.domain.admin import Destination, Rule, destination_id, rule_id
@@ -143,19 +143,10 @@ class Commands:
 
     def _change_delivery(self, job_id: str, destination: str,
                          change: Callable[[Any], Any]) -> None:
-        """Read, change and save a Delivery. The dispatcher may record an attempt between our
-        read and our save: then read again and decide again on what is stored now (a delivery
-        that has just arrived is no longer requeued). IntegrityError after three tries."""
-        for tries_left in (2, 1, 0):
-            aggregate = change(self._get_delivery(job_id, destination))
-            if aggregate is None:
-                return
-            try:
-                self._stores.delivery.save(aggregate)
-                return
-            except IntegrityError:
-                if not tries_left:
-                    raise
+        """The dispatcher may record an attempt between our read and our save: then read
+        again and decide again (a delivery that has just arrived is no longer requeued)."""
+        save_changed(lambda: self._get_delivery(job_id, destination), change,
+                     self._stores.delivery.save)
 
     def _get_delivery(self, job_id: str, destination: str) -> Any:
         return self._get_from(self._stores.delivery, Delivery, delivery_id(job_id, destination))

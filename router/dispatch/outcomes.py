@@ -16,6 +16,7 @@ from typing import Any
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
+from router.application.conflicts import save_changed
 from router.dispatch.base import TransientDeliveryError
 from router.dispatch.lanes import AttemptResult, DueDelivery
 from router.domain.delivery import Delivery, delivery_id
@@ -105,15 +106,10 @@ class OutcomeRecorder:
 
     def record(self, result: AttemptResult) -> None:
         """Save one outcome, retrying on version conflicts with a fresh read."""
-        for read_first in (True, True, True):
-            try:
-                delivery = self._apply(result, read_first)
-                if delivery is not None:
-                    self._remember(self._app.save(delivery))
-                return
-            except IntegrityError:
-                continue
-        raise IntegrityError("delivery changed three times during one save")
+        recordings = save_changed(lambda: self._apply(result, read_first=True),
+                                  lambda delivery: delivery, self._app.save)
+        if recordings is not None:
+            self._remember(recordings)
 
     def _remember(self, recordings: list[Any]) -> None:
         with self._lock:
