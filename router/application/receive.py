@@ -58,6 +58,8 @@ class Arrival:
     sop_instance_uid: str
     transfer_syntax_uid: str
     correlation_id: str = ""
+    # The presentation context's abstract syntax ("" where there is none: STOW-RS, AI results).
+    abstract_syntax: str = ""
     # Blocks until the object's bytes are on disk (raises OSError if they cannot be).
     wait_durable: Callable[[], None] = lambda: None
     # Reads the spooled file without opening it again (the spool's own descriptor).

@@ -101,6 +101,7 @@ class _Pending:
 
     command: pdus.Command
     context_id: int
+    abstract_syntax: str
     transfer_syntax: str
     spool: SpoolFile | None  # None: the spool file could not be created
 
@@ -260,8 +261,8 @@ class PushAssociation:
             if command.dataset_type == pdus.NO_DATASET or abstract == pdus.VERIFICATION:
                 raise pdus.PduError("C-STORE request without a dataset or on a Verification "
                                     "context")
-            self._pending = _Pending(command, context_id, syntax, self._open_spool(command,
-                                                                                  syntax))
+            self._pending = _Pending(command, context_id, abstract, syntax,
+                                     self._open_spool(command, syntax))
         elif command.command_field != pdus.C_CANCEL_RQ:  # nothing to cancel: ignored
             raise pdus.PduError(f"command 0x{command.command_field:04X} on a storage "
                                 "association")
@@ -295,6 +296,7 @@ class PushAssociation:
                     sender_aet=self._request.calling_aet, our_aet=self._policy.ae_title,
                     sender_ip=self._address[0], move_originator_aet=command.move_originator_aet,
                     move_originator_message_id=command.move_originator_message_id,
+                    abstract_syntax=pending.abstract_syntax,
                 ))
             finally:
                 # As pynetdicom does after its handler: the receipt moved the file away or

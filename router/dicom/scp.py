@@ -251,6 +251,7 @@ def _arrival(request: StoreRequest, sha256: str, origin: Origin | None) -> Arriv
         sop_class_uid=request.sop_class_uid, sop_instance_uid=request.sop_instance_uid,
         transfer_syntax_uid=request.transfer_syntax_uid,
         correlation_id=origin.correlation_id if origin else "",
+        abstract_syntax=request.abstract_syntax,
     )
 
 

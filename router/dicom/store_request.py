@@ -22,6 +22,9 @@ class StoreRequest:
     sender_ip: str
     move_originator_aet: str = ""
     move_originator_message_id: int | None = None
+    # The presentation context's abstract syntax: the receiver compares the dataset's SOP
+    # Class UID with it ("" when unknown).
+    abstract_syntax: str = ""
 
     @classmethod
     def from_event(cls, event: Any) -> StoreRequest:
@@ -41,4 +44,5 @@ class StoreRequest:
             sender_ip=str(sender.address),
             move_originator_aet=str(request.MoveOriginatorApplicationEntityTitle or "").strip(),
             move_originator_message_id=request.MoveOriginatorMessageID,
+            abstract_syntax=str(event.context.abstract_syntax),
         )
