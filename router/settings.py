@@ -40,6 +40,24 @@ def parse_duration(value: object, *, name: str = "duration") -> float:
     return seconds
 
 
+TLS_PROFILES = ("bcp195", "non-downgrading", "tls13")
+
+
+@dataclass(frozen=True)
+class TlsServerSettings:
+    """The DICOM TLS listener: its port, our certificate and how peers are verified."""
+
+    port: int
+    certificate: Path
+    private_key: Path
+    # CA bundle that client certificates must chain to; with verify_clients, a peer without a
+    # valid certificate is refused during the handshake (mutual TLS).
+    ca_certificates: Path | None = None
+    verify_clients: bool = False
+    profile: str = "bcp195"  # see router/dicom/tls.py
+    handshake_timeout: float = 10.0
+
+
 @dataclass(frozen=True)
 class DicomSettings:
     """DICOM SCP behaviour."""
@@ -59,6 +77,18 @@ class DicomSettings:
     network_timeout: float = 60.0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
+    # -- the front door (router/dicom/gate.py): what a connection may cost before and while it
+    # is an association. ARTIM (PS3.8 9.1.5): how long a new connection may take to send its
+    # A-ASSOCIATE-RQ; until then it holds no association slot and no thread.
+    artim_timeout: float = 10.0
+    max_pending_connections: int = 256  # connections awaiting their A-ASSOCIATE-RQ, all sources
+    max_connections_per_ip: int = 32  # open at once from one address (pending + associated)
+    max_associations_per_ip: int = 16  # associations at once from one address
+    # TCP load balancers allowed to send a PROXY protocol v2 header naming the real sender.
+    trusted_proxies: tuple[str, ...] = ()
+    require_called_aet: bool = False  # refuse A-ASSOCIATE-RQs not addressed to ae_title
+    plain_listener: bool = True  # false: DICOM over TLS only (tls_port)
+    tls: TlsServerSettings | None = None  # a DICOM TLS listener (PS3.15 B.9), off by default
 
 
 @dataclass(frozen=True)
@@ -226,11 +256,59 @@ def _dicom(doc: Mapping[str, Any]) -> DicomSettings:
                                     name="dicom.acse_timeout"),
         dimse_timeout=parse_duration(s.get("dimse_timeout", d.dimse_timeout),
                                      name="dicom.dimse_timeout"),
+        artim_timeout=parse_duration(s.get("artim_timeout", d.artim_timeout),
+                                     name="dicom.artim_timeout"),
+        max_pending_connections=_int(s.get("max_pending_connections",
+                                           d.max_pending_connections),
+                                     "dicom.max_pending_connections", 1, 100000),
+        max_connections_per_ip=_int(s.get("max_connections_per_ip", d.max_connections_per_ip),
+                                    "dicom.max_connections_per_ip", 1, 100000),
+        max_associations_per_ip=_int(s.get("max_associations_per_ip",
+                                           d.max_associations_per_ip),
+                                     "dicom.max_associations_per_ip", 1, 1000),
+        trusted_proxies=_networks(s, "trusted_proxies", "dicom.trusted_proxies"),
+        require_called_aet=_bool(s.get("require_called_aet", False), "dicom.require_called_aet"),
+        plain_listener=_bool(s.get("plain_listener", True), "dicom.plain_listener"),
+        tls=_dicom_tls(s),
     )
+    if settings.artim_timeout <= 0:
+        raise SettingsError("dicom.artim_timeout must be more than 0")
+    if not settings.plain_listener and settings.tls is None:
+        raise SettingsError("dicom.plain_listener = false needs a TLS listener (dicom.tls_port)")
     if settings.max_pdu_size == 0 or settings.max_pdu_size > settings.max_incoming_pdu - 6:
         raise SettingsError("dicom.max_pdu_size must be between 1 and max_incoming_pdu - 6 "
                             "(a peer may send PDUs as large as we advertise)")
     return settings
+
+
+def _dicom_tls(s: Mapping[str, Any]) -> TlsServerSettings | None:
+    """``tls_port`` with ``tls_certificate`` and ``tls_private_key`` turn the listener on."""
+    if s.get("tls_port") in (None, ""):
+        stray = sorted(k for k in s if k.startswith("tls_"))
+        if stray:
+            raise SettingsError(f"dicom.{stray[0]} is set but dicom.tls_port is not")
+        return None
+    port = _int(s["tls_port"], "dicom.tls_port", 0, 65535)
+    files: dict[str, Path] = {}
+    for key in ("tls_certificate", "tls_private_key", "tls_ca_certificates"):
+        if s.get(key):
+            files[key] = Path(str(s[key])).expanduser()
+    for key in ("tls_certificate", "tls_private_key"):
+        if key not in files:
+            raise SettingsError(f"dicom.tls_port needs dicom.{key} (a PEM file)")
+    verify = _bool(s.get("tls_verify_clients", False), "dicom.tls_verify_clients")
+    if verify and "tls_ca_certificates" not in files:
+        raise SettingsError("dicom.tls_verify_clients needs dicom.tls_ca_certificates "
+                            "(the CA bundle client certificates must chain to)")
+    profile = str(s.get("tls_profile", "bcp195"))
+    if profile not in TLS_PROFILES:
+        raise SettingsError(f"dicom.tls_profile must be one of {', '.join(TLS_PROFILES)}")
+    return TlsServerSettings(
+        port=port, certificate=files["tls_certificate"], private_key=files["tls_private_key"],
+        ca_certificates=files.get("tls_ca_certificates"), verify_clients=verify,
+        profile=profile,
+        handshake_timeout=parse_duration(s.get("tls_handshake_timeout", 10.0),
+                                         name="dicom.tls_handshake_timeout"))
 
 
 def _dispatch(doc: Mapping[str, Any]) -> DispatchSettings:
@@ -319,6 +397,13 @@ def _tables(doc: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(items)
 
 
+# [dicom] keys that DICOM_ROUTER_DICOM_<KEY> variables may set (scalars only).
+_DICOM_ENV_KEYS = ("artim_timeout", "max_pending_connections", "max_connections_per_ip",
+                   "max_associations_per_ip", "require_called_aet", "plain_listener",
+                   "tls_port", "tls_certificate", "tls_private_key", "tls_ca_certificates",
+                   "tls_verify_clients", "tls_profile", "tls_handshake_timeout")
+
+
 def load_settings(
     environ: Mapping[str, str],
     config_path: Path | None = None,
@@ -329,6 +414,10 @@ def load_settings(
     processes = environ.get(ENV_PREFIX + "RECEIVER_PROCESSES")
     if processes:
         doc = {**doc, "dicom": {**_section(doc, "dicom"), "processes": processes}}
+    dicom_env = {key: value for key in _DICOM_ENV_KEYS
+                 if (value := environ.get(f"{ENV_PREFIX}DICOM_{key.upper()}"))}
+    if dicom_env:  # e.g. DICOM_ROUTER_DICOM_TLS_PORT
+        doc = {**doc, "dicom": {**_section(doc, "dicom"), **dicom_env}}
     server = dict(_section(doc, "server"))
     for key in ("ae_title", "dicom_port", "http_port", "data_dir", "database_url", "secret_key",
                 "admin_password", "log_format", "log_level", "dicom_host", "http_host",
