@@ -60,6 +60,8 @@ class Arrival:
     correlation_id: str = ""
     # The presentation context's abstract syntax ("" where there is none: STOW-RS, AI results).
     abstract_syntax: str = ""
+    # The subject of the sender's verified TLS client certificate ("" over plain TCP).
+    tls_subject: str = ""
     # Blocks until the object's bytes are on disk (raises OSError if they cannot be).
     wait_durable: Callable[[], None] = lambda: None
     # Reads the spooled file without opening it again (the spool's own descriptor).
@@ -200,7 +202,7 @@ class Receiver:
             sop_class_uid=str(header.index["SOPClassUID"]),
             sop_instance_uid=sop_uid, transfer_syntax_uid=arrival.transfer_syntax_uid,
             sha256=arrival.sha256, size=arrival.size, index=header.index,
-            previous_job_id=previous,
+            previous_job_id=previous, tls_subject=arrival.tls_subject,
         )
         if original is not None:
             job.ignore_duplicate(**ctx, original_job_id=original)

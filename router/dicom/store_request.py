@@ -25,6 +25,8 @@ class StoreRequest:
     # The presentation context's abstract syntax: the receiver compares the dataset's SOP
     # Class UID with it ("" when unknown).
     abstract_syntax: str = ""
+    # The subject of the peer's verified TLS client certificate ("" over plain TCP).
+    tls_subject: str = ""
 
     @classmethod
     def from_event(cls, event: Any) -> StoreRequest:

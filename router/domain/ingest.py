@@ -34,7 +34,10 @@ class Job(Aggregate):
         size: int,
         index: dict[str, Any],
         previous_job_id: str | None,
+        tls_subject: str = "",
     ) -> None:
+        """``tls_subject``: the sender's verified TLS certificate subject ("" over plain TCP,
+        and absent in events recorded before DICOM TLS)."""
         self.actor = actor
         self.source_ip = source_ip
         self.correlation_id = correlation_id
@@ -48,6 +51,7 @@ class Job(Aggregate):
         self.size = size
         self.index = index
         self.previous_job_id = previous_job_id
+        self.tls_subject = tls_subject
         self.destinations: list[str] = []
         self.duplicate_of: str | None = None
         self.blob_purged = False
