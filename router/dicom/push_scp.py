@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from router.dicom import pdus
+from router.dicom.peer import Peer
+from router.dicom.protocol_log import PROTOCOL_LOG
 from router.dicom.spool import SpoolFile
 from router.dicom.store_request import StoreRequest
 from router.dicom.tuning import FileMeta, encode_file_meta, spool_dir
@@ -109,11 +111,11 @@ class _Pending:
 class PushAssociation:
     """One storage push association, served on the thread that accepted it."""
 
-    def __init__(self, sock: socket.socket, address: tuple[str, int],
+    def __init__(self, sock: socket.socket, peer: Peer,
                  request: pdus.AssociateRequest, policy: PushPolicy,
                  store: Callable[[StoreRequest], int]) -> None:
         self._sock = sock
-        self._address = address
+        self._peer = peer
         self._request = request
         self._policy = policy
         self._store = store
@@ -138,7 +140,8 @@ class PushAssociation:
     def run(self, over_limit: bool) -> None:
         """Serve until release or abort; ``over_limit``: reject (too many associations)."""
         try:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):  # a TLS tunnel's local socket has no Nagle
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Blocking from here, with the timeouts in the kernel (set by _read_pdu).
             self._read_pdu(self._policy.acse_timeout)  # the request we peeked at
             if over_limit:
@@ -161,11 +164,13 @@ class PushAssociation:
         except _Closed:
             pass
         except TimeoutError:
-            logger.warning("association from %s timed out; aborted", self._request.calling_aet)
+            PROTOCOL_LOG.warning(self._peer.host, "association from %s idle past the network "
+                                 "timeout; aborted", self._request.calling_aet)
             with contextlib.suppress(OSError):
                 self._sock.sendall(pdus.encode_abort())
         except pdus.PduError as exc:
-            logger.warning("association from %s aborted: %s", self._request.calling_aet, exc)
+            PROTOCOL_LOG.warning(self._peer.host, "association from %s aborted: %s",
+                                 self._request.calling_aet, exc)
             with contextlib.suppress(OSError):
                 self._sock.sendall(pdus.encode_abort(2, 2))  # unrecognised/unexpected PDU
         except OSError as exc:
@@ -294,9 +299,9 @@ class PushAssociation:
                     sop_instance_uid=command.sop_instance_uid,
                     transfer_syntax_uid=pending.transfer_syntax,
                     sender_aet=self._request.calling_aet, our_aet=self._policy.ae_title,
-                    sender_ip=self._address[0], move_originator_aet=command.move_originator_aet,
+                    sender_ip=self._peer.host, move_originator_aet=command.move_originator_aet,
                     move_originator_message_id=command.move_originator_message_id,
-                    abstract_syntax=pending.abstract_syntax,
+                    abstract_syntax=pending.abstract_syntax, tls_subject=self._peer.tls_subject,
                 ))
             finally:
                 # As pynetdicom does after its handler: the receipt moved the file away or

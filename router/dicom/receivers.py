@@ -1,11 +1,12 @@
 """Receiving in several processes, so receiving is not held to one core by the GIL.
 
-The parent owns the DICOM port: it accepts each connection and hands it (the descriptor, over a
-Unix socket) to the receiver process serving the fewest connections at that moment. The kernel's
-own spreading (SO_REUSEPORT, used before) hashes connections to processes: four concurrent
-associations landed 3:1 or 4:0 on two processes about five times in eight, and the busier
-process's GIL then set the pace. Each child runs the DICOM server on the connections it is
-given, with its own Receiver. The parent supervises them and runs views and dispatch.
+The parent owns the DICOM ports through the front door (:mod:`router.dicom.gate`): once a
+connection's A-ASSOCIATE-RQ has arrived and passed its checks, the gate hands it (the
+descriptor, over a Unix socket) to the receiver process serving the fewest connections at that
+moment. The kernel's own spreading (SO_REUSEPORT, used before) hashes connections to processes:
+four concurrent associations landed 3:1 or 4:0 on two processes about five times in eight, and
+the busier process's GIL then set the pace. Each child runs the DICOM server on the connections
+it is given, with its own Receiver. The parent supervises them and runs views and dispatch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pickle
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -25,6 +27,10 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from router.dicom.gate import Gate
+from router.dicom.peer import Peer
+from router.dicom.scp import hand_connection
+from router.dicom.tls import listener_context
 from router.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -47,8 +53,9 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
     until SIGTERM or the parent is gone.
 
     It writes ``R`` to ``signal_fd`` once serving, ``S`` after each saved receipt (the parent
-    then wakes its views at once instead of at their next poll) and ``E`` each time it is done
-    with a connection (the parent counts what each process is serving).
+    then wakes its views at once instead of at their next poll) and ``E`` with the connection's
+    id (4 bytes) each time it is done with one (the gate counts what each process and each
+    address holds).
     """
     import os
 
@@ -60,6 +67,7 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
     from router.application.admin_state import AdminState
     from router.application.receive import Receiver
     from router.application.stores import open_stores
+    from router.dicom.protocol_log import PROTOCOL_LOG
     from router.dicom.qr_scp import standalone
     from router.dicom.scp import DicomServer
     from router.dicom.tuning import DUL_IDLE_DELAY, configure_pynetdicom
@@ -81,11 +89,12 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
             os.write(signal_fd, message)
 
-    def connection_done() -> None:
-        # Not dropped: the parent's count of our connections would stay too high.
+    def connection_done(conn_id: int) -> None:
+        # Not dropped: the gate's counts of our connections would stay too high.
+        message = b"E" + struct.pack(">I", conn_id)
         for _ in range(1000):
             try:
-                os.write(signal_fd, b"E")
+                os.write(signal_fd, message)  # under PIPE_BUF: never interleaved
                 return
             except BlockingIOError:
                 time.sleep(0.001)
@@ -104,6 +113,7 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
     while not stop.wait(1.0):
         if os.getppid() != parent_pid:  # parent gone and PDEATHSIG unavailable
             break
+        PROTOCOL_LOG.flush()
     server.stop(grace=settings.dispatch.shutdown_grace)
     studies.close()
     stores.close()
@@ -124,7 +134,7 @@ class _Child:
         theirs.close()
         ours.setblocking(False)  # a child that stopped reading is skipped, not waited for
         self.channel = ours
-        self.serving = 0  # connections handed over and not yet reported done
+        self.serving: set[int] = set()  # ids of connections handed over, not yet done
         self.handed = 0  # in all; the tie-breaker between equally busy processes
         self.signals = os.fdopen(read_fd, "rb", buffering=0)
         assert self.process.stdin is not None
@@ -146,29 +156,27 @@ class _Child:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def hand(self, conn: socket.socket, address: tuple[str, int]) -> None:
-        """Pass an accepted connection (raises OSError when the child cannot take it)."""
-        socket.send_fds(self.channel, [f"{address[0]} {address[1]}".encode("ascii")],
-                        [conn.fileno()])
+    def hand(self, conn: socket.socket, peer: Peer) -> bool:
+        """Pass an accepted connection; False when the child cannot take it."""
+        return hand_connection(self.channel, conn, peer)
 
 
 class ReceiverPool:
-    """Owns the DICOM port; starts, feeds, watches and stops the receiver processes.
+    """Owns the DICOM ports (through a gate); starts, feeds, watches and stops the receiver
+    processes.
 
     Plain subprocesses, not multiprocessing: its spawn method also starts a resource-tracker
     process (about 13 MB) that receivers do not need.
     """
 
     def __init__(self, settings: Settings, count: int, on_saved: Callable[[], None]) -> None:
-        # Connections go to the least busy process, so a per-process share of the limit adds up
-        # to the configured limit.
-        per_process = max(1, -(-settings.dicom.max_associations // count))
-        self._listener = socket.create_server((settings.dicom_host, settings.dicom_port),
-                                              backlog=64)
-        self._listener.settimeout(1.0)  # the accept loop sees a stop within a second
-        port = int(self._listener.getsockname()[1])  # the one bound when port 0 was asked
-        self._settings = replace(settings, dicom_port=port, dicom=replace(
-            settings.dicom, max_associations=per_process))
+        tls = settings.dicom.tls
+        self._gate = Gate(settings.dicom_host, settings.dicom_port, settings.dicom,
+                          settings.ae_title, sink=self._hand,
+                          tls_context=listener_context(tls) if tls is not None else None)
+        # The gate enforces the association limits across processes; each child keeps the
+        # whole limit as a second line (it never gets more than the gate lets through).
+        self._settings = replace(settings, dicom_port=self._gate.port)
         self._count = count
         self._on_saved = on_saved
         self._children: list[_Child] = []
@@ -178,47 +186,36 @@ class ReceiverPool:
 
     @property
     def port(self) -> int:
-        return self._settings.dicom_port
+        return self._gate.port
+
+    @property
+    def tls_port(self) -> int:
+        return self._gate.tls_port
+
+    @property
+    def gate(self) -> Gate:
+        return self._gate
 
     def start(self, timeout: float = 60.0) -> None:
         for _ in range(self._count):
             self._children.append(self._spawn(timeout))
-        for target, name in ((self._watch, "receivers-watch"), (self._accept, "dicom-accept")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        logger.info("%d receiver processes serving port %d", self._count, self.port)
+        thread = threading.Thread(target=self._watch, name="receivers-watch", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        self._gate.start()
+        logger.info("%d receiver processes serving DICOM port %s%s", self._count,
+                    self.port or "-", f" and TLS port {self.tls_port}" if self.tls_port else "")
 
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, address = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                if self._stopping.is_set():
-                    return
-                logger.error("accepting a DICOM connection failed: %s",
-                             exc.strerror or type(exc).__name__)
-                time.sleep(0.1)  # EMFILE and the like: do not spin
-                continue
-            with conn:
-                self._hand(conn, address)
-
-    def _hand(self, conn: socket.socket, address: tuple[str, int]) -> None:
+    def _hand(self, conn: socket.socket, peer: Peer) -> bool:
         """To the process serving the fewest connections (round robin among equals)."""
         with self._lock:
-            for child in sorted(self._children, key=lambda c: (c.serving, c.handed)):
-                if not child.alive():
-                    continue
-                try:
-                    child.hand(conn, address)
-                except OSError:
+            for child in sorted(self._children, key=lambda c: (len(c.serving), c.handed)):
+                if not child.alive() or not child.hand(conn, peer):
                     continue  # gone or not reading: the next one
-                child.serving += 1
+                child.serving.add(peer.conn_id)
                 child.handed += 1
-                return
-        logger.error("no receiver process could take a DICOM connection; closed it")
+                return True
+        return False
 
     def _spawn(self, timeout: float) -> _Child:
         child = _Child(self._settings, timeout)
@@ -232,15 +229,23 @@ class ReceiverPool:
 
     def _forward_saves(self, child: _Child) -> None:
         """Wake the parent's views after a child's saves, count its finished connections;
-        ends when the child exits."""
+        ends when the child exits (its connections are then released)."""
+        carry = b""
         while data := child.signals.read(4096):
-            if done := data.count(b"E"):
+            data, carry = carry + data, b""
+            saved, done, carry = _parse_signals(data)
+            for conn_id in done:
                 with self._lock:
-                    child.serving = max(0, child.serving - done)
-            if b"S" in data:
+                    child.serving.discard(conn_id)
+                self._gate.release(conn_id)
+            if saved:
                 self._on_saved()
         child.signals.close()
         child.channel.close()
+        with self._lock:
+            orphans, child.serving = child.serving, set()
+        for conn_id in orphans:
+            self._gate.release(conn_id)
 
     def _watch(self) -> None:
         while not self._stopping.wait(1.0):
@@ -257,11 +262,9 @@ class ReceiverPool:
 
     def stop(self, grace: float) -> None:
         """Stop accepting; SIGTERM each child (they finish in-flight C-STOREs), then wait;
-        kill stragglers."""
+        kill stragglers; then close the gate (its TLS tunnels carried those C-STOREs)."""
         self._stopping.set()
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop at once
-        self._listener.close()
+        self._gate.close_listeners()
         for child in self._children:
             if child.alive():
                 child.process.terminate()
@@ -273,8 +276,26 @@ class ReceiverPool:
                 logger.error("receiver process %d did not stop; killing it", child.pid)
                 child.process.kill()
                 child.process.wait(5)
+        self._gate.stop()
         for t in self._threads:
             t.join(timeout=2)
+
+
+def _parse_signals(data: bytes) -> tuple[bool, list[int], bytes]:
+    """(a receipt was saved, ids of finished connections, an incomplete tail to keep)."""
+    saved, pos = False, 0
+    done: list[int] = []
+    while pos < len(data):
+        kind = data[pos:pos + 1]
+        if kind == b"E":
+            if pos + 5 > len(data):
+                return saved, done, data[pos:]
+            done.append(struct.unpack_from(">I", data, pos + 1)[0])
+            pos += 5
+            continue
+        saved |= kind == b"S"
+        pos += 1
+    return saved, done, b""
 
 
 if __name__ == "__main__":  # a receiver process started by ReceiverPool

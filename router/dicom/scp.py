@@ -1,8 +1,11 @@
-"""The DICOM listener: C-ECHO and C-STORE for every storage SOP class, streamed to the spool,
+"""The DICOM server: C-ECHO and C-STORE for every storage SOP class, streamed to the spool,
 and query/retrieve (C-FIND, C-MOVE, C-GET) when given a QueryRetrieveSCP.
 
-The C-STORE handler finishes the spool file, calls the Receiver once and returns its status;
-no routing or network I/O happens here. Shutdown stops accepting, lets in-flight C-STOREs end.
+It serves connections the front door (:mod:`router.dicom.gate`) hands it over a local socket:
+its own gate when this process owns the DICOM ports, the parent's when it is a receiver
+process. The C-STORE handler finishes the spool file, calls the Receiver once and returns its
+status; no routing or network I/O happens here. Shutdown stops accepting, lets in-flight
+C-STOREs end.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +28,11 @@ from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[
 from pynetdicom.transport import ThreadedAssociationServer
 
 from router.application.receive import STATUS_OUT_OF_RESOURCES, Arrival, Receiver
+from router.dicom.gate import Gate
+from router.dicom.peer import Peer
 from router.dicom.push_scp import PushAssociation, PushPolicy, is_push, peek_request
 from router.dicom.store_request import StoreRequest
+from router.dicom.tls import listener_context
 from router.settings import Settings
 
 if TYPE_CHECKING:
@@ -45,22 +51,24 @@ TRANSFER_SYNTAXES = [
 
 
 class DicomServer:
-    """Owns the pynetdicom AE and its listening socket.
+    """Owns the pynetdicom AE and serves the connections handed to it.
 
-    In a receiver process (``channel`` given) there is no listening socket: the parent accepts
-    and hands each connection over ``channel``; ``on_connection_done`` is called when one is
-    finished with (see :mod:`router.dicom.receivers`).
+    In a receiver process (``channel`` given) the parent's gate hands each connection over
+    ``channel``; ``on_connection_done(conn_id)`` is called when one is finished with (see
+    :mod:`router.dicom.receivers`). Otherwise :meth:`start` opens the DICOM ports with a gate
+    of its own.
     """
 
     def __init__(self, settings: Settings, receiver: Receiver,
                  qr: QueryRetrieveSCP | None = None, channel: socket.socket | None = None,
-                 on_connection_done: Callable[[], None] = lambda: None) -> None:
+                 on_connection_done: Callable[[int], None] = lambda conn_id: None) -> None:
         self._settings = settings
         self._channel = channel
         self._on_connection_done = on_connection_done
         self._receiver = receiver
         self._qr = qr
-        self._server: ThreadedAssociationServer | None = None
+        self._server: _HandedServer | None = None
+        self.gate: Gate | None = None
         self._busy = 0
         self._busy_lock = threading.Condition()
         self.ae = self._build_ae()
@@ -76,9 +84,11 @@ class DicomServer:
         ae.network_timeout = s.dicom.network_timeout
         ae.acse_timeout = s.dicom.acse_timeout
         ae.dimse_timeout = s.dicom.dimse_timeout
+        # The gate refuses these before handing a connection over; pynetdicom's own checks
+        # stay as a second line.
         if s.dicom.require_known_calling_ae:
-            # pynetdicom rejects others: rejected-permanent, "calling AE title not recognised".
             ae.require_calling_aet = list(s.dicom.known_calling_aets) or ["\x00"]
+        ae.require_called_aet = s.dicom.require_called_aet
         ae.add_supported_context(Verification)
         for sop_class in sorted(_STORAGE_CLASSES.values()):
             # Both roles: a C-GET requestor takes the SCP role for the storage sub-operations.
@@ -100,12 +110,12 @@ class DicomServer:
             network_timeout=s.dicom.network_timeout,
         )
 
-    def serve_push(self, sock: socket.socket, address: tuple[str, int]) -> bool:
+    def serve_push(self, sock: socket.socket, peer: Peer) -> bool:
         """Serve a storage push association here (True), or leave it to pynetdicom."""
         request = peek_request(sock, self.push_policy.acse_timeout)
         if request is None or not is_push(request, self.push_policy):
             return False
-        push = PushAssociation(sock, address, request, self.push_policy, self.store)
+        push = PushAssociation(sock, peer, request, self.push_policy, self.store)
         server = self._server
         with self._pushes_lock:
             theirs = len([a for a in server.active_associations if a.is_acceptor]) if server else 0
@@ -121,8 +131,12 @@ class DicomServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        """The plain DICOM port (0 when there is none, or in a receiver process)."""
+        return self.gate.port if self.gate is not None else 0
+
+    @property
+    def tls_port(self) -> int:
+        return self.gate.tls_port if self.gate is not None else 0
 
     def start(self) -> None:
         handlers: list[Any] = [
@@ -130,24 +144,42 @@ class DicomServer:
             (evt.EVT_C_STORE, self._handle_store),
             *(self._qr.handlers() if self._qr is not None else []),
         ]
-        server_class = _Server if self._channel is None else _HandedServer
-        self._server = self.ae.make_server(
-            (self._settings.dicom_host, self._settings.dicom_port),
-            evt_handlers=handlers, server_class=server_class,
-        )
-        self._server.router_scp = self  # type: ignore[attr-defined]
-        if isinstance(self._server, _HandedServer):
-            assert self._channel is not None
-            self._server.adopt(self._channel, self._on_connection_done)
-        thread = threading.Thread(target=self._server.serve_forever, name="dicom-accept",
+        if self._channel is None:
+            self._channel = self._open_gate()
+        server = self.ae.make_server(
+            (self._settings.dicom_host, 0), evt_handlers=handlers, server_class=_HandedServer)
+        assert isinstance(server, _HandedServer)
+        server.adopt(self, self._channel, self._on_connection_done)
+        self._server = server
+        thread = threading.Thread(target=self._server.serve_forever, name="dicom-serve",
                                   daemon=True)
         thread.start()
         self.ae._servers.append(self._server)
-        logger.info("DICOM listener on %s:%d as %s", self._settings.dicom_host, self.port,
-                    self._settings.ae_title)
+        if self.gate is not None:
+            self.gate.start()
+            logger.info("DICOM listener on %s port %s%s as %s", self._settings.dicom_host,
+                        self.port or "-",
+                        f", TLS port {self.tls_port}" if self.tls_port else "",
+                        self._settings.ae_title)
+
+    def _open_gate(self) -> socket.socket:
+        """This process owns the ports: a gate in front, handing connections to our server
+        over a local socket pair, as the parent hands them to receiver processes."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)  # a server that stopped reading: the gate refuses, not waits
+        tls = self._settings.dicom.tls
+        self.gate = Gate(self._settings.dicom_host, self._settings.dicom_port,
+                         self._settings.dicom, self._settings.ae_title,
+                         sink=lambda conn, peer: hand_connection(ours, conn, peer),
+                         tls_context=listener_context(tls) if tls is not None else None)
+        self._gate_channel = ours
+        self._on_connection_done = self.gate.release
+        return theirs
 
     def stop(self, grace: float) -> None:
         """Stop accepting, wait up to ``grace`` s for associations to end, then abort the rest."""
+        if self.gate is not None:
+            self.gate.close_listeners()
         if self._server is None:
             return
         # pynetdicom's and push_scp's: both have is_alive() and abort().
@@ -166,6 +198,9 @@ class DicomServer:
                 if assoc.is_alive():
                     assoc.abort()
         self._server = None
+        if self.gate is not None:
+            self.gate.stop()
+            self._gate_channel.close()
 
     def _handle_store(self, event: Any) -> int:
         try:
@@ -173,6 +208,9 @@ class DicomServer:
         except RuntimeError as exc:
             logger.error("%s", exc)
             return STATUS_OUT_OF_RESOURCES
+        peer = self._server.peer_of(event.assoc) if self._server is not None else None
+        if peer is not None and peer.tls_subject:
+            request = replace(request, tls_subject=peer.tls_subject)
         return self.store(request)
 
     def store(self, request: StoreRequest) -> int:
@@ -251,67 +289,90 @@ def _arrival(request: StoreRequest, sha256: str, origin: Origin | None) -> Arriv
         sop_class_uid=request.sop_class_uid, sop_instance_uid=request.sop_instance_uid,
         transfer_syntax_uid=request.transfer_syntax_uid,
         correlation_id=origin.correlation_id if origin else "",
-        abstract_syntax=request.abstract_syntax,
+        abstract_syntax=request.abstract_syntax, tls_subject=request.tls_subject,
     )
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's server, but storage push associations are served by push_scp."""
-
-    router_scp: DicomServer | None = None
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        scp = self.router_scp
-        if scp is not None and isinstance(request, socket.socket):
-            try:
-                if scp.serve_push(request, client_address):
-                    return
-            except Exception:
-                logger.exception("storage push association failed")
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+def hand_connection(channel: socket.socket, conn: socket.socket, peer: Peer) -> bool:
+    """Pass an accepted connection and who sent it over ``channel`` (the descriptor is
+    duplicated into the receiving end); False when the other end cannot take it now."""
+    try:
+        socket.send_fds(channel, [peer.encode()], [conn.fileno()])
+    except OSError:
+        return False
+    return True
 
 
-class _HandedServer(_Server):
-    """A receiver process's server: it binds nothing. Its "listening" socket is the Unix socket
-    over which the parent process hands it accepted connections (one descriptor per message,
-    with the peer's address as text); ``done`` is called once each connection is finished with.
+class _HandedServer(ThreadedAssociationServer):
+    """pynetdicom's server, bound to nothing: its "listening" socket is the local socket over
+    which a gate hands it accepted connections (one descriptor per message, with the peer as
+    text). Storage push associations are served by push_scp, the rest by pynetdicom;
+    ``done(conn_id)`` is called once each connection is finished with.
     """
 
-    _done: Callable[[], None] = staticmethod(lambda: None)
-
     def server_bind(self) -> None:
-        pass  # the parent process owns the port
+        pass  # the gate owns the ports
 
     def server_activate(self) -> None:
         pass
 
-    def adopt(self, channel: socket.socket, done: Callable[[], None]) -> None:
+    def adopt(self, scp: DicomServer, channel: socket.socket,
+              done: Callable[[int], None]) -> None:
         assert self.socket is not None
         self.socket.close()  # the unbound TCP socket TCPServer made
         self.socket = channel
+        self._scp = scp
         self._done = done
+        self._peers: dict[int, Peer] = {}  # socket id -> who is on it
+        self._peers_lock = threading.Lock()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
-        message, fds, _, _ = socket.recv_fds(self.socket, 512, 1)
+        message, fds, _, _ = socket.recv_fds(self.socket, 4096, 1)
         if not fds:
-            time.sleep(0.2)  # the parent is gone; SIGTERM follows (PDEATHSIG)
+            time.sleep(0.2)  # the gate or the parent is gone; a stop follows
             raise OSError("connection channel closed")
-        host, port = message.decode("ascii").rsplit(" ", 1)
-        return socket.socket(fileno=fds[0]), (host, int(port))
+        conn = socket.socket(fileno=fds[0])
+        try:
+            peer = Peer.decode(message)
+        except ValueError:
+            conn.close()
+            raise OSError("malformed hand-over message") from None
+        with self._peers_lock:
+            self._peers[id(conn)] = peer
+        return conn, peer.address
+
+    def peer_of(self, assoc: Any) -> Peer | None:
+        """Who is on the other end of a pynetdicom association served here."""
+        sock = getattr(getattr(assoc, "dul", None), "socket", None)
+        with self._peers_lock:
+            return self._peers.get(id(getattr(sock, "socket", None)))
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._peers_lock:
+            peer = self._peers.get(id(request))
         try:
+            if peer is not None and self._serve_push(request, peer):
+                return
             super().process_request_thread(request, client_address)
             # pynetdicom serves its associations on a thread of their own: wait for it, so
-            # that the parent's count of this process's connections stays true.
+            # that the gate's count of this connection stays true.
             for assoc in self.active_associations:
                 if getattr(assoc.dul.socket, "socket", None) is request:
                     assoc.join()
         finally:
-            self._done()
+            with self._peers_lock:
+                self._peers.pop(id(request), None)
+            if peer is not None:
+                self._done(peer.conn_id)
+
+    def _serve_push(self, request: socket.socket, peer: Peer) -> bool:
+        try:
+            return self._scp.serve_push(request, peer)
+        except Exception:
+            logger.exception("storage push association failed")
+            self.shutdown_request(request)
+            return True
 
 
 def _handle_echo(event: Any) -> int:

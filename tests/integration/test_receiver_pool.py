@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("dcmtk")
 
 def serving(router: Any) -> list[int]:
     with router.receivers._lock:
-        return sorted(child.serving for child in router.receivers._children)
+        return sorted(len(child.serving) for child in router.receivers._children)
 
 
 def associate(port: int, context: Any) -> Association:
