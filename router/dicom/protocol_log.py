@@ -63,6 +63,11 @@ class ProtocolLog:
                     self._summarise(address, window)
                     del self._windows[address]
 
+    def forget(self) -> None:
+        """Start every address afresh (without summaries)."""
+        with self._lock:
+            self._windows.clear()
+
     def _summarise(self, address: str, window: _Window) -> None:
         if window.suppressed:
             self._log.warning("%s: %d more protocol errors in the last %d s, not logged one "

@@ -137,8 +137,10 @@ def describe_failure(exc: BaseException) -> str:
         return f"peer certificate refused: {message}"
     if isinstance(exc, ssl.SSLError):
         reason = str(exc.reason or "").lower().replace("_", " ")
-        if "certificate" in reason and "alert" in reason:
+        if "alert" in reason and ("certificate" in reason or "unknown ca" in reason):
             return f"the peer refused our certificate ({reason})"
+        if "alert" in reason:
+            return f"the peer ended the handshake ({reason})"
         if "peer did not return a certificate" in reason or "certificate required" in reason:
             return "no client certificate sent (this listener requires one)"
         if "version" in reason or "protocol" in reason:
