@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger("router.dicom.protocol")
 
@@ -75,3 +76,43 @@ class ProtocolLog:
 
 
 PROTOCOL_LOG = ProtocolLog()  # one per process: the gate, push_scp and pynetdicom's path share it
+
+
+class LibraryProtocolErrors(logging.Filter):
+    """Attached to pynetdicom's loggers: its warnings and errors about a peer's PDUs become one
+    line each without traceback, rate-limited per peer like ours (the peer is found from the
+    association of the thread that logs: pynetdicom's DUL and association threads)."""
+
+    def __init__(self, log: ProtocolLog = PROTOCOL_LOG) -> None:
+        super().__init__()
+        self._log = log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        address = _peer_of_current_thread()
+        if address is None:
+            return True
+        self._log.warning(address, "%s", record.getMessage())
+        return False
+
+
+def _peer_of_current_thread() -> str | None:
+    thread: Any = threading.current_thread()
+    assoc = getattr(thread, "assoc", thread)  # a DUL thread has .assoc; an Association is one
+    try:
+        peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+        return str(peer.address) if peer.address_info is not None else None
+    except AttributeError:
+        return None
+
+
+def quiet_library_errors(prefix: str = "pynetdicom") -> None:
+    """Attach :class:`LibraryProtocolErrors` to every logger under ``prefix`` (idempotent)."""
+    names = [name for name in logging.root.manager.loggerDict
+             if name == prefix or name.startswith(prefix + ".")]
+    for name in names:
+        logger_ = logging.getLogger(name)
+        if not any(isinstance(f, LibraryProtocolErrors) for f in logger_.filters):
+            logger_.addFilter(LibraryProtocolErrors())

@@ -32,6 +32,7 @@ from pynetdicom import (
     transport,
 )
 
+from router.dicom.protocol_log import quiet_library_errors
 from router.dicom.spool import SpoolFile
 
 logger = logging.getLogger(__name__)
@@ -296,6 +297,7 @@ def configure_pynetdicom(spool_dir: Path, max_incoming_pdu: int, idle_delay: flo
         # configuration drops (the pynetdicom logger is at WARNING): pure cost.
         _config.LOG_HANDLER_LEVEL = "none"
         _set_idle_delay(idle_delay)
+        quiet_library_errors()  # a peer's bad PDU: one line, no traceback, rate-limited
         if _state["applied"]:
             return
         dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[assignment]

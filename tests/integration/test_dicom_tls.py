@@ -172,9 +172,9 @@ def test_a_certificate_for_another_host_fails_the_clients_check(
 ) -> None:
     router = start_router(_tls_settings(tmp_path, pki, server=pki.wrong_host_server))
     context = client_context(pki.ca.bundle, pki.client.certificate, pki.client.private_key)
-    with socket.create_connection(("127.0.0.1", router.dicom.tls_port), timeout=5) as raw:
-        with pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch"):
-            context.wrap_socket(raw, server_hostname="127.0.0.1")
+    with (socket.create_connection(("127.0.0.1", router.dicom.tls_port), timeout=5) as raw,
+          pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch")):
+        context.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
 def test_slow_handshakes_do_not_hold_the_door(router: Router, pki: Pki) -> None:
