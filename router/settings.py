@@ -111,6 +111,22 @@ class IngestSettings:
     # "reject": answered with a failure status (0xA700 is wrong here; we use 0xC001).
     # "keep_first": recorded as a conflicting duplicate and not routed.
     changed_duplicate_policy: str = "new_version"
+    # Dataset limits (router/dicom/limits.py, docs/security.md): a received object beyond
+    # them is refused 0xC000 with the limit as the recorded reason, never acknowledged and
+    # then left undeliverable. Real objects stay far below these defaults.
+    max_sequence_depth: int = 64  # at most MAX_SEQUENCE_DEPTH: pydicom reads recursively
+    max_elements: int = 2_000_000  # data elements, items and fragments of one object
+    max_value_length: int = 1 << 30  # bytes of one value other than pixel data
+    # UIDs that are not PS3.5 9.1 UIDs (digits and dots, no empty component, at most 64):
+    # "refuse" (0xC000), or "repair" (SOP Instance, Study and Series UIDs replaced by a
+    # 2.25 UID derived from the original, which the receipt event keeps).
+    invalid_uids: str = "refuse"
+    # A dataset whose SOP Class UID is not its presentation context's: "refuse" (0xA900)
+    # or "accept".
+    sop_class_mismatch: str = "refuse"
+
+
+MAX_SEQUENCE_DEPTH = 100  # pydicom survives about 190 levels at the top of a thread
 
 
 @dataclass(frozen=True)
@@ -336,7 +352,23 @@ def _ingest(doc: Mapping[str, Any]) -> IngestSettings:
         raise SettingsError(
             "ingest.changed_duplicate_policy must be 'new_version', 'reject' or 'keep_first'"
         )
-    return IngestSettings(changed_duplicate_policy=policy)
+    d = IngestSettings()
+    invalid_uids = s.get("invalid_uids", d.invalid_uids)
+    if invalid_uids not in {"refuse", "repair"}:
+        raise SettingsError("ingest.invalid_uids must be 'refuse' or 'repair'")
+    mismatch = s.get("sop_class_mismatch", d.sop_class_mismatch)
+    if mismatch not in {"refuse", "accept"}:
+        raise SettingsError("ingest.sop_class_mismatch must be 'refuse' or 'accept'")
+    return IngestSettings(
+        changed_duplicate_policy=policy,
+        max_sequence_depth=_int(s.get("max_sequence_depth", d.max_sequence_depth),
+                                "ingest.max_sequence_depth", 1, MAX_SEQUENCE_DEPTH),
+        max_elements=_int(s.get("max_elements", d.max_elements), "ingest.max_elements",
+                          1000, 100_000_000),
+        max_value_length=_int(s.get("max_value_length", d.max_value_length),
+                              "ingest.max_value_length", 1 << 16, (1 << 32) - 2),
+        invalid_uids=invalid_uids, sop_class_mismatch=mismatch,
+    )
 
 
 def _web(doc: Mapping[str, Any]) -> WebSettings:

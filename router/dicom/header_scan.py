@@ -31,20 +31,20 @@ from router.dicom.header import (
     INDEX_KEYWORDS,
     LONG_VRS,
     HeaderError,
-    check_rest,
     index_attributes,
     index_value,
     read_header,
 )
+from router.dicom.limits import DatasetLimits, Walk, check_file, syntax_encoding, walk
 
 _UNDEFINED = 0xFFFFFFFF
 _SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS",
                         b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
                         b"US"))
-_VRS = LONG_VRS | _SHORT_VRS
-_PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))  # where pydicom stops too
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_VR_NAMES = frozenset(vr.decode() for vr in LONG_VRS | _SHORT_VRS)
 _FIRST_READ = 1 << 14  # headers are a few KB; more is read only when needed
+_FAR_READ = 4096  # past the pixel data: element and fragment headers, one small read each
+DEFAULT_LIMITS = DatasetLimits()
 
 # Transfer syntax -> (implicit VR, little endian). Deflate and unknown syntaxes go to pydicom.
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -97,8 +97,10 @@ class ScannedHeader:
     index: dict[str, Any]
 
 
-def scan_header(path: Path, opened: Readable | None = None) -> ScannedHeader:
-    """The header and index of a received file; HeaderError exactly when read_header raises it.
+def scan_header(path: Path, opened: Readable | None = None,
+                limits: DatasetLimits = DEFAULT_LIMITS) -> ScannedHeader:
+    """The header and index of a received file; HeaderError when read_header raises it, or
+    DatasetRefused when the walk of the whole dataset (router.dicom.limits) refuses it.
 
     Checks, like ``read_header(path, check=True)``, that the file holds all of its elements.
     ``opened`` reads the same file without opening it again (it is not closed here).
@@ -106,34 +108,51 @@ def scan_header(path: Path, opened: Readable | None = None) -> ScannedHeader:
     try:
         if opened is not None:
             opened.seek(0)
-            return _scan(cast(BinaryIO, opened))
+            return _scan(cast(BinaryIO, opened), limits)
         with path.open("rb") as fp:
-            return _scan(fp)
+            return _scan(fp, limits)
     except (_Fallback, struct.error, UnicodeDecodeError):
         pass
+    # pydicom reads it, recursively: only once the walker has seen that it can.
+    with path.open("rb") as fp:
+        try:
+            check_file(fp, limits)
+        except struct.error:
+            raise HeaderError("dataset is truncated") from None
     dataset = read_header(path)
     return ScannedHeader(dataset, index_attributes(dataset))
 
 
 class _Reader:
-    """The file's bytes from the start, read further only when the header needs more."""
+    """The file's bytes from the start, read further only when the header needs more; the
+    walker's windows beyond them (past the pixel data) are small reads of their own."""
 
     def __init__(self, fp: BinaryIO) -> None:
         self.fp = fp
         self.size = os.fstat(fp.fileno()).st_size
-        self.data = fp.read(min(self.size, _FIRST_READ))
+        self.data = bytearray(fp.read(min(self.size, _FIRST_READ)))
 
-    def need(self, end: int) -> bytes:
+    def need(self, end: int) -> bytearray:
         if end > len(self.data):
             if end > self.size:
                 raise _Fallback  # truncated: pydicom's reader names the problem
-            self.data += self.fp.read(max(end - len(self.data), _FIRST_READ))
+            self.fp.seek(len(self.data))
+            # Doubling: a long header walked element by element is read in few, growing reads.
+            self.data += self.fp.read(max(end - len(self.data), len(self.data)))
             if end > len(self.data):
                 raise _Fallback  # the file shrank under us
         return self.data
 
+    def window(self, pos: int, count: int) -> tuple[bytes | bytearray, int]:
+        if pos + count <= len(self.data):
+            return self.data, 0
+        if pos <= len(self.data) + _FIRST_READ:
+            return self.need(min(pos + count, self.size)), 0
+        self.fp.seek(pos)  # far beyond the header (the pixel data was skipped): read a little
+        return self.fp.read(max(count, _FAR_READ)), pos
 
-def _scan(fp: BinaryIO) -> ScannedHeader:
+
+def _scan(fp: BinaryIO, limits: DatasetLimits) -> ScannedHeader:
     reader = _Reader(fp)
     data = reader.need(132)
     if data[128:132] != b"DICM":
@@ -143,12 +162,11 @@ def _scan(fp: BinaryIO) -> ScannedHeader:
     if syntax is None or syntax.value is None:
         raise _Fallback
     implicit, little = _encoding(syntax.value.decode("ascii").rstrip("\0 "))
-    elements, pos = _read_dataset(reader, pos, implicit, little)
-    fp.seek(pos)
-    try:
-        check_rest(fp, reader.size, implicit, ">" if not little else "<")
-    except HeaderError:
-        raise _Fallback from None  # truncated or malformed after the header: pydicom says how
+    walked = walk(reader, pos, implicit, little, limits)
+    if walked.implicit != implicit:
+        raise _Fallback  # pydicom switches VR mode when the first element disagrees
+    elements = _elements(bytes(reader.need(walked.header_end)[:walked.header_end]), walked,
+                         implicit, little)
     dataset = Dataset(elements)
     dataset.file_meta = FileMetaDataset(meta)
     charset = _charset(elements)
@@ -166,7 +184,7 @@ def _read_meta(reader: _Reader, pos: int) -> tuple[_Elements, int]:
         group, element = struct.unpack_from("<HH", data, pos)
         if group != 2:
             return meta, pos
-        vr = data[pos + 4:pos + 6]
+        vr = bytes(data[pos + 4:pos + 6])
         if vr in LONG_VRS:
             data = reader.need(pos + 12)
             length, start = struct.unpack_from("<L", data, pos + 8)[0], pos + 12
@@ -174,11 +192,11 @@ def _read_meta(reader: _Reader, pos: int) -> tuple[_Elements, int]:
             length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
         else:
             raise _Fallback
-        if length == _UNDEFINED:
+        if length == _UNDEFINED or vr == b"SQ":
             raise _Fallback
         data = reader.need(start + length)
         tag = BaseTag(group << 16 | element)
-        value = data[start:start + length] if length else _empty(vr.decode())
+        value = bytes(data[start:start + length]) if length else _empty(vr.decode())
         meta[tag] = RawDataElement(tag, vr.decode(), length, value, start, False, True)
         pos = start + length
 
@@ -190,58 +208,33 @@ def _encoding(syntax: str) -> tuple[bool, bool]:
         return False, False
     if syntax in _EXPLICIT_LE_SYNTAXES:
         return False, True
-    raise _Fallback  # deflate, private or unknown syntaxes
+    syntax_encoding(syntax)  # deflate is refused
+    raise _Fallback  # private or unknown syntaxes
 
 
-def _read_dataset(reader: _Reader, pos: int, implicit: bool,
-                  little: bool) -> tuple[_Elements, int]:
-    """The top-level elements up to the pixel data; the position where reading stopped."""
-    order = "<" if little else ">"
-    tag_format, long_format, short_format = order + "HH", order + "L", order + "H"
+def _elements(header: bytes, walked: Walk, implicit: bool, little: bool) -> _Elements:
+    """The top-level elements before the pixel data, as pydicom's reader makes them."""
     elements: _Elements = {}
-    first = True
-    while pos < reader.size:
-        data = reader.need(pos + 8)
-        group, element = struct.unpack_from(tag_format, data, pos)
-        number = group << 16 | element
-        if number in _PIXEL_TAGS:
-            return elements, pos
-        if group == 0xFFFE or group == 2:
-            raise _Fallback
-        vr_bytes = data[pos + 4:pos + 6]
-        if first and (vr_bytes in _VRS) == implicit:
-            raise _Fallback  # pydicom switches VR mode when the first element disagrees
-        first = False
-        vr: str | None
-        if implicit:
-            length, start, vr = struct.unpack_from(long_format, data, pos + 4)[0], pos + 8, None
-        elif vr_bytes in LONG_VRS:
-            data = reader.need(pos + 12)
-            length, start = struct.unpack_from(long_format, data, pos + 8)[0], pos + 12
-            vr = vr_bytes.decode()
-        elif vr_bytes in _SHORT_VRS:
-            length, start = struct.unpack_from(short_format, data, pos + 6)[0], pos + 8
-            vr = vr_bytes.decode()
-        else:
+    for number, vr, length, start, end in walked.top:
+        if vr is None:
+            if not implicit:
+                raise _Fallback  # an implicit element in an explicit dataset: pydicom's
+        elif vr not in _VR_NAMES:
+            raise _Fallback  # unknown VRs: pydicom decides what they are
+        if number >> 16 == 2:
             raise _Fallback
         tag = BaseTag(number)
         if length == _UNDEFINED:
             # pydicom reads these as sequences already converted; we keep the items' bytes.
             if (vr or _dictionary_vr(number)) != "SQ":
                 raise _Fallback
-            end = _skip_sequence(reader, start, implicit, order)
-            data = reader.need(end)
-            items = data[start:end - 8]
+            items = header[start:end - 8]
             elements[tag] = RawDataElement(tag, "SQ", len(items), items, start, implicit, little)
-            pos = end
-            continue
-        end = start + length
-        data = reader.need(end)
-        # Like pydicom's reader: an empty value is the VR's empty raw value, not always b"".
-        value: bytes | None = data[start:end] if length else _empty(vr)
-        elements[tag] = RawDataElement(tag, vr, length, value, start, implicit, little)
-        pos = end
-    return elements, pos
+        else:
+            # Like pydicom's reader: an empty value is the VR's empty raw value, not b"".
+            value: bytes | None = header[start:end] if length else _empty(vr)
+            elements[tag] = RawDataElement(tag, vr, length, value, start, implicit, little)
+    return elements
 
 
 def _empty(vr: str | None) -> bytes | None:
@@ -254,52 +247,6 @@ def _dictionary_vr(number: int) -> str:
         return str(dictionary_VR(number))
     except KeyError:
         raise _Fallback from None
-
-
-def _skip_sequence(reader: _Reader, pos: int, implicit: bool, order: str) -> int:
-    """The position after an undefined-length sequence's delimiter, its items walked."""
-    while True:
-        data = reader.need(pos + 8)
-        group, element, length = struct.unpack_from(order + "HHL", data, pos)
-        number = group << 16 | element
-        pos += 8
-        if number == _SEQUENCE_END:
-            return pos
-        if number != _ITEM:
-            raise _Fallback
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        pos = _skip_item(reader, pos, implicit, order)
-
-
-def _skip_item(reader: _Reader, pos: int, implicit: bool, order: str) -> int:
-    """The position after an undefined-length item's delimiter, its elements walked."""
-    while True:
-        data = reader.need(pos + 8)
-        group, element = struct.unpack_from(order + "HH", data, pos)
-        number = group << 16 | element
-        if number == _ITEM_END:
-            return pos + 8
-        vr_bytes = data[pos + 4:pos + 6]
-        if implicit or number >> 16 == 0xFFFE:
-            length, pos = struct.unpack_from(order + "L", data, pos + 4)[0], pos + 8
-            is_sequence = implicit
-        elif vr_bytes in LONG_VRS:
-            data = reader.need(pos + 12)
-            length, pos = struct.unpack_from(order + "L", data, pos + 8)[0], pos + 12
-            is_sequence = vr_bytes == b"SQ"
-        elif vr_bytes in _SHORT_VRS:
-            length, pos = struct.unpack_from(order + "H", data, pos + 6)[0], pos + 8
-            is_sequence = False
-        else:
-            raise _Fallback
-        if length != _UNDEFINED:
-            pos += length
-        elif is_sequence and (not implicit or _dictionary_vr(number) == "SQ"):
-            pos = _skip_sequence(reader, pos, implicit, order)
-        else:
-            raise _Fallback  # encapsulated pixel data or UN in an item: pydicom reads it
 
 
 def _charset(elements: _Elements) -> str:

@@ -1,6 +1,7 @@
 """The fast header reader of the receive path against pydicom's reader: the same index, the
 same elements and values, the same errors, on files from other producers (pydicom's test
-files) and on damaged copies of them."""
+files); on damaged copies of them the same, or refused where pydicom's reader reads on (the
+walk of router.dicom.limits is stricter than pydicom about truncated sequences)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pydicom.data import get_testdata_file
 from router.dicom import header_scan
 from router.dicom.header import HeaderError, index_attributes, read_header
 from router.dicom.header_scan import scan_header
+from router.dicom.limits import DatasetRefused
 
 
 def _local_test_files() -> list[Path]:
@@ -55,10 +57,12 @@ def _outcome(path: Path, reader: str) -> tuple[str, Any, Any]:
         return "error", str(exc), None
 
 
-def _assert_same(path: Path) -> None:
+def _assert_same(path: Path, damaged: bool = False) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the odd values these files hold
         old, new = _outcome(path, "pydicom"), _outcome(path, "scan")
+        if damaged and new[0] == "error":
+            return  # refused, whatever pydicom's reader makes of it: never read and acknowledged
         assert new[:2] == old[:2]
         if old[0] == "ok":
             assert set(new[2].keys()) == set(old[2].keys())
@@ -71,7 +75,11 @@ def test_the_file_set_is_large_enough_to_mean_something() -> None:
     assert len(FILES) > 100
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+DEFLATED = {"image_dfl.dcm"}
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if p.name not in DEFLATED],
+                         ids=lambda p: p.name)
 def test_same_as_pydicom_for_files_from_other_producers(path: Path) -> None:
     _assert_same(path)
 
@@ -83,11 +91,11 @@ def test_same_as_pydicom_for_damaged_files(tmp_path: Path) -> None:
         for cut in {rnd.randrange(len(data)) for _ in range(4)} | {len(data) - 1}:
             damaged = tmp_path / "damaged.dcm"
             damaged.write_bytes(data[:cut])
-            _assert_same(damaged)
+            _assert_same(damaged, damaged=True)
             flipped = bytearray(data)
             flipped[cut] ^= 0xFF
             damaged.write_bytes(bytes(flipped))
-            _assert_same(damaged)
+            _assert_same(damaged, damaged=True)
 
 
 def _without_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,9 +128,9 @@ def test_truncated_pixel_data_is_refused_like_pydicom(tmp_path: Path) -> None:
         scan_header(cut)
 
 
-def test_deflate_goes_to_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deflate_is_refused_before_anything_inflates_it(monkeypatch: pytest.MonkeyPatch) -> None:
     _without_fallback(monkeypatch)
-    with pytest.raises(AssertionError, match="fell back"):
+    with pytest.raises(DatasetRefused, match="deflated"):
         scan_header(Path(get_testdata_file("image_dfl.dcm")))
 
 
