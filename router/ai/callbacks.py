@@ -20,7 +20,14 @@ from router.ai.requests import AIRequests
 from router.ai.reroute import reroute, routing_tags
 from router.application.admin_state import AdminState
 from router.application.conflicts import save_changed
-from router.application.receive import STATUS_SUCCESS, Arrival, Receiver
+from router.application.receive import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_SUCCESS,
+    Arrival,
+    Receiver,
+)
+from router.dicom.header import HeaderError
+from router.dicom.limits import check_file
 from router.domain.ai import AIRequest
 from router.storage.blobs import BlobStore
 
@@ -147,10 +154,15 @@ class AICallbacks:
         refused = 0
         for item in files:
             try:
-                arrival = self._arrival(item, mapping, ctx, extra)
+                arrival, refusal = self._arrival(item, mapping, ctx, extra)
             except Exception as exc:  # not DICOM Part 10: refused, the others still count
                 logger.warning("AI result object refused: %s", type(exc).__name__)
                 item.path.unlink(missing_ok=True)
+                refused += 1
+                continue
+            if refusal is not None:  # beyond the dataset limits: recorded like any refusal
+                item.path.unlink(missing_ok=True)
+                self._receiver.refuse(arrival, STATUS_CANNOT_UNDERSTAND, refusal)
                 refused += 1
                 continue
             receipt = self._receiver.receive(arrival)
@@ -161,10 +173,21 @@ class AICallbacks:
         return job_ids, refused
 
     def _arrival(self, item: ResultFile, mapping: dict[str, str] | None, ctx: dict[str, str],
-                 extra: dict[str, object]) -> Arrival:
+                 extra: dict[str, object]) -> tuple[Arrival, str | None]:
+        """The arrival, and why it is refused before the Receiver sees it (None: it is not)."""
         sha256, size = item.sha256, item.size
-        if mapping and reidentify(item.path, mapping):
-            sha256, size = _digest(item.path)
+        if mapping:
+            try:  # pydicom reads it to put the names back: only within the dataset limits
+                with item.path.open("rb") as fp:
+                    check_file(fp, self._receiver.limits)
+            except HeaderError as exc:
+                return self._arrival_of(item, sha256, size, ctx, extra), str(exc)
+            if reidentify(item.path, mapping):
+                sha256, size = _digest(item.path)
+        return self._arrival_of(item, sha256, size, ctx, extra), None
+
+    def _arrival_of(self, item: ResultFile, sha256: str, size: int, ctx: dict[str, str],
+                    extra: dict[str, object]) -> Arrival:
         meta = read_file_meta_info(item.path)
         return Arrival(
             path=item.path, sha256=sha256, size=size, source="ai", actor=ctx["actor"],

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from router.application.stores import EventStores
 from router.application.unit_plan import plan_units
 from router.dicom.header import HeaderError
 from router.dicom.header_scan import Readable, ScannedHeader, scan_header
+from router.dicom.limits import DatasetLimits
+from router.dicom.uids import REPAIRABLE, file_digest, repaired_uid, rewrite_uids, uid_problem
 from router.domain.ingest import Instance, Job, ReceiptFailure, instance_id
 from router.domain.rules import RoutingDecision, RoutingInput, evaluate
 from router.settings import DispatchSettings, IngestSettings
@@ -97,29 +99,32 @@ class Receiver:
         self._blobs = blobs
         self._admin = admin_state
         self._ingest = ingest
+        self._limits = DatasetLimits.of(ingest)
         self._dispatch = dispatch
         self._on_saved = on_saved
         self._store_down_until = 0.0  # after a failed save, refuse at once for a few seconds
+
+    @property
+    def limits(self) -> DatasetLimits:
+        """What a received dataset may hold (STOW-RS and AI callbacks check it early too)."""
+        return self._limits
 
     def receive(self, arrival: Arrival) -> Receipt:
         correlation_id = arrival.correlation_id or str(uuid.uuid4())
         if arrival.sha256:
             self._blobs.prepare(arrival.sha256)  # its folder is made while we parse
         try:
-            header = scan_header(arrival.path, arrival.reader() if arrival.reader else None)
-        except HeaderError as exc:
-            arrival.path.unlink(missing_ok=True)
-            return self._refuse(arrival, correlation_id, STATUS_CANNOT_UNDERSTAND, str(exc))
-        if not header.index.get("SOPInstanceUID") or not header.index.get("SOPClassUID"):
-            # pydicom reads almost any bytes as "a dataset"; one without its identity is not one.
-            arrival.path.unlink(missing_ok=True)
-            return self._refuse(arrival, correlation_id, STATUS_CANNOT_UNDERSTAND,
-                                "dataset has no SOP Class UID or SOP Instance UID")
+            admitted = self._admit(arrival, correlation_id)
+        except (RecursionError, MemoryError) as exc:
+            # The walk bounds what pydicom reads; should anything still give out on this
+            # object, it is the object that cannot be understood, not the router that is short
+            # of resources (0xA700 would have the sender retry it forever).
+            admitted = self._refused(arrival, correlation_id, STATUS_CANNOT_UNDERSTAND,
+                                     f"dataset could not be parsed: {type(exc).__name__}")
+        if isinstance(admitted, Receipt):
+            return admitted
+        arrival, header, repaired = admitted
         sop_uid = str(header.index["SOPInstanceUID"])
-        if arrival.sop_instance_uid and sop_uid != arrival.sop_instance_uid:
-            arrival.path.unlink(missing_ok=True)
-            return self._refuse(arrival, correlation_id, STATUS_DATASET_MISMATCH,
-                                "SOP Instance UID in the dataset differs from the command")
         if time.monotonic() < self._store_down_until:
             arrival.path.unlink(missing_ok=True)
             return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
@@ -131,7 +136,7 @@ class Receiver:
             return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
                                 f"blob store: {exc.strerror or type(exc).__name__}")
         try:
-            receipt = self._save_with_retry(arrival, header, sop_uid, correlation_id)
+            receipt = self._save_with_retry(arrival, header, sop_uid, correlation_id, repaired)
         except LogNotDurable:
             # Committed (the job is in the log and will be delivered) but the log's sync
             # failed: keep the object its events refer to, and do not acknowledge it. A resend
@@ -160,6 +165,61 @@ class Receiver:
         self._on_saved()
         return receipt
 
+    def _admit(self, arrival: Arrival,
+               corr: str) -> Receipt | tuple[Arrival, ScannedHeader, dict[str, str]]:
+        """The checks before anything is kept: the dataset limits, identity, UIDs, command and
+        presentation context; the arrival (repaired if so configured), its header and the
+        original of each repaired UID, or the refusal."""
+        try:
+            header = scan_header(arrival.path, arrival.reader() if arrival.reader else None,
+                                 self._limits)
+        except HeaderError as exc:
+            return self._refused(arrival, corr, STATUS_CANNOT_UNDERSTAND, str(exc))
+        index = header.index
+        if not index.get("SOPInstanceUID") or not index.get("SOPClassUID"):
+            # pydicom reads almost any bytes as "a dataset"; one without its identity is not one.
+            return self._refused(arrival, corr, STATUS_CANNOT_UNDERSTAND,
+                                 "dataset has no SOP Class UID or SOP Instance UID")
+        invalid = _invalid_uids(arrival, header)
+        repairable = self._ingest.invalid_uids == "repair" and all(
+            keyword in REPAIRABLE for keyword, _ in invalid)
+        if invalid and not repairable:
+            keyword, problem = invalid[0]
+            return self._refused(arrival, corr, STATUS_CANNOT_UNDERSTAND,
+                                 f"{_UID_NAMES[keyword]} {problem} (PS3.5 9.1)")
+        if arrival.sop_instance_uid and index["SOPInstanceUID"] != arrival.sop_instance_uid:
+            return self._refused(arrival, corr, STATUS_DATASET_MISMATCH,
+                                 "SOP Instance UID in the dataset differs from the command")
+        if (arrival.abstract_syntax and index["SOPClassUID"] != arrival.abstract_syntax
+                and self._ingest.sop_class_mismatch == "refuse"):
+            return self._refused(arrival, corr, STATUS_DATASET_MISMATCH,
+                                 "SOP Class UID in the dataset differs from the presentation "
+                                 "context's abstract syntax")
+        if not invalid:
+            return arrival, header, {}
+        try:
+            return self._repair(arrival, header, [keyword for keyword, _ in invalid])
+        except OSError as exc:
+            return self._refused(arrival, corr, STATUS_OUT_OF_RESOURCES,
+                                 f"repairing UIDs: {exc.strerror or type(exc).__name__}")
+
+    def _repair(self, arrival: Arrival, header: ScannedHeader,
+                keywords: list[str]) -> tuple[Arrival, ScannedHeader, dict[str, str]]:
+        """Rewrite the spooled object with its invalid UIDs replaced (router.dicom.uids)."""
+        originals = {keyword: _text(header.index[keyword]) for keyword in keywords}
+        replacements = {keyword: repaired_uid(header.index[keyword]) for keyword in keywords}
+        rewrite_uids(arrival.path, replacements)
+        sha256, size = file_digest(arrival.path)
+        repaired = replace(
+            arrival, sha256=sha256, size=size, reader=None, wait_durable=lambda: None,
+            sop_instance_uid=replacements.get("SOPInstanceUID", arrival.sop_instance_uid))
+        self._blobs.prepare(sha256)
+        return repaired, scan_header(repaired.path, limits=self._limits), originals
+
+    def _refused(self, arrival: Arrival, corr: str, status: int, reason: str) -> Receipt:
+        arrival.path.unlink(missing_ok=True)
+        return self._refuse(arrival, corr, status, reason)
+
     def _commit_blob(self, sha256: str, staged: Path | None) -> None:
         try:
             self._blobs.commit(sha256, staged)
@@ -170,25 +230,27 @@ class Receiver:
                          exc.strerror or type(exc).__name__)
 
     def _save_with_retry(
-        self, arrival: Arrival, header: ScannedHeader, sop_uid: str, correlation_id: str
+        self, arrival: Arrival, header: ScannedHeader, sop_uid: str, correlation_id: str,
+        repaired: dict[str, str],
     ) -> Receipt:
         # Most UIDs are new: the first attempt does not read the log for the Instance, it
         # creates it, and the optimistic concurrency check (version 1 exists) says otherwise for
         # a UID seen before, as it does when two associations deliver the same new UID at once.
         # Then the Instance is loaded and the decision made again.
         try:
-            return self._save(arrival, header, sop_uid, correlation_id, assume_new=True)
+            return self._save(arrival, header, sop_uid, correlation_id, repaired,
+                              assume_new=True)
         except IntegrityError:
             pass
         for _ in range(3):
             try:
-                return self._save(arrival, header, sop_uid, correlation_id)
+                return self._save(arrival, header, sop_uid, correlation_id, repaired)
             except IntegrityError:
                 continue
-        return self._save(arrival, header, sop_uid, correlation_id)
+        return self._save(arrival, header, sop_uid, correlation_id, repaired)
 
     def _save(self, arrival: Arrival, header: ScannedHeader, sop_uid: str, corr: str,
-              assume_new: bool = False) -> Receipt:
+              repaired: dict[str, str], assume_new: bool = False) -> Receipt:
         ctx = {"actor": arrival.actor, "source_ip": arrival.source_ip, "correlation_id": corr}
         instance = None if assume_new else self._load_instance(sop_uid)
         original = instance.job_with(arrival.sha256) if instance else None
@@ -203,6 +265,7 @@ class Receiver:
             sop_instance_uid=sop_uid, transfer_syntax_uid=arrival.transfer_syntax_uid,
             sha256=arrival.sha256, size=arrival.size, index=header.index,
             previous_job_id=previous, tls_subject=arrival.tls_subject,
+            repaired_uids=repaired or None,
         )
         if original is not None:
             job.ignore_duplicate(**ctx, original_job_id=original)
@@ -280,3 +343,53 @@ class Receiver:
             logger.error("receipt failure could not be recorded: %s", type(exc).__name__)
         logger.warning("refused object from %s: 0x%04X %s", arrival.calling_aet, status, reason)
         return Receipt(status, reason=reason)
+
+
+# The UIDs an object is filed, indexed and served under, and how a refusal names them.
+_UID_NAMES = {
+    "SOPClassUID": "SOP Class UID", "SOPInstanceUID": "SOP Instance UID",
+    "StudyInstanceUID": "Study Instance UID", "SeriesInstanceUID": "Series Instance UID",
+    "TransferSyntaxUID": "Transfer Syntax UID",
+    "MediaStorageSOPClassUID": "file meta SOP Class UID",
+    "MediaStorageSOPInstanceUID": "file meta SOP Instance UID",
+}
+_META_UIDS = ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
+
+
+def _invalid_uids(arrival: Arrival, header: ScannedHeader) -> list[tuple[str, str]]:
+    """(keyword, problem) of each identity UID that is not a PS3.5 9.1 UID; the file meta's
+    are those of the command (C-STORE) or of the sender's file (STOW-RS, AI results)."""
+    found: list[tuple[str, str]] = []
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = header.index.get(keyword)
+        problem = uid_problem(value) if value is not None else None
+        if problem is not None:
+            found.append((keyword, problem))
+    meta = header.dataset.file_meta
+    for keyword in _META_UIDS:
+        value = _meta_text(meta, keyword)
+        if keyword == "MediaStorageSOPInstanceUID" and value == header.index["SOPInstanceUID"]:
+            continue  # the same value as the dataset's, already judged (and repaired) there
+        problem = uid_problem(value) if value is not None else None
+        if problem is not None:
+            found.append((keyword, problem))
+    if arrival.transfer_syntax_uid and (problem := uid_problem(arrival.transfer_syntax_uid)):
+        found.append(("TransferSyntaxUID", problem))
+    return found
+
+
+def _meta_text(meta: Any, keyword: str) -> str | None:
+    """A file meta UID as text (None when absent); the meta was read raw, so decode here."""
+    try:
+        value = meta.get(keyword)
+    except Exception:  # pydicom cannot convert it: judged as text of its bytes below
+        value = None
+    if value is None:
+        return None
+    return str(value).rstrip("\0 ") if isinstance(value, str) else _text(value)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value)

@@ -27,7 +27,12 @@ from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from router.application.receive import STATUS_OUT_OF_RESOURCES, Arrival, Receiver
+from router.application.receive import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    Arrival,
+    Receiver,
+)
 from router.dicom.gate import Gate
 from router.dicom.peer import Peer
 from router.dicom.push_scp import PushAssociation, PushPolicy, is_push, peek_request
@@ -223,12 +228,17 @@ class DicomServer:
             # pynetdicom would answer 0xC211 and log the traceback, whose message may quote tag
             # values; a transient "out of resources" tells the sender to try again (nothing was
             # saved). Only the type and where it was raised are logged: no PHI.
+            # A dataset that exhausts the stack or memory is the dataset's fault: 0xC000, or
+            # its sender would retry it forever.
+            status = (STATUS_CANNOT_UNDERSTAND if isinstance(exc, RecursionError | MemoryError)
+                      else STATUS_OUT_OF_RESOURCES)
             where = traceback.extract_tb(exc.__traceback__)[-1]
-            logger.error("C-STORE handler failed: %s at %s:%d; answered 0xA700",
-                         type(exc).__name__, Path(where.filename).name, where.lineno or 0)
+            logger.error("C-STORE handler failed: %s at %s:%d; answered 0x%04X",
+                         type(exc).__name__, Path(where.filename).name, where.lineno or 0,
+                         status)
             request.spool.close()
             request.spool.path.unlink(missing_ok=True)
-            return STATUS_OUT_OF_RESOURCES
+            return status
         finally:
             with self._busy_lock:
                 self._busy -= 1

@@ -9,6 +9,7 @@ pynetdicom or DCMTK; destinations are a folder, DCMTK ``storescp`` and a moto S3
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import hashlib
 import json
@@ -331,8 +332,9 @@ def hostile_instances(folder: Path) -> list[Path]:
             for field in ("SOPInstanceUID", "StudyInstanceUID", "PatientID"):
                 if field == "SOPInstanceUID" and "\\" in value:
                     continue  # a backslash makes it multi-valued: no SCU can put it in a command
-                ds = template.copy()
-                ds.file_meta = template.file_meta.copy()
+                # Deep copies: a shallow one shares the elements, and a value set here would
+                # leak into every later instance.
+                ds = copy.deepcopy(template)
                 ds.SOPInstanceUID = generate_uid()
                 ds.SeriesInstanceUID = generate_uid()
                 setattr(ds, field, value)
@@ -364,7 +366,15 @@ def test_hostile_uids_and_tag_values_never_escape_the_folder_or_prefix(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             statuses = c_store(router.dicom.port, paths)
-        assert statuses == [0] * len(paths)
+        # A hostile UID is no UID (PS3.5 9.1): refused with the reason recorded; other
+        # hostile values are stored and delivered, and must not escape either.
+        uid_fields = ("SOPInstanceUID", "StudyInstanceUID")
+        refused = [p for p in paths if p.stem.endswith(uid_fields)]
+        assert statuses == [0xC000 if p in refused else 0 for p in paths]
+        reasons = jobs(router, "SELECT reason FROM receipt_failures")
+        assert len(reasons) == len(refused)
+        assert all(r["reason"].endswith("(PS3.5 9.1)") for r in reasons), reasons
+        paths = [p for p in paths if p not in refused]
         wait_for(lambda: deliveries_done(router, len(paths), "archive")
                  and deliveries_done(router, len(paths), "cloud"), 30,
                  "every hostile instance to reach both destinations")

@@ -30,7 +30,8 @@ from router.application.receive import (
     Receiver,
 )
 from router.application.sessions import AccessRecord
-from router.dicom.header import read_header
+from router.dicom.header_scan import scan_header
+from router.dicom.limits import DatasetLimits
 from router.dicom.scp import TRANSFER_SYNTAXES
 from web.api.common import ApiError
 from web.auth import actor_of, record_access
@@ -120,7 +121,7 @@ def store_one(receiver: Receiver, candidate: Candidate, study: str | None,
         sop_class_uid=candidate.sop_class_uid, sop_instance_uid=candidate.sop_instance_uid,
         transfer_syntax_uid=candidate.transfer_syntax_uid,
         correlation_id=actor.correlation_id)
-    found = _identity(candidate)
+    found = _identity(candidate, receiver.limits)
     sop_class = found.get("SOPClassUID", "")
     sop_class = sop_class if is_uid(sop_class) else candidate.sop_class_uid
     # An unreadable header is the Receiver's to refuse (0xC000), whatever the URL says.
@@ -136,13 +137,14 @@ def store_one(receiver: Receiver, candidate: Candidate, study: str | None,
                    found.get("PatientID", ""))
 
 
-def _identity(candidate: Candidate) -> dict[str, str]:
+def _identity(candidate: Candidate, limits: DatasetLimits) -> dict[str, str]:
     """SOP class, study, series and patient from the header; empty when it is unreadable
-    (never read in a transfer syntax we refuse: deflate would be inflated without bound)."""
+    (never read in a transfer syntax we refuse: deflate would be inflated without bound), or
+    beyond the dataset limits (walked first, as the Receiver does, before pydicom reads)."""
     if candidate.transfer_syntax_uid not in _SYNTAX_UIDS:
         return {}
     try:
-        header = read_header(candidate.part.path, check=False)
+        header = scan_header(candidate.part.path, limits=limits).dataset
         return {key: str(header.get(key) or "") for key in
                 ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID")}
     except Exception:  # HeaderError, or a value pydicom cannot convert: the Receiver says
