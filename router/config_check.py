@@ -1,4 +1,5 @@
-"""Validating a TOML settings file without touching any store: every problem, each named."""
+"""Validating a TOML settings file without touching any store: every problem, each named,
+including destinations and remote nodes the destination policy refuses (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from router.application.remote_nodes import RemoteNodeError, parse_remote_node
-from router.dispatch.registry import DestinationConfigError, parse_destination
+from router.dispatch.policy import DestinationPolicy
+from router.dispatch.registry import DestinationConfigError, check_policy, parse_destination
 from router.domain.rules import RuleError, parse_rule
 from router.settings import SettingsError, load_settings
 
@@ -18,6 +20,7 @@ def check_config(path: Path) -> list[str]:
         settings = load_settings({}, path)
     except SettingsError as exc:
         return [str(exc)]
+    policy = DestinationPolicy.from_settings(settings)
     problems: list[str] = []
     names: list[str] = []
     for i, item in enumerate(settings.destinations):
@@ -26,7 +29,7 @@ def check_config(path: Path) -> list[str]:
         if isinstance(item.get("name"), str):
             names.append(str(item["name"]))
         try:
-            parse_destination(item)
+            check_policy(parse_destination(item), policy)
         except DestinationConfigError as exc:
             problems.append(f"destinations[{i}]: {exc}")
     duplicates = {n for n in names if names.count(n) > 1}
@@ -46,14 +49,18 @@ def check_config(path: Path) -> list[str]:
     default = settings.dispatch.default_destination
     if default and default not in names:
         problems.append(f"dispatch.default_destination {default!r} is not a declared destination")
-    return problems + _remote_node_problems(settings.remote_nodes)
+    return problems + _remote_node_problems(settings.remote_nodes, policy)
 
 
-def _remote_node_problems(items: tuple[Mapping[str, Any], ...]) -> list[str]:
+def _remote_node_problems(items: tuple[Mapping[str, Any], ...],
+                          policy: DestinationPolicy) -> list[str]:
     problems, names, aets = [], [], []
     for i, item in enumerate(items):
         try:
             node = parse_remote_node(item)
+            refused = policy.remote_node_problems(node.host, node.port)
+            if refused:
+                raise RemoteNodeError(refused)
         except RemoteNodeError as exc:
             problems.append(f"remote_nodes[{i}]: {exc}")
             continue

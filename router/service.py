@@ -36,6 +36,7 @@ from router.dicom.scp import DicomServer
 from router.dicom.tuning import DUL_IDLE_DELAY, configure_pynetdicom
 from router.dispatch.base import Adapter
 from router.dispatch.dispatcher import Dispatcher
+from router.dispatch.policy import DestinationPolicy
 from router.dispatch.registry import build_adapter
 from router.dispatch.units import UnitScheduler
 from router.secrets import SecretBox, load_master_key
@@ -78,6 +79,7 @@ class Router:
     ai_requests: AIRequests
     ai_worker: AIWorker
     ai_callbacks: AICallbacks
+    policy: DestinationPolicy  # where destinations and remote nodes may connect and write
     ready: bool = False
     receivers: ReceiverPool | None = None
 
@@ -96,9 +98,10 @@ class Router:
         receiver = Receiver(stores, blobs, admin, settings.ingest, settings.dispatch,
                             on_saved=runner.wake)
         jobs_db = views["jobs"][1]
+        policy = DestinationPolicy.from_settings(settings)
 
         def make_adapter(state: DestinationState) -> Adapter:
-            return build_adapter(state.config, box, calling_ae=settings.ae_title)
+            return build_adapter(state.config, box, calling_ae=settings.ae_title, policy=policy)
 
         dispatcher = Dispatcher(stores, jobs_db, admin, blobs, settings.dispatch, make_adapter,
                                 clock=clock, on_saved=runner.wake)
@@ -106,19 +109,21 @@ class Router:
                               poll_interval=settings.dispatch.poll_interval, on_saved=runner.wake)
         runner.add_listener(lambda view: dispatcher.wake() if view == "jobs" else None)
         runner.add_listener(lambda view: units.wake() if view == "jobs" else None)
-        ai_requests = AIRequests(stores.delivery, jobs_db, admin, blobs, box, settings.ai,
-                                 settings.ai.public_url or _default_public_url(settings))
+        ai_requests = AIRequests(stores.delivery, jobs_db, admin, blobs, box,
+                                 settings.ai.public_url or _default_public_url(settings),
+                                 policy.ai_addresses)
         ai_worker = AIWorker(ai_requests, jobs_db, admin, settings.dispatch, clock=clock,
                              on_saved=runner.wake)
         runner.add_listener(lambda view: ai_worker.wake() if view == "jobs" else None)
         runtime = RuntimeSettingsStore(stores, settings)
         retention = Retention(stores, jobs_db, blobs, runtime, on_saved=runner.wake)
         sessions = Sessions(stores)
-        remote_nodes = RemoteNodes(stores, RemoteState(stores.admin))
+        remote_nodes = RemoteNodes(stores, RemoteState(stores.admin), policy)
         qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
-                              remote_nodes.state, lambda: views["studies"][1], blobs, sessions)
+                              remote_nodes.state, lambda: views["studies"][1], blobs, sessions,
+                              policy.addresses)
         return cls(settings=settings, box=box, stores=stores, blobs=blobs, admin=admin,
-                   commands=Commands(stores, admin, box), views=views, runner=runner,
+                   commands=Commands(stores, admin, box, policy), views=views, runner=runner,
                    receiver=receiver, dispatcher=dispatcher,
                    dicom=DicomServer(settings, receiver, qr=qr),
                    users=Users(stores, admin, settings.web), sessions=sessions,
@@ -126,7 +131,8 @@ class Router:
                    retriever=Retriever(settings, remote_nodes.state, stores, receiver,
                                        sessions, box), units=units,
                    ai_requests=ai_requests, ai_worker=ai_worker,
-                   ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver))
+                   ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver),
+                   policy=policy)
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)

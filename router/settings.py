@@ -147,9 +147,21 @@ class WebSettings:
 
 @dataclass(frozen=True)
 class StorageSettings:
-    """Blob retention: 0 keeps everything; N purges fully delivered jobs older than N days."""
+    """Blob retention, and the folders file destinations may write to."""
 
+    # 0 keeps everything; N purges fully delivered jobs older than N days.
     retention_days: int = 0
+    # Folders below which file destinations may write, besides <data_dir>/exports (always
+    # allowed). Never inside the router's own state, whatever is listed here.
+    destination_roots: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """Where outbound connections may go (docs/security.md, "Destinations are not a pivot")."""
+
+    # Destinations and remote nodes on loopback, or on this host at the router's own ports.
+    allow_loopback_destinations: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,7 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     ai: AISettings = field(default_factory=AISettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
     destinations: tuple[Mapping[str, Any], ...] = ()
     rules: tuple[Mapping[str, Any], ...] = ()
     remote_nodes: tuple[Mapping[str, Any], ...] = ()
@@ -394,8 +407,23 @@ def _web(doc: Mapping[str, Any]) -> WebSettings:
 
 def _storage(doc: Mapping[str, Any]) -> StorageSettings:
     s = _section(doc, "storage")
+    roots = s.get("destination_roots", [])
+    if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+        raise SettingsError("storage.destination_roots must be a list of folder paths")
+    folders = tuple(Path(r).expanduser() for r in roots)
+    for folder in folders:
+        if not folder.is_absolute() or ".." in folder.parts or folder == Path(folder.anchor):
+            raise SettingsError(f"storage.destination_roots: {str(folder)!r} must be an "
+                                "absolute folder path, not the root, without '..'")
     return StorageSettings(retention_days=_int(s.get("retention_days", 0),
-                                               "storage.retention_days", 0, 36500))
+                                               "storage.retention_days", 0, 36500),
+                           destination_roots=folders)
+
+
+def _security(doc: Mapping[str, Any]) -> SecuritySettings:
+    s = _section(doc, "security")
+    return SecuritySettings(allow_loopback_destinations=_bool(
+        s.get("allow_loopback_destinations", False), "security.allow_loopback_destinations"))
 
 
 def _networks(section: Mapping[str, Any], key: str, name: str) -> tuple[str, ...]:
@@ -484,6 +512,7 @@ def load_settings(
         web=_web(doc),
         storage=_storage(doc),
         ai=_ai(doc),
+        security=_security(doc),
         destinations=_tables(doc, "destinations"),
         rules=_tables(doc, "rules"),
         remote_nodes=_tables(doc, "remote_nodes"),

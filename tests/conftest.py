@@ -15,7 +15,16 @@ from typing import Any
 import psycopg
 import pytest
 
-from router.settings import DicomSettings, DispatchSettings, Settings, load_settings
+from router.dispatch.folders import FolderPolicy
+from router.dispatch.policy import DestinationPolicy
+from router.dispatch.ssrf import AddressPolicy
+from router.settings import (
+    DicomSettings,
+    DispatchSettings,
+    SecuritySettings,
+    Settings,
+    load_settings,
+)
 
 ADMIN_PASSWORD = "correct horse battery"  # the first admin of every test router
 
@@ -57,7 +66,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def make_settings(tmp_path: Path, database_url: str, config: Path | None = None,
                   **overrides: Any) -> Settings:
-    """Settings for a test router: random ports on loopback, fast polling."""
+    """Settings for a test router: random ports on loopback, fast polling. Every test peer
+    (storescp, Orthanc, moto, AI stubs) runs on loopback, so loopback destinations are allowed,
+    and file destinations may write anywhere below ``tmp_path`` (outside the data folder)."""
     settings = load_settings({}, config, tmp_path / "data")
     settings = replace(
         settings,
@@ -68,8 +79,19 @@ def make_settings(tmp_path: Path, database_url: str, config: Path | None = None,
         dispatch=replace(settings.dispatch, poll_interval=0.2, shutdown_grace=5.0),
         dicom=replace(settings.dicom, network_timeout=10, acse_timeout=10, dimse_timeout=30,
                       processes=0),
+        security=SecuritySettings(allow_loopback_destinations=True),
+        storage=replace(settings.storage, destination_roots=(
+            *settings.storage.destination_roots, tmp_path)),
     )
     return replace(settings, **overrides)
+
+
+def open_policy(root: Path = Path("/")) -> DestinationPolicy:
+    """The destination policy of tests that build adapters or commands without settings:
+    peers on loopback allowed (metadata addresses still refused), files anywhere below
+    ``root``."""
+    addresses = AddressPolicy(allow_loopback=True)
+    return DestinationPolicy(addresses, addresses, FolderPolicy(roots=(root,)))
 
 
 @pytest.fixture
@@ -130,7 +152,7 @@ def dcmtk() -> None:
         assert shutil.which(tool), f"{tool} not found: run scripts/test, which installs dcmtk"
 
 
-__all__ = ["DicomSettings", "DispatchSettings", "make_settings", "wait_for"]
+__all__ = ["DicomSettings", "DispatchSettings", "make_settings", "open_policy", "wait_for"]
 
 
 @pytest.fixture

@@ -25,10 +25,9 @@ from router.application.commands import Actor, CommandError, NotFoundError
 from router.dispatch.ai import AIDestinationConfig, call
 from router.dispatch.base import PermanentDeliveryError
 from router.dispatch.registry import DestinationConfigError, open_config, parse_destination
-from router.dispatch.ssrf import HttpAnswer, parse_networks
+from router.dispatch.ssrf import AddressPolicy, HttpAnswer
 from router.domain.ai import AIRequest
 from router.secrets import SecretBox
-from router.settings import AISettings
 from router.storage.blobs import BlobStore
 
 MEMBERS_SQL = (
@@ -71,14 +70,14 @@ class AIRequests:
     """Everything an attempt or a callback needs about AI requests."""
 
     def __init__(self, app: Any, jobs_db: ViewDatabase, admin: AdminState, blobs: BlobStore,
-                 box: SecretBox, settings: AISettings, public_url: str) -> None:
+                 box: SecretBox, public_url: str, policy: AddressPolicy) -> None:
         self._app = app
         self._db = jobs_db
         self._admin = admin
         self._blobs = blobs
         self._box = box
         self.public_url = public_url.rstrip("/")
-        self.allowed = parse_networks(settings.allowed_networks)
+        self.policy = policy  # the address policy with [ai] allowed_networks
         self.tokens = AITokens(box.derive("ai-token"))
         self._seed_key = box.derive("ai-deidentification-seed")
 
@@ -200,7 +199,7 @@ class AIRequests:
         headers = {"Content-Type": body.content_type, "Content-Length": str(body.size),
                    TIMESTAMP_HEADER: str(body.timestamp), SIGNATURE_HEADER: body.signature}
         with body.path.open("rb") as stream:
-            return call(config, stream, headers, self.allowed)
+            return call(config, stream, headers, self.policy)
 
 
 def _pseudonymise(document: dict[str, Any], seed: str, mapping: dict[str, str]) -> None:

@@ -14,7 +14,8 @@ from eventsourcing.application import AggregateNotFoundError
 from router.application.admin_state import AdminState
 from router.application.conflicts import save_changed
 from router.application.stores import EventStores
-from router.dispatch.registry import open_config, parse_destination, seal_config
+from router.dispatch.policy import DestinationPolicy
+from router.dispatch.registry import check_policy, open_config, parse_destination, seal_config
 from router.domain.admin import Destination, Rule, destination_id, rule_id
 from router.domain.delivery import Delivery, delivery_id
 from router.domain.rules import RuleError, parse_rule
@@ -48,15 +49,19 @@ CONFIG_ACTOR = Actor("config")
 class Commands:
     """Write-side commands. Thread-safe as far as the event store is (optimistic locking)."""
 
-    def __init__(self, stores: EventStores, admin_state: AdminState, box: SecretBox) -> None:
+    def __init__(self, stores: EventStores, admin_state: AdminState, box: SecretBox,
+                 policy: DestinationPolicy) -> None:
         self._stores = stores
         self._admin = admin_state
         self._box = box
+        self._policy = policy
 
     # --- destinations ---------------------------------------------------------------
     def put_destination(self, data: Mapping[str, Any], actor: Actor) -> bool:
-        """Create or replace a destination; False when nothing changed."""
+        """Create or replace a destination; False when nothing changed. Refused (with the
+        field and the reason) when the destination policy does not allow it."""
         config = parse_destination(data)
+        check_policy(config, self._policy)
         name = str(data["name"])
         existing = self._get(Destination, destination_id(name))
         if existing is not None and not existing.deleted and self._same_destination(

@@ -19,6 +19,7 @@ from eventsourcing.application import AggregateNotFoundError
 
 from router.application.commands import CONFIG_ACTOR, Actor, CommandError, NotFoundError
 from router.application.stores import EventStores
+from router.dispatch.policy import DestinationPolicy
 from router.domain.remote import RemoteNode, Retrieve, remote_node_id
 
 logger = logging.getLogger(__name__)
@@ -293,13 +294,20 @@ def _retrieve_state(r: Retrieve) -> RetrieveState:
 class RemoteNodes:
     """Commands on remote nodes; reads go through :attr:`state`."""
 
-    def __init__(self, stores: EventStores, state: RemoteState) -> None:
+    def __init__(self, stores: EventStores, state: RemoteState,
+                 policy: DestinationPolicy) -> None:
         self._app = stores.admin
         self.state = state
+        self._policy = policy
 
     def put(self, data: Mapping[str, Any], actor: Actor) -> bool:
-        """Create or replace a node (by name); False when nothing changed."""
+        """Create or replace a node (by name); False when nothing changed. Refused when the
+        address policy does not allow its host and port (we connect to it: echo, find,
+        retrieve, and C-MOVE sub-operations)."""
         config = parse_remote_node(data)
+        problems = self._policy.remote_node_problems(config.host, config.port)
+        if problems:
+            raise RemoteNodeError(problems)
         clash = self.state.node_for_ae(config.ae_title, recheck=True)
         if clash is not None and clash.name != config.name:
             raise RemoteNodeError({"ae_title": f"already used by remote node {clash.name!r}"})

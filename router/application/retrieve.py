@@ -33,6 +33,8 @@ from router.dicom.qr_scu import (
     status_text,
 )
 from router.dicom.scp import Origin, StoreRequest, store_spooled
+from router.dispatch.base import NOT_REACHED_MIN_SECONDS
+from router.dispatch.ssrf import AddressPolicy
 from router.domain.remote import Retrieve
 from router.secrets import SecretBox
 from router.settings import Settings
@@ -50,7 +52,8 @@ class Retriever:
 
     def __init__(self, settings: Settings, remote: RemoteState, stores: EventStores,
                  receiver: Receiver, sessions: Sessions, box: SecretBox) -> None:
-        self._scu = QueryRetrieveScu(settings.ae_title, settings.dicom)
+        self._scu = QueryRetrieveScu(settings.ae_title, settings.dicom,
+                                     AddressPolicy.from_settings(settings))
         self._remote = remote
         self._app = stores.admin
         self._receiver = receiver
@@ -62,8 +65,15 @@ class Retriever:
         self._stopping = threading.Event()
 
     def echo(self, name: str) -> str:
-        """C-ECHO the node; a short success text, or RemoteError saying what failed."""
-        return self._scu.echo(self._node(name).config)
+        """C-ECHO the node; a short success text, or RemoteError saying what failed (not
+        sooner than NOT_REACHED_MIN_SECONDS: the echo is the nodes' test button)."""
+        node = self._node(name)
+        started = time.monotonic()
+        try:
+            return self._scu.echo(node.config)
+        except RemoteError:
+            time.sleep(max(0.0, started + NOT_REACHED_MIN_SECONDS - time.monotonic()))
+            raise
 
     def find(self, name: str, request: FindRequest, actor: Actor) -> FindResult:
         """C-FIND the node at study or series level; the access is recorded first."""

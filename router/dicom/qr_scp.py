@@ -44,6 +44,7 @@ from router.dicom.qr_matching import (
     run_query,
 )
 from router.dispatch.base import DeliveryError, Outgoing
+from router.dispatch.ssrf import AddressPolicy, AddressRefusedError
 from router.dispatch.transcode import decoded_for_peer
 from router.settings import Settings
 from router.storage.blobs import BlobStore
@@ -116,8 +117,9 @@ class QueryRetrieveSCP:
 
     def __init__(self, ae_title: str, open_to_all: bool, remote: RemoteState,
                  studies: Callable[[], ViewDatabase], blobs: BlobStore,
-                 sessions: Sessions) -> None:
+                 sessions: Sessions, policy: AddressPolicy) -> None:
         self._ae_title = ae_title
+        self._policy = policy  # C-MOVE sub-operations connect to the destination node
         self._open = open_to_all
         self._remote = remote
         self._studies = studies
@@ -192,12 +194,25 @@ class QueryRetrieveSCP:
             # refusing before that is an exception, answered 0xC514 (unable to process).
             _refusing.active = True
             raise MoveRefusedError(f"refused with 0x{status:04X}")
+        address = self._move_address(peer, destination)
+        if address is None:
+            yield None, None  # 0xA801, as pynetdicom answers when the destination is not reached
+            return
         accepted: dict[str, set[str]] = {}
-        yield self._move_association(destination, rows, accepted)
+        yield self._move_association(destination, address, rows, accepted)
         yield len(rows)
         yield from self._sub_operations(event, rows, accepted, destination.config.ae_title)
 
-    def _move_association(self, node: RemoteNodeState, rows: list[dict[str, Any]],
+    def _move_address(self, peer: Peer, node: RemoteNodeState) -> str | None:
+        """The destination node's address, resolved now and allowed by the address policy."""
+        try:
+            return self._policy.addresses(node.config.host, node.config.port)[0]
+        except (AddressRefusedError, OSError) as exc:
+            self._refusal(peer, "dimse.move", f"move destination {node.name} not reached: "
+                          f"{exc}", outcome="failure")
+            return None
+
+    def _move_association(self, node: RemoteNodeState, address: str, rows: list[dict[str, Any]],
                           accepted: dict[str, set[str]]) -> tuple[str, int, dict[str, Any]]:
         def on_accepted(event: Any) -> None:
             for cx in event.assoc.accepted_contexts:
@@ -205,7 +220,7 @@ class QueryRetrieveSCP:
 
         kwargs = {"contexts": storage_contexts(rows), "max_pdu": 0,
                   "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)]}
-        return node.config.host, node.config.port, kwargs
+        return address, node.config.port, kwargs
 
     # -- C-GET ----------------------------------------------------------------------------
 
@@ -373,7 +388,8 @@ def standalone(settings: Settings, stores: EventStores, blobs: BlobStore
     """The Q/R handlers of a receiver process, with its own view of the remote nodes."""
     studies = LazyStudies(settings.database_url)
     qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
-                          RemoteState(stores.admin), studies, blobs, Sessions(stores))
+                          RemoteState(stores.admin), studies, blobs, Sessions(stores),
+                          AddressPolicy.from_settings(settings))
     return qr, studies
 
 

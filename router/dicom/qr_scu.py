@@ -3,10 +3,13 @@ level), C-MOVE to our own AE title and C-GET with storage sub-operations receive
 
 Failures raise RemoteError with a message fit for users (no identifiers); every association is
 released (or aborted) when done, and :meth:`QueryRetrieveScu.abort_all` ends the running ones.
+Associations go to an address the address policy checked (router.dispatch.ssrf); a node that
+is not reached, refused or not, gets one vague answer (the detail goes to the log).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -28,8 +31,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from router.application.commands import CommandError
 from router.application.remote_nodes import RemoteNodeConfig
 from router.dicom.scp import TRANSFER_SYNTAXES
+from router.dispatch.base import NOT_REACHED
 from router.dispatch.dicom import COMMON_SOP_CLASSES
+from router.dispatch.ssrf import AddressPolicy, AddressRefusedError
 from router.settings import DicomSettings
+
+logger = logging.getLogger(__name__)
 
 MAX_FIND_RESULTS = 500
 MAX_GET_CONTEXTS = 120
@@ -102,9 +109,10 @@ Progress = Callable[[Dataset], None]
 class QueryRetrieveScu:
     """Associations from our AE title to remote nodes; thread-safe (one association each)."""
 
-    def __init__(self, ae_title: str, dicom: DicomSettings) -> None:
+    def __init__(self, ae_title: str, dicom: DicomSettings, policy: AddressPolicy) -> None:
         self._ae_title = ae_title
         self._dicom = dicom
+        self._policy = policy
         self._lock = threading.Lock()
         self._live: set[Association] = set()
 
@@ -190,14 +198,17 @@ class QueryRetrieveScu:
         ae.network_timeout = self._dicom.network_timeout
         ae.maximum_pdu_size = self._dicom.max_pdu_size
         try:
-            assoc = ae.associate(node.host, node.port, contexts=contexts,
+            address = self._policy.addresses(node.host, node.port)[0]
+            assoc = ae.associate(address, node.port, contexts=contexts,
                                  ae_title=node.ae_title, ext_neg=roles or None,
                                  evt_handlers=handlers or None)
-        except OSError as exc:
-            raise RemoteError(f"cannot reach {where(node)}: {type(exc).__name__}") from None
+        except (AddressRefusedError, OSError) as exc:
+            raise not_reached(node, str(exc) or type(exc).__name__) from None
+        if assoc.is_rejected:
+            raise RemoteError(f"{where(node)} rejected the association")
         if not assoc.is_established:
-            reason = "rejected the association" if assoc.is_rejected else "did not answer"
-            raise RemoteError(f"{where(node)} {reason}")
+            # Refused connections, silence and other protocols alike (no port scanner).
+            raise not_reached(node, "no association (connection refused, closed or silent)")
         return _Associated(assoc, self._live, self._lock)
 
 
@@ -243,6 +254,12 @@ def values_of(value: Any) -> list[str]:
 def as_text(ds: Dataset) -> dict[str, str]:
     """An identifier's values as text (multiple values joined by backslashes)."""
     return {e.keyword: "\\".join(values_of(e.value)) for e in ds if e.keyword and e.VR != "SQ"}
+
+
+def not_reached(node: RemoteNodeConfig, detail: str) -> RemoteError:
+    """The one answer for a node not reached, whatever the reason; the reason is logged."""
+    logger.warning("remote node %s (%s) not reached: %s", node.name, where(node), detail)
+    return RemoteError(f"{where(node)} {NOT_REACHED}")
 
 
 def where(node: RemoteNodeConfig) -> str:

@@ -9,14 +9,19 @@ import http.client
 import json
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from router.ai.signing import signed_headers
-from router.dispatch.base import Outgoing, PermanentDeliveryError, TransientDeliveryError
-from router.dispatch.ssrf import AddressRefusedError, HttpAnswer, post
+from router.dispatch.base import (
+    Outgoing,
+    PermanentDeliveryError,
+    RefusedAddressError,
+    TransientDeliveryError,
+    UnreachableError,
+)
+from router.dispatch.ssrf import AddressPolicy, AddressRefusedError, HttpAnswer, post
 from router.domain.grouping import GroupingError, check_grouping
 
 SEND_MODES = ("dicomweb", "files")
@@ -75,17 +80,19 @@ def describe_answer(answer: HttpAnswer) -> str:
 
 
 def call(config: AIDestinationConfig, body: bytes | BinaryIO, headers: dict[str, str],
-         allowed: Sequence[object]) -> HttpAnswer:
-    """POST a signed body (``headers`` carry the signature); errors become Transient or
-    Permanent delivery errors (redirects and other 4xx are permanent)."""
+         policy: AddressPolicy) -> HttpAnswer:
+    """POST a signed body (``headers`` carry the signature) through the address policy;
+    errors become Transient or Permanent delivery errors (redirects and other 4xx are
+    permanent)."""
     headers = {"User-Agent": "dicom-router", **headers}
     try:
-        answer = post(config.url, body, headers, config.request_timeout, allowed)
+        answer = post(config.url, body, headers, config.request_timeout, policy)
     except AddressRefusedError as exc:
-        raise PermanentDeliveryError(str(exc)) from None
+        raise RefusedAddressError(str(exc)) from None
     except (OSError, http.client.HTTPException) as exc:
-        raise TransientDeliveryError(f"AI processor unreachable: {type(exc).__name__}: "
-                                     f"{str(exc)[:200]}") from None
+        # No HTTP answer at all (a closed port, or one speaking something else).
+        raise UnreachableError(f"AI processor unreachable: {type(exc).__name__}: "
+                               f"{str(exc)[:200]}") from None
     if 200 <= answer.status < 300:
         return answer
     message = f"AI processor answered {describe_answer(answer)}"
@@ -97,9 +104,9 @@ def call(config: AIDestinationConfig, body: bytes | BinaryIO, headers: dict[str,
 class AIAdapter:
     """The ``check`` of an AI destination: a signed ``{"ping": true}`` answered with 2xx."""
 
-    def __init__(self, config: AIDestinationConfig, allowed: Sequence[object] = ()) -> None:
+    def __init__(self, config: AIDestinationConfig, *, policy: AddressPolicy) -> None:
         self._config = config
-        self._allowed = tuple(allowed)
+        self._policy = policy
 
     def send(self, item: Outgoing) -> str:
         raise PermanentDeliveryError("AI processors are sent whole series or studies by the "
@@ -110,7 +117,7 @@ class AIAdapter:
         started = time.monotonic()
         headers = {"Content-Type": "application/json",
                    **signed_headers(self._config.secret, body, time.time())}
-        answer = call(self._config, body, headers, self._allowed)
+        answer = call(self._config, body, headers, self._policy)
         return f"answered HTTP {answer.status} in {int((time.monotonic() - started) * 1000)} ms"
 
     def close(self) -> None:

@@ -28,6 +28,25 @@ class PermanentDeliveryError(DeliveryError):
     """Retrying cannot succeed (refused transfer syntax with no decoder, bad credentials...)."""
 
 
+# What "test connection" answers for every address it did not reach, refused or not: the same
+# words (and no detail) whether the policy refused the address, the name did not resolve, the
+# port was closed, or something there answered in another protocol. No port scanner.
+NOT_REACHED = ("not reached: the address is not allowed, the name is unknown, nothing listens "
+               "there, or it did not answer (the router's log has the detail)")
+# ... and not sooner than this: a refused address (answered at once) then looks like a closed
+# port or an unknown name.
+NOT_REACHED_MIN_SECONDS = 1.0
+
+
+class UnreachableError(TransientDeliveryError):
+    """Nothing answered: the name did not resolve, the connection was refused or timed out, or
+    it closed before any answer. "Test connection" words these, and refused addresses, alike."""
+
+
+class RefusedAddressError(PermanentDeliveryError):
+    """The destination's address is one the address policy refuses (router.dispatch.ssrf)."""
+
+
 class SeatUnavailable(Exception):
     """Not an attempt: the destination is taking our other connections and no more at the
     moment, so this instance goes back to the lane for one of those (nothing is recorded)."""

@@ -3,7 +3,8 @@
 The adapter keeps an association open while instances keep coming (released after
 ``idle_close`` idle seconds), widens its presentation contexts as new SOP classes and transfer
 syntaxes appear, streams files as stored and decompresses only when the peer insists. The
-association itself is router.dicom.store_scu's (not pynetdicom's: about half the CPU).
+association itself is router.dicom.store_scu's (not pynetdicom's: about half the CPU), opened
+to an address the address policy checked (router.dispatch.ssrf), never to the name itself.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from router.dispatch.base import (
     DeliveryError,
     Outgoing,
     PermanentDeliveryError,
+    RefusedAddressError,
     SeatUnavailable,
     TransientDeliveryError,
+    UnreachableError,
 )
 from router.dispatch.seats import EXTRA_OPEN_TIMEOUT, seats_for
+from router.dispatch.ssrf import AddressPolicy, AddressRefusedError
 from router.dispatch.transcode import blob_error, decoded_for_peer, read_dataset
 
 logger = logging.getLogger(__name__)
@@ -119,16 +123,18 @@ def _open_failure(error: LinkError, where: str, timeout: float) -> DeliveryError
         if error.result == 0x01:
             return PermanentDeliveryError(message)
         return TransientDeliveryError(message)
+    # Everything short of a DICOM answer is "unreachable": the test button then cannot tell a
+    # closed port from an open one that speaks something else (no port scanner).
     if error.kind == "resolve":
-        return TransientDeliveryError(f"cannot resolve or reach {where}: {error.detail}")
+        return UnreachableError(f"cannot resolve or reach {where}: {error.detail}")
     if error.kind == "connect":
-        return TransientDeliveryError(f"cannot connect to {where} (refused or timed out)")
+        return UnreachableError(f"cannot connect to {where} (refused or timed out)")
     if error.kind == "aborted":
         return TransientDeliveryError(f"{where} aborted the association request")
     if error.kind == "protocol":
-        return TransientDeliveryError(
+        return UnreachableError(
             f"{where} answered the association request in a way we cannot use: {error.detail}")
-    return TransientDeliveryError(
+    return UnreachableError(
         f"no answer from {where} to the association request (connection closed, "
         f"or nothing within {timeout:g} s)"
     )
@@ -137,8 +143,10 @@ def _open_failure(error: LinkError, where: str, timeout: float) -> DeliveryError
 class DicomAdapter:
     """C-STORE SCU for one destination; one worker thread uses an instance at a time."""
 
-    def __init__(self, config: DicomDestinationConfig, *, calling_ae: str) -> None:
+    def __init__(self, config: DicomDestinationConfig, *, calling_ae: str,
+                 policy: AddressPolicy) -> None:
         self._config = config
+        self._policy = policy
         self._calling_ae = config.calling_ae or calling_ae
         self._where = f"{config.ae_title}@{config.host}:{config.port}"
         self._lock = threading.Lock()
@@ -204,19 +212,33 @@ class DicomAdapter:
         peer is evidently up and serving the others (see router.dispatch.seats)."""
         config = self._config
         timeout = min(config.timeout, EXTRA_OPEN_TIMEOUT) if others else config.timeout
-        try:
-            link = StoreLink.open(config.host, config.port, calling=self._calling_ae,
-                                  called=config.ae_title, pairs=pairs, max_pdu=config.max_pdu,
-                                  timeout=timeout)
-        except LinkError as exc:
-            if others and self._seats.taken():
-                self._seats.learn(others)
-                raise SeatUnavailable(f"{self._where} takes no more associations") from None
-            raise _open_failure(exc, self._where, timeout) from None
+        addresses = self._checked_addresses()
+        for number, address in enumerate(addresses, 1):
+            try:
+                link = StoreLink.open(address, config.port, calling=self._calling_ae,
+                                      called=config.ae_title, pairs=pairs,
+                                      max_pdu=config.max_pdu, timeout=timeout)
+                break
+            except LinkError as exc:
+                if exc.kind == "connect" and number < len(addresses):
+                    continue  # the name's next address
+                if others and self._seats.taken():
+                    self._seats.learn(others)
+                    raise SeatUnavailable(f"{self._where} takes no more associations") from None
+                raise _open_failure(exc, self._where, timeout) from None
         if not link.accepted_pairs():
             link.release()
             raise PermanentDeliveryError(f"{self._where} accepted none of the proposed {proposed}")
         return link
+
+    def _checked_addresses(self) -> list[str]:
+        """The peer's addresses, resolved now and each allowed by the address policy."""
+        try:
+            return self._policy.addresses(self._config.host, self._config.port)
+        except AddressRefusedError as exc:
+            raise RefusedAddressError(f"{self._where}: {exc}") from None
+        except OSError as exc:
+            raise UnreachableError(f"cannot resolve or reach {self._where}: {exc}") from None
 
     def _want(self, item: Outgoing) -> None:
         syntaxes = self._wanted.pop(item.sop_class_uid, [])

@@ -1,7 +1,8 @@
 """Destination kind ``file``: write each instance into a folder, atomically, at a templated path.
 
-The folder must already exist (a missing mount must not fill the root file system); paths come
-from :mod:`router.dispatch.templates` and are checked to stay inside the folder.
+The folder must already exist (a missing mount must not fill the root file system) and be one
+the :class:`~router.dispatch.folders.FolderPolicy` allows, checked before every write; paths
+come from :mod:`router.dispatch.templates` and are checked to stay inside the folder.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from router.dispatch.base import Outgoing, PermanentDeliveryError, TransientDeliveryError
+from router.dispatch.folders import FolderPolicy
 from router.dispatch.templates import PathTemplate, TemplateError
 
 logger = logging.getLogger(__name__)
@@ -60,8 +62,9 @@ class FileDestinationConfig:
 class FileAdapter:
     """Writes instances below ``config.path``; used by one worker thread at a time."""
 
-    def __init__(self, config: FileDestinationConfig) -> None:
+    def __init__(self, config: FileDestinationConfig, *, policy: FolderPolicy) -> None:
         self._config = config
+        self._policy = policy
         self._root = Path(config.path)
         self._template = PathTemplate.parse(config.template)
 
@@ -88,7 +91,7 @@ class FileAdapter:
         return f"written ({item.size} bytes)"
 
     def check(self) -> str:
-        """The folder exists and a probe file can be created and removed in it."""
+        """The folder is allowed, exists, and a probe file can be created and removed in it."""
         try:
             root = self._existing_root()
             fd, probe = tempfile.mkstemp(dir=root, prefix=".router-probe-")
@@ -103,6 +106,11 @@ class FileAdapter:
         """Nothing to release."""
 
     def _existing_root(self) -> Path:
+        """The folder's real path, once the policy allows it (first: a refused folder tells
+        nothing of whether it exists) and it exists."""
+        problem = self._policy.problem(self._root)
+        if problem is not None:
+            raise PermanentDeliveryError(f"refusing to write: {problem}")
         if not self._root.is_dir():
             raise TransientDeliveryError(
                 f"folder {self._root} does not exist or is not a folder (not mounted?)"

@@ -1,7 +1,8 @@
 """The explicit table of destination kinds, and parsing, sealing and building of destinations.
 
 A destination is stored as a JSON-safe dict (``seal_config``) whose secret fields are sealed
-with the :class:`~router.secrets.SecretBox`; ``build_adapter`` turns such a dict into an adapter.
+with the :class:`~router.secrets.SecretBox`; ``build_adapter`` turns such a dict into an adapter
+held to the :class:`~router.dispatch.policy.DestinationPolicy` (addresses and folders).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from router.dispatch.ai import AIAdapter, AIDestinationConfig
 from router.dispatch.base import Adapter
 from router.dispatch.dicom import DicomAdapter, DicomDestinationConfig
 from router.dispatch.file import FileAdapter, FileDestinationConfig
+from router.dispatch.policy import DestinationPolicy
 from router.dispatch.s3 import S3Adapter, S3DestinationConfig
 from router.secrets import SecretBox, SecretError
 from router.settings import SettingsError, parse_duration
@@ -49,7 +51,7 @@ class DestinationKind:
     config_class: type[Any]
     adapter_class: type[Any]
     secret_fields: frozenset[str]
-    build: Callable[[Any, str], Adapter]
+    build: Callable[[Any, str, DestinationPolicy], Adapter]
 
 
 DESTINATION_KINDS: dict[str, DestinationKind] = {
@@ -58,21 +60,24 @@ DESTINATION_KINDS: dict[str, DestinationKind] = {
         DicomDestinationConfig,
         DicomAdapter,
         frozenset(),
-        lambda config, calling_ae: DicomAdapter(config, calling_ae=calling_ae),
+        lambda config, calling_ae, policy: DicomAdapter(config, calling_ae=calling_ae,
+                                                        policy=policy.addresses),
     ),
     "file": DestinationKind(
-        "file", FileDestinationConfig, FileAdapter, frozenset(), lambda c, _: FileAdapter(c)
+        "file", FileDestinationConfig, FileAdapter, frozenset(),
+        lambda config, _, policy: FileAdapter(config, policy=policy.folders),
     ),
     "s3": DestinationKind(
         "s3",
         S3DestinationConfig,
         S3Adapter,
         frozenset({"secret_access_key", "session_token"}),
-        lambda config, _: S3Adapter(config),
+        lambda config, _, policy: S3Adapter(config, policy=policy.addresses),
     ),
     # Requests are made per series or study by router.ai.worker; the adapter only checks.
     "ai": DestinationKind(
-        "ai", AIDestinationConfig, AIAdapter, frozenset({"secret"}), lambda c, _: AIAdapter(c)
+        "ai", AIDestinationConfig, AIAdapter, frozenset({"secret"}),
+        lambda config, _, policy: AIAdapter(config, policy=policy.ai_addresses),
     ),
 }
 
@@ -234,13 +239,23 @@ def open_config(stored: Mapping[str, object], box: SecretBox) -> dict[str, objec
     return opened
 
 
-def build_adapter(stored: Mapping[str, object], box: SecretBox, *, calling_ae: str) -> Adapter:
+def build_adapter(stored: Mapping[str, object], box: SecretBox, *, calling_ae: str,
+                  policy: DestinationPolicy) -> Adapter:
     """An adapter from a stored (sealed) dict; ``calling_ae`` unless the config sets its own.
+    The policy is not checked here (a stored destination may predate it): the adapter checks
+    it at every connection or write.
 
     Raises :class:`DestinationConfigError` if the dict is invalid or a secret cannot be opened.
     """
     config = parse_destination(open_config(stored, box))
-    return kind_of(config).build(config, calling_ae)
+    return kind_of(config).build(config, calling_ae, policy)
+
+
+def check_policy(config: DestinationConfig, policy: DestinationPolicy) -> None:
+    """Raise :class:`DestinationConfigError` (naming the field) if the policy refuses it."""
+    problems = policy.problems(config)
+    if problems:
+        raise DestinationConfigError(config.name, problems)
 
 
 def kind_of(config: DestinationConfig) -> DestinationKind:

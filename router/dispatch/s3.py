@@ -1,7 +1,8 @@
 """Destination kind ``s3``: upload each instance to an S3 or S3-compatible bucket (MinIO...).
 
 Uploads carry SHA-256 checksums the server verifies, the blob's SHA-256 as object metadata, and
-are read back (HeadObject) before success is reported.
+are read back (HeadObject) before success is reported. Every connection boto3 opens goes to an
+address the address policy checked (router.dispatch.ssrf), resolved by us, not by urllib3.
 """
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ import contextlib
 import hashlib
 import logging
 import re
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from router.dispatch.base import Outgoing, PermanentDeliveryError, TransientDeliveryError
+from router.dispatch.base import (
+    Outgoing,
+    PermanentDeliveryError,
+    RefusedAddressError,
+    TransientDeliveryError,
+    UnreachableError,
+)
+from router.dispatch.ssrf import AddressPolicy, AddressRefusedError, NameNotResolvedError
 from router.dispatch.templates import PathTemplate, TemplateError
 
 if TYPE_CHECKING:
@@ -139,10 +148,48 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
+class _PinnedConnection:
+    """urllib3's connection with its socket made by the address policy (mixed in front of
+    botocore's connection classes): the name is resolved and every address checked right
+    before connecting, and the connection goes to a checked address."""
+
+    address_policy: AddressPolicy
+
+    def _new_conn(self) -> socket.socket:
+        from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
+        conn: Any = self
+        timeout = conn.timeout if isinstance(conn.timeout, int | float) else None
+        try:
+            return self.address_policy.connect(conn._dns_host, conn.port, timeout,
+                                               conn.socket_options or ())
+        except AddressRefusedError:
+            raise  # not an OSError: urllib3 passes it on, botocore wraps it (HTTPClientError)
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(conn, f"connection to {conn.host} timed out") from exc
+        except NameNotResolvedError as exc:
+            raise NameResolutionError(conn.host, conn, socket.gaierror(str(exc))) from exc
+        except OSError as exc:
+            raise NewConnectionError(conn, f"failed to establish a connection: {exc}") from exc
+
+
+def _pin_connections(client: Any, policy: AddressPolicy) -> None:
+    """Route every pool of this client (proxied ones included) through the policy.
+
+    botocore has no public hook for the socket; it builds its pools from the classes of its
+    HTTP session's ``_pool_classes_by_scheme``, which this replaces for this client only.
+    """
+    pools = client._endpoint.http_session._pool_classes_by_scheme
+    for scheme, pool in list(pools.items()):
+        connection = type(f"Pinned{pool.ConnectionCls.__name__}",
+                          (_PinnedConnection, pool.ConnectionCls), {"address_policy": policy})
+        pools[scheme] = type(f"Pinned{pool.__name__}", (pool,), {"ConnectionCls": connection})
+
+
 class S3Adapter:
     """Uploads instances with boto3; used by one worker thread at a time."""
 
-    def __init__(self, config: S3DestinationConfig) -> None:
+    def __init__(self, config: S3DestinationConfig, *, policy: AddressPolicy) -> None:
         # Deferred: only processes with an S3 destination pay for boto3 (about 17 MB each).
         import boto3
         from botocore.config import Config
@@ -173,6 +220,8 @@ class S3Adapter:
         self._client: S3Client = session.client(
             "s3", endpoint_url=config.endpoint_url, config=Config(**options)
         )
+        self._policy = policy
+        _pin_connections(self._client, policy)
 
     def send(self, item: Outgoing) -> str:
         """Upload ``item`` (single PUT or multipart), then verify size and SHA-256 metadata."""
@@ -196,6 +245,14 @@ class S3Adapter:
 
     def check(self) -> str:
         """HeadBucket: the endpoint answers and the credentials may use the bucket."""
+        parts = urlsplit(self._client.meta.endpoint_url)
+        try:  # first, so that a refused endpoint is not tried (and retried) by botocore
+            self._policy.resolve(parts.hostname or "",
+                                 parts.port or (443 if parts.scheme == "https" else 80))
+        except AddressRefusedError as exc:
+            raise RefusedAddressError(f"S3 endpoint: {exc}") from None
+        except OSError as exc:
+            raise UnreachableError(f"S3 endpoint {self._where()} unreachable: {exc}") from None
         try:
             self._client.head_bucket(Bucket=self._config.bucket)
         except self._boto_errors as exc:
@@ -317,10 +374,19 @@ class S3Adapter:
                 code not in _TRANSIENT_CODES and 400 <= status < 500 and status not in (408, 429)
             )
         else:
-            where = self._config.endpoint_url or f"AWS region {self._config.region}"
-            message = f"S3 endpoint {where} unreachable or failed: {type(exc).__name__}"
-            permanent = False
+            cause = getattr(exc, "kwargs", {}).get("error")
+            if isinstance(cause, AddressRefusedError):
+                message = f"S3 endpoint: {cause}"
+                logger.warning("s3 destination %s: %s", self._config.name, message)
+                return RefusedAddressError(message)
+            message = f"S3 endpoint {self._where()} unreachable or failed: {type(exc).__name__}"
+            logger.warning("s3 destination %s: %s", self._config.name, message)
+            # No S3 answer at all: the test button words it like any unreachable address.
+            return UnreachableError(message)
         logger.warning("s3 destination %s: %s", self._config.name, message)
         if permanent:
             return PermanentDeliveryError(message)
         return TransientDeliveryError(message)
+
+    def _where(self) -> str:
+        return self._config.endpoint_url or f"AWS region {self._config.region}"

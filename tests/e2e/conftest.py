@@ -108,8 +108,11 @@ class RouterProcess:
             server["database_url"] = self.database_url
         dispatch = {"poll_interval": "0.2s", "shutdown_grace": "5s", **self.dispatch}
         self.folder.mkdir(parents=True, exist_ok=True)
+        # The peers of these tests listen on loopback; file destinations go below the folder.
         self.config_path.write_text(toml_document(
-            {"server": server, "dispatch": dispatch},
+            {"server": server, "dispatch": dispatch,
+             "security": {"allow_loopback_destinations": True},
+             "storage": {"destination_roots": [str(self.folder)]}},
             {"destinations": self.destinations, "rules": self.rules}))
         return self.config_path
 

@@ -224,7 +224,7 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
         "'pacs' is declared (twice, invalid): it is not an unknown destination")
     assert len(problems) == len(expected), "\n".join(problems)
 
-    config.write_text(toml_document({}, {
+    config.write_text(toml_document({"storage": {"destination_roots": [str(tmp_path)]}}, {
         "destinations": [{"name": "archive", "type": "file", "path": str(tmp_path)}],
         "rules": [{"name": "all", "destinations": ["archive"]}]}))
     ok = run_cli("check-config", str(config))
@@ -247,8 +247,11 @@ def admin_event_count(server_config: Path, data_dir: Path, database_url: str) ->
 def test_apply_is_idempotent(tmp_path: Path, database_url: str) -> None:
     data_dir = tmp_path / "data"
     server = tmp_path / "server.toml"
-    server.write_text(toml_document({"server": {
-        "data_dir": str(data_dir), "database_url": database_url, "secret_key": "0" * 64}}))
+    server.write_text(toml_document({
+        "server": {"data_dir": str(data_dir), "database_url": database_url,
+                   "secret_key": "0" * 64},
+        "security": {"allow_loopback_destinations": True},
+        "storage": {"destination_roots": [str(tmp_path)]}}))
     archive = tmp_path / "archive"
     archive.mkdir()
     declared = tmp_path / "routing.toml"

@@ -29,26 +29,30 @@ from router.ai.signing import (
 from router.ai.tokens import AITokenError, AITokens
 from router.dispatch.ai import AIAdapter, AIDestinationConfig
 from router.dispatch.base import PermanentDeliveryError
-from router.dispatch.ssrf import AddressRefusedError, check_address, parse_networks, post
+from router.dispatch.ssrf import AddressPolicy, AddressRefusedError, parse_networks, post
+
+LOOPBACK = AddressPolicy(allow_loopback=True)  # the stubs below listen on 127.0.0.1
 
 
 @pytest.mark.parametrize("address", [
     "169.254.169.254", "169.254.0.1", "fd00:ec2::254", "::ffff:169.254.169.254", "fe80::1",
     "100.100.100.200", "0.0.0.0", "224.0.0.1"])
 def test_link_local_and_metadata_addresses_are_refused(address: str) -> None:
-    with pytest.raises(AddressRefusedError):
-        check_address(address)
+    for policy in (AddressPolicy(), LOOPBACK):
+        with pytest.raises(AddressRefusedError):
+            policy.check(address, 80)
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "192.168.1.10", "::1", "fd12::1"])
+@pytest.mark.parametrize("address", ["10.1.2.3", "192.168.1.10", "fd12::1"])
 def test_ordinary_addresses_are_allowed(address: str) -> None:
-    check_address(address)
+    AddressPolicy().check(address, 80)
 
 
 def test_an_administrator_can_allow_a_refused_network() -> None:
-    check_address("169.254.10.20", parse_networks(["169.254.10.0/24"]))
+    policy = AddressPolicy(allowed=parse_networks(["169.254.10.0/24"]))
+    policy.check("169.254.10.20", 80)
     with pytest.raises(AddressRefusedError):
-        check_address("169.254.169.254", parse_networks(["169.254.10.0/24"]))
+        policy.check("169.254.169.254", 80)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -95,14 +99,14 @@ def test_a_name_resolving_to_metadata_is_refused_before_connecting(
         monkeypatch: pytest.MonkeyPatch) -> None:
     _resolving(monkeypatch, {"ai.rebound.test": "169.254.169.254"})
     with pytest.raises(AddressRefusedError):
-        post("http://ai.rebound.test/v1", b"{}", {}, timeout=2)
+        post("http://ai.rebound.test/v1", b"{}", {}, timeout=2, policy=LOOPBACK)
 
 
 def test_the_connection_goes_to_the_checked_address_with_the_host_name(
         monkeypatch: pytest.MonkeyPatch, http_server: http.server.HTTPServer) -> None:
     port = http_server.server_address[1]
     _resolving(monkeypatch, {"ai.vendor.test": "127.0.0.1"})
-    answer = post(f"http://ai.vendor.test:{port}/v1", b"{}", {}, timeout=5)
+    answer = post(f"http://ai.vendor.test:{port}/v1", b"{}", {}, timeout=5, policy=LOOPBACK)
     assert answer.status == 200 and _Handler.seen == [f"ai.vendor.test:{port}"]
 
 
@@ -111,7 +115,7 @@ def test_redirects_are_not_followed(http_server: http.server.HTTPServer) -> None
     config = AIDestinationConfig(name="ai", url=f"http://127.0.0.1:{http_server.server_address[1]}/",
                                  secret="s" * 20)
     with pytest.raises(PermanentDeliveryError, match="redirects are not followed"):
-        AIAdapter(config).check()
+        AIAdapter(config, policy=LOOPBACK).check()
     assert len(_Handler.seen) == 1
 
 
@@ -119,7 +123,7 @@ def test_a_metadata_url_is_refused_by_the_ping() -> None:
     config = AIDestinationConfig(name="ai", url="http://169.254.169.254/latest",
                                  secret="s" * 20)
     with pytest.raises(PermanentDeliveryError, match="refusing to connect"):
-        AIAdapter(config).check()
+        AIAdapter(config, policy=LOOPBACK).check()
 
 
 def test_signatures_cover_timestamp_and_body() -> None:

@@ -9,6 +9,7 @@ Runs on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -331,17 +332,30 @@ def assert_identical_rebuild(router: Router) -> None:
 
 
 def test_a_metadata_address_is_refused_and_dead_lettered(
-        tmp_path: Path, database_url: str, served: Callable[..., WebServer]) -> None:
+        tmp_path: Path, database_url: str, served: Callable[..., WebServer],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saved while its name answered a private address; by the time of the request the name
+    answers the metadata address (DNS rebinding): refused at connect time, dead-lettered."""
+    answers = {"ai.rebinding.test": "10.20.30.40"}
+    real = socket.getaddrinfo
+
+    def resolve(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in answers:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
     settings = make_settings(tmp_path, database_url,
-                             config(tmp_path, "http://169.254.169.254/latest/v1"))
+                             config(tmp_path, "http://ai.rebinding.test/latest/v1"))
     clock = Clock()
     router = served(settings, clock).router
+    answers["ai.rebinding.test"] = "169.254.169.254"
     storescu(router.dicom.port, make_ct_series(tmp_path / "a", count=1, rows=16, cols=16))
     wait_for(lambda: router.views["jobs"][1].query(
         "SELECT 1 FROM deliveries WHERE status = 'held'"), 10, "held")
     clock.advance(61)
     row = wait_for(lambda: [r for r in ai_rows(router) if r["status"] == "dead"], 10, "dead")[0]
-    assert "refusing to connect to 169.254.169.254" in row["last_error"]
+    assert "refusing to connect: 169.254.169.254 is a link-local" in row["last_error"]
     job = router.views["jobs"][1].query(
         "SELECT status, last_error FROM deliveries WHERE destination = 'lungai'")
     assert job[0]["status"] == "dead" and "link-local" in job[0]["last_error"]

@@ -38,14 +38,19 @@ from router.dicom.store_scu import StoreLink
 from router.dispatch.base import (
     Outgoing,
     PermanentDeliveryError,
+    RefusedAddressError,
     TransientDeliveryError,
 )
 from router.dispatch.dicom import DicomAdapter, DicomDestinationConfig
 from router.dispatch.file import FileAdapter, FileDestinationConfig
 from router.dispatch.s3 import MIB, S3Adapter, S3DestinationConfig
+from router.dispatch.ssrf import AddressPolicy
+from tests.conftest import open_policy
 from tests.integration.peers import StoreScp, free_port, s3_server
 
 pytestmark = pytest.mark.timeout(120)
+
+POLICY = open_policy()  # every peer of these tests is on loopback
 
 HOSTILE_UIDS = {
     "PatientID": "../../../../tmp/evil",
@@ -98,7 +103,8 @@ def tree(folder: Path) -> list[Path]:
 
 
 def file_adapter(folder: Path, **options: Any) -> FileAdapter:
-    return FileAdapter(FileDestinationConfig(name="archive", path=str(folder), **options))
+    return FileAdapter(FileDestinationConfig(name="archive", path=str(folder), **options),
+                       policy=POLICY.folders)
 
 
 def test_file_adapter_writes_atomically_at_the_templated_path(tmp_path: Path) -> None:
@@ -231,7 +237,7 @@ def s3_adapter(endpoint: str, bucket: str, **options: Any) -> S3Adapter:
         "secret_access_key": "test",
         **options,
     }
-    return S3Adapter(S3DestinationConfig(**values))
+    return S3Adapter(S3DestinationConfig(**values), policy=POLICY.addresses)
 
 
 def objects(endpoint: str, bucket: str) -> list[str]:
@@ -316,6 +322,32 @@ def test_s3_server_down_is_transient() -> None:
     assert time.monotonic() - started < 30
 
 
+def test_s3_connects_only_to_addresses_the_policy_checked(
+        s3_endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """boto3's connections are made by the address policy: the endpoint's name is resolved
+    by us at each connection, so a name that turns to loopback (rebinding) is refused."""
+    answers = {"rebinding-store": "127.0.0.1"}  # one label: moto reads a.b.c as bucket a
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in answers:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    endpoint = s3_endpoint.replace("127.0.0.1", "rebinding-store")
+    assert s3_adapter(endpoint, bucket).send(outgoing(bundled("CT_small.dcm"))).startswith(
+        "uploaded")
+    strict = S3Adapter(S3DestinationConfig(name="cloud", bucket=bucket, endpoint_url=endpoint,
+                                           access_key_id="test", secret_access_key="test"),
+                       policy=AddressPolicy())
+    with pytest.raises(RefusedAddressError, match="loopback"):
+        strict.send(outgoing(bundled("CT_small.dcm")))
+    with pytest.raises(RefusedAddressError, match="loopback"):
+        strict.check()
+    strict.close()
+
+
 def test_s3_check_heads_the_bucket(s3_endpoint: str, bucket: str) -> None:
     assert s3_adapter(s3_endpoint, bucket).check() == f"bucket {bucket} reachable"
 
@@ -368,7 +400,8 @@ def dicom_adapter(port: int, **options: Any) -> DicomAdapter:
         "timeout": 10.0,
         **options,
     }
-    return DicomAdapter(DicomDestinationConfig(**values), calling_ae="DICOMROUTER")
+    return DicomAdapter(DicomDestinationConfig(**values), calling_ae="DICOMROUTER",
+                        policy=POLICY.addresses)
 
 
 def received_by_uid(scp: StoreScp) -> dict[str, Dataset]:

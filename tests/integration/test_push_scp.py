@@ -216,11 +216,12 @@ def test_one_router_forwards_to_another_over_both_of_our_implementations(
     """Multi-site: our C-STORE SCU (store_scu, behind DicomAdapter) into our push_scp."""
     from router.dispatch.base import Outgoing
     from router.dispatch.dicom import DicomAdapter, DicomDestinationConfig
+    from router.dispatch.ssrf import AddressPolicy
 
     paths = make_ct_series(tmp_path / "ct", count=3, rows=256, cols=256)
     adapter = DicomAdapter(DicomDestinationConfig(
         name="site-b", host="127.0.0.1", port=router.dicom.port, ae_title=ROUTER_AET),
-        calling_ae="SITE_A")
+        calling_ae="SITE_A", policy=AddressPolicy(allow_loopback=True))
     for path in paths:
         header = dcmread(path, stop_before_pixels=True)
         item = Outgoing(

@@ -22,8 +22,10 @@ from router.dispatch.registry import (
 )
 from router.dispatch.s3 import S3Adapter, S3DestinationConfig
 from router.secrets import SecretBox
+from tests.conftest import open_policy
 
 BOX = SecretBox(bytes(range(32)))
+POLICY = open_policy()
 
 # The shapes of docs/ARCHITECTURE.md section 5, which users and tests rely on.
 PACS = {"name": "pacs", "type": "dicom", "host": "10.0.0.5", "port": 104, "ae_title": "PACS"}
@@ -199,20 +201,21 @@ def test_sealed_config_is_json_safe_and_hides_secrets() -> None:
 def test_stored_configs_parse_again_and_build_their_adapter() -> None:
     stored = seal_config(parse_destination(CLOUD), BOX)
     assert parse_destination(stored) is not None  # sealed values are valid strings
-    adapter = build_adapter(stored, BOX, calling_ae="ROUTER")
+    adapter = build_adapter(stored, BOX, calling_ae="ROUTER", policy=POLICY)
     assert isinstance(adapter, S3Adapter)
     adapter.close()
     archive = seal_config(parse_destination(ARCHIVE), BOX)
-    assert isinstance(build_adapter(archive, BOX, calling_ae="R"), FileAdapter)
+    assert isinstance(build_adapter(archive, BOX, calling_ae="R", policy=POLICY), FileAdapter)
 
 
 def test_dicom_adapter_uses_the_router_ae_title_unless_configured() -> None:
     stored = seal_config(parse_destination(PACS), BOX)
     assert "calling_ae" not in stored  # unset optional values are not stored
-    adapter = build_adapter(stored, BOX, calling_ae="DICOMROUTER")
+    adapter = build_adapter(stored, BOX, calling_ae="DICOMROUTER", policy=POLICY)
     assert isinstance(adapter, DicomAdapter)
     assert adapter._calling_ae == "DICOMROUTER"
-    own = build_adapter({**stored, "calling_ae": "EDGE1"}, BOX, calling_ae="DICOMROUTER")
+    own = build_adapter({**stored, "calling_ae": "EDGE1"}, BOX, calling_ae="DICOMROUTER",
+                        policy=POLICY)
     assert isinstance(own, DicomAdapter) and own._calling_ae == "EDGE1"
 
 
@@ -224,7 +227,7 @@ def test_already_sealed_secrets_are_kept_but_only_for_their_destination() -> Non
     with pytest.raises(DestinationConfigError, match="does not belong to this destination"):
         seal_config(parse_destination(renamed), BOX)
     with pytest.raises(DestinationConfigError, match="secret_access_key"):
-        build_adapter(renamed, BOX, calling_ae="R")
+        build_adapter(renamed, BOX, calling_ae="R", policy=POLICY)
 
 
 def test_open_config_gives_plaintext_for_comparisons() -> None:
@@ -238,7 +241,7 @@ def test_open_config_gives_plaintext_for_comparisons() -> None:
 def test_a_stored_config_sealed_under_another_key_does_not_build() -> None:
     stored = seal_config(parse_destination(CLOUD), SecretBox(bytes(32)))
     with pytest.raises(DestinationConfigError, match="wrong master key"):
-        build_adapter(stored, BOX, calling_ae="R")
+        build_adapter(stored, BOX, calling_ae="R", policy=POLICY)
 
 
 def test_public_config_of_unknown_kinds_still_masks_sealed_values() -> None:

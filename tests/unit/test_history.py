@@ -18,6 +18,7 @@ from router.application.stores import EventStores, StoreConfig
 from router.application.users import Users
 from router.secrets import SecretBox
 from router.settings import WebSettings
+from tests.conftest import open_policy
 
 ADMIN = Actor("alice", "10.1.2.3")
 SECRET = "wJalrXUtnFEMI-very-secret-key"
@@ -30,7 +31,7 @@ class World:
         self.stores = EventStores(StoreConfig("memory:"))
         self.admin = AdminState(self.stores.admin)
         self.box = SecretBox(bytes(range(32)))
-        self.commands = Commands(self.stores, self.admin, self.box)
+        self.commands = Commands(self.stores, self.admin, self.box, open_policy())
         self.users = Users(self.stores, self.admin, WebSettings())
 
     def mark(self) -> float:
@@ -138,7 +139,7 @@ def test_event_count_and_time_are_reported(world: World) -> None:
 def test_remote_nodes_are_shown_as_they_were(world: World) -> None:
     from router.application.remote_nodes import RemoteNodes, RemoteState
 
-    nodes = RemoteNodes(world.stores, RemoteState(world.stores.admin))
+    nodes = RemoteNodes(world.stores, RemoteState(world.stores.admin), open_policy())
     nodes.put({"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}, ADMIN)
     first = world.mark()
     nodes.put({"name": "pacs", "ae_title": "PACS2", "host": "10.0.0.6", "port": 11112}, ADMIN)

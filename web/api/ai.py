@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from typing import Any
 
@@ -28,7 +29,13 @@ from router.ai.signing import (
 from router.application.commands import Actor
 from router.application.sessions import AccessRecord
 from router.dispatch.ai import AIAdapter
-from router.dispatch.base import DeliveryError
+from router.dispatch.base import (
+    NOT_REACHED,
+    NOT_REACHED_MIN_SECONDS,
+    DeliveryError,
+    RefusedAddressError,
+    UnreachableError,
+)
 from web.api.common import ApiError, json_response, paging, run_command
 from web.auth import actor_of
 from web.dicomweb.multipart_in import (
@@ -42,6 +49,8 @@ from web.dicomweb.multipart_in import (
 from web.keys import ROUTER_KEY
 from web.queries.ai import list_requests
 from web.routes import Route
+
+logger = logging.getLogger(__name__)
 
 MAX_JSON = 1024 * 1024
 MAX_PARTS = 1000
@@ -177,9 +186,15 @@ async def run_ping(request: web.Request, name: str) -> dict[str, Any]:
         raise ApiError(404, f"no AI processor named {name!r}")
 
     def run() -> dict[str, Any]:
+        started = time.monotonic()
         try:
-            adapter = AIAdapter(router.ai_requests.config(name), router.ai_requests.allowed)
+            adapter = AIAdapter(router.ai_requests.config(name), policy=router.ai_requests.policy)
             return {"ok": True, "detail": adapter.check()}
+        except (RefusedAddressError, UnreachableError) as exc:
+            # Like a destination's test: one answer for every processor not reached.
+            logger.info("ping of AI processor %s: %s", name, exc)
+            time.sleep(max(0.0, started + NOT_REACHED_MIN_SECONDS - time.monotonic()))
+            return {"ok": False, "detail": NOT_REACHED}
         except DeliveryError as exc:
             return {"ok": False, "detail": str(exc)}
 

@@ -19,7 +19,14 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
 
 from router.application.admin_state import DestinationState
-from router.dispatch.base import DeliveryError
+from router.dispatch.base import (
+    NOT_REACHED,
+    NOT_REACHED_MIN_SECONDS,
+    DeliveryError,
+    RefusedAddressError,
+    UnreachableError,
+)
+from router.dispatch.policy import DestinationPolicy
 from router.dispatch.registry import (
     DESTINATION_KINDS,
     DestinationConfigError,
@@ -147,16 +154,27 @@ async def save(request: web.Request, data: dict[str, Any], create: bool) -> dict
     return await asyncio.to_thread(load_one, router, str(name))
 
 
-def run_check(stored: Mapping[str, Any], box: Any, calling_ae: str) -> dict[str, Any]:
-    """Build the adapter and run its check() against the real peer; never raises."""
+def run_check(stored: Mapping[str, Any], box: Any, calling_ae: str,
+              policy: DestinationPolicy) -> dict[str, Any]:
+    """Build the adapter and run its check() against the real peer; never raises.
+
+    The adapter holds the connection to the address policy. Whatever kept it from reaching
+    the peer (a refused address, an unknown name, a closed port, another protocol) is
+    answered with the same words after at least NOT_REACHED_MIN_SECONDS: this button must not
+    tell an operator which addresses and ports of the network answer. The log has the reason.
+    """
     started = time.monotonic()
     try:
-        adapter = build_adapter(stored, box, calling_ae=calling_ae)
+        adapter = build_adapter(stored, box, calling_ae=calling_ae, policy=policy)
     except DestinationConfigError as exc:
         return {"ok": False, "error": str(exc), "fields": exc.errors}
     try:
         detail = adapter.check()
         result: dict[str, Any] = {"ok": True, "detail": detail}
+    except (RefusedAddressError, UnreachableError) as exc:
+        logger.info("test of destination %s: %s", stored.get("name"), exc)
+        time.sleep(max(0.0, started + NOT_REACHED_MIN_SECONDS - time.monotonic()))
+        result = {"ok": False, "error": NOT_REACHED}
     except DeliveryError as exc:
         result = {"ok": False, "error": str(exc)}
     except Exception as exc:
@@ -171,10 +189,11 @@ def run_check(stored: Mapping[str, Any], box: Any, calling_ae: str) -> dict[str,
 async def check(router: Any, stored: Mapping[str, Any]) -> dict[str, Any]:
     try:
         return await asyncio.wait_for(
-            asyncio.to_thread(run_check, stored, router.box, router.settings.ae_title),
+            asyncio.to_thread(run_check, stored, router.box, router.settings.ae_title,
+                              router.policy),
             CHECK_TIMEOUT)
     except TimeoutError:
-        return {"ok": False, "error": f"no answer within {CHECK_TIMEOUT:.0f} s"}
+        return {"ok": False, "error": NOT_REACHED}
 
 
 # -- handlers --------------------------------------------------------------------------------
