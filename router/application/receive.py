@@ -180,6 +180,9 @@ class Receiver:
             # pydicom reads almost any bytes as "a dataset"; one without its identity is not one.
             return self._refused(arrival, corr, STATUS_CANNOT_UNDERSTAND,
                                  "dataset has no SOP Class UID or SOP Instance UID")
+        encoding = _identity_encoding(header)
+        if encoding is not None:
+            return self._refused(arrival, corr, STATUS_CANNOT_UNDERSTAND, encoding)
         invalid = _invalid_uids(arrival, header)
         repairable = self._ingest.invalid_uids == "repair" and all(
             keyword in REPAIRABLE for keyword, _ in invalid)
@@ -354,6 +357,21 @@ _UID_NAMES = {
     "MediaStorageSOPInstanceUID": "file meta SOP Instance UID",
 }
 _META_UIDS = ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
+
+
+_IDENTITY_TAGS = (("SOPClassUID", 0x00080016), ("SOPInstanceUID", 0x00080018),
+                  ("StudyInstanceUID", 0x0020000D), ("SeriesInstanceUID", 0x0020000E))
+
+
+def _identity_encoding(header: ScannedHeader) -> str | None:
+    """Why the identity UIDs cannot be found by a peer, or None: written with another VR than
+    UI (say UN, which pydicom reads through its dictionary and DCMTK's storescp refuses as a
+    dataset without a SOP Class UID, 0xC000)."""
+    for keyword, tag in _IDENTITY_TAGS:
+        vr = header.identity_vrs.get(tag)
+        if vr is not None and vr != "UI":
+            return f"{_UID_NAMES[keyword]} is encoded with VR {vr}, not UI"
+    return None
 
 
 def _invalid_uids(arrival: Arrival, header: ScannedHeader) -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
@@ -72,6 +72,7 @@ _INTEGER = re.compile(r" *[+-]?[0-9]+ *")
 _INDEX_TAGS = tuple((kw, BaseTag(tag), dictionary_VR(tag)) for kw in INDEX_KEYWORDS
                     if (tag := tag_for_keyword(kw)) is not None)
 _CHARSET_TAG = BaseTag(0x00080005)
+_IDENTITY_TAGS = frozenset((0x00080016, 0x00080018, 0x0020000D, 0x0020000E))
 
 _Elements = dict[BaseTag, DataElement | RawDataElement]
 
@@ -95,6 +96,9 @@ class ScannedHeader:
 
     dataset: Dataset
     index: dict[str, Any]
+    # The VR each identity UID was written with (None: implicit VR), as received: pydicom
+    # replaces a UN when it converts the value.
+    identity_vrs: dict[int, str | None] = field(default_factory=dict)
 
 
 def scan_header(path: Path, opened: Readable | None = None,
@@ -116,11 +120,11 @@ def scan_header(path: Path, opened: Readable | None = None,
     # pydicom reads it, recursively: only once the walker has seen that it can.
     with path.open("rb") as fp:
         try:
-            check_file(fp, limits)
+            walked = check_file(fp, limits)
         except struct.error:
             raise HeaderError("dataset is truncated") from None
     dataset = read_header(path)
-    return ScannedHeader(dataset, index_attributes(dataset))
+    return ScannedHeader(dataset, index_attributes(dataset), _identity_vrs(walked))
 
 
 class _Reader:
@@ -173,7 +177,12 @@ def _scan(fp: BinaryIO, limits: DatasetLimits) -> ScannedHeader:
     # As pydicom's reader records it (its default when the element is absent).
     dataset.set_original_encoding(implicit, little, dataset._character_set if charset else
                                   default_encoding)
-    return ScannedHeader(dataset, _index(dataset, elements, charset, little))
+    return ScannedHeader(dataset, _index(dataset, elements, charset, little),
+                         _identity_vrs(walked))
+
+
+def _identity_vrs(walked: Walk) -> dict[int, str | None]:
+    return {number: vr for number, vr, *_ in walked.top if number in _IDENTITY_TAGS}
 
 
 def _read_meta(reader: _Reader, pos: int) -> tuple[_Elements, int]:
