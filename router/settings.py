@@ -143,6 +143,9 @@ class WebSettings:
     # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (CIDR networks);
     # empty: the audit trail records the connecting address, whatever headers say.
     trusted_proxies: tuple[str, ...] = ()
+    # /metrics without a token (it names destinations and their backlog): for a scraper on a
+    # network only monitoring reaches. Off: a bearer token with the metrics.read permission.
+    public_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -402,6 +405,7 @@ def _web(doc: Mapping[str, Any]) -> WebSettings:
                                     name="web.lockout_time"),
         secure_cookies=_bool(s.get("secure_cookies", d.secure_cookies), "web.secure_cookies"),
         trusted_proxies=_networks(s, "trusted_proxies", "web.trusted_proxies"),
+        public_metrics=_bool(s.get("public_metrics", d.public_metrics), "web.public_metrics"),
     )
 
 

@@ -4,14 +4,18 @@ the URL table of routes.py. Handlers read views and call the write side through 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web_response
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from router.application.users import dummy_hash
 from web.auth import auth_middleware, error_middleware
+from web.health import METRICS_PATH
 from web.keys import ISSUER_KEY, ROUTER_KEY
 from web.proxies import proxy_middleware
 from web.routes import PERMISSIONS_KEY, setup_routes
@@ -20,6 +24,18 @@ from web.security import PUBLIC, TokenIssuer
 __all__ = ["ROUTER_KEY", "create_app"]
 
 HERE = Path(__file__).parent
+# The Server header of every answer: aiohttp's default names the Python and aiohttp versions.
+SERVER_NAME = "dicom-router"
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer (pages, API, errors, static files) names no software version."""
+    response.headers["Server"] = SERVER_NAME
+
+
+async def _warm_login(app: web.Application) -> None:
+    """Make the login's dummy hash now, in the background (router.application.users)."""
+    asyncio.get_running_loop().run_in_executor(None, dummy_hash)
 
 
 def create_app(router: Any) -> web.Application:
@@ -42,4 +58,14 @@ def create_app(router: Any) -> web.Application:
     static = app.router.add_static("/static", HERE / "static", append_version=False)
     for route in static:
         app[PERMISSIONS_KEY][route] = PUBLIC
+    if web_settings.public_metrics:  # a scraper without a token, by the admin's choice
+        for route in app.router.routes():
+            if route.resource is not None and route.resource.canonical == METRICS_PATH:
+                app[PERMISSIONS_KEY][route] = PUBLIC
+    app.on_response_prepare.append(_server_header)
+    # Answers to requests that never reach the application (malformed request lines and
+    # headers, answered 400 by aiohttp's protocol handler) skip the signal above and take
+    # aiohttp's module default instead; aiohttp has no setting for it.
+    aiohttp.web_response.SERVER_SOFTWARE = SERVER_NAME
+    app.on_startup.append(_warm_login)
     return app

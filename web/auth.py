@@ -38,7 +38,8 @@ from web.security import (
 logger = logging.getLogger(__name__)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-API_PREFIXES = ("/api/", "/dicom-web", "/wado")
+# Answered 401 (not redirected to the login page) without credentials: scripts and scrapers.
+API_PREFIXES = ("/api/", "/dicom-web", "/wado", "/metrics")
 REFRESH_AFTER = 60.0  # re-issue the cookie (sliding idle timeout) at most once a minute
 
 

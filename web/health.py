@@ -1,5 +1,6 @@
-"""Health and metrics: /healthz, /readyz, /metrics (public, for probes and Prometheus;
-no PHI: counts by destination and status only)."""
+"""Health and metrics: /healthz and /readyz (public, for probes), /metrics (Prometheus; no PHI,
+but it names destinations and their backlog: a bearer token with metrics.read, unless
+``[web] public_metrics = true``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from aiohttp import web
 from web.keys import ROUTER_KEY
 from web.routes import Route
 from web.security import PUBLIC
+
+METRICS_PATH = "/metrics"
 
 
 def _router(request: web.Request) -> Any:
@@ -66,5 +69,6 @@ def _label(value: str) -> str:
 ROUTES = [
     Route("GET", "/healthz", healthz, PUBLIC, "Liveness"),
     Route("GET", "/readyz", readyz, PUBLIC, "Readiness with view lag"),
-    Route("GET", "/metrics", metrics, PUBLIC, "Prometheus metrics"),
+    Route("GET", METRICS_PATH, metrics, "metrics.read",
+          "Prometheus metrics (public with [web] public_metrics = true)"),
 ]

@@ -23,7 +23,7 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "operator": frozenset({
         "dashboard", "jobs.read", "jobs.write", "rules.read", "rules.write",
         "destinations.read", "destinations.write", "stats.read", "remote.read",
-        "remote.write", "studies.store",
+        "remote.write", "studies.store", "metrics.read",
     }),
     "radiologist": frozenset({"dashboard", "studies.read", "viewer", "stats.read",
                               "remote.read"}),
@@ -36,7 +36,7 @@ PERMISSIONS = frozenset({
     "destinations.read", "destinations.write", "studies.read", "studies.store", "viewer",
     "stats.read",
     "audit.read", "users.manage", "settings.read", "settings.write", "storage.manage",
-    "remote.read", "remote.write",
+    "remote.read", "remote.write", "metrics.read",
 })
 
 JWT_ALGORITHM = "HS256"

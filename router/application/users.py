@@ -28,8 +28,8 @@ BCRYPT_ROUNDS = 12  # about 0.3 s per hash on our 2-core machines
 BCRYPT_MAX_BYTES = 72
 TOKEN_PREFIX = "drt_"  # noqa: S105 - a public prefix, not a secret
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-# A fixed hash to compare against when the user does not exist, so that timing does not tell.
-_DUMMY_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(4))
+_dummy_lock = threading.Lock()
+_dummy_hash: str | None = None
 
 
 class PasswordError(CommandError):
@@ -79,6 +79,21 @@ def password_matches(password: str, password_hash: str) -> bool:
     if len(data) > BCRYPT_MAX_BYTES:
         return False  # bcrypt would truncate (or refuse); such a password was never accepted
     return bcrypt.checkpw(data, password_hash.encode())
+
+
+def dummy_hash() -> str:
+    """A hash as costly to check as a real one (BCRYPT_ROUNDS), for logins that have no real
+    one to check (unknown user, locked name): a wrong password and an unknown user then take
+    the same time. Made once per process on first use, not at import: it takes as long as a
+    login (0.3 s here), which every process start (CLI, receivers) would pay. The web server
+    makes it in the background as it starts (web/app.py), so that the first login of an
+    unknown name does not take twice as long either."""
+    global _dummy_hash
+    with _dummy_lock:
+        if _dummy_hash is None:
+            _dummy_hash = bcrypt.hashpw(b"not a password",
+                                        bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
+        return _dummy_hash
 
 
 def token_hash(value: str) -> str:
@@ -207,12 +222,13 @@ class Users:
     def authenticate(self, name: str, password: str, source_ip: str) -> UserState:
         """The user whose password this is; raises LoginRefused (recorded) otherwise."""
         user = self.fresh(name) if name else None
+        # Exactly one bcrypt check of the same cost on every path (unknown, locked, disabled,
+        # wrong password, right password): the answer's timing says nothing about the name.
         if self.lockout.locked(name):
-            # Hash anyway: a locked account answers as slowly as any other.
-            password_matches(password, _DUMMY_HASH.decode())
+            password_matches(password, dummy_hash())
             self._refuse(name, source_ip, "locked out after repeated failures")
         if user is None:
-            password_matches(password, _DUMMY_HASH.decode())
+            password_matches(password, dummy_hash())
             self._refuse(name, source_ip, "unknown user")
         assert user is not None
         if not password_matches(password, user.password_hash):

@@ -15,13 +15,14 @@ import requests
 from router.application.commands import Actor
 from tests.conftest import ADMIN_PASSWORD
 from tests.web_harness import Browser, bearer
+from web.auth import API_PREFIXES
 from web.routes import PERMISSIONS_KEY, TABLE_KEY, Route
 from web.security import PUBLIC, ROLE_PERMISSIONS, allowed
 
 # The only routes anyone may call without logging in. Adding one is a security decision:
 # this test fails until the new route is listed here.
 PUBLIC_ALLOWLIST = {
-    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+    ("GET", "/healthz"), ("GET", "/readyz"),
     ("GET", "/login"), ("POST", "/login"),
     ("POST", "/api/v1/auth/token"), ("GET", "/api/v1/openapi.json"),
     # AI processors call back without a session: the route is authenticated by the HMAC
@@ -50,7 +51,7 @@ def call(server: Any, route: Route, **kwargs: Any) -> requests.Response:
 
 
 def refused(route: Route, response: requests.Response) -> bool:
-    if route.path.startswith(("/api/", "/dicom-web", "/wado")):
+    if route.path.startswith(API_PREFIXES):
         return response.status_code == 401
     return response.status_code == 302 and response.headers["Location"].startswith("/login")
 
@@ -92,7 +93,7 @@ def test_expired_tampered_and_alg_none_tokens_are_refused_on_every_route(server:
         for label, token in bad.items():
             as_bearer = call(server, route, headers={"Authorization": f"Bearer {token}"})
             as_cookie = call(server, route, cookies={"dr_session": token})
-            if route.path.startswith(("/api/", "/dicom-web", "/wado")):
+            if route.path.startswith(API_PREFIXES):
                 assert as_bearer.status_code == 401, (label, route.path)
             assert refused(route, as_cookie) or as_cookie.status_code == 401, (label, route.path)
 
