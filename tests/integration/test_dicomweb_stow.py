@@ -31,7 +31,7 @@ from router.dicom.scp import TRANSFER_SYNTAXES
 from tests.conftest import ADMIN_PASSWORD, make_settings, wait_for
 from tests.integration.test_pipeline import check_latest_versions, content_key
 from tests.web_harness import Browser, bearer
-from web.dicomweb import stow
+from web.dicomweb import multipart_in, stow
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 CT = TEST_FILES / "CT_small.dcm"
@@ -313,6 +313,57 @@ def test_request_size_limit_is_413(server: Any, auth: dict[str, str],
     r = post(server, auth, iter([body[i:i + 10_000] for i in range(0, len(body), 10_000)]))
     assert r.status_code == 413  # chunked: counted while streaming
     assert jobs(server, "SELECT * FROM jobs") == []
+    assert list(server.router.blobs.spool_dir.glob("*.part")) == []
+
+
+@pytest.fixture
+def spool_files_made(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every spool file the multipart reader creates (the router runs in this process)."""
+    made: list[Path] = []
+    real = multipart_in.SpoolFile
+
+    def counting(folder: Path) -> Any:
+        spool = real(folder)
+        made.append(spool.path)
+        return spool
+
+    monkeypatch.setattr(multipart_in, "SpoolFile", counting)
+    return made
+
+
+def test_too_many_parts_are_refused_before_any_file_is_written(
+        server: Any, auth: dict[str, str], spool_files_made: list[Path]) -> None:
+    """One part over the limit, each part tiny: 413, and not one spool file was created."""
+    spool = server.router.blobs.spool_dir
+    before = sorted(spool.iterdir())
+    tiny = ("application/dicom", b"\0" * 16)
+    body = multipart(*[tiny] * (stow.MAX_PARTS + 1))
+    assert len(body) < 2_000_000  # bounded: about 10,000 parts of 80 bytes
+    r = post(server, auth, body)
+    assert r.status_code == 413 and "parts" in r.json()["error"]["message"]
+    assert spool_files_made == [] and sorted(spool.iterdir()) == before
+    assert jobs(server, "SELECT * FROM jobs") == []
+
+
+def test_a_part_of_another_type_is_refused_before_any_file_is_written(
+        server: Any, auth: dict[str, str], spool_files_made: list[Path]) -> None:
+    parts = [("application/dicom", b"\0" * 200)] * 3_000
+    parts[2_500] = ("text/html", b"<p>not an image</p>")
+    r = post(server, auth, multipart(*parts))
+    assert r.status_code == 400 and "part 2501 is text/html" in r.json()["error"]["message"]
+    assert spool_files_made == []
+    assert jobs(server, "SELECT * FROM jobs") == []
+
+
+def test_a_body_bigger_than_the_scan_spills_to_disk_and_is_stored(
+        server: Any, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+        spool_files_made: list[Path]) -> None:
+    """Past SCAN_BYTES the parts held so far are spooled and the rest streams: all stored."""
+    monkeypatch.setattr(multipart_in, "SCAN_BYTES", 50_000)  # CT_small is 39 KiB
+    instances = [with_sop_class(CT, str(pydicom.dcmread(CT).SOPClassUID)) for _ in range(4)]
+    r = post(server, auth, multipart(*[("application/dicom", data) for data in instances]))
+    assert r.status_code == 200, r.text
+    assert len(spool_files_made) == 4 and len(r.json()["00081199"]["Value"]) == 4
     assert list(server.router.blobs.spool_dir.glob("*.part")) == []
 
 

@@ -1,15 +1,19 @@
 """Streaming reader of multipart/related request bodies (STOW-RS uploads).
 
-Each part is written to its own spool file as it arrives (hashed while written, like a
-C-STORE), so memory stays flat whatever the size of the upload. Only part headers are held in
-memory, and they are capped.
+Parts are counted and their headers checked before any of them is written to disk: the first
+``SCAN_BYTES`` of parts are held in memory, and spooled only once the whole body has been read
+and found acceptable. A body of many small parts (the cheap way to make a server create
+thousands of files) is thus refused without a file. A bigger body spills to disk: the parts
+held so far are spooled and the rest streams, each part into its own spool file as it arrives
+(hashed while written, like a C-STORE), still checked before its file exists, so memory stays
+bounded whatever the size of the upload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +23,8 @@ from router.dicom.spool import SpoolFile
 MAX_HEADER_BYTES = 16 * 1024  # all header lines of one part
 MAX_PREAMBLE_BYTES = 64 * 1024  # text before the first boundary (RFC 2046 allows some)
 FLUSH_BYTES = 1 << 20  # write to the spool file in pieces of about this size
+# Parts held in memory (and checked) before the first is spooled: 10,000 parts of 800 bytes.
+SCAN_BYTES = 8 << 20
 _BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
 _TCHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # Unquoted values are read leniently: senders write type=application/dicom without quotes.
@@ -128,6 +134,24 @@ class _Body:
         del self.buf[:index + len(marker)]
         return data
 
+    async def take_until(self, marker: bytes, limit: int) -> tuple[bytes, bool]:
+        """(bytes before ``marker``, True), the marker consumed; or, once more than ``limit``
+        bytes came without it, (those bytes, False): the part goes on."""
+        searched = 0
+        keep = len(marker) - 1  # a marker may straddle two reads
+        while (index := self.buf.find(marker, searched)) < 0:
+            if len(self.buf) - keep > limit:
+                cut = len(self.buf) - keep
+                data = bytes(self.buf[:cut])
+                del self.buf[:cut]
+                return data, False
+            searched = max(0, len(self.buf) - keep)
+            if not await self.fill():
+                raise MultipartError("body ends inside a part (no closing boundary)")
+        data = bytes(self.buf[:index])
+        del self.buf[:index + len(marker)]
+        return data, True
+
     async def copy_until(self, marker: bytes,
                          write: Callable[[bytes], Awaitable[None]]) -> None:
         """Stream everything before ``marker`` to ``write``; the marker is consumed."""
@@ -169,14 +193,18 @@ async def _after_delimiter(body: _Body) -> bool:
     return True
 
 
-async def _read_part(body: _Body, delimiter: bytes, spool_dir: Path) -> Part:
+async def _read_headers(body: _Body) -> dict[str, str]:
     await body.need(2, "in part headers")
     if body.buf[:2] == b"\r\n":  # a part without headers
         del body.buf[:2]
-        headers: dict[str, str] = {}
-    else:
-        headers = _parse_headers(await body.until(b"\r\n\r\n", MAX_HEADER_BYTES,
-                                                  "part headers"))
+        return {}
+    return _parse_headers(await body.until(b"\r\n\r\n", MAX_HEADER_BYTES, "part headers"))
+
+
+async def _spool(headers: dict[str, str], spool_dir: Path, first: bytes,
+                 rest: tuple[_Body, bytes] | None = None) -> Part:
+    """A finished spool file holding ``first``, then (with ``rest``) the body's bytes up to
+    the delimiter."""
     spool = await asyncio.to_thread(SpoolFile, spool_dir)
 
     async def write(data: bytes) -> None:
@@ -185,7 +213,10 @@ async def _read_part(body: _Body, delimiter: bytes, spool_dir: Path) -> Part:
             raise SpoolWriteError(spool.error.errno, spool.error.strerror)
 
     try:
-        await body.copy_until(delimiter, write)
+        if first:
+            await write(first)
+        if rest is not None:
+            await rest[0].copy_until(rest[1], write)
         sha256 = await asyncio.to_thread(_finish, spool)
     except BaseException:
         await asyncio.to_thread(_discard, spool)
@@ -214,22 +245,50 @@ def discard(parts: list[Part]) -> None:
         part.path.unlink(missing_ok=True)
 
 
+HeaderCheck = Callable[[int, Mapping[str, str]], None]
+
+
 async def read_parts(stream: Reader, boundary: str, spool_dir: Path, *, max_bytes: int,
-                     max_parts: int) -> list[Part]:
+                     max_parts: int, check: HeaderCheck | None = None) -> list[Part]:
     """Read a whole multipart body, each part into a finished spool file.
 
-    Raises MultipartError (malformed, or no part at all), BodyTooLargeError or
-    SpoolWriteError; then, and on cancellation, no spool file is left behind.
+    Every part is counted, and ``check(number, headers)`` (numbers from 1; it raises
+    MultipartError to refuse the body) called, before the part's file exists; while the parts
+    fit in ``SCAN_BYTES`` none is spooled before the whole body is read.
+
+    Raises MultipartError (malformed, refused by ``check``, or no part at all),
+    BodyTooLargeError or SpoolWriteError; then, and on cancellation, no spool file is left
+    behind.
     """
     delimiter = b"\r\n--" + check_boundary(boundary)
     body = _Body(stream, max_bytes)
+    held: list[tuple[dict[str, str], bytes]] = []  # checked, in memory, not spooled yet
+    held_bytes = 0
     parts: list[Part] = []
     try:
         await body.until(delimiter, MAX_PREAMBLE_BYTES, "preamble")
         while await _after_delimiter(body):
-            if len(parts) >= max_parts:
+            number = len(held) + len(parts) + 1
+            if number > max_parts:
                 raise BodyTooLargeError(f"more than {max_parts} parts")
-            parts.append(await _read_part(body, delimiter, spool_dir))
+            headers = await _read_headers(body)
+            if check is not None:
+                check(number, headers)
+            if parts:  # spilled already: this part streams to disk
+                parts.append(await _spool(headers, spool_dir, b"", (body, delimiter)))
+                continue
+            data, whole = await body.take_until(delimiter, SCAN_BYTES - held_bytes)
+            if whole:
+                held.append((headers, data))
+                held_bytes += len(data)
+                continue
+            # Too big to hold: spool what is held, then stream this part and the rest.
+            for held_headers, held_data in held:
+                parts.append(await _spool(held_headers, spool_dir, held_data))
+            held = []
+            parts.append(await _spool(headers, spool_dir, data, (body, delimiter)))
+        for held_headers, held_data in held:
+            parts.append(await _spool(held_headers, spool_dir, held_data))
     except BaseException:
         await asyncio.to_thread(discard, parts)
         raise

@@ -1,9 +1,11 @@
 """STOW-RS: ``POST /dicom-web/studies[/{study}]`` with a multipart/related body of
 ``application/dicom`` parts (PS3.18 10.5).
 
-The body is streamed part by part into spool files (never held in memory). Only when the whole
-body is well-formed and every part is a DICOM Part 10 file is anything stored, so a 400 means
-nothing was. Each instance then takes the C-STORE path (Receiver: durable blob, receipt and
+The body is streamed part by part into spool files (never held in memory beyond a bounded
+first stretch), each part counted and its Content-Type checked before its file exists: a body
+of too many parts, or of other media types, is refused without writing a file. Only when the
+whole body is well-formed and every part is a DICOM Part 10 file is anything stored, so a 400
+means nothing was. Each instance then takes the C-STORE path (Receiver: durable blob, receipt and
 routing events in one save, routed by rules) with the user as actor and source ``stow``.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,11 +95,16 @@ class Outcome:
     patient_id: str = ""
 
 
-def inspect_part(part: Part, number: int) -> Candidate:
-    """The part's declared identity; MultipartError (a 400) if it is not DICOM Part 10."""
-    media, _ = parse_media_type(part.content_type or "application/dicom")
+def check_part_headers(number: int, headers: Mapping[str, str]) -> None:
+    """Before a part is spooled: it is application/dicom (or says nothing), else a 400."""
+    media, _ = parse_media_type(headers.get("content-type") or "application/dicom")
     if media != "application/dicom":
         raise MultipartError(f"part {number} is {media}, not application/dicom")
+
+
+def inspect_part(part: Part, number: int) -> Candidate:
+    """The part's declared identity; MultipartError (a 400) if it is not DICOM Part 10."""
+    check_part_headers(number, part.headers)
     try:
         meta = read_file_meta_info(part.path)
         uids = (str(meta.get("MediaStorageSOPClassUID", "")),
@@ -253,7 +260,8 @@ async def read_request(request: web.Request, study: str | None) -> list[Candidat
     router = request.app[ROUTER_KEY]
     try:
         parts = await read_parts(request.content, boundary, router.blobs.spool_dir,
-                                 max_bytes=MAX_REQUEST_BYTES, max_parts=MAX_PARTS)
+                                 max_bytes=MAX_REQUEST_BYTES, max_parts=MAX_PARTS,
+                                 check=check_part_headers)
     except BodyTooLargeError as exc:
         raise ApiError(413, str(exc)) from None
     except MultipartError as exc:
