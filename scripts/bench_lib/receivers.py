@@ -182,6 +182,9 @@ ae_title = "DICOMROUTER"
 dicom_port = {dicom_port}
 http_port = {http_port}
 
+[security]
+allow_loopback_destinations = true  # the sink listens on 127.0.0.1
+
 [[destinations]]
 name = "sink"
 type = "dicom"
