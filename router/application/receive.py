@@ -37,6 +37,7 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_DUPLICATE_REFUSED = 0xC001
+STATUS_COERCED = 0xB000  # warning: stored, with data elements changed (PS3.4 B.2.3)
 STORE_DOWN_BACKOFF = 5.0  # seconds  # "changed duplicate" refused by policy
 
 
@@ -81,6 +82,13 @@ class Receipt:
     job_id: str | None = None
     reason: str = ""
     duplicate: bool = False
+    # Stored with repaired UIDs ([ingest] invalid_uids = "repair"): a C-STORE is answered
+    # STATUS_COERCED, the warning PS3.4 gives for data elements the receiver changed.
+    coerced: bool = False
+
+    @property
+    def dimse_status(self) -> int:
+        return STATUS_COERCED if self.coerced and self.status == STATUS_SUCCESS else self.status
 
 
 class Receiver:
@@ -287,7 +295,8 @@ class Receiver:
         except OSError as exc:
             raise NotDurableError(exc.strerror or type(exc).__name__) from None
         self._app.save(*to_save)
-        return Receipt(STATUS_SUCCESS, str(job.id), duplicate=original is not None)
+        return Receipt(STATUS_SUCCESS, str(job.id), duplicate=original is not None,
+                       coerced=bool(repaired))
 
     def _load_instance(self, sop_uid: str) -> Instance | None:
         try:

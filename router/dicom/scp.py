@@ -285,7 +285,7 @@ def store_spooled(request: StoreRequest, receiver: Receiver,
         # Recorded like every other refusal, so a full disk shows in the audit trail.
         return receiver.refuse(_arrival(request, "", origin), STATUS_OUT_OF_RESOURCES,
                                reason).status
-    return receiver.receive(_arrival(request, sha256, origin)).status
+    return receiver.receive(_arrival(request, sha256, origin)).dimse_status
 
 
 def _arrival(request: StoreRequest, sha256: str, origin: Origin | None) -> Arrival:
