@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 
 from router.dicom import pdus
 from router.dicom.header import LONG_VRS
+from router.dicom.tls import describe_failure
 
 MAX_SEND_PDU = 4 * 1024 * 1024  # also when the peer says "unlimited"
 _SENDFILE_FROM = 64 * 1024  # smaller fragments: one read and one send cost less
@@ -31,7 +33,7 @@ class LinkError(Exception):
 
     def __init__(self, kind: str, detail: str = "") -> None:
         super().__init__(detail or kind)
-        self.kind = kind  # resolve|connect|rejected|aborted|no-answer|lost|protocol
+        self.kind = kind  # resolve|connect|tls|rejected|aborted|no-answer|lost|protocol
         self.detail = detail
 
 
@@ -85,20 +87,36 @@ class StoreLink:
         self._max_body = MAX_SEND_PDU if peer_max_pdu == 0 else min(peer_max_pdu, MAX_SEND_PDU)
         self._timeout = timeout
         self.is_established = True
-        pdus.set_kernel_timeouts(sock, timeout)  # a timed-out call raises an OSError
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        if self._tls:
+            # OpenSSL retries a read that the kernel timed out (SO_RCVTIMEO) instead of failing:
+            # Python's own timeout then, which raises TimeoutError (an OSError).
+            sock.settimeout(timeout)
+        else:
+            pdus.set_kernel_timeouts(sock, timeout)  # a timed-out call raises an OSError
 
     @classmethod
     def open(cls, host: str, port: int, *, calling: str, called: str,
-             pairs: list[tuple[str, str]], max_pdu: int, timeout: float) -> StoreLink:
-        """Connect and negotiate; LinkError (kind connect, rejected, aborted, no-answer)."""
+             pairs: list[tuple[str, str]], max_pdu: int, timeout: float,
+             tls: ssl.SSLContext | None = None, server_name: str = "") -> StoreLink:
+        """Connect (over TLS with ``tls``, checking the certificate against ``server_name``,
+        else ``host``) and negotiate; LinkError (kind connect, tls, rejected, aborted,
+        no-answer)."""
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except socket.gaierror as exc:
             raise LinkError("resolve", type(exc).__name__) from None
         except OSError as exc:
             raise LinkError("connect", type(exc).__name__) from None
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=server_name or host)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
+                sock.close()
+                raise LinkError("tls", describe_failure(exc)) from None
+        try:
             sock.sendall(pdus.encode_associate_rq(calling, called, pairs, max_pdu,
                                                   PYNETDICOM_IMPLEMENTATION_UID,
                                                   PYNETDICOM_IMPLEMENTATION_VERSION))
@@ -196,7 +214,7 @@ class StoreLink:
 
     def _send(self, data: bytes, flags: int = 0) -> None:
         try:
-            self._sock.sendall(data, flags)
+            self._sock.sendall(data, 0 if self._tls else flags)
         except OSError as exc:
             self._lost()
             raise LinkError("lost", type(exc).__name__) from None
@@ -212,7 +230,7 @@ class StoreLink:
             remaining -= size
             header = struct.pack(">BBLLBB", pdus.P_DATA_TF, 0, size + 6, size + 2, context_id,
                                  2 if remaining == 0 else 0)
-            if size < _SENDFILE_FROM:
+            if size < _SENDFILE_FROM or self._tls:  # TLS encrypts: no sendfile there
                 chunk = os.pread(source.fileno(), size, position)
                 if len(chunk) != size:
                     raise OSError("stored file shorter than expected")
