@@ -62,7 +62,9 @@ class TestCA:
         self.bundle.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, stem: str, common_name: str, *, hosts: tuple[str, ...] = (),
-              client: bool = False, expired: bool = False) -> Issued:
+              client: bool = False, expired: bool = False, both: bool = False) -> Issued:
+        """A certificate for a server (``hosts``), a client, or ``both`` (a PACS that also
+        connects out with it, as Orthanc does)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         start, end = ((now - datetime.timedelta(days=10), now - datetime.timedelta(days=1))
@@ -75,8 +77,9 @@ class TestCA:
             .not_valid_before(start).not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
-                critical=False))
+                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH] if both
+                else [ExtendedKeyUsageOID.CLIENT_AUTH if client
+                      else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
         if hosts:
             builder = builder.add_extension(x509.SubjectAlternativeName(
                 [_san(host) for host in hosts]), critical=False)

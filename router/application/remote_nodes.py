@@ -10,6 +10,7 @@ import logging
 import re
 import threading
 import time
+import types
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from eventsourcing.application import AggregateNotFoundError
 
 from router.application.commands import CONFIG_ACTOR, Actor, CommandError, NotFoundError
 from router.application.stores import EventStores
+from router.dicom.tls import TlsClientSettings
 from router.dispatch.policy import DestinationPolicy
 from router.domain.remote import RemoteNode, Retrieve, remote_node_id
 
@@ -29,7 +31,9 @@ MAX_DESCRIPTION = 500
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
-_KEYS = {"name", "ae_title", "host", "port", "services", "description"}
+TLS_KEYS = ("tls", "tls_ca_certificates", "tls_certificate", "tls_private_key", "tls_profile",
+            "tls_server_name")
+_KEYS = {"name", "ae_title", "host", "port", "services", "description", *TLS_KEYS}
 _TOPICS = tuple(f"router.domain.remote:{name}" for name in (
     "RemoteNode.Created", "RemoteNode.Updated", "RemoteNode.Deleted", "Retrieve.Requested",
     "Retrieve.Progressed", "Retrieve.Completed", "Retrieve.Failed"))
@@ -53,10 +57,21 @@ class RemoteNodeConfig:
     port: int
     services: tuple[str, ...] = SERVICES
     description: str = ""
+    # DICOM TLS for our associations to it (C-ECHO, C-FIND, C-MOVE, C-GET, and C-MOVE
+    # sub-operations we send it): as a DICOM destination's tls_* settings.
+    tls: bool = False
+    tls_ca_certificates: str = ""
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_profile: str = "bcp195"
+    tls_server_name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ae_title": self.ae_title, "host": self.host, "port": self.port,
+        data = {"ae_title": self.ae_title, "host": self.host, "port": self.port,
                 "services": list(self.services), "description": self.description}
+        if self.tls:  # absent otherwise: nodes without TLS are stored as before
+            data.update({key: getattr(self, key) for key in TLS_KEYS})
+        return data
 
     def allows(self, service: str) -> bool:
         return service in self.services
@@ -91,7 +106,18 @@ def _check_fields(data: Mapping[str, Any]) -> dict[str, str]:
     description = data.get("description", "")
     if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
         errors["description"] = f"text of at most {MAX_DESCRIPTION} characters"
+    errors.update(_tls_problems(data))
     return errors
+
+
+def _tls_problems(data: Mapping[str, Any]) -> dict[str, str]:
+    if not isinstance(data.get("tls", False), bool):
+        return {"tls": "true or false"}
+    wrong = [key for key in TLS_KEYS[1:] if not isinstance(data.get(key, ""), str)]
+    if wrong:
+        return {key: "text (a file path or a name)" for key in wrong}
+    tls = TlsClientSettings.of(types.SimpleNamespace(**data))
+    return tls.problems() if tls is not None else {}
 
 
 def parse_remote_node(data: Mapping[str, Any]) -> RemoteNodeConfig:
@@ -102,9 +128,10 @@ def parse_remote_node(data: Mapping[str, Any]) -> RemoteNodeConfig:
     if errors:
         raise RemoteNodeError(errors)
     services = tuple(s for s in SERVICES if s in data.get("services", SERVICES))
+    tls = {key: data[key] for key in TLS_KEYS if key in data} if data.get("tls") else {}
     return RemoteNodeConfig(name=data["name"], ae_title=data["ae_title"].strip(),
                             host=data["host"], port=int(data["port"]), services=services,
-                            description=str(data.get("description", "")))
+                            description=str(data.get("description", "")), **tls)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from router.dicom.qr_matching import (
     response_identifier,
     run_query,
 )
+from router.dicom.tls import TlsClientSettings, TlsConfigError
 from router.dispatch.base import DeliveryError, Outgoing
 from router.dispatch.ssrf import AddressPolicy, AddressRefusedError
 from router.dispatch.transcode import decoded_for_peer
@@ -195,11 +196,13 @@ class QueryRetrieveSCP:
             _refusing.active = True
             raise MoveRefusedError(f"refused with 0x{status:04X}")
         address = self._move_address(peer, destination)
-        if address is None:
+        tls = self._move_tls(peer, destination) if address is not None else None
+        if address is None or tls is False:
             yield None, None  # 0xA801, as pynetdicom answers when the destination is not reached
             return
         accepted: dict[str, set[str]] = {}
-        yield self._move_association(destination, address, rows, accepted)
+        yield self._move_association(destination, address, rows, accepted,
+                                     None if tls is True else tls)
         yield len(rows)
         yield from self._sub_operations(event, rows, accepted, destination.config.ae_title)
 
@@ -212,14 +215,30 @@ class QueryRetrieveSCP:
                           f"{exc}", outcome="failure")
             return None
 
+    def _move_tls(self, peer: Peer, node: RemoteNodeState) -> tuple[Any, str] | bool:
+        """pynetdicom's tls_args for a node with TLS on; True without TLS; False (refusal
+        recorded) when its TLS settings cannot be used."""
+        tls = TlsClientSettings.of(node.config)
+        if tls is None:
+            return True
+        try:
+            return tls.context(), tls.server_name or node.config.host
+        except TlsConfigError as exc:
+            self._refusal(peer, "dimse.move", f"move destination {node.name}: TLS settings: "
+                          f"{exc}", outcome="failure")
+            return False
+
     def _move_association(self, node: RemoteNodeState, address: str, rows: list[dict[str, Any]],
-                          accepted: dict[str, set[str]]) -> tuple[str, int, dict[str, Any]]:
+                          accepted: dict[str, set[str]],
+                          tls: Any = None) -> tuple[str, int, dict[str, Any]]:
         def on_accepted(event: Any) -> None:
             for cx in event.assoc.accepted_contexts:
                 accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
 
         kwargs = {"contexts": storage_contexts(rows), "max_pdu": 0,
                   "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)]}
+        if tls is not None:  # sub-operations over TLS to a node with TLS on
+            kwargs["tls_args"] = tls
         return address, node.config.port, kwargs
 
     # -- C-GET ----------------------------------------------------------------------------

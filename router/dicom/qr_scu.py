@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from router.application.commands import CommandError
 from router.application.remote_nodes import RemoteNodeConfig
 from router.dicom.scp import TRANSFER_SYNTAXES
+from router.dicom.tls import TlsClientSettings, TlsConfigError
 from router.dispatch.base import NOT_REACHED
 from router.dispatch.dicom import COMMON_SOP_CLASSES
 from router.dispatch.ssrf import AddressPolicy, AddressRefusedError
@@ -201,7 +203,9 @@ class QueryRetrieveScu:
             address = self._policy.addresses(node.host, node.port)[0]
             assoc = ae.associate(address, node.port, contexts=contexts,
                                  ae_title=node.ae_title, ext_neg=roles or None,
-                                 evt_handlers=handlers or None)
+                                 evt_handlers=handlers or None, tls_args=tls_args(node))
+        except TlsConfigError as exc:
+            raise RemoteError(f"TLS settings of {where(node)}: {exc}") from None
         except (AddressRefusedError, OSError) as exc:
             raise not_reached(node, str(exc) or type(exc).__name__) from None
         if assoc.is_rejected:
@@ -243,6 +247,14 @@ def _follow(responses: Iterator[tuple[Dataset, Dataset | None]], progress: Progr
         if code not in PENDING:
             return int(code)
     raise RemoteError(f"{where(node)} sent no response")
+
+
+def tls_args(node: RemoteNodeConfig) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for a node with ``tls`` on (None otherwise)."""
+    settings = TlsClientSettings.of(node)
+    if settings is None:
+        return None
+    return settings.context(), settings.server_name or node.host
 
 
 def values_of(value: Any) -> list[str]:

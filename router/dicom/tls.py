@@ -14,9 +14,10 @@ Profiles (``[dicom] tls_profile``, per destination ``tls_profile``):
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
-from router.settings import TlsServerSettings
+from router.settings import TLS_PROFILES, TlsServerSettings
 
 BCP195_SUITES = ":".join((
     "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
@@ -157,3 +158,48 @@ def listener_context(settings: TlsServerSettings) -> ssl.SSLContext:
     """The context of the DICOM TLS listener described by ``[dicom] tls_*``."""
     return server_context(settings.certificate, settings.private_key, settings.ca_certificates,
                           settings.verify_clients, settings.profile)
+
+
+@dataclass(frozen=True)
+class TlsClientSettings:
+    """How we open a TLS association to a peer (a DICOM destination or a remote node), from
+    its ``tls_*`` settings; the peer's certificate and host name are always verified."""
+
+    ca_certificates: str = ""  # PEM bundle its certificate chains to; "": the system's CAs
+    certificate: str = ""  # ours, when the peer asks for a client certificate (PEM)
+    private_key: str = ""
+    profile: str = "bcp195"
+    server_name: str = ""  # the name its certificate carries, if not the configured host
+
+    @classmethod
+    def of(cls, settings: object) -> TlsClientSettings | None:
+        """From an object with ``tls`` and ``tls_*`` attributes; None when TLS is off."""
+        if not getattr(settings, "tls", False):
+            return None
+        return cls(**{key: str(getattr(settings, f"tls_{key}", "") or default)
+                      for key, default in (("ca_certificates", ""), ("certificate", ""),
+                                           ("private_key", ""), ("profile", "bcp195"),
+                                           ("server_name", ""))})
+
+    def problems(self) -> dict[str, str]:
+        """``tls_<field>`` -> what is wrong, checked by building the context once."""
+        if self.profile not in TLS_PROFILES:
+            return {"tls_profile": f"one of {', '.join(TLS_PROFILES)}"}
+        if bool(self.certificate) != bool(self.private_key):
+            missing = "tls_private_key" if self.certificate else "tls_certificate"
+            return {missing: "a client certificate needs both tls_certificate and "
+                             "tls_private_key"}
+        try:
+            self.context()
+        except TlsConfigError as exc:
+            field = ("tls_ca_certificates" if self.ca_certificates and
+                     self.ca_certificates in str(exc) else "tls_certificate")
+            return {field: str(exc)}
+        return {}
+
+    def context(self) -> ssl.SSLContext:
+        def path(text: str) -> Path | None:
+            return Path(text).expanduser() if text else None
+
+        return client_context(path(self.ca_certificates), path(self.certificate),
+                              path(self.private_key), self.profile)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from router.dicom.store_scu import FileDataset, LinkError, Rejected, StoreLink, dataset_offset
+from router.dicom.tls import TlsClientSettings, TlsConfigError
 from router.dispatch.base import (
     DeliveryError,
     Outgoing,
@@ -77,10 +79,19 @@ class DicomDestinationConfig:
     concurrency: int = 2
     enabled: bool = True
     description: str = ""
+    # DICOM TLS (PS3.15 B.9): the peer's certificate must chain to tls_ca_certificates (else
+    # to the system's CAs) and carry the host's name (or tls_server_name).
+    tls: bool = False
+    tls_ca_certificates: str = ""
+    tls_certificate: str = ""  # ours, for peers that require a client certificate
+    tls_private_key: str = ""
+    tls_profile: str = "bcp195"  # bcp195 | non-downgrading | tls13
+    tls_server_name: str = ""
 
     def problems(self) -> dict[str, str]:
         """Field -> message for values that are well-typed but unusable."""
-        problems: dict[str, str] = {}
+        tls = TlsClientSettings.of(self)
+        problems: dict[str, str] = tls.problems() if tls is not None else {}
         if not _HOST.match(self.host):
             problems["host"] = "must be a host name or an IP address"
         if not 1 <= self.port <= 65535:
@@ -131,6 +142,8 @@ def _open_failure(error: LinkError, where: str, timeout: float) -> DeliveryError
         return UnreachableError(f"cannot connect to {where} (refused or timed out)")
     if error.kind == "aborted":
         return TransientDeliveryError(f"{where} aborted the association request")
+    if error.kind == "tls":
+        return TransientDeliveryError(f"TLS with {where} failed: {error.detail}")
     if error.kind == "protocol":
         return UnreachableError(
             f"{where} answered the association request in a way we cannot use: {error.detail}")
@@ -160,6 +173,8 @@ class DicomAdapter:
         self.associations_opened = 0
         self._seats = seats_for(config.host, config.port, config.ae_title, self._calling_ae)
         self._seated = False  # self._assoc counts in self._seats
+        self._tls = TlsClientSettings.of(config)
+        self._tls_context: ssl.SSLContext | None = None  # made on first use
 
     def ready(self) -> bool:
         """False while the peer takes no more of our associations and we hold none: the
@@ -213,11 +228,14 @@ class DicomAdapter:
         config = self._config
         timeout = min(config.timeout, EXTRA_OPEN_TIMEOUT) if others else config.timeout
         addresses = self._checked_addresses()
+        tls = self._tls_context_or_error()
         for number, address in enumerate(addresses, 1):
             try:
                 link = StoreLink.open(address, config.port, calling=self._calling_ae,
                                       called=config.ae_title, pairs=pairs,
-                                      max_pdu=config.max_pdu, timeout=timeout)
+                                      max_pdu=config.max_pdu, timeout=timeout, tls=tls,
+                                      server_name=self._tls.server_name or config.host
+                                      if self._tls is not None else "")
                 break
             except LinkError as exc:
                 if exc.kind == "connect" and number < len(addresses):
@@ -230,6 +248,16 @@ class DicomAdapter:
             link.release()
             raise PermanentDeliveryError(f"{self._where} accepted none of the proposed {proposed}")
         return link
+
+    def _tls_context_or_error(self) -> ssl.SSLContext | None:
+        if self._tls is None:
+            return None
+        if self._tls_context is None:
+            try:
+                self._tls_context = self._tls.context()
+            except TlsConfigError as exc:  # files changed since the destination was saved
+                raise TransientDeliveryError(f"TLS settings of {self._where}: {exc}") from None
+        return self._tls_context
 
     def _checked_addresses(self) -> list[str]:
         """The peer's addresses, resolved now and each allowed by the address policy."""

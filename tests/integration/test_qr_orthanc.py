@@ -36,11 +36,13 @@ class Orthanc:
 
     ae_title = "ORTHANC"
 
-    def __init__(self, base: Path, router_ae: str, router_port: int) -> None:
+    def __init__(self, base: Path, router_ae: str, router_port: int,
+                 extra: dict[str, Any] | None = None) -> None:
         self.base = base
         self.router = (router_ae, router_port)
         self.port = self.http_port = 0
         self._process: subprocess.Popen[bytes] | None = None
+        self._extra = extra or {}  # more configuration (TLS); a "router" modality replaces ours
 
     def __enter__(self) -> Orthanc:
         if not os.access(ORTHANC, os.X_OK):
@@ -54,7 +56,8 @@ class Orthanc:
             "DicomPort": self.port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "DicomCheckCalledAeTitle": False, "Plugins": [],
             "SaveJobs": False, "DicomModalities": {"router": [*self.router[:1], "127.0.0.1",
-                                                              self.router[1]]}}))
+                                                              self.router[1]]},
+            **self._extra}))
         with (self.base / "orthanc.log").open("ab") as log:
             self._process = subprocess.Popen([ORTHANC, str(config)], stdout=log,
                                              stderr=subprocess.STDOUT,

@@ -51,4 +51,5 @@ def test_forwarding_and_view_threads_run_lowered_and_the_listener_does_not(
         # A thread just started may not have run its first line (lower_this_thread) yet.
         wait_for(lambda t=thread: t.native_id is not None and nice_of(t) == lowered, 10,
                  f"{thread.name} to run lowered")
-    assert nice_of(threads["dicom-accept"]) == base
+    assert nice_of(threads["dicom-gate"]) == base  # the front door (and TLS tunnels)
+    assert nice_of(threads["dicom-serve"]) == base

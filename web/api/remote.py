@@ -45,6 +45,14 @@ class RemoteNodeBody(BaseModel):
     port: int
     services: list[Literal["find", "move", "get"]] = ["find", "move", "get"]
     description: str = ""
+    tls: bool = Field(False, description="our associations to it over DICOM TLS")
+    tls_ca_certificates: str = Field("", description="PEM bundle its certificate chains to "
+                                     "(empty: the system's CAs)")
+    tls_certificate: str = Field("", description="our client certificate (PEM file)")
+    tls_private_key: str = Field("", description="its private key (PEM file)")
+    tls_profile: Literal["bcp195", "non-downgrading", "tls13"] = "bcp195"
+    tls_server_name: str = Field("", description="the name its certificate carries, if not "
+                                 "the host")
 
 
 class FindBody(BaseModel):

@@ -49,6 +49,13 @@ LABELS: dict[str, tuple[str, str]] = {
     "session_token": ("Session token", "optional; write-only"),
     "storage_class": ("Storage class", "empty: the bucket's default"),
     "multipart_threshold": ("Multipart threshold", "bytes; larger objects upload in parts"),
+    "tls": ("DICOM TLS", "open the association over TLS (the peer's TLS port)"),
+    "tls_ca_certificates": ("TLS: trusted CA file", "PEM bundle the peer's certificate "
+                            "chains to; empty: this machine's CAs"),
+    "tls_certificate": ("TLS: our certificate", "PEM file, for peers that require one"),
+    "tls_private_key": ("TLS: our private key", "PEM file (not encrypted)"),
+    "tls_profile": ("TLS profile", "bcp195, non-downgrading or tls13"),
+    "tls_server_name": ("TLS: name in the peer's certificate", "empty: the host"),
 }
 MESSAGES = {"created": "Destination created.", "saved": "Destination saved.",
             "deleted": "Destination deleted.", "paused": "Deliveries paused.",

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from router.application.remote_nodes import TLS_KEYS
 from router.application.retrieve import RemoteError
 from web.api import remote as api
 from web.api.common import ApiError, validate
@@ -64,7 +65,9 @@ def _node_data(form: dict[str, str], name: str | None) -> dict[str, Any]:
             "ae_title": form.get("ae_title", "").strip(), "host": form.get("host", "").strip(),
             "port": int(port) if port.isdigit() else port or None,
             "services": [s for s in ("find", "move", "get") if form.get(f"service_{s}")],
-            "description": form.get("description", "").strip()}
+            "description": form.get("description", "").strip(),
+            "tls": form.get("tls") == "on",
+            **{key: form.get(key, "").strip() for key in TLS_KEYS[1:] if form.get(key)}}
 
 
 def _form_page(request: web.Request, values: dict[str, Any], errors: dict[str, str],
