@@ -30,6 +30,7 @@ from router.application.runtime_settings import RuntimeSettingsStore
 from router.application.sessions import Sessions
 from router.application.stores import APP_NAMES, EventStores, open_stores
 from router.application.users import Users
+from router.dicom.gate import Gate
 from router.dicom.qr_scp import QueryRetrieveSCP
 from router.dicom.receivers import ReceiverPool
 from router.dicom.scp import DicomServer
@@ -194,6 +195,11 @@ class Router:
             db.close()
         self.stores.close()
         logger.info("router stopped")
+
+    @property
+    def gate(self) -> Gate | None:
+        """The DICOM front door, once receiving has started."""
+        return self.receivers.gate if self.receivers is not None else self.dicom.gate
 
     def health(self) -> dict[str, Any]:
         """What /readyz reports: event store reachable, views' lag, listener up."""

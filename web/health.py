@@ -59,6 +59,35 @@ def _metric_lines(router: Any) -> list[str]:
     lines.append("# TYPE dicom_router_view_lag gauge")
     for name, lag in router.health()["view_lag"].items():
         lines.append(f'dicom_router_view_lag{{view="{name}"}} {lag}')
+    gate = router.gate
+    if gate is not None:
+        lines += _gate_lines(gate)
+    return lines
+
+
+def _gate_lines(gate: Any) -> list[str]:
+    """The DICOM front door: what is open now, and what it refused since start."""
+    now, stats = gate.snapshot(), gate.stats
+    lines = ["# TYPE dicom_router_dicom_connections_pending gauge",
+             f"dicom_router_dicom_connections_pending {now['pending']}",
+             "# TYPE dicom_router_dicom_associations gauge",
+             f"dicom_router_dicom_associations {now['associations']}",
+             "# TYPE dicom_router_dicom_tls_tunnels gauge",
+             f"dicom_router_dicom_tls_tunnels {now['tunnels']}",
+             "# TYPE dicom_router_dicom_connections_total counter",
+             f"dicom_router_dicom_connections_total {stats.accepted}",
+             "# TYPE dicom_router_dicom_connections_closed_total counter"]
+    for reason, count in (("pending_limit", stats.closed_pending_cap),
+                          ("address_limit", stats.closed_address_cap),
+                          ("no_request", stats.closed_before_request),
+                          ("artim", stats.artim_expired),
+                          ("protocol_error", stats.protocol_errors),
+                          ("tls_failure", stats.tls_failures)):
+        lines.append(f'dicom_router_dicom_connections_closed_total{{reason="{reason}"}} {count}')
+    lines.append("# TYPE dicom_router_dicom_associations_rejected_total counter")
+    for why, count in sorted(stats.rejected.items()):
+        lines.append(f'dicom_router_dicom_associations_rejected_total{{reason="{_label(why)}"}}'
+                     f" {count}")
     return lines
 
 

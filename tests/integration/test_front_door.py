@@ -352,3 +352,28 @@ def test_limits_hold_across_receiver_processes(pooled: Router) -> None:
     gate = pooled.receivers.gate
     wait_for(lambda: gate.snapshot()["associations"] == 0, 10,
              "the receiver processes to report their associations' ends")
+
+
+def test_the_front_door_counts_in_metrics(tmp_path: Path, web_router: Callable[..., Any]) -> None:
+    import requests
+
+    from tests.conftest import ADMIN_PASSWORD
+    from tests.web_harness import bearer
+
+    server = web_router(_settings(tmp_path))
+    port = server.router.dicom.port
+    with _connect(port) as sock:
+        sock.sendall(b"\x04\x00\x00\x00\x00\x02\xff\xff")
+        _answer(sock)
+    with _connect(port) as sock:
+        sock.sendall(_request([(2, Verification, EXPLICIT)]))
+        _answer(sock)
+    _echo_seconds(port)
+    text = requests.get(server.url + "/metrics", timeout=10,
+                        headers=bearer(server.url, "admin", ADMIN_PASSWORD)).text
+    assert 'dicom_router_dicom_connections_closed_total{reason="protocol_error"} 1' in text
+    assert "dicom_router_dicom_connections_total 3" in text
+    assert ('dicom_router_dicom_associations_rejected_total{reason="a presentation context ID '
+            'is even"} 1') in text
+    assert "dicom_router_dicom_associations 0" in text or \
+        "dicom_router_dicom_associations 1" in text  # the echo's release is being counted back
