@@ -33,7 +33,12 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
 from tests.conftest import ADMIN_PASSWORD, make_settings
-from tests.integration.test_pipeline import DCMTK_REFUSES, STORESCU_PROPOSE, UNSENDABLE
+from tests.integration.test_pipeline import (
+    DCMTK_REFUSES,
+    ROUTER_REFUSES,
+    STORESCU_PROPOSE,
+    UNSENDABLE,
+)
 from tests.synthetic import make_ct_series, make_small_instances
 from tests.web_harness import WebServer, bearer
 
@@ -54,7 +59,7 @@ NOT_VALID = {
 SKIPPED = {**NOT_VALID, **dict.fromkeys(UNSENDABLE - {"rtdose_expb.dcm",
                                                       "rtdose_expb_1frame.dcm"},
                                         "truncated"),
-           **dict.fromkeys(DCMTK_REFUSES, "storescu refuses it")}
+           **dict.fromkeys(DCMTK_REFUSES, "storescu refuses it"), **ROUTER_REFUSES}
 # storescu proposes one transfer syntax per association; these keep the stored encoding.
 FLAGS = {**STORESCU_PROPOSE, "1.2.840.10008.1.2.2": "-xb", "1.2.840.10008.1.2": "-xi"}
 

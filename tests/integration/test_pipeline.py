@@ -30,6 +30,13 @@ UNSENDABLE = {"MR_truncated.dcm", "rtplan_truncated.dcm"}
 # storescu converts big endian to little endian on the way out and swaps 32-bit OW pixel data
 # in 16-bit words, so what it sends differs from the file: leave those two out.
 UNSENDABLE |= {"rtdose_expb.dcm", "rtdose_expb_1frame.dcm"}
+# Files the router refuses by design (docs/security.md, section 4), with the reason.
+ROUTER_REFUSES = {
+    "bad_sequence.dcm": "its UIDs are 64 hexadecimal digits, not digits and dots",
+    "explicit_VR-UN.dcm": "SOP Class UID written with VR UN",
+    "rtdose_rle.dcm": "SOP Class UID written with VR UN",
+    "rtdose_rle_1frame.dcm": "SOP Class UID written with VR UN",
+}
 
 
 def pydicom_files() -> list[Path]:
@@ -45,7 +52,7 @@ def pydicom_files() -> list[Path]:
         pass
     chosen = []
     for path in sorted(p for folder in folders for p in folder.glob("*.dcm")):
-        if path.name in UNSENDABLE:
+        if path.name in UNSENDABLE or path.name in ROUTER_REFUSES:
             continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
