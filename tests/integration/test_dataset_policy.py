@@ -146,3 +146,27 @@ def test_invalid_uids_are_refused_or_repaired_so_blob_index_and_delivery_agree(
                          "the repaired object to be delivered")
     assert [p.read_bytes() for p in delivered] == [
         router.blobs.path_for(rows[0]["sha256"]).read_bytes()]
+
+
+@pytest.mark.parametrize("where", ["receiver", "handler"])
+def test_a_dataset_that_exhausts_the_stack_or_memory_is_0xc000_not_a700(
+        tmp_path: Path, start_router: Callable[..., Router], monkeypatch: pytest.MonkeyPatch,
+        where: str) -> None:
+    """Whatever still gives out on an object is the object's fault: never "retry later"."""
+    from router.application import receive
+
+    router = start_router(settings_for(tmp_path))
+    path = tmp_path / "ok.dcm"
+    write(path, b"")
+
+    def exhausted(*_: Any, **__: Any) -> Any:
+        raise RecursionError if where == "receiver" else MemoryError
+
+    if where == "receiver":  # while the dataset is read: refused and recorded
+        monkeypatch.setattr(receive, "scan_header", exhausted)
+    else:  # anywhere else in the C-STORE handler: its last resort answers
+        monkeypatch.setattr(receive.Receiver, "receive", exhausted)
+    assert c_store(router.dicom.port, [path]) == [0xC000]
+    if where == "receiver":
+        assert [f["reason"] for f in failures(router)] == [
+            "dataset could not be parsed: RecursionError"]
