@@ -210,9 +210,12 @@ class Receiver:
             return arrival, header, {}
         try:
             return self._repair(arrival, header, [keyword for keyword, _ in invalid])
-        except OSError as exc:
+        except OSError as exc:  # the disk: the router's resource
             return self._refused(arrival, corr, STATUS_OUT_OF_RESOURCES,
                                  f"repairing UIDs: {exc.strerror or type(exc).__name__}")
+        except Exception as exc:  # pydicom could not write it back: the data's fault
+            return self._refused(arrival, corr, STATUS_CANNOT_UNDERSTAND,
+                                 f"UIDs could not be repaired: {type(exc).__name__}")
 
     def _repair(self, arrival: Arrival, header: ScannedHeader,
                 keywords: list[str]) -> tuple[Arrival, ScannedHeader, dict[str, str]]:
