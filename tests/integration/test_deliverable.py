@@ -255,7 +255,7 @@ class Mutable:
         self.body = bytearray(body)
         self.set_value(0x00080018, "UI", self.uid.encode())
 
-    def bytes(self) -> bytes:
+    def encoded(self) -> bytes:
         fp = DicomBytesIO()
         fp.is_little_endian, fp.is_implicit_VR = True, False
         write_file_meta_info(fp, self.meta, enforce_standard=True)
@@ -395,7 +395,7 @@ def test_hostile_mutations_acknowledged_are_delivered_byte_identical(
         kind, target = case
         kinds[kind] = kinds.get(kind, 0) + 1
         path = corpus / f"{len(written):04d}-{kind}.dcm"
-        path.write_bytes(target.bytes())
+        path.write_bytes(target.encoded())
         written.append(path)
 
     make()
