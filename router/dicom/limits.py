@@ -192,9 +192,12 @@ def walk(source: Source, pos: int, implicit: bool, little: bool,
             if count > max_elements:
                 raise _too_many(max_elements)
             if length == UNDEFINED:
-                if number in PIXEL_TAGS or vr not in ("SQ", "UN", None) or (
-                        vr is None and not _maybe_sequence(number)):
+                if number in PIXEL_TAGS:
                     new_kind = _FRAGMENTS  # encapsulated: items up to a sequence delimiter
+                elif vr not in ("SQ", "UN", None) or (vr is None and not _maybe_sequence(number)):
+                    # pydicom would search for a delimiter and read all before it, unlimited.
+                    raise DatasetRefused(f"element ({group:04X},{element:04X}) has an undefined "
+                                         "length but is neither a sequence nor pixel data")
                 else:
                     new_kind = _SEQUENCE
                     if depth >= max_depth:

@@ -146,6 +146,17 @@ def test_sequences_that_do_not_nest_are_refused(tmp_path: Path, body: bytes) -> 
         scan_header(path)
 
 
+def test_an_undefined_length_value_must_be_a_sequence_or_pixel_data(tmp_path: Path) -> None:
+    """pydicom reads any other one up to the next delimiter bytes: unbounded by any limit."""
+    blob = (struct.pack("<HH", 0x0042, 0x0011) + b"OB\0\0" + struct.pack("<L", 0xFFFFFFFF)
+            + struct.pack("<HHL", 0xFFFE, 0xE000, 4) + b"%PDF"
+            + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    path = tmp_path / "undefined.dcm"
+    write(path, blob)
+    with pytest.raises(DatasetRefused, match=r"\(0042,0011\) has an undefined length"):
+        scan_header(path)
+
+
 def _in_a_deep_thread(work: Callable[[], Any], frames: int = 150) -> None:
     """Run ``work`` in a thread with ``frames`` already on its stack (a delivery worker's or a
     web handler's call chain), re-raising what it raised."""
