@@ -35,7 +35,9 @@ def setup(server: Any, *names: str) -> dict[str, str]:
     auth = bearer(server.url, "admin", ADMIN_PASSWORD)
     for name in names:
         r = requests.post(server.url + "/api/v1/destinations", headers=auth, timeout=10,
-                          json={"name": name, "type": "file", "path": f"/tmp/unused-{name}"})
+                          json={"name": name, "type": "file",
+                                "path": str(server.router.settings.data_dir / "exports"
+                                            / f"unused-{name}")})
         assert r.status_code == 201, r.text
     return auth
 
@@ -347,7 +349,7 @@ def test_roles_csrf_and_config_file_origin(web_router: Any, tmp_path: Path) -> N
 
     settings = replace(
         make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}"),
-        destinations=({"name": "pacs", "type": "file", "path": "/tmp/unused-pacs"},),
+        destinations=({"name": "pacs", "type": "file", "path": str(tmp_path / "unused-pacs")},),
         rules=({"name": "declared", "destinations": ["pacs"]},))
     server = web_router(settings)
     server.router.users.add("aud", "auditor", "auditor pass 1234", Actor("admin"))
