@@ -2,7 +2,9 @@
 writing each view's position in the same transaction as its rows (no double application).
 
 PostgreSQL wakes it by LISTEN/NOTIFY (the recorder notifies on every insert); SQLite has no
-subscription, so it polls and is woken in-process right after each save.
+subscription, so it polls and is woken in-process right after each save. After each batch
+the runner publishes the view's positions (``progress``): queries of this process that wait
+for their view (read-your-writes, freshness.py) wake on it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from projections.db import Cursor, ViewDatabase
+from projections.progress import SELECT_POSITIONS, ViewProgress, view_positions
 from router.priority import lower_this_thread
 
 logger = logging.getLogger(__name__)
@@ -67,11 +70,8 @@ def ensure_schema(view: View, db: ViewDatabase) -> None:
         view.create(cur, db.dialect)
 
 
-_SELECT_POSITIONS = "SELECT application, position FROM projection_positions WHERE view = ?"
-
-
 def positions(view: View, db: ViewDatabase) -> dict[str, int]:
-    return _by_application(db.query(_SELECT_POSITIONS, (view.name,)))
+    return view_positions(db, view.name)
 
 
 def _by_application(rows: Sequence[Any]) -> dict[str, int]:
@@ -201,7 +201,7 @@ def _lock_positions(cur: Cursor, dialect: str, view_name: str) -> dict[str, int]
     """
     if dialect == "postgres":
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"view:{view_name}",))
-    cur.execute(_SELECT_POSITIONS, (view_name,))
+    cur.execute(SELECT_POSITIONS, (view_name,))
     return _by_application(cur.fetchall())
 
 
@@ -219,11 +219,14 @@ class ProjectionRunner:
         self._decoded = DecodedEvents(apps)
         self._poll = poll_interval
         self._wakes = {v.name: threading.Event() for v, _ in self._views}
+        # Set by a query waiting for the view: it ends the coalescing pause (see hurry()).
+        self._hurries = {v.name: threading.Event() for v, _ in self._views}
         # catch_up() may run beside the view threads: one batch of a view at a time.
         self._locks = {v.name: threading.Lock() for v, _ in self._views}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[str], None]] = []
+        self.progress = ViewProgress()  # each view's committed positions, for waiting queries
 
     def add_listener(self, callback: Callable[[str], None]) -> None:
         """``callback(view_name)`` runs after each committed batch (keep it quick)."""
@@ -232,6 +235,14 @@ class ProjectionRunner:
     def wake(self) -> None:
         for event in self._wakes.values():
             event.set()
+
+    def hurry(self, view: str) -> None:
+        """A query waits for ``view``: apply what is recorded now, and skip the pause that
+        lets the next batch grow (saves only wake the views: under load they would end every
+        pause and cost a transaction per receipt)."""
+        for events in (self._hurries, self._wakes):
+            if view in events:
+                events[view].set()
 
     def listen(self, database_url: str, channels: Sequence[str]) -> None:
         """PostgreSQL: wake on NOTIFY from any node's saves (the recorder sends them)."""
@@ -278,15 +289,18 @@ class ProjectionRunner:
             if current is None:
                 current = self._positions[view.name] = positions(view, db)
             try:
-                return process_batch(view, db, self._apps, current, self._decoded)
+                applied = process_batch(view, db, self._apps, current, self._decoded)
             except Exception:
                 self._positions.pop(view.name, None)
                 raise
+            self.progress.advanced(view.name, current)  # committed (or read) positions
+            return applied
 
     def _run(self, view: View, db: ViewDatabase) -> None:
         lower_this_thread()
         while not self._stop.is_set():
             self._wakes[view.name].clear()
+            self._hurries[view.name].clear()
             try:
                 applied = self._step(view, db)
             except Exception:
@@ -297,7 +311,7 @@ class ProjectionRunner:
                 for callback in self._listeners:
                     callback(view.name)
                 if applied < BATCH_SIZE:
-                    self._stop.wait(self._coalesce)
+                    self._hurries[view.name].wait(self._coalesce)
                 continue
             self._wakes[view.name].wait(self._poll)
 
@@ -305,6 +319,8 @@ class ProjectionRunner:
         """Stop the threads, then flush what is left so the views match the log."""
         self._stop.set()
         self.wake()
+        for event in self._hurries.values():
+            event.set()
         for t in self._threads:
             t.join(timeout=10)
         try:

@@ -14,7 +14,9 @@ from typing import Any
 
 from projections.audit import AuditView
 from projections.db import ViewDatabase, open_views
+from projections.freshness import FreshReads, LogHeads
 from projections.jobs import JobsView
+from projections.progress import view_positions
 from projections.runner import ProjectionRunner, View
 from projections.studies import StudiesView
 from router.ai.callbacks import AICallbacks
@@ -81,6 +83,7 @@ class Router:
     ai_worker: AIWorker
     ai_callbacks: AICallbacks
     policy: DestinationPolicy  # where destinations and remote nodes may connect and write
+    fresh: FreshReads  # read-your-writes: queries wait for their view to pass the logs' heads
     ready: bool = False
     receivers: ReceiverPool | None = None
 
@@ -96,6 +99,9 @@ class Router:
         admin = AdminState(stores.admin)
         views = open_all_views(settings)
         runner = ProjectionRunner(list(views.values()), stores.all())
+        fresh = FreshReads(LogHeads(stores.all(), settings.database_url),
+                           {name: view.follows for name, (view, _) in views.items()},
+                           runner.progress, hurry=runner.hurry)
         receiver = Receiver(stores, blobs, admin, settings.ingest, settings.dispatch,
                             on_saved=runner.wake)
         jobs_db = views["jobs"][1]
@@ -122,7 +128,7 @@ class Router:
         remote_nodes = RemoteNodes(stores, RemoteState(stores.admin), policy)
         qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
                               remote_nodes.state, lambda: views["studies"][1], blobs, sessions,
-                              policy.addresses)
+                              policy.addresses, fresh)
         return cls(settings=settings, box=box, stores=stores, blobs=blobs, admin=admin,
                    commands=Commands(stores, admin, box, policy), views=views, runner=runner,
                    receiver=receiver, dispatcher=dispatcher,
@@ -133,7 +139,7 @@ class Router:
                                        sessions, box), units=units,
                    ai_requests=ai_requests, ai_worker=ai_worker,
                    ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver),
-                   policy=policy)
+                   policy=policy, fresh=fresh)
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -191,6 +197,7 @@ class Router:
         self.dispatcher.stop(grace=grace)
         self.retention.stop()
         self.runner.stop()
+        self.fresh.close()
         for _, db in self.views.values():
             db.close()
         self.stores.close()
@@ -205,9 +212,7 @@ class Router:
         """What /readyz reports: event store reachable, views' lag, listener up."""
         lag: dict[str, int] = {}
         for name, (view, db) in self.views.items():
-            done = {r["application"]: int(r["position"]) for r in db.query(
-                "SELECT application, position FROM projection_positions WHERE view = ?",
-                (name,))}
+            done = view_positions(db, name)
             lag[name] = sum(
                 max(0, (self.stores.by_name(app).recorder.max_notification_id() or 0)
                     - done.get(app, 0))

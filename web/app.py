@@ -15,6 +15,7 @@ from aiohttp import web
 
 from router.application.users import dummy_hash
 from web.auth import auth_middleware, error_middleware
+from web.freshness import add_lag_warning
 from web.health import METRICS_PATH
 from web.keys import ISSUER_KEY, ROUTER_KEY
 from web.proxies import proxy_middleware
@@ -63,6 +64,7 @@ def create_app(router: Any) -> web.Application:
             if route.resource is not None and route.resource.canonical == METRICS_PATH:
                 app[PERMISSIONS_KEY][route] = PUBLIC
     app.on_response_prepare.append(_server_header)
+    app.on_response_prepare.append(add_lag_warning)
     # Answers to requests that never reach the application (malformed request lines and
     # headers, answered 400 by aiohttp's protocol handler) skip the signal above and take
     # aiohttp's module default instead; aiohttp has no setting for it.

@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
+from web.freshness import LAG_NOTE, view_lags
 from web.keys import ISSUER_KEY, PRINCIPAL
 from web.security import Principal
 
@@ -33,7 +34,8 @@ def page_context(request: web.Request, **values: Any) -> dict[str, Any]:
         csrf = request.app[ISSUER_KEY].csrf_token(principal.jti)
     nav = [(label, path) for label, path, perm in NAVIGATION
            if principal is not None and principal.can(perm)]
-    return {"user": principal, "csrf_token": csrf, "nav": nav, "path": request.path, **values}
+    return {"user": principal, "csrf_token": csrf, "nav": nav, "path": request.path,
+            "view_lag_note": LAG_NOTE if view_lags(request) else "", **values}
 
 
 def render(request: web.Request, template: str, status: int = 200,

@@ -4,6 +4,11 @@ Root models, answered from the studies view and the blob store.
 Only remote nodes allowed the service may ask (unless ``dicom.open_query_retrieve``); a C-MOVE
 goes only to a remote node's AE title. Every request is recorded in the access log before any
 PHI is sent; if that record cannot be written, nothing is sent. Identifiers are never logged.
+
+A query first waits (at most 2 s) for the studies view to hold every receipt acknowledged
+before it came (projections/freshness.py). C-FIND has no status that says "answered from a
+view that lags", so after that wait the answer is what the view holds, and the lag is logged
+and noted in the access record.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from projections.db import ViewDatabase
+from projections.freshness import FreshReads, LogHeads
+from projections.progress import PolledProgress
+from projections.studies import StudiesView
 from router.application.commands import Actor
 from router.application.remote_nodes import RemoteNodeState, RemoteState, RetrieveState
 from router.application.sessions import AccessRecord, Sessions
@@ -118,8 +126,10 @@ class QueryRetrieveSCP:
 
     def __init__(self, ae_title: str, open_to_all: bool, remote: RemoteState,
                  studies: Callable[[], ViewDatabase], blobs: BlobStore,
-                 sessions: Sessions, policy: AddressPolicy) -> None:
+                 sessions: Sessions, policy: AddressPolicy,
+                 fresh: FreshReads | None = None) -> None:
         self._ae_title = ae_title
+        self._fresh = fresh
         self._policy = policy  # C-MOVE sub-operations connect to the destination node
         self._open = open_to_all
         self._remote = remote
@@ -163,12 +173,13 @@ class QueryRetrieveSCP:
             return
         try:
             query = parse_query(_identifier(event), model)
+            lag = self._view_lag("dimse.find")
             rows = run_query(self._studies(), query, MAX_FIND_MATCHES)
         except QueryError as exc:
             self._refusal(peer, "dimse.find", str(exc), outcome="failure")
             yield exc.status, None
             return
-        if not self._record(peer, "dimse.find", query, f"matches={len(rows)}"):
+        if not self._record(peer, "dimse.find", query, f"matches={len(rows)}{lag}"):
             yield STATUS_OUT_OF_RESOURCES, None
             return
         for row in rows:
@@ -271,12 +282,13 @@ class QueryRetrieveSCP:
         try:
             query = parse_query(_identifier(event), model)
             require_unique_key(query)
+            lag = self._view_lag(action)
             rows = run_query(self._studies(), query, MAX_RETRIEVE_INSTANCES, level="IMAGE",
                              extra=RETRIEVE_COLUMNS)
         except QueryError as exc:
             self._refusal(peer, action, str(exc), outcome="failure")
             return exc.status, []
-        if not self._record(peer, action, query, f"instances={len(rows)}{detail}", rows):
+        if not self._record(peer, action, query, f"instances={len(rows)}{detail}{lag}", rows):
             return STATUS_OUT_OF_RESOURCES, []
         return None, rows
 
@@ -313,6 +325,15 @@ class QueryRetrieveSCP:
             failed.SOPClassUID = sop_class
             failed.SOPInstanceUID = str(row["k_sopinstanceuid"])
             return failed
+
+    def _view_lag(self, action: str) -> str:
+        """Wait for the studies view to hold every receipt acknowledged so far; what the
+        access record then says about the view: nothing, or that it lagged."""
+        if self._fresh is None or self._fresh.wait("studies"):
+            return ""
+        logger.warning("%s answered from a studies view that still lags after %.0f s",
+                       action, self._fresh.timeout)
+        return " view_lagged"
 
     def _allowed(self, peer: Peer, service: str) -> bool:
         if self._open:
@@ -404,11 +425,16 @@ class LazyStudies:
 
 def standalone(settings: Settings, stores: EventStores, blobs: BlobStore
                ) -> tuple[QueryRetrieveSCP, LazyStudies]:
-    """The Q/R handlers of a receiver process, with its own view of the remote nodes."""
+    """The Q/R handlers of a receiver process, with its own view of the remote nodes.
+
+    It runs no views, so a query waits for the studies view by reading its positions (polled,
+    see progress.py) rather than on the supervisor's runner."""
     studies = LazyStudies(settings.database_url)
+    fresh = FreshReads(LogHeads(stores.all()), {"studies": StudiesView.follows},
+                       PolledProgress({"studies": studies}))
     qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
                           RemoteState(stores.admin), studies, blobs, Sessions(stores),
-                          AddressPolicy.from_settings(settings))
+                          AddressPolicy.from_settings(settings), fresh)
     return qr, studies
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from projections.db import ViewDatabase
+from projections.progress import view_positions
 from router.application.admin_state import AdminState, DestinationState
 from router.application.stores import EventStores
 from router.dicom.header import HeaderError, read_header
@@ -136,9 +137,7 @@ class Dispatcher:
         return lane
 
     def _forget_projected(self) -> None:
-        rows = self._db.query("SELECT position FROM projection_positions"
-                              " WHERE view = 'jobs' AND application = 'delivery'")
-        self.outcomes.forget_upto(int(rows[0]["position"]) if rows else 0)
+        self.outcomes.forget_upto(view_positions(self._db, "jobs").get("delivery", 0))
 
     def _prepare(self, due: DueDelivery) -> Outgoing:
         path = self._blobs.wait_for(due.sha256, timeout=5.0)

@@ -18,6 +18,7 @@ from router.application.history import StateAsOf, state_as_of
 from router.application.sessions import AccessRecord
 from web.api.common import ApiError, json_response, paging
 from web.auth import record_access
+from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.queries import audit as queries
 from web.routes import Route
@@ -54,6 +55,7 @@ def state_time(request: web.Request) -> float:
 async def search(request: web.Request) -> web.Response:
     flt = audit_filter(request)
     limit, offset = paging(request)
+    await fresh(request, "audit")
     rows, total = await asyncio.to_thread(queries.search, audit_db(request), flt, limit, offset)
     await record_access(request, AccessRecord(
         action="audit.search", object_type="audit", study_instance_uid=flt.study_uid,
@@ -67,6 +69,7 @@ async def export(request: web.Request) -> web.StreamResponse:
     if fmt not in EXPORT_FORMATS:
         raise ApiError(422, "invalid format", fields={"format": "csv or json"})
     flt = audit_filter(request).up_to(time.time())
+    await fresh(request, "audit")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     response = web.StreamResponse(headers={
         **NO_STORE, "X-Content-Type-Options": "nosniff",

@@ -11,25 +11,28 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from projections.jobs import JobsView
+from projections.progress import view_positions
 from router.application.sessions import AccessRecord
 from web.api.common import ApiError, json_response, paging, read_json, run_command
 from web.auth import actor_of, record_access
+from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.queries.filters import FilterError, with_iso_times
 from web.queries.jobs import (
     FILTER_FIELDS,
     JobFilters,
-    audit_in_step,
     get_delivery,
     get_job,
     job_events,
     list_jobs,
     parse_filters,
-    wait_for_view,
 )
 from web.routes import Route
 
 TAGS = ("jobs",)
+TIMELINE_WAIT_S = 2.0
+CHANGE_WAIT_S = 5.0  # a requeue or cancel answers once the jobs view shows it
 
 
 class CancelRequest(BaseModel):
@@ -63,17 +66,33 @@ async def load_job(request: web.Request, job_id: str) -> dict[str, Any] | None:
     """The job with its deliveries and timeline (views only), or None."""
     router = request.app[ROUTER_KEY]
     jobs_db, audit_db = router.views["jobs"][1], router.views["audit"][1]
+    await fresh(request, "jobs")
     job = await asyncio.to_thread(get_job, jobs_db, job_id)
     if job is not None:
-        job["timeline_complete"] = await asyncio.to_thread(audit_in_step, jobs_db, audit_db)
+        job["timeline_complete"] = await audit_in_step(router)
         job["events"] = await asyncio.to_thread(job_events, audit_db, job)
     return job
+
+
+async def audit_in_step(router: Any, timeout: float = TIMELINE_WAIT_S) -> bool:
+    """Wait until the audit view has applied the ingest and delivery logs as far as the jobs
+    view had when asked: a job's timeline (audit view) then holds every event behind the
+    status shown beside it (jobs view). Each view has its own thread and batches, so the
+    audit view may trail by a batch; False when it is still behind after ``timeout``."""
+    done = await asyncio.to_thread(view_positions, router.views["jobs"][1], "jobs")
+    target = {log: done.get(log, 0) for log in JobsView.follows}
+    progress = router.runner.progress
+    if progress.reached("audit", target):
+        return True
+    router.runner.hurry("audit")
+    return bool(await progress.wait_async("audit", target, timeout))
 
 
 async def jobs_list(request: web.Request) -> web.Response:
     filters = filters_or_400(request.query)
     limit, offset = paging(request)
     router = request.app[ROUTER_KEY]
+    await fresh(request, "jobs")
     rows, total = await asyncio.to_thread(list_jobs, router.views["jobs"][1], filters, limit,
                                           offset)
     await record_access(request, list_record(filters, total))
@@ -98,6 +117,7 @@ async def change_delivery(request: web.Request, job_id: str, destination: str, a
     jobs view shows it once the view has applied the change. 404 / 422 as ApiError."""
     router = request.app[ROUTER_KEY]
     jobs_db = router.views["jobs"][1]
+    await fresh(request, "jobs")
     job = await asyncio.to_thread(get_job, jobs_db, job_id)
     if job is None:
         raise ApiError(404, "no job with this id")
@@ -108,9 +128,7 @@ async def change_delivery(request: web.Request, job_id: str, destination: str, a
         await run_command(router.commands.requeue, job["job_id"], destination, actor)
     else:
         await run_command(router.commands.cancel, job["job_id"], destination, actor, reason)
-    position = await asyncio.to_thread(router.stores.delivery.recorder.max_notification_id)
-    router.runner.wake()
-    await asyncio.to_thread(wait_for_view, jobs_db, "jobs", "delivery", int(position or 0))
+    await fresh(request, "jobs", timeout=CHANGE_WAIT_S)
     delivery = await asyncio.to_thread(get_delivery, jobs_db, job["job_id"], destination)
     return delivery or {}
 

@@ -6,7 +6,6 @@ their actor) and "purge now" as the caller.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import asdict
 from typing import Any
 
@@ -15,6 +14,7 @@ from aiohttp import web
 from projections.db import ViewDatabase
 from router.application.commands import CommandError
 from router.application.retention import RETENTION_SETTING, PurgeResult
+from web import freshness
 from web.api.common import ApiError, json_response, paging
 from web.api.settings import iso, runtime_json
 from web.auth import actor_of
@@ -22,6 +22,7 @@ from web.keys import ROUTER_KEY
 from web.routes import Route
 
 MANAGE = "storage.manage"
+PURGE_WAIT_S = 5.0  # "purge now" answers once the jobs view shows the purge
 
 # One row per purge run: when, by whom, jobs, distinct objects and their bytes.
 PURGES_SQL = (
@@ -108,23 +109,8 @@ async def purge(request: web.Request) -> PurgeResult:
     except CommandError as exc:
         raise ApiError(409, str(exc)) from None
     if result.jobs:
-        await asyncio.to_thread(wait_for_jobs_view, router)
+        await freshness.fresh(request, "jobs", timeout=PURGE_WAIT_S)
     return result
-
-
-def wait_for_jobs_view(router: Any, timeout: float = 5.0) -> bool:
-    """Block until the jobs view has applied the ingest log as it is now."""
-    target = int(router.stores.ingest.recorder.max_notification_id() or 0)
-    db = router.views["jobs"][1]
-    deadline = time.monotonic() + timeout
-    router.runner.wake()
-    while time.monotonic() < deadline:
-        rows = db.query("SELECT position FROM projection_positions"
-                        " WHERE view = 'jobs' AND application = 'ingest'")
-        if rows and int(rows[0]["position"]) >= target:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 async def purge_now(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from aiohttp import web
 from router.application.sessions import AccessRecord
 from web.api.common import ApiError, json_response, paging
 from web.auth import record_access
+from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.queries.filters import UID_RE, FilterError, with_iso_times
 from web.queries.studies import (
@@ -56,6 +57,7 @@ async def load_study(request: web.Request, study_uid: str) -> dict[str, Any] | N
     if not UID_RE.match(study_uid) and study_uid != "UNKNOWN":
         return None
     router = request.app[ROUTER_KEY]
+    await fresh(request, "studies", "jobs")
     study = await asyncio.to_thread(get_study, router.views["studies"][1], study_uid)
     if study is None:
         return None
@@ -71,6 +73,7 @@ async def studies_search(request: web.Request) -> web.Response:
     filters = filters_or_400(request.query)
     limit, offset = paging(request)
     router = request.app[ROUTER_KEY]
+    await fresh(request, "studies")
     rows, total = await asyncio.to_thread(search_studies, router.views["studies"][1], filters,
                                           limit, offset)
     await record_access(request, search_record(filters, total))

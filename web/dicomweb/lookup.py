@@ -19,6 +19,7 @@ from aiohttp import web
 from projections.db import ViewDatabase
 from web.api.common import ApiError
 from web.dicomweb.access import AccessNote
+from web.freshness import fresh
 from web.keys import ROUTER_KEY
 
 ROOT = "/dicom-web"
@@ -123,6 +124,7 @@ async def find_instances(request: web.Request, note: AccessNote) -> list[Instanc
     sop = path_uid(request, "instance") if "instance" in request.match_info else None
     note.about(study, None, sop or series or study)
     db = studies_db(request)
+    await fresh(request, "studies")  # every receipt acknowledged before this request
     rows = await asyncio.to_thread(query_instances, db, study, series, sop)
     if not rows:
         raise await asyncio.to_thread(_missing, db, study, series)

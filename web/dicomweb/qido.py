@@ -41,6 +41,7 @@ from web.dicomweb.qido_keys import (
     levels_for,
     searchable,
 )
+from web.freshness import fresh
 from web.routes import Route
 
 MAX_RESULTS = 1000
@@ -234,6 +235,7 @@ async def _search(request: web.Request, note: AccessNote, level: str) -> web.Res
     note.object_type = level
     note.add(f"{level} search")
     search = parse_search(request.query, level, scope, db.dialect)
+    await fresh(request, "studies")  # every receipt acknowledged before this search
     patient = await asyncio.to_thread(_scope_patient, db, scope) if scope else None
     study = scope.get(STUDY) or _named(search.matched.get("StudyInstanceUID"))
     note.about(study, patient or _named(search.matched.get("PatientID")),

@@ -7,6 +7,8 @@ of too many parts, or of other media types, is refused without writing a file. O
 whole body is well-formed and every part is a DICOM Part 10 file is anything stored, so a 400
 means nothing was. Each instance then takes the C-STORE path (Receiver: durable blob, receipt and
 routing events in one save, routed by rules) with the user as actor and source ``stow``.
+The answer waits (at most 2 s) until the studies view holds what was stored, so a QIDO-RS or
+WADO-RS made after it finds every instance; if the view still lags, it carries a Warning.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from web.dicomweb.multipart_in import (
     parse_media_type,
     read_parts,
 )
+from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.routes import Route
 
@@ -295,6 +298,8 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER_KEY]
     outcomes = await asyncio.to_thread(store_all, router.receiver, candidates, study,
                                        actor_of(request))
+    if any(o.status == STATUS_SUCCESS for o in outcomes):
+        await fresh(request, "studies")  # answer once the stored instances can be found
     for record in access_records(outcomes, study):
         await record_access(request, record)
     # Retrieve URLs are paths on this server, like QIDO's (right behind a reverse proxy too).

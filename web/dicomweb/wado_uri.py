@@ -21,6 +21,7 @@ from web.dicomweb.access import AccessNote, audited
 from web.dicomweb.lookup import InstanceRow, query_instances, require_blob, studies_db
 from web.dicomweb.rendered import RenderError, RenderOptions, Viewport, render
 from web.dicomweb.stored import DecodeError, StoredInstance, decodable, explicit_le, open_instance
+from web.freshness import fresh
 from web.routes import Route
 
 KNOWN = frozenset({
@@ -153,6 +154,7 @@ async def _dicom(request: web.Request, note: AccessNote, row: InstanceRow, path:
 async def wado_uri(request: web.Request, note: AccessNote) -> web.StreamResponse:
     study, series, sop = _check_query(request.query)
     note.about(study, None, sop)
+    await fresh(request, "studies")
     rows = await asyncio.to_thread(query_instances, studies_db(request), study, series, sop)
     if not rows:
         raise ApiError(404, "no instance with these study, series and object UIDs")

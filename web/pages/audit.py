@@ -19,6 +19,7 @@ from router.application.sessions import AccessRecord
 from web.api.audit import audit_db
 from web.api.common import MAX_LIMIT
 from web.auth import record_access
+from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.queries import audit as queries
 from web.render import render
@@ -100,6 +101,7 @@ async def audit_page(request: web.Request) -> web.Response:
                       outcomes=queries.OUTCOMES, hide_study=False,
                       flash="Please correct the filter.", flash_kind="error")
     limit, offset = _page_args(request, PAGE_SIZE)
+    await fresh(request, "audit")
     rows, total = await asyncio.to_thread(queries.search, audit_db(request), flt, limit, offset)
     await record_access(request, AccessRecord(
         action="audit.search", object_type="audit", study_instance_uid=flt.study_uid,
@@ -125,6 +127,7 @@ async def history_page(request: web.Request) -> web.Response:
                       summary=[], page=None, patient_id=None, hide_study=True,
                       flash="Give a StudyInstanceUID.", flash_kind="error")
     limit, offset = _page_args(request, HISTORY_PAGE_SIZE)
+    await fresh(request, "audit")
     rows, total, summary = await asyncio.to_thread(queries.study_history, audit_db(request),
                                                    study, limit, offset)
     await record_access(request, AccessRecord(

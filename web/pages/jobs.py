@@ -16,6 +16,7 @@ from aiohttp import web
 from web.api.common import ApiError
 from web.api.jobs import change_delivery, list_record, load_job, view_record
 from web.auth import record_access
+from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.queries.ai import requests_for_job
 from web.queries.filters import FilterError
@@ -99,6 +100,7 @@ async def jobs_page(request: web.Request) -> web.Response:
     except FilterError as exc:
         return render(request, "jobs.html", status=400, flash=str(exc), flash_kind="error",
                       **values)
+    await fresh(request, "jobs")
     rows, total = await asyncio.to_thread(list_jobs, router.views["jobs"][1], filters,
                                           limit, offset)
     await record_access(request, list_record(filters, total))

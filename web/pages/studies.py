@@ -11,6 +11,7 @@ from aiohttp import web
 
 from web.api.studies import load_study, search_record, view_record
 from web.auth import record_access
+from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS, page_window, pager
 from web.queries.ai import requests_for_study
@@ -31,6 +32,7 @@ async def studies_page(request: web.Request) -> web.Response:
         return render(request, "studies.html", status=400, flash=str(exc), flash_kind="error",
                       **values)
     router = request.app[ROUTER_KEY]
+    await fresh(request, "studies")
     rows, total = await asyncio.to_thread(search_studies, router.views["studies"][1], filters,
                                           limit, offset)
     await record_access(request, search_record(filters, total))

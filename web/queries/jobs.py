@@ -8,7 +8,6 @@ the jobs and audit views are never joined in one statement.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -186,38 +185,3 @@ def job_events(audit_db: ViewDatabase, job: Mapping[str, Any]) -> list[dict[str,
             row["object_id"])
         events.append(row)
     return events
-
-
-def view_position(db: ViewDatabase, view: str, application: str) -> int:
-    rows = db.query("SELECT position FROM projection_positions WHERE view = ?"
-                    " AND application = ?", (view, application))
-    return int(rows[0]["position"]) if rows else 0
-
-
-def wait_for_view(db: ViewDatabase, view: str, application: str, position: int,
-                  timeout: float = 5.0) -> bool:
-    """Block until ``view`` has applied ``application``'s log up to ``position``."""
-    deadline = time.monotonic() + timeout
-    while view_position(db, view, application) < position:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-TIMELINE_WAIT_S = 2.0
-
-
-def audit_in_step(jobs_db: ViewDatabase, audit_db: ViewDatabase,
-                  timeout: float = TIMELINE_WAIT_S) -> bool:
-    """Wait until the audit view has applied the ingest and delivery logs as far as the jobs
-    view had when asked: a job's timeline (audit view) then holds every event behind the
-    status shown beside it (jobs view). Each view has its own thread and batches, so the
-    audit view may trail by a batch; False when it is still behind after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    for application in ("ingest", "delivery"):
-        target = view_position(jobs_db, "jobs", application)
-        left = max(0.0, deadline - time.monotonic())
-        if not wait_for_view(audit_db, "audit", application, target, left):
-            return False
-    return True
