@@ -1,12 +1,10 @@
-"""DICOMweb matching without a server: QIDO conditions run on an in-memory SQLite table, query
-parsing (includefield, paging, errors), DICOM JSON values, Accept negotiation, and the
-metadata entries' bulk data references.
+"""DICOMweb without a server: QIDO matching values (what they mean is the engine's, see
+test_study_matching.py), query parsing (includefield, paging, errors), DICOM JSON values,
+Accept negotiation, and the metadata entries' bulk data references.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -15,124 +13,67 @@ from multidict import MultiDict
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from projections.matching import ATTRIBUTES
 from web.api.common import ApiError
 from web.dicomweb import accept
 from web.dicomweb.dicom_json import element, values
 from web.dicomweb.matching import MatchError, condition
+from web.dicomweb.matching import values as split_values
 from web.dicomweb.metadata_cache import dataset_json, with_base
 from web.dicomweb.qido import parse_search
-from web.dicomweb.qido_keys import BY_KEYWORD, Key, find_key
+from web.dicomweb.qido_keys import BY_KEYWORD, KEYS, find_key
 
 JPEG2000 = "1.2.840.10008.1.2.4.90"
 RLE = "1.2.840.10008.1.2.5"
 MPEG2 = "1.2.840.10008.1.2.4.100"
 LE = accept.EXPLICIT_LE
 
-ROWS = [  # (uid, name, accession, date, time, datetime, number)
-    ("1.2.1", "Doe^Jane", "ACC_1%", "20240115", "093000", "20240115093000.5+0100", 1),
-    ("1.2.2", "DOE^JOHN^^", "ACC11", "20240120", "1530", "2024012015", 2),
-    ("1.2.3", "Smith^Ann=スミス", "acc_1%", "20231231", "23", None, None),
-    ("1.2.4", None, None, None, "10:15:00", "20231231235959", 3),
-]
-
-
-@pytest.fixture(scope="module")
-def table() -> sqlite3.Connection:
-    db = sqlite3.connect(":memory:")
-    db.execute("CREATE TABLE t (uid TEXT, name TEXT, acc TEXT, d TEXT, tm TEXT, dt TEXT,"
-               " n INTEGER)")
-    db.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?, ?, ?)", ROWS)
-    return db
-
-
-def key(keyword: str, column: str) -> Key:
-    return replace(BY_KEYWORD[keyword], column=column)
-
-
-KEYS = {"uid": key("StudyInstanceUID", "uid"), "name": key("PatientName", "name"),
-        "acc": key("AccessionNumber", "acc"), "d": key("StudyDate", "d"),
-        "tm": key("StudyTime", "tm"), "dt": key("AcquisitionDateTime", "dt"),
-        "n": key("InstanceNumber", "n")}
-
-
-def matches(db: sqlite3.Connection, column: str, value: str) -> set[str]:
-    found = condition(KEYS[column], value, "sqlite")
-    where = f" WHERE {found.sql}" if found else ""
-    return {r[0] for r in db.execute(f"SELECT uid FROM t{where}", found.params if found else ())}
-
-
-@pytest.mark.parametrize(("column", "value", "expected"), [
-    ("uid", "1.2.1", {"1.2.1"}),
-    ("uid", "1.2.1,1.2.3", {"1.2.1", "1.2.3"}),
-    ("uid", "1.2.2\\1.2.4", {"1.2.2", "1.2.4"}),
-    ("name", "doe^jane", {"1.2.1"}),
-    ("name", "Doe^John", {"1.2.2"}),
-    ("name", "Doe^John^", {"1.2.2"}),
-    ("name", "DOE*", {"1.2.1", "1.2.2"}),
-    ("name", "d?e^j??n", {"1.2.2"}),
-    ("name", "*ann*", {"1.2.3"}),
-    ("name", "*", {"1.2.1", "1.2.2", "1.2.3", "1.2.4"}),
-    ("name", "", {"1.2.1", "1.2.2", "1.2.3", "1.2.4"}),
-    ("acc", "ACC_1%", {"1.2.1"}),
-    ("acc", "ACC_1*", {"1.2.1"}),
-    ("acc", "ACC?1", {"1.2.2"}),
-    ("acc", "acc*", {"1.2.3"}),
-    ("acc", "[A]*", set()),
-    ("d", "20240115", {"1.2.1"}),
-    ("d", "20240101-20240131", {"1.2.1", "1.2.2"}),
-    ("d", "-20231231", {"1.2.3"}),
-    ("d", "20240116-", {"1.2.2"}),
-    ("tm", "0930", {"1.2.1"}),
-    ("tm", "15", {"1.2.2"}),
-    ("tm", "0900-1030", {"1.2.1", "1.2.4"}),
-    ("tm", "2300-", {"1.2.3"}),
-    ("tm", "-093000.000", {"1.2.1"}),
-    ("dt", "2024", {"1.2.1", "1.2.2"}),
-    ("dt", "20240115093000-20240120", {"1.2.1", "1.2.2"}),
-    ("dt", "-20231231235959", {"1.2.4"}),
-    ("dt", "2024011509", {"1.2.1"}),
-    ("n", "2", {"1.2.2"}),
+@pytest.mark.parametrize(("keyword", "value", "message"), [
+    ("StudyInstanceUID", "1.2.*", "wildcards are not allowed"),
+    ("StudyInstanceUID", "1.2.3,", "non-empty"),
+    ("StudyInstanceUID", "1.2.a", "UID"),
+    ("StudyDate", "2024-01-15", "date"),
+    ("StudyDate", "202401", "date"),
+    ("StudyDate", "20240101-2024", "date"),
+    ("StudyDate", "20240101\\20240102", "one value or one range"),
+    ("StudyTime", "25h", "time"),
+    ("StudyTime", "2500", "time"),
+    ("AcquisitionDateTime", "2024-01", "date-time"),
+    ("InstanceNumber", "two", "whole number"),
+    ("InstanceNumber", "99999999999", "out of range"),
+    ("PatientID", "x" * 300, "too long"),
 ])
-def test_matching_forms_on_sqlite(table: sqlite3.Connection, column: str, value: str,
-                                  expected: set[str]) -> None:
-    assert matches(table, column, value) == expected
-
-
-@pytest.mark.parametrize(("column", "value", "message"), [
-    ("uid", "1.2.*", "wildcards are not allowed"),
-    ("uid", "1.2.3,", "non-empty"),
-    ("uid", "1.2.a", "UID"),
-    ("d", "2024-01-15", "date"),
-    ("d", "202401", "date"),
-    ("d", "20240101-2024", "date"),
-    ("tm", "25h", "time"),
-    ("dt", "2024-01", "date-time"),
-    ("n", "two", "whole number"),
-    ("n", "99999999999", "out of range"),
-])
-def test_bad_matching_values_are_refused_without_echoing_them(column: str, value: str,
+def test_bad_matching_values_are_refused_without_echoing_them(keyword: str, value: str,
                                                                message: str) -> None:
     with pytest.raises(MatchError) as caught:
-        condition(KEYS[column], value, "sqlite")
+        condition(BY_KEYWORD[keyword], value)
     assert message in str(caught.value) and value not in str(caught.value)
 
 
-def test_postgresql_patterns_escape_like_characters() -> None:
-    found = condition(KEYS["acc"], "A_1%*\\?", "postgres")
-    assert found is not None
-    assert found.sql == "acc LIKE ? ESCAPE '\\'"
-    assert found.params == ("A\\_1\\%%\\\\_",)
-    name = condition(KEYS["name"], "doe*", "postgres")
-    assert name is not None and name.sql == "UPPER(rtrim(name, '^ ')) LIKE UPPER(?) ESCAPE '\\'"
+def test_lists_split_on_backslash_and_for_uids_and_codes_on_commas() -> None:
+    assert split_values(BY_KEYWORD["StudyInstanceUID"], "1.2,1.3\\1.4") == ["1.2", "1.3", "1.4"]
+    assert split_values(BY_KEYWORD["ModalitiesInStudy"], "CT,MR") == ["CT", "MR"]
+    assert split_values(BY_KEYWORD["AccessionNumber"], "A,1\\B") == ["A,1", "B"]
+    assert split_values(BY_KEYWORD["PatientName"], "Doe, J\\Roe") == ["Doe, J", "Roe"]
+    found = condition(BY_KEYWORD["StudyInstanceUID"], "1.2,1.3")
+    assert found is not None and found.kind == "uid" and found.values == ("1.2", "1.3")
+    assert condition(BY_KEYWORD["PatientName"], "") is None
+    assert condition(BY_KEYWORD["PatientName"], "*") is None
+    empty = condition(BY_KEYWORD["StudyDescription"], '""')
+    assert empty is not None and empty.kind == "empty"
 
 
-def test_modalities_in_study_matches_any_series() -> None:
-    found = condition(BY_KEYWORD["ModalitiesInStudy"], "CT\\MR", "sqlite")
-    assert found is not None and "EXISTS" in found.sql and found.params == ("CT", "MR")
+def test_counts_are_return_keys_only() -> None:
     with pytest.raises(MatchError):
-        condition(BY_KEYWORD["ModalitiesInStudy"], "ct; DROP", "sqlite")
-    with pytest.raises(MatchError):
-        condition(BY_KEYWORD["NumberOfStudyRelatedSeries"], "2", "sqlite")
+        condition(BY_KEYWORD["NumberOfStudyRelatedSeries"], "2")
+    assert condition(BY_KEYWORD["NumberOfStudyRelatedSeries"], "") is None
+
+
+def test_every_key_reads_the_engines_column() -> None:
+    for key in KEYS:
+        if key.matchable:
+            assert (key.column, key.vr) == (ATTRIBUTES[key.keyword].column,
+                                            ATTRIBUTES[key.keyword].vr)
 
 
 def test_attribute_names_by_keyword_or_tag() -> None:
@@ -144,7 +85,7 @@ def test_attribute_names_by_keyword_or_tag() -> None:
 
 def search(level: str = "study", scope: dict[str, str] | None = None, **query: Any) -> Any:
     items = [(k, v) for k, vs in query.items() for v in (vs if isinstance(vs, list) else [vs])]
-    return parse_search(MultiDict(items), level, scope or {}, "sqlite")
+    return parse_search(MultiDict(items), level, scope or {})
 
 
 def test_includefield_forms_and_warnings() -> None:

@@ -1,9 +1,10 @@
 """QIDO-RS under ``/dicom-web``: search for studies, series and instances, answered from the
 studies view (never by reading stored files) as ``application/dicom+json``.
 
-Query parameters are attribute keywords or hex tags (matching, see matching.py), ``includefield``
-(repeated or comma-separated, ``all``), ``limit``/``offset`` (a ``Warning`` says when more
-results exist) and ``fuzzymatching`` (not supported: a Warning says literal matching was used).
+Query parameters are attribute keywords or hex tags (matching: the studies view's engine,
+projections/matching.py, through matching.py), ``includefield`` (repeated or
+comma-separated, ``all``), ``limit``/``offset`` (a ``Warning`` says when more results exist)
+and ``fuzzymatching`` (not supported: a Warning says literal matching was used).
 Each search is one access record: level, attribute names used, number returned; the study and
 patient when the search names them.
 """
@@ -18,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiMapping
 
+from projections import matching as engine
 from projections.db import ViewDatabase
 from web.api.common import ApiError
 from web.dicomweb import matching
@@ -138,7 +140,7 @@ def _includes(query: MultiMapping[str], search: Search, shown: tuple[str, ...]) 
                                f" level: {', '.join(sorted(set(unsupported)))}")
 
 
-def _matches(query: MultiMapping[str], search: Search, dialect: str) -> None:
+def _matches(query: MultiMapping[str], search: Search) -> None:
     for name in sorted(set(query) - set(RESERVED)):
         values = query.getall(name)
         if len(values) > 1:
@@ -152,7 +154,7 @@ def _matches(query: MultiMapping[str], search: Search, dialect: str) -> None:
         if key.level not in searchable(search.level):
             raise _bad(f"{key.keyword} cannot be matched in a {search.level} search")
         try:
-            found = matching.condition(key, values[0], dialect)
+            found = matching.condition(key, values[0])
         except matching.MatchError as exc:
             raise _bad(f"{key.keyword}: {exc}") from None
         if found is not None:
@@ -161,8 +163,7 @@ def _matches(query: MultiMapping[str], search: Search, dialect: str) -> None:
         search.returned[key.keyword] = key
 
 
-def parse_search(query: MultiMapping[str], level: str, scope: dict[str, str],
-                 dialect: str) -> Search:
+def parse_search(query: MultiMapping[str], level: str, scope: dict[str, str]) -> Search:
     """A QIDO request from its query string; ApiError 400 names the bad parameter."""
     search = Search(level, scope)
     shown = levels_for(level, tuple(scope))
@@ -174,7 +175,7 @@ def parse_search(query: MultiMapping[str], level: str, scope: dict[str, str],
     _paging(query, search)
     _fuzzy(query, search)
     _includes(query, search, shown)
-    _matches(query, search, dialect)
+    _matches(query, search)
     return search
 
 
@@ -184,15 +185,16 @@ def run_search(db: ViewDatabase, search: Search) -> list[dict[str, Any]]:
     columns = [f"{k.column} AS k_{k.keyword.lower()}" for k in keys]
     columns += [f"{IDS[level]} AS id_{level}" for level in searchable(search.level)]
     columns.append(f"{AVAILABLE_SQL[search.level]} AS availability")
-    clauses = [c.sql for c in search.conditions]
-    params: list[Any] = [p for c in search.conditions for p in c.params]
+    found = engine.where(search.conditions, db.dialect)
+    columns += found.columns()
+    clauses, params = list(found.clauses), list(found.params)
     for level, uid in search.scope.items():
         clauses.append(f"{SCOPE_COLUMN[(search.level, level)]} = ?")
         params.append(uid)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     sql = (f"SELECT {', '.join(columns)} FROM {FROM[search.level]}{where}"
-           f" ORDER BY {ORDER[search.level]} LIMIT ? OFFSET ?")
-    return db.query(sql, [*params, search.limit + 1, search.offset])
+           f" ORDER BY {ORDER[search.level]}")
+    return engine.fetch(db, sql, params, found, search.limit + 1, search.offset)
 
 
 def to_dataset(row: dict[str, Any], search: Search, base: str) -> dict[str, Any]:
@@ -234,7 +236,7 @@ async def _search(request: web.Request, note: AccessNote, level: str) -> web.Res
     db = studies_db(request)
     note.object_type = level
     note.add(f"{level} search")
-    search = parse_search(request.query, level, scope, db.dialect)
+    search = parse_search(request.query, level, scope)
     await fresh(request, "studies")  # every receipt acknowledged before this search
     patient = await asyncio.to_thread(_scope_patient, db, scope) if scope else None
     study = scope.get(STUDY) or _named(search.matched.get("StudyInstanceUID"))

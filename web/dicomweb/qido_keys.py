@@ -1,6 +1,7 @@
 """The attributes QIDO-RS knows per level: their tag, VR, the studies-view column they come
-from, and whether they are returned by default (PS3.18 table 10.6.3-3 and a few that viewers
-expect, such as Study Description). Lookup by keyword or by eight hex digits.
+from (the matching engine's, projections/matching.py), and whether they are returned by
+default (PS3.18 table 10.6.3-3 and a few that viewers expect, such as Study Description).
+Lookup by keyword or by eight hex digits.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import re
 from dataclasses import dataclass
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
+
+from projections.matching import ATTRIBUTES
 
 STUDY, SERIES, INSTANCE = "study", "series", "instance"
 LEVELS = (STUDY, SERIES, INSTANCE)
@@ -29,52 +32,49 @@ class Key:
     matchable: bool = True
 
 
-def _keys(level: str, alias: str, rows: tuple[tuple[str, str, str, str, bool], ...]
-          ) -> tuple[Key, ...]:
-    return tuple(Key(kw, tag, vr, level, f"{alias}.{col}", default)
-                 for kw, tag, vr, col, default in rows)
+def _keys(level: str, rows: tuple[tuple[str, str, bool], ...]) -> tuple[Key, ...]:
+    return tuple(Key(kw, tag, ATTRIBUTES[kw].vr, level, ATTRIBUTES[kw].column, default)
+                 for kw, tag, default in rows)
 
 
-_STUDY = _keys(STUDY, "st", (
-    ("SpecificCharacterSet", "00080005", "CS", "specific_character_set", True),
-    ("StudyDate", "00080020", "DA", "study_date", True),
-    ("StudyTime", "00080030", "TM", "study_time", True),
-    ("AccessionNumber", "00080050", "SH", "accession_number", True),
-    ("ModalitiesInStudy", "00080061", "CS", "modalities", True),
-    ("ReferringPhysicianName", "00080090", "PN", "referring_physician_name", True),
-    ("TimezoneOffsetFromUTC", "00080201", "SH", "timezone_offset_from_utc", True),
-    ("StudyDescription", "00081030", "LO", "study_description", True),
-    ("PatientName", "00100010", "PN", "patient_name", True),
-    ("PatientID", "00100020", "LO", "patient_id", True),
-    ("IssuerOfPatientID", "00100021", "LO", "issuer_of_patient_id", False),
-    ("PatientBirthDate", "00100030", "DA", "patient_birth_date", True),
-    ("PatientSex", "00100040", "CS", "patient_sex", True),
-    ("StudyInstanceUID", "0020000D", "UI", "study_instance_uid", True),
-    ("StudyID", "00200010", "SH", "study_id", True),
+_STUDY = _keys(STUDY, (
+    ("SpecificCharacterSet", "00080005", True),
+    ("StudyDate", "00080020", True),
+    ("StudyTime", "00080030", True),
+    ("AccessionNumber", "00080050", True),
+    ("ModalitiesInStudy", "00080061", True),
+    ("ReferringPhysicianName", "00080090", True),
+    ("TimezoneOffsetFromUTC", "00080201", True),
+    ("StudyDescription", "00081030", True),
+    ("PatientName", "00100010", True),
+    ("PatientID", "00100020", True),
+    ("IssuerOfPatientID", "00100021", False),
+    ("PatientBirthDate", "00100030", True),
+    ("PatientSex", "00100040", True),
+    ("StudyInstanceUID", "0020000D", True),
+    ("StudyID", "00200010", True),
 ))
-_SERIES = _keys(SERIES, "se", (
-    ("SeriesDate", "00080021", "DA", "series_date", False),
-    ("SeriesTime", "00080031", "TM", "series_time", False),
-    ("Modality", "00080060", "CS", "modality", True),
-    ("SeriesDescription", "0008103E", "LO", "series_description", True),
-    ("BodyPartExamined", "00180015", "CS", "body_part_examined", False),
-    ("SeriesInstanceUID", "0020000E", "UI", "series_instance_uid", True),
-    ("SeriesNumber", "00200011", "IS", "series_number", True),
-    ("PerformedProcedureStepStartDate", "00400244", "DA",
-     "performed_procedure_step_start_date", True),
-    ("PerformedProcedureStepStartTime", "00400245", "TM",
-     "performed_procedure_step_start_time", True),
+_SERIES = _keys(SERIES, (
+    ("SeriesDate", "00080021", False),
+    ("SeriesTime", "00080031", False),
+    ("Modality", "00080060", True),
+    ("SeriesDescription", "0008103E", True),
+    ("BodyPartExamined", "00180015", False),
+    ("SeriesInstanceUID", "0020000E", True),
+    ("SeriesNumber", "00200011", True),
+    ("PerformedProcedureStepStartDate", "00400244", True),
+    ("PerformedProcedureStepStartTime", "00400245", True),
 ))
-_INSTANCE = _keys(INSTANCE, "i", (
-    ("SOPClassUID", "00080016", "UI", "sop_class_uid", True),
-    ("SOPInstanceUID", "00080018", "UI", "sop_instance_uid", True),
-    ("AcquisitionDateTime", "0008002A", "DT", "acquisition_date_time", False),
-    ("AvailableTransferSyntaxUID", "00083002", "UI", "transfer_syntax_uid", False),
-    ("InstanceNumber", "00200013", "IS", "instance_number", True),
-    ("NumberOfFrames", "00280008", "IS", "number_of_frames", True),
-    ("Rows", "00280010", "US", "rows_", True),
-    ("Columns", "00280011", "US", "columns_", True),
-    ("BitsAllocated", "00280100", "US", "bits_allocated", True),
+_INSTANCE = _keys(INSTANCE, (
+    ("SOPClassUID", "00080016", True),
+    ("SOPInstanceUID", "00080018", True),
+    ("AcquisitionDateTime", "0008002A", False),
+    ("AvailableTransferSyntaxUID", "00083002", False),
+    ("InstanceNumber", "00200013", True),
+    ("NumberOfFrames", "00280008", True),
+    ("Rows", "00280010", True),
+    ("Columns", "00280011", True),
+    ("BitsAllocated", "00280100", True),
 ))
 # Counts are return keys only (PS3.18: they cannot be matched on).
 _COUNTS = (
