@@ -149,7 +149,7 @@ def cmd_check_config(settings: Settings, args: Any) -> int:
     for problem in problems:
         print(f"{args.file}: {problem}", file=sys.stderr)
     if problems:
-        return 1
+        return 2  # as for a configuration error at start
     print(f"{args.file}: OK")
     return 0
 

@@ -1,73 +1,119 @@
-"""Validating a TOML settings file without touching any store: every problem, each named,
-including destinations and remote nodes the destination policy refuses (docs/security.md)."""
+"""Validating a TOML settings file without touching any store: every problem in one run, each
+with its path (``dicom.max_associations``, ``destinations[2].port``, ``rules[0].match[1].op``).
+
+Every stage runs whatever the others found: the settings, each destination and the destination
+policy (docs/security.md), each rule and the destinations it names, each remote node.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from router.application.remote_nodes import RemoteNodeError, parse_remote_node
+from router.config_types import join_path
 from router.dispatch.policy import DestinationPolicy
 from router.dispatch.registry import DestinationConfigError, check_policy, parse_destination
 from router.domain.rules import RuleError, parse_rule
-from router.settings import SettingsError, load_settings
+from router.settings import SettingsError, read_toml, settings_problems
 
 
 def check_config(path: Path) -> list[str]:
     """All problems found in the file (an empty list means it is valid)."""
     try:
-        settings = load_settings({}, path)
+        doc = read_toml(path)
     except SettingsError as exc:
-        return [str(exc)]
-    policy = DestinationPolicy.from_settings(settings)
-    problems: list[str] = []
-    names: list[str] = []
-    for i, item in enumerate(settings.destinations):
-        # Declared names count even when the item is invalid: a rule naming it is not "unknown",
-        # and a second item with the same name is still a duplicate.
+        return exc.problems
+    settings, found = settings_problems(doc, {})
+    problems = [str(p) for p in found]
+    # The policy depends on [storage] and [security]: judged only when the settings are valid.
+    policy = DestinationPolicy.from_settings(settings) if settings is not None else None
+    names = _destination_problems(doc, policy, problems)
+    _rule_problems(doc, names, problems)
+    dispatch = doc.get("dispatch")  # read from the file: checked even if settings are not
+    default = dispatch.get("default_destination") if isinstance(dispatch, Mapping) else None
+    if isinstance(default, str) and default and default not in names:
+        problems.append(f"dispatch.default_destination: {default!r} is not a declared "
+                        "destination")
+    _remote_node_problems(doc, policy, problems)
+    return problems
+
+
+def _items(doc: Mapping[str, Any], table: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``([[table]])[i]`` paths and items that are tables (the settings stage reports the
+    rest: a value that is not an array of tables)."""
+    items = doc.get(table, [])
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        if isinstance(item, Mapping):
+            yield join_path(table, i), item
+
+
+def _duplicates(declared: list[tuple[str, str]], what: str) -> list[str]:
+    """One problem per later declaration of a value already declared at another path."""
+    first: dict[str, str] = {}
+    problems = []
+    for path, value in declared:
+        if value in first:
+            problems.append(f"{path}: {what} {value!r} is declared more than once "
+                            f"(also {first[value]})")
+        first.setdefault(value, path)
+    return problems
+
+
+def _destination_problems(doc: Mapping[str, Any], policy: DestinationPolicy | None,
+                          problems: list[str]) -> set[str]:
+    """Each destination's problems; returns the declared names. Declared names count even when
+    the item is invalid: a rule naming it is not "unknown", and a second item with the same
+    name is still a duplicate."""
+    declared: list[tuple[str, str]] = []
+    for path, item in _items(doc, "destinations"):
         if isinstance(item.get("name"), str):
-            names.append(str(item["name"]))
+            declared.append((f"{path}.name", str(item["name"])))
         try:
-            check_policy(parse_destination(item), policy)
+            config = parse_destination(item)
+            if policy is not None:
+                check_policy(config, policy)
         except DestinationConfigError as exc:
-            problems.append(f"destinations[{i}]: {exc}")
-    duplicates = {n for n in names if names.count(n) > 1}
-    problems += [f"destination {n!r} is declared more than once" for n in sorted(duplicates)]
-    rule_names: list[str] = []
-    for i, item in enumerate(settings.rules):
+            problems += [f"{join_path(path, key)}: {message}"
+                         for key, message in exc.errors.items()]
+    problems += _duplicates(declared, "destination")
+    return {name for _, name in declared}
+
+
+def _rule_problems(doc: Mapping[str, Any], destinations: set[str],
+                   problems: list[str]) -> None:
+    declared: list[tuple[str, str]] = []
+    for path, item in _items(doc, "rules"):
         try:
             spec = parse_rule(item)
         except RuleError as exc:
-            problems.append(f"rules[{i}]: {exc}")
+            problems += [f"{join_path(path, key)}: {message}" if key else f"{path}: {message}"
+                         for key, message in exc.errors.items()]
             continue
-        rule_names.append(spec.name)
-        problems += [f"rule {spec.name!r}: unknown destination {d!r}"
-                     for d in spec.destinations if d not in names]
-    duplicates = {n for n in rule_names if rule_names.count(n) > 1}
-    problems += [f"rule {n!r} is declared more than once" for n in sorted(duplicates)]
-    default = settings.dispatch.default_destination
-    if default and default not in names:
-        problems.append(f"dispatch.default_destination {default!r} is not a declared destination")
-    return problems + _remote_node_problems(settings.remote_nodes, policy)
+        declared.append((f"{path}.name", spec.name))
+        problems += [f"{path}.destinations[{i}]: unknown destination {d!r} (rule {spec.name!r})"
+                     for i, d in enumerate(spec.destinations) if d not in destinations]
+    problems += _duplicates(declared, "rule")
 
 
-def _remote_node_problems(items: tuple[Mapping[str, Any], ...],
-                          policy: DestinationPolicy) -> list[str]:
-    problems, names, aets = [], [], []
-    for i, item in enumerate(items):
+def _remote_node_problems(doc: Mapping[str, Any], policy: DestinationPolicy | None,
+                          problems: list[str]) -> None:
+    names: list[tuple[str, str]] = []
+    aets: list[tuple[str, str]] = []
+    for path, item in _items(doc, "remote_nodes"):
         try:
             node = parse_remote_node(item)
-            refused = policy.remote_node_problems(node.host, node.port)
-            if refused:
-                raise RemoteNodeError(refused)
         except RemoteNodeError as exc:
-            problems.append(f"remote_nodes[{i}]: {exc}")
+            problems += [f"{join_path(path, key)}: {message}"
+                         for key, message in exc.errors.items()]
             continue
-        names.append(node.name)
-        aets.append(node.ae_title)
-    problems += [f"remote node {n!r} is declared more than once"
-                 for n in sorted({n for n in names if names.count(n) > 1})]
-    problems += [f"AE title {a!r} is used by more than one remote node"
-                 for a in sorted({a for a in aets if aets.count(a) > 1})]
-    return problems
+        refused = policy.remote_node_problems(node.host, node.port) if policy else {}
+        if refused:
+            problems += [f"{join_path(path, key)}: {message}" for key, message in refused.items()]
+            continue
+        names.append((f"{path}.name", node.name))
+        aets.append((f"{path}.ae_title", node.ae_title))
+    problems += _duplicates(names, "remote node")
+    problems += [p.replace("is declared more than once", "is used by more than one remote node")
+                 for p in _duplicates(aets, "AE title")]

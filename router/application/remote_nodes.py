@@ -5,35 +5,36 @@ of the admin log that keeps the current nodes and jobs in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import re
 import threading
 import time
-import types
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from eventsourcing.application import AggregateNotFoundError
+from pydantic import AfterValidator, ConfigDict, Strict, StrictBool, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from router.application.commands import CONFIG_ACTOR, Actor, CommandError, NotFoundError
 from router.application.stores import EventStores
+from router.config_types import AETitle, Description, PeerPort, problems_of
 from router.dicom.tls import TlsClientSettings
 from router.dispatch.policy import DestinationPolicy
 from router.domain.remote import RemoteNode, Retrieve, remote_node_id
 
 logger = logging.getLogger(__name__)
 
-SERVICES = ("find", "move", "get")  # what a node may ask of us (C-FIND, C-MOVE, C-GET)
-MAX_DESCRIPTION = 500
+Service = Literal["find", "move", "get"]
+SERVICES: tuple[Service, ...] = ("find", "move", "get")  # C-FIND, C-MOVE, C-GET of us
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 TLS_KEYS = ("tls", "tls_ca_certificates", "tls_certificate", "tls_private_key", "tls_profile",
             "tls_server_name")
-_KEYS = {"name", "ae_title", "host", "port", "services", "description", *TLS_KEYS}
 _TOPICS = tuple(f"router.domain.remote:{name}" for name in (
     "RemoteNode.Created", "RemoteNode.Updated", "RemoteNode.Deleted", "Retrieve.Requested",
     "Retrieve.Progressed", "Retrieve.Completed", "Retrieve.Failed"))
@@ -47,19 +48,39 @@ class RemoteNodeError(CommandError):
         super().__init__("; ".join(f"{key}: {message}" for key, message in self.errors.items()))
 
 
-@dataclass(frozen=True)
-class RemoteNodeConfig:
-    """A remote AE as stored in its events."""
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("1-64 letters, digits, '.', '_' or '-'")
+    return value
 
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    services: tuple[str, ...] = SERVICES
-    description: str = ""
+
+def _host(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST.match(host):
+            raise ValueError("a host name or an IP address") from None
+    return host
+
+
+def _in_order(services: tuple[Service, ...]) -> tuple[Service, ...]:
+    return tuple(s for s in SERVICES if s in services)
+
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class RemoteNodeConfig:
+    """A remote AE as stored in its events; validates TOML/JSON-shaped keyword arguments."""
+
+    name: Annotated[str, AfterValidator(_name)]
+    ae_title: Annotated[AETitle, AfterValidator(str.strip)]
+    host: Annotated[str, AfterValidator(_host)]
+    port: Annotated[PeerPort, Strict()]
+    # What the node may ask of us, in SERVICES order.
+    services: Annotated[tuple[Service, ...], AfterValidator(_in_order)] = SERVICES
+    description: Description = ""
     # DICOM TLS for our associations to it (C-ECHO, C-FIND, C-MOVE, C-GET, and C-MOVE
     # sub-operations we send it): as a DICOM destination's tls_* settings.
-    tls: bool = False
+    tls: StrictBool = False
     tls_ca_certificates: str = ""
     tls_certificate: str = ""
     tls_private_key: str = ""
@@ -77,61 +98,23 @@ class RemoteNodeConfig:
         return service in self.services
 
 
-def _valid_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return bool(_HOST.match(host))
-
-
-def _check_fields(data: Mapping[str, Any]) -> dict[str, str]:
-    errors: dict[str, str] = {}
-    for key in sorted(set(data) - _KEYS):
-        errors[key] = "unknown setting"
-    if not isinstance(data.get("name"), str) or not _NAME.match(data["name"]):
-        errors["name"] = "1-64 letters, digits, '.', '_' or '-'"
-    ae = data.get("ae_title")
-    if not isinstance(ae, str) or not _AE_TITLE.match(ae) or not ae.strip():
-        errors["ae_title"] = "1-16 printable ASCII characters, no backslash"
-    host = data.get("host")
-    if not isinstance(host, str) or not _valid_host(host):
-        errors["host"] = "a host name or an IP address"
-    port = data.get("port")
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        errors["port"] = "a whole number between 1 and 65535"
-    services = data.get("services", list(SERVICES))
-    if not isinstance(services, list | tuple) or not all(s in SERVICES for s in services):
-        errors["services"] = "a list of: " + ", ".join(SERVICES)
-    description = data.get("description", "")
-    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
-        errors["description"] = f"text of at most {MAX_DESCRIPTION} characters"
-    errors.update(_tls_problems(data))
-    return errors
-
-
-def _tls_problems(data: Mapping[str, Any]) -> dict[str, str]:
-    if not isinstance(data.get("tls", False), bool):
-        return {"tls": "true or false"}
-    wrong = [key for key in TLS_KEYS[1:] if not isinstance(data.get(key, ""), str)]
-    if wrong:
-        return {key: "text (a file path or a name)" for key in wrong}
-    tls = TlsClientSettings.of(types.SimpleNamespace(**data))
-    return tls.problems() if tls is not None else {}
-
-
 def parse_remote_node(data: Mapping[str, Any]) -> RemoteNodeConfig:
     """A validated node from TOML/JSON-shaped ``data``; RemoteNodeError lists every problem."""
     if not isinstance(data, Mapping):
         raise RemoteNodeError({"body": "a remote node is a table of settings"})
-    errors = _check_fields(data)
-    if errors:
-        raise RemoteNodeError(errors)
-    services = tuple(s for s in SERVICES if s in data.get("services", SERVICES))
-    tls = {key: data[key] for key in TLS_KEYS if key in data} if data.get("tls") else {}
-    return RemoteNodeConfig(name=data["name"], ae_title=data["ae_title"].strip(),
-                            host=data["host"], port=int(data["port"]), services=services,
-                            description=str(data.get("description", "")), **tls)
+    try:
+        node = RemoteNodeConfig(**{str(key): value for key, value in data.items()})
+    except ValidationError as exc:
+        raise RemoteNodeError({p.path: p.message
+                               for p in problems_of(exc, RemoteNodeConfig)}) from None
+    tls = TlsClientSettings.of(node)
+    problems = tls.problems() if tls is not None else {}
+    if problems:
+        raise RemoteNodeError(problems)
+    # Without TLS the tls_* keys mean nothing: stored as the defaults.
+    return node if node.tls else dataclasses.replace(
+        node, tls_ca_certificates="", tls_certificate="", tls_private_key="",
+        tls_profile="bcp195", tls_server_name="")
 
 
 @dataclass(frozen=True)

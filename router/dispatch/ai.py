@@ -9,11 +9,13 @@ import http.client
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
+from pydantic.dataclasses import dataclass
+
 from router.ai.signing import signed_headers
+from router.config_types import STRICT, Concurrency, Description, Duration
 from router.dispatch.base import (
     Outgoing,
     PermanentDeliveryError,
@@ -28,7 +30,7 @@ SEND_MODES = ("dicomweb", "files")
 MIN_SECRET = 16
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=STRICT)
 class AIDestinationConfig:
     """An AI processor: where to POST, the shared secret, what to send and how long to wait."""
 
@@ -36,15 +38,15 @@ class AIDestinationConfig:
     url: str
     secret: str
     send: str = "dicomweb"
-    callback_timeout: float = 7200.0
+    callback_timeout: Duration = 7200.0
     granularity: str = "study"
-    quiet_time: float | None = None
+    quiet_time: Duration | None = None
     expected_count: int | None = None
     deidentify: bool = False
-    request_timeout: float = 30.0
-    concurrency: int = 2
+    request_timeout: Duration = 30.0
+    concurrency: Concurrency = 2
     enabled: bool = True
-    description: str = ""
+    description: Description = ""
 
     def problems(self) -> dict[str, str]:
         problems: dict[str, str] = {}

@@ -14,13 +14,16 @@ import re
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from typing import Annotated
 
+from pydantic import AfterValidator, Field
+from pydantic.dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from router.config_types import STRICT, AETitle, Concurrency, Description, Duration, PeerPort
 from router.dicom.store_scu import FileDataset, LinkError, Rejected, StoreLink, dataset_offset
 from router.dicom.tls import TlsClientSettings, TlsConfigError
 from router.dispatch.base import (
@@ -64,21 +67,28 @@ _STATUS_MEANINGS = {
 }
 
 
-@dataclass(frozen=True, kw_only=True)
+def _host(host: str) -> str:
+    if not _HOST.match(host):
+        raise ValueError("must be a host name or an IP address")
+    return host
+
+
+@dataclass(frozen=True, kw_only=True, config=STRICT)
 class DicomDestinationConfig:
     """A remote DICOM AE (PACS, viewer, another router) reached by C-STORE."""
 
     name: str
-    host: str
-    port: int
-    ae_title: str
-    calling_ae: str | None = None
-    timeout: float = 30.0  # connection, ACSE and DIMSE timeouts, seconds
-    idle_close: float = 5.0  # seconds an idle association stays open
+    host: Annotated[str, AfterValidator(_host)]
+    port: PeerPort
+    ae_title: AETitle
+    calling_ae: AETitle | None = None
+    # Connection, ACSE and DIMSE timeouts.
+    timeout: Annotated[Duration, Field(gt=0, le=3600)] = 30.0
+    idle_close: Annotated[Duration, Field(ge=0, le=3600)] = 5.0  # an idle association stays open
     max_pdu: int = 0  # what we advertise for receiving; 0 = unlimited
-    concurrency: int = 2
+    concurrency: Concurrency = 2
     enabled: bool = True
-    description: str = ""
+    description: Description = ""
     # DICOM TLS (PS3.15 B.9): the peer's certificate must chain to tls_ca_certificates (else
     # to the system's CAs) and carry the host's name (or tls_server_name).
     tls: bool = False
@@ -92,18 +102,6 @@ class DicomDestinationConfig:
         """Field -> message for values that are well-typed but unusable."""
         tls = TlsClientSettings.of(self)
         problems: dict[str, str] = tls.problems() if tls is not None else {}
-        if not _HOST.match(self.host):
-            problems["host"] = "must be a host name or an IP address"
-        if not 1 <= self.port <= 65535:
-            problems["port"] = "must be between 1 and 65535"
-        for key in ("ae_title", "calling_ae"):
-            value = getattr(self, key)
-            if value is not None and not is_valid_ae_title(value):
-                problems[key] = "must be 1-16 printable ASCII characters, no backslash"
-        if not 0 < self.timeout <= 3600:
-            problems["timeout"] = "must be more than 0 and at most 3600 seconds"
-        if not 0 <= self.idle_close <= 3600:
-            problems["idle_close"] = "must be between 0 and 3600 seconds"
         if self.max_pdu != 0 and not 4096 <= self.max_pdu <= 2**32 - 1:
             problems["max_pdu"] = "must be 0 (unlimited) or at least 4096 bytes"
         return problems

@@ -15,10 +15,12 @@ import os
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from pydantic.dataclasses import dataclass
+
+from router.config_types import STRICT, Concurrency, Description
 from router.dispatch.base import Outgoing, PermanentDeliveryError, TransientDeliveryError
 from router.dispatch.folders import FolderPolicy
 from router.dispatch.templates import PathTemplate, TemplateError
@@ -32,16 +34,16 @@ _CHUNK = 1024 * 1024
 _PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.ENOTDIR, errno.EISDIR})
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=STRICT)
 class FileDestinationConfig:
     """A folder on a local or mounted file system."""
 
     name: str
     path: str
     template: str = DEFAULT_FILE_TEMPLATE
-    concurrency: int = 2
+    concurrency: Concurrency = 2
     enabled: bool = True
-    description: str = ""
+    description: Description = ""
 
     def problems(self) -> dict[str, str]:
         """Field -> message for values that are well-typed but unusable."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from router.config_types import problems_of
 from router.dispatch.ai import AIAdapter, AIDestinationConfig
 from router.dispatch.base import Adapter
 from router.dispatch.dicom import DicomAdapter, DicomDestinationConfig
@@ -22,14 +24,11 @@ from router.dispatch.file import FileAdapter, FileDestinationConfig
 from router.dispatch.policy import DestinationPolicy
 from router.dispatch.s3 import S3Adapter, S3DestinationConfig
 from router.secrets import SecretBox, SecretError
-from router.settings import SettingsError, parse_duration
 
 DestinationConfig = (DicomDestinationConfig | FileDestinationConfig | S3DestinationConfig
                      | AIDestinationConfig)
 
 MASK = "********"
-MAX_CONCURRENCY = 16
-MAX_DESCRIPTION = 500
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -85,8 +84,9 @@ DESTINATION_KINDS: dict[str, DestinationKind] = {
 def parse_destination(data: Mapping[str, object]) -> DestinationConfig:
     """A validated config from TOML/JSON-shaped ``data`` (plaintext or sealed secrets).
 
-    Raises :class:`DestinationConfigError` listing every problem found, including unknown
-    keys, wrong types, out-of-range values and unusable templates.
+    The kind's config class (a pydantic dataclass) checks keys, types and ranges; its
+    ``problems()`` then checks what needs several fields or the file system's rules. Raises
+    :class:`DestinationConfigError` listing every problem found.
     """
     if not isinstance(data, Mapping):
         raise DestinationConfigError(None, {"destination": "must be a table / object"})
@@ -102,77 +102,27 @@ def parse_destination(data: Mapping[str, object]) -> DestinationConfig:
         given = f"unknown type {type_name!r}; " if isinstance(type_name, str) else "required: "
         errors["type"] = f"{given}one of {expected}"
         raise DestinationConfigError(shown_name, errors)
-    fields = {spec.name: spec for spec in dataclasses.fields(kind.config_class)}
-    unknown = [key for key in data if key != "type" and key not in fields]
-    values, type_errors = _typed_values(kind, data)
-    if not type_errors:
-        # Semantic checks need typed values; the name may still be invalid (checked above).
-        config = kind.config_class(**{**values, "name": name if isinstance(name, str) else ""})
-        errors.update(_common_problems(config, kind))
-        errors.update(config.problems())
-    errors.update(type_errors)
-    errors.update({str(key): f"unknown key for a {kind.name} destination" for key in unknown})
+    # The name is checked above; semantic checks still run when only the name is wrong.
+    values = {str(key): value for key, value in data.items() if key != "type"}
+    try:
+        # Keyword arguments: a strict dataclass takes no dict (TOML and JSON keys are text).
+        config = kind.config_class(**{**values, "name": shown_name or ""})
+    except ValidationError as exc:
+        for problem in problems_of(exc, kind.config_class):
+            if problem.path != "name" or "name" not in errors:
+                errors[problem.path] = problem.message.replace(
+                    "unknown key", f"unknown key for a {kind.name} destination", 1)
+        raise DestinationConfigError(shown_name, errors) from None
+    errors.update(_mask_problems(config, kind))
+    errors.update(config.problems())
     if errors:
         raise DestinationConfigError(shown_name, errors)
     return typing.cast(DestinationConfig, config)
 
 
-def _typed_values(
-    kind: DestinationKind, data: Mapping[str, object]
-) -> tuple[dict[str, object], dict[str, str]]:
-    """Keyword arguments for the config class, type-checked against its annotations."""
-    hints = typing.get_type_hints(kind.config_class)
-    values: dict[str, object] = {}
-    errors: dict[str, str] = {}
-    for spec in dataclasses.fields(kind.config_class):
-        key = spec.name
-        if key == "name":
-            continue  # checked by parse_destination
-        if key not in data:
-            if spec.default is dataclasses.MISSING:
-                errors[key] = "required"
-            continue
-        try:
-            values[key] = _coerce(data[key], hints[key])
-        except (TypeError, ValueError) as exc:
-            errors[key] = str(exc)
-    return values, errors
-
-
-def _coerce(value: object, hint: Any) -> object:
-    """``value`` checked against a simple annotation (str, int, float, bool, X | None)."""
-    if isinstance(hint, types.UnionType):
-        if value is None:
-            return None
-        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise TypeError("must be true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError("must be a whole number")
-        return value
-    if hint is float:
-        try:
-            return parse_duration(value, name="value")
-        except SettingsError:
-            raise ValueError("must be a number of seconds or a duration such as '30s'") from None
-    if not isinstance(value, str):
-        raise TypeError("must be a string")
-    return value
-
-
-def _common_problems(config: Any, kind: DestinationKind) -> dict[str, str]:
-    problems: dict[str, str] = {}
-    if not 1 <= config.concurrency <= MAX_CONCURRENCY:
-        problems["concurrency"] = f"must be between 1 and {MAX_CONCURRENCY}"
-    if len(config.description) > MAX_DESCRIPTION:
-        problems["description"] = f"must be at most {MAX_DESCRIPTION} characters"
-    for key in kind.secret_fields:
-        if getattr(config, key) == MASK:
-            problems[key] = "is the display mask, not a secret: enter the secret again"
-    return problems
+def _mask_problems(config: Any, kind: DestinationKind) -> dict[str, str]:
+    return {key: "is the display mask, not a secret: enter the secret again"
+            for key in sorted(kind.secret_fields) if getattr(config, key) == MASK}
 
 
 def seal_config(config: DestinationConfig, box: SecretBox) -> dict[str, object]:

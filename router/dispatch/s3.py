@@ -13,10 +13,12 @@ import hashlib
 import logging
 import re
 import socket
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from pydantic.dataclasses import dataclass
+
+from router.config_types import STRICT, Concurrency, Description
 from router.dispatch.base import (
     Outgoing,
     PermanentDeliveryError,
@@ -87,7 +89,7 @@ _TRANSIENT_CODES = frozenset(
 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=STRICT)
 class S3DestinationConfig:
     """A bucket (and key prefix) on AWS S3 or an S3-compatible endpoint."""
 
@@ -102,9 +104,9 @@ class S3DestinationConfig:
     template: str = DEFAULT_S3_TEMPLATE
     storage_class: str | None = None
     multipart_threshold: int = 16 * MIB
-    concurrency: int = 4
+    concurrency: Concurrency = 4
     enabled: bool = True
-    description: str = ""
+    description: Description = ""
 
     def problems(self) -> dict[str, str]:
         """Field -> message for values that are well-typed but unusable."""

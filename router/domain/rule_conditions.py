@@ -45,7 +45,13 @@ _DT = re.compile(
 
 
 class RuleError(ValueError):
-    """A routing rule or one of its conditions is invalid; the message names the field."""
+    """A routing rule or one of its conditions is invalid; the message names the field, and
+    ``errors`` maps the field's path in the rule (``match[1].op``; "" for the whole rule) to
+    the problem."""
+
+    def __init__(self, message: str, errors: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = dict(errors) if errors is not None else {"": message}
 
 
 class ConditionError(RuleError):

@@ -181,7 +181,8 @@ class RuleSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            raise RuleError("rule: name: expected a non-empty string")
+            raise RuleError("rule: name: expected a non-empty string",
+                            {"name": "expected a non-empty string"})
         for key in ("calling_aet", "called_aet"):
             for i, pattern in enumerate(getattr(self, key)):
                 if not pattern or _AE_PATTERN_FORBIDDEN.search(pattern):
@@ -199,12 +200,13 @@ class RuleSpec:
             check_grouping(self.granularity, self.quiet_time, self.expected_count,
                            self.amendments)
         except GroupingError as exc:
-            raise RuleError(f"rule {self.name!r}: {exc}") from None
+            key, _, problem = str(exc).partition(": ")
+            raise RuleError(f"rule {self.name!r}: {exc}", {key: problem}) from None
         if self.quiet_time is not None:
             object.__setattr__(self, "quiet_time", duration_seconds(self.quiet_time, ""))
 
     def _fail(self, key: str, problem: str) -> NoReturn:
-        raise RuleError(f"rule {self.name!r}: {key}: {problem}")
+        raise RuleError(f"rule {self.name!r}: {key}: {problem}", {key: problem})
 
     def _compile_each(self, key: str, compile_one: Callable[[str], T]) -> tuple[T, ...]:
         compiled: list[T] = []
@@ -422,7 +424,8 @@ def parse_rule(data: Mapping[str, object]) -> RuleSpec:
             amendments=data.get("amendments", "late_only"),  # type: ignore[arg-type]
         )
     except _FieldError as exc:
-        raise RuleError(f"{where}: {exc}") from None
+        key, _, problem = str(exc).partition(": ")  # "<field>: <problem>", or the rule's
+        raise RuleError(f"{where}: {exc}", {key: problem} if problem else {"": key}) from None
 
 
 # -- evaluating ------------------------------------------------------------------------------

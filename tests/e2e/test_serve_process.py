@@ -202,20 +202,20 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
 
     result = run_cli("check-config", str(config))
 
-    assert result.returncode == 1
+    assert result.returncode == 2
     problems = [line for line in result.stderr.splitlines() if line.startswith(f"{config}: ")]
     expected = [
-        ("destinations[0]", "port"),
-        ("destinations[1]", "path"),
-        ("destinations[2]", "ae_title"),
-        ("destinations[3]", "ftp"),
-        ("destinations[4]", "concurency"),
-        ("'pacs' is declared more than once",),
-        ("rule 'ct'", "missing-dest"),
-        ("'ct' is declared more than once",),
-        ("'typo'", "modalty"),
-        ("'bad-regex'",),
-        ("default_destination", "nowhere"),
+        ("destinations[0].port: required",),
+        ("destinations[1].path: ",),
+        ("destinations[2].ae_title: ",),
+        ("destinations[3].type: ", "ftp"),
+        ("destinations[4].concurency: ", "did you mean 'concurrency'?"),
+        ("destinations[1].name: destination 'pacs' is declared more than once",),
+        ("rules[0].destinations[1]: ", "missing-dest"),
+        ("rules[1].name: rule 'ct' is declared more than once",),
+        ("rules[2].modalty: ", "did you mean 'modality'?"),
+        ("rules[3].match[0].value: ",),
+        ("dispatch.default_destination: ", "nowhere"),
     ]
     for fragments in expected:
         assert any(all(f in p for f in fragments) for p in problems), (

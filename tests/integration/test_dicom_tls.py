@@ -23,7 +23,6 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from router.dicom.protocol_log import PROTOCOL_LOG
 from router.dicom.tls import client_context
 from router.service import Router
-from router.settings import TlsServerSettings
 from tests.certs import Issued, TestCA, self_signed
 from tests.conftest import make_settings, wait_for
 from tests.synthetic import make_ct_series
@@ -62,10 +61,10 @@ def _tls_settings(tmp_path: Path, pki: Pki, server: Issued | None = None,
                   **dicom: Any) -> Any:
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}")
     server = server or pki.server
-    tls = TlsServerSettings(port=0, certificate=server.certificate,
-                            private_key=server.private_key, ca_certificates=pki.ca.bundle,
-                            verify_clients=True, handshake_timeout=1.0)
-    return replace(settings, dicom=replace(settings.dicom, tls=tls, **dicom))
+    dicom = {"tls_port": 0, "tls_certificate": server.certificate,
+             "tls_private_key": server.private_key, "tls_ca_certificates": pki.ca.bundle,
+             "tls_verify_clients": True, "tls_handshake_timeout": 1.0, **dicom}
+    return replace(settings, dicom=replace(settings.dicom, **dicom))
 
 
 @pytest.fixture

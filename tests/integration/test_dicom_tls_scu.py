@@ -18,7 +18,6 @@ import requests
 
 from router.application.commands import Actor
 from router.service import Router
-from router.settings import TlsServerSettings
 from tests.certs import Issued, TestCA
 from tests.conftest import ADMIN_PASSWORD, make_settings, wait_for
 from tests.integration.test_qr_orthanc import (
@@ -43,13 +42,17 @@ def _server(ca: TestCA, stem: str, hosts: tuple[str, ...] = ("127.0.0.1",)) -> I
     return ca.issue(stem, stem.upper(), hosts=hosts)
 
 
+def _listener(ca: TestCA, server: Issued) -> dict[str, Any]:
+    """[dicom] keys of a mutual-TLS listener on a free port."""
+    return {"tls_port": 0, "tls_certificate": server.certificate,
+            "tls_private_key": server.private_key, "tls_ca_certificates": ca.bundle,
+            "tls_verify_clients": True}
+
+
 def _tls_router(tmp_path: Path, start: Callable[..., Any], ca: TestCA, server: Issued,
                 name: str) -> Any:
     settings = make_settings(tmp_path / name, f"sqlite:///{tmp_path / name / 'db'}")
-    tls = TlsServerSettings(port=0, certificate=server.certificate,
-                            private_key=server.private_key, ca_certificates=ca.bundle,
-                            verify_clients=True)
-    return start(replace(settings, dicom=replace(settings.dicom, tls=tls)))
+    return start(replace(settings, dicom=replace(settings.dicom, **_listener(ca, server))))
 
 
 def _tls_fields(ca: TestCA, client: Issued, **more: Any) -> dict[str, Any]:
@@ -159,10 +162,8 @@ def test_orthanc_as_a_tls_destination_and_a_tls_remote_node(
 ) -> None:
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}")
     router_cert = _server(ca, "router")
-    tls = TlsServerSettings(port=0, certificate=router_cert.certificate,
-                            private_key=router_cert.private_key, ca_certificates=ca.bundle,
-                            verify_clients=True)
-    server = web_router(replace(settings, dicom=replace(settings.dicom, tls=tls)))
+    server = web_router(replace(settings, dicom=replace(settings.dicom,
+                                                        **_listener(ca, router_cert))))
     router = server.router
     client = ca.issue("router-client", "DICOMROUTER", client=True)
     (tmp_path / "archive").mkdir()

@@ -428,4 +428,8 @@ def test_remote_nodes_declared_in_toml_are_applied_by_config(
                       'port = 1\n[[remote_nodes]]\nname = "y"\nae_title = "OTHER"\nhost = "h"\n'
                       'port = 1\n')
     problems = check_config(config)
-    assert len(problems) == 2 and "port" in problems[0] and "OTHER" in problems[1]
+    assert problems == [
+        "remote_nodes[0].ae_title: must be 1-16 printable ASCII characters, no backslash",
+        "remote_nodes[0].port: must be between 1 and 65535, got 0",
+        "remote_nodes[2].ae_title: AE title 'OTHER' is used by more than one remote node "
+        "(also remote_nodes[1].ae_title)"]

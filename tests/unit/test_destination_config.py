@@ -94,7 +94,7 @@ def test_durations_accept_units() -> None:
         ({"type": "webhook"}, "type", "unknown type 'webhook'; one of ai, dicom, file, s3"),
         ({"type": None}, "type", "required"),
         ({"colour": "red"}, "colour", "unknown key for a dicom destination"),
-        ({"host": None}, "host", "must be a string"),
+        ({"host": None}, "host", "expected a string"),
         ({"host": "bad host!"}, "host", "host name or an IP address"),
         ({"port": "104"}, "port", "whole number"),
         ({"port": True}, "port", "whole number"),
@@ -135,7 +135,7 @@ def test_missing_required_fields_are_all_reported() -> None:
         ({"template": "/abs/{SOPInstanceUID}"}, "template", "relative"),
         ({"template": "{NoSuchKeyword}.dcm"}, "template", "not a DICOM keyword"),
         ({"template": "../{SOPInstanceUID}"}, "template", "'..'"),
-        ({"path": None}, "path", "must be a string"),
+        ({"path": None}, "path", "expected a string"),
         ({"bucket": "x"}, "bucket", "unknown key for a file destination"),
     ],
 )

@@ -2,7 +2,8 @@
 
 Bodies are validated by the same parser as the TOML file (``parse_destination``), so a bad
 field gets the same message everywhere; the pydantic models below document the bodies in the
-OpenAPI document and are built from the config dataclasses, so they cannot drift from them.
+OpenAPI document and are built from the config classes (pydantic dataclasses: the same types,
+ranges and defaults), so they cannot drift from them.
 """
 
 from __future__ import annotations
@@ -49,12 +50,11 @@ CHECK_TIMEOUT = 45.0  # seconds a test connection may take before the page gives
 
 
 def _body_model(kind: DestinationKind) -> type[BaseModel]:
-    hints = typing.get_type_hints(kind.config_class)
+    # The config class's own annotations: ranges, durations ("30s") and AE titles included.
+    hints = typing.get_type_hints(kind.config_class, include_extras=True)
     fields: dict[str, Any] = {"type": (Literal[kind.name], ...)}
     for spec in dataclasses.fields(kind.config_class):
         hint = hints[spec.name]
-        if hint is float:
-            hint = float | str  # seconds, or a duration such as "30s"
         default = ... if spec.default is dataclasses.MISSING else spec.default
         extra: dict[str, Any] | None = (
             {"writeOnly": True} if spec.name in kind.secret_fields else None)

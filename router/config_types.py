@@ -1,0 +1,285 @@
+"""The pieces every configuration model shares: reusable annotated types (durations, AE titles,
+networks, folders) and one error format with paths.
+
+Settings, destinations, rules and remote nodes are pydantic models (pydantic dataclasses, so
+the rest of the code keeps reading frozen dataclasses); whatever validates them (TOML, the
+environment, API bodies) turns pydantic's errors into :class:`Problem` lines through
+:func:`problems_of`: ``dicom.max_associations: must be at most 1000, got 5000``,
+``destinations[2].port: required``, ``storage.retension_days: unknown key (did you mean
+'retention_days'?)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import ip_network
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic.fields import FieldInfo
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+MAX_CONCURRENCY = 16
+MAX_DESCRIPTION = 500
+
+
+class SettingsError(ValueError):
+    """Configuration is invalid: ``problems`` lists every problem found, each with its path."""
+
+    def __init__(self, problems: str | Sequence[object]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else [str(p) for p in problems]
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:  # one per line: the CLI prints "configuration error: <this>"
+            super().__init__(f"{len(self.problems)} problems:\n  " + "\n  ".join(self.problems))
+
+
+class FieldProblem(ValueError):
+    """Raised by a model's cross-field check to name the fields at fault (not the model):
+    ``errors`` maps each field to its problem."""
+
+    def __init__(self, errors: Mapping[str, str]) -> None:
+        self.errors = dict(errors)
+        super().__init__("; ".join(f"{key}: {message}" for key, message in self.errors.items()))
+
+
+def parse_duration(value: object, *, name: str = "duration") -> float:
+    """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"24h"`` or ``"2d"``."""
+    try:
+        return _seconds(value)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as '30s', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError(f"expected a duration such as '30s' or '24h', got {value!r}")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds < 0:
+        raise ValueError("must not be a negative duration")
+    return seconds
+
+
+def _ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("must be 1-16 printable ASCII characters, no backslash")
+    return value
+
+
+def _networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    for network in value:
+        try:
+            ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"{network!r} is not a network") from None
+    return value
+
+
+def _folder(value: Path) -> Path:
+    if not value.is_absolute() or ".." in value.parts or value == Path(value.anchor):
+        raise ValueError(f"{str(value)!r} must be an absolute folder path, not the root, "
+                         "without '..'")
+    return value
+
+
+_DURATION_SCHEMA = WithJsonSchema({"anyOf": [
+    {"type": "number", "minimum": 0},
+    {"type": "string", "pattern": _DURATION.pattern, "description": "e.g. 30s, 5m, 24h, 2d"}]})
+
+# Seconds, written as a number or a duration such as "30s", "5m", "24h" or "2d".
+Duration = Annotated[float, BeforeValidator(_seconds), _DURATION_SCHEMA]
+# 1-16 printable ASCII characters without backslash, not only spaces; kept as written.
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+# CIDR networks (host bits allowed), e.g. ["10.0.0.0/8", "192.0.2.7"].
+Networks = Annotated[tuple[str, ...], AfterValidator(_networks)]
+# A path; "~" is the service user's home.
+UserPath = Annotated[Path, AfterValidator(Path.expanduser)]
+# An absolute folder other than the root, without "..".
+Folder = Annotated[Path, AfterValidator(Path.expanduser), AfterValidator(_folder)]
+# The port of a peer we connect to.
+PeerPort = Annotated[int, Field(ge=1, le=65535)]
+# Deliveries to one destination at once.
+Concurrency = Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]
+# Free text shown with a destination, rule or remote node.
+Description = Annotated[str, Field(max_length=MAX_DESCRIPTION)]
+# Destinations and remote nodes come from TOML and JSON, which have real types: "104" is not
+# a port there (only the environment's text is converted, for settings). Unknown keys: errors.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+# -- one error format ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One configuration problem: where (``rules[0].match[1].op``) and what."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+def join_path(prefix: str, *parts: str | int) -> str:
+    """``dicom`` + ``max_associations`` -> ``dicom.max_associations``; ints as ``[i]``."""
+    path = prefix
+    for part in parts:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def did_you_mean(key: str, known: Sequence[str]) -> str:
+    """``unknown key (did you mean 'x'?)``, or the keys there are when none is close."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key (did you mean '{close[0]}'?)"
+    return f"unknown key (expected one of {', '.join(sorted(known))})"
+
+
+def problems_of(exc: ValidationError, root: Any, prefix: str = "") -> list[Problem]:
+    """Every error of ``exc`` (from validating ``root``) as a :class:`Problem` under ``prefix``."""
+    problems: list[Problem] = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        kind = error["type"]
+        ctx = error.get("ctx") or {}
+        if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+            message = did_you_mean(str(loc[-1]), config_keys(root, loc[:-1]))
+        elif kind == "value_error" and isinstance(ctx.get("error"), FieldProblem):
+            problems += [Problem(join_path(prefix, *loc, key), message)
+                         for key, message in ctx["error"].errors.items()]
+            continue
+        elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            message = _range(_bounds(root, loc) or ctx, error.get("input"))
+        else:
+            message = _message(kind, error["msg"], ctx, error.get("input"))
+        problems.append(Problem(join_path(prefix, *loc), message))
+    return problems
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _message(kind: str, msg: str, ctx: Mapping[str, Any], given: object) -> str:
+    """Words for one pydantic error; values are echoed only for non-text types (never a
+    secret: a secret is text, and a text field's problems do not repeat the text)."""
+    if kind in ("missing", "missing_argument", "missing_keyword_only_argument"):
+        return "required"
+    if kind == "value_error":
+        return str(ctx.get("error", msg.removeprefix("Value error, ")))
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}, got {_shown(given)}"
+    if kind.startswith(("int_", "bool_", "float_", "tuple_", "list_")):
+        expected = {"int": "a whole number", "bool": "true or false", "float": "a number",
+                    "tuple": "a list", "list": "a list"}[kind.split("_")[0]]
+        return f"expected {expected}, got {_shown(given)}"
+    if kind == "string_type":
+        return f"expected a string, got {type(given).__name__}"
+    if kind in ("dataclass_type", "dataclass_args_type", "model_type", "dict_type"):
+        return f"expected a table, got {type(given).__name__}"
+    if kind == "string_too_long":
+        return f"must be at most {ctx['max_length']} characters"
+    return msg.replace("Input should be", "must be")
+
+
+def config_keys(root: Any, loc: Sequence[str | int] = ()) -> list[str]:
+    """The keys a table at ``loc`` below the model ``root`` accepts (names and aliases)."""
+    model = unwrapped(_walk(root, loc)[0])
+    keys: list[str] = []
+    for name, info in _fields(model).items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            keys += [str(choice) for choice in alias.choices]
+        elif isinstance(alias, str):
+            keys.append(alias)
+        if name not in keys:
+            keys.append(name)
+    return keys
+
+
+def _walk(root: Any, loc: Sequence[str | int]) -> tuple[Any, FieldInfo | None]:
+    """The type at ``loc`` below ``root``, and the field it is (None for list items)."""
+    model, info = root, None
+    for part in loc:
+        model = unwrapped(model)
+        if isinstance(part, int):
+            args = [a for a in typing.get_args(model) if a is not Ellipsis]
+            model, info = (args[0] if args else None), None
+        else:
+            info = _fields(model).get(part)
+            model = info.annotation if info is not None else None
+    return model, info
+
+
+def _bounds(root: Any, loc: Sequence[str | int]) -> dict[str, Any]:
+    """The ge/gt/le/lt constraints of the field at ``loc`` (empty when unknown)."""
+    info = _walk(root, loc)[1]
+    bounds: dict[str, Any] = {}
+    for item in info.metadata if info is not None else ():
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(item, key, None) is not None:
+                bounds[key] = getattr(item, key)
+    return bounds
+
+
+def _range(bounds: Mapping[str, Any], given: object) -> str:
+    """``must be between 1 and 65535, got 0`` and the like, from both ends of a range."""
+    low = (f"at least {bounds['ge']}" if "ge" in bounds
+           else f"more than {bounds['gt']}" if "gt" in bounds else None)
+    high = (f"at most {bounds['le']}" if "le" in bounds
+            else f"less than {bounds['lt']}" if "lt" in bounds else None)
+    if "ge" in bounds and "le" in bounds:
+        return f"must be between {bounds['ge']} and {bounds['le']}, got {_shown(given)}"
+    return f"must be {' and '.join(t for t in (low, high) if t)}, got {_shown(given)}"
+
+
+def unwrapped(hint: Any) -> Any:
+    """``X`` from ``Annotated[X, ...]`` and ``X | None``."""
+    while True:
+        if typing.get_origin(hint) is Annotated:
+            hint = typing.get_args(hint)[0]
+        elif isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if len(args) != 1:
+                return hint
+            hint = args[0]
+        else:
+            return hint
+
+
+def _fields(model: Any) -> dict[str, Any]:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return dict(model.model_fields)
+    if dataclasses.is_dataclass(model):
+        return dict(getattr(model, "__pydantic_fields__", {}))
+    return {}

@@ -1,0 +1,148 @@
+"""One description of configuration (issue 17, point 6): the settings, destinations, rules and
+remote nodes of a file are validated in one run, every problem with its path; unknown keys are
+errors with a did-you-mean; the environment goes through the same models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.config_check import check_config
+from router.settings import SettingsError, environment_names, load_settings
+
+MISTAKES = """
+[server]
+http_port = 80800
+log_formt = "json"
+
+[dicom]
+max_associations = 0
+artim_timeout = "soon"
+tls_certificate = "/etc/router.pem"
+
+[storage]
+retension_days = 3
+colour = "blue"
+purge = true
+
+[web]
+trusted_proxies = ["proxy.local"]
+
+[dispach]
+max_age = "1d"
+
+[[destinations]]
+name = "pacs"
+type = "dicom"
+host = "10.0.0.5"
+port = 104
+ae_title = "A_TITLE_FAR_TOO_LONG"
+timout = "30s"
+
+[[rules]]
+name = "ct"
+destinations = ["pacs", "nowhere"]
+match = [{tag = "Modality", op = "eq", value = "CT"}, {tag = "PatientID", op = "like"}]
+
+[[remote_nodes]]
+name = "viewer"
+ae_title = "VIEWER"
+host = "10.0.0.7"
+port = "104"
+"""
+
+
+def test_a_file_with_mistakes_in_every_section_lists_them_all_with_paths(tmp_path: Path) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(MISTAKES)
+    problems = check_config(config)
+    expected = [
+        "dispach: unknown key (did you mean 'dispatch'?)",
+        "server.log_formt: unknown key (did you mean 'log_format'?)",
+        "server.http_port: must be between 0 and 65535, got 80800",
+        "dicom.max_associations: must be between 1 and 1000, got 0",
+        "dicom.artim_timeout: expected a duration such as '30s' or '24h', got 'soon'",
+        "storage.retension_days: unknown key (did you mean 'retention_days'?)",
+        "storage.colour: unknown key (expected one of destination_roots, retention_days)",
+        "storage.purge: unknown key (expected one of destination_roots, retention_days)",
+        "web.trusted_proxies: 'proxy.local' is not a network",
+        "destinations[0].ae_title: must be 1-16 printable ASCII characters, no backslash",
+        "destinations[0].timout: unknown key for a dicom destination "
+        "(did you mean 'timeout'?)",
+        "rules[0].match[1].op: unknown operator 'like' (expected one of eq, ne, in, contains, "
+        "startswith, regex, exists, lt, gt, le, ge)",
+        "remote_nodes[0].port: expected a whole number, got '104'",
+    ]
+    assert sorted(problems) == sorted(expected), "\n".join(problems)
+
+
+def test_cross_field_problems_name_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text('[dicom]\ntls_certificate = "/etc/router.pem"\nplain_listener = false\n'
+                      '[dispatch]\ndefault_destination = "nowhere"\n'
+                      '[[rules]]\nname = "all"\ndestinations = ["nowhere"]\n')
+    assert check_config(config) == [
+        "dicom.tls_port: required by tls_certificate",
+        "dicom.plain_listener: false needs a TLS listener (tls_port)",
+        "rules[0].destinations[0]: unknown destination 'nowhere' (rule 'all')",
+        "dispatch.default_destination: 'nowhere' is not a declared destination",
+    ]
+
+
+def test_duplicates_name_both_places(tmp_path: Path) -> None:
+    config = tmp_path / "router.toml"
+    node = 'ae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\n'
+    config.write_text('[[destinations]]\nname = "a"\ntype = "file"\npath = "/srv/a"\n'
+                      '[[destinations]]\nname = "a"\ntype = "file"\npath = "/srv/b"\n'
+                      f'[[remote_nodes]]\nname = "x"\n{node}[[remote_nodes]]\nname = "y"\n{node}')
+    problems = check_config(config)
+    assert "destinations[1].name: destination 'a' is declared more than once " \
+           "(also destinations[0].name)" in problems
+    assert "remote_nodes[1].ae_title: AE title 'PACS' is used by more than one remote node " \
+           "(also remote_nodes[0].ae_title)" in problems
+
+
+def test_the_environment_goes_through_the_same_models(tmp_path: Path) -> None:
+    settings = load_settings({"DICOM_ROUTER_DICOM_MAX_ASSOCIATIONS": "7",
+                              "DICOM_ROUTER_WEB_PUBLIC_METRICS": "true",
+                              "DICOM_ROUTER_DISPATCH_RETRY_EVERY": "5m",
+                              "DICOM_ROUTER_RECEIVER_PROCESSES": "0",
+                              "DICOM_ROUTER_DICOM_PORT": "11113",
+                              "DICOM_ROUTER_LOG_LEVEL": "debug",
+                              "DICOM_ROUTER_SECRET_KEY": ""})  # empty: unset
+    assert settings.dicom.max_associations == 7 and settings.web.public_metrics
+    assert settings.dispatch.retry_every_after == 300.0 and settings.dicom.processes == 0
+    assert settings.dicom_port == 11113 and settings.log_level == "DEBUG"
+    assert settings.secret_key is None
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"DICOM_ROUTER_DICOM_MAX_ASSOCIATIONS": "many",
+                       "DICOM_ROUTER_INGEST_INVALID_UIDS": "fix",
+                       "DICOM_ROUTER_HTTP_PROT": "8081",
+                       "PATH": "/usr/bin"})
+    assert caught.value.problems == [
+        "DICOM_ROUTER_HTTP_PROT: unknown setting (did you mean DICOM_ROUTER_HTTP_PORT?)",
+        "dicom.max_associations (DICOM_ROUTER_DICOM_MAX_ASSOCIATIONS): expected a whole "
+        "number, got 'many'",
+        "ingest.invalid_uids (DICOM_ROUTER_INGEST_INVALID_UIDS): must be 'refuse' or "
+        "'repair', got 'fix'",
+    ]
+    assert str(caught.value).startswith("3 problems:\n  DICOM_ROUTER_HTTP_PROT")
+
+
+def test_the_environment_wins_over_the_file_and_lists_only_scalars(tmp_path: Path) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text("[dicom]\nmax_associations = 3\ntls_port = 2762\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"DICOM_ROUTER_DICOM_MAX_ASSOCIATIONS": "9"}, config)
+    assert caught.value.problems == [
+        "dicom.tls_certificate: required by tls_port (a PEM file)",
+        "dicom.tls_private_key: required by tls_port (a PEM file)"]
+    config.write_text("[dicom]\nmax_associations = 3\n")
+    assert load_settings({"DICOM_ROUTER_DICOM_MAX_ASSOCIATIONS": "9"},
+                         config).dicom.max_associations == 9
+    names = environment_names()
+    assert names["DICOM_ROUTER_DICOM_TLS_PORT"] == ("dicom", "tls_port")
+    assert names["DICOM_ROUTER_DICOM_PORT"] == ("server", "dicom_port")
+    assert "DICOM_ROUTER_WEB_TRUSTED_PROXIES" not in names  # lists: in the file
