@@ -17,6 +17,7 @@ values and ranges (open on either side), a partial time or date-time covering wh
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -241,16 +242,22 @@ def _groups(name: str) -> list[str]:
     return groups
 
 
+@functools.lru_cache(maxsize=256)
 def _pattern(value: str) -> re.Pattern[str]:
     return re.compile("".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch)
                               for ch in value), re.S)
+
+
+@functools.lru_cache(maxsize=256)
+def _asked(asked: str) -> list[str]:
+    return _groups(_fold(asked))
 
 
 def _name_matches(asked: str, stored: str) -> bool:
     """One asked name against a stored one: a single component group matches any group of
     the stored name (alphabetic, ideographic or phonetic); several are matched group by
     group, an empty or ``*`` group matching anything. Case-insensitive."""
-    wanted, have = _groups(_fold(asked)), _groups(_fold(stored))
+    wanted, have = _asked(asked), _groups(_fold(stored))
     if len(wanted) == 1:
         rx = _pattern(wanted[0])
         return any(rx.fullmatch(g) for g in have)
