@@ -29,19 +29,21 @@ from pydicom.tag import BaseTag
 
 from router.dicom.header import (
     INDEX_KEYWORDS,
-    LONG_VRS,
-    HeaderError,
     index_attributes,
     index_value,
     read_header,
 )
-from router.dicom.limits import DatasetLimits, Walk, check_file, syntax_encoding, walk
+from router.dicom.limits import (
+    UNDEFINED,
+    VR_NAMES,
+    DatasetLimits,
+    Walk,
+    check_file,
+    syntax_encoding,
+    walk,
+    walk_meta,
+)
 
-_UNDEFINED = 0xFFFFFFFF
-_SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS",
-                        b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
-                        b"US"))
-_VR_NAMES = frozenset(vr.decode() for vr in LONG_VRS | _SHORT_VRS)
 _FIRST_READ = 1 << 14  # headers are a few KB; more is read only when needed
 _FAR_READ = 4096  # past the pixel data: element and fragment headers, one small read each
 DEFAULT_LIMITS = DatasetLimits()
@@ -119,11 +121,8 @@ def scan_header(path: Path, opened: Readable | None = None,
         pass
     # pydicom reads it, recursively: only once the walker has seen that it can.
     with path.open("rb") as fp:
-        try:
-            walked = check_file(fp, limits)
-        except struct.error:
-            raise HeaderError("dataset is truncated") from None
-    dataset = read_header(path)
+        walked = check_file(fp, limits)
+    dataset = read_header(path, check=False)  # walked just now
     return ScannedHeader(dataset, index_attributes(dataset), _identity_vrs(walked))
 
 
@@ -158,15 +157,12 @@ class _Reader:
 
 def _scan(fp: BinaryIO, limits: DatasetLimits) -> ScannedHeader:
     reader = _Reader(fp)
-    data = reader.need(132)
-    if data[128:132] != b"DICM":
-        raise _Fallback
-    meta, pos = _read_meta(reader, 132)
-    syntax = cast(RawDataElement | None, meta.get(BaseTag(0x00020010)))
-    if syntax is None or syntax.value is None:
-        raise _Fallback
-    implicit, little = _encoding(syntax.value.decode("ascii").rstrip("\0 "))
-    walked = walk(reader, pos, implicit, little, limits)
+    meta_walk, syntax = walk_meta(reader)
+    if syntax is None or meta_walk.implicit:
+        raise _Fallback  # pydicom guesses the encoding, or reads the file meta as implicit VR
+    meta = _meta(reader.need(meta_walk.header_end), meta_walk)
+    implicit, little = _encoding(syntax)
+    walked = walk(reader, meta_walk.header_end, implicit, little, limits)
     if walked.implicit != implicit:
         raise _Fallback  # pydicom switches VR mode when the first element disagrees
     elements = _elements(bytes(reader.need(walked.header_end)[:walked.header_end]), walked,
@@ -185,29 +181,16 @@ def _identity_vrs(walked: Walk) -> dict[int, str | None]:
     return {number: vr for number, vr, *_ in walked.top if number in _IDENTITY_TAGS}
 
 
-def _read_meta(reader: _Reader, pos: int) -> tuple[_Elements, int]:
-    """Group 0002, always explicit VR little endian."""
+def _meta(data: bytearray, walked: Walk) -> _Elements:
+    """Group 0002 as pydicom's reader makes it, from the walk of the file meta."""
     meta: _Elements = {}
-    while True:
-        data = reader.need(pos + 8)
-        group, element = struct.unpack_from("<HH", data, pos)
-        if group != 2:
-            return meta, pos
-        vr = bytes(data[pos + 4:pos + 6])
-        if vr in LONG_VRS:
-            data = reader.need(pos + 12)
-            length, start = struct.unpack_from("<L", data, pos + 8)[0], pos + 12
-        elif vr in _SHORT_VRS:
-            length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
-        else:
-            raise _Fallback
-        if length == _UNDEFINED or vr == b"SQ":
-            raise _Fallback
-        data = reader.need(start + length)
-        tag = BaseTag(group << 16 | element)
-        value = bytes(data[start:start + length]) if length else _empty(vr.decode())
-        meta[tag] = RawDataElement(tag, vr.decode(), length, value, start, False, True)
-        pos = start + length
+    for number, vr, length, start, end in walked.top:
+        if vr not in VR_NAMES:
+            raise _Fallback  # unknown VRs: pydicom decides what they are
+        tag = BaseTag(number)
+        value = bytes(data[start:end]) if length else _empty(vr)
+        meta[tag] = RawDataElement(tag, vr, length, value, start, False, True)
+    return meta
 
 
 def _encoding(syntax: str) -> tuple[bool, bool]:
@@ -228,12 +211,12 @@ def _elements(header: bytes, walked: Walk, implicit: bool, little: bool) -> _Ele
         if vr is None:
             if not implicit:
                 raise _Fallback  # an implicit element in an explicit dataset: pydicom's
-        elif vr not in _VR_NAMES:
+        elif vr not in VR_NAMES:
             raise _Fallback  # unknown VRs: pydicom decides what they are
         if number >> 16 == 2:
             raise _Fallback
         tag = BaseTag(number)
-        if length == _UNDEFINED:
+        if length == UNDEFINED:
             # pydicom reads these as sequences already converted; we keep the items' bytes.
             if (vr or _dictionary_vr(number)) != "SQ":
                 raise _Fallback

@@ -21,11 +21,12 @@ from typing import BinaryIO
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from router.dicom import pdus
-from router.dicom.header import LONG_VRS
+from router.dicom.limits import BytesSource, FileSource, HeaderError, Source, walk_meta
 from router.dicom.tls import describe_failure
 
 MAX_SEND_PDU = 4 * 1024 * 1024  # also when the peer says "unlimited"
 _SENDFILE_FROM = 64 * 1024  # smaller fragments: one read and one send cost less
+_HEAD = 8192  # holds the file meta of nearly every file: one read finds where the data set starts
 
 
 class LinkError(Exception):
@@ -53,27 +54,23 @@ class FileDataset:
     offset: int
 
 
-def dataset_offset(head: bytes) -> int | None:
-    """Where the data set starts in a Part 10 file whose first bytes are ``head`` (enough to
-    hold the file meta); None when the file meta cannot be walked."""
-    if head[128:132] != b"DICM":
+def dataset_offset(stored: bytes | BinaryIO) -> int | None:
+    """Where the data set starts in a Part 10 file (an open file, or its bytes: enough of them
+    to hold the file meta); None when the file meta cannot be walked (router.dicom.limits)."""
+    if isinstance(stored, bytes):
+        return _meta_end(BytesSource(stored))
+    head = stored.read(_HEAD)
+    offset = _meta_end(BytesSource(head))
+    if offset is None and len(head) == _HEAD:  # a longer file meta (a STOW-RS or AI object's)
+        offset = _meta_end(FileSource(stored))
+    return offset
+
+
+def _meta_end(source: Source) -> int | None:
+    try:
+        return walk_meta(source)[0].header_end
+    except HeaderError:
         return None
-    pos = 132
-    while pos + 8 <= len(head):
-        group, _ = struct.unpack_from("<HH", head, pos)
-        if group != 2:
-            return pos
-        vr = head[pos + 4:pos + 6]
-        if vr in LONG_VRS:
-            if pos + 12 > len(head):
-                return None
-            length, pos = struct.unpack_from("<L", head, pos + 8)[0], pos + 12
-        else:
-            length, pos = struct.unpack_from("<H", head, pos + 6)[0], pos + 8
-        if length == 0xFFFFFFFF:
-            return None
-        pos += length
-    return pos if pos == len(head) else None
 
 
 class StoreLink:

@@ -391,12 +391,13 @@ _UNCOMPRESSED_PREFERENCE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, Expl
 
 
 def _dataset_offset(item: Outgoing) -> int | None:
+    """Where the stored file's data set starts, however large its file meta (a STOW-RS or AI
+    object may carry a large one)."""
     try:
         with open(item.path, "rb") as stored:
-            head = stored.read(8192)
+            return dataset_offset(stored)
     except OSError as exc:
         raise blob_error(exc) from None
-    return dataset_offset(head)
 
 
 def _encoded(dataset: Dataset, syntax: UID, sop_name: str, where: str) -> bytes:

@@ -49,6 +49,7 @@ def image_files() -> list[Path]:
             meta = read_file_meta_info(path)
             ds = pydicom.dcmread(path)
             read_header(path)
+            ds.save_as(io.BytesIO())  # the client sends what pydicom writes of it
             sendable = ("PixelData" in ds and meta.get("TransferSyntaxUID") in TRANSFER_SYNTAXES
                         and ds.SOPClassUID in _STORAGE_CLASSES.values()
                         and meta.get("MediaStorageSOPInstanceUID") == ds.SOPInstanceUID)

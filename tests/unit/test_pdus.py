@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import struct
 from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -184,6 +186,31 @@ def test_the_data_set_offset_is_where_pydicom_finishes_the_file_meta() -> None:
             _read_file_meta_info(fp)
             assert dataset_offset(head) == fp.tell(), name
     assert dataset_offset(b"\0" * 200) is None  # no DICM
+
+
+def test_the_data_set_offset_of_a_file_meta_longer_than_one_read(tmp_path: Path) -> None:
+    """A STOW-RS or AI object may carry 20 KB of Private Information in its file meta: the
+    stored file is still sent as it is, from where pydicom finds its data set."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    from router.dicom.store_scu import dataset_offset
+    from router.dispatch.dicom import _dataset_offset
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.3.4"
+    ds.file_meta.PrivateInformation = b"\x5a" * 20000
+    path = tmp_path / "long-meta.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with path.open("rb") as fp:
+        read_preamble(fp, False)
+        _read_file_meta_info(fp)
+        expected = fp.tell()
+    assert expected > 20000 and dataset_offset(path.read_bytes()[:8192]) is None
+    with path.open("rb") as fp:
+        assert dataset_offset(fp) == expected
+    assert _dataset_offset(SimpleNamespace(path=path)) == expected  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("peer_max", [7, 6])

@@ -11,26 +11,23 @@ from __future__ import annotations
 
 import io
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import get_decoder, pack_bits, pixel_array, unpack_bits
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
+from router.dicom.limits import PIXEL_TAGS, UNDEFINED, FileSource, HeaderError, locate_pixels
 from router.dispatch.transcode import to_little_endian
 
 logger = logging.getLogger(__name__)
-
-PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float and Double Float
-_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-_UNDEFINED = 0xFFFFFFFF
 
 
 class DecodeError(Exception):
@@ -87,39 +84,38 @@ def open_instance(path: Path) -> StoredInstance:
     with path.open("rb") as fp:
         header = dcmread(fp, stop_before_pixels=True)
         ts = UID(header.file_meta.get("TransferSyntaxUID") or ExplicitVRLittleEndian)
-        pixels = None if ts == DeflatedExplicitVRLittleEndian else _pixel_element(
-            fp, ts.is_implicit_VR, ts.is_little_endian)
+        pixels = None if ts == DeflatedExplicitVRLittleEndian else _pixel_element(fp, header)
     if ts == DeflatedExplicitVRLittleEndian:
         pixels = _deflated_pixels(path)
     return StoredInstance(path, header, pixels, ts)
 
 
-def _pixel_element(fp: io.BufferedReader, implicit: bool, little: bool) -> PixelElement | None:
-    """The element at the file position where pydicom stopped (before the pixel data)."""
-    order = "<" if little else ">"
-    head = fp.read(8)
-    if len(head) < 8:
+def _pixel_element(fp: io.BufferedReader, header: Dataset) -> PixelElement | None:
+    """The top-level pixel data element, where pydicom's reader stopped before it (read by the
+    walker of router.dicom.limits, in the encoding that reader switched to if it did)."""
+    resume = None  # no element read as is tells how: the walker finds out from the start
+    for key in header.keys():  # noqa: SIM118 - keys, not converted elements
+        raw = header.get_item(key)
+        if isinstance(raw, RawDataElement):
+            resume = (fp.tell(), raw.is_implicit_VR, raw.is_little_endian)
+            break
+    try:
+        pixels = locate_pixels(FileSource(fp), resume).pixels
+    except HeaderError as exc:  # stored before the receipt walked objects, or damaged since
+        logger.warning("the pixel data of a stored instance could not be located: %s", exc)
         return None
-    group, element = struct.unpack(order + "HH", head[:4])
-    tag = group << 16 | element
-    if tag not in PIXEL_TAGS:
+    if pixels is None:
         return None
-    if implicit:
-        # Implicit VR: pixel data is OW (PS3.5 A.1), float pixel data OF / OD.
-        vr, length = dictionary_VR(tag).split(" ")[-1], struct.unpack(order + "L", head[4:])[0]
-    else:
-        vr = head[4:6].decode("ascii", "replace")
-        if vr in _LONG_VRS:
-            length = struct.unpack(order + "L", fp.read(4))[0]
-        else:
-            length = struct.unpack(order + "H", head[6:])[0]
-    return PixelElement(tag, vr, fp.tell(), None if length == _UNDEFINED else length)
+    tag, vr, length, offset, _ = pixels
+    if vr is None:  # implicit VR: pixel data is OW (PS3.5 A.1), float pixel data OF / OD
+        vr = dictionary_VR(tag).split(" ")[-1]
+    return PixelElement(tag, vr, offset, None if length == UNDEFINED else length)
 
 
 def _deflated_pixels(path: Path) -> PixelElement | None:
     """A deflated file cannot be sliced: only say which pixel element it has (offset -1)."""
     ds = dcmread(path)
-    for tag in PIXEL_TAGS:
+    for tag in sorted(PIXEL_TAGS, reverse=True):  # Pixel Data first
         if tag in ds:
             return PixelElement(tag, ds[tag].VR, -1, len(ds[tag].value))
     return None
