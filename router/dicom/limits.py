@@ -237,19 +237,30 @@ def walk(source: Source, pos: int, implicit: bool, little: bool, limits: Dataset
                         vr = chr(first_vr) + chr(second_vr)  # unknown: a 2-byte length
                     else:  # as pydicom: a VR that is no VR means this element is implicit
                         length = long_length.unpack_from(data, off + 4)[0]
-            if not depth and group >= 0 and tag_group != group:
-                if tag_group << 16 | element == ITEM_END:
-                    pos += 8  # pydicom ends a dataset after a stray item delimiter
-                header_end = pos  # the file meta ends here
-                break
+            number = tag_group << 16 | element
+            if not depth:  # the top level: what the header reader and the callers need
+                if group >= 0 and tag_group != group:
+                    if number == ITEM_END:
+                        pos += 8  # pydicom ends a dataset after a stray item delimiter
+                    header_end = pos  # the file meta ends here
+                    break
+                if header_end < 0:  # (an item or delimiter here is refused below)
+                    element_end = -1 if length == UNDEFINED else start + length
+                    if number in PIXEL_TAGS:
+                        header_end, pixels = pos, (number, vr, length, start, element_end)
+                        if until_pixels:
+                            break  # located, even if the file ends before its value does
+                    else:
+                        top.append((number, vr, length, start, element_end))
+                        if element_end < 0:
+                            open_top = len(top) - 1  # its end: after its delimiter
             if tag_group == 0xFFFE:
-                if tag_group << 16 | element == ITEM_END and end < 0 < depth:
+                if number == ITEM_END and end < 0 < depth:
                     pos += 8
                     kind, end, bound, imp, depth, open_top = stack.pop()
                     first = False
                     continue
                 raise _malformed(depth)
-            number = tag_group << 16 | element
             count += 1
             if count > max_elements:
                 raise _too_many(max_elements)
@@ -265,26 +276,11 @@ def walk(source: Source, pos: int, implicit: bool, little: bool, limits: Dataset
                     new_kind = _SEQUENCE
                     if depth >= max_depth:
                         raise _too_deep(max_depth)
-                if depth == 0 and header_end < 0:
-                    if number in PIXEL_TAGS:
-                        header_end, pixels = pos, (number, vr, length, start, -1)
-                        if until_pixels:
-                            break
-                    else:
-                        top.append((number, vr, length, start, -1))
-                        open_top = len(top) - 1
                 stack.append((kind, end, bound, imp, depth, -1))
                 kind, end, pos = new_kind, -1, start
                 depth += new_kind == _SEQUENCE
                 continue
             value_end = start + length
-            if depth == 0 and header_end < 0:
-                if number in PIXEL_TAGS:
-                    header_end, pixels = pos, (number, vr, length, start, value_end)
-                    if until_pixels:
-                        break  # located, even if the file ends before its value does
-                else:
-                    top.append((number, vr, length, start, value_end))
             if value_end > bound:
                 raise _truncated(kind) if value_end > size else _malformed(depth)
             if (vr == "SQ" or ((vr is None or vr == "UN") and length and (
