@@ -1,9 +1,13 @@
 """The pieces every configuration model shares: reusable annotated types (durations, AE titles,
 networks, folders) and one error format with paths.
 
-Settings, destinations, rules and remote nodes are pydantic models (pydantic dataclasses, so
-the rest of the code keeps reading frozen dataclasses); whatever validates them (TOML, the
-environment, API bodies) turns pydantic's errors into :class:`Problem` lines through
+Settings, destinations, rules and remote nodes are frozen standard-library dataclasses whose
+annotations are the one description of their keys, types and ranges; pydantic validates them
+(:func:`validated`, with each class's ``__pydantic_config__``) where configuration comes in:
+the TOML file, the environment, API bodies. pydantic is imported only then: the metadata here
+(:class:`Before`, :class:`After`, annotated_types' ranges) tells it what to do when it reads
+the annotations, so a process that only *uses* settings, such as a receiver process, never
+loads it (about 10 MB per process). Errors become :class:`Problem` lines through
 :func:`problems_of`: ``dicom.max_associations: must be at most 1000, got 5000``,
 ``destinations[2].port: required``, ``storage.retension_days: unknown key (did you mean
 'retention_days'?)``.
@@ -16,23 +20,18 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_network
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from pydantic import (
-    AfterValidator,
-    AliasChoices,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    WithJsonSchema,
-)
-from pydantic.fields import FieldInfo
+import annotated_types as at
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+T = TypeVar("T")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -106,29 +105,121 @@ def _folder(value: Path) -> Path:
     return value
 
 
-_DURATION_SCHEMA = WithJsonSchema({"anyOf": [
+# -- metadata pydantic reads when it validates (it is imported only then) ---------------------
+
+
+class Before:
+    """Run ``func`` on the value before pydantic's own conversion (pydantic's BeforeValidator)."""
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        self.func = func
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_before_validator_function(self.func, handler(source))
+
+
+class After(Before):
+    """Run ``func`` on the converted value (pydantic's AfterValidator)."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(self.func, handler(source))
+
+
+class JsonSchema:
+    """The field's JSON Schema in the OpenAPI document, given rather than derived."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        self.schema = schema
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        return dict(self.schema)
+
+
+class WriteOnly:
+    """A secret: marked writeOnly in the OpenAPI document."""
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        schema = dict(handler(core_schema))
+        schema["writeOnly"] = True
+        return schema
+
+
+class Strict:
+    """No conversion: TOML and JSON have real types, so "104" is not a port and 1 is not true
+    (pydantic's Strict, for a whole class's fields being unavailable to a class that is not
+    pydantic's own)."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        schema = handler(source)
+        if schema.get("type") in ("int", "bool", "float", "str"):
+            return {**schema, "strict": True}
+        return schema
+
+
+def ints(lo: int, hi: int) -> at.Interval:
+    """A range, ``lo`` and ``hi`` included."""
+    return at.Interval(ge=lo, le=hi)
+
+
+_DURATION_SCHEMA = JsonSchema({"anyOf": [
     {"type": "number", "minimum": 0},
     {"type": "string", "pattern": _DURATION.pattern, "description": "e.g. 30s, 5m, 24h, 2d"}]})
 
 # Seconds, written as a number or a duration such as "30s", "5m", "24h" or "2d".
-Duration = Annotated[float, BeforeValidator(_seconds), _DURATION_SCHEMA]
+Duration = Annotated[float, Before(_seconds), _DURATION_SCHEMA]
 # 1-16 printable ASCII characters without backslash, not only spaces; kept as written.
-AETitle = Annotated[str, AfterValidator(_ae_title)]
+AETitle = Annotated[str, After(_ae_title)]
 # CIDR networks (host bits allowed), e.g. ["10.0.0.0/8", "192.0.2.7"].
-Networks = Annotated[tuple[str, ...], AfterValidator(_networks)]
+Networks = Annotated[tuple[str, ...], After(_networks)]
 # A path; "~" is the service user's home.
-UserPath = Annotated[Path, AfterValidator(Path.expanduser)]
+UserPath = Annotated[Path, After(Path.expanduser)]
 # An absolute folder other than the root, without "..".
-Folder = Annotated[Path, AfterValidator(Path.expanduser), AfterValidator(_folder)]
+Folder = Annotated[Path, After(Path.expanduser), After(_folder)]
 # The port of a peer we connect to.
-PeerPort = Annotated[int, Field(ge=1, le=65535)]
+PeerPort = Annotated[int, Strict(), ints(1, 65535)]
+StrictInt = Annotated[int, Strict()]
+StrictBool = Annotated[bool, Strict()]
 # Deliveries to one destination at once.
-Concurrency = Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]
+Concurrency = Annotated[int, Strict(), ints(1, MAX_CONCURRENCY)]
 # Free text shown with a destination, rule or remote node.
-Description = Annotated[str, Field(max_length=MAX_DESCRIPTION)]
+Description = Annotated[str, at.MaxLen(MAX_DESCRIPTION)]
+# Unknown keys are errors (a config class's ``__pydantic_config__``).
+SECTION: dict[str, Any] = {"extra": "forbid"}
 # Destinations and remote nodes come from TOML and JSON, which have real types: "104" is not
-# a port there (only the environment's text is converted, for settings). Unknown keys: errors.
-STRICT = ConfigDict(extra="forbid", strict=True)
+# a port there (only the environment's text is converted, for settings). Their numbers and
+# booleans are StrictInt / StrictBool / PeerPort / Concurrency (a class-wide strict mode would
+# refuse the keyword arguments they are validated from).
+STRICT: dict[str, Any] = {"extra": "forbid"}
+
+
+_ADAPTERS: dict[Any, Any] = {}
+
+
+def adapter(model: Any) -> Any:
+    """pydantic's TypeAdapter for a config class (made once, on first use)."""
+    found = _ADAPTERS.get(model)
+    if found is None:
+        from pydantic import TypeAdapter
+
+        found = _ADAPTERS[model] = TypeAdapter(model)
+    return found
+
+
+def validated(model: type[T], data: Mapping[str, Any]) -> T:
+    """An instance of ``model`` from TOML/JSON-shaped ``data``; pydantic's ValidationError
+    (give it to :func:`problems_of`) when anything is wrong."""
+    return typing.cast(T, adapter(model).validate_python(dict(data)))
+
+
+def validation_error() -> type[ValidationError]:
+    """pydantic's ValidationError class, for ``except`` clauses (imports pydantic)."""
+    from pydantic import ValidationError
+
+    return ValidationError
 
 
 # -- one error format ---------------------------------------------------------------------------
@@ -215,19 +306,24 @@ def _message(kind: str, msg: str, ctx: Mapping[str, Any], given: object) -> str:
 def config_keys(root: Any, loc: Sequence[str | int] = ()) -> list[str]:
     """The keys a table at ``loc`` below the model ``root`` accepts (names and aliases)."""
     model = unwrapped(_walk(root, loc)[0])
-    keys: list[str] = []
-    for name, info in _fields(model).items():
-        alias = info.validation_alias
-        if isinstance(alias, AliasChoices):
-            keys += [str(choice) for choice in alias.choices]
-        elif isinstance(alias, str):
-            keys.append(alias)
-        if name not in keys:
-            keys.append(name)
+    keys = [*aliases_of(model)]
+    keys += [name for name in _fields(model) if name not in keys]
     return keys
 
 
-def _walk(root: Any, loc: Sequence[str | int]) -> tuple[Any, FieldInfo | None]:
+def aliases_of(model: Any) -> dict[str, str]:
+    """Other names a config class accepts for its fields (``__config_aliases__``: alias ->
+    field), e.g. ``retry_every`` for ``retry_every_after``."""
+    return dict(getattr(model, "__config_aliases__", {}))
+
+
+@dataclass(frozen=True)
+class _Field:
+    annotation: Any
+    metadata: tuple[Any, ...]
+
+
+def _walk(root: Any, loc: Sequence[str | int]) -> tuple[Any, _Field | None]:
     """The type at ``loc`` below ``root``, and the field it is (None for list items)."""
     model, info = root, None
     for part in loc:
@@ -278,8 +374,19 @@ def unwrapped(hint: Any) -> Any:
 
 
 def _fields(model: Any) -> dict[str, Any]:
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return dict(model.model_fields)
-    if dataclasses.is_dataclass(model):
-        return dict(getattr(model, "__pydantic_fields__", {}))
+    """Field name -> its type and metadata, for a config dataclass or a pydantic model."""
+    if isinstance(model, type) and hasattr(model, "model_fields"):  # a pydantic BaseModel
+        return {name: _Field(info.annotation, tuple(info.metadata))
+                for name, info in model.model_fields.items()}
+    if isinstance(model, type) and dataclasses.is_dataclass(model):
+        hints = typing.get_type_hints(model, include_extras=True)
+        out = {}
+        for spec in dataclasses.fields(model):
+            hint = hints[spec.name]
+            metadata: tuple[Any, ...] = ()
+            while typing.get_origin(hint) is Annotated:
+                metadata += tuple(hint.__metadata__)
+                hint = typing.get_args(hint)[0]
+            out[spec.name] = _Field(hint, metadata)
+        return out
     return {}

@@ -1,9 +1,10 @@
 """Settings: one frozen tree built once at the entry point from TOML and ``DICOM_ROUTER_*``.
 
 Nothing else in the project reads the environment. Environment variables win over the file.
-Each section is a pydantic dataclass: its fields (types, ranges, defaults) are the one
-description the TOML file and the environment are validated against, every problem listed with
-its path (router.config_types). ``DICOM_ROUTER_<KEY>`` sets ``[server] <key>`` and
+Each section is a frozen dataclass whose annotations (types, ranges, defaults) are the one
+description the TOML file and the environment are validated against by pydantic, every problem
+listed with its path (router.config_types; pydantic is imported only to validate, never by a
+process that merely receives its settings). ``DICOM_ROUTER_<KEY>`` sets ``[server] <key>`` and
 ``DICOM_ROUTER_<SECTION>_<KEY>`` a section's scalar ``<key>``; unknown names are errors.
 """
 
@@ -18,20 +19,13 @@ from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    AliasChoices,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    ValidationError,
-    model_validator,
-)
-from pydantic.dataclasses import dataclass
+import annotated_types as at
 
 from router.config_types import (
+    SECTION,
     AETitle,
+    After,
+    Before,
     Duration,
     FieldProblem,
     Folder,
@@ -39,12 +33,17 @@ from router.config_types import (
     Problem,
     SettingsError,
     UserPath,
+    WriteOnly,
+    aliases_of,
     config_keys,
     did_you_mean,
+    ints,
     join_path,
     parse_duration,
     problems_of,
     unwrapped,
+    validated,
+    validation_error,
 )
 
 __all__ = [
@@ -61,20 +60,12 @@ ENV_PREFIX = "DICOM_ROUTER_"
 TLS_PROFILES = ("bcp195", "non-downgrading", "tls13")
 MAX_SEQUENCE_DEPTH = 100  # pydicom survives about 190 levels at the top of a thread
 
-# Unknown keys are errors; a field may also be set by its alias (``retry_every``).
-SECTION = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
-
-
-def _ints(lo: int, hi: int) -> Any:
-    return Field(ge=lo, le=hi)
-
-
 def _stripped(value: object) -> object:
     return value.strip() if isinstance(value, str) else value
 
 
-StrippedAETitle = Annotated[AETitle, BeforeValidator(_stripped)]
-Port = Annotated[int, _ints(0, 65535)]
+StrippedAETitle = Annotated[AETitle, Before(_stripped)]
+Port = Annotated[int, ints(0, 65535)]
 TlsProfile = Literal["bcp195", "non-downgrading", "tls13"]
 
 
@@ -93,19 +84,21 @@ class TlsServerSettings:
     handshake_timeout: float = 10.0
 
 
-@dataclass(frozen=True, config=SECTION)
+@dataclasses.dataclass(frozen=True)
 class DicomSettings:
     """DICOM SCP behaviour."""
 
-    max_associations: Annotated[int, _ints(1, 1000)] = 32
+    __pydantic_config__ = SECTION
+
+    max_associations: Annotated[int, ints(1, 1000)] = 32
     # Receiver processes (the supervisor hands each connection to the least busy one); 0 =
     # receive in the main process's threads.
-    processes: Annotated[int, _ints(0, 64)] = 2
+    processes: Annotated[int, ints(0, 64)] = 2
     # What we advertise. Large PDUs are fast for big objects, and a whole PDU is held in memory
     # while it is read, so this is also a memory bound per association (0 = unlimited).
-    max_pdu_size: Annotated[int, _ints(0, 2**31)] = 4 * 1024 * 1024
+    max_pdu_size: Annotated[int, ints(0, 2**31)] = 4 * 1024 * 1024
     # Hard cap on a PDU a peer may send us anyway.
-    max_incoming_pdu: Annotated[int, _ints(4096, 2**31)] = 64 * 1024 * 1024
+    max_incoming_pdu: Annotated[int, ints(4096, 2**31)] = 64 * 1024 * 1024
     require_known_calling_ae: bool = False
     known_calling_aets: tuple[StrippedAETitle, ...] = ()
     # C-FIND, C-MOVE and C-GET from any calling AE; by default only from remote nodes allowed it.
@@ -116,12 +109,12 @@ class DicomSettings:
     # -- the front door (router/dicom/gate.py): what a connection may cost before and while it
     # is an association. ARTIM (PS3.8 9.1.5): how long a new connection may take to send its
     # A-ASSOCIATE-RQ; until then it holds no association slot and no thread.
-    artim_timeout: Annotated[Duration, Field(gt=0)] = 10.0
+    artim_timeout: Annotated[Duration, at.Gt(0)] = 10.0
     # Connections awaiting their A-ASSOCIATE-RQ, all sources.
-    max_pending_connections: Annotated[int, _ints(1, 100000)] = 256
+    max_pending_connections: Annotated[int, ints(1, 100000)] = 256
     # Open at once from one address (pending + associated).
-    max_connections_per_ip: Annotated[int, _ints(1, 100000)] = 32
-    max_associations_per_ip: Annotated[int, _ints(1, 1000)] = 16  # from one address
+    max_connections_per_ip: Annotated[int, ints(1, 100000)] = 32
+    max_associations_per_ip: Annotated[int, ints(1, 1000)] = 16  # from one address
     # TCP load balancers allowed to send a PROXY protocol v2 header naming the real sender.
     trusted_proxies: Networks = ()
     require_called_aet: bool = False  # refuse A-ASSOCIATE-RQs not addressed to ae_title
@@ -146,8 +139,7 @@ class DicomSettings:
             verify_clients=self.tls_verify_clients, profile=self.tls_profile,
             handshake_timeout=self.tls_handshake_timeout)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> DicomSettings:
+    def __post_init__(self) -> None:
         problems: dict[str, str] = {}
         if self.tls_port is None:
             stray = [f.name for f in dataclasses.fields(self) if f.name.startswith("tls_")
@@ -168,26 +160,29 @@ class DicomSettings:
                                         "may send PDUs as large as we advertise)")
         if problems:
             raise FieldProblem(problems)
-        return self
 
 
-@dataclass(frozen=True, config=SECTION)
+@dataclasses.dataclass(frozen=True)
 class DispatchSettings:
     """Delivery workers and retry policy."""
 
+    __pydantic_config__ = SECTION
+    __config_aliases__ = {"retry_every": "retry_every_after"}  # file key -> field
+
     retry_delays: tuple[Duration, ...] = (30.0, 60.0, 300.0, 900.0, 1800.0)
     # Written ``retry_every`` in the file: the delay once retry_delays are used up.
-    retry_every_after: Annotated[Duration, Field(
-        validation_alias=AliasChoices("retry_every", "retry_every_after"))] = 1800.0
+    retry_every_after: Duration = 1800.0
     max_age: Duration = 24 * 3600.0
     default_destination: str | None = None
     shutdown_grace: Duration = 20.0
     poll_interval: Duration = 1.0
 
 
-@dataclass(frozen=True, config=SECTION)
+@dataclasses.dataclass(frozen=True)
 class IngestSettings:
     """What happens to received instances before they are routed."""
+
+    __pydantic_config__ = SECTION
 
     # "new_version": same SOP Instance UID with other content is kept and routed again.
     # "reject": answered with a failure status (0xA700 is wrong here; we use 0xC001).
@@ -197,11 +192,11 @@ class IngestSettings:
     # them is refused 0xC000 with the limit as the recorded reason, never acknowledged and
     # then left undeliverable. Real objects stay far below these defaults.
     # At most MAX_SEQUENCE_DEPTH: pydicom reads recursively.
-    max_sequence_depth: Annotated[int, _ints(1, MAX_SEQUENCE_DEPTH)] = 64
+    max_sequence_depth: Annotated[int, ints(1, MAX_SEQUENCE_DEPTH)] = 64
     # Data elements, items and fragments of one object.
-    max_elements: Annotated[int, _ints(1000, 100_000_000)] = 2_000_000
+    max_elements: Annotated[int, ints(1000, 100_000_000)] = 2_000_000
     # Bytes of one value other than pixel data.
-    max_value_length: Annotated[int, _ints(1 << 16, (1 << 32) - 2)] = 1 << 30
+    max_value_length: Annotated[int, ints(1 << 16, (1 << 32) - 2)] = 1 << 30
     # UIDs that are not PS3.5 9.1 UIDs (digits and dots, no empty component, at most 64):
     # "refuse" (0xC000), or "repair" (SOP Instance, Study and Series UIDs replaced by a
     # 2.25 UID derived from the original, which the receipt event keeps).
@@ -211,16 +206,18 @@ class IngestSettings:
     sop_class_mismatch: Literal["refuse", "accept"] = "refuse"
 
 
-@dataclass(frozen=True, config=SECTION)
+@dataclasses.dataclass(frozen=True)
 class WebSettings:
     """Sessions, logins and passwords of the web UI and API."""
+
+    __pydantic_config__ = SECTION
 
     session_idle_timeout: Duration = 30 * 60.0
     session_max_age: Duration = 12 * 3600.0
     api_token_lifetime: Duration = 3600.0  # POST /api/v1/auth/token
-    min_password_length: Annotated[int, _ints(8, 72)] = 12
+    min_password_length: Annotated[int, ints(8, 72)] = 12
     # Per user name, then locked for lockout_time.
-    max_login_failures: Annotated[int, _ints(1, 1000)] = 5
+    max_login_failures: Annotated[int, ints(1, 1000)] = 5
     lockout_time: Duration = 15 * 60.0
     secure_cookies: bool = False  # set when served over TLS (directly or behind a proxy)
     # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (CIDR networks);
@@ -231,20 +228,24 @@ class WebSettings:
     public_metrics: bool = False
 
 
-@dataclass(frozen=True, config=SECTION)
+@dataclasses.dataclass(frozen=True)
 class StorageSettings:
     """Blob retention, and the folders file destinations may write to."""
 
+    __pydantic_config__ = SECTION
+
     # 0 keeps everything; N purges fully delivered jobs older than N days.
-    retention_days: Annotated[int, _ints(0, 36500)] = 0
+    retention_days: Annotated[int, ints(0, 36500)] = 0
     # Folders below which file destinations may write, besides <data_dir>/exports (always
     # allowed). Never inside the router's own state, whatever is listed here.
     destination_roots: tuple[Folder, ...] = ()
 
 
-@dataclass(frozen=True, config=SECTION)
+@dataclasses.dataclass(frozen=True)
 class SecuritySettings:
     """Where outbound connections may go (docs/security.md, "Destinations are not a pivot")."""
+
+    __pydantic_config__ = SECTION
 
     # Destinations and remote nodes on loopback, or on this host at the router's own ports.
     allow_loopback_destinations: bool = False
@@ -257,16 +258,18 @@ def _base_url(value: str) -> str:
     return url
 
 
-@dataclass(frozen=True, config=SECTION)
+@dataclasses.dataclass(frozen=True)
 class AISettings:
     """AI processors: where they reach us, and which otherwise refused networks they may use."""
 
+    __pydantic_config__ = SECTION
+
     # The router's base URL as AI processors reach it (callbacks, DICOMweb); empty: derived
     # from http_port on this host's name.
-    public_url: Annotated[str, AfterValidator(_base_url)] = ""
+    public_url: Annotated[str, After(_base_url)] = ""
     # Link-local and cloud-metadata addresses are refused for outbound URLs unless listed here.
     allowed_networks: Networks = ()
-    max_callback_bytes: Annotated[int, _ints(1024, 2**40)] = 512 * 1024 * 1024
+    max_callback_bytes: Annotated[int, ints(1024, 2**40)] = 512 * 1024 * 1024
 
 
 def _database_url(value: str) -> str:
@@ -279,16 +282,18 @@ def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 
 
-Secret = Annotated[str | None, Field(json_schema_extra={"writeOnly": True})]
+Secret = Annotated[str | None, WriteOnly()]
 Tables = tuple[dict[str, Any], ...]  # validated by their own models (destinations, rules...)
 
 
-@dataclass(frozen=True, config=SECTION)
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything the router needs to start; built by :func:`load_settings`.
 
     The scalar fields are the file's ``[server]`` table.
     """
+
+    __pydantic_config__ = SECTION
 
     ae_title: StrippedAETitle = "DICOMROUTER"
     dicom_host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens on the network by design
@@ -296,11 +301,11 @@ class Settings:
     http_host: str = "0.0.0.0"  # noqa: S104
     http_port: Port = 8080
     data_dir: UserPath = Path("./data")
-    database_url: Annotated[str, AfterValidator(_database_url)] = ""
+    database_url: Annotated[str, After(_database_url)] = ""
     secret_key: Secret = None
     admin_password: Secret = None
     log_format: Literal["text", "json"] = "text"
-    log_level: Annotated[str, BeforeValidator(_upper)] = "INFO"
+    log_level: Annotated[str, Before(_upper)] = "INFO"
     encrypt_events: bool = True
     dicom: DicomSettings = field(default_factory=DicomSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
@@ -332,7 +337,6 @@ SECTIONS: dict[str, type[Any]] = {
 TABLES = ("destinations", "rules", "remote_nodes")
 SERVER_KEYS = tuple(f.name for f in dataclasses.fields(Settings)
                     if f.name not in SECTIONS and f.name not in TABLES)
-_SETTINGS = TypeAdapter(Settings)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -389,9 +393,11 @@ def settings_problems(doc: Mapping[str, Any], environ: Mapping[str, str],
     for section, values in overrides.items():
         table = tables.get(section, {})
         tables[section] = {**table, **values} if isinstance(table, Mapping) else table
+    for section, model in SECTIONS.items():
+        tables[section] = _unaliased(section, model, tables.get(section, {}), problems)
     try:
-        settings = _SETTINGS.validate_python({**data, **tables})
-    except ValidationError as exc:
+        settings = validated(Settings, {**data, **tables})
+    except validation_error() as exc:
         problems += [_located(p, sources) for p in problems_of(exc, Settings)]
         return None, problems
     if problems:
@@ -400,6 +406,20 @@ def settings_problems(doc: Mapping[str, Any], environ: Mapping[str, str],
         directory = settings.data_dir / "db"
         settings = dataclasses.replace(settings, database_url=f"sqlite:///{directory}")
     return settings, []
+
+
+def _unaliased(section: str, model: type[Any], table: Any, problems: list[Problem]) -> Any:
+    """A section's table with its aliases (``retry_every``) renamed to the fields."""
+    aliases = aliases_of(model)
+    if not aliases or not isinstance(table, Mapping):
+        return table
+    renamed = dict(table)
+    for alias, name in aliases.items():
+        if alias in renamed:
+            if name in renamed:
+                problems.append(Problem(f"{section}.{alias}", f"the same setting as {name}"))
+            renamed[name] = renamed.pop(alias)
+    return renamed
 
 
 def _located(problem: Problem, sources: Mapping[str, str]) -> Problem:
@@ -430,9 +450,7 @@ def environment_names() -> dict[str, tuple[str, str]]:
 
 
 def _field_of_alias(model: type[Any], alias: str) -> str:
-    return next(name for name, info in model.__pydantic_fields__.items()
-                if isinstance(info.validation_alias, AliasChoices)
-                and alias in info.validation_alias.choices)
+    return aliases_of(model)[alias]
 
 
 def _environment(environ: Mapping[str, str], problems: list[Problem]

@@ -17,12 +17,20 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from eventsourcing.application import AggregateNotFoundError
-from pydantic import AfterValidator, ConfigDict, Strict, StrictBool, ValidationError
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from router.application.commands import CONFIG_ACTOR, Actor, CommandError, NotFoundError
 from router.application.stores import EventStores
-from router.config_types import AETitle, Description, PeerPort, problems_of
+from router.config_types import (
+    SECTION,
+    AETitle,
+    After,
+    Description,
+    PeerPort,
+    StrictBool,
+    problems_of,
+    validated,
+    validation_error,
+)
 from router.dicom.tls import TlsClientSettings
 from router.dispatch.policy import DestinationPolicy
 from router.domain.remote import RemoteNode, Retrieve, remote_node_id
@@ -67,16 +75,18 @@ def _in_order(services: tuple[Service, ...]) -> tuple[Service, ...]:
     return tuple(s for s in SERVICES if s in services)
 
 
-@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+@dataclass(frozen=True)
 class RemoteNodeConfig:
-    """A remote AE as stored in its events; validates TOML/JSON-shaped keyword arguments."""
+    """A remote AE as stored in its events (validated from TOML/JSON by parse_remote_node)."""
 
-    name: Annotated[str, AfterValidator(_name)]
-    ae_title: Annotated[AETitle, AfterValidator(str.strip)]
-    host: Annotated[str, AfterValidator(_host)]
-    port: Annotated[PeerPort, Strict()]
+    __pydantic_config__ = SECTION
+
+    name: Annotated[str, After(_name)]
+    ae_title: Annotated[AETitle, After(str.strip)]
+    host: Annotated[str, After(_host)]
+    port: PeerPort
     # What the node may ask of us, in SERVICES order.
-    services: Annotated[tuple[Service, ...], AfterValidator(_in_order)] = SERVICES
+    services: Annotated[tuple[Service, ...], After(_in_order)] = SERVICES
     description: Description = ""
     # DICOM TLS for our associations to it (C-ECHO, C-FIND, C-MOVE, C-GET, and C-MOVE
     # sub-operations we send it): as a DICOM destination's tls_* settings.
@@ -103,8 +113,8 @@ def parse_remote_node(data: Mapping[str, Any]) -> RemoteNodeConfig:
     if not isinstance(data, Mapping):
         raise RemoteNodeError({"body": "a remote node is a table of settings"})
     try:
-        node = RemoteNodeConfig(**{str(key): value for key, value in data.items()})
-    except ValidationError as exc:
+        node = validated(RemoteNodeConfig, {str(key): value for key, value in data.items()})
+    except validation_error() as exc:
         raise RemoteNodeError({p.path: p.message
                                for p in problems_of(exc, RemoteNodeConfig)}) from None
     tls = TlsClientSettings.of(node)
@@ -115,6 +125,13 @@ def parse_remote_node(data: Mapping[str, Any]) -> RemoteNodeConfig:
     return node if node.tls else dataclasses.replace(
         node, tls_ca_certificates="", tls_certificate="", tls_private_key="",
         tls_profile="bcp195", tls_server_name="")
+
+
+def stored_remote_node(name: str, config: Mapping[str, Any]) -> RemoteNodeConfig:
+    """A node as its events recorded it, validated when it was saved: built as is (every
+    process follows the admin log; validating again would load pydantic in each)."""
+    return RemoteNodeConfig(name=name, **{**config, "services": tuple(
+        s for s in SERVICES if s in config.get("services", SERVICES))})
 
 
 @dataclass(frozen=True)
@@ -280,8 +297,8 @@ class RemoteState:
         known = nodes.get(aggregate.name)
         created_by = known.created_by if known else _first_actor(self._app, aggregate.id)
         try:
-            config = parse_remote_node({"name": aggregate.name, **aggregate.config})
-        except RemoteNodeError:
+            config = stored_remote_node(aggregate.name, aggregate.config)
+        except (TypeError, ValueError):
             logger.error("remote node %s has an invalid stored configuration", aggregate.name)
             return
         nodes[aggregate.name] = RemoteNodeState(config, aggregate.version, created_by)

@@ -5,6 +5,7 @@ or study. The config is declared like any destination; requests are made by the 
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import time
@@ -12,10 +13,15 @@ import uuid
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from pydantic.dataclasses import dataclass
-
 from router.ai.signing import signed_headers
-from router.config_types import STRICT, Concurrency, Description, Duration
+from router.config_types import (
+    STRICT,
+    Concurrency,
+    Description,
+    Duration,
+    StrictBool,
+    StrictInt,
+)
 from router.dispatch.base import (
     Outgoing,
     PermanentDeliveryError,
@@ -30,9 +36,11 @@ SEND_MODES = ("dicomweb", "files")
 MIN_SECRET = 16
 
 
-@dataclass(frozen=True, kw_only=True, config=STRICT)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AIDestinationConfig:
     """An AI processor: where to POST, the shared secret, what to send and how long to wait."""
+
+    __pydantic_config__ = STRICT
 
     name: str
     url: str
@@ -41,11 +49,11 @@ class AIDestinationConfig:
     callback_timeout: Duration = 7200.0
     granularity: str = "study"
     quiet_time: Duration | None = None
-    expected_count: int | None = None
-    deidentify: bool = False
+    expected_count: StrictInt | None = None
+    deidentify: StrictBool = False
     request_timeout: Duration = 30.0
     concurrency: Concurrency = 2
-    enabled: bool = True
+    enabled: StrictBool = True
     description: Description = ""
 
     def problems(self) -> dict[str, str]:

@@ -9,6 +9,7 @@ to an address the address policy checked (router.dispatch.ssrf), never to the na
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import ssl
@@ -16,14 +17,23 @@ import threading
 import time
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
-from pydantic.dataclasses import dataclass
+import annotated_types as at
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from router.config_types import STRICT, AETitle, Concurrency, Description, Duration, PeerPort
+from router.config_types import (
+    STRICT,
+    AETitle,
+    After,
+    Concurrency,
+    Description,
+    Duration,
+    PeerPort,
+    StrictBool,
+    StrictInt,
+)
 from router.dicom.store_scu import FileDataset, LinkError, Rejected, StoreLink, dataset_offset
 from router.dicom.tls import TlsClientSettings, TlsConfigError
 from router.dispatch.base import (
@@ -73,25 +83,28 @@ def _host(host: str) -> str:
     return host
 
 
-@dataclass(frozen=True, kw_only=True, config=STRICT)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DicomDestinationConfig:
     """A remote DICOM AE (PACS, viewer, another router) reached by C-STORE."""
 
+    __pydantic_config__ = STRICT
+
     name: str
-    host: Annotated[str, AfterValidator(_host)]
+    host: Annotated[str, After(_host)]
     port: PeerPort
     ae_title: AETitle
     calling_ae: AETitle | None = None
     # Connection, ACSE and DIMSE timeouts.
-    timeout: Annotated[Duration, Field(gt=0, le=3600)] = 30.0
-    idle_close: Annotated[Duration, Field(ge=0, le=3600)] = 5.0  # an idle association stays open
-    max_pdu: int = 0  # what we advertise for receiving; 0 = unlimited
+    timeout: Annotated[Duration, at.Gt(0), at.Le(3600)] = 30.0
+    # An idle association stays open this long.
+    idle_close: Annotated[Duration, at.Interval(ge=0, le=3600)] = 5.0
+    max_pdu: StrictInt = 0  # what we advertise for receiving; 0 = unlimited
     concurrency: Concurrency = 2
-    enabled: bool = True
+    enabled: StrictBool = True
     description: Description = ""
     # DICOM TLS (PS3.15 B.9): the peer's certificate must chain to tls_ca_certificates (else
     # to the system's CAs) and carry the host's name (or tls_server_name).
-    tls: bool = False
+    tls: StrictBool = False
     tls_ca_certificates: str = ""
     tls_certificate: str = ""  # ours, for peers that require a client certificate
     tls_private_key: str = ""

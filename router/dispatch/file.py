@@ -8,6 +8,7 @@ come from :mod:`router.dispatch.templates` and are checked to stay inside the fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -18,9 +19,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from pydantic.dataclasses import dataclass
-
-from router.config_types import STRICT, Concurrency, Description
+from router.config_types import STRICT, Concurrency, Description, StrictBool
 from router.dispatch.base import Outgoing, PermanentDeliveryError, TransientDeliveryError
 from router.dispatch.folders import FolderPolicy
 from router.dispatch.templates import PathTemplate, TemplateError
@@ -34,15 +33,17 @@ _CHUNK = 1024 * 1024
 _PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.ENOTDIR, errno.EISDIR})
 
 
-@dataclass(frozen=True, kw_only=True, config=STRICT)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FileDestinationConfig:
     """A folder on a local or mounted file system."""
+
+    __pydantic_config__ = STRICT
 
     name: str
     path: str
     template: str = DEFAULT_FILE_TEMPLATE
     concurrency: Concurrency = 2
-    enabled: bool = True
+    enabled: StrictBool = True
     description: Description = ""
 
     def problems(self) -> dict[str, str]:

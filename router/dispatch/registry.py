@@ -14,9 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from router.config_types import problems_of
+from router.config_types import problems_of, validated, validation_error
 from router.dispatch.ai import AIAdapter, AIDestinationConfig
 from router.dispatch.base import Adapter
 from router.dispatch.dicom import DicomAdapter, DicomDestinationConfig
@@ -84,7 +82,7 @@ DESTINATION_KINDS: dict[str, DestinationKind] = {
 def parse_destination(data: Mapping[str, object]) -> DestinationConfig:
     """A validated config from TOML/JSON-shaped ``data`` (plaintext or sealed secrets).
 
-    The kind's config class (a pydantic dataclass) checks keys, types and ranges; its
+    The kind's config class (validated by pydantic) checks keys, types and ranges; its
     ``problems()`` then checks what needs several fields or the file system's rules. Raises
     :class:`DestinationConfigError` listing every problem found.
     """
@@ -105,9 +103,8 @@ def parse_destination(data: Mapping[str, object]) -> DestinationConfig:
     # The name is checked above; semantic checks still run when only the name is wrong.
     values = {str(key): value for key, value in data.items() if key != "type"}
     try:
-        # Keyword arguments: a strict dataclass takes no dict (TOML and JSON keys are text).
-        config = kind.config_class(**{**values, "name": shown_name or ""})
-    except ValidationError as exc:
+        config = validated(kind.config_class, {**values, "name": shown_name or ""})
+    except validation_error() as exc:
         for problem in problems_of(exc, kind.config_class):
             if problem.path != "name" or "name" not in errors:
                 errors[problem.path] = problem.message.replace(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -16,9 +17,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from pydantic.dataclasses import dataclass
-
-from router.config_types import STRICT, Concurrency, Description
+from router.config_types import STRICT, Concurrency, Description, StrictBool, StrictInt
 from router.dispatch.base import (
     Outgoing,
     PermanentDeliveryError,
@@ -89,9 +88,11 @@ _TRANSIENT_CODES = frozenset(
 )
 
 
-@dataclass(frozen=True, kw_only=True, config=STRICT)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class S3DestinationConfig:
     """A bucket (and key prefix) on AWS S3 or an S3-compatible endpoint."""
+
+    __pydantic_config__ = STRICT
 
     name: str
     bucket: str
@@ -103,9 +104,9 @@ class S3DestinationConfig:
     region: str = "us-east-1"
     template: str = DEFAULT_S3_TEMPLATE
     storage_class: str | None = None
-    multipart_threshold: int = 16 * MIB
+    multipart_threshold: StrictInt = 16 * MIB
     concurrency: Concurrency = 4
-    enabled: bool = True
+    enabled: StrictBool = True
     description: Description = ""
 
     def problems(self) -> dict[str, str]:
