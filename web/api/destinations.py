@@ -2,8 +2,8 @@
 
 Bodies are validated by the same parser as the TOML file (``parse_destination``), so a bad
 field gets the same message everywhere; the pydantic models below document the bodies in the
-OpenAPI document and are built from the config classes (pydantic dataclasses: the same types,
-ranges and defaults), so they cannot drift from them.
+OpenAPI document and are built from the config classes' annotations (the same types, ranges
+and defaults pydantic validates them with), so they cannot drift from them.
 """
 
 from __future__ import annotations
