@@ -408,12 +408,20 @@ def _invalid_uids(arrival: Arrival, header: ScannedHeader) -> list[tuple[str, st
     return found
 
 
+_META_TAGS = {"TransferSyntaxUID": 0x00020010, "MediaStorageSOPClassUID": 0x00020002,
+              "MediaStorageSOPInstanceUID": 0x00020003}
+
+
 def _meta_text(meta: Any, keyword: str) -> str | None:
-    """A file meta UID as text (None when absent); the meta was read raw, so decode here."""
-    try:
-        value = meta.get(keyword)
-    except Exception:  # pydicom cannot convert it: judged as text of its bytes below
-        value = None
+    """A file meta UID as text (None when absent). The meta was read raw: its bytes are
+    decoded here, not converted by pydicom (which costs about 0.15 ms an element, a tenth of
+    a CT slice's whole receipt, three times per object)."""
+    raw = meta.get_item(_META_TAGS[keyword]) if _META_TAGS[keyword] in meta else None
+    if raw is None:
+        return None
+    value = raw.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").rstrip("\0 ")
     if value is None:
         return None
     return str(value).rstrip("\0 ") if isinstance(value, str) else _text(value)
