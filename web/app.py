@@ -4,7 +4,6 @@ the URL table of routes.py. Handlers read views and call the write side through 
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from router.application.users import dummy_hash
 from web.auth import auth_middleware, error_middleware
 from web.freshness import add_lag_warning
 from web.health import METRICS_PATH
@@ -32,11 +30,6 @@ SERVER_NAME = "dicom-router"
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer (pages, API, errors, static files) names no software version."""
     response.headers["Server"] = SERVER_NAME
-
-
-async def _warm_login(app: web.Application) -> None:
-    """Make the login's dummy hash now, in the background (router.application.users)."""
-    asyncio.get_running_loop().run_in_executor(None, dummy_hash)
 
 
 def create_app(router: Any) -> web.Application:
@@ -69,5 +62,4 @@ def create_app(router: Any) -> web.Application:
     # headers, answered 400 by aiohttp's protocol handler) skip the signal above and take
     # aiohttp's module default instead; aiohttp has no setting for it.
     aiohttp.web_response.SERVER_SOFTWARE = SERVER_NAME
-    app.on_startup.append(_warm_login)
     return app

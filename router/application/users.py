@@ -30,6 +30,8 @@ TOKEN_PREFIX = "drt_"  # noqa: S105 - a public prefix, not a secret
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _dummy_lock = threading.Lock()
 _dummy_hash: str | None = None
+_DUMMY_ROUNDS = 12
+_DUMMY_HASH = "$2b$12$JXLVuGS0cD8zhy5uKRJxquL774LVUdRC3O4T30xCz1EvQLecI3oiK"
 
 
 class PasswordError(CommandError):
@@ -84,13 +86,16 @@ def password_matches(password: str, password_hash: str) -> bool:
 def dummy_hash() -> str:
     """A hash as costly to check as a real one (BCRYPT_ROUNDS), for logins that have no real
     one to check (unknown user, locked name): a wrong password and an unknown user then take
-    the same time. Made once per process on first use, not at import: it takes as long as a
-    login (0.3 s here), which every process start (CLI, receivers) would pay. The web server
-    makes it in the background as it starts (web/app.py), so that the first login of an
-    unknown name does not take twice as long either."""
+    the same time. A constant at the default cost: making one costs as much as a login (0.3 s
+    of CPU here), which the web server used to spend in the background as it started, in the
+    middle of the first associations it served. Its password is a random value nobody kept,
+    and the paths that check it refuse whatever the check says. Other costs (tests lower
+    BCRYPT_ROUNDS) make one once per process."""
     global _dummy_hash
+    if BCRYPT_ROUNDS == _DUMMY_ROUNDS:
+        return _DUMMY_HASH
     with _dummy_lock:
-        if _dummy_hash is None:
+        if _dummy_hash is None or not _dummy_hash.startswith(f"$2b${BCRYPT_ROUNDS:02d}$"):
             _dummy_hash = bcrypt.hashpw(b"not a password",
                                         bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
         return _dummy_hash
