@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from router.cli import _parser
+from router.config_check import check_config
 from router.settings import environment_names, settings_problems
 from tests.deploy_files import DEPLOY, UNITS, exec_start, read_env_file, read_unit
 
@@ -66,3 +67,8 @@ def test_env_example_sets_the_database_and_the_key_by_their_real_names() -> None
     assert set(values) <= set(environment_names())
     settings, problems = settings_problems({}, values)
     assert problems == [] and settings is not None and settings.is_postgres
+
+
+def test_the_example_configuration_the_units_read_is_valid() -> None:
+    """deploy/README.md installs router.example.toml as /etc/dicom-router/router.toml."""
+    assert check_config(DEPLOY / "router.example.toml") == []
