@@ -106,20 +106,16 @@ class _PgCursor:
 
 
 class PostgresViews(ViewDatabase):
-    """Tables in the events database, through a small connection pool."""
+    """Tables in the events database. The views of one process share one small connection
+    pool (``_SharedPool``): one pool per view held a connection each while idle, and several
+    nodes share the server's connections."""
 
     dialect = "postgres"
 
     def __init__(self, url: str) -> None:
-        from psycopg.rows import dict_row
-        from psycopg_pool import ConnectionPool
-
-        # check: a pooled connection is tested (one empty query) before it is handed out.
-        # Without it, after PostgreSQL restarted or terminated our sessions, each dead
-        # connection failed once in the hands of a caller: a view batch, a page, a catch-up.
-        self._pool = ConnectionPool(url, min_size=1, max_size=6, open=True,
-                                    check=ConnectionPool.check_connection,
-                                    kwargs={"row_factory": dict_row, "autocommit": False})
+        self._url = url
+        self._pool = _SharedPool.take(url)
+        self._closed = False
 
     @contextmanager
     def transaction(self) -> Iterator[_PgCursor]:
@@ -134,7 +130,47 @@ class PostgresViews(ViewDatabase):
             return rows
 
     def close(self) -> None:
-        self._pool.close()
+        if not self._closed:
+            self._closed = True
+            _SharedPool.give_back(self._url)
+
+
+class _SharedPool:
+    """One psycopg pool per database URL and process, closed with its last user."""
+
+    MIN_SIZE = 1  # kept open
+    MAX_SIZE = 8  # a batch per view at once, and the web server's queries
+
+    _pools: dict[str, tuple[Any, int]] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def take(cls, url: str) -> Any:
+        from psycopg.rows import dict_row
+        from psycopg_pool import ConnectionPool
+
+        with cls._lock:
+            pool, users = cls._pools.get(url, (None, 0))
+            if pool is None:
+                # check: a pooled connection is tested (one empty query) before it is handed
+                # out. Without it, after PostgreSQL restarted or terminated our sessions, each
+                # dead connection failed once in the hands of a caller: a view batch, a page.
+                pool = ConnectionPool(url, min_size=cls.MIN_SIZE, max_size=cls.MAX_SIZE,
+                                      open=True, check=ConnectionPool.check_connection,
+                                      kwargs={"row_factory": dict_row, "autocommit": False})
+            cls._pools[url] = (pool, users + 1)
+            return pool
+
+    @classmethod
+    def give_back(cls, url: str) -> None:
+        with cls._lock:
+            pool, users = cls._pools.pop(url, (None, 0))
+            if pool is None:
+                return
+            if users > 1:
+                cls._pools[url] = (pool, users - 1)
+                return
+        pool.close()
 
 
 def open_views(database_url: str, name: str) -> ViewDatabase:

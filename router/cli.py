@@ -110,15 +110,18 @@ async def _serve(router: Any) -> int:
 def cmd_migrate(settings: Settings, args: Any) -> int:
     from projections.runner import ensure_schema
     from router.application.stores import open_stores
+    from router.cluster.schema import schema_lock
     from router.secrets import SecretBox, load_master_key
     from router.service import open_all_views
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
-                                                             settings.data_dir)))
-    for view, db in open_all_views(settings).values():
-        ensure_schema(view, db)
-        db.close()
+    with schema_lock(settings.database_url):  # nodes may be starting meanwhile
+        stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
+                                                                 settings.data_dir)),
+                             role="tool")
+        for view, db in open_all_views(settings).values():
+            ensure_schema(view, db)
+            db.close()
     stores.close()
     print("event and view tables are in place")
     return 0
@@ -161,7 +164,7 @@ def cmd_projections(settings: Settings, args: Any) -> int:
     from router.service import VIEW_CLASSES, open_all_views
 
     stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
-                                                             settings.data_dir)))
+                                                             settings.data_dir)), role="tool")
     apps = stores.all()
     views = open_all_views(settings)
     try:

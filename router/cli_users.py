@@ -62,7 +62,7 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
-                                                             settings.data_dir)))
+                                                             settings.data_dir)), role="tool")
     try:
         users = Users(stores, AdminState(stores.admin), settings.web)
         if args.action == "list":

@@ -17,7 +17,7 @@ from projections.db import ViewDatabase, open_views
 from projections.freshness import FreshReads, LogHeads
 from projections.jobs import JobsView
 from projections.progress import view_positions
-from projections.runner import ProjectionRunner, View
+from projections.runner import ProjectionRunner, View, ensure_schema
 from projections.studies import StudiesView
 from router.ai.callbacks import AICallbacks
 from router.ai.requests import AIRequests
@@ -32,6 +32,7 @@ from router.application.runtime_settings import RuntimeSettingsStore
 from router.application.sessions import Sessions
 from router.application.stores import APP_NAMES, EventStores, open_stores
 from router.application.users import Users
+from router.cluster.schema import schema_lock
 from router.dicom.gate import Gate
 from router.dicom.qr_scp import QueryRetrieveSCP
 from router.dicom.receivers import ReceiverPool
@@ -92,12 +93,15 @@ class Router:
         """Wire a router; ``clock`` (Unix seconds) drives series/study stability and retries."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
-        stores = open_stores(settings, box)
+        with schema_lock(settings.database_url):  # nodes starting together
+            stores = open_stores(settings, box)
+            views = open_all_views(settings)
+            for view, db in views.values():
+                ensure_schema(view, db)
         blobs = BlobStore(settings.data_dir)
         configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
         admin = AdminState(stores.admin)
-        views = open_all_views(settings)
         runner = ProjectionRunner(list(views.values()), stores.all())
         fresh = FreshReads(LogHeads(stores.all(), settings.database_url),
                            {name: view.follows for name, (view, _) in views.items()},

@@ -43,7 +43,21 @@ class AccessApplication(Application):
 
 
 APP_NAMES = ("ingest", "delivery", "admin", "access")
-POOL_SIZES = {"ingest": "4", "delivery": "2", "admin": "1", "access": "1"}
+
+# PostgreSQL connections per application and process: (kept open, opened more under load).
+# Several nodes share one server whose default max_connections is 100 (docs/scaling.md has
+# the budget): a node keeps 17 open when idle (the server process 7 with its views' pool and
+# LISTEN, each of two receiver processes 5) and holds at most about 60 under load.
+POOLS: dict[str, dict[str, tuple[int, int]]] = {
+    # The serving process: views read the ingest and delivery logs, the dispatcher and the
+    # outcome recorder write delivery events, the web server all four.
+    "server": {"ingest": (2, 4), "delivery": (2, 4), "admin": (1, 2), "access": (1, 3)},
+    # A receiver process: receipts (one save per C-STORE, at most its associations at once).
+    # Its delivery and access logs are used by queries only (C-MOVE, C-GET and their audit).
+    "receiver": {"ingest": (2, 6), "delivery": (0, 2), "admin": (1, 1), "access": (0, 3)},
+    # A command (migrate, apply, user, audit export, projections).
+    "tool": {"ingest": (0, 2), "delivery": (0, 2), "admin": (0, 2), "access": (0, 2)},
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,7 @@ class StoreConfig:
 
     database_url: str
     cipher_key: bytes | None = None  # 32 bytes: encrypts the ingest and access logs (PHI)
+    role: str = "server"  # which POOLS apply (PostgreSQL)
 
 
 def postgres_env(url: str) -> dict[str, str]:
@@ -64,7 +79,6 @@ def postgres_env(url: str) -> dict[str, str]:
         "POSTGRES_PORT": str(parts.port or 5432),
         "POSTGRES_USER": unquote(parts.username or "postgres"),
         "POSTGRES_PASSWORD": unquote(parts.password or ""),
-        "POSTGRES_MAX_OVERFLOW": "6",
         # Also the pool's wait for a connection, which eventsourcing retries 10 times: a
         # database that is down fails a save in about 20 s, inside a sender's DIMSE timeout.
         "POSTGRES_CONNECT_TIMEOUT": "2",
@@ -78,9 +92,14 @@ def app_env(config: StoreConfig, name: str) -> dict[str, str]:
     url = config.database_url
     if url.startswith(("postgresql://", "postgres://")):
         env = postgres_env(url)
-        # Connections a pool opens at once, per process (the parent and each receiver):
-        # PostgreSQL's default of 100 connections must hold them all, with room for bursts.
-        env["POSTGRES_POOL_SIZE"] = POOL_SIZES[name]
+        kept, extra = POOLS[config.role][name]
+        env["POSTGRES_POOL_SIZE"] = str(kept)
+        env["POSTGRES_MAX_OVERFLOW"] = str(extra)
+        if config.role == "receiver":
+            # The serving process made the tables before it started us. Creating them here
+            # also took a connection while the pool was still opening its first ones, and
+            # the pool kept the extra one (about 10 minutes).
+            env["CREATE_TABLE"] = "no"
     elif url.startswith("sqlite:///"):
         folder = Path(url.removeprefix("sqlite:///"))
         folder.mkdir(parents=True, exist_ok=True)
@@ -137,8 +156,9 @@ def _clean_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def open_stores(settings: Any, box: Any) -> EventStores:
+def open_stores(settings: Any, box: Any, role: str = "server") -> EventStores:
     """The stores of a router with these Settings; the ingest log is encrypted with a key
-    derived from the master key unless ``encrypt_events`` is off."""
+    derived from the master key unless ``encrypt_events`` is off. ``role`` (server,
+    receiver, tool) sizes the PostgreSQL connection pools."""
     key = box.derive("event-store/ingest") if settings.encrypt_events else None
-    return EventStores(StoreConfig(settings.database_url, cipher_key=key))
+    return EventStores(StoreConfig(settings.database_url, cipher_key=key, role=role))

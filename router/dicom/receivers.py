@@ -78,7 +78,7 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
 
     configure_logging(settings.log_format, settings.log_level)
     box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
-    stores = open_stores(settings, box)
+    stores = open_stores(settings, box, role="receiver")
     blobs = BlobStore(settings.data_dir)
     configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
