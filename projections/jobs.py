@@ -12,7 +12,7 @@ import json
 
 from projections.ai_requests import AI_TABLES, AIRequestHandlers
 from projections.db import Cursor
-from projections.runner import EventRecord, View
+from projections.runner import EventRecord, View, drop_if_outdated
 from projections.runner import index_text as _text
 from projections.units import UNIT_TABLES, UnitHandlers
 from router.domain.delivery import delivery_id
@@ -24,13 +24,13 @@ JOBS_SQL = """CREATE TABLE IF NOT EXISTS jobs (
     study_instance_uid TEXT, series_instance_uid TEXT, modality TEXT, patient_id TEXT,
     sha256 TEXT NOT NULL, size BIGINT NOT NULL, transfer_syntax_uid TEXT NOT NULL,
     routing TEXT NOT NULL, matched_rules TEXT, destinations TEXT, duplicate_of TEXT,
-    previous_job_id TEXT, correlation_id TEXT)"""
+    previous_job_id TEXT, correlation_id TEXT, node TEXT)"""
 
 DELIVERIES_SQL = """CREATE TABLE IF NOT EXISTS deliveries (
     delivery_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, destination TEXT NOT NULL,
     status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, created_at DOUBLE PRECISION,
     next_attempt_at DOUBLE PRECISION, last_attempt_at DOUBLE PRECISION, last_error TEXT,
-    delivered_at DOUBLE PRECISION, detail TEXT, clock_from DOUBLE PRECISION)"""
+    delivered_at DOUBLE PRECISION, detail TEXT, clock_from DOUBLE PRECISION, last_node TEXT)"""
 
 FAILURES_SQL = """CREATE TABLE IF NOT EXISTS receipt_failures (
     failure_id TEXT PRIMARY KEY, failed_at DOUBLE PRECISION NOT NULL, source TEXT NOT NULL,
@@ -69,6 +69,7 @@ class JobsView(AIRequestHandlers, UnitHandlers, View):
               *AI_TABLES)
 
     def create(self, cur: Cursor, dialect: str) -> None:
+        drop_if_outdated(self, cur, dialect, {"jobs": JOBS_SQL, "deliveries": DELIVERIES_SQL})
         for sql in (JOBS_SQL, DELIVERIES_SQL, FAILURES_SQL, PURGES_SQL, *INDEXES):
             cur.execute(sql)
         self.create_units(cur)
@@ -87,13 +88,14 @@ class JobsView(AIRequestHandlers, UnitHandlers, View):
             "INSERT INTO jobs (job_id, received_at, source, actor, source_ip, calling_aet,"
             " called_aet, sop_class_uid, sop_instance_uid, study_instance_uid,"
             " series_instance_uid, modality, patient_id, sha256, size, transfer_syntax_uid,"
-            " routing, previous_job_id, correlation_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)",
+            " routing, previous_job_id, correlation_id, node)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?)",
             (r.originator_id, r.timestamp, e.source, e.actor, e.source_ip, e.calling_aet,
              e.called_aet, e.sop_class_uid, e.sop_instance_uid,
              _text(idx.get("StudyInstanceUID")), _text(idx.get("SeriesInstanceUID")),
              _text(idx.get("Modality")), _text(idx.get("PatientID")), e.sha256,
-             e.size, e.transfer_syntax_uid, e.previous_job_id, e.correlation_id),
+             e.size, e.transfer_syntax_uid, e.previous_job_id, e.correlation_id,
+             getattr(e, "node", None) or None),
         )
 
     def _Job_Routed(self, cur: Cursor, r: EventRecord) -> None:
@@ -159,22 +161,25 @@ class JobsView(AIRequestHandlers, UnitHandlers, View):
     def _Delivery_Succeeded(self, cur: Cursor, r: EventRecord) -> None:
         cur.execute(
             "UPDATE deliveries SET status = 'delivered', attempts = ?, last_attempt_at = ?,"
-            " delivered_at = ?, detail = ?, next_attempt_at = NULL WHERE delivery_id = ?",
-            (r.event.attempt, r.timestamp, r.timestamp, r.event.detail, r.originator_id),
+            " delivered_at = ?, detail = ?, next_attempt_at = NULL, last_node = ?"
+            " WHERE delivery_id = ?",
+            (r.event.attempt, r.timestamp, r.timestamp, r.event.detail, _node(r),
+             r.originator_id),
         )
 
     def _Delivery_AttemptFailed(self, cur: Cursor, r: EventRecord) -> None:
         cur.execute(
             "UPDATE deliveries SET status = 'retrying', attempts = ?, last_attempt_at = ?,"
-            " last_error = ?, next_attempt_at = ? WHERE delivery_id = ?",
-            (r.event.attempt, r.timestamp, r.event.error, r.event.retry_at, r.originator_id),
+            " last_error = ?, next_attempt_at = ?, last_node = ? WHERE delivery_id = ?",
+            (r.event.attempt, r.timestamp, r.event.error, r.event.retry_at, _node(r),
+             r.originator_id),
         )
 
     def _Delivery_DeadLettered(self, cur: Cursor, r: EventRecord) -> None:
         cur.execute(
             "UPDATE deliveries SET status = 'dead', attempts = ?, last_attempt_at = ?,"
-            " last_error = ?, next_attempt_at = NULL WHERE delivery_id = ?",
-            (r.event.attempt, r.timestamp, r.event.reason, r.originator_id),
+            " last_error = ?, next_attempt_at = NULL, last_node = ? WHERE delivery_id = ?",
+            (r.event.attempt, r.timestamp, r.event.reason, _node(r), r.originator_id),
         )
 
     def _Delivery_Requeued(self, cur: Cursor, r: EventRecord) -> None:
@@ -188,3 +193,8 @@ class JobsView(AIRequestHandlers, UnitHandlers, View):
             "UPDATE deliveries SET status = 'cancelled', next_attempt_at = NULL,"
             " last_error = ? WHERE delivery_id = ?", (r.event.reason, r.originator_id),
         )
+
+
+def _node(r: EventRecord) -> str | None:
+    """The node that made an attempt (None in events recorded before several nodes)."""
+    return getattr(r.event, "node", None) or None

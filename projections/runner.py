@@ -70,6 +70,36 @@ def ensure_schema(view: View, db: ViewDatabase) -> None:
         view.create(cur, db.dialect)
 
 
+def columns_of(create_sql: str) -> set[str]:
+    """Column names of a ``CREATE TABLE t (col TYPE ..., ...)`` without table constraints."""
+    body = create_sql.split("(", 1)[1].rsplit(")", 1)[0]
+    return {part.split()[0] for part in body.split(",") if part.split()}
+
+
+def existing_columns(cur: Cursor, dialect: str, table: str) -> set[str]:
+    if dialect == "sqlite":
+        cur.execute(f"PRAGMA table_info({table})")
+        return {row["name"] for row in cur.fetchall()}
+    cur.execute("SELECT column_name AS name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = ?", (table,))
+    return {row["name"] for row in cur.fetchall()}
+
+
+def drop_if_outdated(view: View, cur: Cursor, dialect: str,
+                     creates: dict[str, str]) -> bool:
+    """Drop the view's tables and positions when a table of ``creates`` (table -> its CREATE
+    statement) lacks a column: the view then replays the log from 0. True if dropped."""
+    for table, sql in creates.items():
+        existing = existing_columns(cur, dialect, table)
+        if existing and not columns_of(sql) <= existing:
+            logger.info("%s view: schema changed; rebuilding it from the log", view.name)
+            for name in view.tables:
+                cur.execute(f"DROP TABLE IF EXISTS {name}")
+            cur.execute("DELETE FROM projection_positions WHERE view = ?", (view.name,))
+            return True
+    return False
+
+
 def positions(view: View, db: ViewDatabase) -> dict[str, int]:
     return view_positions(db, view.name)
 

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from projections.db import Cursor
-from projections.runner import EventRecord, View
+from projections.runner import EventRecord, View, drop_if_outdated
 from projections.runner import index_text as _text
 
 STUDIES_SQL = """CREATE TABLE IF NOT EXISTS studies (
@@ -92,25 +92,6 @@ def _upsert(table: str, key: str, columns: list[str]) -> str:
             f" ON CONFLICT ({key}) DO UPDATE SET {updates}")
 
 
-def _expected_columns() -> dict[str, set[str]]:
-    """Column names per table, read from the CREATE statements above."""
-    out = {}
-    for table, sql in (("studies", STUDIES_SQL), ("series", SERIES_SQL),
-                       ("instances", INSTANCES_SQL)):
-        body = sql.split("(", 1)[1].rsplit(")", 1)[0]
-        out[table] = {part.split()[0] for part in body.split(",") if part.split()}
-    return out
-
-
-def _existing_columns(cur: Cursor, dialect: str, table: str) -> set[str]:
-    if dialect == "sqlite":
-        cur.execute(f"PRAGMA table_info({table})")
-        return {row["name"] for row in cur.fetchall()}
-    cur.execute("SELECT column_name AS name FROM information_schema.columns"
-                " WHERE table_schema = current_schema() AND table_name = ?", (table,))
-    return {row["name"] for row in cur.fetchall()}
-
-
 class StudiesView(View):
     name = "studies"
     follows = ("ingest",)
@@ -121,20 +102,10 @@ class StudiesView(View):
         self._touched_series: set[str] = set()
 
     def create(self, cur: Cursor, dialect: str) -> None:
-        self._drop_if_outdated(cur, dialect)
+        drop_if_outdated(self, cur, dialect, {"studies": STUDIES_SQL, "series": SERIES_SQL,
+                                              "instances": INSTANCES_SQL})
         for sql in (STUDIES_SQL, SERIES_SQL, INSTANCES_SQL, *INDEXES):
             cur.execute(sql)
-
-    def _drop_if_outdated(self, cur: Cursor, dialect: str) -> None:
-        """Tables of an older schema are dropped and the view replays the log from 0."""
-        for table, expected in _expected_columns().items():
-            existing = _existing_columns(cur, dialect, table)
-            if existing and not expected <= existing:
-                logger.info("studies view: schema changed; rebuilding it from the log")
-                for name in self.tables:
-                    cur.execute(f"DROP TABLE IF EXISTS {name}")
-                cur.execute("DELETE FROM projection_positions WHERE view = ?", (self.name,))
-                return
 
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         if record.topic == "Job.Received":

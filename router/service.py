@@ -32,6 +32,7 @@ from router.application.runtime_settings import RuntimeSettingsStore
 from router.application.sessions import Sessions
 from router.application.stores import APP_NAMES, EventStores, open_stores
 from router.application.users import Users
+from router.cluster.nodes import NodeRegistry
 from router.cluster.schema import schema_lock
 from router.dicom.gate import Gate
 from router.dicom.qr_scp import QueryRetrieveSCP
@@ -85,6 +86,7 @@ class Router:
     ai_callbacks: AICallbacks
     policy: DestinationPolicy  # where destinations and remote nodes may connect and write
     fresh: FreshReads  # read-your-writes: queries wait for their view to pass the logs' heads
+    nodes: NodeRegistry  # the nodes sharing this database (health page)
     ready: bool = False
     receivers: ReceiverPool | None = None
 
@@ -98,6 +100,9 @@ class Router:
             views = open_all_views(settings)
             for view, db in views.values():
                 ensure_schema(view, db)
+            nodes = NodeRegistry(views["jobs"][1], settings.node_id,
+                                 dicom_port=settings.dicom_port, http_port=settings.http_port)
+            nodes.ensure_table()
         blobs = BlobStore(settings.data_dir)
         configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
@@ -107,7 +112,7 @@ class Router:
                            {name: view.follows for name, (view, _) in views.items()},
                            runner.progress, hurry=runner.hurry)
         receiver = Receiver(stores, blobs, admin, settings.ingest, settings.dispatch,
-                            on_saved=runner.wake)
+                            on_saved=runner.wake, node=settings.node_id)
         jobs_db = views["jobs"][1]
         policy = DestinationPolicy.from_settings(settings)
 
@@ -115,7 +120,7 @@ class Router:
             return build_adapter(state.config, box, calling_ae=settings.ae_title, policy=policy)
 
         dispatcher = Dispatcher(stores, jobs_db, admin, blobs, settings.dispatch, make_adapter,
-                                clock=clock, on_saved=runner.wake)
+                                clock=clock, on_saved=runner.wake, node=settings.node_id)
         units = UnitScheduler(stores, jobs_db, admin, clock=clock,
                               poll_interval=settings.dispatch.poll_interval, on_saved=runner.wake)
         runner.add_listener(lambda view: dispatcher.wake() if view == "jobs" else None)
@@ -143,7 +148,7 @@ class Router:
                                        sessions, box), units=units,
                    ai_requests=ai_requests, ai_worker=ai_worker,
                    ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver),
-                   policy=policy, fresh=fresh)
+                   policy=policy, fresh=fresh, nodes=nodes)
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -176,6 +181,8 @@ class Router:
         self.ai_worker.start()
         self.retention.start()  # purges hourly while storage.retention_days > 0
         self._start_receiving()
+        self.nodes.start(dicom_port=self.receivers.port if self.receivers is not None
+                         else self.dicom.port)
         self.ready = True
         logger.info("router started")
 
@@ -200,6 +207,7 @@ class Router:
         self.ai_worker.stop()
         self.dispatcher.stop(grace=grace)
         self.retention.stop()
+        self.nodes.stop()
         self.runner.stop()
         self.fresh.close()
         for _, db in self.views.values():
@@ -223,7 +231,8 @@ class Router:
                 for app in view.follows
             )
         receiving = self.receivers.alive() if self.receivers is not None else True
-        return {"ready": self.ready and receiving, "receivers_alive": receiving, "view_lag": lag}
+        return {"ready": self.ready and receiving, "node": self.settings.node_id,
+                "receivers_alive": receiving, "view_lag": lag}
 
 
 def _default_public_url(settings: Settings) -> str:

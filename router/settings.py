@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
+import socket
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -278,6 +280,22 @@ def _database_url(value: str) -> str:
     return value
 
 
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _node_id(value: str) -> str:
+    if value and not _NODE_ID.match(value):
+        raise ValueError("must be 1-63 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
+    return value
+
+
+def default_node_id() -> str:
+    """This host's name, cut to what a node id may hold (``node`` if nothing is left)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip(".-_")[:63]
+    return name or "node"
+
+
 def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 
@@ -303,6 +321,9 @@ class Settings:
     data_dir: UserPath = Path("./data")
     database_url: Annotated[str, After(_database_url)] = ""
     secret_key: Secret = None
+    # This node's name in its events, the jobs view and the health page (several nodes on
+    # one PostgreSQL database must each have their own); default: the host's name.
+    node_id: Annotated[str, After(_node_id)] = ""
     admin_password: Secret = None
     log_format: Literal["text", "json"] = "text"
     log_level: Annotated[str, Before(_upper)] = "INFO"
@@ -405,6 +426,8 @@ def settings_problems(doc: Mapping[str, Any], environ: Mapping[str, str],
     if not settings.database_url:
         directory = settings.data_dir / "db"
         settings = dataclasses.replace(settings, database_url=f"sqlite:///{directory}")
+    if not settings.node_id:
+        settings = dataclasses.replace(settings, node_id=default_node_id())
     return settings, []
 
 

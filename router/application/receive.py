@@ -102,8 +102,10 @@ class Receiver:
         ingest: IngestSettings,
         dispatch: DispatchSettings,
         on_saved: Callable[[], None] = lambda: None,
+        node: str = "",
     ) -> None:
         self._app = stores.ingest
+        self._node = node  # recorded in each receipt
         self._blobs = blobs
         self._admin = admin_state
         self._ingest = ingest
@@ -279,7 +281,7 @@ class Receiver:
             sop_instance_uid=sop_uid, transfer_syntax_uid=arrival.transfer_syntax_uid,
             sha256=arrival.sha256, size=arrival.size, index=header.index,
             previous_job_id=previous, tls_subject=arrival.tls_subject,
-            repaired_uids=repaired or None,
+            repaired_uids=repaired or None, node=self._node,
         )
         if original is not None:
             job.ignore_duplicate(**ctx, original_job_id=original)

@@ -102,7 +102,8 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
                 return
 
     receiver = Receiver(stores, blobs, AdminState(stores.admin), settings.ingest,
-                        settings.dispatch, on_saved=lambda: tell_parent(b"S"))
+                        settings.dispatch, on_saved=lambda: tell_parent(b"S"),
+                        node=settings.node_id)
     qr, studies = standalone(settings, stores, blobs)  # C-FIND/MOVE/GET may arrive here too
     channel = socket.socket(fileno=channel_fd)
     server = DicomServer(settings, receiver, qr=qr, channel=channel,

@@ -53,6 +53,7 @@ class Dispatcher:
         build_adapter: Callable[[DestinationState], Adapter],
         clock: Callable[[], float] = time.time,
         on_saved: Callable[[], None] = lambda: None,
+        node: str = "",
     ) -> None:
         self._app = stores.delivery
         self._db = jobs_db
@@ -61,7 +62,7 @@ class Dispatcher:
         self._settings = settings
         self._build_adapter = build_adapter
         self._clock = clock
-        self.outcomes = OutcomeRecorder(stores.delivery, settings, clock, on_saved)
+        self.outcomes = OutcomeRecorder(stores.delivery, settings, clock, on_saved, node)
         self._lanes: dict[str, Lane] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()

@@ -38,8 +38,9 @@ class OutcomeRecorder:
     """Applies the retry policy to results and saves them, batched, to the delivery log."""
 
     def __init__(self, app: Any, settings: DispatchSettings, clock: Callable[[], float],
-                 on_saved: Callable[[], None]) -> None:
+                 on_saved: Callable[[], None], node: str = "") -> None:
         self._app = app
+        self._node = node  # recorded in each attempt's event
         self._settings = settings
         self._clock = clock
         self._on_saved = on_saved
@@ -132,19 +133,22 @@ class OutcomeRecorder:
             return None
         if error is None:
             delivery.succeed(**ctx, attempt=attempt, detail=result.detail[:500],
-                             duration_ms=result.duration_ms)
+                             duration_ms=result.duration_ms, node=self._node)
             return delivery
         logger.warning("delivery to %s failed (attempt %d): %s", due.destination, attempt, error)
         if not isinstance(error, TransientDeliveryError):
-            delivery.dead_letter(**ctx, attempt=attempt, permanent=True, reason=str(error)[:1000])
+            delivery.dead_letter(**ctx, attempt=attempt, permanent=True, reason=str(error)[:1000],
+                                 node=self._node)
             return delivery
         retry_at = self._clock() + next_delay(attempt, self._settings)
         if retry_at - due.clock_from > self._settings.max_age:
             delivery.dead_letter(**ctx, attempt=attempt, permanent=False,
-                                 reason=f"gave up after {attempt} attempts: {error}"[:1000])
+                                 reason=f"gave up after {attempt} attempts: {error}"[:1000],
+                                 node=self._node)
         else:
             delivery.fail_attempt(**ctx, attempt=attempt, error=str(error)[:1000],
-                                  retry_at=retry_at, duration_ms=result.duration_ms)
+                                  retry_at=retry_at, duration_ms=result.duration_ms,
+                                  node=self._node)
         return delivery
 
     def _load_or_create(self, due: DueDelivery, ctx: dict[str, str], read_first: bool) -> Any:

@@ -53,8 +53,11 @@ class Delivery(Aggregate):
         attempt: int,
         detail: str,
         duration_ms: int,
+        node: str = "",
     ) -> None:
-        """The destination confirmed the object (for DICOM: status 0x0000 or a warning)."""
+        """The destination confirmed the object (for DICOM: status 0x0000 or a warning).
+        ``node``: the router node that made the attempt (here and in the next two; absent in
+        events recorded before several nodes)."""
         self.attempts = attempt
         self.status = "delivered"
 
@@ -69,6 +72,7 @@ class Delivery(Aggregate):
         error: str,
         retry_at: float,
         duration_ms: int,
+        node: str = "",
     ) -> None:
         """A transient failure; the next attempt is due at ``retry_at`` (Unix seconds, UTC)."""
         self.attempts = attempt
@@ -84,6 +88,7 @@ class Delivery(Aggregate):
         attempt: int,
         reason: str,
         permanent: bool,
+        node: str = "",
     ) -> None:
         """Given up: a permanent error, or retries exhausted after the maximum age."""
         self.attempts = attempt

@@ -36,11 +36,13 @@ class Job(Aggregate):
         previous_job_id: str | None,
         tls_subject: str = "",
         repaired_uids: dict[str, str] | None = None,
+        node: str = "",
     ) -> None:
         """``tls_subject``: the sender's verified TLS certificate subject ("" over plain TCP,
         and absent in events recorded before DICOM TLS). ``repaired_uids``: keyword -> the
         original of each UID replaced under ``[ingest] invalid_uids = "repair"`` (the object
-        is stored with the new ones; absent or None when nothing was repaired)."""
+        is stored with the new ones; absent or None when nothing was repaired). ``node``:
+        the router node that received it (absent in events recorded before several nodes)."""
         self.actor = actor
         self.source_ip = source_ip
         self.correlation_id = correlation_id
@@ -56,6 +58,7 @@ class Job(Aggregate):
         self.previous_job_id = previous_job_id
         self.tls_subject = tls_subject
         self.repaired_uids = repaired_uids
+        self.node = node
         self.destinations: list[str] = []
         self.duplicate_of: str | None = None
         self.blob_purged = False

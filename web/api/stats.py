@@ -21,8 +21,10 @@ async def read_stats(request: web.Request) -> dict[str, Any]:
     router = request.app[ROUTER_KEY]
 
     def read() -> dict[str, Any]:  # the admin snapshot may refresh from the log: a thread
-        return collect(router.views["jobs"][1], router.views["audit"][1],
-                       router.admin.snapshot().destinations)
+        figures = collect(router.views["jobs"][1], router.views["audit"][1],
+                          router.admin.snapshot().destinations)
+        figures["nodes"] = router.nodes.nodes()
+        return figures
 
     return await asyncio.to_thread(read)
 
@@ -33,6 +35,6 @@ async def stats(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("GET", "/api/v1/stats", stats, "stats.read",
-          "Received and delivered per minute (last hour), queues, failures and destination"
-          " health", tags=("stats",)),
+          "Received and delivered per minute (last hour), queues, failures, destination"
+          " health and the router nodes sharing the database", tags=("stats",)),
 ]

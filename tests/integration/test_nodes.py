@@ -1,0 +1,140 @@
+"""Several nodes on one database: each has an identity, recorded in what it receives and
+attempts; each lists the others with when it was last seen; nodes started together create
+their tables without racing."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from projections.db import SqliteViews
+from router.cluster.nodes import NodeRegistry
+from tests.conftest import ADMIN_PASSWORD, make_settings, wait_for
+from tests.integration.test_web_jobs import storescu, write_instances
+from tests.web_harness import bearer
+
+
+def _node_settings(tmp_path: Path, database_url: str, node: str, **overrides: Any) -> Any:
+    return make_settings(tmp_path / node, database_url, node_id=node, **overrides)
+
+
+@pytest.mark.postgres
+def test_nodes_started_together_on_a_fresh_database_come_up(pg_url: str, tmp_path: Path,
+                                                             start_router: Any) -> None:
+    """Three nodes build (create every table) at once on an empty database: no catalog race."""
+    from router.service import Router
+
+    built: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def build(node: str) -> None:
+        try:
+            built[node] = Router.build(_node_settings(tmp_path, pg_url, node))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build, args=(f"node-{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert sorted(built) == ["node-0", "node-1", "node-2"]
+    for router in built.values():  # built, not started: close what build opened
+        router.fresh.close()
+        for _, db in router.views.values():
+            db.close()
+        router.stores.close()
+
+
+@pytest.mark.postgres
+def test_each_node_records_itself_and_lists_the_others(pg_url: str, tmp_path: Path,
+                                                       web_router: Any) -> None:
+    a = web_router(_node_settings(tmp_path, pg_url, "node-a"))
+    b = web_router(_node_settings(tmp_path, pg_url, "node-b"))
+    files = write_instances(tmp_path / "ct", "CT", 2)
+    assert storescu(a.router.dicom.port, files, "CT_SCANNER").returncode == 0
+    jobs = b.router.views["jobs"][1]  # read on the other node: one database
+    rows = wait_for(lambda: jobs.query("SELECT node FROM jobs"), 20, "the two receipts")
+    wait_for(lambda: len(jobs.query("SELECT node FROM jobs")) == 2, 20, "both receipts")
+    assert {r["node"] for r in jobs.query("SELECT node FROM jobs")} == {"node-a"}, rows
+    received = [e for e in a.router.stores.ingest.recorder.select_notifications(0, 100)
+                if e.topic.endswith("Job.Received")]
+    assert len(received) == 2
+    event = a.router.stores.ingest.mapper.to_domain_event(received[0])
+    assert event.node == "node-a"
+
+    def listed(server: Any) -> dict[str, str]:
+        r = requests.get(server.url + "/api/v1/stats", timeout=30,
+                         headers=bearer(server.url, "admin", ADMIN_PASSWORD))
+        r.raise_for_status()
+        return {n["node_id"]: n["state"] for n in r.json()["nodes"]}
+
+    assert listed(a) == {"node-a": "up", "node-b": "up"}
+    assert listed(b) == {"node-a": "up", "node-b": "up"}
+    assert requests.get(b.url + "/readyz", timeout=10).json()["node"] == "node-b"
+    b.router.stop()  # its web server stays up until the fixture's teardown
+    assert listed(a) == {"node-a": "up", "node-b": "stopped"}
+
+
+def test_delivery_attempts_name_the_node(tmp_path: Path, database_url: str,
+                                         start_router: Any) -> None:
+    out = tmp_path / "node-x" / "out"
+    out.mkdir(parents=True)
+    settings = _node_settings(
+        tmp_path, database_url, "node-x",
+        destinations=({"name": "folder", "type": "file", "path": str(out)},),
+        rules=({"name": "all", "calling_aet": "*", "destinations": ["folder"]},))
+    router = start_router(settings)
+    files = write_instances(tmp_path / "ct", "CT", 1)
+    assert storescu(router.dicom.port, files, "CT_SCANNER").returncode == 0
+    jobs = router.views["jobs"][1]
+    wait_for(lambda: jobs.query("SELECT 1 FROM deliveries WHERE status = 'delivered'"), 30,
+             "the delivery")
+    assert jobs.query("SELECT last_node FROM deliveries") == [{"last_node": "node-x"}]
+    assert jobs.query("SELECT node FROM jobs") == [{"node": "node-x"}]
+
+
+def test_registry_shows_up_missing_and_stopped(tmp_path: Path) -> None:
+    now = [1000.0]
+    db = SqliteViews(tmp_path / "views.sqlite")
+    a = NodeRegistry(db, "a", dicom_port=104, http_port=8080, interval=5, clock=lambda: now[0])
+    b = NodeRegistry(db, "b", dicom_port=11112, http_port=8081, interval=5,
+                     clock=lambda: now[0])
+    a.start()
+    b.start()
+    try:
+        states = {n["node_id"]: n["state"] for n in a.nodes()}
+        assert states == {"a": "up", "b": "up"}
+        now[0] += 16  # b missed three heartbeats (its thread beats every 5 s of real time)
+        a.beat()
+        states = {n["node_id"]: n["state"] for n in a.nodes()}
+        assert states == {"a": "up", "b": "missing"}
+        b.stop()
+        assert {n["node_id"]: n["state"] for n in a.nodes()}["b"] == "stopped"
+        # b starts again: up, with its new ports
+        b2 = NodeRegistry(db, "b", dicom_port=11113, http_port=8081, interval=5,
+                          clock=lambda: now[0])
+        b2.start()
+        row = next(n for n in a.nodes() if n["node_id"] == "b")
+        assert (row["state"], row["dicom_port"]) == ("up", 11113)
+        b2.stop()
+    finally:
+        a.stop()
+        db.close()
+
+
+def test_node_id_must_be_a_plain_name(tmp_path: Path) -> None:
+    from router.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="node_id"):
+        load_settings({"DICOM_ROUTER_NODE_ID": "../etc"}, None, tmp_path)
+    assert load_settings({"DICOM_ROUTER_NODE_ID": "site-2.node_1"}, None,
+                         tmp_path).node_id == "site-2.node_1"
+    assert load_settings({}, None, tmp_path).node_id  # the host's name by default
+    assert replace(load_settings({}, None, tmp_path), node_id="x").node_id == "x"
