@@ -23,6 +23,9 @@ from router.priority import lower_this_thread
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
+# PostgreSQL: the node building the views notifies this channel after each batch, so that
+# the other nodes (which read the views) see the new positions at once.
+VIEWS_CHANNEL = "router_views"
 
 POSITIONS_SQL = """CREATE TABLE IF NOT EXISTS projection_positions (
     view TEXT NOT NULL, application TEXT NOT NULL, position BIGINT NOT NULL,
@@ -213,6 +216,8 @@ def _try_batch(view: View, db: ViewDatabase, apps: dict[str, Any], current: dict
                     " DO UPDATE SET position = excluded.position",
                     (view.name, app_name, batch[-1].id),
                 )
+            if db.dialect == "postgres":
+                cur.execute(f"NOTIFY {VIEWS_CHANNEL}")  # delivered at commit
     except _Moved:
         current.clear()
         current.update(stored)
@@ -236,11 +241,19 @@ def _lock_positions(cur: Cursor, dialect: str, view_name: str) -> dict[str, int]
 
 
 class ProjectionRunner:
-    """One thread per view, woken by saves (in-process), NOTIFY (PostgreSQL) or a poll."""
+    """One thread per view, woken by saves (in-process), NOTIFY (PostgreSQL) or a poll.
+
+    ``leads(view_name)`` says whether this node builds the view now (router.cluster: one node
+    at a time on a shared PostgreSQL database). When it does not, the view's thread follows:
+    it reads the positions the building node commits and wakes this node's listeners and
+    waiting queries as they move.
+    """
 
     def __init__(self, views: Sequence[tuple[View, ViewDatabase]], apps: dict[str, Any],
-                 poll_interval: float = 0.5, coalesce: float = 0.05) -> None:
+                 poll_interval: float = 0.5, coalesce: float = 0.05,
+                 leads: Callable[[str], bool] = lambda view: True) -> None:
         self._views = list(views)
+        self._leads = leads
         # After a partial batch, wait this long so that the next one is larger: one
         # transaction per receipt would cost more than the receipts themselves.
         self._coalesce = coalesce
@@ -306,11 +319,25 @@ class ProjectionRunner:
             self._threads.append(t)
 
     def catch_up(self) -> None:
-        """Synchronously apply everything recorded so far (start-up, tests, shutdown flush)."""
+        """Synchronously apply everything recorded so far (start-up, tests, shutdown flush);
+        a view another node builds is only read."""
         for view, db in self._views:
             ensure_schema(view, db)
+            if not self._leads(view.name):
+                self._follow(view, db)
+                continue
             while self._step(view, db):
                 pass
+
+    def _follow(self, view: View, db: ViewDatabase) -> None:
+        """Read the positions another node committed; wake listeners when they moved."""
+        with self._locks[view.name]:
+            before = self._positions.get(view.name)
+            stored = self._positions[view.name] = positions(view, db)
+        self.progress.advanced(view.name, stored)
+        if before is not None and stored != before:
+            for callback in self._listeners:
+                callback(view.name)
 
     def _step(self, view: View, db: ViewDatabase) -> int:
         """One batch of one view, with its cached positions (re-read after a failure)."""
@@ -331,6 +358,16 @@ class ProjectionRunner:
         while not self._stop.is_set():
             self._wakes[view.name].clear()
             self._hurries[view.name].clear()
+            if not self._leads(view.name):
+                try:
+                    self._follow(view, db)
+                except Exception as exc:
+                    logger.warning("view %s: reading its positions failed (%s); retrying",
+                                   view.name, type(exc).__name__)
+                    self._stop.wait(1.0)
+                    continue
+                self._wakes[view.name].wait(self._poll)
+                continue
             try:
                 applied = self._step(view, db)
             except Exception:

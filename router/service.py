@@ -17,7 +17,7 @@ from projections.db import ViewDatabase, open_views
 from projections.freshness import FreshReads, LogHeads
 from projections.jobs import JobsView
 from projections.progress import view_positions
-from projections.runner import ProjectionRunner, View, ensure_schema
+from projections.runner import VIEWS_CHANNEL, ProjectionRunner, View, ensure_schema
 from projections.studies import StudiesView
 from router.ai.callbacks import AICallbacks
 from router.ai.requests import AIRequests
@@ -32,6 +32,7 @@ from router.application.runtime_settings import RuntimeSettingsStore
 from router.application.sessions import Sessions
 from router.application.stores import APP_NAMES, EventStores, open_stores
 from router.application.users import Users
+from router.cluster.leadership import Leadership, leadership_for
 from router.cluster.nodes import NodeRegistry
 from router.cluster.schema import schema_lock
 from router.dicom.gate import Gate
@@ -87,6 +88,7 @@ class Router:
     policy: DestinationPolicy  # where destinations and remote nodes may connect and write
     fresh: FreshReads  # read-your-writes: queries wait for their view to pass the logs' heads
     nodes: NodeRegistry  # the nodes sharing this database (health page)
+    duties: Leadership  # what this node does for the cluster (views, destinations, timers)
     ready: bool = False
     receivers: ReceiverPool | None = None
 
@@ -95,19 +97,22 @@ class Router:
         """Wire a router; ``clock`` (Unix seconds) drives series/study stability and retries."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
+        duties = leadership_for(settings.database_url, settings.node_id)
         with schema_lock(settings.database_url):  # nodes starting together
             stores = open_stores(settings, box)
             views = open_all_views(settings)
             for view, db in views.values():
                 ensure_schema(view, db)
             nodes = NodeRegistry(views["jobs"][1], settings.node_id,
-                                 dicom_port=settings.dicom_port, http_port=settings.http_port)
+                                 dicom_port=settings.dicom_port, http_port=settings.http_port,
+                                 duties=duties.held)
             nodes.ensure_table()
         blobs = BlobStore(settings.data_dir)
         configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
         admin = AdminState(stores.admin)
-        runner = ProjectionRunner(list(views.values()), stores.all())
+        runner = ProjectionRunner(list(views.values()), stores.all(),
+                                  leads=lambda view: duties.holds(f"view:{view}"))
         fresh = FreshReads(LogHeads(stores.all(), settings.database_url),
                            {name: view.follows for name, (view, _) in views.items()},
                            runner.progress, hurry=runner.hurry)
@@ -120,19 +125,22 @@ class Router:
             return build_adapter(state.config, box, calling_ae=settings.ae_title, policy=policy)
 
         dispatcher = Dispatcher(stores, jobs_db, admin, blobs, settings.dispatch, make_adapter,
-                                clock=clock, on_saved=runner.wake, node=settings.node_id)
+                                clock=clock, on_saved=runner.wake, node=settings.node_id,
+                                leads=lambda name: duties.holds(f"destination:{name}"))
         units = UnitScheduler(stores, jobs_db, admin, clock=clock,
-                              poll_interval=settings.dispatch.poll_interval, on_saved=runner.wake)
+                              poll_interval=settings.dispatch.poll_interval, on_saved=runner.wake,
+                              leads=lambda: duties.holds("units"))
         runner.add_listener(lambda view: dispatcher.wake() if view == "jobs" else None)
         runner.add_listener(lambda view: units.wake() if view == "jobs" else None)
         ai_requests = AIRequests(stores.delivery, jobs_db, admin, blobs, box,
                                  settings.ai.public_url or _default_public_url(settings),
                                  policy.ai_addresses)
         ai_worker = AIWorker(ai_requests, jobs_db, admin, settings.dispatch, clock=clock,
-                             on_saved=runner.wake)
+                             on_saved=runner.wake, leads=lambda: duties.holds("ai"))
         runner.add_listener(lambda view: ai_worker.wake() if view == "jobs" else None)
         runtime = RuntimeSettingsStore(stores, settings)
-        retention = Retention(stores, jobs_db, blobs, runtime, on_saved=runner.wake)
+        retention = Retention(stores, jobs_db, blobs, runtime, on_saved=runner.wake,
+                              leads=lambda: duties.holds("retention"))
         sessions = Sessions(stores)
         remote_nodes = RemoteNodes(stores, RemoteState(stores.admin), policy)
         qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
@@ -148,7 +156,7 @@ class Router:
                                        sessions, box), units=units,
                    ai_requests=ai_requests, ai_worker=ai_worker,
                    ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver),
-                   policy=policy, fresh=fresh, nodes=nodes)
+                   policy=policy, fresh=fresh, nodes=nodes, duties=duties)
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -175,7 +183,7 @@ class Router:
         self.runner.start()
         if self.settings.is_postgres:
             self.runner.listen(self.settings.database_url,
-                               [f"{name}_events" for name in APP_NAMES])
+                               [f"{name}_events" for name in APP_NAMES] + [VIEWS_CHANNEL])
         self.dispatcher.start()
         self.units.start()
         self.ai_worker.start()
@@ -209,6 +217,7 @@ class Router:
         self.retention.stop()
         self.nodes.stop()
         self.runner.stop()
+        self.duties.close()  # after the views' last batch: another node takes them over
         self.fresh.close()
         for _, db in self.views.values():
             db.close()

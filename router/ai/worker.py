@@ -45,8 +45,10 @@ class AIWorker:
 
     def __init__(self, requests: AIRequests, jobs_db: ViewDatabase, admin: AdminState,
                  settings: DispatchSettings, clock: Callable[[], float] = time.time,
-                 on_saved: Callable[[], None] = lambda: None) -> None:
+                 on_saved: Callable[[], None] = lambda: None,
+                 leads: Callable[[], bool] = lambda: True) -> None:
         self.requests = requests
+        self._leads = leads  # one node sends AI requests at a time (router.cluster)
         self._db = jobs_db
         self._admin = admin
         self._settings = settings
@@ -70,6 +72,8 @@ class AIWorker:
 
     def tick(self) -> None:
         """Start due attempts and record overdue callbacks."""
+        if not self._leads():
+            return
         now = self.clock()
         for name, state in self._admin.snapshot().live_destinations().items():
             if state.config.get("type") != "ai" or state.paused:

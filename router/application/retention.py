@@ -120,8 +120,9 @@ class Retention:
     def __init__(self, stores: EventStores, jobs_db: ViewDatabase, blobs: BlobStore,
                  runtime: RuntimeSettingsStore, clock: Callable[[], float] = time.time,
                  on_saved: Callable[[], None] = lambda: None, interval: float = 3600.0,
-                 first_delay: float = 60.0) -> None:
+                 first_delay: float = 60.0, leads: Callable[[], bool] = lambda: True) -> None:
         self._ingest = stores.ingest
+        self._leads = leads  # one node runs the scheduled purge (router.cluster)
         self._db = jobs_db
         self._blobs = blobs
         self._runtime = runtime
@@ -267,7 +268,7 @@ class Retention:
                 return
             delay = self.interval
             try:
-                if self.retention_days > 0:
+                if self.retention_days > 0 and self._leads():
                     self.run(Actor("system"))
             except CommandError as exc:
                 logger.info("retention run skipped: %s", exc)

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 NODES_SQL = """CREATE TABLE IF NOT EXISTS router_nodes (
     node_id TEXT PRIMARY KEY, instance TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
     last_seen DOUBLE PRECISION NOT NULL, stopped_at DOUBLE PRECISION,
-    dicom_port INTEGER, http_port INTEGER, pid INTEGER)"""
+    dicom_port INTEGER, http_port INTEGER, pid INTEGER, duties TEXT)"""
 
 _UPSERT = (
     "INSERT INTO router_nodes (node_id, instance, started_at, last_seen, stopped_at,"
@@ -41,8 +41,10 @@ class NodeRegistry:
     """This node's row in ``router_nodes`` and the list of all of them."""
 
     def __init__(self, db: ViewDatabase, node_id: str, *, dicom_port: int, http_port: int,
-                 interval: float = HEARTBEAT, clock: Callable[[], float] = time.time) -> None:
+                 interval: float = HEARTBEAT, clock: Callable[[], float] = time.time,
+                 duties: Callable[[], list[str]] = list) -> None:
         self._db = db
+        self._duties = duties  # what this node does for the cluster now (router.cluster)
         self.node_id = node_id
         self._instance = uuid.uuid4().hex  # tells this run from an earlier one of the node
         self._ports = (dicom_port, http_port)
@@ -86,9 +88,10 @@ class NodeRegistry:
 
     def beat(self) -> None:
         with self._db.transaction() as cur:
-            cur.execute("UPDATE router_nodes SET last_seen = ?, stopped_at = NULL"
+            cur.execute("UPDATE router_nodes SET last_seen = ?, stopped_at = NULL, duties = ?"
                         " WHERE node_id = ? AND instance = ?",
-                        (self._clock(), self.node_id, self._instance))
+                        (self._clock(), ", ".join(self._duties()), self.node_id,
+                         self._instance))
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,7 +100,7 @@ class NodeRegistry:
         try:
             with self._db.transaction() as cur:
                 now = self._clock()
-                cur.execute("UPDATE router_nodes SET last_seen = ?, stopped_at = ?"
+                cur.execute("UPDATE router_nodes SET last_seen = ?, stopped_at = ?, duties = ''"
                             " WHERE node_id = ? AND instance = ?",
                             (now, now, self.node_id, self._instance))
         except Exception as exc:
@@ -109,7 +112,7 @@ class NodeRegistry:
         ``missing`` (not seen for three heartbeats and not stopped: crashed, or cut off)."""
         now = self._clock()
         rows = self._db.query("SELECT node_id, started_at, last_seen AS last_seen_at,"
-                              " stopped_at, dicom_port, http_port FROM router_nodes"
+                              " stopped_at, dicom_port, http_port, duties FROM router_nodes"
                               " ORDER BY node_id")
         for row in rows:
             if row["stopped_at"] is not None:

@@ -54,8 +54,12 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         on_saved: Callable[[], None] = lambda: None,
         node: str = "",
+        leads: Callable[[str], bool] = lambda destination: True,
     ) -> None:
         self._app = stores.delivery
+        # Whether this node sends to a destination now (router.cluster: one node at a time,
+        # so a destination's concurrency is a limit for the whole cluster).
+        self._leads = leads
         self._db = jobs_db
         self._admin = admin_state
         self._blobs = blobs
@@ -99,7 +103,7 @@ class Dispatcher:
         # AI processors get whole units from the AI worker, not instances from lanes.
         destinations = {name: state for name, state
                         in self._admin.snapshot().live_destinations().items()
-                        if state.config.get("type") != "ai"}
+                        if state.config.get("type") != "ai" and self._leads(name)}
         self._sync_lanes(destinations)
         self._forget_projected()
         offered = 0

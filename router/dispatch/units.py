@@ -44,8 +44,10 @@ class UnitScheduler:
 
     def __init__(self, stores: EventStores, jobs_db: ViewDatabase, admin: AdminState,
                  clock: Callable[[], float] = time.time, poll_interval: float = 1.0,
-                 on_saved: Callable[[], None] = lambda: None) -> None:
+                 on_saved: Callable[[], None] = lambda: None,
+                 leads: Callable[[], bool] = lambda: True) -> None:
         self._app = stores.ingest
+        self._leads = leads  # one node releases units at a time (router.cluster)
         self._db = jobs_db
         self._admin = admin
         self.clock = clock
@@ -63,6 +65,8 @@ class UnitScheduler:
 
     def tick(self) -> int:
         """Dispatch or amend every due unit; returns how many events were saved."""
+        if not self._leads():
+            return 0
         saved = 0
         for row in self._db.query(DUE_UNITS_SQL, (self.clock(),)):
             try:

@@ -35,7 +35,7 @@ def test_nodes_started_together_on_a_fresh_database_come_up(pg_url: str, tmp_pat
     def build(node: str) -> None:
         try:
             built[node] = Router.build(_node_settings(tmp_path, pg_url, node))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=build, args=(f"node-{i}",)) for i in range(3)]
