@@ -95,3 +95,29 @@ def test_one_node_builds_the_views_and_another_takes_over_when_it_stops(
     wait_for(lambda: len(jobs.query("SELECT 1 FROM jobs")) == 15, 20,
              "node-b's views to take the new receipts")
     print(f"node-b took the views over {took:.1f} s after node-a stopped")
+
+
+def test_configuration_changed_on_one_node_is_in_force_on_the_others_within_2_s(
+        pg_url: str, tmp_path: Path, start_router: Any) -> None:
+    from router.application.commands import Actor
+
+    a = _node(tmp_path, pg_url, "node-a", start_router)
+    b = _node(tmp_path, pg_url, "node-b", start_router)
+    out = tmp_path / "node-a" / "out"
+    out.mkdir()
+    changed = time.monotonic()
+    a.commands.put_destination({"name": "archive", "type": "file", "path": str(out)},
+                               Actor("admin"))
+    a.commands.put_rule({"name": "ct", "calling_aet": "CT_*", "destinations": ["archive"]},
+                        Actor("admin"))
+    wait_for(lambda: "archive" in b.admin.snapshot().live_destinations()
+             and any(r.spec.name == "ct" for r in b.admin.snapshot().rules), 2.0,
+             "node-b to see the new destination and rule")
+    seen = time.monotonic() - changed
+    # In force: a receipt on node-b is routed by the rule made on node-a.
+    assert storescu(b.dicom.port, write_instances(tmp_path / "ct", "CT", 1),
+                    "CT_SCANNER").returncode == 0
+    jobs = b.views["jobs"][1]
+    wait_for(lambda: jobs.query("SELECT destination FROM deliveries"), 20, "the delivery row")
+    assert jobs.query("SELECT destination FROM deliveries") == [{"destination": "archive"}]
+    print(f"node-b saw the change after {seen:.2f} s")
