@@ -126,7 +126,8 @@ class Router:
 
         dispatcher = Dispatcher(stores, jobs_db, admin, blobs, settings.dispatch, make_adapter,
                                 clock=clock, on_saved=runner.wake, node=settings.node_id,
-                                leads=lambda name: duties.holds(f"destination:{name}"))
+                                leads=lambda name: duties.holds(f"destination:{name}"),
+                                settle=lambda: fresh.wait("jobs", 10.0))
         units = UnitScheduler(stores, jobs_db, admin, clock=clock,
                               poll_interval=settings.dispatch.poll_interval, on_saved=runner.wake,
                               leads=lambda: duties.holds("units"))

@@ -55,11 +55,17 @@ class Dispatcher:
         on_saved: Callable[[], None] = lambda: None,
         node: str = "",
         leads: Callable[[str], bool] = lambda destination: True,
+        settle: Callable[[], object] = lambda: None,
     ) -> None:
         self._app = stores.delivery
         # Whether this node sends to a destination now (router.cluster: one node at a time,
         # so a destination's concurrency is a limit for the whole cluster).
         self._leads = leads
+        # Before sending for a destination this node has just taken over, the jobs view must
+        # hold every outcome recorded so far (the node before us may have recorded some that
+        # it had not yet projected): else those deliveries would be sent again.
+        self._settle = settle
+        self._led: set[str] = set()
         self._db = jobs_db
         self._admin = admin_state
         self._blobs = blobs
@@ -104,6 +110,9 @@ class Dispatcher:
         destinations = {name: state for name, state
                         in self._admin.snapshot().live_destinations().items()
                         if state.config.get("type") != "ai" and self._leads(name)}
+        if set(destinations) - self._led:
+            self._settle()
+        self._led = set(destinations)
         self._sync_lanes(destinations)
         self._forget_projected()
         offered = 0
