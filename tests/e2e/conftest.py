@@ -81,6 +81,9 @@ class RouterProcess:
     rules: Sequence[Mapping[str, Any]] = ()
     dispatch: Mapping[str, Any] = field(default_factory=dict)
     database_url: str | None = None
+    node_id: str = ""  # several nodes on one database each need their own
+    server: Mapping[str, Any] = field(default_factory=dict)  # more [server] keys
+    storage: Mapping[str, Any] = field(default_factory=dict)  # more [storage] keys
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
@@ -106,13 +109,16 @@ class RouterProcess:
         }
         if self.database_url:
             server["database_url"] = self.database_url
+        if self.node_id:
+            server["node_id"] = self.node_id
+        server.update(self.server)
         dispatch = {"poll_interval": "0.2s", "shutdown_grace": "5s", **self.dispatch}
         self.folder.mkdir(parents=True, exist_ok=True)
         # The peers of these tests listen on loopback; file destinations go below the folder.
         self.config_path.write_text(toml_document(
             {"server": server, "dispatch": dispatch,
              "security": {"allow_loopback_destinations": True},
-             "storage": {"destination_roots": [str(self.folder)]}},
+             "storage": {"destination_roots": [str(self.folder)], **self.storage}},
             {"destinations": self.destinations, "rules": self.rules}))
         return self.config_path
 
