@@ -57,7 +57,8 @@ class Delivery(Aggregate):
     ) -> None:
         """The destination confirmed the object (for DICOM: status 0x0000 or a warning).
         ``node``: the router node that made the attempt (here and in the next two; absent in
-        events recorded before several nodes)."""
+        events recorded before several nodes). eventsourcing wants every keyword argument
+        passed, those with defaults included."""
         self.attempts = attempt
         self.status = "delivered"
 
