@@ -44,7 +44,7 @@ from router.dispatch.registry import build_adapter
 from router.dispatch.units import UnitScheduler
 from router.secrets import SecretBox, load_master_key
 from router.settings import Settings
-from router.storage.blobs import BlobStore
+from router.storage.blobs import BlobStore, open_blob_store
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Router:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
         stores = open_stores(settings, box)
-        blobs = BlobStore(settings.data_dir)
+        blobs = open_blob_store(settings, box, check=True)
         configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
         admin = AdminState(stores.admin)
