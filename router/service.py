@@ -92,8 +92,8 @@ class Router:
         """Wire a router; ``clock`` (Unix seconds) drives series/study stability and retries."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
+        blobs = open_blob_store(settings, box, check=True)  # an unusable bucket: no start
         stores = open_stores(settings, box)
-        blobs = open_blob_store(settings, box, check=True)
         configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
         admin = AdminState(stores.admin)

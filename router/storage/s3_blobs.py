@@ -133,6 +133,8 @@ class S3BlobStore(BlobStore):
         if isinstance(response, dict):
             code = response.get("Error", {}).get("Code", "unknown")
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            # HEAD answers have no body: only the status says what went wrong.
+            code = {"404": "not found", "403": "access denied"}.get(str(code), code)
             reason = f"{code} (HTTP {status})"
         else:
             reason = type(exc).__name__
@@ -251,6 +253,7 @@ class S3BlobStore(BlobStore):
         if _touch(path):
             return path
         client = self.client
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)  # the cache may have been wiped
         tmp = self._tmp_dir / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
         try:
@@ -275,9 +278,15 @@ class S3BlobStore(BlobStore):
                          "SHA-256; not served", sha256, self.config.bucket)
             raise BlobCorruptError(f"S3 blob store: object {sha256} in bucket "
                                    f"{self.config.bucket} does not match its SHA-256")
-        self._ensure_folder(sha256, path)
         size = tmp.stat().st_size
-        os.replace(tmp, path)
+        self._ensure_folder(sha256, path)
+        try:
+            os.replace(tmp, path)
+        except FileNotFoundError:  # its folder was removed with the cache: make it again
+            with self._folders_lock:
+                self._folders.discard(sha256[:4])
+            self._ensure_folder(sha256, path)
+            os.replace(tmp, path)
         self._cached(size)
         return path
 
