@@ -1,5 +1,6 @@
 """The S3 blob store against moto over HTTP: checksummed PUTs under content-addressed keys,
-verified reads into the cache, refusal of a corrupted object, deduplication, eviction by size,
+verified reads into the cache, refusal of a corrupted object, no second PUT of cached content,
+eviction by size,
 removal, crash recovery and an unreachable endpoint."""
 
 from __future__ import annotations
@@ -101,17 +102,32 @@ def test_persist_puts_under_the_content_address_with_its_sha256_as_checksum(
     assert list(store.spool_dir.iterdir()) == []
 
 
-def test_content_already_in_the_bucket_is_not_put_again(
+def test_content_already_cached_is_neither_staged_nor_put_again(
+        tmp_path: Path, s3_endpoint: str, bucket: str) -> None:
+    store = make_store(tmp_path, s3_endpoint, bucket)
+    staged, sha = received(store, b"same content")
+    store.persist(sha, staged)
+    store.commit(sha, staged)
+    puts = recorded_puts(store)
+    resent = store.spool_dir / "resent.part"
+    resent.write_bytes(b"same content")
+    assert store.stage(resent, sha) is None  # a resend: the receipt refers to the stored one
+    store.persist(sha, None)
+    assert puts == [] and not resent.exists()
+    assert store.commit(sha, None).read_bytes() == b"same content"
+
+
+def test_content_only_in_the_bucket_is_put_again_unchanged(
         tmp_path: Path, s3_endpoint: str, bucket: str) -> None:
     first = make_store(tmp_path / "a", s3_endpoint, bucket)
     staged, sha = received(first, b"same content")
     first.persist(sha, staged)
     second = make_store(tmp_path / "b", s3_endpoint, bucket)  # another router, empty cache
-    puts = recorded_puts(second)
     again, _ = received(second, b"same content")
     second.persist(sha, again)
-    assert puts == []
+    assert keys(s3_endpoint, bucket) == [second.key_for(sha)]
     assert second.commit(sha, again).read_bytes() == b"same content"
+    assert second.fetch(sha) == second.path_for(sha)
 
 
 def test_a_read_downloads_into_the_cache_after_checking_the_sha256(
