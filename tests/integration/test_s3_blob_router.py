@@ -1,6 +1,7 @@
-"""A router whose blob store is a bucket (moto over HTTP): storescu's study lands in the bucket
-under content-addressed keys; with the local cache wiped, WADO-RS, C-GET and a folder
-destination still get every object, read back from the bucket; with the endpoint down a
+"""A router whose blob store is a bucket (moto over HTTP): storescu's study and a STOW-RS
+instance land in the bucket under content-addressed keys; with the local cache wiped, WADO-RS
+(instances and a thumbnail), C-GET, C-MOVE and a folder destination still get every object,
+read back from the bucket; with the endpoint down a
 C-STORE is refused, not acknowledged, and leaves nothing behind. SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from typing import Any
 import boto3
 import pydicom
 import pytest
+import requests
 from dicomweb_client import DICOMwebClient
 from pynetdicom import AE
 
 from router.application.commands import Actor
 from router.settings import Settings
 from tests.conftest import make_settings, wait_for
-from tests.integration.peers import s3_server
+from tests.integration.peers import StoreScp, s3_server
 from tests.integration.test_pipeline import storescu
 from tests.integration.test_qr_scp import TOOL, final_response, query_file, run_tool
 from tests.synthetic import make_ct_series
@@ -78,7 +80,7 @@ def test_a_study_is_stored_in_the_bucket_and_served_from_it_after_the_cache_is_w
     router.remote_nodes.put({"name": "tools", "ae_title": TOOL, "host": "127.0.0.1",
                              "port": 104}, Actor("test"))
     port = router.receivers.port if processes else router.dicom.port
-    ct = make_ct_series(tmp_path / "ct", count=6, rows=64, cols=64)
+    *ct, by_stow = make_ct_series(tmp_path / "ct", count=7, rows=64, cols=64)
     storescu(port, ct)
     sent = {str(ds.SOPInstanceUID): bytes(ds.PixelData) for ds in map(pydicom.dcmread, ct)}
 
@@ -108,13 +110,21 @@ def test_a_study_is_stored_in_the_bucket_and_served_from_it_after_the_cache_is_w
     server.start()
     try:
         study = str(pydicom.dcmread(ct[0]).StudyInstanceUID)
-        client = DICOMwebClient(url=server.url + "/dicom-web",
-                                headers=bearer(server.url, "admin", ADMIN_PASSWORD))
+        auth = bearer(server.url, "admin", ADMIN_PASSWORD)
+        client = DICOMwebClient(url=server.url + "/dicom-web", headers=auth)
         retrieved = client.retrieve_study(study, media_types=(("application/dicom", "*"),))
         assert {str(ds.SOPInstanceUID): bytes(ds.PixelData) for ds in retrieved} == sent
+        assert len(list(cache.glob("??/??/*"))) == 6  # read back into the cache
+        shutil.rmtree(cache)
+        thumbnail = requests.get(f"{server.url}/dicom-web/studies/{study}/thumbnail",
+                                 headers={**auth, "Accept": "image/png"}, timeout=60)
+        assert thumbnail.status_code == 200 and thumbnail.content.startswith(b"\x89PNG")
+        stowed = pydicom.dcmread(by_stow)
+        client.store_instances([stowed])  # STOW-RS: acknowledged once in the bucket too
+        sent[str(stowed.SOPInstanceUID)] = bytes(stowed.PixelData)
+        wait_for(lambda: len(bucket_keys(s3, bucket)) == 7, 10, "the STOW-RS object's key")
     finally:
         server.stop()
-    assert len(list(cache.rglob("*/*/*"))) >= 6  # read back into the cache
 
     shutil.rmtree(cache)
     out = tmp_path / "got"
@@ -125,9 +135,18 @@ def test_a_study_is_stored_in_the_bucket_and_served_from_it_after_the_cache_is_w
     assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in out.iterdir()} == set(sent)
 
     shutil.rmtree(cache)
+    with StoreScp(tmp_path / "sink", ae_title="SINK") as sink:
+        router.remote_nodes.put({"name": "sink", "ae_title": "SINK", "host": "127.0.0.1",
+                                 "port": sink.port}, Actor("test"))
+        moved = run_tool("movescu", port, ["-d", "-S", "-aem", "SINK"], [query])
+        assert final_response(moved.stdout)["status"] == 0, moved.stdout[-2000:]
+        assert {str(ds.SOPInstanceUID): bytes(ds.PixelData)
+                for ds in map(pydicom.dcmread, sink.received())} == sent
+
+    shutil.rmtree(cache)
     router.commands.pause_destination("archive", Actor("test"), paused=False)
     delivered = wait_for(lambda: len(files := [p for p in archive.rglob("*") if p.is_file()])
-                         == 6 and files, 60, "six files in the archive folder")
+                         == 7 and files, 60, "seven files in the archive folder")
     assert {str(ds.SOPInstanceUID): bytes(ds.PixelData)
             for ds in map(pydicom.dcmread, delivered)} == sent
 
