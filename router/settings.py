@@ -253,7 +253,7 @@ class StorageSettings:
     # Both empty: boto3's own chain (an instance role...). The secret may be sealed
     # ("enc:v1:...", made by ``dicom-router seal-secret storage.secret_access_key``).
     access_key_id: str = ""
-    secret_access_key: Secret = None
+    secret_access_key: Secret = field(default=None, repr=False)  # never in a log line
     cache_size: ByteSize = 10 * 1000**3
 
     def __post_init__(self) -> None:

@@ -94,3 +94,13 @@ def test_seal_secret_prints_a_value_the_router_opens(
     assert sealed.startswith("enc:v1:") and "s3cr3t-value" not in sealed
     box = SecretBox(load_master_key(None, tmp_path))
     assert box.open(sealed, context=STORAGE_SECRET_CONTEXT) == "s3cr3t-value"
+
+
+def test_the_secret_is_not_in_the_settings_repr(tmp_path: Path) -> None:
+    settings = load_settings({"DICOM_ROUTER_STORAGE_BACKEND": "s3",
+                              "DICOM_ROUTER_STORAGE_BUCKET": "imaging",
+                              "DICOM_ROUTER_STORAGE_ACCESS_KEY_ID": "AKIAEXAMPLE",
+                              "DICOM_ROUTER_STORAGE_SECRET_ACCESS_KEY": "very-secret-value"},
+                             data_dir=tmp_path)
+    assert settings.storage.secret_access_key == "very-secret-value"
+    assert "very-secret-value" not in repr(settings)
