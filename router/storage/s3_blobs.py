@@ -207,7 +207,7 @@ class S3BlobStore(BlobStore):
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
         try:
             with staged.open("rb") as body:
-                # The server hashes what it received and refuses other bytes (BadDigest).
+                # The server hashes what it received and refuses other bytes.
                 client.put_object(Bucket=self.config.bucket, Key=self.key_for(sha256),
                                   Body=body, ContentLength=size, ChecksumSHA256=checksum,
                                   ContentType="application/dicom")
@@ -227,7 +227,7 @@ class S3BlobStore(BlobStore):
 
     def discard(self, staged: Path | None) -> None:
         # An object already PUT stays in the bucket: a concurrent receipt of the same content
-        # may have found it there and skipped its own PUT.
+        # may have PUT it too and be saving its receipt now (README, "Blob store").
         self._forget(staged)
         super().discard(staged)
 
@@ -237,8 +237,8 @@ class S3BlobStore(BlobStore):
                 self._uploaded.discard(staged)
 
     def recover(self, is_referenced: Callable[[str], bool]) -> tuple[int, int]:
-        """As the local store's (staged objects a receipt names are PUT if missing, then
-        cached), and downloads a crash interrupted are removed. Runs before any reader."""
+        """As the local store's (staged objects a receipt names are PUT, then cached), and
+        downloads a crash interrupted are removed. Runs before any reader."""
         for leftover in self._tmp_dir.glob("*.part"):
             leftover.unlink(missing_ok=True)
         return super().recover(is_referenced)
