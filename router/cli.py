@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("file", type=Path)
     check = sub.add_parser("check-config", help="validate a TOML file without applying it")
     check.add_argument("file", type=Path)
+    seal = sub.add_parser("seal-secret", help="seal a secret read from stdin for the settings "
+                          "file (AES-256-GCM under the master key)")
+    seal.add_argument("setting", choices=["storage.secret_access_key"])
     proj = sub.add_parser("projections", help="view maintenance")
     psub = proj.add_subparsers(dest="action", required=True)
     rebuild = psub.add_parser("rebuild", help="drop a view and replay it from the log")
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     handlers = {"serve": cmd_serve, "migrate": cmd_migrate, "apply": cmd_apply,
-                "check-config": cmd_check_config, "projections": cmd_projections,
+                "check-config": cmd_check_config, "seal-secret": cmd_seal_secret,
+                "projections": cmd_projections,
                 "deliveries": cmd_deliveries, "destinations": cmd_destinations,
                 "user": cmd_user, "audit": cmd_audit}
     try:
@@ -154,6 +158,21 @@ def cmd_check_config(settings: Settings, args: Any) -> int:
     if problems:
         return 2  # as for a configuration error at start
     print(f"{args.file}: OK")
+    return 0
+
+
+def cmd_seal_secret(settings: Settings, args: Any) -> int:
+    """Print ``enc:v1:...`` for a secret given on stdin: the value for the settings file or
+    ``DICOM_ROUTER_STORAGE_SECRET_ACCESS_KEY``, which only this master key opens."""
+    from router.secrets import SecretBox, load_master_key
+    from router.storage.blobs import STORAGE_SECRET_CONTEXT
+
+    value = sys.stdin.readline().rstrip("\r\n")
+    if not value:
+        print("dicom-router: give the secret on standard input", file=sys.stderr)
+        return 2
+    box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
+    print(box.seal(value, context=STORAGE_SECRET_CONTEXT))
     return 0
 
 

@@ -35,6 +35,9 @@ T = TypeVar("T")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+               "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 MAX_CONCURRENCY = 16
 MAX_DESCRIPTION = 500
@@ -81,6 +84,24 @@ def _seconds(value: object) -> float:
     if seconds < 0:
         raise ValueError("must not be a negative duration")
     return seconds
+
+
+def _bytes(value: object) -> int:
+    """Bytes from ``1048576``, ``"512MB"``, ``"10GB"`` or ``"1GiB"`` (kB, MB... are powers of
+    1000, KiB, MiB... of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as '10GB', got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ValueError(f"expected a size such as '512MB' or '10GB', got {value!r}")
+        unit = (m.group(2) or "").lower().removesuffix("b")
+        size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if size < 0:
+        raise ValueError("must not be a negative size")
+    return size
 
 
 def _ae_title(value: str) -> str:
@@ -171,6 +192,10 @@ _DURATION_SCHEMA = JsonSchema({"anyOf": [
 
 # Seconds, written as a number or a duration such as "30s", "5m", "24h" or "2d".
 Duration = Annotated[float, Before(_seconds), _DURATION_SCHEMA]
+# Bytes, written as a number or a size such as "512MB", "10GB" or "1GiB".
+ByteSize = Annotated[int, Before(_bytes), JsonSchema({"anyOf": [
+    {"type": "integer", "minimum": 0},
+    {"type": "string", "pattern": _SIZE.pattern, "description": "e.g. 512MB, 10GB, 1GiB"}]})]
 # 1-16 printable ASCII characters without backslash, not only spaces; kept as written.
 AETitle = Annotated[str, After(_ae_title)]
 # CIDR networks (host bits allowed), e.g. ["10.0.0.0/8", "192.0.2.7"].

@@ -47,7 +47,7 @@ from router.dispatch.registry import build_adapter
 from router.dispatch.units import UnitScheduler
 from router.secrets import SecretBox, load_master_key
 from router.settings import Settings
-from router.storage.blobs import BlobStore
+from router.storage.blobs import BlobStore, open_blob_store
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class Router:
         """Wire a router; ``clock`` (Unix seconds) drives series/study stability and retries."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
+        blobs = open_blob_store(settings, box, check=True)  # an unusable bucket: no start
         duties = leadership_for(settings.database_url, settings.node_id)
         with schema_lock(settings.database_url):  # nodes starting together
             stores = open_stores(settings, box)
@@ -107,7 +108,6 @@ class Router:
                                  dicom_port=settings.dicom_port, http_port=settings.http_port,
                                  duties=duties.held)
             nodes.ensure_table()
-        blobs = BlobStore(settings.data_dir)
         configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
         admin = AdminState(stores.admin)

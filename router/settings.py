@@ -28,6 +28,7 @@ from router.config_types import (
     AETitle,
     After,
     Before,
+    ByteSize,
     Duration,
     FieldProblem,
     Folder,
@@ -230,6 +231,9 @@ class WebSettings:
     public_metrics: bool = False
 
 
+Secret = Annotated[str | None, WriteOnly()]
+
+
 @dataclasses.dataclass(frozen=True)
 class StorageSettings:
     """Blob retention, and the folders file destinations may write to."""
@@ -241,6 +245,27 @@ class StorageSettings:
     # Folders below which file destinations may write, besides <data_dir>/exports (always
     # allowed). Never inside the router's own state, whatever is listed here.
     destination_roots: tuple[Folder, ...] = ()
+    # Where received objects are kept: "local" (<data_dir>/blobs) or "s3" (a bucket, with
+    # <data_dir>/blob-cache as a read cache of at most cache_size; router/storage/s3_blobs.py).
+    backend: Literal["local", "s3"] = "local"
+    bucket: str = ""
+    prefix: str = ""  # keys are <prefix><ab>/<cd>/<sha256>
+    endpoint_url: str = ""  # empty: AWS
+    region: str = "us-east-1"
+    # Both empty: boto3's own chain (an instance role...). The secret may be sealed
+    # ("enc:v1:...", made by ``dicom-router seal-secret storage.secret_access_key``).
+    access_key_id: str = ""
+    secret_access_key: Secret = field(default=None, repr=False)  # never in a log line
+    cache_size: ByteSize = 10 * 1000**3
+
+    def __post_init__(self) -> None:
+        if self.backend != "s3":
+            return
+        from router.storage.s3_names import s3_store_problems
+
+        problems = s3_store_problems(self)
+        if problems:
+            raise FieldProblem(problems)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +325,6 @@ def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 
 
-Secret = Annotated[str | None, WriteOnly()]
 Tables = tuple[dict[str, Any], ...]  # validated by their own models (destinations, rules...)
 
 

@@ -23,12 +23,12 @@ from router.ai.tokens import AITokens
 from router.application.admin_state import AdminState
 from router.application.commands import Actor, CommandError, NotFoundError
 from router.dispatch.ai import AIDestinationConfig, call
-from router.dispatch.base import PermanentDeliveryError
+from router.dispatch.base import PermanentDeliveryError, TransientDeliveryError
 from router.dispatch.registry import DestinationConfigError, open_config, parse_destination
 from router.dispatch.ssrf import AddressPolicy, HttpAnswer
 from router.domain.ai import AIRequest
 from router.secrets import SecretBox
-from router.storage.blobs import BlobStore
+from router.storage.blobs import BlobCorruptError, BlobError, BlobStore
 
 MEMBERS_SQL = (
     "SELECT j.job_id, j.sha256, j.series_instance_uid, j.sop_instance_uid"
@@ -144,8 +144,13 @@ class AIRequests:
         return Prepared(body, members, sealed)
 
     def _blob(self, member: Member) -> Path:
-        path = self._blobs.path_for(member.sha256)
-        if not path.is_file():
+        try:
+            path = self._blobs.fetch(member.sha256)
+        except BlobCorruptError as exc:
+            raise PermanentDeliveryError(str(exc)) from None
+        except BlobError as exc:
+            raise TransientDeliveryError(str(exc)) from None
+        if path is None:
             raise PermanentDeliveryError("a stored object of the unit is no longer kept here")
         return path
 

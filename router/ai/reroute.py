@@ -18,7 +18,7 @@ from router.application.unit_plan import plan_units
 from router.dicom.header import HeaderError, read_header
 from router.domain.ingest import Job
 from router.domain.rules import RoutingInput, evaluate
-from router.storage.blobs import BlobStore
+from router.storage.blobs import BlobError, BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,11 @@ def routing_tags(destination: str, tags: Mapping[str, Any]) -> dict[str, object]
 
 def _header(job: Any, blobs: BlobStore) -> Dataset:
     """The job's stored header, or (when retention purged the object) its index attributes."""
-    path = blobs.path_for(job.sha256)
-    if path.is_file():
+    try:
+        path = blobs.fetch(job.sha256)
+    except BlobError:
+        path = None
+    if path is not None:
         try:
             return read_header(path, check=False)
         except HeaderError:

@@ -26,7 +26,7 @@ from router.domain.rules import (
     evaluate,
     explain,
 )
-from router.storage.blobs import BlobStore
+from router.storage.blobs import BlobError, BlobStore
 
 JOB_SQL = (
     "SELECT job_id, received_at, calling_aet, called_aet, source_ip, sha256, modality,"
@@ -176,7 +176,10 @@ def job_input(jobs_db: Queryable, blobs: BlobStore, job_id: str) -> JobInput:
     if not rows:
         raise JobNotFound(f"job {job_id.strip()[:64]!r} does not exist")
     row = rows[0]
-    path = blobs.wait_for(row["sha256"], timeout=2.0)
+    try:
+        path = blobs.wait_for(row["sha256"], timeout=2.0)
+    except BlobError as exc:
+        raise DryRunError(f"the job's stored object cannot be read: {exc}") from None
     if path is None:
         raise DryRunError("the job's stored object is no longer in the blob store")
     try:

@@ -28,7 +28,7 @@ from router.dicom.uids import REPAIRABLE, file_digest, repaired_uid, rewrite_uid
 from router.domain.ingest import Instance, Job, ReceiptFailure, instance_id
 from router.domain.rules import RoutingDecision, RoutingInput, evaluate
 from router.settings import DispatchSettings, IngestSettings
-from router.storage.blobs import BlobStore
+from router.storage.blobs import BlobError, BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ class Receiver:
             return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
                                 f"blob store: {exc.strerror or type(exc).__name__}")
         try:
-            receipt = self._save_with_retry(arrival, header, sop_uid, correlation_id, repaired)
+            receipt = self._save_with_retry(arrival, header, sop_uid, correlation_id, repaired,
+                                            staged)
         except LogNotDurable:
             # Committed (the job is in the log and will be delivered) but the log's sync
             # failed: keep the object its events refer to, and do not acknowledge it. A resend
@@ -160,6 +161,9 @@ class Receiver:
             self._blobs.discard(staged)
             return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
                                 f"could not write the object to disk: {exc}")
+        except BlobError as exc:  # a remote store did not take it: not acknowledged
+            self._blobs.discard(staged)
+            return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES, str(exc))
         except Exception as exc:
             self._blobs.discard(staged)
             logger.error("receipt not saved: %s", type(exc).__name__)
@@ -247,26 +251,27 @@ class Receiver:
 
     def _save_with_retry(
         self, arrival: Arrival, header: ScannedHeader, sop_uid: str, correlation_id: str,
-        repaired: dict[str, str],
+        repaired: dict[str, str], staged: Path | None,
     ) -> Receipt:
         # Most UIDs are new: the first attempt does not read the log for the Instance, it
         # creates it, and the optimistic concurrency check (version 1 exists) says otherwise for
         # a UID seen before, as it does when two associations deliver the same new UID at once.
         # Then the Instance is loaded and the decision made again.
         try:
-            return self._save(arrival, header, sop_uid, correlation_id, repaired,
+            return self._save(arrival, header, sop_uid, correlation_id, repaired, staged,
                               assume_new=True)
         except IntegrityError:
             pass
         for _ in range(3):
             try:
-                return self._save(arrival, header, sop_uid, correlation_id, repaired)
+                return self._save(arrival, header, sop_uid, correlation_id, repaired, staged)
             except IntegrityError:
                 continue
-        return self._save(arrival, header, sop_uid, correlation_id, repaired)
+        return self._save(arrival, header, sop_uid, correlation_id, repaired, staged)
 
     def _save(self, arrival: Arrival, header: ScannedHeader, sop_uid: str, corr: str,
-              repaired: dict[str, str], assume_new: bool = False) -> Receipt:
+              repaired: dict[str, str], staged: Path | None,
+              assume_new: bool = False) -> Receipt:
         ctx = {"actor": arrival.actor, "source_ip": arrival.source_ip, "correlation_id": corr}
         instance = None if assume_new else self._load_instance(sop_uid)
         original = instance.job_with(arrival.sha256) if instance else None
@@ -299,6 +304,9 @@ class Receiver:
             arrival.wait_durable()  # the bytes are on disk before anything refers to them
         except OSError as exc:
             raise NotDurableError(exc.strerror or type(exc).__name__) from None
+        # A remote store takes the object now (raises BlobError if it cannot): durable in the
+        # store, then the receipt saved, then acknowledged. Locally a no-op.
+        self._blobs.persist(arrival.sha256, staged)
         self._app.save(*to_save)
         return Receipt(STATUS_SUCCESS, str(job.id), duplicate=original is not None,
                        coerced=bool(repaired))

@@ -32,7 +32,7 @@ from router.application.commands import Actor, CommandError
 from router.application.runtime_settings import RuntimeSettingsStore
 from router.application.stores import EventStores
 from router.domain.ingest import Job
-from router.storage.blobs import BlobStore
+from router.storage.blobs import BlobError, BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -225,15 +225,14 @@ class Retention:
     def _delete(self, shas: Iterable[str]) -> tuple[int, int]:
         count = freed = 0
         for sha in shas:
-            path = self._blobs.path_for(sha)
             try:
-                size = path.stat().st_size
-                path.unlink()
-            except FileNotFoundError:
-                continue
+                size = self._blobs.remove(sha)
             except OSError as exc:
-                logger.error("retention could not delete a blob: %s",
-                             exc.strerror or type(exc).__name__)
+                reason = str(exc) if isinstance(exc, BlobError) else (
+                    exc.strerror or type(exc).__name__)
+                logger.error("retention could not delete a blob: %s", reason)
+                continue
+            if size is None:
                 continue
             count += 1
             freed += size
@@ -282,7 +281,7 @@ class Retention:
         if cached is None or fresh or time.time() - cached.measured_at > USAGE_CACHE_SECONDS:
             size, count = measure(self._blobs.blob_dir)
             disk = os.statvfs(self._blobs.root)
-            cached = StorageUsage(str(self._blobs.blob_dir), size, count,
+            cached = StorageUsage(self._blobs.describe(), size, count,
                                   disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize,
                                   time.time())
             self._usage = cached

@@ -74,12 +74,12 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
     from router.gc_tuning import freeze_startup_heap
     from router.logs import configure_logging
     from router.secrets import SecretBox, load_master_key
-    from router.storage.blobs import BlobStore
+    from router.storage.blobs import open_blob_store
 
     configure_logging(settings.log_format, settings.log_level)
     box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
     stores = open_stores(settings, box, role="receiver")
-    blobs = BlobStore(settings.data_dir)
+    blobs = open_blob_store(settings, box)  # its own S3 client: made in this process
     configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
     os.set_blocking(signal_fd, False)

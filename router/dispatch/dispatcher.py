@@ -21,12 +21,13 @@ from router.dispatch.base import (
     Adapter,
     Outgoing,
     PermanentDeliveryError,
+    TransientDeliveryError,
 )
 from router.dispatch.lanes import DueDelivery, Lane
 from router.dispatch.outcomes import OutcomeRecorder
 from router.priority import lower_this_thread
 from router.settings import DispatchSettings
-from router.storage.blobs import BlobStore
+from router.storage.blobs import BlobCorruptError, BlobError, BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,12 @@ class Dispatcher:
         self.outcomes.forget_upto(view_positions(self._db, "jobs").get("delivery", 0))
 
     def _prepare(self, due: DueDelivery) -> Outgoing:
-        path = self._blobs.wait_for(due.sha256, timeout=5.0)
+        try:
+            path = self._blobs.wait_for(due.sha256, timeout=5.0)
+        except BlobCorruptError as exc:
+            raise PermanentDeliveryError(str(exc)) from None
+        except BlobError as exc:  # a remote store unreachable: tried again later
+            raise TransientDeliveryError(str(exc)) from None
         if path is None:
             raise PermanentDeliveryError("stored object is missing from the blob store")
         return Outgoing(

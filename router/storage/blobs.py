@@ -17,6 +17,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.secrets import SecretBox
+    from router.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +34,10 @@ _FOLDERS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-folders")
 
 class BlobError(OSError):
     """The blob store could not take or find an object."""
+
+
+class BlobCorruptError(BlobError):
+    """A stored object does not hash to its key: it is not served."""
 
 
 def _hash_file(path: Path) -> str:
@@ -47,11 +56,17 @@ def check_sha256(sha256: str) -> str:
 
 
 class BlobStore:
-    """Local, content-addressed, fsynced storage of received objects."""
+    """Local, content-addressed, fsynced storage of received objects.
 
-    def __init__(self, root: Path) -> None:
+    The one interface every reader and writer uses; router/storage/s3_blobs.py keeps the
+    objects in a bucket behind it, with ``blob_dir`` as a cache.
+    """
+
+    remote = False  # True: fetch() may download (callers on an event loop use a thread)
+
+    def __init__(self, root: Path, blob_folder: str = "blobs") -> None:
         self.root = root
-        self.blob_dir = root / "blobs"
+        self.blob_dir = root / blob_folder
         self.spool_dir = root / "spool"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +76,18 @@ class BlobStore:
         self._folders_lock = threading.Lock()
 
     def path_for(self, sha256: str) -> Path:
+        """Where the blob is (or would be) kept on this disk: no I/O, no download."""
         check_sha256(sha256)
         return self.blob_dir / sha256[:2] / sha256[2:4] / sha256
+
+    def fetch(self, sha256: str) -> Path | None:
+        """A local file with the blob's bytes, or None when it is not stored."""
+        path = self.path_for(sha256)
+        return path if path.is_file() else None
+
+    def describe(self) -> str:
+        """Where the blobs are, for people (the storage page)."""
+        return str(self.blob_dir)
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).exists()
@@ -150,6 +175,10 @@ class BlobStore:
             raise BlobError(f"blob {sha256} is neither staged nor stored")
         return target
 
+    def persist(self, sha256: str, staged: Path | None) -> None:
+        """Before the receipt is saved, after the spool's fsync: make the staged object
+        durable in the store. Here the fsync was that; a remote store uploads it."""
+
     def discard(self, staged: Path | None) -> None:
         """The receipt was not saved: forget its staged file (a stored blob is left alone)."""
         if staged is not None:
@@ -171,6 +200,7 @@ class BlobStore:
         for leftover in list(self.spool_dir.glob("*.part")):
             sha256 = _hash_file(leftover)
             if is_referenced(sha256) and not self.exists(sha256):
+                self.persist(sha256, leftover)
                 self.commit(sha256, leftover)
                 committed += 1
             else:
@@ -178,6 +208,7 @@ class BlobStore:
                 removed += 1
         for sha256, path in list(self.staged()):
             if is_referenced(sha256):
+                self.persist(sha256, path)
                 self.commit(sha256, path)
                 committed += 1
             else:
@@ -188,9 +219,48 @@ class BlobStore:
                         committed, removed)
         return committed, removed
 
-    def remove(self, sha256: str) -> None:
-        self.path_for(sha256).unlink(missing_ok=True)
+    def remove(self, sha256: str) -> int | None:
+        """Delete the blob; the bytes freed, None if it was not stored (OSError on failure)."""
+        path = self.path_for(sha256)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return None
+        return size
 
     def disk_free(self) -> int:
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
+
+
+# What a sealed [storage] secret is bound to (its associated data).
+STORAGE_SECRET_CONTEXT = "storage/secret_access_key"  # noqa: S105 - a name, not a secret
+
+
+def open_blob_store(settings: Settings, box: SecretBox, *, check: bool = False) -> BlobStore:
+    """The store ``[storage] backend`` names; ``check``: fail now if the bucket is unusable
+    (the supervisor at start; receivers then trust it).
+
+    A sealed ``secret_access_key`` (``enc:v1:...``) is opened here, and only here.
+    """
+    storage = settings.storage
+    if storage.backend != "s3":
+        return BlobStore(settings.data_dir)
+    from router.storage.s3_blobs import S3BlobStore, S3StoreConfig
+
+    secret = storage.secret_access_key or ""
+    if box.is_sealed(secret):
+        secret = box.open(secret, context=STORAGE_SECRET_CONTEXT)
+    store = S3BlobStore(settings.data_dir, S3StoreConfig(
+        bucket=storage.bucket, prefix=storage.prefix, endpoint_url=storage.endpoint_url,
+        region=storage.region, access_key_id=storage.access_key_id, secret_access_key=secret,
+        cache_size=storage.cache_size))
+    if check:
+        try:
+            store.check()
+        except BlobError as exc:
+            from router.settings import SettingsError
+
+            raise SettingsError(f"storage: the bucket cannot be used: {exc}") from None
+    return store

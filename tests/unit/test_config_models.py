@@ -11,6 +11,9 @@ import pytest
 from router.config_check import check_config
 from router.settings import SettingsError, environment_names, load_settings
 
+STORAGE_KEYS = ("access_key_id, backend, bucket, cache_size, destination_roots, endpoint_url, "
+                "prefix, region, retention_days, secret_access_key")
+
 MISTAKES = """
 [server]
 http_port = 80800
@@ -64,8 +67,8 @@ def test_a_file_with_mistakes_in_every_section_lists_them_all_with_paths(tmp_pat
         "dicom.max_associations: must be between 1 and 1000, got 0",
         "dicom.artim_timeout: expected a duration such as '30s' or '24h', got 'soon'",
         "storage.retension_days: unknown key (did you mean 'retention_days'?)",
-        "storage.colour: unknown key (expected one of destination_roots, retention_days)",
-        "storage.purge: unknown key (expected one of destination_roots, retention_days)",
+        "storage.colour: unknown key (expected one of " + STORAGE_KEYS + ")",
+        "storage.purge: unknown key (expected one of " + STORAGE_KEYS + ")",
         "web.trusted_proxies: 'proxy.local' is not a network",
         "destinations[0].ae_title: must be 1-16 printable ASCII characters, no backslash",
         "destinations[0].timout: unknown key for a dicom destination "

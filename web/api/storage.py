@@ -73,6 +73,7 @@ async def overview(request: web.Request, fresh: bool = False) -> dict[str, Any]:
     used = usage.total_bytes - usage.free_bytes
     return {
         "blob_store": {
+            "backend": router.settings.storage.backend,  # "s3": the counts are the cache's
             "path": usage.path, "bytes": usage.bytes, "objects": usage.objects,
             "size": human_bytes(usage.bytes), "free_bytes": usage.free_bytes,
             "free": human_bytes(usage.free_bytes), "filesystem_bytes": usage.total_bytes,

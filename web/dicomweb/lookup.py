@@ -17,6 +17,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from projections.db import ViewDatabase
+from router.storage.blobs import BlobCorruptError, BlobError
 from web.api.common import ApiError
 from web.dicomweb.access import AccessNote
 from web.freshness import fresh
@@ -133,9 +134,17 @@ async def find_instances(request: web.Request, note: AccessNote) -> list[Instanc
 
 
 def blob_path(request: web.Request, row: InstanceRow) -> Path | None:
-    """Where the instance's bytes are, or None when retention has deleted them."""
-    path = request.app[ROUTER_KEY].blobs.path_for(row.sha256)
-    return path if row.available and path.is_file() else None
+    """Where the instance's bytes are, or None when retention has deleted them. With a remote
+    blob store this may download: call it from a thread, not the event loop."""
+    if not row.available:
+        return None
+    try:
+        return request.app[ROUTER_KEY].blobs.fetch(row.sha256)
+    except BlobCorruptError:
+        raise ApiError(502, "the stored object of this instance failed its integrity check"
+                       ) from None
+    except BlobError:
+        raise ApiError(503, "the blob store cannot be read at the moment") from None
 
 
 def require_blob(request: web.Request, row: InstanceRow) -> Path:
@@ -147,4 +156,4 @@ def require_blob(request: web.Request, row: InstanceRow) -> Path:
 
 async def one_instance(request: web.Request, note: AccessNote) -> tuple[InstanceRow, Path]:
     rows = await find_instances(request, note)
-    return rows[0], require_blob(request, rows[0])
+    return rows[0], await asyncio.to_thread(require_blob, request, rows[0])

@@ -75,7 +75,7 @@ async def _encoded(path: Path, row: InstanceRow, ts: str, choices: list[str]
 async def _retrieve(request: web.Request, note: AccessNote) -> web.StreamResponse:
     choices = accept.accepted(request.headers.get("Accept"), accept.dicom_choices)
     rows = await find_instances(request, note)
-    plan = _plan(request, rows, choices)
+    plan = await asyncio.to_thread(_plan, request, rows, choices)
     writer = MultipartWriter(request, accept.DICOM)
     note.stream = writer.response
     if len(plan) < len(rows):

@@ -33,6 +33,7 @@ from web.dicomweb.stored import (
     little_endian,
     open_instance,
 )
+from web.keys import ROUTER_KEY
 
 MAX_FRAMES = 2000  # numbers in one frame list
 _FRAMES = re.compile(r"^[0-9]{1,7}(,[0-9]{1,7})*$")
@@ -200,18 +201,23 @@ async def rendered_frames(request: web.Request, note: AccessNote) -> web.StreamR
 
 def _representative(request: web.Request, rows: list[InstanceRow]) -> Path:
     """The middle image of the first series that has stored images."""
-    images = [r for r in rows if r.has_pixels and blob_path(request, r) is not None]
+    if request.app[ROUTER_KEY].blobs.remote:  # the view's word: not a download per image
+        images = [r for r in rows if r.has_pixels and r.available]
+    else:
+        images = [r for r in rows if r.has_pixels and blob_path(request, r) is not None]
     if not images:
         raise ApiError(404, "no stored image to make a thumbnail from")
     first = [r for r in images if r.series == images[0].series]
     path = blob_path(request, first[len(first) // 2])
-    assert path is not None
+    if path is None:
+        raise ApiError(404, "no stored image to make a thumbnail from")
     return path
 
 
 async def _thumbnail(request: web.Request, note: AccessNote) -> web.StreamResponse:
     rows = await find_instances(request, note)
-    inst = await asyncio.to_thread(open_instance, _representative(request, rows))
+    path = await asyncio.to_thread(_representative, request, rows)
+    inst = await asyncio.to_thread(open_instance, path)
     indexes = [0]
     if "frames" in request.match_info:
         indexes = [frame_numbers(request, inst)[0] - 1]

@@ -160,7 +160,7 @@ async def wado_uri(request: web.Request, note: AccessNote) -> web.StreamResponse
         raise ApiError(404, "no instance with these study, series and object UIDs")
     row = rows[0]
     note.patient_id = row.patient_id
-    path = require_blob(request, row)
+    path = await asyncio.to_thread(require_blob, request, row)
     media = _content_type(request.query, row)
     if media == accept.DICOM:
         return await _dicom(request, note, row, path)
