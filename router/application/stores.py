@@ -46,17 +46,17 @@ APP_NAMES = ("ingest", "delivery", "admin", "access")
 
 # PostgreSQL connections per application and process: (kept open, opened more under load).
 # Several nodes share one server whose default max_connections is 100 (docs/scaling.md has
-# the budget): a node keeps 17 open when idle (the server process 7 with its views' pool and
-# LISTEN, each of two receiver processes 5) and holds at most about 60 under load.
+# the budget). One kept per pool: a pool grows while a caller waits (each pool also opens one
+# extra as the application starts, closed after 10 idle minutes) and shrinks back to it.
 POOLS: dict[str, dict[str, tuple[int, int]]] = {
     # The serving process: views read the ingest and delivery logs, the dispatcher and the
     # outcome recorder write delivery events, the web server all four.
-    "server": {"ingest": (2, 4), "delivery": (2, 4), "admin": (1, 2), "access": (1, 3)},
-    # A receiver process: receipts (one save per C-STORE, at most its associations at once).
-    # Its delivery and access logs are used by queries only (C-MOVE, C-GET and their audit).
-    "receiver": {"ingest": (2, 6), "delivery": (0, 2), "admin": (1, 1), "access": (0, 3)},
+    "server": {"ingest": (1, 5), "delivery": (1, 5), "admin": (1, 2), "access": (1, 3)},
+    # A receiver process: receipts (one save per C-STORE, at most its associations at once);
+    # its delivery and access logs serve queries only (C-MOVE, C-GET and their audit).
+    "receiver": {"ingest": (1, 7), "delivery": (1, 1), "admin": (1, 1), "access": (1, 2)},
     # A command (migrate, apply, user, audit export, projections).
-    "tool": {"ingest": (0, 2), "delivery": (0, 2), "admin": (0, 2), "access": (0, 2)},
+    "tool": {"ingest": (1, 1), "delivery": (1, 1), "admin": (1, 1), "access": (1, 1)},
 }
 
 

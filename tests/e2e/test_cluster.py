@@ -119,11 +119,12 @@ def test_three_nodes_one_killed_mid_study_lose_nothing(pg_url: str, tmp_path: Pa
 
         wait_for(lambda: acked <= set(delivered()), 120,
                  "every acknowledged instance at the sink")
-        took_over = _duty_holder(survivors, "destination:sink")
+        # The survivors' rows say which duties each holds (written every 5 s).
+        took_over = wait_for(lambda: _duty_holder(survivors, "destination:sink"), 20,
+                             "the destination taken over")
         views = {f"view:{v}" for v in ("jobs", "studies", "audit")}
         wait_for(lambda: all(_duty_holder(survivors, d) for d in views), 20,
                  "the views taken over")
-        assert took_over is not None
         received = delivered()
         duplicates = len(received) - len(set(received))
         print(f"\n{len(acked)} acknowledged ({killed_acked} of {len(parts[sender.node_id])} "
