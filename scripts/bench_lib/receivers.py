@@ -164,6 +164,13 @@ class Orthanc(Receiver):
         return int(json.loads(body)["CountInstances"]) if status == 200 else None
 
 
+def _run_label(workdir: Path) -> str:
+    """"ct1-router-pg-2" for a run's folder, "ct1-router-pg-2-attempt-2" for a retry's."""
+    if workdir.name.startswith("attempt-"):
+        return f"{workdir.parent.name}-{workdir.name}"
+    return workdir.name
+
+
 class Router(Receiver):
     """``dicom-router serve`` with a TOML that routes everything to a storescp sink; its event
     store is SQLite in the work folder, or with ``postgres`` (an admin URL) a fresh PostgreSQL
@@ -196,7 +203,7 @@ class Router(Receiver):
         url = f"sqlite:///{workdir / 'data' / 'db'}"
         if self.postgres is not None:
             try:
-                self.database, url = pgdb.create(self.postgres, workdir.name)
+                self.database, url = pgdb.create(self.postgres, _run_label(workdir))
             except psycopg.Error as error:
                 raise Unavailable(f"cannot create a PostgreSQL database: {error}") from error
         env = {"DICOM_ROUTER_DATABASE_URL": url}

@@ -166,4 +166,5 @@ def test_a_router_that_fails_to_start_leaves_no_database(
     with pytest.raises(procs.ChildFailed, match="exited"):
         measure.start(router, tmp_path / "small-router-pg-1")
     assert router.database is None and len(created) == 1
+    assert created[0].startswith("dicom_bench_small_router_pg_1_")
     assert not _exists(created[0]) and created[0] not in pgdb.live()
