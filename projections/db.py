@@ -119,7 +119,12 @@ class PostgresViews(ViewDatabase):
 
     @contextmanager
     def transaction(self) -> Iterator[_PgCursor]:
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        # Pipeline mode: a statement whose result is not read (a view's INSERTs and UPDATEs)
+        # is sent without waiting for the server's answer; a fetch or the commit waits for
+        # all before it. Without it a batch waited for one round trip per statement, and the
+        # views' threads spent most of their time there (docs/benchmarks.md, 2026-12-07).
+        with (self._pool.connection() as conn, conn.pipeline(), conn.transaction(),
+              conn.cursor() as cur):
             yield _PgCursor(cur)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:

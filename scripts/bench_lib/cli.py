@@ -13,14 +13,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import procs, report
-from .measure import run_all
+from . import pgdb, procs, report
+from .measure import outcome, run_all
 from .receivers import MAX_PDU, Orthanc, Receiver, Router, StoreScp
 from .runtime_venv import commit_router, runtime_router
 from .workloads import Workload, dcmtk_version, ensure_data, storescu_argv, workloads
 
 RECEIVERS = ("storescp", "orthanc", "router")
 WORKLOADS = ("ct1", "ct4", "dx", "small", "big")
+BACKENDS = {"sqlite": ("sqlite",), "postgres": ("postgres",), "both": ("sqlite", "postgres")}
 
 
 def _csv(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -68,6 +69,19 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
         type=_csv(WORKLOADS),
         default=None,
         help=f"comma-separated from {','.join(WORKLOADS)} (default: all; --quick leaves out big)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default="sqlite",
+        help="the router's event store: sqlite (default), postgres (a fresh database per"
+        " router start, dropped after; reported as router-pg) or both, interleaved",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=None,
+        help="admin URL the bench creates and drops its databases through (default:"
+        f" ${pgdb.ADMIN_URL_ENV}, else {pgdb.DEFAULT_ADMIN_URL})",
     )
 
 
@@ -173,15 +187,28 @@ def _add_path_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _receivers(args: argparse.Namespace) -> dict[str, Callable[[], Receiver]]:
-    factories: dict[str, Callable[[], Receiver]] = {
-        "storescp": StoreScp,
-        "orthanc": Orthanc,
-        "router": lambda: Router(args.router_command),
-    }
-    chosen = {name: factories[name] for name in RECEIVERS if name in args.only}
+    """The receivers in the order each repeat runs them: the router once per backend, then
+    the --compare build once per backend ("-pg" names the PostgreSQL one)."""
+    chosen: dict[str, Callable[[], Receiver]] = {}
+    if "storescp" in args.only:
+        chosen["storescp"] = StoreScp
+    if "orthanc" in args.only:
+        chosen["orthanc"] = Orthanc
+    builds = [("router", args.router_command)] if "router" in args.only else []
     if args.compare is not None:
-        chosen["router-b"] = lambda: Router(args.compare, name="router-b")
+        builds.append(("router-b", args.compare))
+    postgres = pgdb.admin_url(args.postgres_url)
+    for name, command in builds:
+        for backend in BACKENDS[args.backend]:
+            if backend == "sqlite":
+                chosen[name] = _router(command, name, None)
+            else:
+                chosen[f"{name}-pg"] = _router(command, f"{name}-pg", postgres)
     return chosen
+
+
+def _router(command: Path, name: str, postgres: str | None) -> Callable[[], Receiver]:
+    return lambda: Router(command, name=name, postgres=postgres)
 
 
 def _load() -> str:
@@ -203,6 +230,7 @@ def _meta(args: argparse.Namespace) -> dict[str, object]:
             "quick": args.quick,
             "only": args.only,
             "workloads": args.workloads,
+            "backend": args.backend,
             "compare": str(args.compare) if args.compare else None,
         },
         "commands": {
@@ -262,12 +290,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         procs.stop_all()
+        _drop_databases()
     summaries = report.summarize(runs)
     report.print_report(summaries, skipped, args.repeat)
     print(f"\nload average at the end: {_load()} ({os.cpu_count()} CPUs)")
     if args.json:
         report.write_json(args.json, runs, skipped, _meta(args))
         print(f"\nwrote {args.json}")
-    failed_runs = any(not r.ok for r in runs)
+    incomplete = outcome(runs, skipped)
+    if incomplete:
+        print(f"\n{incomplete}", file=sys.stderr)
+        return 1
     failed_targets = any(t["result"] == "FAIL" for t in report.targets(summaries))
-    return 1 if failed_runs else (2 if args.check and failed_targets else 0)
+    return 2 if args.check and failed_targets else 0
+
+
+def _drop_databases() -> None:
+    """Drop the databases a failed or interrupted run left (each run drops its own)."""
+    left = pgdb.drop_all()
+    if left:
+        print(f"could not drop PostgreSQL databases: {', '.join(left)}", file=sys.stderr)

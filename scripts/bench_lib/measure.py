@@ -12,10 +12,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .procs import ChildFailed, RssSampler
-from .receivers import Receiver, Unavailable
+from .receivers import Receiver, Unavailable, port_clash
 from .workloads import Sent, Workload, data_size, send
 
 POLL = 0.05  # seconds between checks of the sink folder
+START_ATTEMPTS = 3  # starts of one receiver for one run, when a port was taken at the first
+
+
+@dataclass
+class Skipped:
+    """A receiver not measured: one run (``repeat``), or from ``workload`` on (``repeat``
+    None: it cannot run here)."""
+
+    receiver: str
+    workload: str
+    repeat: int | None
+    reason: str
+
+    def line(self) -> str:
+        which = "from then on" if self.repeat is None else f"#{self.repeat}"
+        return f"{self.receiver} {self.workload} {which}: {self.reason.splitlines()[0]}"
 
 
 @dataclass
@@ -48,7 +64,7 @@ def measure(
     """Start ``receiver`` in ``workdir``, send ``files``, check arrival; always clean up."""
     workdir.mkdir(parents=True)
     try:
-        receiver.start(workdir)
+        start(receiver, workdir)
         sampler = RssSampler(receiver.pid).start()
         cpu_at_start = sampler.sample_cpu()  # start-up (imports, recovery) is not counted
         cpu_each_at_start = dict(sampler.cpu)
@@ -79,6 +95,27 @@ def measure(
     finally:
         receiver.stop()
         _empty_files(workdir)
+
+
+def start(receiver: Receiver, workdir: Path, attempts: int = START_ATTEMPTS) -> None:
+    """Start ``receiver`` in ``workdir``; when a port it was given turned out taken (another
+    program bound it after our check), start it again with new ports, in a fresh subfolder,
+    up to ``attempts`` times in all. Other failures are raised at once."""
+    for attempt in range(1, attempts + 1):
+        folder = workdir if attempt == 1 else workdir / f"attempt-{attempt}"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            receiver.start(folder)
+            return
+        except ChildFailed as error:
+            receiver.stop()
+            if not port_clash(error):
+                raise
+            if attempt == attempts:
+                raise ChildFailed(f"a port was taken at each of {attempts} starts: "
+                                  f"{error}") from error
+            print(f"  {receiver.name}: a port was taken at start (attempt {attempt}); "
+                  "starting again with other ports", flush=True)
 
 
 def _empty_files(folder: Path) -> None:
@@ -122,34 +159,53 @@ def run_all(
     plan: list[tuple[Workload, list[Path]]],
     repeats: int,
     tmp_root: Path,
-) -> tuple[list[Run], dict[str, str]]:
+) -> tuple[list[Run], list[Skipped]]:
     """Every workload ``repeats`` times; receivers interleaved so machine noise hits them all.
-    A receiver that cannot start is skipped from then on, with the reason returned.
+    A run whose receiver did not start is skipped, with the reason; a receiver that cannot run
+    here (not installed, no database server) is skipped from then on.
     """
     runs: list[Run] = []
-    skipped: dict[str, str] = {}
+    skipped: list[Skipped] = []
+    gone: set[str] = set()
     for workload, files in plan:
         print(f"\n{workload.name}: {workload.title} ({len(files)} files)", flush=True)
         for repeat in range(1, repeats + 1):
             for name, make in receivers.items():
-                if name in skipped:
+                if name in gone:
                     continue
                 workdir = tmp_root / f"{workload.name}-{name}-{repeat}"
                 try:
                     run = measure(make(), workload, files, repeat, workdir)
-                except (Unavailable, ChildFailed) as error:
-                    skipped[name] = str(error)
+                except Unavailable as error:
+                    gone.add(name)
+                    skipped.append(Skipped(name, workload.name, None, str(error)))
                     print(f"  {name}: SKIPPED from now on: {error}", flush=True)
+                    continue
+                except ChildFailed as error:
+                    skipped.append(Skipped(name, workload.name, repeat, str(error)))
+                    print(f"  {name} #{repeat}: SKIPPED (did not start): {error}", flush=True)
                     continue
                 runs.append(run)
                 print(progress_line(run), flush=True)
     return runs, skipped
 
 
+def outcome(runs: list[Run], skipped: list[Skipped]) -> str | None:
+    """One line naming every failed and skipped run, or None when all ran and succeeded."""
+    failed = [f"{r.receiver} {r.workload} #{r.repeat} ({r.notes[0].splitlines()[0]})"
+              for r in runs if not r.ok]
+    parts = []
+    if failed:
+        parts.append(f"{len(failed)} run(s) failed: " + "; ".join(failed))
+    if skipped:
+        parts.append(f"{len(skipped)} skipped: " + "; ".join(s.line() for s in skipped))
+    return "INCOMPLETE: " + " | ".join(parts) if parts else None
+
+
 def progress_line(run: Run) -> str:
     rate = run.instances / run.receive_s
     line = (
-        f"  {run.receiver:<9} #{run.repeat}: {run.receive_s:7.2f} s  {rate:8.1f} inst/s  "
+        f"  {run.receiver:<11} #{run.repeat}: {run.receive_s:7.2f} s  {rate:8.1f} inst/s  "
         f"{run.bytes / 1e6 / run.receive_s:7.1f} MB/s  peak RSS {run.peak_rss / 1e6:7.1f} MB"
     )
     if len(run.rss_by_process) > 1:

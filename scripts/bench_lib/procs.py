@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -103,11 +104,49 @@ def _signal_group(child: Child, signum: int) -> None:
         os.killpg(child.pid, signum)
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10000  # below: registered services (PostgreSQL's 5432, Orthanc's 4242, ...)
+_HANDED_OUT: set[int] = set()  # every port free_port returned: never twice in one bench
+
+
+def ephemeral_range(path: Path = EPHEMERAL_RANGE) -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (first, last), inclusive."""
+    try:
+        first, last = path.read_text().split()
+        return int(first), int(last)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def port_candidates(ephemeral: tuple[int, int]) -> list[int]:
+    """Ports for listening that outgoing connections never take: from 10000 up, outside
+    ``ephemeral``. A port picked inside it could be taken by any connect() (the bench's own
+    senders, other users' tests) between the check and the receiver's bind."""
+    first, last = ephemeral
+    return [p for p in range(_LOWEST_PORT, 65536) if not first <= p <= last]
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing holds ``port`` on 127.0.0.1: a plain bind (no SO_REUSEADDR, so a
+    port with connections in TIME_WAIT counts as taken too)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(ephemeral: tuple[int, int] | None = None, attempts: int = 200) -> int:
+    """A TCP port outside the ephemeral range that was free on 127.0.0.1 a moment ago and
+    that this process has not handed out before."""
+    candidates = port_candidates(ephemeral or ephemeral_range())
+    for _ in range(attempts if candidates else 0):
+        port = random.choice(candidates)
+        if port not in _HANDED_OUT and port_is_free(port):
+            _HANDED_OUT.add(port)
+            return port
+    raise ChildFailed(f"no free port outside the ephemeral range {ephemeral_range()}")
 
 
 def wait_until(
@@ -117,10 +156,13 @@ def wait_until(
     deadline = time.monotonic() + timeout
     while not ready():
         if not child.alive():
-            raise ChildFailed(f"{child.name} exited ({child.popen.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise ChildFailed(f"{child.name}: no {what} within {timeout:.0f} s")
-        time.sleep(interval)
+            failure = f"{child.name} exited ({child.popen.returncode}) before {what}"
+        elif time.monotonic() > deadline:
+            failure = f"{child.name}: no {what} within {timeout:.0f} s"
+        else:
+            time.sleep(interval)
+            continue
+        raise ChildFailed(f"{failure}\n--- {child.name} log (tail) ---\n{child.log_tail()}")
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

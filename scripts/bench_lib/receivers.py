@@ -6,16 +6,38 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
-from .procs import DCMTK_ENV, Child, dicom_echo, free_port, http_get, spawn, stop, wait_until
+import psycopg
+
+from . import pgdb
+from .procs import (
+    DCMTK_ENV,
+    Child,
+    dicom_echo,
+    free_port,
+    http_get,
+    spawn,
+    stop,
+    wait_until,
+)
 
 MAX_PDU = 131072  # the largest DCMTK accepts; what storescp and Orthanc advertise here
 ORTHANC = "/usr/sbin/Orthanc"
 
 
 class Unavailable(RuntimeError):
-    """The receiver could not be started; the bench skips it and says why."""
+    """The receiver cannot run here (not installed); the bench skips it and says why."""
+
+
+# What storescp, Orthanc and Python print when a port is taken between our check and their bind.
+_PORT_CLASH = re.compile(r"already in use|address in use|EADDRINUSE|Errno 98", re.IGNORECASE)
+
+
+def port_clash(error: BaseException) -> bool:
+    """True when a failed start says a port was taken (worth a retry with other ports)."""
+    return bool(_PORT_CLASH.search(str(error)))
 
 
 def count_files(folder: Path) -> int:
@@ -142,17 +164,28 @@ class Orthanc(Receiver):
         return int(json.loads(body)["CountInstances"]) if status == 200 else None
 
 
+def _run_label(workdir: Path) -> str:
+    """"ct1-router-pg-2" for a run's folder, "ct1-router-pg-2-attempt-2" for a retry's."""
+    if workdir.name.startswith("attempt-"):
+        return f"{workdir.parent.name}-{workdir.name}"
+    return workdir.name
+
+
 class Router(Receiver):
-    """``dicom-router serve`` with a TOML that routes everything to a storescp sink."""
+    """``dicom-router serve`` with a TOML that routes everything to a storescp sink; its event
+    store is SQLite in the work folder, or with ``postgres`` (an admin URL) a fresh PostgreSQL
+    database created for this start and dropped by :meth:`stop`."""
 
     name = "router"
     ae_title = "DICOMROUTER"
     forwards = True
 
-    def __init__(self, command: Path, name: str = "router") -> None:
+    def __init__(self, command: Path, name: str = "router", postgres: str | None = None) -> None:
         super().__init__()
         self.command = command
         self.name = name  # "router-b": the build a --compare run measures beside it
+        self.postgres = postgres
+        self.database: str | None = None  # the PostgreSQL database of the current start
         self.http_port = 0
         self.sink = StoreScp("SINK")
 
@@ -165,14 +198,18 @@ class Router(Receiver):
         config.write_text(self.config(self.port, self.http_port, self.sink.port))
         argv: list[str | Path] = [self.command, "serve", "--config", config]
         argv += ["--data-dir", workdir / "data"]
-        self.child = spawn(self.name, argv, workdir / "router.log")
+        # Set either way, so that a DICOM_ROUTER_DATABASE_URL in the bench's environment
+        # cannot make the "router" row measure another backend than its name says.
+        url = f"sqlite:///{workdir / 'data' / 'db'}"
+        if self.postgres is not None:
+            try:
+                self.database, url = pgdb.create(self.postgres, _run_label(workdir))
+            except psycopg.Error as error:
+                raise Unavailable(f"cannot create a PostgreSQL database: {error}") from error
+        env = {"DICOM_ROUTER_DATABASE_URL": url}
+        self.child = spawn(self.name, argv, workdir / "router.log", env)
         url = f"http://127.0.0.1:{self.http_port}/readyz"
-        try:
-            wait_until(lambda: http_get(url, 2)[0] == 200, 60, self.child, "200 from /readyz")
-        except RuntimeError as error:
-            tail = self.child.log_tail()
-            self.stop()
-            raise Unavailable(f"{error}\n--- router log (tail) ---\n{tail}") from error
+        wait_until(lambda: http_get(url, 2)[0] == 200, 60, self.child, "200 from /readyz")
 
     @staticmethod
     def config(dicom_port: int, http_port: int, sink_port: int) -> str:
@@ -205,5 +242,13 @@ destinations = ["sink"]
         return self.sink.received() or 0
 
     def stop(self) -> None:
-        super().stop()
-        self.sink.stop()
+        try:
+            super().stop()
+            self.sink.stop()
+        finally:
+            if self.database is not None:
+                try:
+                    pgdb.drop(self.database)
+                except psycopg.Error as error:  # pgdb.drop_all tries again at exit
+                    print(f"  could not drop database {self.database}: {error}", flush=True)
+                self.database = None

@@ -9,9 +9,23 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .measure import Run
+from .measure import Run, Skipped
 
 RSS_LIMIT = 300 * 10**6  # bytes, for the "big" workload
+# The router on each backend (cli.py names them); targets and ratios are checked for each,
+# and "-b" builds (--compare) against them: router-b against router, router-b-pg against router-pg.
+ROUTERS = ("router", "router-pg")
+
+
+def build_b(router: str) -> str:
+    """The --compare build's name beside ``router``."""
+    return router.replace("router", "router-b", 1)
+
+
+def _routers(summaries: list[Summary]) -> list[str]:
+    """The routers measured (at least "router", so that its targets show as n/a)."""
+    seen = {s.receiver for s in summaries}
+    return [r for r in ROUTERS if r in seen] or ["router"]
 # (workload, what the router is measured on, factor of Orthanc's receive rate it must reach)
 RATE_TARGETS = [
     ("ct1", "receive", 0.8),
@@ -76,10 +90,10 @@ def _find(summaries: list[Summary], workload: str, receiver: str) -> Summary | N
 
 
 def ratios(summaries: list[Summary]) -> list[dict[str, object]]:
-    """Router receive and end-to-end rates over Orthanc's and storescp's receive rates."""
+    """Each router's receive and end-to-end rates over Orthanc's and storescp's receive rates."""
     rows = []
-    for router in (s for s in summaries if s.receiver == "router"):
-        row: dict[str, object] = {"workload": router.workload}
+    for router in (s for s in summaries if s.receiver in ROUTERS):
+        row: dict[str, object] = {"workload": router.workload, "router": router.receiver}
         for other in ("orthanc", "storescp"):
             base = _find(summaries, router.workload, other)
             ref = base.receive[0] if base else None
@@ -91,14 +105,15 @@ def ratios(summaries: list[Summary]) -> list[dict[str, object]]:
 
 
 def comparison(summaries: list[Summary]) -> list[dict[str, object]]:
-    """With --compare: per workload, build B's medians over build A's (the router's)."""
+    """With --compare: per workload and backend, build B's medians over build A's."""
     rows = []
-    for a in (s for s in summaries if s.receiver == "router"):
-        b = _find(summaries, a.workload, "router-b")
+    for a in (s for s in summaries if s.receiver in ROUTERS):
+        b = _find(summaries, a.workload, build_b(a.receiver))
         if b is None:
             continue
         rows.append({
             "workload": a.workload,
+            "router": a.receiver,
             "receive B/A": b.receive[0] / a.receive[0],
             "end-to-end B/A": b.deliver[0] / a.deliver[0] if a.deliver and b.deliver else None,
             "CPU ms/inst A": a.cpu_ms[0],
@@ -110,23 +125,27 @@ def comparison(summaries: list[Summary]) -> list[dict[str, object]]:
 
 
 def targets(summaries: list[Summary]) -> list[dict[str, object]]:
-    """Each target with the measured value and PASS, FAIL or n/a (not measured)."""
+    """Each target, for each router measured, with the value and PASS, FAIL or n/a."""
+    return [t for router in _routers(summaries) for t in _targets_of(summaries, router)]
+
+
+def _targets_of(summaries: list[Summary], name: str) -> list[dict[str, object]]:
     results = []
     for workload, kind, factor in RATE_TARGETS:
-        router = _find(summaries, workload, "router")
+        router = _find(summaries, workload, name)
         orthanc = _find(summaries, workload, "orthanc")
         value = None
         if router and orthanc:
             rate = router.receive[0] if kind == "receive" else (router.deliver or (0.0,))[0]
             value = rate / orthanc.receive[0]
         passed = value is not None and value >= factor
-        name = f"{workload} router {kind} vs Orthanc receive"
-        results.append(_verdict(name, value, f">= {factor:g}x", passed))
-    big = _find(summaries, "big", "router")
+        label = f"{workload} {name} {kind} vs Orthanc receive"
+        results.append(_verdict(label, value, f">= {factor:g}x", passed))
+    big = _find(summaries, "big", name)
     rss = big.peak_rss_mb[0] if big else None
     results.append(
         _verdict(
-            "big: router peak RSS (MB)",
+            f"big: {name} peak RSS (MB)",
             rss,
             f"< {RSS_LIMIT / 1e6:g}",
             rss is not None and rss * 1e6 < RSS_LIMIT,
@@ -149,7 +168,7 @@ def _fmt(spread: tuple[float, float, float] | None, digits: int | None = None) -
     return f"{med:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
 
 
-def print_report(summaries: list[Summary], skipped: dict[str, str], repeats: int) -> None:
+def print_report(summaries: list[Summary], skipped: list[Skipped], repeats: int) -> None:
     print(f"\nResults: median [min-max] of {repeats} run(s); MB = 10^6 bytes; inst = instances")
     head = (
         "workload",
@@ -163,25 +182,25 @@ def print_report(summaries: list[Summary], skipped: dict[str, str], repeats: int
         "CPU ms/inst",
     )
     print(
-        f"{head[0]:<8} {head[1]:<9} {head[2]:>5} {head[3]:>7}  {head[4]:<24} {head[5]:>7}  "
+        f"{head[0]:<8} {head[1]:<11} {head[2]:>5} {head[3]:>7}  {head[4]:<24} {head[5]:>7}  "
         f"{head[6]:<24} {head[7]:<16} {head[8]}"
     )
     for s in summaries:
         mbs = s.receive[0] * s.mb_per_instance
         fail = f"  ({s.failed} failed)" if s.failed else ""
         print(
-            f"{s.workload:<8} {s.receiver:<9} {s.instances:>5} {s.megabytes:>7.1f}  "
+            f"{s.workload:<8} {s.receiver:<11} {s.instances:>5} {s.megabytes:>7.1f}  "
             f"{_fmt(s.receive):<24} {mbs:>7.1f}  {_fmt(s.deliver):<24} "
             f"{_fmt(s.peak_rss_mb, 0):<16} {_fmt(s.cpu_ms, 2)}{fail}"
         )
     _print_ratios(ratios(summaries))
     _print_comparison(comparison(summaries))
-    print("\nTargets (router, medians):")
+    print("\nTargets (each router, medians):")
     for t in targets(summaries):
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
-        print(f"  {t['result']:<4}  {t['target']:<42} {value:>8}  (required {t['required']})")
-    for name, reason in skipped.items():
-        print(f"\n{name} was skipped: {reason.splitlines()[0]}")
+        print(f"  {t['result']:<4}  {t['target']:<45} {value:>8}  (required {t['required']})")
+    for skip in skipped:
+        print(f"\nskipped: {skip.line()}")
 
 
 def _print_ratios(rows: list[dict[str, object]]) -> None:
@@ -190,10 +209,11 @@ def _print_ratios(rows: list[dict[str, object]]) -> None:
         return
     cols = ["receive/orthanc", "receive/storescp", "end-to-end/orthanc", "end-to-end/storescp"]
     print("\nRatios (router rate / receiver's receive rate):")
-    print(f"{'workload':<8} " + " ".join(f"{c:>20}" for c in cols))
+    print(f"{'workload':<8} {'router':<11} " + " ".join(f"{c:>20}" for c in cols))
     for row in rows:
         cells = [f"{v:.2f}x" if isinstance(v, float) else "-" for v in (row[c] for c in cols)]
-        print(f"{row['workload']!s:<8} " + " ".join(f"{c:>20}" for c in cells))
+        print(f"{row['workload']!s:<8} {row['router']!s:<11} "
+              + " ".join(f"{c:>20}" for c in cells))
 
 
 def _print_comparison(rows: list[dict[str, object]]) -> None:
@@ -201,8 +221,9 @@ def _print_comparison(rows: list[dict[str, object]]) -> None:
         return
     cols = ["receive B/A", "end-to-end B/A", "CPU ms/inst A", "CPU ms/inst B",
             "peak RSS MB A", "peak RSS MB B"]
-    print("\nBuilds compared (router-b = --compare, router = A; medians):")
-    print(f"{'workload':<8} " + " ".join(f"{c:>15}" for c in cols))
+    print("\nBuilds compared (B = --compare: router-b vs router, router-b-pg vs router-pg;"
+          " medians):")
+    print(f"{'workload':<8} {'A':<11} " + " ".join(f"{c:>15}" for c in cols))
     for row in rows:
         cells = []
         for col in cols:
@@ -213,11 +234,12 @@ def _print_comparison(rows: list[dict[str, object]]) -> None:
                 cells.append(f"{value:.2f}x")
             else:
                 cells.append(f"{value:.{0 if 'RSS' in col else 2}f}")
-        print(f"{row['workload']!s:<8} " + " ".join(f"{c:>15}" for c in cells))
+        print(f"{row['workload']!s:<8} {row['router']!s:<11} "
+              + " ".join(f"{c:>15}" for c in cells))
 
 
 def write_json(
-    path: Path, runs: list[Run], skipped: dict[str, str], meta: dict[str, object]
+    path: Path, runs: list[Run], skipped: list[Skipped], meta: dict[str, object]
 ) -> None:
     summaries = summarize(runs)
     document = {
@@ -227,6 +249,6 @@ def write_json(
         "ratios": ratios(summaries),
         "comparison": comparison(summaries),
         "targets": targets(summaries),
-        "skipped": skipped,
+        "skipped": [asdict(s) for s in skipped],
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
