@@ -143,7 +143,7 @@ class PostgresViews(ViewDatabase):
 class _SharedPool:
     """One psycopg pool per database URL and process, closed with its last user."""
 
-    MIN_SIZE = 1  # kept open
+    MIN_SIZE = 0  # kept open (as the event stores' pools, router.application.stores)
     MAX_SIZE = 8  # a batch per view at once, and the web server's queries
 
     _pools: dict[str, tuple[Any, int]] = {}

@@ -46,17 +46,19 @@ APP_NAMES = ("ingest", "delivery", "admin", "access")
 
 # PostgreSQL connections per application and process: (kept open, opened more under load).
 # Several nodes share one server whose default max_connections is 100 (docs/scaling.md has
-# the budget). One kept per pool: a pool grows while a caller waits (each pool also opens one
-# extra as the application starts, closed after 10 idle minutes) and shrinks back to it.
+# the budget). None is kept: each pool opens its first as its application starts and more
+# while callers wait, and closes those idle for 10 minutes. (Keeping one made two at start,
+# since the application asks for one before the pool has opened the one it keeps, and three
+# nodes starting together ran the server out of connections.)
 POOLS: dict[str, dict[str, tuple[int, int]]] = {
     # The serving process: views read the ingest and delivery logs, the dispatcher and the
     # outcome recorder write delivery events, the web server all four.
-    "server": {"ingest": (1, 5), "delivery": (1, 5), "admin": (1, 2), "access": (1, 3)},
+    "server": {"ingest": (0, 6), "delivery": (0, 6), "admin": (0, 3), "access": (0, 4)},
     # A receiver process: receipts (one save per C-STORE, at most its associations at once);
     # its delivery and access logs serve queries only (C-MOVE, C-GET and their audit).
-    "receiver": {"ingest": (1, 7), "delivery": (1, 1), "admin": (1, 1), "access": (1, 2)},
+    "receiver": {"ingest": (0, 8), "delivery": (0, 2), "admin": (0, 2), "access": (0, 3)},
     # A command (migrate, apply, user, audit export, projections).
-    "tool": {"ingest": (1, 1), "delivery": (1, 1), "admin": (1, 1), "access": (1, 1)},
+    "tool": {"ingest": (0, 2), "delivery": (0, 2), "admin": (0, 2), "access": (0, 2)},
 }
 
 
