@@ -84,7 +84,11 @@ def postgres_env(url: str) -> dict[str, str]:
         # Also the pool's wait for a connection, which eventsourcing retries 10 times: a
         # database that is down fails a save in about 20 s, inside a sender's DIMSE timeout.
         "POSTGRES_CONNECT_TIMEOUT": "2",
-        "POSTGRES_PRE_PING": "y",
+        # No test query before each use of a pooled connection: it was a round trip per save
+        # (11% of a receipt's time on PostgreSQL, docs/benchmarks.md). A connection that died
+        # meanwhile (the server restarted) fails its statement with an OperationalError,
+        # which eventsourcing retries on another connection; the pool drops the dead one.
+        "POSTGRES_PRE_PING": "n",
     }
     return env
 

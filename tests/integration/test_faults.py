@@ -739,3 +739,26 @@ def test_a_receipt_whose_log_cannot_be_synced_is_kept_but_not_acknowledged(
     rows = jobs(router, "SELECT routing FROM jobs ORDER BY received_at")
     assert [r["routing"] for r in rows] == ["routed", "duplicate"]
     assert len(list(out.rglob("*.dcm"))) == 1
+
+
+def test_sessions_ended_by_the_server_fail_no_store(
+    tmp_path: Path, pg_url: str, start_router: Callable[..., Router]
+) -> None:
+    """PostgreSQL ends every session of the router (a restart, an administrator): the next
+    C-STOREs are answered 0x0000 on new connections, with no test query before each save."""
+    import psycopg
+
+    name = pg_url.rsplit("/", 1)[1]
+    admin_url = pg_url.rsplit("/", 1)[0] + "/postgres"
+    router = start_router(router_settings(tmp_path, pg_url,
+                                          [file_destination("archive", tmp_path / "archive")]))
+    files = make_ct_series(tmp_path / "ct", count=4, rows=64, cols=64)
+    assert c_store(router.dicom.port, files[:1]) == [0]
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        ended = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE datname = %s AND pid <> pg_backend_pid()",
+                             (name,)).fetchall()
+    assert ended
+    assert c_store(router.dicom.port, files[1:]) == [0, 0, 0]
+    wait_for(lambda: deliveries_done(router, 4, "archive"), 30,
+             "every instance delivered after the sessions ended")
