@@ -23,9 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-
 from router.dicom import pdus
+from router.dicom.identity import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 from router.dicom.peer import Peer
 from router.dicom.protocol_log import PROTOCOL_LOG
 from router.dicom.spool import SpoolFile
@@ -199,8 +198,8 @@ class PushAssociation:
                 self._accepted[context.context_id] = (context.abstract_syntax, chosen)
                 results.append((context.context_id, pdus.ACCEPTED, chosen))
         return pdus.encode_associate_ac(self._request, results, policy.max_pdu,
-                                        PYNETDICOM_IMPLEMENTATION_UID,
-                                        PYNETDICOM_IMPLEMENTATION_VERSION)
+                                        IMPLEMENTATION_UID,
+                                        IMPLEMENTATION_VERSION)
 
     def _set_timeout(self, seconds: float) -> None:
         if seconds != self._timeout:
@@ -283,7 +282,7 @@ class PushAssociation:
         spool.write(b"\0" * 128 + b"DICM")
         spool.write(encode_file_meta(FileMeta(
             command.sop_class_uid, command.sop_instance_uid, syntax,
-            PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)))
+            IMPLEMENTATION_UID, IMPLEMENTATION_VERSION)))
         return spool
 
     def _on_stored(self) -> None:

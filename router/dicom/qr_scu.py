@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from router.application.commands import CommandError
 from router.application.remote_nodes import RemoteNodeConfig
+from router.dicom.identity import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 from router.dicom.scp import TRANSFER_SYNTAXES
 from router.dicom.tls import TlsClientSettings, TlsConfigError
 from router.dispatch.base import NOT_REACHED
@@ -194,6 +195,8 @@ class QueryRetrieveScu:
                      roles: list[Any] | None = None,
                      handlers: list[Any] | None = None) -> _Associated:
         ae = AE(ae_title=self._ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_UID  # ours, not pynetdicom's (identity.py)
+        ae.implementation_version_name = IMPLEMENTATION_VERSION
         ae.connection_timeout = min(self._dicom.acse_timeout, 15.0)
         ae.acse_timeout = self._dicom.acse_timeout
         ae.dimse_timeout = self._dicom.dimse_timeout

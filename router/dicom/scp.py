@@ -34,6 +34,7 @@ from router.application.receive import (
     Receiver,
 )
 from router.dicom.gate import Gate
+from router.dicom.identity import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 from router.dicom.peer import Peer
 from router.dicom.push_scp import PushAssociation, PushPolicy, is_push, peek_request
 from router.dicom.store_request import StoreRequest
@@ -84,6 +85,8 @@ class DicomServer:
     def _build_ae(self) -> AE:
         s = self._settings
         ae = AE(ae_title=s.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_UID  # ours, not pynetdicom's (identity.py)
+        ae.implementation_version_name = IMPLEMENTATION_VERSION
         ae.maximum_associations = s.dicom.max_associations
         ae.maximum_pdu_size = s.dicom.max_pdu_size
         ae.network_timeout = s.dicom.network_timeout

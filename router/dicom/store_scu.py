@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-
 from router.dicom import pdus
+from router.dicom.identity import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 from router.dicom.limits import BytesSource, FileSource, HeaderError, Source, walk_meta
 from router.dicom.tls import describe_failure
 
@@ -115,8 +114,8 @@ class StoreLink:
                 raise LinkError("tls", describe_failure(exc)) from None
         try:
             sock.sendall(pdus.encode_associate_rq(calling, called, pairs, max_pdu,
-                                                  PYNETDICOM_IMPLEMENTATION_UID,
-                                                  PYNETDICOM_IMPLEMENTATION_VERSION))
+                                                  IMPLEMENTATION_UID,
+                                                  IMPLEMENTATION_VERSION))
             kind, body = _read_pdu(sock)
         except (OSError, LinkError) as exc:
             sock.close()

@@ -22,8 +22,6 @@ from typing import Any
 
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import (
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
     _config,
     association,
     dimse,
@@ -32,6 +30,7 @@ from pynetdicom import (
     transport,
 )
 
+from router.dicom.identity import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 from router.dicom.protocol_log import quiet_library_errors
 from router.dicom.spool import SpoolFile
 
@@ -75,8 +74,8 @@ class FileMeta:
 
 
 def _file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
-               implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
-               implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION) -> FileMeta:
+               implementation_uid: str = IMPLEMENTATION_UID,
+               implementation_version: str = IMPLEMENTATION_VERSION) -> FileMeta:
     """Stands in for pynetdicom's create_file_meta in its chunked C-STORE receive."""
     return FileMeta(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax),
                      str(implementation_uid), str(implementation_version))
