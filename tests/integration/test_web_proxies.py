@@ -83,3 +83,13 @@ def test_trusted_proxies_must_be_networks(tmp_path: Path) -> None:
     config.write_text('[web]\ntrusted_proxies = ["10.0.0.0/8", "proxy.local"]\n')
     with pytest.raises(SettingsError, match=r"trusted_proxies: .proxy\.local. is not"):
         load_settings({}, config_path=config)
+
+
+def test_secure_cookies_marks_the_login_forms_cookie_secure_too(web_router: Any,
+                                                                tmp_path: Path) -> None:
+    """[web] secure_cookies (a proxy that terminates TLS without saying so): every cookie we
+    set is Secure, the login form's anti-CSRF cookie as well as the session's."""
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}")
+    server = web_router(replace(settings, web=replace(settings.web, secure_cookies=True)))
+    form = requests.get(server.url + "/login", timeout=30)
+    assert "Secure" in form.headers["Set-Cookie"]

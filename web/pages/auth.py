@@ -34,8 +34,10 @@ async def login_form(request: web.Request, error: str = "", username: str = "",
     target = safe_next(next_path if next_path is not None else request.query.get("next"))
     response = render(request, "login.html", status=status, error=error, username=username,
                       login_csrf=token, next_path=target)
+    # Secure as the session cookie is: behind a TLS proxy the request itself is plain HTTP.
+    secure = request.app[ROUTER_KEY].settings.web.secure_cookies or request.secure
     response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Strict",
-                        path="/login", secure=request.secure)
+                        path="/login", secure=secure)
     return response
 
 
