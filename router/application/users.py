@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import bcrypt
 from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
 
 from router.application.admin_state import AdminState, UserState
 from router.application.commands import Actor, CommandError, NotFoundError
@@ -220,7 +221,13 @@ class Users:
         generated = None
         if not password:
             generated = password = secrets.token_urlsafe(18)
-        self.add("admin", "admin", password, Actor("system"))
+        try:
+            self.add("admin", "admin", password, Actor("system"))
+        except (IntegrityError, CommandError):
+            # Another node starting on the same database made it a moment ago (the user's id
+            # is its name's): that one's password stands, and that node printed it if made.
+            self._admin.refresh()
+            return None
         return generated
 
     # --- authentication ---------------------------------------------------------------

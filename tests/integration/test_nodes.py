@@ -138,3 +138,40 @@ def test_node_id_must_be_a_plain_name(tmp_path: Path) -> None:
                          tmp_path).node_id == "site-2.node_1"
     assert load_settings({}, None, tmp_path).node_id  # the host's name by default
     assert replace(load_settings({}, None, tmp_path), node_id="x").node_id == "x"
+
+
+@pytest.mark.postgres
+def test_nodes_starting_together_on_a_new_database_make_one_first_admin(
+        pg_url: str, tmp_path: Path) -> None:
+    """Each start makes the user 'admin' when there is no user: two nodes doing it at once
+    must not fail (one makes it, the other finds it made)."""
+    from router.application.admin_state import AdminState
+    from router.application.stores import open_stores
+    from router.application.users import Users
+    from router.secrets import SecretBox
+
+    settings = _node_settings(tmp_path, pg_url, "node-a")
+    box = SecretBox(bytes(32))
+    stores = [open_stores(settings, box, role="tool") for _ in range(2)]
+    users = [Users(s, AdminState(s.admin), settings.web) for s in stores]
+    results: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def first_start(u: Users) -> None:
+        barrier.wait()
+        try:
+            results.append(u.ensure_first_admin("a-long-enough-password-1"))
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=first_start, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert results == [None, None], results
+        assert list(AdminState(stores[0].admin).refresh().users) == ["admin"]
+    finally:
+        for s in stores:
+            s.close()
