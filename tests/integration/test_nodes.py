@@ -175,3 +175,39 @@ def test_nodes_starting_together_on_a_new_database_make_one_first_admin(
     finally:
         for s in stores:
             s.close()
+
+
+@pytest.mark.postgres
+def test_nodes_started_together_with_the_same_configuration_file_all_come_up(
+        pg_url: str, tmp_path: Path, start_router: Any) -> None:
+    """Each start applies the file's destinations and rules and makes the first admin: three
+    nodes doing it at once on an empty database must all come up, with one of each."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = {"destinations": ({"name": "archive", "type": "file", "path": str(out)},),
+              "rules": ({"name": "all", "calling_aet": "*", "destinations": ["archive"]},)}
+    started: dict[str, Any] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def start(node: str) -> None:
+        settings = _node_settings(tmp_path, pg_url, node, **config)
+        settings = replace(settings, storage=replace(
+            settings.storage, destination_roots=(*settings.storage.destination_roots, out)))
+        barrier.wait()
+        try:
+            started[node] = start_router(settings)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(f"node-{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert sorted(started) == ["node-0", "node-1", "node-2"]
+    snapshot = started["node-0"].admin.refresh()
+    assert list(snapshot.live_destinations()) == ["archive"]
+    assert [r.spec.name for r in snapshot.rules] == ["all"]
+    assert list(snapshot.users) == ["admin"]
