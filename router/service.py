@@ -135,7 +135,7 @@ class Router:
         runner.add_listener(lambda view: units.wake() if view == "jobs" else None)
         ai_requests = AIRequests(stores.delivery, jobs_db, admin, blobs, box,
                                  settings.ai.public_url or _default_public_url(settings),
-                                 policy.ai_addresses)
+                                 policy.ai_addresses, node=settings.node_id)
         ai_worker = AIWorker(ai_requests, jobs_db, admin, settings.dispatch, clock=clock,
                              on_saved=runner.wake, leads=lambda: duties.holds("ai"))
         runner.add_listener(lambda view: ai_worker.wake() if view == "jobs" else None)

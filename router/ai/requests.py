@@ -70,8 +70,9 @@ class AIRequests:
     """Everything an attempt or a callback needs about AI requests."""
 
     def __init__(self, app: Any, jobs_db: ViewDatabase, admin: AdminState, blobs: BlobStore,
-                 box: SecretBox, public_url: str, policy: AddressPolicy) -> None:
+                 box: SecretBox, public_url: str, policy: AddressPolicy, node: str = "") -> None:
         self._app = app
+        self._node = node  # recorded in each attempt's event
         self._db = jobs_db
         self._admin = admin
         self._blobs = blobs
@@ -176,9 +177,9 @@ class AIRequests:
                 series_instance_uids=sorted({m.series_instance_uid for m in members}),
                 job_ids=[m.job_id for m in members], amendment=row.amendment,
                 send=config_send, deidentified=bool(prepared and prepared.sealed_mapping),
-                reidentify=prepared.sealed_mapping if prepared else None)
+                reidentify=prepared.sealed_mapping if prepared else None, node=self._node)
         else:
-            aggregate.resend(**ctx, attempt=attempt)
+            aggregate.resend(**ctx, attempt=attempt, node=self._node)
         self.save(aggregate)
         return aggregate
 

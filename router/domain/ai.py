@@ -40,7 +40,10 @@ class AIRequest(Aggregate):
         send: str,
         deidentified: bool,
         reidentify: str | None,
+        node: str = "",
     ) -> None:
+        """``node``: the router node that sent it (here and in Resent; absent in events
+        recorded before node ids; eventsourcing wants it passed even so)."""
         self.destination = destination
         self.study_instance_uid = study_instance_uid
         self.job_ids = list(job_ids)
@@ -50,7 +53,8 @@ class AIRequest(Aggregate):
         self.signatures: list[str] = []
 
     @event("Resent")
-    def resend(self, *, actor: str, source_ip: str, correlation_id: str, attempt: int) -> None:
+    def resend(self, *, actor: str, source_ip: str, correlation_id: str, attempt: int,
+               node: str = "") -> None:
         """Another attempt after a failure or a timeout."""
         self.attempts = attempt
         self.status = "requested"

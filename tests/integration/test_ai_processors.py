@@ -231,6 +231,11 @@ def test_no_callback_retries_then_dead_letters_with_the_reason(
             "SELECT status, last_error FROM deliveries WHERE destination = 'lungai'")
         assert [j["status"] for j in jobs] == ["dead", "dead"]
         assert all("gave up after 2 attempts" in j["last_error"] for j in jobs)
+        # Both attempts (Requested, then Resent) name the node that sent them.
+        log = router.stores.delivery
+        sent = [log.mapper.to_domain_event(n) for n in log.recorder.select_notifications(0, 500)
+                if n.topic.endswith(("AIRequest.Requested", "AIRequest.Resent"))]
+        assert [e.node for e in sent] == [settings.node_id] * 2
 
 
 def test_deidentified_files_and_reidentified_results(
