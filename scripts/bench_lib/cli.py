@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import pgdb, procs, report
+from .cluster import Nodes
 from .measure import outcome, run_all
 from .receivers import MAX_PDU, Orthanc, Receiver, Router, StoreScp
 from .runtime_venv import commit_router, runtime_router
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="exit 2 if a target FAILs")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
+    _check_nodes(parser, args)
     if args.workloads is None:
         args.workloads = [w for w in WORKLOADS if not (args.quick and w == "big")]
     return args
@@ -73,9 +75,25 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         choices=sorted(BACKENDS),
-        default="sqlite",
+        default=None,
         help="the router's event store: sqlite (default), postgres (a fresh database per"
         " router start, dropped after; reported as router-pg) or both, interleaved",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=_node_counts,
+        default=[1],
+        help="router nodes per start, or several counts comma-separated (each its own"
+        " receiver, interleaved): N > 1 runs N `serve` processes on one PostgreSQL database"
+        " and one moto S3 store, reported as router-pg-s3xN; it implies --backend postgres"
+        " and --blob-store s3 for every count of the run (default 1: one router)",
+    )
+    parser.add_argument(
+        "--blob-store",
+        choices=("local", "s3"),
+        default=None,
+        help="the router's blob store: local (default) or s3 (a fresh moto_server on"
+        " 127.0.0.1 per start, stopped after; the name gets -s3x<nodes>)",
     )
     parser.add_argument(
         "--postgres-url",
@@ -83,6 +101,29 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
         help="admin URL the bench creates and drops its databases through (default:"
         f" ${pgdb.ADMIN_URL_ENV}, else {pgdb.DEFAULT_ADMIN_URL})",
     )
+
+
+def _node_counts(text: str) -> list[int]:
+    try:
+        counts = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("node counts from 1 up, comma-separated")
+    return list(dict.fromkeys(counts))
+
+
+def _check_nodes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Several nodes share PostgreSQL and S3: more than one implies both for the whole run
+    (so that its 1-node figure is on the same stores), and contradicting them is an error."""
+    if max(args.nodes) > 1:
+        if args.backend not in (None, "postgres"):
+            parser.error("--nodes above 1 runs on PostgreSQL: leave out --backend or say postgres")
+        if args.blob_store not in (None, "s3"):
+            parser.error("--nodes above 1 shares an S3 blob store: leave out --blob-store")
+        args.backend, args.blob_store = "postgres", "s3"
+    args.backend = args.backend or "sqlite"
+    args.blob_store = args.blob_store or "local"
 
 
 def _create_cost(folder: Path, count: int = 200) -> float:
@@ -200,15 +241,23 @@ def _receivers(args: argparse.Namespace) -> dict[str, Callable[[], Receiver]]:
     postgres = pgdb.admin_url(args.postgres_url)
     for name, command in builds:
         for backend in BACKENDS[args.backend]:
-            if backend == "sqlite":
-                chosen[name] = _router(command, name, None)
-            else:
-                chosen[f"{name}-pg"] = _router(command, f"{name}-pg", postgres)
+            url = None if backend == "sqlite" else postgres
+            label = name if backend == "sqlite" else f"{name}-pg"
+            for nodes in args.nodes:
+                if args.blob_store == "s3":
+                    chosen[f"{label}-s3x{nodes}"] = _nodes(command, f"{label}-s3x{nodes}",
+                                                           url, nodes)
+                else:
+                    chosen[label] = _router(command, label, url)
     return chosen
 
 
 def _router(command: Path, name: str, postgres: str | None) -> Callable[[], Receiver]:
     return lambda: Router(command, name=name, postgres=postgres)
+
+
+def _nodes(command: Path, name: str, postgres: str | None, nodes: int) -> Callable[[], Receiver]:
+    return lambda: Nodes(command, name, postgres, nodes)
 
 
 def _load() -> str:
@@ -231,6 +280,8 @@ def _meta(args: argparse.Namespace) -> dict[str, object]:
             "only": args.only,
             "workloads": args.workloads,
             "backend": args.backend,
+            "nodes": args.nodes,
+            "blob_store": args.blob_store,
             "compare": str(args.compare) if args.compare else None,
         },
         "commands": {

@@ -50,6 +50,8 @@ class Run:
     rss_by_process: dict[str, int] = field(default_factory=dict)  # VmHWM per "<pid> <cmd>"
     cpu_s: float = 0.0  # CPU seconds of the receiver's process tree (without a router's sink)
     cpu_by_process: dict[str, float] = field(default_factory=dict)  # same, per "<pid> <cmd>"
+    # CPU seconds of servers the receiver shares (PostgreSQL backends of its database, moto)
+    cpu_side: dict[str, float] = field(default_factory=dict)
     ok: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -65,14 +67,17 @@ def measure(
     workdir.mkdir(parents=True)
     try:
         start(receiver, workdir)
-        sampler = RssSampler(receiver.pid).start()
+        first, *more = receiver.pids
+        sampler = RssSampler(first, more_roots=tuple(more)).start()
         cpu_at_start = sampler.sample_cpu()  # start-up (imports, recovery) is not counted
         cpu_each_at_start = dict(sampler.cpu)
+        side_at_start = receiver.side_cpu()
         try:
-            sent = send(files, receiver.port, receiver.ae_title, workload.associations, workdir)
+            sent = send(files, receiver.ports, receiver.ae_title, workload.associations, workdir)
             deliver_s = _wait_delivered(receiver, len(files), sent) if receiver.forwards else None
         finally:
             sampler.stop()
+        side = _side_cpu(side_at_start, receiver.side_cpu())
         run = Run(
             receiver.name,
             workload.name,
@@ -86,6 +91,7 @@ def measure(
             sampler.by_process(),
             sampler.cpu_sum - cpu_at_start,
             sampler.cpu_by_process(cpu_each_at_start),
+            side,
             notes=sent.failures,
         )
         _check_arrival(run, receiver)
@@ -95,6 +101,17 @@ def measure(
     finally:
         receiver.stop()
         _empty_files(workdir)
+
+
+def _side_cpu(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
+) -> dict[str, float]:
+    """CPU seconds each shared server spent between two samples (processes that appeared in
+    between count from zero)."""
+    return {
+        name: round(sum(cpu - before.get(name, {}).get(pid, 0.0) for pid, cpu in pids.items()), 3)
+        for name, pids in after.items()
+    }
 
 
 def start(receiver: Receiver, workdir: Path, attempts: int = START_ATTEMPTS) -> None:
@@ -205,7 +222,7 @@ def outcome(runs: list[Run], skipped: list[Skipped]) -> str | None:
 def progress_line(run: Run) -> str:
     rate = run.instances / run.receive_s
     line = (
-        f"  {run.receiver:<11} #{run.repeat}: {run.receive_s:7.2f} s  {rate:8.1f} inst/s  "
+        f"  {run.receiver:<15} #{run.repeat}: {run.receive_s:7.2f} s  {rate:8.1f} inst/s  "
         f"{run.bytes / 1e6 / run.receive_s:7.1f} MB/s  peak RSS {run.peak_rss / 1e6:7.1f} MB"
     )
     if len(run.rss_by_process) > 1:
@@ -213,4 +230,6 @@ def progress_line(run: Run) -> str:
     line += f"  CPU {run.cpu_s * 1000 / run.instances:.2f} ms/inst"
     if run.deliver_s is not None:
         line += f"  delivered in {run.deliver_s:.2f} s"
+    for name, seconds in run.cpu_side.items():
+        line += f"  {name} {seconds * 1000 / run.instances:.2f} ms/inst"
     return line + ("" if run.ok else "  FAILED: " + "; ".join(run.notes))

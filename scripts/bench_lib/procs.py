@@ -198,6 +198,7 @@ class RssSampler:
 
     root: int
     interval: float = 0.05
+    more_roots: tuple[int, ...] = ()  # further trees summed with root's (several nodes)
     peak_sum: int = 0
     hwm: dict[int, int] = field(default_factory=dict)
     cpu: dict[int, float] = field(default_factory=dict)  # user+system seconds, last seen
@@ -246,10 +247,10 @@ class RssSampler:
 
     def _sample(self) -> None:
         total = 0
-        for pid in process_tree(self.root):
+        for pid in [p for r in (self.root, *self.more_roots) for p in process_tree(r)]:
             rss, hwm = _memory_of(pid)
             total += rss
-            cpu = _cpu_of(pid)
+            cpu = cpu_of(pid)
             if cpu:
                 self.cpu[pid] = cpu
             if hwm:
@@ -285,7 +286,7 @@ def _command_of(pid: int) -> str:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_of(pid: int) -> float:
+def cpu_of(pid: int) -> float:
     """User plus system CPU seconds of ``pid`` (0.0 for a process that is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:

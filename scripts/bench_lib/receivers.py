@@ -15,6 +15,7 @@ from . import pgdb
 from .procs import (
     DCMTK_ENV,
     Child,
+    cpu_of,
     dicom_echo,
     free_port,
     http_get,
@@ -63,6 +64,21 @@ class Receiver:
     def pid(self) -> int:
         assert self.child is not None
         return self.child.pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The roots of the process trees whose memory and CPU are the receiver's."""
+        return [self.pid]
+
+    @property
+    def ports(self) -> list[int]:
+        """The DICOM ports a workload's associations are spread over, round robin."""
+        return [self.port]
+
+    def side_cpu(self) -> dict[str, dict[int, float]]:
+        """CPU seconds so far of servers the receiver uses but does not own (PostgreSQL,
+        moto), by name and process id; measured apart from its own."""
+        return {}
 
     def start(self, workdir: Path) -> None:
         raise NotImplementedError
@@ -234,6 +250,20 @@ name = "everything to sink"
 calling_aet = "*"
 destinations = ["sink"]
 """
+
+    def side_cpu(self) -> dict[str, dict[int, float]]:
+        """The PostgreSQL server processes connected to this start's database (those that
+        exited before the end of the run are missed; the server's own writers are not
+        counted)."""
+        if self.database is None or self.postgres is None:
+            return {}
+        try:
+            with psycopg.connect(self.postgres, autocommit=True, connect_timeout=10) as conn:
+                rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
+                                    (self.database,)).fetchall()
+        except psycopg.Error:
+            return {}
+        return {"postgres": {int(pid): cpu_of(int(pid)) for (pid,) in rows}}
 
     def received(self) -> int | None:
         return None  # no stable API to ask yet; delivery to the sink is the check

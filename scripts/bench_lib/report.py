@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .measure import Run, Skipped
@@ -14,7 +14,13 @@ from .measure import Run, Skipped
 RSS_LIMIT = 300 * 10**6  # bytes, for the "big" workload
 # The router on each backend (cli.py names them); targets and ratios are checked for each,
 # and "-b" builds (--compare) against them: router-b against router, router-b-pg against router-pg.
+# With --blob-store s3 or --nodes, "-s3x<N>" follows: router-pg-s3x2 is two nodes.
 ROUTERS = ("router", "router-pg")
+
+
+def is_router(name: str) -> bool:
+    """The router measured (any backend, blob store, node count), not a --compare build."""
+    return name.startswith("router") and not name.startswith("router-b")
 
 
 def build_b(router: str) -> str:
@@ -23,7 +29,9 @@ def build_b(router: str) -> str:
 
 
 def _routers(summaries: list[Summary]) -> list[str]:
-    """The routers measured (at least "router", so that its targets show as n/a)."""
+    """The routers whose targets are checked: one node on the local blob store, per backend
+    (at least "router", so that its targets show as n/a). The S3 and several-node variants
+    get ratios but no targets: the targets are for the router as most sites run it."""
     seen = {s.receiver for s in summaries}
     return [r for r in ROUTERS if r in seen] or ["router"]
 # (workload, what the router is measured on, factor of Orthanc's receive rate it must reach)
@@ -50,6 +58,8 @@ class Summary:
     deliver: tuple[float, float, float] | None
     peak_rss_mb: tuple[float, float, float]
     cpu_ms: tuple[float, float, float]  # receiver CPU per instance (receive and delivery)
+    # median CPU ms per instance of shared servers (PostgreSQL backends, moto), when measured
+    side_cpu_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def mb_per_instance(self) -> float:
@@ -80,9 +90,18 @@ def summarize(runs: list[Run]) -> list[Summary]:
                 _spread(delivered) if delivered else None,
                 _spread([r.peak_rss / 1e6 for r in good]),
                 _spread([r.cpu_s * 1000 / r.instances for r in good]),
+                _side_medians(good),
             )
         )
     return summaries
+
+
+def _side_medians(runs: list[Run]) -> dict[str, float]:
+    names = list(dict.fromkeys(n for r in runs for n in r.cpu_side))
+    return {
+        n: statistics.median(r.cpu_side[n] * 1000 / r.instances for r in runs if n in r.cpu_side)
+        for n in names
+    }
 
 
 def _find(summaries: list[Summary], workload: str, receiver: str) -> Summary | None:
@@ -92,7 +111,7 @@ def _find(summaries: list[Summary], workload: str, receiver: str) -> Summary | N
 def ratios(summaries: list[Summary]) -> list[dict[str, object]]:
     """Each router's receive and end-to-end rates over Orthanc's and storescp's receive rates."""
     rows = []
-    for router in (s for s in summaries if s.receiver in ROUTERS):
+    for router in (s for s in summaries if is_router(s.receiver)):
         row: dict[str, object] = {"workload": router.workload, "router": router.receiver}
         for other in ("orthanc", "storescp"):
             base = _find(summaries, router.workload, other)
@@ -107,7 +126,7 @@ def ratios(summaries: list[Summary]) -> list[dict[str, object]]:
 def comparison(summaries: list[Summary]) -> list[dict[str, object]]:
     """With --compare: per workload and backend, build B's medians over build A's."""
     rows = []
-    for a in (s for s in summaries if s.receiver in ROUTERS):
+    for a in (s for s in summaries if is_router(s.receiver)):
         b = _find(summaries, a.workload, build_b(a.receiver))
         if b is None:
             continue
@@ -169,7 +188,8 @@ def _fmt(spread: tuple[float, float, float] | None, digits: int | None = None) -
 
 
 def print_report(summaries: list[Summary], skipped: list[Skipped], repeats: int) -> None:
-    print(f"\nResults: median [min-max] of {repeats} run(s); MB = 10^6 bytes; inst = instances")
+    print(f"\nResults: median [min-max] of {repeats} run(s); MB = 10^6 bytes; inst = instances;"
+          " CPU: the receiver's processes (all nodes'), + shared servers' where measured")
     head = (
         "workload",
         "receiver",
@@ -182,16 +202,16 @@ def print_report(summaries: list[Summary], skipped: list[Skipped], repeats: int)
         "CPU ms/inst",
     )
     print(
-        f"{head[0]:<8} {head[1]:<11} {head[2]:>5} {head[3]:>7}  {head[4]:<24} {head[5]:>7}  "
+        f"{head[0]:<8} {head[1]:<15} {head[2]:>5} {head[3]:>7}  {head[4]:<24} {head[5]:>7}  "
         f"{head[6]:<24} {head[7]:<16} {head[8]}"
     )
     for s in summaries:
         mbs = s.receive[0] * s.mb_per_instance
         fail = f"  ({s.failed} failed)" if s.failed else ""
         print(
-            f"{s.workload:<8} {s.receiver:<11} {s.instances:>5} {s.megabytes:>7.1f}  "
+            f"{s.workload:<8} {s.receiver:<15} {s.instances:>5} {s.megabytes:>7.1f}  "
             f"{_fmt(s.receive):<24} {mbs:>7.1f}  {_fmt(s.deliver):<24} "
-            f"{_fmt(s.peak_rss_mb, 0):<16} {_fmt(s.cpu_ms, 2)}{fail}"
+            f"{_fmt(s.peak_rss_mb, 0):<16} {_fmt(s.cpu_ms, 2)}{_side(s)}{fail}"
         )
     _print_ratios(ratios(summaries))
     _print_comparison(comparison(summaries))
@@ -203,16 +223,21 @@ def print_report(summaries: list[Summary], skipped: list[Skipped], repeats: int)
         print(f"\nskipped: {skip.line()}")
 
 
+def _side(s: Summary) -> str:
+    """Shared servers CPU ms per instance (medians), as " + postgres 1.80 + moto 3.10"."""
+    return "".join(f" + {name} {ms:.2f}" for name, ms in s.side_cpu_ms.items())
+
+
 def _print_ratios(rows: list[dict[str, object]]) -> None:
     if not rows:
         print("\nRatios: no router results.")
         return
     cols = ["receive/orthanc", "receive/storescp", "end-to-end/orthanc", "end-to-end/storescp"]
     print("\nRatios (router rate / receiver's receive rate):")
-    print(f"{'workload':<8} {'router':<11} " + " ".join(f"{c:>20}" for c in cols))
+    print(f"{'workload':<8} {'router':<15} " + " ".join(f"{c:>20}" for c in cols))
     for row in rows:
         cells = [f"{v:.2f}x" if isinstance(v, float) else "-" for v in (row[c] for c in cols)]
-        print(f"{row['workload']!s:<8} {row['router']!s:<11} "
+        print(f"{row['workload']!s:<8} {row['router']!s:<15} "
               + " ".join(f"{c:>20}" for c in cells))
 
 
@@ -223,7 +248,7 @@ def _print_comparison(rows: list[dict[str, object]]) -> None:
             "peak RSS MB A", "peak RSS MB B"]
     print("\nBuilds compared (B = --compare: router-b vs router, router-b-pg vs router-pg;"
           " medians):")
-    print(f"{'workload':<8} {'A':<11} " + " ".join(f"{c:>15}" for c in cols))
+    print(f"{'workload':<8} {'A':<15} " + " ".join(f"{c:>15}" for c in cols))
     for row in rows:
         cells = []
         for col in cols:
@@ -234,7 +259,7 @@ def _print_comparison(rows: list[dict[str, object]]) -> None:
                 cells.append(f"{value:.2f}x")
             else:
                 cells.append(f"{value:.{0 if 'RSS' in col else 2}f}")
-        print(f"{row['workload']!s:<8} {row['router']!s:<11} "
+        print(f"{row['workload']!s:<8} {row['router']!s:<15} "
               + " ".join(f"{c:>15}" for c in cells))
 
 

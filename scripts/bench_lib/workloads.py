@@ -98,17 +98,22 @@ class Sent:
     failures: list[str]
 
 
-def send(files: list[Path], port: int, called_ae: str, associations: int, logdir: Path) -> Sent:
+def send(
+    files: list[Path], port: int | list[int], called_ae: str, associations: int, logdir: Path
+) -> Sent:
     """Send ``files`` split in ``associations`` consecutive groups by concurrent storescu runs;
-    time from the first start to the last exit.
+    time from the first start to the last exit. With several ports (router nodes) the
+    associations go to them round robin: the first to the first port, the second to the
+    second...
     """
+    ports = port if isinstance(port, list) else [port]
     size = -(-len(files) // associations)
     groups = [files[i : i + size] for i in range(0, len(files), size)]
     children: list[Child] = []
     try:
         started = time.monotonic()
         for n, group in enumerate(groups):
-            argv = storescu_argv(port, called_ae, group)
+            argv = storescu_argv(ports[n % len(ports)], called_ae, group)
             children.append(spawn(f"storescu-{n}", argv, logdir / f"storescu-{n}.log", DCMTK_ENV))
         for child in children:
             child.popen.wait()

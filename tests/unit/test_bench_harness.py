@@ -168,3 +168,54 @@ def test_a_router_that_fails_to_start_leaves_no_database(
     assert router.database is None and len(created) == 1
     assert created[0].startswith("dicom_bench_small_router_pg_1_")
     assert not _exists(created[0]) and created[0] not in pgdb.live()
+
+
+def test_node_counts_imply_postgresql_and_s3_for_the_whole_run() -> None:
+    args = cli.parse_args(["--nodes", "1,2,3", "--only", "router"])
+    assert (args.nodes, args.backend, args.blob_store) == ([1, 2, 3], "postgres", "s3")
+    assert list(cli._receivers(args)) == ["router-pg-s3x1", "router-pg-s3x2", "router-pg-s3x3"]
+    one = cli.parse_args(["--nodes", "1", "--blob-store", "s3", "--backend", "postgres"])
+    assert list(cli._receivers(one))[-1] == "router-pg-s3x1"
+    default = cli.parse_args(["--only", "orthanc,router"])
+    assert list(cli._receivers(default)) == ["orthanc", "router"]
+    for wrong in (["--nodes", "2", "--backend", "sqlite"], ["--nodes", "2", "--blob-store",
+                                                              "local"], ["--nodes", "0"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(wrong)
+
+
+@pytest.mark.postgres
+@pytest.mark.dcmtk
+def test_two_nodes_share_one_database_and_one_s3_store_and_split_the_associations(
+    tmp_path: Path,
+) -> None:
+    """The bench's own --nodes 2 receiver, started for real: each node gets one of the two
+    associations, every instance reaches the sink, and nothing is left running or stored."""
+    from bench_lib import cluster, workloads
+
+    from tests.synthetic import make_ct_series
+
+    command = Path(sys.executable).with_name("dicom-router")
+    if not cluster.moto_tool().exists():
+        pytest.skip("moto[server] is not installed")
+    files = make_ct_series(tmp_path / "ct", 6, rows=64, cols=64)
+    nodes = cluster.Nodes(command, "router-pg-s3x2", PG_ADMIN_URL, 2)
+    try:
+        measure.start(nodes, tmp_path / "small-router-pg-s3x2-1")
+        assert len(set(nodes.ports)) == 2 and len(nodes.pids) == 2
+        database, moto = nodes.database, nodes.moto
+        assert database is not None and moto is not None and moto.child is not None
+        children = [*nodes.children, moto.child, nodes.sink.child]
+        before = nodes.side_cpu()
+        assert set(before) == {"postgres", "moto"}
+        sent = workloads.send(files, nodes.ports, nodes.ae_title, 2, tmp_path / "send")
+        assert not sent.failures
+        assert measure._wait_delivered(nodes, len(files), sent) is not None
+        by_node = cluster.wait_for_jobs(nodes, len(files))
+        assert by_node == {"node-1": 3, "node-2": 3}
+        logs = [(tmp_path / "send" / f"storescu-{n}.log").exists() for n in (0, 1)]
+        assert logs == [True, True]
+    finally:
+        nodes.stop()
+    assert not _exists(database) and database not in pgdb.live()
+    assert all(c is not None and not c.alive() for c in children)
