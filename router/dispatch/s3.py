@@ -27,6 +27,7 @@ from router.dispatch.base import (
 )
 from router.dispatch.ssrf import AddressPolicy, AddressRefusedError, NameNotResolvedError
 from router.dispatch.templates import PathTemplate, TemplateError
+from router.storage.s3_client import s3_client
 
 if TYPE_CHECKING:
     from botocore.exceptions import ClientError
@@ -194,35 +195,16 @@ class S3Adapter:
 
     def __init__(self, config: S3DestinationConfig, *, policy: AddressPolicy) -> None:
         # Deferred: only processes with an S3 destination pay for boto3 (about 17 MB each).
-        import boto3
-        from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
         self._config = config
         self._boto_errors: tuple[type[Exception], ...] = (ClientError, BotoCoreError)
         self._client_error: type[ClientError] = ClientError
         self._template = PathTemplate.parse(config.template)
-        session = boto3.session.Session(
-            aws_access_key_id=config.access_key_id,
-            aws_secret_access_key=config.secret_access_key,
-            aws_session_token=config.session_token,
-            region_name=config.region,
-        )
-        options: dict[str, Any] = {
-            "connect_timeout": 10,
-            "read_timeout": 60,
-            "retries": {"mode": "standard", "max_attempts": 3},
-            "s3": {"addressing_style": "path" if config.endpoint_url else "auto"},
-            # Explicit checksums below; no automatic CRC trailers that older stores reject.
-            "request_checksum_calculation": "when_required",
-            "response_checksum_validation": "when_required",
-            # The endpoint comes from our configuration only, never AWS_ENDPOINT_URL*.
-            "ignore_configured_endpoint_urls": True,
-            "tcp_keepalive": True,
-        }
-        self._client: S3Client = session.client(
-            "s3", endpoint_url=config.endpoint_url, config=Config(**options)
-        )
+        self._client: S3Client = s3_client(
+            endpoint_url=config.endpoint_url, region=config.region,
+            access_key_id=config.access_key_id, secret_access_key=config.secret_access_key,
+            session_token=config.session_token)
         self._policy = policy
         _pin_connections(self._client, policy)
 

@@ -22,9 +22,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from router.storage.blobs import BlobCorruptError, BlobError, BlobStore, check_sha256
+from router.storage.s3_client import s3_client
 from router.storage.s3_names import object_prefix
 
 if TYPE_CHECKING:
@@ -100,32 +101,15 @@ class S3BlobStore(BlobStore):
             return self._s3
 
     def _make_client(self) -> S3Client:
-        # Deferred: only processes with an S3 store pay for boto3.
-        import boto3
-        from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
         self._boto_errors = (ClientError, BotoCoreError)
         config = self.config
-        session = boto3.session.Session(
-            aws_access_key_id=config.access_key_id or None,
-            aws_secret_access_key=config.secret_access_key or None,
-            region_name=config.region,
-        )
-        options: dict[str, Any] = {
-            # A C-STORE waits for the PUT: an unreachable store must fail in seconds.
-            "connect_timeout": 5,
-            "read_timeout": 60,
-            "retries": {"mode": "standard", "max_attempts": 3},
-            "s3": {"addressing_style": "path" if config.endpoint_url else "auto"},
-            "request_checksum_calculation": "when_required",
-            "response_checksum_validation": "when_required",
-            "ignore_configured_endpoint_urls": True,
-            "tcp_keepalive": True,
-            "max_pool_connections": 32,
-        }
-        return session.client("s3", endpoint_url=config.endpoint_url or None,
-                              config=Config(**options))
+        # A C-STORE waits for the PUT: an unreachable store must fail in seconds.
+        return s3_client(endpoint_url=config.endpoint_url, region=config.region,
+                         access_key_id=config.access_key_id,
+                         secret_access_key=config.secret_access_key, connect_timeout=5,
+                         max_pool_connections=32)
 
     def _failure(self, what: str, exc: Exception) -> BlobError:
         """A BlobError naming the bucket and the S3 error code: never a key or a secret."""
