@@ -16,6 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from router.dicom.identity import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 from router.dicom.tuning import _file_meta, configure_pynetdicom, encode_file_meta
 from tests.integration.peers import free_port
 from tests.synthetic import make_ct_series
@@ -33,7 +34,8 @@ def test_file_meta_is_byte_for_byte_what_pydicom_writes(
 ) -> None:
     expected = io.BytesIO()
     write_file_meta_info(expected, create_file_meta(
-        sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax))
+        sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax,
+        implementation_uid=IMPLEMENTATION_UID, implementation_version=IMPLEMENTATION_VERSION))
     ours = encode_file_meta(_file_meta(
         sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax))
     assert ours == expected.getvalue()
