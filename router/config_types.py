@@ -66,12 +66,13 @@ class FieldProblem(ValueError):
 def parse_duration(value: object, *, name: str = "duration") -> float:
     """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"24h"`` or ``"2d"``."""
     try:
-        return _seconds(value)
+        return seconds_of(value)
     except ValueError as exc:
         raise SettingsError(f"{name}: {exc}") from None
 
 
-def _seconds(value: object) -> float:
+def seconds_of(value: object) -> float:
+    """Seconds from ``30``, ``"30s"``, ``"5m"``...; ValueError saying what was expected."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as '30s', got {value!r}")
     if isinstance(value, int | float):
@@ -191,7 +192,7 @@ _DURATION_SCHEMA = JsonSchema({"anyOf": [
     {"type": "string", "pattern": _DURATION.pattern, "description": "e.g. 30s, 5m, 24h, 2d"}]})
 
 # Seconds, written as a number or a duration such as "30s", "5m", "24h" or "2d".
-Duration = Annotated[float, Before(_seconds), _DURATION_SCHEMA]
+Duration = Annotated[float, Before(seconds_of), _DURATION_SCHEMA]
 # Bytes, written as a number or a size such as "512MB", "10GB" or "1GiB".
 ByteSize = Annotated[int, Before(_bytes), JsonSchema({"anyOf": [
     {"type": "integer", "minimum": 0},

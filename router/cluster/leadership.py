@@ -93,17 +93,6 @@ class AdvisoryLocks(Leadership):
         with self._lock:
             return sorted(self._held)
 
-    def release(self, duty: str) -> None:
-        """Give one duty up (a destination deleted, say)."""
-        with self._lock:
-            if duty in self._held and self._conn is not None:
-                self._held.discard(duty)
-                try:
-                    self._conn.execute("SELECT pg_advisory_unlock(hashtext(%s))",
-                                       (_key(duty),))
-                except Exception as exc:
-                    self._lost(type(exc).__name__)
-
     def close(self) -> None:
         with self._lock:
             self._closed = True

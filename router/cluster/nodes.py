@@ -60,10 +60,10 @@ class NodeRegistry:
 
     def start(self, dicom_port: int | None = None) -> None:
         """Write our row (warning when another running node has our id) and keep it fresh;
-        ``dicom_port``: the port really bound, when the settings said 0 (any)."""
+        ``dicom_port``: the port really bound, when the settings said 0 (any). The table is
+        made by :meth:`ensure_table` (a node does it under the schema lock as it is built)."""
         if dicom_port:
             self._ports = (dicom_port, self._ports[1])
-        self.ensure_table()
         now = self._clock()
         for row in self._db.query("SELECT instance, last_seen, stopped_at FROM router_nodes"
                                   " WHERE node_id = ?", (self.node_id,)):

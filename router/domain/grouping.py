@@ -7,10 +7,11 @@ Pure values and their validation; the scheduler that dispatches units is
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from uuid import NAMESPACE_OID, UUID, uuid5
+
+from router.config_types import seconds_of
 
 GRANULARITIES = ("instance", "series", "study")
 AMENDMENTS = ("late_only", "whole_unit")
@@ -20,9 +21,6 @@ MAX_EXPECTED_COUNT = 1_000_000
 UNIT_NAMESPACE = uuid5(NAMESPACE_OID, "dicom-router/unit")
 GROUPING_KEYS = ("granularity", "quiet_time", "expected_count", "amendments")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
 
 class GroupingError(ValueError):
     """A grouping key is invalid; ``str()`` is ``"<key>: <problem>"``."""
@@ -30,15 +28,10 @@ class GroupingError(ValueError):
 
 def duration_seconds(value: object, key: str) -> float:
     """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"2h"``; raises :class:`GroupingError`."""
-    if isinstance(value, bool):
-        raise GroupingError(f"{key}: expected a duration such as '60s', got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise GroupingError(f"{key}: expected a duration such as '60s' or '3m', got {value!r}")
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        seconds = seconds_of(value)
+    except ValueError as exc:
+        raise GroupingError(f"{key}: {exc}") from None
     if not 0 <= seconds <= MAX_QUIET_TIME:
         raise GroupingError(f"{key}: must be between 0 s and 7 days")
     return seconds

@@ -5,6 +5,7 @@ their tables without racing."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,28 @@ from tests.integration.test_web_jobs import storescu, write_instances
 from tests.web_harness import bearer
 
 
+def _at_once(work: Callable[[Any], Any], items: Sequence[Any],
+             timeout: float = 120) -> list[Any]:
+    """``work(item)`` for every item, in threads released together; what each returned, or
+    the exception it raised, in the order of ``items``."""
+    barrier = threading.Barrier(len(items))
+    results: list[Any] = [None] * len(items)
+
+    def run(index: int, item: Any) -> None:
+        barrier.wait()
+        try:
+            results[index] = work(item)
+        except BaseException as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=pair) for pair in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return results
+
+
 def _node_settings(tmp_path: Path, database_url: str, node: str, **overrides: Any) -> Any:
     return make_settings(tmp_path / node, database_url, node_id=node, **overrides)
 
@@ -29,21 +52,11 @@ def test_nodes_started_together_on_a_fresh_database_come_up(pg_url: str, tmp_pat
     """Three nodes build (create every table) at once on an empty database: no catalog race."""
     from router.service import Router
 
-    built: dict[str, Any] = {}
-    errors: list[BaseException] = []
-
-    def build(node: str) -> None:
-        try:
-            built[node] = Router.build(_node_settings(tmp_path, pg_url, node))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=build, args=(f"node-{i}",)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    names = ["node-0", "node-1", "node-2"]
+    results = _at_once(lambda node: Router.build(_node_settings(tmp_path, pg_url, node)), names)
+    errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors
+    built = dict(zip(names, results, strict=True))
     assert sorted(built) == ["node-0", "node-1", "node-2"]
     for router in built.values():  # built, not started: close what build opened
         router.fresh.close()
@@ -104,6 +117,7 @@ def test_registry_shows_up_missing_and_stopped(tmp_path: Path) -> None:
     now = [1000.0]
     db = SqliteViews(tmp_path / "views.sqlite")
     a = NodeRegistry(db, "a", dicom_port=104, http_port=8080, interval=5, clock=lambda: now[0])
+    a.ensure_table()
     b = NodeRegistry(db, "b", dicom_port=11112, http_port=8081, interval=5,
                      clock=lambda: now[0])
     a.start()
@@ -154,21 +168,8 @@ def test_nodes_starting_together_on_a_new_database_make_one_first_admin(
     box = SecretBox(bytes(32))
     stores = [open_stores(settings, box, role="tool") for _ in range(2)]
     users = [Users(s, AdminState(s.admin), settings.web) for s in stores]
-    results: list[object] = []
-    barrier = threading.Barrier(2)
-
-    def first_start(u: Users) -> None:
-        barrier.wait()
-        try:
-            results.append(u.ensure_first_admin("a-long-enough-password-1"))
-        except Exception as exc:
-            results.append(exc)
-
-    threads = [threading.Thread(target=first_start, args=(u,)) for u in users]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    results = _at_once(lambda u: u.ensure_first_admin("a-long-enough-password-1"), users,
+                       timeout=60)
     try:
         assert results == [None, None], results
         assert list(AdminState(stores[0].admin).refresh().users) == ["admin"]
@@ -186,26 +187,16 @@ def test_nodes_started_together_with_the_same_configuration_file_all_come_up(
     out.mkdir()
     config = {"destinations": ({"name": "archive", "type": "file", "path": str(out)},),
               "rules": ({"name": "all", "calling_aet": "*", "destinations": ["archive"]},)}
-    started: dict[str, Any] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(3)
-
-    def start(node: str) -> None:
-        settings = _node_settings(tmp_path, pg_url, node, **config)
-        settings = replace(settings, storage=replace(
-            settings.storage, destination_roots=(*settings.storage.destination_roots, out)))
-        barrier.wait()
-        try:
-            started[node] = start_router(settings)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(f"node-{i}",)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    names = ["node-0", "node-1", "node-2"]
+    settings = []
+    for node in names:
+        one = _node_settings(tmp_path, pg_url, node, **config)
+        settings.append(replace(one, storage=replace(
+            one.storage, destination_roots=(*one.storage.destination_roots, out))))
+    results = _at_once(start_router, settings)
+    errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors
+    started = dict(zip(names, results, strict=True))
     assert sorted(started) == ["node-0", "node-1", "node-2"]
     snapshot = started["node-0"].admin.refresh()
     assert list(snapshot.live_destinations()) == ["archive"]
