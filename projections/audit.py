@@ -46,6 +46,13 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS audit_object ON audit (object_id)",
     "CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id)",
     "CREATE INDEX IF NOT EXISTS audit_patient ON audit (patient_id)",
+    # The patient access report: one patient's rows in a period.
+    "CREATE INDEX IF NOT EXISTS audit_patient_time ON audit (patient_id, occurred_at)",
+    # Rows that name a study but not yet its patient (viewer opens, accesses read before the
+    # receipt): filled in when the study's receipt is applied.
+    "CREATE INDEX IF NOT EXISTS audit_study_no_patient ON audit (study_instance_uid)"
+    " WHERE patient_id IS NULL",
+    "CREATE INDEX IF NOT EXISTS audit_jobs_study ON audit_jobs (study_instance_uid)",
 )
 
 FAILURES = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
@@ -103,6 +110,7 @@ class AuditView(View):
         elif record.topic.startswith("Delivery."):
             _link_delivery(cur, record, row)
         _link_job(cur, record, row)
+        _link_patient(cur, record, row)
         cur.execute(_INSERT, (
             record.application, record.position, record.timestamp,
             getattr(e, "actor", "system"), getattr(e, "source_ip", ""), row["action"],
@@ -188,4 +196,19 @@ def _link_job(cur: Cursor, record: EventRecord, row: dict[str, Any]) -> None:
         found = cur.fetchone()
         if found is not None:
             row["study"] = found["study_instance_uid"]
+            row["patient"] = found["patient_id"]
+
+
+def _link_patient(cur: Cursor, record: EventRecord, row: dict[str, Any]) -> None:
+    """Give a row that names a study but no patient (a viewer open, a failed retrieval) the
+    study's patient; rows written before the study's first receipt get it with the receipt."""
+    if record.topic == "Job.Received":
+        if row["study"] and row["patient"]:
+            cur.execute("UPDATE audit SET patient_id = ? WHERE study_instance_uid = ?"
+                        " AND patient_id IS NULL", (row["patient"], row["study"]))
+    elif row["study"] and not row["patient"]:
+        cur.execute("SELECT patient_id FROM audit_jobs WHERE study_instance_uid = ?"
+                    " AND patient_id IS NOT NULL LIMIT 1", (row["study"],))
+        found = cur.fetchone()
+        if found is not None:
             row["patient"] = found["patient_id"]
