@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from uuid import UUID
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
+from uuid import UUID
 
 from aiohttp import web
 
