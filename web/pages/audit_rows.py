@@ -102,6 +102,6 @@ def present(rows: list[Row], changed: dict[tuple[str, int], list[FieldChange]] |
             ) -> list[Row]:
     changed = changed or {}
     return [{**row, "time": iso(row["occurred_at"]), "label": label_of(str(row["action"])),
-             "items": decoded(row), "object_label": object_label(row),
+             "detail_items": decoded(row), "object_label": object_label(row),
              "changes": changed.get((row["application"], int(row["position"])), []),
              "versions": versions_link(row)} for row in rows]
