@@ -71,6 +71,13 @@ def test_reads_of_another_user_or_long_after_are_not_folded_into_a_session() -> 
         ("rad1", "DICOMweb retrieval", 1)]
 
 
+def test_a_viewer_search_without_a_study_joins_the_users_viewer_session() -> None:
+    rows = [access(0.0, "viewer.open"), access(1.0, "dicomweb.search", study=""),
+            access(2.0, "dicomweb.search", study="", actor="rad2")]
+    assert [(a.actor, a.kind, a.count) for a in report.fold(rows)] == [
+        ("rad1", "Viewer session", 2), ("rad2", "Query (QIDO-RS)", 1)]
+
+
 def test_failures_in_a_session_make_it_partial_and_a_second_address_is_kept() -> None:
     rows = [access(0.0, "viewer.open"), access(1.0, "dicomweb.frames", outcome="not_found"),
             access(2.0, "dicomweb.frames", ip="10.9.9.9")]

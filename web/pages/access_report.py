@@ -101,7 +101,7 @@ async def report_page(request: web.Request) -> web.Response:
         rep = await _read(request, patient, since, until, "audit.access_report", "")
         values.update(report=rep, rows=_rows(rep), links=_links(patient, form),
                       patient_name=await _name_of(request, patient),
-                      since=iso(since), until=iso(until))
+                      since=iso(since) if since else "", until=iso(until))
     return render(request, "access_report.html", **values)
 
 
@@ -109,7 +109,8 @@ async def print_page(request: web.Request) -> web.Response:
     patient, since, until = _required(request)
     rep = await _read(request, patient, since, until, "audit.access_report", "view=print")
     return render(request, "access_report_print.html", report=rep, rows=_rows(rep),
-                  patient_name=await _name_of(request, patient), since=iso(since),
+                  patient_name=await _name_of(request, patient),
+                  since=iso(since) if since else "",
                   until=iso(until), printed=iso(time.time()))
 
 

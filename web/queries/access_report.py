@@ -139,8 +139,11 @@ def fold(rows: Iterable[Row], gap: float = SESSION_GAP) -> list[Access]:
         at = float(row["occurred_at"])
         actor = str(row["actor"])
         study = str(row["study_instance_uid"] or "")
-        if study and (action in RETRIEVALS or action in VIEWER_READS):
-            session = _joinable(open_, actor, study, action, at, gap)
+        if action in RETRIEVALS or action in VIEWER_READS:
+            # A viewer's search that names no study (its list of the patient's other
+            # studies) belongs to the user's latest viewer session of this patient.
+            session = (_joinable(open_, actor, study, action, at, gap) if study else
+                       _joinable(open_, actor, "", action, at, gap))
             if session is not None:
                 session.add(row)
                 continue
@@ -151,6 +154,8 @@ def fold(rows: Iterable[Row], gap: float = SESSION_GAP) -> list[Access]:
         if study and (action == "viewer.open" or action in RETRIEVALS):
             family = "viewer" if action == "viewer.open" else "dicomweb"
             open_[(actor.lower(), study, family)] = access
+            if family == "viewer":
+                open_[(actor.lower(), "", family)] = access
     return accesses
 
 
