@@ -80,7 +80,10 @@ def changes_at(app: Any, object_id: UUID, version: int) -> list[FieldChange]:
 def describe(aggregate: Any) -> tuple[str, dict[str, str]]:
     """The kind and the shown fields of an admin aggregate ("" for other aggregates)."""
     if isinstance(aggregate, admin.Rule):
-        return "rule", _texts({**aggregate.spec, "deleted": aggregate.deleted})
+        spec = dict(aggregate.spec)
+        if isinstance(spec.get("match"), list):
+            spec["match"] = [_condition(c) for c in spec["match"]]
+        return "rule", _texts({**spec, "deleted": aggregate.deleted})
     if isinstance(aggregate, admin.Destination):
         return "destination", _texts({**public_config(aggregate.config),
                                       "paused": aggregate.paused, "deleted": aggregate.deleted})
@@ -95,6 +98,16 @@ def describe(aggregate: Any) -> tuple[str, dict[str, str]]:
         return "remote node", _texts({"name": aggregate.name, **config,
                                       "deleted": aggregate.deleted})
     return "", {}
+
+
+def _condition(condition: Any) -> Any:
+    """A rule condition as people write it: ``BodyPartExamined eq "CHEST"``."""
+    if not isinstance(condition, dict) or "tag" not in condition:
+        return condition
+    value = condition.get("value")
+    shown = "" if value is None and condition.get("op") == "exists" else \
+        " " + json.dumps(value, ensure_ascii=False)
+    return f"{condition['tag']} {condition.get('op', '')}{shown}"
 
 
 def _texts(values: dict[str, Any]) -> dict[str, str]:

@@ -2,8 +2,9 @@
 ``dicom-router serve``: a CT arrives by storescu, a radiologist opens it in OHIF and then
 downloads it over DICOMweb (dicomweb-client), and an auditor finds the patient by name in the
 patient access report, sees the viewer session as one row with its count beside the
-download, exports the CSV and checks its rows, and opens the print view. Screenshots go to
-test-output/screenshots/.
+download, exports the CSV and checks its rows, and opens the print view; then finds a rule
+change in the audit search (the row shows what changed) and compares the rule's two versions
+side by side. Screenshots go to test-output/screenshots/.
 """
 
 from __future__ import annotations
@@ -74,6 +75,37 @@ def radiologist_views_and_downloads(chromium: Any, base: str, study: str) -> Non
     assert len(client.retrieve_study(study)) == 1
 
 
+def change_a_rule(base: str) -> None:
+    """An admin creates a rule, then adds a condition and rewrites its description."""
+    admin = bearer(base, "admin", ADMIN_PASSWORD)
+    rule = {"name": "chest CT", "calling_aet": "CT_*", "modality": ["CT"],
+            "description": "every CT", "stop": True}  # stop: needs no destination
+    r = requests.post(base + "/api/v1/rules", json=rule, headers=admin, timeout=30)
+    assert r.status_code == 201, r.text
+    r = requests.put(base + "/api/v1/rules/chest CT", headers=admin, timeout=30, json={
+        **rule, "description": "chest CT only",
+        "match": [{"tag": "BodyPartExamined", "op": "eq", "value": "CHEST"}]})
+    assert r.status_code == 200, r.text
+
+
+def auditor_compares_rule_versions(page: Page, base: str) -> None:
+    page.goto(base + "/audit")
+    page.select_option("select[name=action]", label="Rule changed")
+    page.click("form.filters button[type=submit]")
+    row = page.locator("tr[data-action='Rule.Updated']")
+    expect(row).to_have_count(1)
+    expect(row.locator("table.changes tr[data-field='description']")).to_contain_text(
+        "chest CT only")
+    expect(row.locator("table.changes tr[data-field='match']")).to_contain_text("CHEST")
+    shot(page, "compliance-rule-change")
+    row.locator("a:has-text('compare versions')").click()
+    changed = page.locator("table.versions tr.changed")
+    expect(changed).to_have_count(2)
+    expect(page.locator("table.versions tr[data-field='modality']")).not_to_have_class(
+        "changed")
+    shot(page, "compliance-rule-versions")
+
+
 @pytest.mark.slow
 @pytest.mark.dcmtk
 def test_an_auditor_reports_who_viewed_and_downloaded_a_patients_study(
@@ -137,6 +169,8 @@ def test_an_auditor_reports_who_viewed_and_downloaded_a_patients_study(
     page.click("form.filters button[type=submit]")
     expect(page.locator("tr[data-action='viewer.open']")).to_have_count(1)
     shot(page, "compliance-audit-search")
+    change_a_rule(base)
+    auditor_compares_rule_versions(page, base)
     recorded = router.view("audit", "SELECT action FROM audit WHERE actor = ? ORDER BY"
                                     " occurred_at", (AUDITOR[0],))
     assert {"audit.patient_search", "audit.access_report",
