@@ -129,10 +129,27 @@ def test_the_report_folds_a_viewer_session_and_lists_the_download_and_the_study_
     assert [(r["action"], r["patient_id"]) for r in recorded] == [
         ("audit.patient_search", None), ("audit.access_report", PATIENT),
         ("audit.access_report_export", PATIENT), ("audit.access_report", PATIENT)]
+
+    headers = bearer(server.url, *AUDITOR)
+    api = requests.get(server.url + "/api/v1/audit/access-report", headers=headers,
+                       params={"patient": PATIENT, "to": "2099-01-01"}, timeout=30)
+    assert api.status_code == 200, api.text
+    viewed = api.json()["accesses"][1]
+    assert (viewed["what"], viewed["count"], viewed["role"], viewed["client_ips"]) == (
+        "Viewer session", 6, "radiologist", ["127.0.0.1"])
+    assert viewed["actions"] == {"dicomweb.frames": 4, "viewer.open": 1,
+                                 "dicomweb.metadata": 1}
+    missing = requests.get(server.url + "/api/v1/audit/access-report", headers=headers,
+                           params={"from": "yesterday"}, timeout=30)
+    assert missing.status_code == 422
+    assert set(missing.json()["error"]["fields"]) == {"from"}
+    missing = requests.get(server.url + "/api/v1/audit/access-report", headers=headers,
+                           timeout=30)
+    assert missing.json()["error"]["fields"] == {"patient": "give the Patient ID"}
     again = list(csv.DictReader(io.StringIO(auditor.get(
         auditor.url("/audit/access.csv"), params={"patient": PATIENT}).text)))
     assert [r["what"] for r in again[3:]] == [
-        "Access report", "Access report export", "Access report"]
+        "Access report", "Access report export", "Access report", "Access report"]
 
 
 @pytest.mark.dcmtk

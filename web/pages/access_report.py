@@ -15,12 +15,12 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from router.application.sessions import AccessRecord
-from web.api.audit import audit_db
+from web.api.access_report import period, read_report
 from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.queries import access_report as queries
-from web.queries.audit import MAX_TEXT, AuditFilter, FilterError, iso
+from web.queries.audit import MAX_TEXT, FilterError, iso
 from web.render import render
 from web.routes import Route
 
@@ -34,11 +34,7 @@ def _form(request: web.Request) -> dict[str, str]:
 
 
 def _period(request: web.Request) -> tuple[str | None, float, float]:
-    """Patient, from and to of the query (from defaults to the beginning, to to now);
-    FilterError naming the field that is wrong."""
-    flt = AuditFilter.from_query({key: request.query.get(key, "")
-                                  for key in ("patient", "from", "to")})
-    return flt.patient_id, flt.since or 0.0, flt.until or time.time()
+    return period(request.query)
 
 
 def _links(patient: str, form: dict[str, str]) -> dict[str, str]:
@@ -71,17 +67,6 @@ async def _name_of(request: web.Request, patient: str) -> str:
     return str(rows[0]["name"] or "") if rows else ""
 
 
-async def _read(request: web.Request, patient: str, since: float, until: float,
-                action: str, detail: str) -> queries.Report:
-    await fresh(request, "audit")
-    rep = await asyncio.to_thread(queries.report, audit_db(request), patient, since, until)
-    await record_access(request, AccessRecord(
-        action=action, object_type="patient", object_id=patient[:64], patient_id=patient,
-        detail=(f"{detail} from={iso(since)} to={iso(until)} accesses={len(rep.accesses)}"
-                f" rows={rep.rows_read}").strip()))
-    return rep
-
-
 async def report_page(request: web.Request) -> web.Response:
     form = _form(request)
     values: dict[str, Any] = {"form": form, "errors": {}, "patients": None, "report": None}
@@ -98,7 +83,7 @@ async def report_page(request: web.Request) -> web.Response:
     if form["q"] and not patient:
         values["patients"] = await _patients(request, form["q"])
     if patient:
-        rep = await _read(request, patient, since, until, "audit.access_report", "")
+        rep = await read_report(request, patient, since, until, "audit.access_report", "")
         values.update(report=rep, rows=_rows(rep), links=_links(patient, form),
                       patient_name=await _name_of(request, patient),
                       since=iso(since) if since else "", until=iso(until))
@@ -107,7 +92,7 @@ async def report_page(request: web.Request) -> web.Response:
 
 async def print_page(request: web.Request) -> web.Response:
     patient, since, until = _required(request)
-    rep = await _read(request, patient, since, until, "audit.access_report", "view=print")
+    rep = await read_report(request, patient, since, until, "audit.access_report", "view=print")
     return render(request, "access_report_print.html", report=rep, rows=_rows(rep),
                   patient_name=await _name_of(request, patient),
                   since=iso(since) if since else "",
@@ -116,7 +101,7 @@ async def print_page(request: web.Request) -> web.Response:
 
 async def export_csv(request: web.Request) -> web.Response:
     patient, since, until = _required(request)
-    rep = await _read(request, patient, since, until, "audit.access_report_export",
+    rep = await read_report(request, patient, since, until, "audit.access_report_export",
                       "format=csv")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     return web.Response(text=queries.csv_text(rep), content_type="text/csv", charset="utf-8",
