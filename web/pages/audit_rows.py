@@ -79,7 +79,9 @@ def versions_link(row: Row) -> str:
     if row.get("application") != "admin" or not str(row["action"]).startswith(VERSIONED) \
             or not isinstance(version, int):
         return ""
-    return f"/audit/versions?object={row['object_id']}&a={max(1, version - 1)}&b={version}"
+    if version == 1:  # a creation: its history, the latest version beside the one before
+        return f"/audit/versions?object={row['object_id']}"
+    return f"/audit/versions?object={row['object_id']}&a={version - 1}&b={version}"
 
 
 def changes(admin_app: Any, rows: list[Row]) -> dict[tuple[str, int], list[FieldChange]]:
