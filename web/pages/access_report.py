@@ -33,10 +33,6 @@ def _form(request: web.Request) -> dict[str, str]:
     return {key: request.query.get(key, "").strip() for key in ("q", "patient", "from", "to")}
 
 
-def _period(request: web.Request) -> tuple[str | None, float, float]:
-    return period(request.query)
-
-
 def _links(patient: str, form: dict[str, str]) -> dict[str, str]:
     params = urlencode({"patient": patient, "from": form["from"], "to": form["to"]})
     return {"csv": "/audit/access.csv?" + params, "print": "/audit/access/print?" + params,
@@ -71,7 +67,7 @@ async def report_page(request: web.Request) -> web.Response:
     form = _form(request)
     values: dict[str, Any] = {"form": form, "errors": {}, "patients": None, "report": None}
     try:
-        patient, since, until = _period(request)
+        patient, since, until = period(request.query)
     except FilterError as exc:
         return render(request, "access_report.html", status=400, **{**values,
                       "errors": exc.fields}, flash="Please correct the form.",
@@ -113,7 +109,7 @@ async def export_csv(request: web.Request) -> web.Response:
 def _required(request: web.Request) -> tuple[str, float, float]:
     """Patient and period of an export; 400 naming the field when one is missing or wrong."""
     try:
-        patient, since, until = _period(request)
+        patient, since, until = period(request.query)
     except FilterError as exc:
         raise web.HTTPBadRequest(text="; ".join(f"{k}: {v}" for k, v in exc.fields.items()),
                                  content_type="text/plain") from None
