@@ -140,6 +140,10 @@ class QueryRetrieveSCP:
         if _FILTER not in service_log.filters:
             service_log.addFilter(_FILTER)
 
+    @property
+    def remote(self) -> RemoteState:
+        return self._remote
+
     @staticmethod
     def add_contexts(ae: AE) -> None:
         """The Q/R models we answer (storage contexts for C-GET are added with SCP roles)."""
@@ -404,17 +408,19 @@ def storage_contexts(rows: list[dict[str, Any]]) -> list[PresentationContext]:
 
 
 class LazyStudies:
-    """The studies view, opened on the first query (receiver processes rarely need it)."""
+    """The studies view (or another), opened on the first query (receiver processes rarely
+    need it)."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, view: str = "studies") -> None:
         self._url = database_url
+        self._view = view
         self._db: ViewDatabase | None = None
 
     def __call__(self) -> ViewDatabase:
         if self._db is None:
             from projections.db import open_views
 
-            self._db = open_views(self._url, "studies")
+            self._db = open_views(self._url, self._view)
         return self._db
 
     def close(self) -> None:

@@ -185,6 +185,17 @@ class QueryRetrieveScu:
         wanted = [uid for uid in found if UID_PATTERN.match(uid)]
         return list(dict.fromkeys([*wanted, *COMMON_SOP_CLASSES]))[:MAX_GET_CONTEXTS]
 
+    def event_report(self, node: RemoteNodeConfig, dataset: Dataset, event_type: int,
+                     sop_class: str, sop_instance: str) -> None:
+        """N-EVENT-REPORT as the SCP of ``sop_class`` (role selection: we propose the SCP
+        role, the node must accept it), e.g. a Storage Commitment report."""
+        role = build_role(sop_class, scp_role=True)
+        with self._association(node, [build_context(sop_class)], roles=[role]) as assoc:
+            status, _ = assoc.send_n_event_report(dataset, event_type, sop_class, sop_instance)
+        code = status.get("Status") if status else None
+        if code != 0x0000:
+            raise RemoteError(f"N-EVENT-REPORT to {where(node)} failed: {status_text(code)}")
+
     def abort_all(self) -> None:
         with self._lock:
             live = list(self._live)
