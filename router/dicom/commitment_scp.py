@@ -38,7 +38,7 @@ from router.application.commitments import (
 from router.application.remote_nodes import RemoteState
 from router.application.sessions import AccessRecord, Sessions
 from router.application.stores import EventStores
-from router.dicom.qr_scp import LazyStudies
+from router.dicom.qr_scp import IDENTIFIER_SYNTAXES, LazyStudies
 from router.dicom.qr_scu import QueryRetrieveScu
 from router.dispatch.ssrf import AddressPolicy
 from router.domain.commitment import Commitment
@@ -95,7 +95,7 @@ class CommitmentService:
 
     @staticmethod
     def add_contexts(ae: AE) -> None:
-        ae.add_supported_context(StorageCommitmentPushModel)
+        ae.add_supported_context(StorageCommitmentPushModel, IDENTIFIER_SYNTAXES)
 
     def handlers(self) -> list[Any]:
         return [(evt.EVT_N_ACTION, self.handle_action)]

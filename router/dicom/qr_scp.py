@@ -22,7 +22,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -75,6 +75,9 @@ STATUS_NOT_AUTHORISED = 0x0124
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# For identifiers and other request data sets: not Deflated Explicit VR Little Endian, which
+# pynetdicom would inflate without bound (its default list offers it).
+IDENTIFIER_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
 
 
 class MoveRefusedError(Exception):
@@ -148,7 +151,7 @@ class QueryRetrieveSCP:
     def add_contexts(ae: AE) -> None:
         """The Q/R models we answer (storage contexts for C-GET are added with SCP roles)."""
         for model in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
-            ae.add_supported_context(model)
+            ae.add_supported_context(model, IDENTIFIER_SYNTAXES)
 
     def handlers(self) -> list[Any]:
         return [(evt.EVT_C_FIND, self.handle_find), (evt.EVT_C_MOVE, self.handle_move),

@@ -58,6 +58,15 @@ TRANSFER_SYNTAXES = [
 ]
 
 
+def add_storage_contexts(ae: AE) -> None:
+    """Verification and every storage SOP class, as the DICOM port accepts them (the
+    conformance statement's tables are generated from these, router/dicom/conformance.py)."""
+    ae.add_supported_context(Verification)
+    for sop_class in sorted(_STORAGE_CLASSES.values()):
+        # Both roles: a C-GET requestor takes the SCP role for the storage sub-operations.
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+
+
 class DicomServer:
     """Owns the pynetdicom AE and serves the connections handed to it.
 
@@ -101,10 +110,7 @@ class DicomServer:
         if s.dicom.require_known_calling_ae:
             ae.require_calling_aet = list(s.dicom.known_calling_aets) or ["\x00"]
         ae.require_called_aet = s.dicom.require_called_aet
-        ae.add_supported_context(Verification)
-        for sop_class in sorted(_STORAGE_CLASSES.values()):
-            # Both roles: a C-GET requestor takes the SCP role for the storage sub-operations.
-            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        add_storage_contexts(ae)
         if self._qr is not None:
             self._qr.add_contexts(ae)
         if self.commitment is not None:
