@@ -27,6 +27,7 @@ from projections.jobs import JobsView
 from projections.progress import PolledProgress
 from router.application.commands import Actor
 from router.application.commitments import (
+    INVALID_ARGUMENT,
     NOT_AUTHORISED,
     PROCESSING_FAILURE,
     CommitmentChecker,
@@ -124,10 +125,13 @@ class CommitmentService:
             raise CommitmentRefused(NOT_AUTHORISED, f"calling AE title {actor.name!r} is not"
                                     " a known remote node: no report could be sent to it")
         try:
-            info = event.action_information
-        except Exception:
-            info = None
-        request = parse_request(getattr(event, "action_type", None), info)
+            request = parse_request(getattr(event, "action_type", None),
+                                    event.action_information)
+        except CommitmentRefused:
+            raise
+        except Exception:  # pydicom raises many types for a data set it cannot decode
+            raise CommitmentRefused(INVALID_ARGUMENT, "the Action Information could not be"
+                                    " decoded") from None
         try:
             return self._commitments.record_request(
                 actor, actor.name, str(event.assoc.acceptor.ae_title).strip(), request)
