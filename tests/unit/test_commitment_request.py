@@ -3,6 +3,8 @@ PS3.7 gives it and a reason naming the attribute (never its value)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
@@ -52,17 +54,18 @@ def test_another_action_type_is_no_such_action() -> None:
     assert refusal(2, info()).status == NO_SUCH_ACTION
 
 
-@pytest.mark.parametrize(("ds", "named"), [
+@pytest.mark.parametrize(("fields", "named"), [
     (None, "Action Information"),
-    (info(transaction_uid=None), "Transaction UID (0008,1195) is missing"),
-    (info(transaction_uid="1.2.x<script>"), "Transaction UID (0008,1195) is not digits"),
-    (info(pairs=[]), "Referenced SOP Sequence (0008,1199) is missing or empty"),
-    (info(pairs=[(CTImageStorage, "1.2.4"), (CTImageStorage, "../../etc/passwd")]),
+    ({"transaction_uid": None}, "Transaction UID (0008,1195) is missing"),
+    ({"transaction_uid": "1.2.x<script>"}, "Transaction UID (0008,1195) is not digits"),
+    ({"pairs": []}, "Referenced SOP Sequence (0008,1199) is missing or empty"),
+    ({"pairs": [(CTImageStorage, "1.2.4"), (CTImageStorage, "../../etc/passwd")]},
      "Referenced SOP Instance UID (0008,1155) of item 2"),
-    (info(pairs=[("", "1.2.4")]), "Referenced SOP Class UID (0008,1150) of item 1"),
+    ({"pairs": [("", "1.2.4")]}, "Referenced SOP Class UID (0008,1150) of item 1"),
 ])
-def test_bad_action_information_names_the_attribute(ds: Dataset | None, named: str) -> None:
-    refused = refusal(1, ds)
+def test_bad_action_information_names_the_attribute(fields: dict[str, Any] | None,
+                                                    named: str) -> None:
+    refused = refusal(1, None if fields is None else info(**fields))
     assert refused.status == INVALID_ARGUMENT
     assert named in refused.reason
     assert "passwd" not in refused.reason and "script" not in refused.reason
