@@ -23,6 +23,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from router.application.commands import Actor
+from router.dicom import commitment_scp
 from tests.conftest import make_settings, wait_for
 from tests.integration.peers import StoreScp, free_port
 
@@ -306,3 +307,40 @@ def test_outstanding_commitment_is_reported_after_a_restart(
         assert (scp.folder / f"CT.{a.SOPInstanceUID}").exists()
         actions = [r["action"] for r in audit_rows(restarted, 2)]
         assert actions == ["Commitment.Requested", "Commitment.Reported"]
+
+
+def start_report_scp(port: int, reports: Reports) -> Any:
+    ae = AE(ae_title=MODALITY)
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    return ae.start_server((REPORT_HOST, port), block=False,
+                           evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handle)])
+
+
+def test_report_to_a_requester_that_is_down_is_retried_then_abandoned(
+        tmp_path: Path, start_router: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(commitment_scp, "RETRY_DELAYS", (0.5, 0.5))
+    router = start_router(make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}"))
+    port = free_port()  # the modality's SCP for reports is not up yet
+    router.remote_nodes.put({"name": "modality", "ae_title": MODALITY, "host": REPORT_HOST,
+                             "port": port}, Actor("test"))
+    modality = Modality(router.dicom.port)
+    a = ct_instance()
+    modality.store_and_commit([a], [(CTImageStorage, a.SOPInstanceUID)], generate_uid())
+    failed = audit_rows(router, 2)
+    assert failed[1]["action"] == "Commitment.ReportFailed" and failed[1]["outcome"] == "failure"
+    reports = Reports()
+    server = start_report_scp(port, reports)  # up now: the retry gets through
+    try:
+        assert reports.wait(1, 20)[0][0] == 1
+    finally:
+        server.shutdown()
+    assert audit_rows(router, 3)[-1]["action"] == "Commitment.Reported"
+
+    b = ct_instance(2)  # never up: every attempt fails, then the report is given up
+    modality.store_and_commit([b], [(CTImageStorage, b.SOPInstanceUID)], generate_uid())
+    rows = audit_rows(router, 7)
+    assert [r["action"] for r in rows[3:]] == [
+        "Commitment.Requested", "Commitment.ReportFailed", "Commitment.ReportFailed",
+        "Commitment.Abandoned"]
+    assert rows[-1]["outcome"] == "failure" and "given up after 3 attempts" in rows[-1]["detail"]
