@@ -155,10 +155,6 @@ class CommitmentService:
 
     # -- reporting ------------------------------------------------------------------------
 
-    def is_running(self, commitment_id: uuid.UUID) -> bool:
-        with self._lock:
-            return commitment_id in self._running
-
     def _start(self, commitment_id: uuid.UUID, assoc: Any = None) -> bool:
         """Report in a thread of its own; False when one is reporting it already."""
         with self._lock:
@@ -179,7 +175,7 @@ class CommitmentService:
             commitment = self._commitments.load(commitment_id)
             if commitment is None or commitment.status != "pending":
                 return
-            verdict = self._verdict(commitment, assoc)
+            verdict = self._verdict(commitment)
             if verdict is None:
                 return  # stopping: the worker resumes it after the restart
             if assoc is not None and self._send_same(assoc, commitment, verdict, started):
@@ -192,7 +188,7 @@ class CommitmentService:
             with self._lock:
                 self._running.discard(commitment_id)
 
-    def _verdict(self, commitment: Commitment, assoc: Any) -> Verdict | None:
+    def _verdict(self, commitment: Commitment) -> Verdict | None:
         """Wait (polling, until the deadline at most) for every reference to be decided."""
         while True:
             final = time.time() >= commitment.deadline
