@@ -15,7 +15,7 @@ from web.queries.audit_actions import label_of
 
 Row = dict[str, Any]
 
-TIME_KEYS = frozenset({"expires_at", "retry_at", "deadline"})
+TIME_KEYS = frozenset({"expires_at", "retry_at", "deadline"})  # Unix seconds
 KEY_LABELS = {"expires_at": "expires", "retry_at": "retry at", "detail": "",
               "duration_ms": "duration (ms)", "matched_rules": "matched rules",
               "sop_class_uid": "SOP class", "transfer_syntax_uid": "transfer syntax",

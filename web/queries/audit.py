@@ -22,17 +22,7 @@ COLUMNS = ("time", "actor", "source_ip", "action", "object_type", "object_id", "
            "study_instance_uid", "patient_id", "job_id", "correlation_id", "detail",
            "application", "position")
 OUTCOMES = ("success", "failure", "denied", "not_found")
-# Known actions (a trailing * matches a prefix: "Delivery.*", "audit.*"); the pages offer them
-# grouped, with labels, from web/queries/audit_actions.py.
-KNOWN_ACTIONS = (
-    "Job.*", "Job.Received", "Job.Routed", "Job.DuplicateIgnored", "Job.ConflictKept",
-    "Job.Rerouted", "ReceiptFailure.Recorded", "Delivery.*", "Delivery.Created",
-    "Delivery.Succeeded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
-    "Delivery.Requeued", "Delivery.Cancelled", "Rule.*", "Destination.*", "User.*",
-    "Session.*", "LoginFailure.Recorded", "access.denied", "study.*", "studies.*", "job.*",
-    "jobs.*", "audit.*", "dicomweb.*", "wado.*", "viewer.open", "dimse.*", "remote.*",
-    "RemoteNode.*", "Retrieve.*", "ai.*",
-)
+# The actions the pages offer (grouped, with labels) are in web/queries/audit_actions.py.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MAX_TEXT = 256  # longest filter value accepted (a UID is 64, an ID 64)
 _SELECT = ("SELECT application, position, occurred_at, actor, source_ip, action, object_type,"

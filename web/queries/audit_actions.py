@@ -65,6 +65,8 @@ GROUPS: tuple[tuple[str, tuple[Choice, ...]], ...] = (
         ("Job.DuplicateIgnored,Job.ConflictKept", "Duplicate or conflicting object"),
         ("Job.BlobPurged", "Stored object purged (retention)"),
         ("Retrieve.*", "Retrieves from a remote PACS"),
+        ("Commitment.*,dimse.commitment", "Storage commitment requests and reports"),
+        ("Commitment.ReportFailed,Commitment.Abandoned", "Storage commitment report failed"),
     )),
 )
 
@@ -105,6 +107,11 @@ LABELS: dict[str, str] = {
     "Retrieve.Completed": "Retrieve completed", "Retrieve.Failed": "Retrieve failed",
     "RuntimeSettings.Created": "Run-time settings started",
     "ai.callback": "AI processor called back",
+    "Commitment.Requested": "Storage commitment requested",
+    "Commitment.Reported": "Storage commitment reported",
+    "Commitment.ReportFailed": "Storage commitment report failed, will retry",
+    "Commitment.Abandoned": "Storage commitment report given up",
+    "dimse.commitment": "Storage commitment request refused",
 }
 
 
