@@ -46,6 +46,13 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS audit_object ON audit (object_id)",
     "CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id)",
     "CREATE INDEX IF NOT EXISTS audit_patient ON audit (patient_id)",
+    # The patient access report: one patient's rows in a period.
+    "CREATE INDEX IF NOT EXISTS audit_patient_time ON audit (patient_id, occurred_at)",
+    # Rows that name a study but not yet its patient (viewer opens, accesses read before the
+    # receipt): filled in when the study's receipt is applied.
+    "CREATE INDEX IF NOT EXISTS audit_study_no_patient ON audit (study_instance_uid)"
+    " WHERE patient_id IS NULL",
+    "CREATE INDEX IF NOT EXISTS audit_jobs_study ON audit_jobs (study_instance_uid)",
 )
 
 FAILURES = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
@@ -132,6 +139,8 @@ class AuditView(View):
         elif record.topic.startswith("Delivery."):
             _link_delivery(cur, record, row, self.links)
         _link_job(cur, record, row, self.links)
+        if record.topic == "Access.Recorded":
+            _link_patient(cur, row)
         cur.execute(_INSERT, (
             record.application, record.position, record.timestamp,
             getattr(e, "actor", "system"), getattr(e, "source_ip", ""), row["action"],
@@ -216,9 +225,13 @@ def _link_job(cur: Cursor, record: EventRecord, row: dict[str, Any], links: Link
                     " study_instance_uid = excluded.study_instance_uid,"
                     " patient_id = excluded.patient_id",
                     (row["job_id"], row["study"], row["patient"]))
+        # The job's rows read before its receipt, and (one statement: one round trip)
+        # access rows of its study that have no patient yet (see _link_patient).
         cur.execute("UPDATE audit SET study_instance_uid = ?, patient_id = ?"
-                    " WHERE job_id = ? AND study_instance_uid IS NULL",
-                    (row["study"], row["patient"], row["job_id"]))
+                    " WHERE (job_id = ? AND study_instance_uid IS NULL)"
+                    " OR (study_instance_uid = ? AND patient_id IS NULL)",
+                    (row["study"], row["patient"], row["job_id"],
+                     row["study"] if row["patient"] else None))
     elif row["job_id"] and row["study"] is None:
         known = links.study_of.get(row["job_id"])
         if known is not None:
@@ -231,3 +244,16 @@ def _link_job(cur: Cursor, record: EventRecord, row: dict[str, Any], links: Link
             row["study"] = found["study_instance_uid"]
             row["patient"] = found["patient_id"]
             links.remember_job(row["job_id"], row["study"], row["patient"])
+
+
+def _link_patient(cur: Cursor, row: dict[str, Any]) -> None:
+    """Give an access row that names a study but no patient (a viewer open, a failed
+    retrieval) the patient of the study's receipt. Rows written before the receipt get it
+    from the receipt (``_link_job``), so the result does not depend on the order of the logs.
+    """
+    if row["study"] and not row["patient"]:
+        cur.execute("SELECT patient_id FROM audit_jobs WHERE study_instance_uid = ?"
+                    " AND patient_id IS NOT NULL LIMIT 1", (row["study"],))
+        found = cur.fetchone()
+        if found is not None:
+            row["patient"] = found["patient_id"]
