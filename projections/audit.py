@@ -59,7 +59,7 @@ DETAIL_FIELDS = (
     "reason", "destination", "attempt", "error", "retry_at", "detail", "permanent",
     "original_job_id", "job_id", "name", "duration_ms", "role", "token_id", "label", "kind",
     "expires_at", "stopped_by", "value", "previous", "node", "node_ae", "method", "level",
-    "completed", "failed", "warning", "remaining",
+    "completed", "failed", "warning", "remaining", "operation", "criteria", "matched",
 )
 # What a rule change shows of the rule: not its criteria, which may quote tag values.
 RULE_SUMMARY = ("priority", "enabled", "destinations", "stop")

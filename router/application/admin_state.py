@@ -39,6 +39,7 @@ class UserState:
     version: int
     tokens: dict[str, dict[str, Any]]
     times_disabled: int = 0
+    unlocked_at: float = 0.0  # the last User.Unlocked (Unix seconds); 0: never
 
     @property
     def credentials_tag(self) -> str:
@@ -128,7 +129,8 @@ class AdminState:
             key: UserState(name=u.name, role=u.role, disabled=u.disabled,
                            password_hash=u.password_hash, version=u.version,
                            tokens={k: dict(v) for k, v in u.tokens.items()},
-                           times_disabled=getattr(u, "times_disabled", 0))
+                           times_disabled=getattr(u, "times_disabled", 0),
+                           unlocked_at=getattr(u, "unlocked_at", 0.0))
             for key, u in self._users.items()
         }
         return AdminSnapshot(position=position, rules=tuple(rules), destinations=destinations,

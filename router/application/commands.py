@@ -136,6 +136,20 @@ class Commands:
             return aggregate
         self._change_delivery(job_id, destination, change)
 
+    def resend(self, job_id: str, destination: str, actor: Actor) -> bool:
+        """Attempt again, a delivered delivery too (a user sends the object again); False
+        when it is already waiting for an attempt (pending, or never attempted)."""
+        changed: list[bool] = []
+
+        def change(aggregate: Any) -> Any:
+            if aggregate is None or aggregate.status == "pending":
+                return None
+            aggregate.requeue(**actor.ctx())
+            changed.append(True)
+            return aggregate
+        self._change_delivery(job_id, destination, change)
+        return bool(changed)
+
     def cancel(self, job_id: str, destination: str, actor: Actor, reason: str = "") -> None:
         def change(aggregate: Any) -> Any:
             if aggregate is None:

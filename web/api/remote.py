@@ -43,7 +43,9 @@ class RemoteNodeBody(BaseModel):
     ae_title: str
     host: str
     port: int
-    services: list[Literal["find", "move", "get"]] = ["find", "move", "get"]
+    services: list[Literal["find", "move", "get"]] = Field(
+        default_factory=list, description="what it may ask of us; none unless listed (least"
+        " privilege)")
     description: str = ""
     tls: bool = Field(False, description="our associations to it over DICOM TLS")
     tls_ca_certificates: str = Field("", description="PEM bundle its certificate chains to "

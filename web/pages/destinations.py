@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from router.dispatch.registry import DESTINATION_KINDS, DestinationKind
+from router.dispatch.registry import DESTINATION_KINDS, DESTINATION_NAME, DestinationKind
 from web.api import destinations as api
 from web.api.common import ApiError, run_command
 from web.auth import actor_of
@@ -273,6 +273,9 @@ async def test(request: web.Request) -> web.Response:
     return render(request, "destinations.html", check=result, **await _list_context(request))
 
 
+UNSAVED = "unsaved-destination"
+
+
 async def check_form(request: web.Request) -> web.Response:
     """Test the settings in the form (before saving; stored secrets fill empty fields)."""
     form = await request.post()
@@ -282,7 +285,10 @@ async def check_form(request: web.Request) -> web.Response:
     data = {**form_data(kind, form), "name": name}
     state = api.live(router).get(name) if form.get("existing") == name else None
     merged = api.with_kept_secrets(data, state.config if state else None)
-    result = {"name": name, **await api.check(router, merged)}
+    # The connection does not depend on the name: test a new destination whatever its name
+    # field holds (saving checks the name and says what is wrong with it).
+    tested = {**merged, "name": name if DESTINATION_NAME.match(name) else UNSAVED}
+    result = {"name": name or UNSAVED, **await api.check(router, tested)}
     if request.headers.get("HX-Request"):
         return render(request, "_destinations_test.html", check=result)
     existing = await _existing_or_none(router, name if state else None)

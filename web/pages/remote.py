@@ -81,7 +81,7 @@ def _form_page(request: web.Request, values: dict[str, Any], errors: dict[str, s
 
 async def new_page(request: web.Request) -> web.Response:
     values = {"name": "", "ae_title": "", "host": "", "port": 104,
-              "services": ["find", "move", "get"], "description": ""}
+              "services": [], "description": ""}  # no Q/R rights until ticked
     return _form_page(request, values, {}, creating=True)
 
 
