@@ -46,6 +46,7 @@ ROUTE_MODULES = (
     "web.dicomweb.qido", "web.dicomweb.wado", "web.dicomweb.wado_uri", "web.dicomweb.stow",
     "web.viewer", "web.pages.remote", "web.api.remote", "web.api.ai",
     "web.pages.ai", "web.api.deliveries", "web.pages.jobs_bulk", "web.api.send",
+    "web.api.file_managed",
 )
 
 

@@ -26,6 +26,7 @@ class DestinationState:
     config: dict[str, Any]
     paused: bool
     deleted: bool
+    detached: bool = False  # detached from the TOML file: the file no longer changes it
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class AdminSnapshot:
     rules: tuple[VersionedRule, ...] = ()
     destinations: dict[str, DestinationState] = field(default_factory=dict)
     users: dict[str, UserState] = field(default_factory=dict)  # by lower-case name
+    detached_rules: frozenset[str] = frozenset()  # names of rules detached from the file
 
     def live_destinations(self) -> dict[str, DestinationState]:
         return {n: d for n, d in self.destinations.items() if not d.deleted}
@@ -121,7 +123,7 @@ class AdminState:
         destinations = {
             name: DestinationState(
                 name=name, destination_id=str(d.id), version=d.version, config=d.config,
-                paused=d.paused, deleted=d.deleted,
+                paused=d.paused, deleted=d.deleted, detached=getattr(d, "detached", False),
             )
             for name, d in self._destinations.items()
         }
@@ -133,5 +135,7 @@ class AdminState:
                            unlocked_at=getattr(u, "unlocked_at", 0.0))
             for key, u in self._users.items()
         }
+        detached = frozenset(r.name for r in self._rules.values()
+                             if getattr(r, "detached", False))
         return AdminSnapshot(position=position, rules=tuple(rules), destinations=destinations,
-                             users=accounts)
+                             users=accounts, detached_rules=detached)

@@ -176,28 +176,53 @@ class Commands:
         """Make the store match a TOML file's destinations and rules (idempotent).
 
         Items the file declared before (actor ``config``) and no longer declares are deleted;
-        items created by people in the UI or API are left alone.
+        items created by people in the UI or API are left alone, and so are items an admin
+        detached from the file (counted in ``detached``).
         """
-        changed = {"destinations": 0, "rules": 0, "deleted": 0}
+        changed = {"destinations": 0, "rules": 0, "deleted": 0, "detached": 0}
         for item in destinations:
+            if self.detached("destination", str(item.get("name"))):
+                changed["detached"] += 1
+                continue
             changed["destinations"] += self.put_destination(item, actor)
         for item in rules:
+            if self.detached("rule", str(item.get("name"))):
+                changed["detached"] += 1
+                continue
             changed["rules"] += self.put_rule(item, actor)
         declared_rules = {str(r.get("name")) for r in rules}
         declared_dest = {str(d.get("name")) for d in destinations}
         for rule in self._admin.refresh().rules:
-            if rule.spec.name not in declared_rules and self._created_by(
+            if rule.spec.name not in declared_rules and not self.detached(
+                "rule", rule.spec.name) and self._created_by(
                 Rule, rule_id(rule.spec.name), actor.name
             ):
                 self.delete_rule(rule.spec.name, actor)
                 changed["deleted"] += 1
         for name in self._admin.refresh().live_destinations():
-            if name not in declared_dest and self._created_by(
-                Destination, destination_id(name), actor.name
+            if name not in declared_dest and not self.detached("destination", name) and (
+                self._created_by(Destination, destination_id(name), actor.name)
             ):
                 self.delete_destination(name, actor)
                 changed["deleted"] += 1
         return changed
+
+    def detached(self, kind: str, name: str) -> bool:
+        """Whether rule or destination ``name`` was detached from the TOML file."""
+        cls, make_id = (Rule, rule_id) if kind == "rule" else (Destination, destination_id)
+        aggregate = self._get(cls, make_id(name))
+        return bool(aggregate is not None and getattr(aggregate, "detached", False))
+
+    def detach(self, kind: str, name: str, actor: Actor, reason: str = "") -> bool:
+        """Detach a rule or destination from the TOML file: from now on the file (at start or
+        ``dicom-router apply``) neither overwrites nor deletes it. False if it already was."""
+        cls, make_id = (Rule, rule_id) if kind == "rule" else (Destination, destination_id)
+        aggregate = self._require(cls, make_id(name), f"{kind} {name!r}")
+        if getattr(aggregate, "detached", False):
+            return False
+        aggregate.detach(**actor.ctx(), reason=reason)
+        self._save_admin(aggregate)
+        return True
 
     def _created_by(self, cls: type, aggregate_id: uuid.UUID, actor_name: str) -> bool:
         events = list(self._stores.admin.events.get(aggregate_id, lte=1))
