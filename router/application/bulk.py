@@ -151,19 +151,13 @@ class BulkDeliveries:
             "SELECT d.delivery_id, d.job_id, d.destination FROM deliveries d JOIN jobs j"
             f" ON j.job_id = d.job_id WHERE {where} AND d.delivery_id > ?"
             " ORDER BY d.delivery_id LIMIT ?", [*params, run.after, BATCH])
-        for row in rows:
-            run.after = row["delivery_id"]
-            try:
-                if run.operation == "requeue":
-                    self._commands.requeue(row["job_id"], row["destination"], run.actor)
-                else:
-                    self._commands.cancel(row["job_id"], row["destination"], run.actor,
-                                          run.reason or f"cancelled by {run.actor.name}"
-                                                        " (bulk)")
-            except CommandError:
-                run.skipped += 1  # it changed since the view saw it (e.g. just delivered)
-                continue
-            run.affected += 1
+        if rows:
+            run.after = rows[-1]["delivery_id"]
+            affected, skipped = self._commands.change_many(
+                run.operation, [(r["job_id"], r["destination"]) for r in rows], run.actor,
+                run.reason or f"cancelled by {run.actor.name} (bulk)")
+            run.affected += affected
+            run.skipped += skipped
         run.done = len(rows) < BATCH
         return not run.done
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
 
 from router.application.admin_state import AdminState
 from router.application.conflicts import save_changed
@@ -127,6 +128,10 @@ class Commands:
     # --- deliveries -----------------------------------------------------------------
     def requeue(self, job_id: str, destination: str, actor: Actor) -> None:
         """Attempt again now; a delivery that never ran yet is simply left pending."""
+        self._change_delivery(job_id, destination, self._requeuing(actor))
+
+    @staticmethod
+    def _requeuing(actor: Actor) -> Callable[[Any], Any]:
         def change(aggregate: Any) -> Any:
             if aggregate is None:
                 return None
@@ -134,7 +139,7 @@ class Commands:
                 raise CommandError("already delivered; nothing to requeue")
             aggregate.requeue(**actor.ctx())
             return aggregate
-        self._change_delivery(job_id, destination, change)
+        return change
 
     def resend(self, job_id: str, destination: str, actor: Actor) -> bool:
         """Attempt again, a delivered delivery too (a user sends the object again); False
@@ -151,6 +156,12 @@ class Commands:
         return bool(changed)
 
     def cancel(self, job_id: str, destination: str, actor: Actor, reason: str = "") -> None:
+        self._change_delivery(job_id, destination,
+                              self._cancelling(job_id, destination, actor, reason))
+
+    @staticmethod
+    def _cancelling(job_id: str, destination: str, actor: Actor, reason: str
+                    ) -> Callable[[Any], Any]:
         def change(aggregate: Any) -> Any:
             if aggregate is None:
                 aggregate = Delivery(job_id, destination, **actor.ctx(), sha256="")
@@ -158,7 +169,43 @@ class Commands:
                 raise CommandError(f"delivery is {aggregate.status}; nothing to cancel")
             aggregate.cancel(**actor.ctx(), reason=reason or f"cancelled by {actor.name}")
             return aggregate
-        self._change_delivery(job_id, destination, change)
+        return change
+
+    def change_many(self, operation: str, targets: Sequence[tuple[str, str]], actor: Actor,
+                    reason: str = "") -> tuple[int, int]:
+        """Requeue or cancel several deliveries (job id, destination) in one save: how many
+        were changed and how many were left alone (delivered or cancelled meanwhile). When
+        the dispatcher recorded an outcome of one of them between our read and our save,
+        each is done again on its own, read again and decided again."""
+        changed: list[Any] = []
+        skipped = 0
+        for job_id, destination in targets:
+            change = (self._requeuing(actor) if operation == "requeue" else
+                      self._cancelling(job_id, destination, actor, reason))
+            try:
+                aggregate = change(self._get_delivery(job_id, destination))
+            except CommandError:
+                skipped += 1
+                continue
+            if aggregate is not None:
+                changed.append(aggregate)
+        try:
+            if changed:
+                self._stores.delivery.save(*changed)
+            return len(targets) - skipped, skipped
+        except IntegrityError:
+            pass
+        done = skipped = 0
+        for job_id, destination in targets:
+            try:
+                if operation == "requeue":
+                    self.requeue(job_id, destination, actor)
+                else:
+                    self.cancel(job_id, destination, actor, reason)
+                done += 1
+            except CommandError:
+                skipped += 1
+        return done, skipped
 
     def _change_delivery(self, job_id: str, destination: str,
                          change: Callable[[Any], Any]) -> None:
