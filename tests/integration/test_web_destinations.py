@@ -323,7 +323,7 @@ def test_roles_and_config_file_origin(web_router: Any, tmp_path: Path) -> None:
     assert re.search(r"from-file</strong></a>\s*<span class=\"badge\">dicom</span>\s*"
                      r"<span class=\"badge\" title=\"Declared in the configuration file", page.text)
     assert browser.get(browser.url("/destinations/from-file/edit")).text.count(
-        "Declared in the configuration file") == 1
+        "Managed by the configuration file.") == 1
     document = requests.get(server.url + "/api/v1/openapi.json", timeout=10).json()
     schemas = document["components"]["schemas"]
     assert {"DicomDestination", "FileDestination", "S3Destination"} <= set(schemas)
