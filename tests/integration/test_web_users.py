@@ -44,7 +44,8 @@ def test_admin_manages_users_through_the_api_and_they_log_in_with_their_role(
     admin = bearer(server.url, "admin", ADMIN_PASSWORD)
     r = create(server, admin, "olga", "operator")
     assert r.status_code == 201, r.text
-    assert r.json() == {"username": "olga", "role": "operator", "disabled": False, "tokens": []}
+    assert r.json() == {"username": "olga", "role": "operator", "disabled": False,
+                        "locked_until": None, "tokens": []}
     assert create(server, admin, "olga", "auditor").status_code == 409
     listing = api(server, "GET", "/api/v1/users", admin)
     assert [u["username"] for u in listing.json()["items"]] == ["admin", "olga"]
