@@ -108,3 +108,40 @@ def test_file_items_are_refused_until_detached_and_stay_detached_after_a_restart
     assert counts["detached"] == 0 and counts["deleted"] == 2  # archive and mr
     assert {r.spec.name for r in again.admin.refresh().rules} == {"ct"}
     assert set(again.admin.refresh().live_destinations()) == {"pacs"}
+
+
+def test_file_remote_nodes_are_refused_until_detached(web_router: Any, start_router: Any,
+                                                      tmp_path: Path) -> None:
+    node = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+            "services": ["find"]}
+    settings = replace(make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}"),
+                       remote_nodes=(node,))
+    server = web_router(settings)
+    admin = bearer(server.url, "admin", ADMIN_PASSWORD)
+    url = server.url + "/api/v1/remote-nodes/pacs"
+    shown = requests.get(url, headers=admin, timeout=30).json()
+    assert (shown["managed_by_file"], shown["detached"]) == (True, False)
+    changed = {**node, "services": ["find", "move"]}
+    refused = requests.put(url, headers=admin, timeout=30, json=changed)
+    assert refused.status_code == 409 and MANAGED in refused.text
+    assert requests.delete(url, headers=admin, timeout=30).status_code == 409
+    browser = Browser(server.url)
+    browser.login("admin", ADMIN_PASSWORD)
+    page = browser.post(browser.url("/remote/pacs/edit"), data={
+        "ae_title": "PACS", "host": "127.0.0.1", "port": "104", "service_find": "on",
+        "service_move": "on"})
+    assert page.status_code == 409 and MANAGED in page.text and "/remote/pacs/detach" in (
+        page.text)
+    detached = browser.post(browser.url("/remote/pacs/detach"),
+                            data={"confirm": "on", "reason": "PACS moves to C-MOVE"})
+    assert detached.status_code == 200 and "Detached from the configuration file" in (
+        detached.text)
+    assert requests.put(url, headers=admin, timeout=30, json=changed).status_code == 200
+    rows = audit(server.router, "RemoteNode.Detached")
+    assert [r["actor"] for r in rows] == ["admin"] and "PACS moves" in rows[0]["detail"]
+
+    server.router.stop()
+    again = start_router(settings)  # the file still says services = ["find"]
+    assert again.remote_nodes.state.node("pacs").config.services == ("find", "move")
+    assert again.remote_nodes.apply([])["deleted"] == 0
+    assert again.remote_nodes.state.node("pacs") is not None

@@ -45,7 +45,7 @@ def test_the_least_privileged_role_has_the_fewest_permissions() -> None:
         return float("inf") if "*" in ROLE_PERMISSIONS[role] else len(ROLE_PERMISSIONS[role])
 
     fewest = min(ROLES, key=size)
-    assert LEAST_PRIVILEGED_ROLE == fewest
+    assert fewest == LEAST_PRIVILEGED_ROLE
     assert not any(p.endswith(".write") for p in ROLE_PERMISSIONS[LEAST_PRIVILEGED_ROLE])
 
 
