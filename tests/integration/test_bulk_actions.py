@@ -285,6 +285,9 @@ def test_cli_requeues_and_cancels_by_filter(web_router: Any, tmp_path: Path) -> 
 @pytest.mark.parametrize("action", ["requeue", "cancel"])
 def test_cli_statuses_are_the_application_s(action: str) -> None:
     from router.application.bulk import OPERATIONS as APPLICATION
+    from router.application.bulk import STATUSES
     from router.cli_ops import OPERATIONS as PARSER
+    from web.api.deliveries import Status
 
     assert PARSER[action] == APPLICATION[action]
+    assert set(Status.__args__) == set(STATUSES)  # type: ignore[attr-defined]
