@@ -87,14 +87,15 @@ def post(server: Any, path: str, headers: dict[str, str], body: Any) -> requests
     return requests.post(server.url + path, json=body, headers=headers, timeout=60)
 
 
-def started(web_router: Any, tmp_path: Path) -> Any:
-    server = web_router(bulk_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}"))
+def started(web_router: Any, tmp_path: Path, database_url: str | None = None) -> Any:
+    server = web_router(bulk_settings(tmp_path, database_url or f"sqlite:///{tmp_path / 'db'}"))
     server.router.commands.pause_destination("down", Actor("admin"))  # requeued ones wait
     return server
 
 
-def test_bulk_requeue_and_cancel_through_the_api(web_router: Any, tmp_path: Path) -> None:
-    server = started(web_router, tmp_path)
+def test_bulk_requeue_and_cancel_through_the_api(web_router: Any, tmp_path: Path,
+                                                 database_url: str) -> None:
+    server = started(web_router, tmp_path, database_url)
     router = server.router
     a_jobs = dead_deliveries(router, STUDY_A, 3)
     dead_deliveries(router, STUDY_B, 2)

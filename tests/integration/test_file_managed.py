@@ -19,11 +19,11 @@ from tests.web_harness import Browser, bearer
 MANAGED = "managed by the configuration file"
 
 
-def file_settings(tmp_path: Path, archive_path: str = "archive") -> Any:
+def file_settings(tmp_path: Path, database_url: str, archive_path: str = "archive") -> Any:
     for folder in ("archive", "other"):
         (tmp_path / folder).mkdir(exist_ok=True)
     return replace(
-        make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}"),
+        make_settings(tmp_path, database_url),
         destinations=(
             {"name": "archive", "type": "file", "path": str(tmp_path / archive_path)},
             {"name": "pacs", "type": "file", "path": str(tmp_path / "archive")},
@@ -44,8 +44,8 @@ def audit(router: Any, action: str) -> list[dict[str, Any]]:
 
 
 def test_file_items_are_refused_until_detached_and_stay_detached_after_a_restart(
-        web_router: Any, start_router: Any, tmp_path: Path) -> None:
-    server = web_router(file_settings(tmp_path))
+        web_router: Any, start_router: Any, tmp_path: Path, database_url: str) -> None:
+    server = web_router(file_settings(tmp_path, database_url))
     admin = bearer(server.url, "admin", ADMIN_PASSWORD)
     api = server.url + "/api/v1"
 
@@ -98,7 +98,7 @@ def test_file_items_are_refused_until_detached_and_stay_detached_after_a_restart
     # Restart with a file that changes every item: the detached ones keep their edits, the
     # others follow the file as before.
     server.router.stop()
-    again = start_router(file_settings(tmp_path, archive_path="other"))
+    again = start_router(file_settings(tmp_path, database_url, archive_path="other"))
     assert rule(again, "ct").modality == ("CT", "PT")
     destinations = again.admin.refresh().live_destinations()
     assert destinations["pacs"].config["path"] == str(tmp_path / "other")
