@@ -148,7 +148,8 @@ def cmd_apply(settings: Settings, args: Any) -> int:
         print(f"left alone: {changed['detached']} item(s) detached from the file in the UI "
               "or API (the file no longer changes them)")
     if doc.get("remote_nodes") or nodes["deleted"]:
-        print(f"remote nodes: {nodes['remote_nodes']} changed, {nodes['deleted']} deleted")
+        print(f"remote nodes: {nodes['remote_nodes']} changed, {nodes['deleted']} deleted"
+              + (f", {nodes['detached']} detached left alone" if nodes["detached"] else ""))
     return 0
 
 

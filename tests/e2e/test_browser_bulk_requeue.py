@@ -100,6 +100,9 @@ def test_the_admin_bulk_requeues_dead_deliveries_after_an_outage(
                  "the requeued deliveries to arrive")
         assert pacs.wait_log("Association Received", 1, timeout=5)
         assert len([p for p in pacs.folder.iterdir() if p.is_file()]) == INSTANCES
+        page.locator("#jobs-bulk-result a:has-text('Reload the list')").click()
+        expect(page).to_have_url(base + "/jobs?status=failed")  # its filters kept
+        expect(page.locator("table a[href^='/jobs/']")).to_have_count(0)
         page.goto(base + "/jobs?status=delivered")
         expect(page.locator("table a[href^='/jobs/']")).to_have_count(INSTANCES)
         page.locator("table a[href^='/jobs/']").first.click()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -34,6 +35,14 @@ def request_of(form: dict[str, str], operation: str) -> BulkRequest:
         fields = field_errors(exc)
         raise ApiError(422, "; ".join(f"{k}: {v}" for k, v in fields.items()),
                        fields) from None
+
+
+def list_url(request: web.Request) -> str:
+    """The jobs list the form was sent from (its filters kept), to see the new statuses."""
+    current = urlsplit(request.headers.get("HX-Current-URL", ""))
+    if current.path != "/jobs":
+        return "/jobs"
+    return "/jobs" + (f"?{current.query}" if current.query else "")
 
 
 def message(result: dict[str, Any]) -> str:
@@ -65,7 +74,7 @@ async def bulk(request: web.Request) -> web.Response:
     names = await asyncio.to_thread(lambda: sorted(
         request.app[ROUTER_KEY].admin.snapshot().destinations))
     values: dict[str, Any] = {"bulk_form": form, "bulk_message": text, "bulk_kind": kind,
-                              "destination_names": names}
+                              "destination_names": names, "reload_url": list_url(request)}
     if not htmx:
         return render(request, "jobs_bulk.html", status=status, **values)
     return render(request, "_jobs_bulk.html", **values)  # htmx swaps 2xx answers only
