@@ -68,7 +68,7 @@ DETAIL_FIELDS = (
     "original_job_id", "job_id", "name", "duration_ms", "role", "token_id", "label", "kind",
     "expires_at", "stopped_by", "value", "previous", "node", "node_ae", "method", "level",
     "completed", "failed", "warning", "remaining", "transaction_uid", "event_type",
-    "committed", "via",
+    "committed", "via", "operation", "criteria", "matched",
 )
 # What a rule change shows of the rule: not its criteria, which may quote tag values.
 RULE_SUMMARY = ("priority", "enabled", "destinations", "stop")

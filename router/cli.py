@@ -144,8 +144,12 @@ def cmd_apply(settings: Settings, args: Any) -> int:
         router.stores.close()
     print(f"applied {args.file}: {changed['destinations']} destination(s) and "
           f"{changed['rules']} rule(s) changed, {changed['deleted']} deleted")
+    if changed["detached"]:
+        print(f"left alone: {changed['detached']} item(s) detached from the file in the UI "
+              "or API (the file no longer changes them)")
     if doc.get("remote_nodes") or nodes["deleted"]:
-        print(f"remote nodes: {nodes['remote_nodes']} changed, {nodes['deleted']} deleted")
+        print(f"remote nodes: {nodes['remote_nodes']} changed, {nodes['deleted']} deleted"
+              + (f", {nodes['detached']} detached left alone" if nodes["detached"] else ""))
     return 0
 
 

@@ -175,6 +175,9 @@ class Router:
         if self.settings.destinations or self.settings.rules:
             changed = self.apply_config_file()
             logger.info("configuration applied: %s", changed)
+            if changed["detached"]:
+                logger.warning("%d item(s) of the configuration file were detached from it in "
+                               "the UI or API and were left as they are", changed["detached"])
         if self.settings.remote_nodes:
             logger.info("remote nodes applied: %s",
                         self.remote_nodes.apply(self.settings.remote_nodes))

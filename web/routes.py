@@ -47,7 +47,8 @@ ROUTE_MODULES = (
     "web.api.settings", "web.api.storage", "web.api.stats", "web.api.openapi",
     "web.dicomweb.qido", "web.dicomweb.wado", "web.dicomweb.wado_uri", "web.dicomweb.stow",
     "web.viewer", "web.pages.remote", "web.api.remote", "web.api.ai",
-    "web.pages.ai",
+    "web.pages.ai", "web.api.deliveries", "web.pages.jobs_bulk", "web.api.send",
+    "web.api.file_managed",
 )
 
 

@@ -40,13 +40,17 @@ GROUPS: tuple[tuple[str, tuple[Choice, ...]], ...] = (
         ("User.ApiTokenCreated,User.ApiTokenRevoked", "API tokens made or revoked"),
         ("RemoteNode.*", "Remote PACS nodes created, changed or deleted"),
         ("RuntimeSettings.Changed", "Setting changed while running"),
+        ("Rule.Detached,Destination.Detached,RemoteNode.Detached",
+         "Detached from the configuration file"),
     )),
     ("Logins", (
-        ("Session.*,LoginFailure.Recorded,access.denied", "All logins, logouts and refusals"),
+        ("Session.*,LoginFailure.Recorded,access.denied,User.Unlocked",
+         "All logins, logouts, refusals and unlocks"),
         ("Session.Started", "Logged in"),
         ("Session.Ended", "Logged out or session ended"),
         ("LoginFailure.Recorded", "Login refused"),
         ("access.denied", "Page or API call refused (no permission)"),
+        ("User.Unlocked", "User unlocked after failed logins"),
     )),
     ("Deliveries", (
         ("Delivery.*", "All delivery events"),
@@ -54,6 +58,7 @@ GROUPS: tuple[tuple[str, tuple[Choice, ...]], ...] = (
         ("Delivery.AttemptFailed", "Attempt failed, will retry"),
         ("Delivery.DeadLettered", "Given up (dead letter)"),
         ("Delivery.Requeued,Delivery.Cancelled", "Requeued or cancelled by a user"),
+        ("BulkAction.Requested", "Bulk requeue, cancel or send by a user"),
         ("Unit.*", "Series or study released to a destination"),
         ("AIRequest.*", "AI processor round trips"),
     )),
@@ -112,6 +117,9 @@ LABELS: dict[str, str] = {
     "Commitment.ReportFailed": "Storage commitment report failed, will retry",
     "Commitment.Abandoned": "Storage commitment report given up",
     "dimse.commitment": "Storage commitment request refused",
+    "Rule.Detached": "Rule detached from the configuration file",
+    "Destination.Detached": "Destination detached from the configuration file",
+    "RemoteNode.Detached": "Remote PACS node detached from the configuration file",
 }
 
 
