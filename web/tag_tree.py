@@ -23,7 +23,7 @@ BULK_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 BULK_BYTES = 256  # a binary value longer than this is bulk data: its size is shown instead
 DEFER_BYTES = 4096  # values longer than this stay on disk until asked for
 MAX_TEXT = 512  # characters of one value shown; longer ones are cut with a note
-MAX_DEPTH = 12  # nested sequence levels shown
+MAX_DEPTH = 10  # nested sequence levels shown (a row's depth is two per level: item, element)
 MAX_ROWS = 5000  # rows in all; a bigger header says it was cut short
 
 
@@ -86,7 +86,7 @@ def _walk(ds: Dataset, depth: int, table: TagTable) -> None:
     for tag in ds.keys():  # noqa: SIM118 - keys, not converted elements
         raw = ds.get_item(tag)
         vr = str(raw.VR or "") if raw is not None else ""
-        length = raw.length if isinstance(raw, RawDataElement) else 0
+        length = _length(raw)
         name = dictionary_description(tag) if _known(tag) else "(unknown tag)"
         note = _elided(int(tag), vr, length)
         if note:
@@ -95,6 +95,14 @@ def _walk(ds: Dataset, depth: int, table: TagTable) -> None:
             continue
         if not _element(ds, int(tag), depth, name, table):
             return
+
+
+def _length(raw: Any) -> int:
+    """A value's length in bytes, from its raw header when pydicom has not read it yet."""
+    if isinstance(raw, RawDataElement):
+        return int(raw.length)
+    value = getattr(raw, "value", None)
+    return len(value) if isinstance(value, bytes | bytearray) else 0
 
 
 def _known(tag: int) -> bool:
@@ -120,7 +128,7 @@ def _element(ds: Dataset, tag: int, depth: int, name: str, table: TagTable) -> b
     items = list(elem.value)
     if not table.add(TagRow(depth, tag_text(tag), name, "SQ", f"{len(items)} item(s)")):
         return False
-    if depth + 1 > MAX_DEPTH:
+    if depth // 2 + 1 > MAX_DEPTH:
         return table.add(TagRow(depth + 1, "", "", "", "",
                                 f"nested deeper than {MAX_DEPTH} levels: not shown"))
     for number, item in enumerate(items, 1):
