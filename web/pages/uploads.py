@@ -62,12 +62,12 @@ async def _form_files(request: web.Request) -> AsyncIterator[tuple[str, Any]]:
     if request.headers.get(CSRF_HEADER) is None:
         form = await request.post()
         for value in form.getall(FIELD, []):
-            if isinstance(value, web.FileField):
-                yield value.filename or "", _file_reader(value.file)
+            if isinstance(value, web.FileField) and value.filename:  # "": none chosen
+                yield value.filename, _file_reader(value.file)
         return
     reader = await request.multipart()
     while (part := await reader.next()) is not None:
-        if isinstance(part, BodyPartReader) and part.name == FIELD and part.filename is not None:
+        if isinstance(part, BodyPartReader) and part.name == FIELD and part.filename:
             yield part.filename, part.read_chunk
         elif isinstance(part, BodyPartReader):
             await part.release()
