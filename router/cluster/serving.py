@@ -40,9 +40,13 @@ class ServingLock:
             return "the PostgreSQL database " + url.rsplit("@", 1)[-1].split("?", 1)[0]
         return f"the SQLite databases in {self._settings.sqlite_dir}"
 
+    def try_shared(self) -> bool:
+        """Take a share unless a rebuild holds the lock."""
+        return self._acquire(exclusive=False, wait=False)
+
     def hold_shared(self) -> None:
         """Take a share, waiting while a rebuild holds the lock (a router starting)."""
-        if not self._acquire(exclusive=False, wait=False):
+        if not self.try_shared():
             logger.warning("waiting for a projections rebuild on %s to finish", self.where)
             self._acquire(exclusive=False, wait=True)
 
