@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,11 @@ def test_study_series_and_instance_downloads_are_streamed_zips(
     assert study.headers["Content-Disposition"] == (
         f'attachment; filename="study-{sent["study"]}.zip"')
     entries = zip_entries(study)
+    saved = tmp_path / "study.zip"
+    saved.write_bytes(study.content)
+    tested = subprocess.run(["unzip", "-t", str(saved)], capture_output=True, text=True,
+                            timeout=60)  # Info-ZIP reads it too (data descriptors, zip64)
+    assert tested.returncode == 0 and "No errors detected" in tested.stdout, tested.stdout
     expected = {f"{sent['series']}/{sop}.dcm" for sop in sent["sops"]}
     assert set(entries) == expected | {f"{sent['sr_series']}/{sent['sr_sop']}.dcm"}
     originals = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p)
