@@ -2,7 +2,8 @@
 by storescu; the radiologist logs in and lands on Studies (names and dates written for
 people), opens the study and sees its series thumbnails load, opens the OHIF viewer in a new
 tab (the router's tab stays), opens an instance's tags and downloads the study as a ZIP.
-Screenshots go to test-output/screenshots/radiologist-*.png.
+An admin uploads files from the Studies page. Screenshots go to
+test-output/screenshots/radiologist-*.png.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from router.application.commands import Actor
-from tests.conftest import wait_for
+from tests.conftest import ADMIN_PASSWORD, wait_for
 from tests.e2e.test_ohif_viewer import LIT_CANVASES
 from tests.integration.test_web_jobs import storescu, write_instances
 from web import viewer
@@ -140,3 +141,29 @@ def test_a_radiologist_reads_a_study_from_the_browser(
         "SELECT action FROM audit WHERE actor = 'rad'")}
     assert {"studies.search", "study.view", "viewer.open", "instance.view",
             "study.export", "dicomweb.thumbnail"} <= actions
+
+
+@pytest.mark.dcmtk
+def test_files_uploaded_from_the_studies_page_are_listed_one_by_one(
+        chromium: Browser, web_router: Any, tmp_path: Path) -> None:
+    server = web_router()
+    dicom = write_instances(tmp_path / "up", "CT", 1, PatientID="UP-1")[0]
+    text = tmp_path / "notes.txt"
+    text.write_text("not DICOM")
+    page = chromium.new_context().new_page()
+    page.goto(server.url + "/login")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", ADMIN_PASSWORD)
+    page.click("button[type=submit]")
+    page.goto(server.url + "/studies")
+    page.set_input_files("form.upload input[type=file]", [str(dicom), str(text)])
+    page.click("form.upload button[type=submit]")
+    results = page.locator("#upload-results")
+    expect(results).to_contain_text("1 of 2 file(s) stored.", timeout=30_000)
+    expect(results.locator("tr[data-result=stored]")).to_contain_text(dicom.name)
+    expect(results.locator("tr[data-result=refused]")).to_contain_text(
+        "the file is not a DICOM Part 10 file")
+    expect(page).to_have_url(server.url + "/studies")  # HTMX: the page stayed
+    shot(page, "upload")
+    jobs = server.router.views["jobs"][1].query("SELECT source, actor FROM jobs")
+    assert [(j["source"], j["actor"]) for j in jobs] == [("stow", "admin")]
