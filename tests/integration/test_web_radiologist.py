@@ -10,6 +10,7 @@ import io
 import json
 import re
 import subprocess
+import tracemalloc
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from PIL import Image
 from router.application.commands import Actor
 from tests.conftest import ADMIN_PASSWORD
 from tests.integration.test_web_jobs import accesses, routed_settings, storescu, write_instances
+from tests.synthetic import make_ct_series
 from tests.web_harness import Browser
 
 pytestmark = pytest.mark.dcmtk
@@ -277,3 +279,29 @@ def test_browser_uploads_go_through_stow_with_a_result_per_file(
     rad = logged_in(server, "rad")
     assert rad.post(server.url + "/studies/upload", files=[("files", files[0])]
                     ).status_code == 403
+
+
+@pytest.mark.slow
+def test_a_big_study_downloads_without_being_held_in_memory(web_router: Any,
+                                                            tmp_path: Path) -> None:
+    """40 CT images of 512 x 512 (about 21 MB): the server's Python allocations while the ZIP
+    streams stay a small fraction of it (the client drops each chunk as it comes)."""
+    server = web_router(routed_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}"))
+    files = make_ct_series(tmp_path / "big", count=40, rows=512, cols=512)
+    assert storescu(server.router.dicom.port, files, "CT_SCANNER").returncode == 0
+    server.router.runner.catch_up()
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    admin = logged_in(server, "admin")
+    total = sum(p.stat().st_size for p in files)
+    tracemalloc.start()
+    try:
+        received = 0
+        with admin.get(f"{server.url}/studies/{study}/download", stream=True) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_content(256 * 1024):
+                received += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received > total // 4  # the pixel data is compressible, not absent
+    assert peak < total // 3, f"peak {peak} bytes of Python memory for {total} bytes"
