@@ -30,7 +30,7 @@ KNOWN_ACTIONS = (
     "Delivery.Requeued", "Delivery.Cancelled", "Rule.*", "Destination.*", "User.*",
     "Session.*", "LoginFailure.Recorded", "access.denied", "study.*", "studies.*", "job.*",
     "jobs.*", "audit.*", "dicomweb.*", "wado.*", "viewer.open", "dimse.*", "remote.*",
-    "RemoteNode.*", "Retrieve.*", "ai.*",
+    "RemoteNode.*", "Retrieve.*", "ai.*", "Commitment.*", "dimse.commitment",
 )
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MAX_TEXT = 256  # longest filter value accepted (a UID is 64, an ID 64)
