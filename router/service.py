@@ -35,6 +35,7 @@ from router.application.users import Users
 from router.cluster.leadership import Leadership, leadership_for
 from router.cluster.nodes import NodeRegistry
 from router.cluster.schema import schema_lock
+from router.cluster.serving import ServingLock
 from router.dicom.commitment_scp import CommitmentWorker, build_service
 from router.dicom.gate import Gate
 from router.dicom.qr_scp import QueryRetrieveSCP
@@ -93,6 +94,7 @@ class Router:
     commitments: CommitmentWorker  # storage commitment reports no receiving thread sends
     ready: bool = False
     receivers: ReceiverPool | None = None
+    serving: ServingLock | None = None  # held shared while started: no rebuild meanwhile
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Router:
@@ -172,6 +174,8 @@ class Router:
 
     def start(self) -> None:
         """Apply the TOML config, catch the views up, recover blobs, then open for traffic."""
+        self.serving = ServingLock(self.settings)
+        self.serving.hold_shared()  # `projections rebuild` refuses while a router holds it
         if self.settings.destinations or self.settings.rules:
             changed = self.apply_config_file()
             logger.info("configuration applied: %s", changed)
@@ -236,6 +240,8 @@ class Router:
         for _, db in self.views.values():
             db.close()
         self.stores.close()
+        if self.serving is not None:
+            self.serving.release()
         logger.info("router stopped")
 
     @property

@@ -60,12 +60,16 @@ async def study_page(request: web.Request, **flash: Any) -> web.Response:
     by_series: dict[str, list[dict[str, Any]]] = {}
     for instance in study["instances"]:
         by_series.setdefault(instance["series_instance_uid"], []).append(instance)
+    # A series whose instances include an image gets a thumbnail; others a placeholder.
+    imaged = {uid: any(i["rows_"] is not None for i in instances)
+              for uid, instances in by_series.items()}
     ai_requests = await asyncio.to_thread(requests_for_study, request.app[ROUTER_KEY].views[
         "jobs"][1], study_uid)
     send_to = await asyncio.to_thread(sendable_destinations, request.app[ROUTER_KEY])
     return render(request, "study_detail.html", study=study, by_series=by_series,
                   statuses=DELIVERY_STATUSES, destinations=list(study["deliveries"]),
-                  ai_requests=ai_requests, send_to=send_to, **HELPERS, **flash)
+                  imaged=imaged, ai_requests=ai_requests, send_to=send_to, **HELPERS,
+                  **flash)
 
 
 def sent_message(result: dict[str, Any]) -> str:

@@ -30,6 +30,8 @@ MAX_PATIENTS = 50
 # What each access action is, in words; actions not listed show as themselves.
 KINDS = {
     "study.view": "Study page",
+    "instance.view": "Instance page (tags)",
+    "study.export": "Download (ZIP)",
     "job.view": "Job page",
     "viewer.open": "Viewer session",
     "dicomweb.retrieve": "DICOMweb retrieval",

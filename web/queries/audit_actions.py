@@ -9,13 +9,15 @@ from collections.abc import Sequence
 
 Choice = tuple[str, str]  # (filter value, label)
 
-PATIENT_DATA = ("study.*,viewer.open,dicomweb.*,wado.*,dimse.*,studies.*,job.view,jobs.*,"
-                "remote.*")
+PATIENT_DATA = ("study.*,instance.view,viewer.open,dicomweb.*,wado.*,dimse.*,studies.*,"
+                "job.view,jobs.*,remote.*")
 GROUPS: tuple[tuple[str, tuple[Choice, ...]], ...] = (
     ("Access to patient data", (
         (PATIENT_DATA, "All access to patient data"),
         ("study.view", "Study page viewed"),
         ("viewer.open", "Study opened in the viewer"),
+        ("instance.view", "Instance page (tags) viewed"),
+        ("study.export", "Downloaded as a ZIP (study, series or instance)"),
         ("dicomweb.*", "Any DICOMweb read (search, retrieval, viewer images)"),
         ("dicomweb.retrieve,wado.retrieve", "Objects retrieved (WADO-RS, WADO-URI)"),
         ("dicomweb.metadata", "Metadata read (WADO-RS)"),
