@@ -8,6 +8,7 @@ import argparse
 import getpass
 from typing import Any
 
+from router.domain.delivery_states import ALIASES, DELIVERY_STATES, shown, stored
 from router.settings import Settings
 
 
@@ -15,8 +16,9 @@ def add_parsers(sub: Any) -> None:
     deliveries = sub.add_parser("deliveries", help="list, requeue or cancel deliveries")
     dsub = deliveries.add_subparsers(dest="action", required=True)
     listing = dsub.add_parser("list", help="deliveries from the jobs view")
-    listing.add_argument("--status", choices=["pending", "retrying", "delivered", "dead",
-                                              "cancelled"])
+    listing.add_argument("--status", choices=[*DELIVERY_STATES, *ALIASES],
+                         help="failed (dead-lettered), retrying, queued, held, delivered or"
+                              " cancelled; dead and pending are accepted for failed and queued")
     listing.add_argument("--destination")
     listing.add_argument("--limit", type=int, default=50)
     for action in ("requeue", "cancel"):
@@ -58,7 +60,7 @@ def cmd_deliveries(settings: Settings, args: argparse.Namespace) -> int:
                 router.commands.cancel(args.job_id, row["destination"], _actor())
                 print(f"cancelled {args.job_id} -> {row['destination']}")
             else:
-                print(f"left {args.job_id} -> {row['destination']} ({row['status']})")
+                print(f"left {args.job_id} -> {row['destination']} ({shown(row['status'])})")
         return 0
     finally:
         router.stores.close()
@@ -70,14 +72,14 @@ def _list(db: Any, args: argparse.Namespace) -> int:
     params: list[Any] = []
     if args.status:
         sql += " AND d.status = ?"
-        params.append(args.status)
+        params.append(stored(args.status))
     if args.destination:
         sql += " AND d.destination = ?"
         params.append(args.destination)
     sql += " ORDER BY d.created_at DESC LIMIT ?"
     params.append(args.limit)
     for row in db.query(sql, params):
-        print(f"{row['job_id']}  {row['destination']:16} {row['status']:9} "
+        print(f"{row['job_id']}  {row['destination']:16} {shown(row['status']):9} "
               f"attempts={row['attempts']} {row['last_error'] or ''}")
     return 0
 
