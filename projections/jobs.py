@@ -34,7 +34,7 @@ DELIVERIES_SQL = """CREATE TABLE IF NOT EXISTS deliveries (
     status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, created_at DOUBLE PRECISION,
     next_attempt_at DOUBLE PRECISION, last_attempt_at DOUBLE PRECISION, last_error TEXT,
     delivered_at DOUBLE PRECISION, detail TEXT, clock_from DOUBLE PRECISION, last_node TEXT,
-    last_failed_at DOUBLE PRECISION, last_failure TEXT)"""
+    last_failed_at DOUBLE PRECISION, last_failure TEXT, transfer_id TEXT)"""
 
 # One row per transfer: the instances of one study sent by one calling AE title (see
 # projections/study_keys.py). Counts and progress come from the jobs and deliveries rows of
@@ -65,7 +65,10 @@ INDEXES = (
     " ON deliveries (destination, status, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (job_id)",
     "CREATE INDEX IF NOT EXISTS deliveries_failed ON deliveries (destination, last_failed_at)",
-    "CREATE INDEX IF NOT EXISTS jobs_transfer ON jobs (transfer_id, series_instance_uid)",
+    "CREATE INDEX IF NOT EXISTS jobs_transfer"
+    " ON jobs (transfer_id, series_instance_uid, sop_instance_uid, routing)",
+    "CREATE INDEX IF NOT EXISTS deliveries_transfer"
+    " ON deliveries (transfer_id, status, destination)",
     "CREATE INDEX IF NOT EXISTS transfers_last ON transfers (last_received_at)",
     "CREATE INDEX IF NOT EXISTS transfers_study ON transfers (study_instance_uid)",
     "CREATE INDEX IF NOT EXISTS blob_purges_run ON blob_purges (purge_id)",
@@ -99,6 +102,16 @@ class JobsView(AIRequestHandlers, UnitHandlers, View):
         handler = getattr(self, "_" + record.topic.replace(".", "_"), None)
         if handler is not None:
             handler(cur, record)
+
+    def end_batch(self, cur: Cursor) -> None:
+        # Each delivery carries its job's transfer, so that a transfer's progress, status and
+        # destination filter read the deliveries_transfer index alone. Deliveries are added
+        # by several handlers (and in a rebuild may come before their job): their transfer
+        # is filled here, once per batch, for every row whose job is known by now.
+        cur.execute(
+            "UPDATE deliveries SET transfer_id = (SELECT j.transfer_id FROM jobs j"
+            " WHERE j.job_id = deliveries.job_id) WHERE transfer_id IS NULL"
+            " AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = deliveries.job_id)")
 
     # ingest
     def _Job_Received(self, cur: Cursor, r: EventRecord) -> None:

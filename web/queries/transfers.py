@@ -4,7 +4,8 @@ progress, one transfer's series, and one series' instances.
 
 The jobs view keeps one ``transfers`` row per study and sender (paged by its
 ``last_received_at`` index); counts and progress are read for the rows of one page only, from
-the jobs rows of those transfers (``jobs_transfer`` index) and their deliveries. Delivery
+the jobs rows of those transfers (``jobs_transfer`` index) and their deliveries (which
+carry their transfer's id: ``deliveries_transfer`` index). Delivery
 states are named as in router/domain/delivery_states.py.
 """
 
@@ -35,17 +36,24 @@ TRANSFER_COLUMNS = (
 )
 MAX_INSTANCES = 2000  # listed per series; a bigger series says it was cut short
 
-# A transfer's status: its most urgent delivery state (the same rule as a job's).
-_URGENT_SQL = "CASE " + " ".join(
-    f"WHEN SUM(CASE WHEN d.status = '{STORED_BY_SHOWN[name]}' THEN 1 ELSE 0 END) > 0"
-    f" THEN '{name}'" for name in DELIVERY_STATES) + " END"
-_BY_STATUS_SQL = (
-    "t.transfer_id IN (SELECT j.transfer_id FROM jobs j JOIN deliveries d"
-    f" ON d.job_id = j.job_id GROUP BY j.transfer_id HAVING {_URGENT_SQL} = ?)"
-)
+
+
+def _status_sql(name: str) -> tuple[str, list[str]]:
+    """A transfer's status is its most urgent delivery state (the same rule as a job's):
+    it has a delivery in state ``name`` and none in a more urgent one. Each test is a seek
+    in the deliveries_transfer index."""
+    urgent = [STORED_BY_SHOWN[s] for s in DELIVERY_STATES[:DELIVERY_STATES.index(name)]]
+    sql = ("EXISTS (SELECT 1 FROM deliveries d WHERE d.transfer_id = t.transfer_id"
+           " AND d.status = ?)")
+    if urgent:
+        marks = ", ".join("?" for _ in urgent)
+        sql += (" AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.transfer_id ="
+                f" t.transfer_id AND d.status IN ({marks}))")
+    return sql, [STORED_BY_SHOWN[name], *urgent]
+
+
 _BY_ROUTING_SQL = (
-    "NOT EXISTS (SELECT 1 FROM jobs j JOIN deliveries d ON d.job_id = j.job_id"
-    " WHERE j.transfer_id = t.transfer_id)"
+    "NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.transfer_id = t.transfer_id)"
     " AND EXISTS (SELECT 1 FROM jobs j WHERE j.transfer_id = t.transfer_id AND j.routing = ?)"
 )
 
@@ -69,12 +77,12 @@ class TransferFilters:
             clauses.append(_BY_ROUTING_SQL)
             params.append(self.status)
         elif self.status is not None:
-            clauses.append(_BY_STATUS_SQL)
-            params.append(self.status)
+            sql, values = _status_sql(self.status)
+            clauses.append(sql)
+            params.extend(values)
         if self.destination is not None:
-            clauses.append("EXISTS (SELECT 1 FROM jobs j JOIN deliveries d ON d.job_id ="
-                           " j.job_id WHERE j.transfer_id = t.transfer_id"
-                           " AND d.destination = ?)")
+            clauses.append("EXISTS (SELECT 1 FROM deliveries d WHERE d.transfer_id ="
+                           " t.transfer_id AND d.destination = ?)")
             params.append(self.destination)
         if self.calling_aet is not None:
             clauses.append("UPPER(t.calling_aet) LIKE UPPER(?) ESCAPE '\\'")
@@ -209,9 +217,8 @@ def _add_progress(db: ViewDatabase, rows: list[dict[str, Any]]) -> None:
         " MAX(CASE WHEN routing = 'unrouted' THEN 1 ELSE 0 END) AS unrouted"
         f" FROM jobs WHERE transfer_id IN ({marks}) GROUP BY transfer_id", ids)}
     counts = db.query(
-        "SELECT j.transfer_id AS k, d.destination, d.status, COUNT(*) AS n FROM jobs j"
-        f" JOIN deliveries d ON d.job_id = j.job_id WHERE j.transfer_id IN ({marks})"
-        " GROUP BY j.transfer_id, d.destination, d.status", ids)
+        "SELECT transfer_id AS k, destination, status, COUNT(*) AS n FROM deliveries"
+        f" WHERE transfer_id IN ({marks}) GROUP BY transfer_id, destination, status", ids)
     for row in rows:
         size = sizes.get(row["transfer_id"], {})
         row["instances"] = int(size.get("instances") or 0)
