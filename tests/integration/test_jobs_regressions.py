@@ -69,6 +69,7 @@ def test_a_study_without_uid_is_its_own_findable_study(database_url: str, web_ro
         assert page.status_code == 200
         assert "None of this study" not in page.text  # its routed job is shown
         assert 'data-destination="archive"' in page.text
+        assert 'data-derived="1"' in page.text  # says the UID was derived, not received
         link = re.search(r'href="(/jobs\?study_uid=[^"]+)"', page.text)
         assert link is not None
         listed = browser.get(browser.url(html.unescape(link.group(1))))
