@@ -35,6 +35,7 @@ from router.application.users import Users
 from router.cluster.leadership import Leadership, leadership_for
 from router.cluster.nodes import NodeRegistry
 from router.cluster.schema import schema_lock
+from router.dicom.commitment_scp import CommitmentWorker, build_service
 from router.dicom.gate import Gate
 from router.dicom.qr_scp import QueryRetrieveSCP
 from router.dicom.receivers import ReceiverPool
@@ -89,6 +90,7 @@ class Router:
     fresh: FreshReads  # read-your-writes: queries wait for their view to pass the logs' heads
     nodes: NodeRegistry  # the nodes sharing this database (health page)
     duties: Leadership  # what this node does for the cluster (views, destinations, timers)
+    commitments: CommitmentWorker  # storage commitment reports no receiving thread sends
     ready: bool = False
     receivers: ReceiverPool | None = None
 
@@ -147,10 +149,16 @@ class Router:
         qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
                               remote_nodes.state, lambda: views["studies"][1], blobs, sessions,
                               policy.addresses, fresh)
+        commitment = build_service(settings, stores, blobs, remote_nodes.state, sessions,
+                                   lambda: jobs_db, lambda: fresh.wait("jobs"),
+                                   policy.addresses)
+        commitments = CommitmentWorker(commitment, jobs_db, settings.node_id,
+                                       leads=lambda: duties.holds("commitments"))
         return cls(settings=settings, box=box, stores=stores, blobs=blobs, admin=admin,
                    commands=Commands(stores, admin, box, policy), views=views, runner=runner,
                    receiver=receiver, dispatcher=dispatcher,
-                   dicom=DicomServer(settings, receiver, qr=qr),
+                   dicom=DicomServer(settings, receiver, qr=qr, commitment=commitment),
+                   commitments=commitments,
                    users=Users(stores, admin, settings.web), sessions=sessions,
                    runtime=runtime, retention=retention, remote_nodes=remote_nodes,
                    retriever=Retriever(settings, remote_nodes.state, stores, receiver,
@@ -189,6 +197,7 @@ class Router:
         self.units.start()
         self.ai_worker.start()
         self.retention.start()  # purges hourly while storage.retention_days > 0
+        self.commitments.start()  # reports outstanding from before this start, retries
         self._start_receiving()
         self.nodes.start(dicom_port=self.receivers.port if self.receivers is not None
                          else self.dicom.port)
@@ -213,6 +222,7 @@ class Router:
         else:
             self.dicom.stop(grace=min(grace, 10.0))
         self.units.stop()
+        self.commitments.stop()
         self.ai_worker.stop()
         self.dispatcher.stop(grace=grace)
         self.retention.stop()
