@@ -88,7 +88,7 @@ def test_jobs_page_lists_transfers_and_expands_them(database_url: str, web_route
     browser.login("admin", ADMIN_PASSWORD)
     page = browser.get(browser.url("/jobs")).text
     assert page.count('<tr class="transfer"') == 2 and "Transfers 1\u20132 of 2" in page
-    assert "DOE^JANE" in page and "0/3 delivered, 3 retrying" in page
+    assert "DOE, JANE" in page and "0/3 delivered, 3 retrying" in page  # names for people
     assert 'href="/jobs?view=instances' in page  # the per-instance list, one click away
     retrying = browser.get(browser.url("/jobs"), params={"status": "retrying"}).text
     assert retrying.count('<tr class="transfer"') == 1
