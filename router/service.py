@@ -23,7 +23,7 @@ from router.ai.callbacks import AICallbacks
 from router.ai.requests import AIRequests
 from router.ai.worker import AIWorker
 from router.application.admin_state import AdminState, DestinationState
-from router.application.commands import Commands
+from router.application.commands import Actor, Commands
 from router.application.receive import Receiver
 from router.application.remote_nodes import RemoteNodes, RemoteState
 from router.application.retention import Retention
@@ -32,6 +32,8 @@ from router.application.runtime_settings import RuntimeSettingsStore
 from router.application.sessions import Sessions
 from router.application.stores import APP_NAMES, EventStores, open_stores
 from router.application.users import Users
+from router.atna.messages import Source
+from router.atna.sender import AtnaSender
 from router.cluster.leadership import Leadership, leadership_for
 from router.cluster.nodes import NodeRegistry
 from router.cluster.schema import schema_lock
@@ -45,6 +47,7 @@ from router.dispatch.dispatcher import Dispatcher
 from router.dispatch.policy import DestinationPolicy
 from router.dispatch.registry import build_adapter
 from router.dispatch.units import UnitScheduler
+from router.domain.activity import NodeActivity
 from router.secrets import SecretBox, load_master_key
 from router.settings import Settings
 from router.storage.blobs import BlobStore, open_blob_store
@@ -91,6 +94,8 @@ class Router:
     duties: Leadership  # what this node does for the cluster (views, destinations, timers)
     ready: bool = False
     receivers: ReceiverPool | None = None
+    atna: AtnaSender | None = None  # audit messages to a repository ([atna], docs/atna.md)
+    activity: NodeActivity | None = None  # this run, recorded at start and stop
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Router:
@@ -157,7 +162,8 @@ class Router:
                                        sessions, box), units=units,
                    ai_requests=ai_requests, ai_worker=ai_worker,
                    ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver),
-                   policy=policy, fresh=fresh, nodes=nodes, duties=duties)
+                   policy=policy, fresh=fresh, nodes=nodes, duties=duties,
+                   atna=_atna_sender(settings, views["audit"][1], runner, duties))
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -189,6 +195,9 @@ class Router:
         self.units.start()
         self.ai_worker.start()
         self.retention.start()  # purges hourly while storage.retention_days > 0
+        self._record_start()
+        if self.atna is not None:
+            self.atna.start()
         self._start_receiving()
         self.nodes.start(dicom_port=self.receivers.port if self.receivers is not None
                          else self.dicom.port)
@@ -217,13 +226,38 @@ class Router:
         self.dispatcher.stop(grace=grace)
         self.retention.stop()
         self.nodes.stop()
+        self._record_stop()
         self.runner.stop()
+        if self.atna is not None:
+            self.atna.stop()  # after the views' last batch (the stop's row may go out)
         self.duties.close()  # after the views' last batch: another node takes them over
         self.fresh.close()
         for _, db in self.views.values():
             db.close()
         self.stores.close()
         logger.info("router stopped")
+
+    def _record_start(self) -> None:
+        """NodeActivity.Started in the access log (ATNA's Application Start)."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("dicom-router")
+        except PackageNotFoundError:
+            ours = "unknown"
+        self.activity = NodeActivity(**Actor("system").ctx(), node=self.settings.node_id,
+                                     ae_title=self.settings.ae_title, version=ours)
+        self.stores.access.save(self.activity)
+        self.runner.wake()
+
+    def _record_stop(self) -> None:
+        if self.activity is None:
+            return
+        try:
+            self.activity.stop(**Actor("system").ctx(), node=self.settings.node_id)
+            self.stores.access.save(self.activity)
+        except Exception as exc:  # the stop goes on: the log may be what failed
+            logger.error("could not record this node's stop: %s", type(exc).__name__)
 
     @property
     def gate(self) -> Gate | None:
@@ -243,6 +277,19 @@ class Router:
         receiving = self.receivers.alive() if self.receivers is not None else True
         return {"ready": self.ready and receiving, "node": self.settings.node_id,
                 "receivers_alive": receiving, "view_lag": lag}
+
+
+def _atna_sender(settings: Settings, audit_db: ViewDatabase, runner: ProjectionRunner,
+                 duties: Leadership) -> AtnaSender | None:
+    """The ATNA sender when ``[atna] host`` is set; woken as the audit view moves."""
+    if not settings.atna.enabled:
+        return None
+    source = Source(audit_source_id=settings.atna.audit_source_id or settings.ae_title,
+                    ae_title=settings.ae_title, host=settings.node_id,
+                    enterprise_site_id=settings.atna.enterprise_site_id)
+    sender = AtnaSender(settings.atna, audit_db, source, leads=lambda: duties.holds("atna"))
+    runner.add_listener(lambda view: sender.wake() if view == "audit" else None)
+    return sender
 
 
 def _default_public_url(settings: Settings) -> str:

@@ -48,6 +48,7 @@ from router.config_types import (
     validated,
     validation_error,
 )
+from router.settings_audit import AtnaSettings, AuditSettings
 
 __all__ = [
     "ENV_PREFIX",
@@ -359,6 +360,8 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     ai: AISettings = field(default_factory=AISettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    atna: AtnaSettings = field(default_factory=AtnaSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     destinations: Tables = ()
     rules: Tables = ()
     remote_nodes: Tables = ()
@@ -378,7 +381,7 @@ class Settings:
 SECTIONS: dict[str, type[Any]] = {
     "dicom": DicomSettings, "dispatch": DispatchSettings, "ingest": IngestSettings,
     "web": WebSettings, "storage": StorageSettings, "ai": AISettings,
-    "security": SecuritySettings}
+    "security": SecuritySettings, "atna": AtnaSettings, "audit": AuditSettings}
 TABLES = ("destinations", "rules", "remote_nodes")
 SERVER_KEYS = tuple(f.name for f in dataclasses.fields(Settings)
                     if f.name not in SECTIONS and f.name not in TABLES)

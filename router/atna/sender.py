@@ -1,0 +1,172 @@
+"""The ATNA sender: follows the audit view's rows with its own positions and sends each row's
+audit message to the audit record repository, at least once.
+
+Its positions (one per log, like a view's) are kept in the audit database's
+``projection_positions`` under the name ``atna`` and move only after a batch was received
+(router/atna/syslog.py). After an outage it resends from there, with a backoff doubling from
+1 s up to ``[atna] retry_max``: nothing is lost, and a message is sent twice only when it was
+in the batch in flight when the repository went away. One node of a cluster sends (the
+``atna`` duty, router/cluster/leadership.py); a rebuilt audit view has the same row keys, so
+a rebuild sends nothing again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from projections.db import ViewDatabase
+from router.atna.messages import Source, message_for
+from router.atna.syslog import SyslogError, rfc5424, send_tls, send_udp, tls_context
+from router.settings_audit import AtnaSettings
+
+logger = logging.getLogger(__name__)
+
+VIEW = "atna"
+LOGS = ("ingest", "delivery", "admin", "access")
+POLL = 1.0
+_POSITIONS = "SELECT application, position FROM projection_positions WHERE view = ?"
+_SAVE = ("INSERT INTO projection_positions (view, application, position) VALUES (?, ?, ?)"
+         " ON CONFLICT (view, application) DO UPDATE SET position = excluded.position")
+_ROWS = ("SELECT * FROM audit WHERE application = ? AND position > ?"
+         " ORDER BY position LIMIT ?")
+_DESTINATIONS = ("SELECT object_id, detail FROM audit WHERE action IN"
+                 " ('Destination.Created', 'Destination.Updated') ORDER BY occurred_at")
+
+
+class AtnaSender:
+    """Sends audit messages in batches from a thread; :meth:`send_batch` does one batch."""
+
+    def __init__(self, settings: AtnaSettings, audit_db: ViewDatabase, source: Source,
+                 leads: Callable[[], bool] = lambda: True) -> None:
+        self._settings = settings
+        self._db = audit_db
+        self._source = source
+        self._leads = leads
+        self._context = (tls_context(settings.ca_certificates, settings.certificate,
+                                     settings.private_key)
+                         if settings.transport == "tls" and settings.ca_certificates else None)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sent = 0  # messages sent (a resent batch counts again)
+        self.failures = 0  # consecutive failed sends
+        self.last_error = ""
+        self.last_sent_at: float | None = None
+
+    # --- one batch ------------------------------------------------------------------------
+    def positions(self) -> dict[str, int]:
+        rows = self._db.query(_POSITIONS, (VIEW,))
+        return {r["application"]: int(r["position"]) for r in rows}
+
+    def send_batch(self) -> int:
+        """Send the next rows (up to batch_size per log); returns how many rows were handled
+        (0: nothing new). Raises SyslogError when the repository did not take them."""
+        done = self.positions()
+        rows: list[dict[str, Any]] = []
+        for log in LOGS:
+            rows += self._db.query(_ROWS, (log, done.get(log, 0), self._settings.batch_size))
+        if not rows:
+            return 0
+        rows.sort(key=lambda r: (r["occurred_at"], r["application"], r["position"]))
+        messages = self._messages(rows)
+        if messages:
+            self._send(messages)
+            self.sent += len(messages)
+            self.last_sent_at = time.time()
+        moved = {}
+        for row in rows:
+            moved[row["application"]] = max(moved.get(row["application"], 0),
+                                            int(row["position"]))
+        with self._db.transaction() as cur:
+            for log, position in moved.items():
+                cur.execute(_SAVE, (VIEW, log, position))
+        return len(rows)
+
+    def _messages(self, rows: list[dict[str, Any]]) -> list[bytes]:
+        types = self._destination_types() if any(
+            r["action"].startswith("Delivery.") for r in rows) else {}
+        out = []
+        for row in rows:
+            try:
+                xml = message_for(row, self._source, types)
+            except Exception:  # a row we cannot describe must not stop the others
+                logger.exception("ATNA: no audit message for row %s/%s (%s)",
+                                 row["application"], row["position"], row["action"])
+                continue
+            if xml is not None:
+                out.append(rfc5424(xml, self._source.host, self._settings.app_name,
+                                   str(os.getpid()), float(row["occurred_at"])))
+        return out
+
+    def _destination_types(self) -> dict[str, str]:
+        import json
+
+        types: dict[str, str] = {}
+        for row in self._db.query(_DESTINATIONS):
+            try:
+                detail = json.loads(row["detail"] or "{}")
+            except ValueError:
+                continue
+            if isinstance(detail, dict) and detail.get("name") and detail.get("type"):
+                types[str(detail["name"])] = str(detail["type"])
+        return types
+
+    def _send(self, messages: list[bytes]) -> None:
+        s = self._settings
+        if s.transport == "udp":
+            send_udp(s.host, s.port, messages, s.timeout)
+        else:
+            assert self._context is not None
+            send_tls(s.host, s.port, self._context, messages, s.timeout)
+
+    # --- the thread -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="atna", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._settings.timeout + 5)
+            self._thread = None
+
+    def backoff(self) -> float:
+        return float(min(self._settings.retry_max, 2.0 ** min(self.failures - 1, 30)))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            if not self._leads():
+                self._wake.wait(POLL)
+                continue
+            try:
+                handled = self.send_batch()
+            except SyslogError as exc:
+                self.failures += 1
+                self.last_error = str(exc)
+                logger.warning("ATNA: audit repository %s:%d did not take a batch (%s); "
+                               "retrying in %.0f s", self._settings.host, self._settings.port,
+                               exc, self.backoff())
+                self._stop.wait(self.backoff())
+                continue
+            except Exception:
+                self.failures += 1
+                logger.exception("ATNA: sending failed; retrying in %.0f s", self.backoff())
+                self._stop.wait(self.backoff())
+                continue
+            if self.failures:
+                logger.info("ATNA: audit repository reachable again")
+            self.failures = 0
+            self.last_error = ""
+            if not handled:
+                self._wake.wait(POLL)

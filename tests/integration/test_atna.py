@@ -1,0 +1,143 @@
+"""ATNA audit messages reach a syslog receiver started by the test: over TLS (RFC 5425),
+through an outage and a receiver that dies in the middle of a batch, with nothing lost and
+only the batch in flight sent twice; and over UDP (RFC 5426)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from router.application.commands import Actor
+from router.application.sessions import AccessRecord
+from router.atna.messages import Source, message_for
+from router.atna.sender import AtnaSender
+from router.settings_audit import AtnaSettings
+from tests.atna_receiver import SyslogReceiver
+from tests.certs import TestCA
+from tests.conftest import make_settings, wait_for
+
+HEADER = re.compile(rb"^<85>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z router-a dicom-router "
+                    rb"\d+ IHE\+RFC-3881 - \xef\xbb\xbf(<AuditMessage>.*</AuditMessage>)$",
+                    re.S)
+
+
+def bodies(messages: list[bytes]) -> Counter[bytes]:
+    out: Counter[bytes] = Counter()
+    for message in messages:
+        found = HEADER.match(message)
+        assert found, f"not an RFC 5424 ATNA message: {message[:120]!r}"
+        out[found.group(1)] += 1
+    return out
+
+
+def expected(router: Any) -> Counter[bytes]:
+    """The message of every audit row ATNA has an event for, built from the view."""
+    sender: AtnaSender = router.atna
+    db = router.views["audit"][1]
+    router.runner.catch_up()
+    rows = db.query("SELECT * FROM audit ORDER BY application, position")
+    source = Source("DICOMROUTER", "DICOMROUTER", "router-a")
+    types = sender._destination_types()
+    return Counter(x for x in (message_for(r, source, types) for r in rows) if x is not None)
+
+
+def views(router: Any, first: int, count: int) -> None:
+    for i in range(first, first + count):
+        router.sessions.record(Actor("dr-who", "10.1.2.3"), AccessRecord(
+            action="study.view", object_type="study", object_id=f"1.2.3.{i}",
+            study_instance_uid=f"1.2.3.{i}", patient_id=f"PAT{i}"))
+    router.runner.wake()
+
+
+def atna_router(start_router: Any, tmp_path: Path, atna: AtnaSettings) -> Any:
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}", node_id="router-a",
+                             atna=atna)
+    return start_router(settings)
+
+
+def test_tls_outage_loses_nothing_and_resends_at_most_the_batch_in_flight(
+        tmp_path: Path, start_router: Any) -> None:
+    ca = TestCA(tmp_path / "ca")
+    server = ca.issue("repository", "audit-repository", hosts=("127.0.0.1",))
+    receiver = SyslogReceiver("tls", server.certificate, server.private_key).start()
+    port = receiver.port
+    atna = AtnaSettings(host="127.0.0.1", port=port, transport="tls",
+                        ca_certificates=ca.bundle, batch_size=5, retry_max=0.5, timeout=5.0)
+    router = atna_router(start_router, tmp_path, atna)
+    views(router, 0, 12)
+    want = expected(router)
+    wait_for(lambda: bodies(receiver.received()) == want, 30, "every message of the start")
+    assert any(b"Application Start" in body for body in want)
+    assert sum(b"110103" in body for body in want) == 12  # Instances Accessed
+    first = receiver.received()
+
+    receiver.stop()  # the repository goes away; rows keep coming
+    views(router, 100, 15)
+    wait_for(lambda: router.atna.failures >= 2, 30, "failed sends during the outage")
+    assert router.atna.last_error
+
+    # It comes back, takes part of a batch and dies before acknowledging it.
+    crashing = SyslogReceiver("tls", server.certificate, server.private_key, port=port,
+                              crash_after=3).start()
+    wait_for(lambda: crashing.crashed, 30, "the receiver crashing in a batch")
+    crashing.stop()
+    in_flight = bodies(crashing.received())
+    views(router, 200, 4)
+
+    again = SyslogReceiver("tls", server.certificate, server.private_key, port=port).start()
+    try:
+        want = expected(router)
+        got = lambda: bodies(first) + in_flight + bodies(again.received())  # noqa: E731
+        wait_for(lambda: not (want - got()), 60, "every message after the outage")
+        received = got()
+        twice = received - want
+        print(f"\nATNA over TLS: {sum(want.values())} messages expected, "
+              f"{sum(received.values())} received, {sum(twice.values())} twice "
+              f"(the crashed batch held {sum(in_flight.values())}; batch size 5 per log)")
+        assert not (received.keys() - want.keys()), "a message no audit row stands for"
+        assert max(received.values()) <= 2
+        assert twice <= in_flight, "only messages of the batch in flight came twice"
+        assert sum(twice.values()) <= 5 * 4
+    finally:
+        again.stop()
+
+
+def test_udp_sends_each_row_once(tmp_path: Path, start_router: Any) -> None:
+    receiver = SyslogReceiver("udp").start()
+    try:
+        atna = AtnaSettings(host="127.0.0.1", port=receiver.port, transport="udp",
+                            batch_size=50, retry_max=0.5)
+        router = atna_router(start_router, tmp_path, atna)
+        views(router, 0, 20)
+        want = expected(router)
+        wait_for(lambda: bodies(receiver.received()) == want, 30, "every message over UDP")
+        assert sum(want.values()) >= 20
+    finally:
+        receiver.stop()
+
+
+def test_positions_survive_a_restart_and_a_rebuild(tmp_path: Path, start_router: Any,
+                                                   monkeypatch: Any) -> None:
+    receiver = SyslogReceiver("udp").start()
+    try:
+        atna = AtnaSettings(host="127.0.0.1", port=receiver.port, transport="udp",
+                            retry_max=0.5)
+        router = atna_router(start_router, tmp_path, atna)
+        views(router, 0, 5)
+        wait_for(lambda: bodies(receiver.received()) == expected(router), 30, "the messages")
+        router.stop()
+        monkeypatch.setenv("DICOM_ROUTER_SECRET_KEY", router.settings.secret_key or "")
+        monkeypatch.setenv("DICOM_ROUTER_DATABASE_URL", router.settings.database_url)
+        from router.cli import main
+
+        assert main(["--data-dir", str(router.settings.data_dir), "projections", "rebuild",
+                     "audit"]) == 0
+        router = atna_router(start_router, tmp_path, atna)
+        views(router, 50, 3)
+        want = expected(router)
+        wait_for(lambda: bodies(receiver.received()) == want, 30, "the messages after restart")
+        assert max(bodies(receiver.received()).values()) == 1
+    finally:
+        receiver.stop()
