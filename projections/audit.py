@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from projections.audit_chain import CHAIN_SQL, ChainWriter, needs_rebuild
 from projections.db import Cursor
-from projections.runner import EventRecord, View
+from projections.runner import EventRecord, View, existing_columns
 from projections.runner import index_text as _text
 
 AUDIT_SQL = """CREATE TABLE IF NOT EXISTS audit (
@@ -72,6 +73,9 @@ _INSERT = (
 )
 
 
+_COLUMNS = ("application", "position", "occurred_at", "actor", "source_ip", "action",
+            "object_type", "object_id", "outcome", "correlation_id", "study_instance_uid",
+            "patient_id", "detail", "job_id")
 _DETAIL_SET = frozenset(DETAIL_FIELDS)
 
 
@@ -89,11 +93,24 @@ def _dump(detail: dict[str, Any]) -> str:
 class AuditView(View):
     name = "audit"
     follows = ("ingest", "delivery", "admin", "access")
-    tables = ("audit", "audit_jobs", "audit_deliveries", "audit_names")
+    tables = ("audit", "audit_jobs", "audit_deliveries", "audit_names", "audit_chain")
+
+    def __init__(self) -> None:
+        self._chain = ChainWriter()  # each row's hash link (projections/audit_chain.py)
 
     def create(self, cur: Cursor, dialect: str) -> None:
-        for sql in (AUDIT_SQL, JOBS_SQL, DELIVERIES_SQL, NAMES_SQL, *INDEXES):
+        if needs_rebuild(cur, lambda c, table: existing_columns(c, dialect, table)):
+            for table in self.tables:  # built before the chain: replayed with it
+                cur.execute(f"DROP TABLE IF EXISTS {table}")
+            cur.execute("DELETE FROM projection_positions WHERE view = ?", (self.name,))
+        for sql in (AUDIT_SQL, JOBS_SQL, DELIVERIES_SQL, NAMES_SQL, CHAIN_SQL, *INDEXES):
             cur.execute(sql)
+
+    def begin_batch(self, cur: Cursor) -> None:
+        self._chain.begin()
+
+    def end_batch(self, cur: Cursor) -> None:
+        self._chain.end(cur)
 
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         e = record.event
@@ -103,12 +120,14 @@ class AuditView(View):
         elif record.topic.startswith("Delivery."):
             _link_delivery(cur, record, row)
         _link_job(cur, record, row)
-        cur.execute(_INSERT, (
+        values = (
             record.application, record.position, record.timestamp,
             getattr(e, "actor", "system"), getattr(e, "source_ip", ""), row["action"],
             row["object_type"], row["object_id"], row["outcome"],
             getattr(e, "correlation_id", None), row["study"], row["patient"], row["detail"],
-            row["job_id"]))
+            row["job_id"])
+        cur.execute(_INSERT, values)
+        self._chain.add(dict(zip(_COLUMNS, values, strict=True)))
 
 
 def _row(record: EventRecord) -> dict[str, Any]:

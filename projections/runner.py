@@ -63,6 +63,9 @@ class View:
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         raise NotImplementedError
 
+    def begin_batch(self, cur: Cursor) -> None:
+        """Called at the start of each batch's transaction, before its first event."""
+
     def end_batch(self, cur: Cursor) -> None:
         """Called once per committed batch, inside its transaction."""
 
@@ -203,6 +206,7 @@ def _try_batch(view: View, db: ViewDatabase, apps: dict[str, Any], current: dict
             stored = _lock_positions(cur, db.dialect, view.name)
             if any(stored.get(app, 0) != current.get(app, 0) for app in view.follows):
                 raise _Moved
+            view.begin_batch(cur)
             for app_name, batch in batches:
                 mapper = apps[app_name].mapper
                 for n in batch:
