@@ -255,8 +255,10 @@ class ProjectionRunner:
 
     def __init__(self, views: Sequence[tuple[View, ViewDatabase]], apps: dict[str, Any],
                  poll_interval: float = 0.5, coalesce: float = 0.05,
-                 leads: Callable[[str], bool] = lambda view: True) -> None:
+                 leads: Callable[[str], bool] = lambda view: True,
+                 manage_schema: bool = True) -> None:
         self._views = list(views)
+        self._manage_schema = manage_schema  # False: migrate made the tables (another role)
         self._leads = leads
         # After a partial batch, wait this long so that the next one is larger: one
         # transaction per receipt would cost more than the receipts themselves.
@@ -324,9 +326,13 @@ class ProjectionRunner:
                                type(exc).__name__)
                 self._stop.wait(2.0)
 
+    def _ensure_schema(self, view: View, db: ViewDatabase) -> None:
+        if self._manage_schema:
+            ensure_schema(view, db)
+
     def start(self) -> None:
         for view, db in self._views:
-            ensure_schema(view, db)
+            self._ensure_schema(view, db)
             t = threading.Thread(target=self._run, args=(view, db), name=f"view-{view.name}",
                                  daemon=True)
             t.start()
@@ -336,7 +342,7 @@ class ProjectionRunner:
         """Synchronously apply everything recorded so far (start-up, tests, shutdown flush);
         a view another node builds is only read."""
         for view, db in self._views:
-            ensure_schema(view, db)
+            self._ensure_schema(view, db)
             if not self._leads(view.name):
                 self._follow(view, db)
                 continue

@@ -107,17 +107,19 @@ class Router:
         with schema_lock(settings.database_url):  # nodes starting together
             stores = open_stores(settings, box)
             views = open_all_views(settings)
-            for view, db in views.values():
-                ensure_schema(view, db)
             nodes = NodeRegistry(views["jobs"][1], settings.node_id,
                                  dicom_port=settings.dicom_port, http_port=settings.http_port,
                                  duties=duties.held)
-            nodes.ensure_table()
+            if settings.manage_schema:  # else migrate made them, as their owner
+                for view, db in views.values():
+                    ensure_schema(view, db)
+                nodes.ensure_table()
         configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
         admin = AdminState(stores.admin)
         runner = ProjectionRunner(list(views.values()), stores.all(),
-                                  leads=lambda view: duties.holds(f"view:{view}"))
+                                  leads=lambda view: duties.holds(f"view:{view}"),
+                                  manage_schema=settings.manage_schema)
         fresh = FreshReads(LogHeads(stores.all(), settings.database_url),
                            {name: view.follows for name, (view, _) in views.items()},
                            runner.progress, hurry=runner.hurry)

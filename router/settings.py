@@ -353,6 +353,9 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     log_level: Annotated[str, Before(_upper)] = "INFO"
     encrypt_events: bool = True
+    # False: never create or alter tables (PostgreSQL, serving as a role that owns nothing:
+    # `dicom-router migrate` runs as the tables' owner; docs/security.md).
+    manage_schema: bool = True
     dicom: DicomSettings = field(default_factory=DicomSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
