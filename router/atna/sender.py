@@ -78,7 +78,7 @@ class AtnaSender:
             self._send(messages)
             self.sent += len(messages)
             self.last_sent_at = time.time()
-        moved = {}
+        moved: dict[str, int] = {}
         for row in rows:
             moved[row["application"]] = max(moved.get(row["application"], 0),
                                             int(row["position"]))
