@@ -277,8 +277,11 @@ class Router:
                 for app in view.follows
             )
         receiving = self.receivers.alive() if self.receivers is not None else True
-        return {"ready": self.ready and receiving, "node": self.settings.node_id,
-                "receivers_alive": receiving, "view_lag": lag}
+        health = {"ready": self.ready and receiving, "node": self.settings.node_id,
+                  "receivers_alive": receiving, "view_lag": lag}
+        if self.atna is not None:
+            health["atna"] = self.atna.state()
+        return health
 
 
 def _atna_sender(settings: Settings, audit_db: ViewDatabase, runner: ProjectionRunner,

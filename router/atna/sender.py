@@ -134,11 +134,28 @@ class AtnaSender:
         self._wake.set()
 
     def stop(self) -> None:
+        """Stop the thread, then send what is left once (the router's own stop, when the
+        repository is up; else it goes out at the next start)."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self._settings.timeout + 5)
-            self._thread = None
+        if self._thread is None:
+            return
+        self._thread.join(timeout=self._settings.timeout + 5)
+        self._thread = None
+        if not self._leads():
+            return
+        try:
+            while self.send_batch():
+                pass
+        except SyslogError as exc:
+            logger.warning("ATNA: the last audit messages wait for the next start (%s)", exc)
+        except Exception:
+            logger.exception("ATNA: the final send failed")
+
+    def state(self) -> dict[str, Any]:
+        """For /readyz (public: counts only, the error stays in the log)."""
+        return {"sent": self.sent, "failures": self.failures,
+                "last_sent_at": self.last_sent_at}
 
     def backoff(self) -> float:
         return float(min(self._settings.retry_max, 2.0 ** min(self.failures - 1, 30)))

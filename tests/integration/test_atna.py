@@ -51,9 +51,10 @@ def views(router: Any, first: int, count: int) -> None:
     router.runner.wake()
 
 
-def atna_router(start_router: Any, tmp_path: Path, atna: AtnaSettings) -> Any:
-    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}", node_id="router-a",
-                             atna=atna)
+def atna_router(start_router: Any, tmp_path: Path, atna: AtnaSettings,
+                database_url: str = "") -> Any:
+    settings = make_settings(tmp_path, database_url or f"sqlite:///{tmp_path / 'db'}",
+                             node_id="router-a", atna=atna)
     return start_router(settings)
 
 
@@ -75,7 +76,8 @@ def test_tls_outage_loses_nothing_and_resends_at_most_the_batch_in_flight(
 
     receiver.stop()  # the repository goes away; rows keep coming
     views(router, 100, 15)
-    wait_for(lambda: router.atna.failures >= 2, 30, "failed sends during the outage")
+    wait_for(lambda: router.health()["atna"]["failures"] >= 2, 30,
+             "failed sends during the outage")
     assert router.atna.last_error
 
     # It comes back, takes part of a batch and dies before acknowledging it.
@@ -104,16 +106,25 @@ def test_tls_outage_loses_nothing_and_resends_at_most_the_batch_in_flight(
         again.stop()
 
 
-def test_udp_sends_each_row_once(tmp_path: Path, start_router: Any) -> None:
+def test_udp_sends_each_row_once(tmp_path: Path, start_router: Any,
+                                 database_url: str) -> None:
+    """On SQLite and on PostgreSQL (where the node takes the atna duty, an advisory lock)."""
     receiver = SyslogReceiver("udp").start()
     try:
         atna = AtnaSettings(host="127.0.0.1", port=receiver.port, transport="udp",
                             batch_size=50, retry_max=0.5)
-        router = atna_router(start_router, tmp_path, atna)
+        router = atna_router(start_router, tmp_path, atna, database_url)
         views(router, 0, 20)
         want = expected(router)
         wait_for(lambda: bodies(receiver.received()) == want, 30, "every message over UDP")
         assert sum(want.values()) >= 20
+        assert router.health()["atna"]["failures"] == 0
+        if router.settings.is_postgres:
+            assert "atna" in router.duties.held()
+        router.stop()  # the stop goes out as the last message
+        got = bodies(receiver.received())
+        assert got - want and all(b"110121" in body for body in got - want)
+        assert max(got.values()) == 1
     finally:
         receiver.stop()
 
