@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from router.application.sessions import Sessions
 from router.application.stores import APP_NAMES, EventStores, open_stores
 from router.application.users import Users
 from router.atna.messages import Source
-from router.atna.sender import AtnaSender
+from router.atna.sender import AtnaSender, tls_context_for
 from router.cluster.leadership import Leadership, leadership_for
 from router.cluster.nodes import NodeRegistry
 from router.cluster.schema import schema_lock
@@ -41,6 +42,7 @@ from router.dicom.gate import Gate
 from router.dicom.qr_scp import QueryRetrieveSCP
 from router.dicom.receivers import ReceiverPool
 from router.dicom.scp import DicomServer
+from router.dicom.tls import TlsConfigError
 from router.dicom.tuning import DUL_IDLE_DELAY, configure_pynetdicom
 from router.dispatch.base import Adapter
 from router.dispatch.dispatcher import Dispatcher
@@ -49,7 +51,7 @@ from router.dispatch.registry import build_adapter
 from router.dispatch.units import UnitScheduler
 from router.domain.activity import NodeActivity
 from router.secrets import SecretBox, load_master_key
-from router.settings import Settings
+from router.settings import Settings, SettingsError
 from router.storage.blobs import BlobStore, open_blob_store
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,10 @@ class Router:
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Router:
         """Wire a router; ``clock`` (Unix seconds) drives series/study stability and retries."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        try:  # before anything is opened: a missing certificate file stops the start
+            atna_tls = tls_context_for(settings.atna) if settings.atna.enabled else None
+        except TlsConfigError as exc:
+            raise SettingsError(f"atna: {exc}") from None
         box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
         blobs = open_blob_store(settings, box, check=True)  # an unusable bucket: no start
         duties = leadership_for(settings.database_url, settings.node_id)
@@ -165,7 +171,7 @@ class Router:
                    ai_requests=ai_requests, ai_worker=ai_worker,
                    ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver),
                    policy=policy, fresh=fresh, nodes=nodes, duties=duties,
-                   atna=_atna_sender(settings, views["audit"][1], runner, duties))
+                   atna=_atna_sender(settings, views["audit"][1], runner, duties, atna_tls))
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -285,14 +291,15 @@ class Router:
 
 
 def _atna_sender(settings: Settings, audit_db: ViewDatabase, runner: ProjectionRunner,
-                 duties: Leadership) -> AtnaSender | None:
+                 duties: Leadership, context: ssl.SSLContext | None) -> AtnaSender | None:
     """The ATNA sender when ``[atna] host`` is set; woken as the audit view moves."""
     if not settings.atna.enabled:
         return None
     source = Source(audit_source_id=settings.atna.audit_source_id or settings.ae_title,
                     ae_title=settings.ae_title, host=settings.node_id,
                     enterprise_site_id=settings.atna.enterprise_site_id)
-    sender = AtnaSender(settings.atna, audit_db, source, leads=lambda: duties.holds("atna"))
+    sender = AtnaSender(settings.atna, audit_db, source, leads=lambda: duties.holds("atna"),
+                        context=context)
     runner.add_listener(lambda view: sender.wake() if view == "audit" else None)
     return sender
 

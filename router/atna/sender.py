@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -38,18 +39,26 @@ _DESTINATIONS = ("SELECT object_id, detail FROM audit WHERE action IN"
                  " ('Destination.Created', 'Destination.Updated') ORDER BY occurred_at")
 
 
+def tls_context_for(settings: AtnaSettings) -> ssl.SSLContext | None:
+    """The TLS client context of ``[atna]`` (None for UDP); raises TlsConfigError naming a
+    missing or unusable file."""
+    if settings.transport != "tls" or settings.ca_certificates is None:
+        return None
+    return tls_context(settings.ca_certificates, settings.certificate, settings.private_key)
+
+
 class AtnaSender:
     """Sends audit messages in batches from a thread; :meth:`send_batch` does one batch."""
 
     def __init__(self, settings: AtnaSettings, audit_db: ViewDatabase, source: Source,
-                 leads: Callable[[], bool] = lambda: True) -> None:
+                 leads: Callable[[], bool] = lambda: True,
+                 context: ssl.SSLContext | None = None) -> None:
         self._settings = settings
         self._db = audit_db
         self._source = source
         self._leads = leads
-        self._context = (tls_context(settings.ca_certificates, settings.certificate,
-                                     settings.private_key)
-                         if settings.transport == "tls" and settings.ca_certificates else None)
+        self._context = context or (tls_context_for(settings)
+                                    if settings.transport == "tls" else None)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from router.dicom.tls import client_context
+
 # facility 10 (security/authorization, "authpriv"), severity 5 (notice): IHE ITI-20.
 PRI = 10 * 8 + 5
 MSGID = "IHE+RFC-3881"
@@ -41,12 +43,10 @@ def frame(message: bytes) -> bytes:
 
 def tls_context(ca_certificates: Path, certificate: Path | None = None,
                 private_key: Path | None = None) -> ssl.SSLContext:
-    """A client context verifying the repository against ``ca_certificates`` (TLS 1.2+)."""
-    context = ssl.create_default_context(cafile=str(ca_certificates))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if certificate is not None:
-        context.load_cert_chain(str(certificate), str(private_key) if private_key else None)
-    return context
+    """A client context verifying the repository's certificate against ``ca_certificates``
+    and its name: the DICOM TLS client's, BCP 195 profile (as IHE ATNA asks). Raises
+    TlsConfigError naming an unusable file."""
+    return client_context(ca_certificates, certificate, private_key, profile="bcp195")
 
 
 def send_tls(host: str, port: int, context: ssl.SSLContext, messages: Sequence[bytes],

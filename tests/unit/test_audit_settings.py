@@ -63,3 +63,13 @@ def test_audit_retention_under_six_years_needs_the_override(tmp_path: Path) -> N
     assert problems_of(tmp_path, "[audit]\nretention_days = 0\n") == []
     with pytest.raises(SettingsError, match=r"audit\.retention_days"):
         load_settings({"DICOM_ROUTER_AUDIT_RETENTION_DAYS": "30"}, data_dir=tmp_path)
+
+
+def test_a_missing_ca_file_stops_the_start_naming_it(tmp_path: Path) -> None:
+    from router.service import Router
+
+    settings = load_settings({"DICOM_ROUTER_ATNA_HOST": "127.0.0.1",
+                              "DICOM_ROUTER_ATNA_CA_CERTIFICATES": str(tmp_path / "nope.pem"),
+                              "DICOM_ROUTER_SECRET_KEY": "0" * 64}, data_dir=tmp_path)
+    with pytest.raises(SettingsError, match=r"atna: .*nope\.pem: no such file"):
+        Router.build(settings)
