@@ -50,7 +50,7 @@ INDEXES = (
 )
 
 FAILURES = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
-            "LoginFailure.Recorded", "Retrieve.Failed"}
+            "LoginFailure.Recorded", "Retrieve.Failed", "AssociationRefusal.Recorded"}
 
 # Fields that are safe and useful to show in the audit trail's detail column. Anything not
 # listed (index, config, spec, password_hash, token_hash) never reaches the view.
@@ -60,7 +60,7 @@ DETAIL_FIELDS = (
     "reason", "destination", "attempt", "error", "retry_at", "detail", "permanent",
     "original_job_id", "job_id", "name", "duration_ms", "role", "token_id", "label", "kind",
     "expires_at", "stopped_by", "value", "previous", "node", "node_ae", "method", "level",
-    "completed", "failed", "warning", "remaining",
+    "completed", "failed", "warning", "remaining", "count",
 )
 # What a rule change shows of the rule: not its criteria, which may quote tag values.
 RULE_SUMMARY = ("priority", "enabled", "destinations", "stop")

@@ -41,6 +41,7 @@ from router.cluster.schema import schema_lock
 from router.dicom.gate import Gate
 from router.dicom.qr_scp import QueryRetrieveSCP
 from router.dicom.receivers import ReceiverPool
+from router.dicom.refusals import RefusalRecorder
 from router.dicom.scp import DicomServer
 from router.dicom.tls import TlsConfigError
 from router.dicom.tuning import DUL_IDLE_DELAY, configure_pynetdicom
@@ -98,6 +99,7 @@ class Router:
     receivers: ReceiverPool | None = None
     atna: AtnaSender | None = None  # audit messages to a repository ([atna], docs/atna.md)
     activity: NodeActivity | None = None  # this run, recorded at start and stop
+    refusals: RefusalRecorder | None = None  # refused associations, counted per minute
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Router:
@@ -207,6 +209,7 @@ class Router:
         if self.atna is not None:
             self.atna.start()
         self._start_receiving()
+        self._audit_refusals()
         self.nodes.start(dicom_port=self.receivers.port if self.receivers is not None
                          else self.dicom.port)
         self.ready = True
@@ -234,6 +237,8 @@ class Router:
         self.dispatcher.stop(grace=grace)
         self.retention.stop()
         self.nodes.stop()
+        if self.refusals is not None:
+            self.refusals.stop()  # saves the last minute's count
         self._record_stop()
         self.runner.stop()
         if self.atna is not None:
@@ -244,6 +249,20 @@ class Router:
             db.close()
         self.stores.close()
         logger.info("router stopped")
+
+    def _audit_refusals(self) -> None:
+        """Refused associations go to the access log, counted per minute (refusals.py)."""
+        gate = self.gate
+        if gate is None:
+            return
+
+        def save(events: list[Any]) -> None:
+            self.stores.access.save(*events)
+            self.runner.wake()
+
+        self.refusals = RefusalRecorder(save, self.settings.node_id)
+        gate.on_refused = self.refusals.note
+        self.refusals.start()
 
     def _record_start(self) -> None:
         """NodeActivity.Started in the access log (ATNA's Application Start)."""

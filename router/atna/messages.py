@@ -33,6 +33,7 @@ APPLICATION_START: Code = ("110120", "DCM", "Application Start")
 APPLICATION_STOP: Code = ("110121", "DCM", "Application Stop")
 LOGIN: Code = ("110122", "DCM", "Login")
 LOGOUT: Code = ("110123", "DCM", "Logout")
+NODE_AUTHENTICATION: Code = ("110126", "DCM", "Node Authentication")
 NETWORK_CONFIGURATION: Code = ("110128", "DCM", "Network Configuration")
 SOFTWARE_CONFIGURATION: Code = ("110131", "DCM", "Software Configuration")
 RESTRICTED_FUNCTION: Code = ("110132", "DCM", "Use of Restricted Function")
@@ -115,6 +116,7 @@ class _Builder:
             "Job.BlobPurged": self._purged, "Session.Started": self._login,
             "Session.Ended": self._login, "LoginFailure.Recorded": self._login,
             "access.denied": self._alert, "User.RoleChanged": self._alert,
+            "AssociationRefusal.Recorded": self._refused,
             "audit.export": self._audit_export, "study.store": self._accessed,
             "dimse.move": self._begin_retrieve, "dimse.get": self._begin_retrieve,
             "remote.move": self._begin_retrieve, "remote.get": self._begin_retrieve,
@@ -317,6 +319,15 @@ class _Builder:
         else:
             self._object(f"{object_type}:{name}", URI, "2", "13", name=name,
                          details={"action": a})
+
+    def _refused(self) -> None:
+        count = self.detail.get("count") or 1
+        self._event(SECURITY_ALERT, "E", NODE_AUTHENTICATION, outcome="4",
+                    description=f"association refused: {self.detail.get('reason') or ''} "
+                                f"({count} time{'s' if count != 1 else ''})")
+        self._actor(True, SOURCE)
+        self._router(False, DESTINATION)
+        self._audit_source()
 
     def _audit_used(self) -> None:
         self._event(AUDIT_LOG_USED, "R")

@@ -56,6 +56,7 @@ CASES = {
     "Session.Ended": ("110114", "110123", "E", "0"),
     "LoginFailure.Recorded": ("110114", "110122", "E", "4"),
     "access.denied": ("110113", "110132", "E", "4"),
+    "AssociationRefusal.Recorded": ("110113", "110126", "E", "4"),
     "User.RoleChanged": ("110113", "110136", "E", "0"),
     "User.Created": ("110113", "110137", "E", "0"),
     "Destination.Updated": ("110113", "110128", "E", "0"),
