@@ -227,7 +227,10 @@ class _Builder:
         self._study_and_patient(str(self.detail.get("sop_class_uid") or ""))
 
     def _to_destination(self) -> str:
-        return str(self.detail.get("destination") or self.row.get("object_id") or "")
+        """The destination's name: in Delivery.Created's detail; later delivery rows carry
+        only the delivery id, and the sender adds the name as ``destination``."""
+        return str(self.detail.get("destination") or self.row.get("destination")
+                   or self.row.get("object_id") or "")
 
     def _begin_delivery(self) -> None:
         self._event(BEGIN_TRANSFERRING, "E", outcome="0")

@@ -97,10 +97,13 @@ class AtnaSender:
         return len(rows)
 
     def _messages(self, rows: list[dict[str, Any]]) -> list[bytes]:
-        types = self._destination_types() if any(
-            r["action"].startswith("Delivery.") for r in rows) else {}
+        deliveries = [r for r in rows if r["action"].startswith("Delivery.")]
+        types = self._destination_types() if deliveries else {}
+        names = self._destination_names({r["object_id"] for r in deliveries})
         out = []
         for row in rows:
+            if row["object_id"] in names:  # later delivery events name only the delivery
+                row = {**row, "destination": names[row["object_id"]]}
             try:
                 xml = message_for(row, self._source, types)
             except Exception:  # a row we cannot describe must not stop the others
@@ -111,6 +114,26 @@ class AtnaSender:
                 out.append(rfc5424(xml, self._source.host, self._settings.app_name,
                                    str(os.getpid()), float(row["occurred_at"])))
         return out
+
+    def _destination_names(self, delivery_ids: set[str]) -> dict[str, str]:
+        """Delivery id -> destination name, from each delivery's Delivery.Created row."""
+        import json
+
+        if not delivery_ids:
+            return {}
+        ids = sorted(delivery_ids)
+        marks = ", ".join("?" for _ in ids)
+        names: dict[str, str] = {}
+        for row in self._db.query(
+                f"SELECT object_id, detail FROM audit WHERE action = 'Delivery.Created'"
+                f" AND object_id IN ({marks})", ids):
+            try:
+                detail = json.loads(row["detail"] or "{}")
+            except ValueError:
+                continue
+            if isinstance(detail, dict) and detail.get("destination"):
+                names[row["object_id"]] = str(detail["destination"])
+        return names
 
     def _destination_types(self) -> dict[str, str]:
         import json

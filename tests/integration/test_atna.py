@@ -4,10 +4,15 @@ only the batch in flight sent twice; and over UDP (RFC 5426)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from lxml import etree
+from pydicom.data import get_testdata_file
 
 from router.application.commands import Actor
 from router.application.sessions import AccessRecord
@@ -18,6 +23,9 @@ from tests.atna_receiver import SyslogReceiver
 from tests.certs import TestCA
 from tests.conftest import make_settings, wait_for
 
+SCHEMA = etree.RelaxNG.from_rnc_string(
+    (Path(__file__).parents[2] / "docs" / "schema" / "dicom-audit-message.rnc").read_text()
+    .replace("##", "#"))  # as in tests/unit/test_atna_messages.py
 HEADER = re.compile(rb"^<85>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z router-a dicom-router "
                     rb"\d+ IHE\+RFC-3881 - \xef\xbb\xbf(<AuditMessage>.*</AuditMessage>)$",
                     re.S)
@@ -33,14 +41,23 @@ def bodies(messages: list[bytes]) -> Counter[bytes]:
 
 
 def expected(router: Any) -> Counter[bytes]:
-    """The message of every audit row ATNA has an event for, built from the view."""
+    """The message of every audit row ATNA has an event for, built from the view; each one
+    valid against the DICOM audit message schema."""
     sender: AtnaSender = router.atna
     db = router.views["audit"][1]
     router.runner.catch_up()
     rows = db.query("SELECT * FROM audit ORDER BY application, position")
     source = Source("DICOMROUTER", "DICOMROUTER", "router-a")
     types = sender._destination_types()
-    return Counter(x for x in (message_for(r, source, types) for r in rows) if x is not None)
+    names = sender._destination_names({r["object_id"] for r in rows
+                                       if r["action"].startswith("Delivery.")})
+    rows = [{**r, "destination": names[r["object_id"]]} if r["object_id"] in names else r
+            for r in rows]
+    messages = Counter(x for x in (message_for(r, source, types) for r in rows)
+                       if x is not None)
+    for xml in messages:
+        assert SCHEMA.validate(etree.fromstring(xml)), SCHEMA.error_log
+    return messages
 
 
 def views(router: Any, first: int, count: int) -> None:
@@ -49,6 +66,26 @@ def views(router: Any, first: int, count: int) -> None:
             action="study.view", object_type="study", object_id=f"1.2.3.{i}",
             study_instance_uid=f"1.2.3.{i}", patient_id=f"PAT{i}"))
     router.runner.wake()
+
+
+def receive_and_deliver(router: Any, tmp_path: Path) -> None:
+    """A rule and a folder destination, and a CT image received by storescu and delivered."""
+    admin = Actor("admin", "127.0.0.1")
+    (tmp_path / "archive").mkdir()
+    router.commands.put_destination({"name": "archive", "type": "file",
+                                     "path": str(tmp_path / "archive")}, admin)
+    router.commands.put_rule({"name": "all", "calling_aet": "*",
+                              "destinations": ["archive"]}, admin)
+    router.runner.catch_up()
+    sent = subprocess.run(["storescu", "-aet", "CT_1", "-aec", "DICOMROUTER", "127.0.0.1",
+                           str(router.dicom.port),
+                           get_testdata_file("CT_small.dcm", download=False)],
+                          env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True,
+                          text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    jobs = router.views["jobs"][1]
+    wait_for(lambda: jobs.query("SELECT 1 FROM deliveries WHERE status = 'delivered'"), 60,
+             "the delivery to the folder")
 
 
 def atna_router(start_router: Any, tmp_path: Path, atna: AtnaSettings,
@@ -114,10 +151,16 @@ def test_udp_sends_each_row_once(tmp_path: Path, start_router: Any,
         atna = AtnaSettings(host="127.0.0.1", port=receiver.port, transport="udp",
                             batch_size=50, retry_max=0.5)
         router = atna_router(start_router, tmp_path, atna, database_url)
+        receive_and_deliver(router, tmp_path)
         views(router, 0, 20)
         want = expected(router)
         wait_for(lambda: bodies(receiver.received()) == want, 30, "every message over UDP")
         assert sum(want.values()) >= 20
+        events = Counter(re.search(rb'<EventID csd-code="(\d+)"', body).group(1)  # type: ignore[union-attr]
+                         for body in want)
+        # received (110104 C), begin (110102), exported to the folder (110106), accessed
+        # (110103), configuration changes (110113), the start (110100)
+        assert {b"110104", b"110102", b"110106", b"110103", b"110113", b"110100"} <= set(events)
         assert router.health()["atna"]["failures"] == 0
         if router.settings.is_postgres:
             assert "atna" in router.duties.held()

@@ -110,8 +110,9 @@ def test_transfers_name_source_and_destination_roles_and_the_study_and_patient(
 
 def test_a_delivery_to_a_bucket_is_an_export_to_destination_media(
         schema: etree.RelaxNG) -> None:
-    xml = message_for(row("Delivery.Succeeded", detail={"destination": "cloud"}), SOURCE,
-                      {"cloud": "s3"})
+    # A Delivery.Succeeded row names only the delivery: the sender adds its destination.
+    xml = message_for(row("Delivery.Succeeded", object_id="d-1", destination="cloud",
+                          detail={"attempt": 1}), SOURCE, {"cloud": "s3"})
     doc = etree.fromstring(xml)
     assert schema.validate(doc), schema.error_log
     assert doc.find("EventIdentification/EventID").get("csd-code") == "110106"
