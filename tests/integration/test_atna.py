@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from lxml import etree
 from pydicom.data import get_testdata_file
 
@@ -26,8 +27,9 @@ from tests.conftest import make_settings, wait_for
 SCHEMA = etree.RelaxNG.from_rnc_string(
     (Path(__file__).parents[2] / "docs" / "schema" / "dicom-audit-message.rnc").read_text()
     .replace("##", "#"))  # as in tests/unit/test_atna_messages.py
-HEADER = re.compile(rb"^<85>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z router-a dicom-router "
-                    rb"\d+ IHE\+RFC-3881 - \xef\xbb\xbf(<AuditMessage>.*</AuditMessage>)$",
+HEADER = re.compile(rb"^<85>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
+                    rb" (?:router-a|node-a|node-b) dicom-router \d+ IHE\+RFC-3881 -"
+                    rb" \xef\xbb\xbf(<AuditMessage>.*</AuditMessage>)$",
                     re.S)
 
 
@@ -193,5 +195,43 @@ def test_positions_survive_a_restart_and_a_rebuild(tmp_path: Path, start_router:
         want = expected(router)
         wait_for(lambda: bodies(receiver.received()) == want, 30, "the messages after restart")
         assert max(bodies(receiver.received()).values()) == 1
+    finally:
+        receiver.stop()
+
+
+def same_row(messages: Counter[bytes]) -> Counter[bytes]:
+    """Messages with the sending node's name blanked: the same row sent by either node."""
+    out: Counter[bytes] = Counter()
+    for body, n in messages.items():
+        out[re.sub(rb'NetworkAccessPointID="(?:router-a|node-a|node-b)"',
+                   b'NetworkAccessPointID="node"', body)] += n
+    return out
+
+
+@pytest.mark.postgres
+def test_one_node_of_a_cluster_sends_and_another_takes_over(
+        pg_url: str, tmp_path: Path, start_router: Any) -> None:
+    receiver = SyslogReceiver("udp").start()
+    try:
+        atna = AtnaSettings(host="127.0.0.1", port=receiver.port, transport="udp",
+                            retry_max=0.5)
+        nodes = [start_router(make_settings(tmp_path / name, pg_url, node_id=name, atna=atna))
+                 for name in ("node-a", "node-b")]
+        views(nodes[0], 0, 10)
+        views(nodes[1], 100, 10)
+        want = same_row(expected(nodes[0]))
+        wait_for(lambda: same_row(bodies(receiver.received())) == want, 30,
+                 "every message, once")
+        holders = [n for n in nodes if "atna" in n.duties.held()]
+        assert len(holders) == 1
+        holder = holders[0]
+        other = nodes[1] if holder is nodes[0] else nodes[0]
+        holder.stop()  # its stop goes out; the other node takes the duty within a second
+        views(other, 200, 5)
+        want = same_row(expected(other))
+        wait_for(lambda: same_row(bodies(receiver.received())) == want, 30,
+                 "the other node sending from where the first stopped")
+        assert "atna" in other.duties.held()
+        assert max(same_row(bodies(receiver.received())).values()) == 1
     finally:
         receiver.stop()
