@@ -228,10 +228,14 @@ def test_one_node_of_a_cluster_sends_and_another_takes_over(
         other = nodes[1] if holder is nodes[0] else nodes[0]
         holder.stop()  # its stop goes out; the other node takes the duty within a second
         views(other, 200, 5)
+        wait_for(lambda: "atna" in other.duties.held(), 10, "the other node taking the duty")
+        audit = other.views["audit"][1]
+        wait_for(lambda: len(audit.query("SELECT 1 FROM audit WHERE object_id IN"
+                                         " ('1.2.3.200', '1.2.3.204')")) == 2, 10,
+                 "the other node building the audit view")
         want = same_row(expected(other))
         wait_for(lambda: same_row(bodies(receiver.received())) == want, 30,
                  "the other node sending from where the first stopped")
-        assert "atna" in other.duties.held()
         assert max(same_row(bodies(receiver.received())).values()) == 1
     finally:
         receiver.stop()
