@@ -74,6 +74,10 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         db.close()
     broken = verdict.broken
+    where = "" if broken is None else f" broken={broken.application}/{broken.position}"
+    _record_verify(settings, "success" if broken is None else "failure",
+                   f"checked={verdict.checked}{where} from={args.since or ''} "
+                   f"to={args.until or ''} os_user={_os_user()}")
     if broken is None:
         print(f"audit trail intact: {verdict.checked} records checked; head hash {verdict.head}")
         return 0
@@ -81,6 +85,22 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
           f"(time {iso(broken.occurred_at) or 'unknown'}, link {broken.seq}): {broken.problem}; "
           f"{verdict.checked} records before it are intact", file=sys.stderr)
     return 1
+
+
+def _record_verify(settings: Settings, outcome: str, detail: str) -> None:
+    """Checking the audit trail is a use of it: recorded as ``audit.verify`` by ``cli``."""
+    from router.application.commands import Actor
+    from router.application.sessions import AccessRecord, Sessions
+    from router.application.stores import open_stores
+    from router.secrets import SecretBox, load_master_key
+
+    stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
+                                                             settings.data_dir)), role="tool")
+    try:
+        Sessions(stores).record(Actor("cli"), AccessRecord(
+            action="audit.verify", object_type="audit", outcome=outcome, detail=detail))
+    finally:
+        stores.close()
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:

@@ -43,20 +43,26 @@ def worked(database_url: str, tmp_path: Path, start_router: Any, monkeypatch: An
     router.runner.catch_up()
     monkeypatch.setenv("DICOM_ROUTER_DATABASE_URL", database_url)
     monkeypatch.setenv("DICOM_ROUTER_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("DICOM_ROUTER_SECRET_KEY", settings.secret_key or "")
     return router
 
 
 def test_an_intact_trail_verifies_and_each_link_is_the_documented_hash(
         worked: Any, capsys: Any) -> None:
-    code, out = verify(capsys)
-    assert code == 0, out
     db = worked.views["audit"][1]
     count = db.query("SELECT COUNT(*) AS n FROM audit")[0]["n"]
+    code, out = verify(capsys)
+    assert code == 0, out
     assert re.search(rf"intact: {count} records checked", out)
+    # The check is itself recorded, by cli, with what it found.
+    worked.runner.catch_up()
+    rows = db.query("SELECT actor, outcome, detail FROM audit WHERE action = 'audit.verify'")
+    assert [(r["actor"], r["outcome"]) for r in rows] == [("cli", "success")]
+    assert f"checked={count}" in rows[0]["detail"]
     rows = db.query("SELECT a.*, c.hash, c.seq FROM audit_chain c JOIN audit a ON"
                     " a.application = c.application AND a.position = c.position"
                     " ORDER BY c.seq")
-    assert len(rows) == count >= 33
+    assert len(rows) == count + 1 >= 34  # and the verify's own row
     # docs/security.md: SHA-256 of the previous hash (hex) + the canonical JSON array.
     first = rows[0]
     import hashlib
@@ -76,6 +82,10 @@ def test_a_changed_row_is_named_with_exit_code_1(worked: Any, capsys: Any) -> No
     assert code == 1, out
     assert f"record {target['application']}/{target['position']} " in out
     assert "does not match its hash" in out
+    worked.runner.catch_up()
+    found = db.query("SELECT outcome, detail FROM audit WHERE action = 'audit.verify'")
+    assert found[0]["outcome"] == "failure"
+    assert f"broken={target['application']}/{target['position']}" in found[0]["detail"]
     from web.queries.audit import iso
     assert iso(target["occurred_at"]) in out
     # Checking only what came after it finds the rest intact.
