@@ -15,9 +15,12 @@ from typing import Any
 
 from projections.db import Cursor, ViewDatabase
 
+# study_hashed, patient_hashed: 1 when the row had that value as it was written (it is part
+# of the hash), 0 when it was empty then (the view may fill it in later: see canonical()).
 CHAIN_SQL = """CREATE TABLE IF NOT EXISTS audit_chain (
     seq BIGINT PRIMARY KEY, application TEXT NOT NULL, position BIGINT NOT NULL,
-    hash TEXT NOT NULL, UNIQUE (application, position))"""
+    hash TEXT NOT NULL, study_hashed INTEGER NOT NULL, patient_hashed INTEGER NOT NULL,
+    UNIQUE (application, position))"""
 GENESIS = "0" * 64
 PAGE = 2000
 # The columns of an audit row, in the order the canonical form lists them.
@@ -26,29 +29,29 @@ FIELDS = ("application", "position", "occurred_at", "actor", "source_ip", "actio
           "study_instance_uid", "patient_id")
 
 
-def own_study(row: dict[str, Any]) -> bool:
-    """True when the row's study and patient come from its own event (a receipt, an access
-    to something other than a job). Rows tied to a job hold copies of its receipt's, filled
-    in later when the receipt is read after them: not part of their hashed content (the
-    receipt's row, which has them, is hashed with them)."""
-    return row["action"] == "Job.Received" or (row["application"] == "access"
-                                               and not row["job_id"])
-
-
-def canonical(row: dict[str, Any]) -> bytes:
-    """The row as compact JSON: an array of FIELDS, UTF-8; study and patient null unless
-    :func:`own_study`."""
+def canonical(row: dict[str, Any], study_hashed: bool, patient_hashed: bool) -> bytes:
+    """The row as compact JSON: an array of FIELDS, UTF-8. Study and patient are null unless
+    the row had them when it was written: the view fills in those of a row written before
+    its job's receipt (or its study's) later, as copies of the receipt's, whose row has
+    them hashed."""
     values: list[Any] = [row[f] for f in FIELDS[:12]]
     values[1] = int(values[1])
     values[2] = float(values[2])
-    own = own_study(row)
-    values += [row["study_instance_uid"] if own else None, row["patient_id"] if own else None]
+    values += [row["study_instance_uid"] if study_hashed else None,
+               row["patient_id"] if patient_hashed else None]
     return json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def link(previous: str, row: dict[str, Any]) -> str:
+def link(previous: str, row: dict[str, Any], study_hashed: bool = True,
+         patient_hashed: bool = True) -> str:
     """hex SHA-256 of the previous link's hex hash (ASCII) followed by the canonical row."""
-    return hashlib.sha256(previous.encode("ascii") + canonical(row)).hexdigest()
+    return hashlib.sha256(previous.encode("ascii")
+                          + canonical(row, study_hashed, patient_hashed)).hexdigest()
+
+
+def hashed(row: dict[str, Any]) -> tuple[bool, bool]:
+    """Which of study and patient a row being written has (and so hashes)."""
+    return row["study_instance_uid"] is not None, row["patient_id"] is not None
 
 
 class ChainWriter:
@@ -72,10 +75,11 @@ class ChainWriter:
         links = []
         for (application, position), row in self._rows.items():
             seq += 1
-            previous = link(previous, row)
-            links.append((seq, application, position, previous))
-        cur.executemany("INSERT INTO audit_chain (seq, application, position, hash)"
-                        " VALUES (?, ?, ?, ?)", links)
+            study, patient = hashed(row)
+            previous = link(previous, row, study, patient)
+            links.append((seq, application, position, previous, int(study), int(patient)))
+        cur.executemany("INSERT INTO audit_chain (seq, application, position, hash,"
+                        " study_hashed, patient_hashed) VALUES (?, ?, ?, ?, ?, ?)", links)
         self._rows.clear()
 
 
@@ -104,6 +108,7 @@ class Verdict:
 
 _PAGE_SQL = (
     "SELECT c.seq, c.hash, c.application AS c_application, c.position AS c_position,"
+    " c.study_hashed, c.patient_hashed,"
     " a.application, a.position, a.occurred_at, a.actor, a.source_ip, a.action,"
     " a.object_type, a.object_id, a.outcome, a.correlation_id, a.detail, a.job_id,"
     " a.study_instance_uid, a.patient_id FROM audit_chain c LEFT JOIN audit a"
@@ -162,7 +167,8 @@ def _problem(entry: dict[str, Any], previous: str, seq: int, last_seq: int) -> s
         return f"the links {last_seq + 1} to {seq - 1} before it were deleted"
     if entry["application"] is None:
         return "the record was deleted"
-    if link(previous, entry) != entry["hash"]:
+    if link(previous, entry, bool(entry["study_hashed"]),
+            bool(entry["patient_hashed"])) != entry["hash"]:
         return "the record's content does not match its hash (changed since it was written)"
     return ""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from projections.ai_requests import AI_TABLES, AIRequestHandlers
+from projections.commitments import COMMITMENT_TABLES, COMMITMENTS_SQL, CommitmentHandlers
 from projections.db import Cursor
 from projections.runner import EventRecord, View, drop_if_outdated
 from projections.runner import index_text as _text
@@ -62,18 +63,20 @@ _UPSERT_DELIVERY = (
 )
 
 
-class JobsView(AIRequestHandlers, UnitHandlers, View):
+class JobsView(AIRequestHandlers, CommitmentHandlers, UnitHandlers, View):
     name = "jobs"
     follows = ("ingest", "delivery")
     tables = ("jobs", "deliveries", "receipt_failures", "blob_purges", *UNIT_TABLES,
-              *AI_TABLES)
+              *AI_TABLES, *COMMITMENT_TABLES)
 
     def create(self, cur: Cursor, dialect: str) -> None:
-        drop_if_outdated(self, cur, dialect, {"jobs": JOBS_SQL, "deliveries": DELIVERIES_SQL})
+        drop_if_outdated(self, cur, dialect, {"jobs": JOBS_SQL, "deliveries": DELIVERIES_SQL,
+                                              "storage_commitments": COMMITMENTS_SQL})
         for sql in (JOBS_SQL, DELIVERIES_SQL, FAILURES_SQL, PURGES_SQL, *INDEXES):
             cur.execute(sql)
         self.create_units(cur)
         self.create_ai(cur)
+        self.create_commitments(cur)
 
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         handler = getattr(self, "_" + record.topic.replace(".", "_"), None)

@@ -4,6 +4,7 @@ the database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -59,17 +60,23 @@ def test_an_intact_trail_verifies_and_each_link_is_the_documented_hash(
     rows = db.query("SELECT actor, outcome, detail FROM audit WHERE action = 'audit.verify'")
     assert [(r["actor"], r["outcome"]) for r in rows] == [("cli", "success")]
     assert f"checked={count}" in rows[0]["detail"]
-    rows = db.query("SELECT a.*, c.hash, c.seq FROM audit_chain c JOIN audit a ON"
+    rows = db.query("SELECT a.*, c.hash, c.seq, c.study_hashed, c.patient_hashed"
+                    " FROM audit_chain c JOIN audit a ON"
                     " a.application = c.application AND a.position = c.position"
                     " ORDER BY c.seq")
     assert len(rows) == count + 1 >= 34  # and the verify's own row
     # docs/security.md: SHA-256 of the previous hash (hex) + the canonical JSON array.
+    def flags(row: dict[str, Any]) -> tuple[bool, bool]:
+        return bool(row["study_hashed"]), bool(row["patient_hashed"])
+
     first = rows[0]
-    import hashlib
-    assert first["hash"] == hashlib.sha256(GENESIS.encode() + canonical(first)).hexdigest()
-    assert canonical(first).startswith(b'["')
-    assert all(rows[i]["hash"] == link(rows[i - 1]["hash"], rows[i])
+    assert first["hash"] == hashlib.sha256(
+        GENESIS.encode() + canonical(first, *flags(first))).hexdigest()
+    assert canonical(first, *flags(first)).startswith(b'["admin",1,')
+    assert all(rows[i]["hash"] == link(rows[i - 1]["hash"], rows[i], *flags(rows[i]))
                for i in range(1, len(rows)))
+    views = [r for r in rows if r["action"] == "study.view"]
+    assert all(flags(r) == (True, True) for r in views)  # their own study and patient
 
 
 def test_a_changed_row_is_named_with_exit_code_1(worked: Any, capsys: Any) -> None:

@@ -1,5 +1,7 @@
-"""The dashboard ``/``: throughput over the last hour, queues, failures and destination health,
-refreshed by HTMX polling ``/dashboard/live`` every few seconds. No PHI is shown.
+"""The dashboard (``/dashboard``, and ``/`` for admins and operators): throughput over the
+last hour, queues, failures and destination health, refreshed by HTMX polling
+``/dashboard/live`` every few seconds. No PHI is shown. ``/`` is each role's landing page: a
+radiologist lands on Studies, an auditor on the audit trail.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from web.api.stats import read_stats
+from web.auth import current_user
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS
 from web.queries.ai import turnaround
@@ -21,6 +24,8 @@ CHART_WIDTH = 600
 CHART_HEIGHT = 120
 POLL_SECONDS = 5
 AI_WINDOW = 24 * 3600.0  # AI turnaround times over the last day
+# Where a role's daily work starts (after login and at ``/``); others get the dashboard.
+LANDING = {"radiologist": "/studies", "auditor": "/audit"}
 
 
 def chart(minutes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -50,11 +55,21 @@ async def dashboard(request: web.Request) -> web.Response:
     return render(request, "dashboard.html", **await stats_values(request))
 
 
+async def landing(request: web.Request) -> web.Response:
+    """``/``: the page the user's role works from (the login form sends users here)."""
+    target = LANDING.get(current_user(request).role)
+    if target is not None:
+        raise web.HTTPFound(target)
+    return await dashboard(request)
+
+
 async def live(request: web.Request) -> web.Response:
     return render(request, "_dashboard_stats.html", **await stats_values(request))
 
 
 ROUTES = [
-    Route("GET", "/", dashboard, "dashboard", "Dashboard"),
+    Route("GET", "/", landing, "dashboard", "Landing page: Studies for a radiologist, the"
+          " audit trail for an auditor, else the dashboard"),
+    Route("GET", "/dashboard", dashboard, "dashboard", "Dashboard"),
     Route("GET", "/dashboard/live", live, "dashboard", "Dashboard figures (HTMX fragment)"),
 ]
