@@ -57,9 +57,9 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 OUTCOME = {"success": "0", "failure": "4", "denied": "4", "not_found": "4"}
 # XML 1.0 refuses these characters even escaped; a received AE title or reason may hold them.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-_ACCESSES = ("study.view", "viewer.open", "job.view", "dicomweb.retrieve", "dicomweb.metadata",
-             "dicomweb.frames", "dicomweb.bulkdata", "dicomweb.rendered", "dicomweb.thumbnail",
-             "wado.retrieve", "job.dry_run", "remote.retrieve.view")
+_ACCESSES = ("study.view", "instance.view", "viewer.open", "job.view", "dicomweb.retrieve",
+             "dicomweb.metadata", "dicomweb.frames", "dicomweb.bulkdata", "dicomweb.rendered",
+             "dicomweb.thumbnail", "wado.retrieve", "job.dry_run", "remote.retrieve.view")
 _QUERIES = ("studies.search", "dicomweb.search", "dimse.find", "remote.find", "jobs.list",
             "remote.retrieves")
 _USERS = ("User.Created", "User.PasswordChanged", "User.Disabled", "User.Enabled",
@@ -118,6 +118,7 @@ class _Builder:
             "access.denied": self._alert, "User.RoleChanged": self._alert,
             "AssociationRefusal.Recorded": self._refused,
             "audit.export": self._audit_export, "study.store": self._accessed,
+            "audit.access_report_export": self._audit_export, "study.export": self._exported,
             "dimse.move": self._begin_retrieve, "dimse.get": self._begin_retrieve,
             "remote.move": self._begin_retrieve, "remote.get": self._begin_retrieve,
         }
@@ -250,6 +251,16 @@ class _Builder:
         self._participant(destination, False, DESTINATION_MEDIA if exported else DESTINATION,
                           alternative=kind if exported else "")
         self._audit_source()
+        self._study_and_patient()
+
+    def _exported(self) -> None:
+        """A user downloaded a study, series or instance (ZIP): data leaves the system."""
+        self._event(EXPORT, "R")
+        self._actor(True, DESTINATION_MEDIA)
+        self._router(False, SOURCE)
+        self._audit_source()
+        if not self.row.get("study_instance_uid") and not self.row.get("patient_id"):
+            self._object(self.row.get("object_id") or self.action, URI, "2", "4")
         self._study_and_patient()
 
     def _purged(self) -> None:

@@ -65,6 +65,10 @@ CASES = {
     "RuntimeSettings.Changed": ("110113", "110131", "E", "0"),
     "audit.search": ("110101", None, "R", "0"),
     "audit.export": ("110106", None, "R", "0"),
+    "audit.access_report_export": ("110106", None, "R", "0"),
+    "audit.access_report": ("110101", None, "R", "0"),
+    "study.export": ("110106", None, "R", "0"),
+    "instance.view": ("110103", None, "R", "0"),
 }
 FAILED = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
           "LoginFailure.Recorded"}
