@@ -10,6 +10,7 @@ import getpass
 import re
 from typing import Any
 
+from router.domain.delivery_states import ALIASES, DELIVERY_STATES, shown, stored
 from router.settings import Settings
 
 UID = re.compile(r"^[0-9.]{1,64}$")
@@ -23,8 +24,9 @@ def add_parsers(sub: Any) -> None:
     deliveries = sub.add_parser("deliveries", help="list, requeue or cancel deliveries")
     dsub = deliveries.add_subparsers(dest="action", required=True)
     listing = dsub.add_parser("list", help="deliveries from the jobs view")
-    listing.add_argument("--status", choices=["pending", "retrying", "delivered", "dead",
-                                              "cancelled"])
+    listing.add_argument("--status", choices=[*DELIVERY_STATES, *ALIASES],
+                         help="failed (dead-lettered), retrying, queued, held, delivered or"
+                              " cancelled; dead and pending are accepted for failed and queued")
     listing.add_argument("--destination")
     listing.add_argument("--limit", type=int, default=50)
     for action in ("requeue", "cancel"):
@@ -32,7 +34,9 @@ def add_parsers(sub: Any) -> None:
                             "delivery matching --destination/--status/--since/--until/--study")
         p.add_argument("job_id", nargs="?", help="one job's deliveries (else: the filter)")
         p.add_argument("--destination", help="only this destination")
-        p.add_argument("--status", choices=OPERATIONS[action],
+        p.add_argument("--status", choices=[*(shown(s) for s in OPERATIONS[action]),
+                                            *(a for a, s in ALIASES.items()
+                                              if stored(s) in OPERATIONS[action])],
                        help="only deliveries in this status (default: any of these)")
         p.add_argument("--since", help="received at or after (YYYY-MM-DD or ISO 8601, UTC)")
         p.add_argument("--until", help="received before (a date: up to the end of that day)")
@@ -79,7 +83,7 @@ def cmd_deliveries(settings: Settings, args: argparse.Namespace) -> int:
                 router.commands.cancel(args.job_id, row["destination"], _actor())
                 print(f"cancelled {args.job_id} -> {row['destination']}")
             else:
-                print(f"left {args.job_id} -> {row['destination']} ({row['status']})")
+                print(f"left {args.job_id} -> {row['destination']} ({shown(row['status'])})")
         return 0
     finally:
         router.stores.close()
@@ -120,14 +124,14 @@ def _list(db: Any, args: argparse.Namespace) -> int:
     params: list[Any] = []
     if args.status:
         sql += " AND d.status = ?"
-        params.append(args.status)
+        params.append(stored(args.status))
     if args.destination:
         sql += " AND d.destination = ?"
         params.append(args.destination)
     sql += " ORDER BY d.created_at DESC LIMIT ?"
     params.append(args.limit)
     for row in db.query(sql, params):
-        print(f"{row['job_id']}  {row['destination']:16} {row['status']:9} "
+        print(f"{row['job_id']}  {row['destination']:16} {shown(row['status']):9} "
               f"attempts={row['attempts']} {row['last_error'] or ''}")
     return 0
 

@@ -38,11 +38,13 @@ class Route:
 
 # Modules that export ROUTES, in registration order.
 ROUTE_MODULES = (
-    "web.health", "web.favicon", "web.pages.auth", "web.pages.dashboard", "web.pages.jobs",
-    "web.pages.rules", "web.pages.destinations", "web.pages.studies", "web.pages.instances",
-    "web.pages.downloads", "web.pages.uploads", "web.pages.audit", "web.pages.access_report",
+    "web.health", "web.favicon", "web.pages.auth", "web.pages.dashboard", "web.pages.transfers",
+    "web.pages.jobs", "web.pages.rules", "web.pages.destinations", "web.pages.studies",
+    "web.pages.instances", "web.pages.downloads", "web.pages.uploads", "web.pages.audit",
+    "web.pages.access_report",
     "web.pages.users",
-    "web.pages.settings", "web.pages.storage", "web.api.auth", "web.api.jobs", "web.api.rules",
+    "web.pages.settings", "web.pages.storage", "web.api.auth", "web.api.jobs",
+    "web.api.transfers", "web.api.rules",
     "web.api.destinations", "web.api.studies", "web.api.audit", "web.api.access_report",
     "web.api.users",
     "web.api.settings", "web.api.storage", "web.api.stats", "web.api.openapi",

@@ -18,6 +18,7 @@ from typing import Any
 from router.application.commands import Actor, CommandError, Commands
 from router.application.stores import EventStores
 from router.domain.delivery import BulkAction
+from router.domain.delivery_states import shown, stored
 
 BATCH = 200
 # What each operation may change (a delivered delivery is never requeued or cancelled here;
@@ -66,6 +67,11 @@ class DeliveryFilter:
     everything: bool = False
     given: Mapping[str, Any] = field(default_factory=dict, compare=False)  # as typed
 
+    def __post_init__(self) -> None:
+        # A status as typed (the names people see, or their old aliases) as the view stores it.
+        if self.status is not None:
+            object.__setattr__(self, "status", stored(self.status))
+
     def is_empty(self) -> bool:
         return all(v is None for v in (self.destination, self.status, self.since,
                                        self.until, self.study_uid))
@@ -79,7 +85,8 @@ class DeliveryFilter:
         allowed = OPERATIONS[operation]
         if self.status is not None and self.status not in allowed:
             raise BulkFilterError("status", f"{operation} applies to deliveries that are "
-                                  + ", ".join(allowed) + f", not {self.status}")
+                                  + ", ".join(shown(a) for a in allowed)
+                                  + f", not {shown(self.status)}")
         if self.since is not None and self.until is not None and self.since >= self.until:
             raise BulkFilterError("until", "must be after since")
 

@@ -59,9 +59,10 @@ OUTCOME = {"success": "0", "failure": "4", "denied": "4", "not_found": "4"}
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _ACCESSES = ("study.view", "instance.view", "viewer.open", "job.view", "dicomweb.retrieve",
              "dicomweb.metadata", "dicomweb.frames", "dicomweb.bulkdata", "dicomweb.rendered",
-             "dicomweb.thumbnail", "wado.retrieve", "job.dry_run", "remote.retrieve.view")
+             "dicomweb.thumbnail", "wado.retrieve", "job.dry_run", "remote.retrieve.view",
+             "transfer.view")
 _QUERIES = ("studies.search", "dicomweb.search", "dimse.find", "remote.find", "jobs.list",
-            "remote.retrieves")
+            "remote.retrieves", "transfers.list")
 _USERS = ("User.Created", "User.PasswordChanged", "User.Disabled", "User.Enabled",
           "User.ApiTokenCreated", "User.ApiTokenRevoked")
 _NETWORK = ("Destination.", "RemoteNode.")

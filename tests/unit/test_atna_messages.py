@@ -69,6 +69,8 @@ CASES = {
     "audit.access_report": ("110101", None, "R", "0"),
     "study.export": ("110106", None, "R", "0"),
     "instance.view": ("110103", None, "R", "0"),
+    "transfer.view": ("110103", None, "R", "0"),
+    "transfers.list": ("110112", None, "E", "0"),
 }
 FAILED = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
           "LoginFailure.Recorded"}

@@ -29,7 +29,9 @@ from web.routes import Route
 
 TAGS = ("jobs",)
 CHANGE_WAIT_S = 5.0
-Status = Literal["pending", "held", "retrying", "dead", "delivered", "cancelled"]  # STATUSES
+# The names people see (router/domain/delivery_states.py) and their old aliases.
+Status = Literal["queued", "held", "retrying", "failed", "delivered", "cancelled",
+                 "pending", "dead", "dead-lettered"]
 
 
 class BulkRequest(BaseModel):
@@ -37,8 +39,9 @@ class BulkRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     destination: str | None = Field(None, min_length=1, max_length=64)
-    status: Status | None = Field(None, description="requeue: retrying, dead or cancelled "
-                                  "(default: all three); cancel: pending, retrying or dead")
+    status: Status | None = Field(None, description="requeue: retrying, failed or cancelled "
+                                  "(default: all three); cancel: queued, retrying or failed "
+                                  "(old names: pending, dead, dead-lettered)")
     since: str | None = Field(None, max_length=40, description="received at or after: "
                               "YYYY-MM-DD or ISO 8601 (UTC unless it says)")
     until: str | None = Field(None, max_length=40, description="received before (a date: "

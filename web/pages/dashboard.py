@@ -17,6 +17,7 @@ from web.auth import current_user
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS
 from web.queries.ai import turnaround
+from web.queries.transfers import recent_activity
 from web.render import render
 from web.routes import Route
 
@@ -26,6 +27,7 @@ POLL_SECONDS = 5
 AI_WINDOW = 24 * 3600.0  # AI turnaround times over the last day
 # Where a role's daily work starts (after login and at ``/``); others get the dashboard.
 LANDING = {"radiologist": "/studies", "auditor": "/audit"}
+RECENT_TRANSFERS = 8  # latest transfers (study and sender) under "Recent activity"
 
 
 def chart(minutes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -45,10 +47,12 @@ def chart(minutes: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def stats_values(request: web.Request) -> dict[str, Any]:
     stats = await read_stats(request)
-    ai = await asyncio.to_thread(turnaround, request.app[ROUTER_KEY].views["jobs"][1],
-                                 time.time() - AI_WINDOW)
+    jobs_db = request.app[ROUTER_KEY].views["jobs"][1]
+    ai = await asyncio.to_thread(turnaround, jobs_db, time.time() - AI_WINDOW)
+    recent = await asyncio.to_thread(recent_activity, jobs_db, RECENT_TRANSFERS)
     return {"stats": stats, "chart": chart(stats["throughput"]["minutes"]),
-            "poll_seconds": POLL_SECONDS, "ai_turnaround": ai, **HELPERS}
+            "poll_seconds": POLL_SECONDS, "ai_turnaround": ai, "recent_transfers": recent,
+            **HELPERS}
 
 
 async def dashboard(request: web.Request) -> web.Response:
