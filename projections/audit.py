@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from projections.audit_chain import CHAIN_SQL, ChainWriter, needs_rebuild
 from projections.db import Cursor
-from projections.runner import EventRecord, View
+from projections.runner import EventRecord, View, existing_columns
 from projections.runner import index_text as _text
 
 AUDIT_SQL = """CREATE TABLE IF NOT EXISTS audit (
@@ -57,7 +58,7 @@ INDEXES = (
 
 FAILURES = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
             "LoginFailure.Recorded", "Retrieve.Failed", "Commitment.ReportFailed",
-            "Commitment.Abandoned"}
+            "Commitment.Abandoned", "AssociationRefusal.Recorded"}
 
 # Fields that are safe and useful to show in the audit trail's detail column. Anything not
 # listed (index, config, spec, password_hash, token_hash) never reaches the view.
@@ -68,7 +69,7 @@ DETAIL_FIELDS = (
     "original_job_id", "job_id", "name", "duration_ms", "role", "token_id", "label", "kind",
     "expires_at", "stopped_by", "value", "previous", "node", "node_ae", "method", "level",
     "completed", "failed", "warning", "remaining", "transaction_uid", "event_type",
-    "committed", "via", "operation", "criteria", "matched",
+    "committed", "via", "operation", "criteria", "matched", "count",
 )
 # What a rule change shows of the rule: not its criteria, which may quote tag values.
 RULE_SUMMARY = ("priority", "enabled", "destinations", "stop")
@@ -81,6 +82,9 @@ _INSERT = (
 )
 
 
+_COLUMNS = ("application", "position", "occurred_at", "actor", "source_ip", "action",
+            "object_type", "object_id", "outcome", "correlation_id", "study_instance_uid",
+            "patient_id", "detail", "job_id")
 _DETAIL_SET = frozenset(DETAIL_FIELDS)
 
 
@@ -122,14 +126,25 @@ class Links:
 class AuditView(View):
     name = "audit"
     follows = ("ingest", "delivery", "admin", "access")
-    tables = ("audit", "audit_jobs", "audit_deliveries", "audit_names")
+    tables = ("audit", "audit_jobs", "audit_deliveries", "audit_names", "audit_chain")
 
     def __init__(self) -> None:
         self.links = Links()
+        self._chain = ChainWriter()  # each row's hash link (projections/audit_chain.py)
 
     def create(self, cur: Cursor, dialect: str) -> None:
-        for sql in (AUDIT_SQL, JOBS_SQL, DELIVERIES_SQL, NAMES_SQL, *INDEXES):
+        if needs_rebuild(cur, lambda c, table: existing_columns(c, dialect, table)):
+            for table in self.tables:  # built before the chain: replayed with it
+                cur.execute(f"DROP TABLE IF EXISTS {table}")
+            cur.execute("DELETE FROM projection_positions WHERE view = ?", (self.name,))
+        for sql in (AUDIT_SQL, JOBS_SQL, DELIVERIES_SQL, NAMES_SQL, CHAIN_SQL, *INDEXES):
             cur.execute(sql)
+
+    def begin_batch(self, cur: Cursor) -> None:
+        self._chain.begin()
+
+    def end_batch(self, cur: Cursor) -> None:
+        self._chain.end(cur)
 
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         e = record.event
@@ -141,12 +156,14 @@ class AuditView(View):
         _link_job(cur, record, row, self.links)
         if record.topic == "Access.Recorded":
             _link_patient(cur, row)
-        cur.execute(_INSERT, (
+        values = (
             record.application, record.position, record.timestamp,
             getattr(e, "actor", "system"), getattr(e, "source_ip", ""), row["action"],
             row["object_type"], row["object_id"], row["outcome"],
             getattr(e, "correlation_id", None), row["study"], row["patient"], row["detail"],
-            row["job_id"]))
+            row["job_id"])
+        cur.execute(_INSERT, values)
+        self._chain.add(dict(zip(_COLUMNS, values, strict=True)))
 
 
 def _row(record: EventRecord) -> dict[str, Any]:

@@ -63,6 +63,9 @@ class View:
     def apply(self, cur: Cursor, record: EventRecord) -> None:
         raise NotImplementedError
 
+    def begin_batch(self, cur: Cursor) -> None:
+        """Called at the start of each batch's transaction, before its first event."""
+
     def end_batch(self, cur: Cursor) -> None:
         """Called once per committed batch, inside its transaction."""
 
@@ -203,6 +206,7 @@ def _try_batch(view: View, db: ViewDatabase, apps: dict[str, Any], current: dict
             stored = _lock_positions(cur, db.dialect, view.name)
             if any(stored.get(app, 0) != current.get(app, 0) for app in view.follows):
                 raise _Moved
+            view.begin_batch(cur)
             for app_name, batch in batches:
                 mapper = apps[app_name].mapper
                 for n in batch:
@@ -251,8 +255,10 @@ class ProjectionRunner:
 
     def __init__(self, views: Sequence[tuple[View, ViewDatabase]], apps: dict[str, Any],
                  poll_interval: float = 0.5, coalesce: float = 0.05,
-                 leads: Callable[[str], bool] = lambda view: True) -> None:
+                 leads: Callable[[str], bool] = lambda view: True,
+                 manage_schema: bool = True) -> None:
         self._views = list(views)
+        self._manage_schema = manage_schema  # False: migrate made the tables (another role)
         self._leads = leads
         # After a partial batch, wait this long so that the next one is larger: one
         # transaction per receipt would cost more than the receipts themselves.
@@ -320,9 +326,13 @@ class ProjectionRunner:
                                type(exc).__name__)
                 self._stop.wait(2.0)
 
+    def _ensure_schema(self, view: View, db: ViewDatabase) -> None:
+        if self._manage_schema:
+            ensure_schema(view, db)
+
     def start(self) -> None:
         for view, db in self._views:
-            ensure_schema(view, db)
+            self._ensure_schema(view, db)
             t = threading.Thread(target=self._run, args=(view, db), name=f"view-{view.name}",
                                  daemon=True)
             t.start()
@@ -332,7 +342,7 @@ class ProjectionRunner:
         """Synchronously apply everything recorded so far (start-up, tests, shutdown flush);
         a view another node builds is only read."""
         for view, db in self._views:
-            ensure_schema(view, db)
+            self._ensure_schema(view, db)
             if not self._leads(view.name):
                 self._follow(view, db)
                 continue

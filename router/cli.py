@@ -117,6 +117,7 @@ async def _serve(router: Any) -> int:
 def cmd_migrate(settings: Settings, args: Any) -> int:
     from projections.runner import ensure_schema
     from router.application.stores import open_stores
+    from router.cluster.nodes import NodeRegistry
     from router.cluster.schema import schema_lock
     from router.secrets import SecretBox, load_master_key
     from router.service import open_all_views
@@ -125,9 +126,13 @@ def cmd_migrate(settings: Settings, args: Any) -> int:
     with schema_lock(settings.database_url):  # nodes may be starting meanwhile
         stores = open_stores(settings, SecretBox(load_master_key(settings.secret_key,
                                                                  settings.data_dir)),
-                             role="tool")
-        for view, db in open_all_views(settings).values():
+                             role="tool", create_tables=True)
+        views = open_all_views(settings)
+        for view, db in views.values():
             ensure_schema(view, db)
+        NodeRegistry(views["jobs"][1], settings.node_id, dicom_port=settings.dicom_port,
+                     http_port=settings.http_port).ensure_table()
+        for _, db in views.values():
             db.close()
     stores.close()
     print("event and view tables are in place")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from router.ai.callbacks import AICallbacks
 from router.ai.requests import AIRequests
 from router.ai.worker import AIWorker
 from router.application.admin_state import AdminState, DestinationState
-from router.application.commands import Commands
+from router.application.commands import Actor, Commands
 from router.application.receive import Receiver
 from router.application.remote_nodes import RemoteNodes, RemoteState
 from router.application.retention import Retention
@@ -32,6 +33,8 @@ from router.application.runtime_settings import RuntimeSettingsStore
 from router.application.sessions import Sessions
 from router.application.stores import APP_NAMES, EventStores, open_stores
 from router.application.users import Users
+from router.atna.messages import Source
+from router.atna.sender import AtnaSender, tls_context_for
 from router.cluster.leadership import Leadership, leadership_for
 from router.cluster.nodes import NodeRegistry
 from router.cluster.schema import schema_lock
@@ -40,15 +43,18 @@ from router.dicom.commitment_scp import CommitmentWorker, build_service
 from router.dicom.gate import Gate
 from router.dicom.qr_scp import QueryRetrieveSCP
 from router.dicom.receivers import ReceiverPool
+from router.dicom.refusals import RefusalRecorder
 from router.dicom.scp import DicomServer
+from router.dicom.tls import TlsConfigError
 from router.dicom.tuning import DUL_IDLE_DELAY, configure_pynetdicom
 from router.dispatch.base import Adapter
 from router.dispatch.dispatcher import Dispatcher
 from router.dispatch.policy import DestinationPolicy
 from router.dispatch.registry import build_adapter
 from router.dispatch.units import UnitScheduler
+from router.domain.activity import NodeActivity
 from router.secrets import SecretBox, load_master_key
-from router.settings import Settings
+from router.settings import Settings, SettingsError
 from router.storage.blobs import BlobStore, open_blob_store
 
 logger = logging.getLogger(__name__)
@@ -95,28 +101,37 @@ class Router:
     ready: bool = False
     receivers: ReceiverPool | None = None
     serving: ServingLock | None = None  # held shared while started: no rebuild meanwhile
+    atna: AtnaSender | None = None  # audit messages to a repository ([atna], docs/atna.md)
+    activity: NodeActivity | None = None  # this run, recorded at start and stop
+    refusals: RefusalRecorder | None = None  # refused associations, counted per minute
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Router:
         """Wire a router; ``clock`` (Unix seconds) drives series/study stability and retries."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        try:  # before anything is opened: a missing certificate file stops the start
+            atna_tls = tls_context_for(settings.atna) if settings.atna.enabled else None
+        except TlsConfigError as exc:
+            raise SettingsError(f"atna: {exc}") from None
         box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
         blobs = open_blob_store(settings, box, check=True)  # an unusable bucket: no start
         duties = leadership_for(settings.database_url, settings.node_id)
         with schema_lock(settings.database_url):  # nodes starting together
             stores = open_stores(settings, box)
             views = open_all_views(settings)
-            for view, db in views.values():
-                ensure_schema(view, db)
             nodes = NodeRegistry(views["jobs"][1], settings.node_id,
                                  dicom_port=settings.dicom_port, http_port=settings.http_port,
                                  duties=duties.held)
-            nodes.ensure_table()
+            if settings.manage_schema:  # else migrate made them, as their owner
+                for view, db in views.values():
+                    ensure_schema(view, db)
+                nodes.ensure_table()
         configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
         admin = AdminState(stores.admin)
         runner = ProjectionRunner(list(views.values()), stores.all(),
-                                  leads=lambda view: duties.holds(f"view:{view}"))
+                                  leads=lambda view: duties.holds(f"view:{view}"),
+                                  manage_schema=settings.manage_schema)
         fresh = FreshReads(LogHeads(stores.all(), settings.database_url),
                            {name: view.follows for name, (view, _) in views.items()},
                            runner.progress, hurry=runner.hurry)
@@ -167,7 +182,8 @@ class Router:
                                        sessions, box), units=units,
                    ai_requests=ai_requests, ai_worker=ai_worker,
                    ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver),
-                   policy=policy, fresh=fresh, nodes=nodes, duties=duties)
+                   policy=policy, fresh=fresh, nodes=nodes, duties=duties,
+                   atna=_atna_sender(settings, views["audit"][1], runner, duties, atna_tls))
 
     def apply_config_file(self) -> dict[str, int]:
         return self.commands.apply(self.settings.destinations, self.settings.rules)
@@ -205,7 +221,11 @@ class Router:
         self.ai_worker.start()
         self.retention.start()  # purges hourly while storage.retention_days > 0
         self.commitments.start()  # reports outstanding from before this start, retries
+        self._record_start()
+        if self.atna is not None:
+            self.atna.start()
         self._start_receiving()
+        self._audit_refusals()
         self.nodes.start(dicom_port=self.receivers.port if self.receivers is not None
                          else self.dicom.port)
         self.ready = True
@@ -234,7 +254,12 @@ class Router:
         self.dispatcher.stop(grace=grace)
         self.retention.stop()
         self.nodes.stop()
+        if self.refusals is not None:
+            self.refusals.stop()  # saves the last minute's count
+        self._record_stop()
         self.runner.stop()
+        if self.atna is not None:
+            self.atna.stop()  # after the views' last batch (the stop's row may go out)
         self.duties.close()  # after the views' last batch: another node takes them over
         self.fresh.close()
         for _, db in self.views.values():
@@ -243,6 +268,42 @@ class Router:
         if self.serving is not None:
             self.serving.release()
         logger.info("router stopped")
+
+    def _audit_refusals(self) -> None:
+        """Refused associations go to the access log, counted per minute (refusals.py)."""
+        gate = self.gate
+        if gate is None:
+            return
+
+        def save(events: list[Any]) -> None:
+            self.stores.access.save(*events)
+            self.runner.wake()
+
+        self.refusals = RefusalRecorder(save, self.settings.node_id)
+        gate.on_refused = self.refusals.note
+        self.refusals.start()
+
+    def _record_start(self) -> None:
+        """NodeActivity.Started in the access log (ATNA's Application Start)."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("dicom-router")
+        except PackageNotFoundError:
+            ours = "unknown"
+        self.activity = NodeActivity(**Actor("system").ctx(), node=self.settings.node_id,
+                                     ae_title=self.settings.ae_title, version=ours)
+        self.stores.access.save(self.activity)
+        self.runner.wake()
+
+    def _record_stop(self) -> None:
+        if self.activity is None:
+            return
+        try:
+            self.activity.stop(**Actor("system").ctx(), node=self.settings.node_id)
+            self.stores.access.save(self.activity)
+        except Exception as exc:  # the stop goes on: the log may be what failed
+            logger.error("could not record this node's stop: %s", type(exc).__name__)
 
     @property
     def gate(self) -> Gate | None:
@@ -260,8 +321,25 @@ class Router:
                 for app in view.follows
             )
         receiving = self.receivers.alive() if self.receivers is not None else True
-        return {"ready": self.ready and receiving, "node": self.settings.node_id,
-                "receivers_alive": receiving, "view_lag": lag}
+        health = {"ready": self.ready and receiving, "node": self.settings.node_id,
+                  "receivers_alive": receiving, "view_lag": lag}
+        if self.atna is not None:
+            health["atna"] = self.atna.state()
+        return health
+
+
+def _atna_sender(settings: Settings, audit_db: ViewDatabase, runner: ProjectionRunner,
+                 duties: Leadership, context: ssl.SSLContext | None) -> AtnaSender | None:
+    """The ATNA sender when ``[atna] host`` is set; woken as the audit view moves."""
+    if not settings.atna.enabled:
+        return None
+    source = Source(audit_source_id=settings.atna.audit_source_id or settings.ae_title,
+                    ae_title=settings.ae_title, host=settings.node_id,
+                    enterprise_site_id=settings.atna.enterprise_site_id)
+    sender = AtnaSender(settings.atna, audit_db, source, leads=lambda: duties.holds("atna"),
+                        context=context)
+    runner.add_listener(lambda view: sender.wake() if view == "audit" else None)
+    return sender
 
 
 def _default_public_url(settings: Settings) -> str:

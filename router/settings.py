@@ -48,6 +48,7 @@ from router.config_types import (
     validated,
     validation_error,
 )
+from router.settings_audit import AtnaSettings, AuditSettings
 
 __all__ = [
     "ENV_PREFIX",
@@ -357,6 +358,9 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     log_level: Annotated[str, Before(_upper)] = "INFO"
     encrypt_events: bool = True
+    # False: never create or alter tables (PostgreSQL, serving as a role that owns nothing:
+    # `dicom-router migrate` runs as the tables' owner; docs/security.md).
+    manage_schema: bool = True
     dicom: DicomSettings = field(default_factory=DicomSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
@@ -364,6 +368,8 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     ai: AISettings = field(default_factory=AISettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    atna: AtnaSettings = field(default_factory=AtnaSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     destinations: Tables = ()
     rules: Tables = ()
     remote_nodes: Tables = ()
@@ -383,7 +389,7 @@ class Settings:
 SECTIONS: dict[str, type[Any]] = {
     "dicom": DicomSettings, "dispatch": DispatchSettings, "ingest": IngestSettings,
     "web": WebSettings, "storage": StorageSettings, "ai": AISettings,
-    "security": SecuritySettings}
+    "security": SecuritySettings, "atna": AtnaSettings, "audit": AuditSettings}
 TABLES = ("destinations", "rules", "remote_nodes")
 SERVER_KEYS = tuple(f.name for f in dataclasses.fields(Settings)
                     if f.name not in SECTIONS and f.name not in TABLES)

@@ -62,6 +62,12 @@ def _metric_lines(router: Any) -> list[str]:
     gate = router.gate
     if gate is not None:
         lines += _gate_lines(gate)
+    atna = getattr(router, "atna", None)
+    if atna is not None:  # docs/atna.md
+        lines += ["# TYPE dicom_router_atna_messages_sent counter",
+                  f"dicom_router_atna_messages_sent {atna.sent}",
+                  "# TYPE dicom_router_atna_failed_sends gauge",
+                  f"dicom_router_atna_failed_sends {atna.failures}"]
     return lines
 
 

@@ -70,6 +70,7 @@ class StoreConfig:
     database_url: str
     cipher_key: bytes | None = None  # 32 bytes: encrypts the ingest and access logs (PHI)
     role: str = "server"  # which POOLS apply (PostgreSQL)
+    create_tables: bool = True  # False: a role that may not (``[server] manage_schema``)
 
 
 def postgres_env(url: str) -> dict[str, str]:
@@ -109,6 +110,8 @@ def app_env(config: StoreConfig, name: str) -> dict[str, str]:
             # The serving process made the tables before it started us. Creating them here
             # also took a connection while the pool was still opening its first ones, and
             # the pool kept the extra one (about 10 minutes).
+            env["CREATE_TABLE"] = "no"
+        if not config.create_tables:
             env["CREATE_TABLE"] = "no"
     elif url.startswith("sqlite:///"):
         folder = Path(url.removeprefix("sqlite:///"))
@@ -166,9 +169,13 @@ def _clean_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def open_stores(settings: Any, box: Any, role: str = "server") -> EventStores:
+def open_stores(settings: Any, box: Any, role: str = "server",
+                create_tables: bool | None = None) -> EventStores:
     """The stores of a router with these Settings; the ingest log is encrypted with a key
     derived from the master key unless ``encrypt_events`` is off. ``role`` (server,
-    receiver, tool) sizes the PostgreSQL connection pools."""
+    receiver, tool) sizes the PostgreSQL connection pools. Tables are created unless
+    ``[server] manage_schema`` is off (``create_tables`` overrides it: migrate)."""
     key = box.derive("event-store/ingest") if settings.encrypt_events else None
-    return EventStores(StoreConfig(settings.database_url, cipher_key=key, role=role))
+    create = settings.manage_schema if create_tables is None else create_tables
+    return EventStores(StoreConfig(settings.database_url, cipher_key=key, role=role,
+                                   create_tables=create))

@@ -98,6 +98,9 @@ class Gate:
         self._associations: Counter[str] = Counter()
         self._tunnels: set[Tunnel] = set()
         self._pending_calls: list[Callable[[], None]] = []  # run by the loop (close_listeners)
+        # (address, calling AE, why) of each refused A-ASSOCIATE-RQ: the router's audit
+        # (router/dicom/refusals.py) counts them; must be quick and never raise.
+        self.on_refused: Callable[[str, str, str], None] | None = None
         self._next_id = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -417,7 +420,7 @@ class Gate:
         if rejection is None:
             rejection = self._claim(waiting)
         if rejection is not None:
-            self._reject(waiting, rejection, 6 + length)
+            self._reject(waiting, rejection, 6 + length, request.calling_aet)
             return
         self._hand(waiting)
 
@@ -504,9 +507,12 @@ class Gate:
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
         self._tunnels.discard(tunnel)
 
-    def _reject(self, waiting: _Waiting, rejection: Rejection, length: int) -> None:
+    def _reject(self, waiting: _Waiting, rejection: Rejection, length: int,
+                calling_aet: str = "") -> None:
         self.stats.rejected[rejection.why.split(" (")[0]] += 1
         self._log.warning(waiting.host, "association refused: %s", rejection.why)
+        if self.on_refused is not None:
+            self.on_refused(waiting.host, calling_aet, rejection.why)
         with contextlib.suppress(OSError):
             if waiting.tls is None:
                 _consume(waiting.sock, length)  # else our close would reset, losing the RJ

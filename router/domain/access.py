@@ -57,3 +57,16 @@ class Session(Aggregate):
     def end(self, *, actor: str, source_ip: str, correlation_id: str, reason: str) -> None:
         """Logged out (or revoked); the token is refused from now on."""
         self.ended = True
+
+
+class AssociationRefusal(Aggregate):
+    """A-ASSOCIATE-RQs refused at the DICOM front door from one address and calling AE for
+    one reason, counted over a minute (one event per minute, not per refusal: a flood of
+    refused connections must not flood the log)."""
+
+    @event("Recorded")
+    def __init__(
+        self, *, actor: str, source_ip: str, correlation_id: str, reason: str, count: int,
+        first_at: float, last_at: float, node: str,
+    ) -> None:
+        self.count = count

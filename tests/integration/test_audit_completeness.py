@@ -18,6 +18,7 @@ from tests.synthetic import make_ct_series
 # (actor, action, outcome) of every row the scenario must produce, and nothing else.
 EXPECTED = Counter({
     ("system", "User.Created", "success"): 1,             # first admin at first start
+    ("system", "NodeActivity.Started", "success"): 1,     # the router process started
     ("admin", "LoginFailure.Recorded", "failure"): 1,     # wrong password
     ("admin", "Session.Started", "success"): 1,           # good password: bearer session
     ("admin", "Destination.Created", "success"): 1,       # configuration change

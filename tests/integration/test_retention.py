@@ -22,6 +22,7 @@ import pytest
 import requests
 from pydicom.data import get_testdata_file
 
+from projections.audit_chain import verify
 from projections.runner import drop_view, ensure_schema, process_batch
 from router.application.retention import DAY
 from router.application.stores import open_stores
@@ -122,6 +123,7 @@ def test_retention_purges_only_delivered_old_jobs_and_keeps_needed_shared_blobs(
     server = start(web_router, tmp_path, database_url, blob_store)
     router = server.router
     middle, sha, files = send_scenario(router, tmp_path)
+    trail = audit_rows(router)
     admin = bearer(server.url, "admin", ADMIN_PASSWORD)
     off = requests.post(server.url + "/api/v1/storage/purge", headers=admin, timeout=30)
     assert off.status_code == 409 and "retention is off" in off.json()["error"]["message"]
@@ -145,6 +147,11 @@ def test_retention_purges_only_delivered_old_jobs_and_keeps_needed_shared_blobs(
 
     check_periodic_purge(server, admin, middle + 10 * DAY, sha)
     assert_purge_events(router, {"admin": 2, "system": 2})
+    # Image retention is not audit retention: every audit row is still there, unchanged,
+    # and the chain is intact (docs/security.md, "How long the audit trail is kept").
+    after = audit_rows(router)
+    assert trail.items() <= after.items() and len(after) > len(trail)
+    assert verify(router.views["audit"][1]).broken is None
     assert_rebuild_is_identical(router)
 
 
@@ -164,6 +171,12 @@ def check_periodic_purge(server: Any, admin: dict[str, str], now: float,
     kept = [j for j in jobs(router) if not j["purged_by"]]
     assert sorted((j["calling_aet"], j["routing"]) for j in kept) == [
         ("BAD", "routed"), ("GOOD", "duplicate"), ("NOBODY", "unrouted")]
+
+
+def audit_rows(router: Any) -> dict[tuple[str, int], tuple[Any, ...]]:
+    router.runner.catch_up()
+    rows = router.views["audit"][1].query("SELECT * FROM audit")
+    return {(r["application"], r["position"]): tuple(r.values()) for r in rows}
 
 
 def stored(router: Any, sha256: str) -> bool:

@@ -262,7 +262,11 @@ def test_settings_show_the_effective_configuration_without_secrets(web_router: A
     r = api(server, "GET", "/api/v1/settings", admin)
     assert r.status_code == 200
     sections = r.json()["sections"]
-    assert set(sections) == {"server", "dicom", "dispatch", "ingest", "web", "storage"}
+    assert set(sections) == {"server", "dicom", "dispatch", "ingest", "web", "storage",
+                             "audit", "atna"}
+    assert sections["audit"]["retention_days"] == {"value": 2192, "source": "default",
+                                                   "changeable": False}
+    assert sections["atna"]["host"]["value"] == ""  # not sending
     assert sections["server"]["secret_key"]["value"] == "set"
     assert sections["server"]["admin_password"]["value"] == "set"
     assert ADMIN_PASSWORD not in r.text and "0" * 64 not in r.text

@@ -27,7 +27,7 @@ from web.auth import actor_of
 from web.keys import ROUTER_KEY
 from web.routes import Route
 
-SECTIONS = ("server", "dicom", "dispatch", "ingest", "web", "storage")
+SECTIONS = ("server", "dicom", "dispatch", "ingest", "web", "storage", "audit", "atna")
 SECRETS = frozenset({"secret_key", "admin_password"})
 DEFAULT = "default"
 CONFIGURED = "configuration file or environment"
