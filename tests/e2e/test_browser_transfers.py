@@ -56,7 +56,7 @@ def test_the_jobs_page_shows_a_study_as_one_expandable_row(
     rows = page.locator("tr.transfer")
     expect(rows).to_have_count(1)  # one study from one sender: one row, not 6
     row = rows.first
-    expect(row).to_contain_text("DOE^JANE")
+    expect(row).to_contain_text("DOE, JANE")  # the name written for people
     expect(row).to_contain_text("CT CHEST")
     expect(row).to_contain_text("CT_SCANNER")
     expect(row.locator("[data-instances]")).to_contain_text("6 in 2 series")
