@@ -137,12 +137,14 @@ def cmd_apply(settings: Settings, args: Any) -> int:
     doc = read_toml(args.file)
     router = Router.build(settings)
     try:
-        changed = router.commands.apply(doc.get("destinations", []), doc.get("rules", []))
+        changed = router.commands.apply(doc.get("destinations", []), doc.get("rules", []),
+                                        transforms=doc.get("transforms", []))
         nodes = router.remote_nodes.apply(doc.get("remote_nodes", []))
         router.runner.catch_up()
     finally:
         router.stores.close()
-    print(f"applied {args.file}: {changed['destinations']} destination(s) and "
+    print(f"applied {args.file}: {changed['transforms']} transform(s), "
+          f"{changed['destinations']} destination(s) and "
           f"{changed['rules']} rule(s) changed, {changed['deleted']} deleted")
     if doc.get("remote_nodes") or nodes["deleted"]:
         print(f"remote nodes: {nodes['remote_nodes']} changed, {nodes['deleted']} deleted")

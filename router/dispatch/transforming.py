@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from router.application.admin_state import AdminSnapshot, AdminState
 from router.application.reidentification import ReidentificationMap
@@ -91,13 +92,13 @@ class SendTransforms:
             self._reid.record(project, identity, due.correlation_id)
         return self._written(item, dataset, tuple(result.applied))
 
-    def _written(self, item: Outgoing, dataset: object, applied: tuple[dict[str, object], ...]
-                 ) -> Outgoing:
+    def _written(self, item: Outgoing, dataset: Dataset,
+                 applied: tuple[dict[str, object], ...]) -> Outgoing:
         fd, name = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".dcm", dir=self._scratch)
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:
-                dataset.save_as(out, enforce_file_format=True)  # type: ignore[attr-defined]
+                dataset.save_as(out, enforce_file_format=True)
             with path.open("rb") as written:
                 digest = hashlib.file_digest(written, "sha256").hexdigest()
         except Exception as exc:
@@ -105,7 +106,7 @@ class SendTransforms:
                 path.unlink()
             raise TransformFailedError(f"the transformed copy cannot be written: "
                                        f"{type(exc).__name__}", applied) from None
-        meta = dataset.file_meta  # type: ignore[attr-defined]
+        meta = dataset.file_meta
         return Outgoing(
             delivery_id=item.delivery_id, path=path, sha256=digest, size=path.stat().st_size,
             sop_class_uid=str(meta.MediaStorageSOPClassUID),
@@ -118,7 +119,7 @@ def _records(chain: list[VersionedTransform]) -> tuple[dict[str, object], ...]:
     return tuple({"name": t.name, "kind": t.spec.kind, "version": t.version} for t in chain)
 
 
-def _header(path: Path) -> object:
+def _header(path: Path) -> Dataset:
     try:
         return read_header(path, check=False)
     except HeaderError as exc:

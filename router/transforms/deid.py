@@ -109,7 +109,7 @@ def _anonymizer(seed: str, options: DeidOptions) -> Anonymizer:
     keep: set[str] = set()
     if options.retain_device_identity:
         keep |= DEVICE_IDENTITY
-    keep_vrs = set()
+    keep_vrs: set[str] = set()
     if options.retain_dates == "keep":
         keep_vrs |= _DATE_VRS
     if options.retain_uids:
