@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -90,34 +91,39 @@ def repaired_charset(dataset: Dataset) -> str | None:
 
 def repair_charset(dataset: Dataset) -> str:
     """Re-declare the character set of ``dataset`` (read from a file, not yet decoded) when its
-    bytes call for it; returns a short note of what was done ("" when nothing)."""
+    bytes call for it; returns a short note of what was done ("" when nothing).
+
+    Text elements still undecoded keep their bytes and are decoded with the new declaration
+    when read; sequence items already read inherit it. Put this transform first in a chain: an
+    element another transform read before is kept as that transform left it.
+    """
     wanted = repaired_charset(dataset)
     if wanted is None:
         return ""
     before = _declared(dataset) or "(none)"
-    # Elements already decoded would keep their wrongly decoded text: decode them all now.
-    raws = _decoded_again(dataset, wanted)
     dataset.SpecificCharacterSet = wanted
-    for parent, tag, value in raws:
-        parent[tag].value = value
+    _redeclare(dataset, convert_encodings(wanted))
+    _inherit(dataset, convert_encodings(wanted))
     return f"Specific Character Set {before} -> {wanted}"
 
 
-def _decoded_again(dataset: Dataset, charset: str) -> list[tuple[Dataset, int, object]]:
-    """(parent, tag, value) of every raw text element decoded with ``charset``."""
-    encoding = "utf-8" if charset == _UTF8 else "latin-1"
-    found: list[tuple[Dataset, int, object]] = []
+def _inherit(dataset: Dataset, encodings: list[str]) -> None:
+    """Items of sequences already read take the new declaration (unless they have their own)."""
     for tag in list(dataset.keys()):
         element = dataset.get_item(tag)
-        if element is None:
+        if element is None or isinstance(element, RawDataElement) or element.VR != "SQ":
             continue
-        vr = _vr(tag, element)
-        if vr == "SQ":
-            for item in dataset[tag].value or ():
-                found += _decoded_again(item, charset)
-            continue
-        if vr in _TEXT_VRS and isinstance(element, RawDataElement) and element.value:
-            text = bytes(element.value).decode(encoding).rstrip(" \x00")
-            multiple = "\\" in text and vr not in ("ST", "LT", "UT")
-            found.append((dataset, tag, text.split("\\") if multiple else text))
-    return found
+        for item in element.value or ():
+            if _SPECIFIC_CHARACTER_SET not in item:
+                item._parent_encoding = encodings
+                _redeclare(item, encodings)
+                _inherit(item, encodings)
+
+
+def _redeclare(dataset: Dataset, encodings: list[str]) -> None:
+    """pydicom decodes raw elements with the encoding the data set was read with."""
+    implicit, little = dataset.original_encoding
+    if implicit is not None and little is not None:
+        dataset.set_original_encoding(implicit, little, encodings)
+    else:
+        dataset._read_charset = encodings
