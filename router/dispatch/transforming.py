@@ -36,7 +36,7 @@ def chain_for(snapshot: AdminSnapshot, destination: str,
     """The transforms for a delivery in order, and the names that do not exist (any: fail)."""
     names: list[str] = []
     if matched_rules and any(rule.spec.transforms for rule in snapshot.rules):
-        ids = {str(m.get("id")) for m in _matched(matched_rules)}
+        ids = {str(m.get("rule_id")) for m in _matched(matched_rules)}
         for rule in snapshot.rules:
             if rule.rule_id in ids and destination in rule.spec.destinations:
                 names += rule.spec.transforms
