@@ -91,7 +91,7 @@ class Router:
     fresh: FreshReads  # read-your-writes: queries wait for their view to pass the logs' heads
     nodes: NodeRegistry  # the nodes sharing this database (health page)
     duties: Leadership  # what this node does for the cluster (views, destinations, timers)
-    reidentification: ReidentificationMap | None = None  # de-identification projects' map
+    reidentification: ReidentificationMap  # pseudonyms of de-identification projects
     ready: bool = False
     receivers: ReceiverPool | None = None
 

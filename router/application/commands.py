@@ -15,7 +15,13 @@ from router.application.admin_state import AdminState
 from router.application.conflicts import save_changed
 from router.application.stores import EventStores
 from router.dispatch.policy import DestinationPolicy
-from router.dispatch.registry import check_policy, open_config, parse_destination, seal_config
+from router.dispatch.registry import (
+    DestinationConfigError,
+    check_policy,
+    open_config,
+    parse_destination,
+    seal_config,
+)
 from router.domain.admin import (
     Destination,
     Rule,
@@ -71,7 +77,10 @@ class Commands:
         config = parse_destination(data)
         check_policy(config, self._policy)
         name = str(data["name"])
-        self._check_transforms(f"destination {name!r}", getattr(config, "transforms", ()))
+        missing = self._unknown_transforms(getattr(config, "transforms", ()))
+        if missing:
+            raise DestinationConfigError(name, {"transforms": "unknown transform(s): "
+                                                              + ", ".join(missing)})
         existing = self._get(Destination, destination_id(name))
         if existing is not None and not existing.deleted and self._same_destination(
             existing.config, config
@@ -115,7 +124,10 @@ class Commands:
         if missing:
             raise CommandError(f"rule {spec.name!r}: unknown destination(s): "
                                + ", ".join(sorted(missing)))
-        self._check_transforms(f"rule {spec.name!r}", spec.transforms)
+        unknown = self._unknown_transforms(spec.transforms)
+        if unknown:
+            raise CommandError(f"rule {spec.name!r}: transforms: unknown transform(s): "
+                               + ", ".join(unknown))
         stored = spec.to_dict()
         existing = self._get(Rule, rule_id(spec.name))
         if existing is not None and not existing.deleted and existing.spec == stored:
@@ -170,12 +182,9 @@ class Commands:
                  if name in (s.config.get("transforms") or ())]
                 + [f"rule {r.spec.name!r}" for r in snapshot.rules if name in r.spec.transforms])
 
-    def _check_transforms(self, label: str, names: Sequence[str]) -> None:
+    def _unknown_transforms(self, names: Sequence[str]) -> list[str]:
         known = self._admin.refresh().transforms
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise CommandError(f"{label}: transforms: unknown transform(s): "
-                               + ", ".join(sorted(missing)))
+        return sorted(n for n in names if n not in known)
 
     # --- deliveries -----------------------------------------------------------------
     def requeue(self, job_id: str, destination: str, actor: Actor) -> None:

@@ -93,13 +93,13 @@ class ReidentificationMap:
         return opened
 
 
-def lookup_record(project: str, kind: str, pseudonym: str,
-                  found: dict[str, str] | None) -> AccessRecord:
-    """The access record of one re-identification lookup (found or not)."""
+def lookup_record(project: str, kind: str, pseudonym: str, found: dict[str, str] | None,
+                  reason: str) -> AccessRecord:
+    """The access record of one re-identification lookup (found or not), with its reason."""
     return AccessRecord(
         action="reidentification.lookup", object_type="pseudonym",
         object_id=f"{project}/{kind}/{pseudonym}",
         outcome="success" if found is not None else "not_found",
         study_instance_uid=(found or {}).get("study_instance_uid"),
         patient_id=(found or {}).get("patient_id"),
-        detail=f"project {project}")
+        detail=f"project {project}; reason: {reason}"[:1000])
