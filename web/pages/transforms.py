@@ -40,8 +40,8 @@ async def preview_page(request: web.Request) -> web.Response:
         "form": form, "result": None, "transform_names": sorted(snapshot.transforms),
         "destination_names": sorted(n for n, s in snapshot.live_destinations().items()
                                     if s.config.get("type") != "ai")}
-    if not form["sop_instance_uid"]:
-        return render(request, "transform_preview.html", **values)
+    if not form["sop_instance_uid"] or not (form["transform"] or form["destination"]):
+        return render(request, "transform_preview.html", **values)  # the form, to fill in
     try:
         values["result"] = await run_preview(request, PreviewBody(**form))
     except ApiError as exc:
