@@ -206,3 +206,41 @@ def test_reidentification_needs_admin_a_reason_and_is_audited(web_router: Any,
     cli_rows = [a for a in accesses(server, "reidentification.lookup") if a["actor"] == "cli"]
     assert [a["outcome"] for a in cli_rows] == ["success", "not_found"]
     assert "ticket 42" in cli_rows[0]["detail"]
+
+
+def test_destination_and_rule_forms_set_and_keep_transforms(web_router: Any) -> None:
+    server = web_router()
+    auth = bearer(server.url, "admin", ADMIN_PASSWORD)
+    assert requests.post(server.url + API, headers=auth, timeout=10,
+                         json=DEID).status_code == 201
+    browser = Browser(server.url)
+    browser.login("admin", ADMIN_PASSWORD)
+    csrf = {"csrf_token": browser.csrf}
+    export = str(server.router.settings.data_dir / "exports" / "research")
+    r = browser.post(server.url + "/destinations", allow_redirects=False, data={
+        **csrf, "type": "file", "name": "research", "path": export,
+        "transforms": "deid, nope"})
+    assert r.status_code == 422 and "unknown transform(s): nope" in r.text
+    r = browser.post(server.url + "/destinations", allow_redirects=False, data={
+        **csrf, "type": "file", "name": "research", "path": export, "transforms": "deid"})
+    assert r.status_code == 302, r.text[-2000:]
+    page = browser.get(server.url + "/destinations/research/edit")
+    assert 'name="transforms"' in page.text and 'value="deid"' in page.text
+
+    r = browser.post(server.url + "/rules", allow_redirects=False, data={
+        **csrf, "name": "all", "priority": "10", "destinations": "research",
+        "transforms": "deid", "action": "save"})
+    assert r.status_code == 302, r.text[-2000:]
+    rule = server.router.admin.refresh().rules[0].spec
+    assert rule.transforms == ("deid",)
+    page = browser.get(server.url + "/rules/all/edit")
+    assert 'name="transforms" value="deid"' in page.text
+    # Saving the rule from its editor again keeps the transforms.
+    r = browser.post(server.url + "/rules/all/edit", allow_redirects=False, data={
+        **csrf, "priority": "20", "destinations": "research", "transforms": "deid",
+        "action": "save"})
+    assert r.status_code == 302
+    assert server.router.admin.refresh().rules[0].spec.transforms == ("deid",)
+    items = requests.get(server.url + API, headers=auth, timeout=10).json()["items"]
+    assert items[0]["used_by"] == ["destination 'research'", "rule 'all'"]
+    assert "config file" not in browser.get(server.url + "/transforms").text
