@@ -45,7 +45,7 @@ ROUTE_MODULES = (
     "web.api.settings", "web.api.storage", "web.api.stats", "web.api.openapi",
     "web.dicomweb.qido", "web.dicomweb.wado", "web.dicomweb.wado_uri", "web.dicomweb.stow",
     "web.viewer", "web.pages.remote", "web.api.remote", "web.api.ai",
-    "web.pages.ai", "web.api.transforms", "web.pages.transforms",
+    "web.pages.ai", "web.api.transforms", "web.pages.transforms", "web.pages.transform_edit",
 )
 
 

@@ -6,6 +6,7 @@ re-identification lookup (admins only, with a reason, audited) and role checks.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -244,3 +245,41 @@ def test_destination_and_rule_forms_set_and_keep_transforms(web_router: Any) -> 
     items = requests.get(server.url + API, headers=auth, timeout=10).json()["items"]
     assert items[0]["used_by"] == ["destination 'research'", "rule 'all'"]
     assert "config file" not in browser.get(server.url + "/transforms").text
+
+
+def test_the_transform_editor_creates_edits_and_deletes_with_field_errors(
+        web_router: Any) -> None:
+    server = web_router()
+    browser = Browser(server.url)
+    browser.login("admin", ADMIN_PASSWORD)
+    csrf = {"csrf_token": browser.csrf}
+    form = {**csrf, "name": "north", "kind": "morph", "description": "<i>north</i>"}
+    r = browser.post(server.url + "/transforms", data={**form, "options": "{ops: 1"})
+    assert r.status_code == 422 and "not JSON" in r.text
+    r = browser.post(server.url + "/transforms", data={**form, "options": json.dumps(
+        {"ops": [{"op": "set", "tag": "InstitutionNme", "value": "x"}]})})
+    assert r.status_code == 422
+    assert "ops[0].tag" in r.text and "is not a DICOM keyword" in r.text
+    ops = {"ops": [{"op": "set", "tag": "InstitutionName", "value": "North Clinic",
+                    "when": [{"calling_aet": "CT_NORTH*"}]}]}
+    r = browser.post(server.url + "/transforms", allow_redirects=False,
+                     data={**form, "options": json.dumps(ops)})
+    assert r.status_code == 302
+    listing = browser.get(server.url + "/transforms")
+    assert "north" in listing.text and "<i>north</i>" not in listing.text  # escaped
+    r = browser.post(server.url + "/transforms/north/edit", allow_redirects=False, data={
+        **csrf, "kind": "morph", "options": json.dumps({"ops": [
+            {"op": "delete", "tag": "InstitutionName"}]})})
+    assert r.status_code == 302
+    spec = server.router.admin.refresh().transforms["north"]
+    assert spec.version == 2 and spec.spec.data["ops"][0]["op"] == "delete"
+    r = browser.post(server.url + "/transforms/north/delete", allow_redirects=False,
+                     data=csrf)
+    assert r.status_code == 302 and "north" not in server.router.admin.refresh().transforms
+    events = list(server.router.stores.admin.events.get(transform_id("north")))
+    assert [(type(e).__name__, e.actor) for e in events] == [
+        ("Created", "admin"), ("Updated", "admin"), ("Deleted", "admin")]
+    # Without the CSRF token: refused.
+    bare = requests.post(server.url + "/transforms", cookies=browser.cookies, timeout=10,
+                         data={"name": "x", "kind": "charset", "options": "{}"})
+    assert bare.status_code == 403

@@ -28,7 +28,9 @@ async def transforms_page(request: web.Request) -> web.Response:
         item["options"] = json.dumps({k: v for k, v in item.items() if k not in (
             "name", "kind", "description", "version", "from_config", "used_by")},
             sort_keys=True)
-    return render(request, "transforms.html", transforms=items)
+    message = {"created": "Transform created.", "saved": "Transform saved.",
+               "deleted": "Transform deleted."}.get(request.query.get("ok", ""), "")
+    return render(request, "transforms.html", transforms=items, message=message)
 
 
 async def preview_page(request: web.Request) -> web.Response:
