@@ -5,6 +5,7 @@ set repair on real byte strings, and the validation messages of declarations."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,10 @@ from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from router.application.admin_state import AdminSnapshot, DestinationState
 from router.config_check import check_config
+from router.dispatch.transforming import chain_for
+from router.domain.rules import VersionedRule, parse_rule
 from router.transforms import deid
 from router.transforms.chain import TransformFailed, VersionedTransform, apply_chain
 from router.transforms.charset import repair_charset
@@ -334,3 +338,26 @@ transforms = ["deid", "gone"]
         "destinations[0].transforms[1]: unknown transform 'missing'",
         "rules[0].transforms[1]: unknown transform 'gone'",
     ]
+
+
+def test_a_deliverys_chain_is_its_rules_transforms_then_the_destinations() -> None:
+    transforms = {n: VersionedTransform(1, parse_transform({"name": n, "kind": "charset"}))
+                  for n in ("a", "b", "c", "d")}
+    rules = tuple(VersionedRule(rule_id=f"id-{n}", version=1, spec=parse_rule(spec))
+                  for n, spec in (
+                      ("r1", {"name": "r1", "destinations": ["pacs"], "transforms": ["b", "a"]}),
+                      ("r2", {"name": "r2", "destinations": ["other"], "transforms": ["d"]}),
+                      ("r3", {"name": "r3", "destinations": ["pacs"], "transforms": ["a"]})))
+    destinations = {"pacs": DestinationState("pacs", "x", 1, {"transforms": ["c", "b"]},
+                                             False, False)}
+    snapshot = AdminSnapshot(1, rules, destinations, transforms=transforms)
+    matched = json.dumps([{"rule_id": f"id-{n}", "version": 1, "name": n}
+                          for n in ("r1", "r2", "r3")])
+    chain, missing = chain_for(snapshot, "pacs", matched)
+    assert [t.name for t in chain] == ["b", "a", "c"] and missing == []
+    chain, _ = chain_for(snapshot, "pacs", json.dumps([{"rule_id": "id-r3"}]))
+    assert [t.name for t in chain] == ["a", "c", "b"]
+    chain, missing = chain_for(snapshot, "pacs", "")  # unrouted or before transforms
+    assert [t.name for t in chain] == ["c", "b"]
+    gone = AdminSnapshot(1, rules, destinations, transforms={"a": transforms["a"]})
+    assert chain_for(gone, "pacs", matched)[1] == ["b", "c"]
