@@ -46,10 +46,18 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS audit_object ON audit (object_id)",
     "CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id)",
     "CREATE INDEX IF NOT EXISTS audit_patient ON audit (patient_id)",
+    # The patient access report: one patient's rows in a period.
+    "CREATE INDEX IF NOT EXISTS audit_patient_time ON audit (patient_id, occurred_at)",
+    # Rows that name a study but not yet its patient (viewer opens, accesses read before the
+    # receipt): filled in when the study's receipt is applied.
+    "CREATE INDEX IF NOT EXISTS audit_study_no_patient ON audit (study_instance_uid)"
+    " WHERE patient_id IS NULL",
+    "CREATE INDEX IF NOT EXISTS audit_jobs_study ON audit_jobs (study_instance_uid)",
 )
 
 FAILURES = {"ReceiptFailure.Recorded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
-            "LoginFailure.Recorded", "Retrieve.Failed"}
+            "LoginFailure.Recorded", "Retrieve.Failed", "Commitment.ReportFailed",
+            "Commitment.Abandoned"}
 
 # Fields that are safe and useful to show in the audit trail's detail column. Anything not
 # listed (index, config, spec, password_hash, token_hash) never reaches the view.
@@ -59,7 +67,9 @@ DETAIL_FIELDS = (
     "reason", "destination", "attempt", "error", "retry_at", "detail", "permanent",
     "original_job_id", "job_id", "name", "duration_ms", "role", "token_id", "label", "kind",
     "expires_at", "stopped_by", "value", "previous", "node", "node_ae", "method", "level",
-    "completed", "failed", "warning", "remaining", "transforms", "project",
+    "completed", "failed", "warning", "remaining", "transaction_uid", "event_type",
+    "committed", "via", "operation", "criteria", "matched", "transforms",
+    "project",
 )
 # What a rule change shows of the rule: not its criteria, which may quote tag values.
 RULE_SUMMARY = ("priority", "enabled", "destinations", "stop")
@@ -86,10 +96,37 @@ def _dump(detail: dict[str, Any]) -> str:
     return json.dumps(detail, sort_keys=True, default=str)
 
 
+class Links:
+    """Which job each delivery belongs to, and each job's study and patient: facts that never
+    change once recorded, remembered here as the view writes them to audit_deliveries and
+    audit_jobs, so that most rows need no query back (each was a round trip on PostgreSQL,
+    four per instance). Bounded: forgotten at once past ``LIMIT`` entries, then read back."""
+
+    LIMIT = 100_000
+
+    def __init__(self) -> None:
+        self.job_of: dict[str, str] = {}
+        self.study_of: dict[str, tuple[str | None, str | None]] = {}
+
+    def remember_delivery(self, delivery_id: str, job_id: str | None) -> None:
+        if job_id:
+            if len(self.job_of) >= self.LIMIT:
+                self.job_of.clear()
+            self.job_of[delivery_id] = job_id
+
+    def remember_job(self, job_id: str, study: str | None, patient: str | None) -> None:
+        if len(self.study_of) >= self.LIMIT:
+            self.study_of.clear()
+        self.study_of[job_id] = (study, patient)
+
+
 class AuditView(View):
     name = "audit"
     follows = ("ingest", "delivery", "admin", "access")
     tables = ("audit", "audit_jobs", "audit_deliveries", "audit_names")
+
+    def __init__(self) -> None:
+        self.links = Links()
 
     def create(self, cur: Cursor, dialect: str) -> None:
         for sql in (AUDIT_SQL, JOBS_SQL, DELIVERIES_SQL, NAMES_SQL, *INDEXES):
@@ -101,8 +138,10 @@ class AuditView(View):
         if record.application == "admin":
             row["detail"] = _dump(_admin_detail(cur, record))
         elif record.topic.startswith("Delivery."):
-            _link_delivery(cur, record, row)
-        _link_job(cur, record, row)
+            _link_delivery(cur, record, row, self.links)
+        _link_job(cur, record, row, self.links)
+        if record.topic == "Access.Recorded":
+            _link_patient(cur, row)
         cur.execute(_INSERT, (
             record.application, record.position, record.timestamp,
             getattr(e, "actor", "system"), getattr(e, "source_ip", ""), row["action"],
@@ -160,34 +199,64 @@ def _admin_detail(cur: Cursor, record: EventRecord) -> dict[str, Any]:
     return detail
 
 
-def _link_delivery(cur: Cursor, record: EventRecord, row: dict[str, Any]) -> None:
+def _link_delivery(cur: Cursor, record: EventRecord, row: dict[str, Any],
+                   links: Links) -> None:
     """Remember each delivery's job; later events of the delivery carry only its id."""
     if record.topic == "Delivery.Created":
         cur.execute("INSERT INTO audit_deliveries (delivery_id, job_id) VALUES (?, ?)"
                     " ON CONFLICT (delivery_id) DO NOTHING",
                     (record.originator_id, row["job_id"]))
+        links.remember_delivery(record.originator_id, row["job_id"])
+        return
+    known = links.job_of.get(record.originator_id)
+    if known is not None:
+        row["job_id"] = known
         return
     cur.execute("SELECT job_id FROM audit_deliveries WHERE delivery_id = ?",
                 (record.originator_id,))
     found = cur.fetchone()
     row["job_id"] = found["job_id"] if found is not None else None
+    links.remember_delivery(record.originator_id, row["job_id"])
 
 
-def _link_job(cur: Cursor, record: EventRecord, row: dict[str, Any]) -> None:
+def _link_job(cur: Cursor, record: EventRecord, row: dict[str, Any], links: Links) -> None:
     """Tie rows of a job to its study and patient, whichever log is read first."""
     if record.topic == "Job.Received":
+        links.remember_job(row["job_id"], row["study"], row["patient"])
         cur.execute("INSERT INTO audit_jobs (job_id, study_instance_uid, patient_id)"
                     " VALUES (?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET"
                     " study_instance_uid = excluded.study_instance_uid,"
                     " patient_id = excluded.patient_id",
                     (row["job_id"], row["study"], row["patient"]))
+        # The job's rows read before its receipt, and (one statement: one round trip)
+        # access rows of its study that have no patient yet (see _link_patient).
         cur.execute("UPDATE audit SET study_instance_uid = ?, patient_id = ?"
-                    " WHERE job_id = ? AND study_instance_uid IS NULL",
-                    (row["study"], row["patient"], row["job_id"]))
+                    " WHERE (job_id = ? AND study_instance_uid IS NULL)"
+                    " OR (study_instance_uid = ? AND patient_id IS NULL)",
+                    (row["study"], row["patient"], row["job_id"],
+                     row["study"] if row["patient"] else None))
     elif row["job_id"] and row["study"] is None:
+        known = links.study_of.get(row["job_id"])
+        if known is not None:
+            row["study"], row["patient"] = known
+            return
         cur.execute("SELECT study_instance_uid, patient_id FROM audit_jobs WHERE job_id = ?",
                     (row["job_id"],))
         found = cur.fetchone()
         if found is not None:
             row["study"] = found["study_instance_uid"]
+            row["patient"] = found["patient_id"]
+            links.remember_job(row["job_id"], row["study"], row["patient"])
+
+
+def _link_patient(cur: Cursor, row: dict[str, Any]) -> None:
+    """Give an access row that names a study but no patient (a viewer open, a failed
+    retrieval) the patient of the study's receipt. Rows written before the receipt get it
+    from the receipt (``_link_job``), so the result does not depend on the order of the logs.
+    """
+    if row["study"] and not row["patient"]:
+        cur.execute("SELECT patient_id FROM audit_jobs WHERE study_instance_uid = ?"
+                    " AND patient_id IS NOT NULL LIMIT 1", (row["study"],))
+        found = cur.fetchone()
+        if found is not None:
             row["patient"] = found["patient_id"]

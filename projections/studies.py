@@ -14,6 +14,7 @@ from typing import Any
 from projections.db import Cursor
 from projections.runner import EventRecord, View, drop_if_outdated
 from projections.runner import index_text as _text
+from projections.study_keys import series_key, study_key
 
 STUDIES_SQL = """CREATE TABLE IF NOT EXISTS studies (
     study_instance_uid TEXT PRIMARY KEY, patient_id TEXT, issuer_of_patient_id TEXT,
@@ -21,7 +22,8 @@ STUDIES_SQL = """CREATE TABLE IF NOT EXISTS studies (
     study_time TEXT, accession_number TEXT, study_id TEXT, study_description TEXT,
     referring_physician_name TEXT, specific_character_set TEXT, modalities TEXT,
     timezone_offset_from_utc TEXT, number_of_series INTEGER NOT NULL DEFAULT 0,
-    number_of_instances INTEGER NOT NULL DEFAULT 0, updated_at DOUBLE PRECISION NOT NULL)"""
+    number_of_instances INTEGER NOT NULL DEFAULT 0, updated_at DOUBLE PRECISION NOT NULL,
+    uid_derived INTEGER NOT NULL DEFAULT 0)"""
 
 SERIES_SQL = """CREATE TABLE IF NOT EXISTS series (
     series_instance_uid TEXT PRIMARY KEY, study_instance_uid TEXT NOT NULL, modality TEXT,
@@ -46,7 +48,6 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid)",
 )
 
-UNKNOWN = "UNKNOWN"
 PURGED = "Job.BlobPurged"
 
 logger = logging.getLogger(__name__)
@@ -117,11 +118,13 @@ class StudiesView(View):
 
     def _received(self, cur: Cursor, r: EventRecord) -> None:
         idx = r.event.index
-        study = str(idx.get("StudyInstanceUID") or UNKNOWN)
-        series = str(idx.get("SeriesInstanceUID") or UNKNOWN)
+        # Without a Study Instance UID the instance gets a study of its own (study_keys.py).
+        study, derived = study_key(idx, r.event.sop_instance_uid)
+        series = series_key(idx, r.event.sop_instance_uid)
         cur.execute(_upsert("studies", "study_instance_uid",
-                            [c for c, _ in STUDY_FIELDS] + ["updated_at"]),
-                    (study, *(_text(idx.get(k)) for _, k in STUDY_FIELDS), r.timestamp))
+                            [c for c, _ in STUDY_FIELDS] + ["updated_at", "uid_derived"]),
+                    (study, *(_text(idx.get(k)) for _, k in STUDY_FIELDS), r.timestamp,
+                     int(derived)))
         cur.execute(_upsert("series", "series_instance_uid",
                             ["study_instance_uid", "series_number",
                              *(c for c, _ in SERIES_FIELDS), "updated_at"]),

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     rebuild = psub.add_parser("rebuild", help="drop a view and replay it from the log")
     rebuild.add_argument("name", nargs="?")
     rebuild.add_argument("--all", action="store_true")
+    rebuild.add_argument("--force", action="store_true",
+                         help="rebuild even while a router serves this database (experts: "
+                              "its views are dropped under it)")
     psub.add_parser("status", help="each view's position and lag")
     add_ops_parsers(sub)
     add_user_parsers(sub)
@@ -149,8 +152,12 @@ def cmd_apply(settings: Settings, args: Any) -> int:
     print(f"applied {args.file}: {changed['transforms']} transform(s), "
           f"{changed['destinations']} destination(s) and "
           f"{changed['rules']} rule(s) changed, {changed['deleted']} deleted")
+    if changed["detached"]:
+        print(f"left alone: {changed['detached']} item(s) detached from the file in the UI "
+              "or API (the file no longer changes them)")
     if doc.get("remote_nodes") or nodes["deleted"]:
-        print(f"remote nodes: {nodes['remote_nodes']} changed, {nodes['deleted']} deleted")
+        print(f"remote nodes: {nodes['remote_nodes']} changed, {nodes['deleted']} deleted"
+              + (f", {nodes['detached']} detached left alone" if nodes["detached"] else ""))
     return 0
 
 
@@ -181,7 +188,30 @@ def cmd_seal_secret(settings: Settings, args: Any) -> int:
     return 0
 
 
+EXIT_ROUTER_RUNNING = 3
+
+
 def cmd_projections(settings: Settings, args: Any) -> int:
+    if args.action != "rebuild":
+        return _projections(settings, args)
+    from router.cluster.serving import ServingLock
+
+    lock = ServingLock(settings)
+    try:
+        if not lock.try_exclusive():
+            if not args.force:
+                print(f"dicom-router: a router is running on {lock.where}; stop it before "
+                      "rebuilding views (or pass --force: the running router's views are "
+                      "then dropped and replayed under it)", file=sys.stderr)
+                return EXIT_ROUTER_RUNNING
+            print(f"dicom-router: warning: a router is running on {lock.where}; rebuilding "
+                  "anyway (--force)", file=sys.stderr)
+        return _projections(settings, args)
+    finally:
+        lock.release()
+
+
+def _projections(settings: Settings, args: Any) -> int:
     from projections.runner import drop_view, ensure_schema, positions, process_batch
     from router.application.stores import open_stores
     from router.secrets import SecretBox, load_master_key

@@ -28,7 +28,8 @@ def add_parsers(sub: Any) -> None:
     export.add_argument("--study", help="StudyInstanceUID")
     export.add_argument("--patient", help="patient ID")
     export.add_argument("--user", help="who acted (user name, AE title, config, system...)")
-    export.add_argument("--action", help="event or access action; a trailing * is a prefix")
+    export.add_argument("--action", help="event or access action; a trailing * is a prefix;"
+                        " several, comma-separated, match any")
     export.add_argument("--outcome", choices=["success", "failure", "denied", "not_found"])
     export.add_argument("--format", choices=["csv", "json"], default="csv")
     export.add_argument("--output", type=Path, help="file to write (default: standard output)")

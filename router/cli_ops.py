@@ -1,28 +1,51 @@
 """Operator commands on a running (or stopped) router's store: list, requeue and cancel
-deliveries, pause and resume destinations. Each is recorded with the operator as actor.
+deliveries (one job's, or every one matching a filter), pause and resume destinations. Each
+is recorded with the operator as actor.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import re
 from typing import Any
 
+from router.domain.delivery_states import ALIASES, DELIVERY_STATES, shown, stored
 from router.settings import Settings
+
+UID = re.compile(r"^[0-9.]{1,64}$")
+# router.application.bulk.OPERATIONS, spelt out so that the parser imports no write side
+# (tests/unit/test_bulk_filter.py checks they agree).
+OPERATIONS = {"requeue": ("retrying", "dead", "cancelled"),
+              "cancel": ("pending", "retrying", "dead")}
 
 
 def add_parsers(sub: Any) -> None:
     deliveries = sub.add_parser("deliveries", help="list, requeue or cancel deliveries")
     dsub = deliveries.add_subparsers(dest="action", required=True)
     listing = dsub.add_parser("list", help="deliveries from the jobs view")
-    listing.add_argument("--status", choices=["pending", "retrying", "delivered", "dead",
-                                              "cancelled"])
+    listing.add_argument("--status", choices=[*DELIVERY_STATES, *ALIASES],
+                         help="failed (dead-lettered), retrying, queued, held, delivered or"
+                              " cancelled; dead and pending are accepted for failed and queued")
     listing.add_argument("--destination")
     listing.add_argument("--limit", type=int, default=50)
     for action in ("requeue", "cancel"):
-        p = dsub.add_parser(action, help=f"{action} the deliveries of a job")
-        p.add_argument("job_id")
-        p.add_argument("--destination", help="only this destination (default: all of the job's)")
+        p = dsub.add_parser(action, help=f"{action} the deliveries of a job, or every "
+                            "delivery matching --destination/--status/--since/--until/--study")
+        p.add_argument("job_id", nargs="?", help="one job's deliveries (else: the filter)")
+        p.add_argument("--destination", help="only this destination")
+        p.add_argument("--status", choices=[*(shown(s) for s in OPERATIONS[action]),
+                                            *(a for a, s in ALIASES.items()
+                                              if stored(s) in OPERATIONS[action])],
+                       help="only deliveries in this status (default: any of these)")
+        p.add_argument("--since", help="received at or after (YYYY-MM-DD or ISO 8601, UTC)")
+        p.add_argument("--until", help="received before (a date: up to the end of that day)")
+        p.add_argument("--study", help="only this Study Instance UID")
+        p.add_argument("--all", action="store_true",
+                       help="every delivery (required when no other filter is given)")
+        p.add_argument("--reason", default="", help="why (recorded with the action)")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print how many deliveries match; change nothing")
     destinations = sub.add_parser("destinations", help="pause or resume a destination")
     tsub = destinations.add_subparsers(dest="action", required=True)
     for action in ("pause", "resume"):
@@ -44,6 +67,8 @@ def cmd_deliveries(settings: Settings, args: argparse.Namespace) -> int:
         db = router.views["jobs"][1]
         if args.action == "list":
             return _list(db, args)
+        if args.job_id is None:
+            return _bulk(router, db, args)
         rows = db.query("SELECT destination, status FROM deliveries WHERE job_id = ?",
                         (args.job_id,))
         targets = [r for r in rows if args.destination in (None, r["destination"])]
@@ -58,10 +83,39 @@ def cmd_deliveries(settings: Settings, args: argparse.Namespace) -> int:
                 router.commands.cancel(args.job_id, row["destination"], _actor())
                 print(f"cancelled {args.job_id} -> {row['destination']}")
             else:
-                print(f"left {args.job_id} -> {row['destination']} ({row['status']})")
+                print(f"left {args.job_id} -> {row['destination']} ({shown(row['status'])})")
         return 0
     finally:
         router.stores.close()
+
+
+def _bulk(router: Any, db: Any, args: argparse.Namespace) -> int:
+    """Every delivery matching the filter: one recorded action, then one event each."""
+    from router.application.bulk import BulkDeliveries, DeliveryFilter, parse_instant
+
+    if args.study is not None and not UID.match(args.study):
+        raise ValueError("--study: a DICOM UID is digits and dots, at most 64 characters")
+    if args.destination is not None and args.destination not in (
+            router.admin.refresh().destinations):
+        raise ValueError(f"--destination: no destination named {args.destination!r}")
+    flt = DeliveryFilter(
+        destination=args.destination, status=args.status,
+        since=parse_instant(args.since, "--since") if args.since else None,
+        until=parse_instant(args.until, "--until", end_of_day=True) if args.until else None,
+        study_uid=args.study, everything=args.all,
+        given={"destination": args.destination, "status": args.status, "since": args.since,
+               "until": args.until, "study_uid": args.study})
+    bulk = BulkDeliveries(router.commands, router.stores, db)
+    if args.dry_run:
+        print(f"{bulk.count(flt, args.action)} deliveries match; nothing was changed "
+              "(dry run)")
+        return 0
+    run = bulk.run(flt, args.action, args.reason, _actor())
+    done = "requeued" if args.action == "requeue" else "cancelled"
+    print(f"{done} {run.affected} of {run.matched} matching deliveries"
+          + (f"; {run.skipped} changed meanwhile and were left alone" if run.skipped else "")
+          + f" (correlation id {run.actor.correlation_id})")
+    return 0
 
 
 def _list(db: Any, args: argparse.Namespace) -> int:
@@ -70,14 +124,14 @@ def _list(db: Any, args: argparse.Namespace) -> int:
     params: list[Any] = []
     if args.status:
         sql += " AND d.status = ?"
-        params.append(args.status)
+        params.append(stored(args.status))
     if args.destination:
         sql += " AND d.destination = ?"
         params.append(args.destination)
     sql += " ORDER BY d.created_at DESC LIMIT ?"
     params.append(args.limit)
     for row in db.query(sql, params):
-        print(f"{row['job_id']}  {row['destination']:16} {row['status']:9} "
+        print(f"{row['job_id']}  {row['destination']:16} {shown(row['status']):9} "
               f"attempts={row['attempts']} {row['last_error'] or ''}")
     return 0
 

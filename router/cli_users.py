@@ -1,4 +1,4 @@
-"""``dicom-router user add|passwd|list``: user accounts from the command line.
+"""``dicom-router user add|passwd|unlock|list``: user accounts from the command line.
 
 The password is asked twice at an interactive prompt, or read as one line from stdin when
 stdin is not a terminal (``echo "$PW" | dicom-router user add ...``). Changes are recorded with
@@ -19,7 +19,7 @@ from router.settings import Settings
 
 
 def add_parsers(sub: Any) -> None:
-    user = sub.add_parser("user", help="user accounts (add, passwd, list)")
+    user = sub.add_parser("user", help="user accounts (add, passwd, unlock, list)")
     usub = user.add_subparsers(dest="action", required=True)
     add = usub.add_parser("add", help="create a user; the password is prompted for or read "
                                       "from stdin")
@@ -28,6 +28,10 @@ def add_parsers(sub: Any) -> None:
     passwd = usub.add_parser("passwd", help="set a user's password (prompted for or read "
                                             "from stdin); ends the user's sessions")
     passwd.add_argument("name")
+    unlock = usub.add_parser("unlock", help="lift a user's login lockout after repeated "
+                                            "failed logins (a running router applies it "
+                                            "at the user's next login)")
+    unlock.add_argument("name")
     usub.add_parser("list", help="user names, roles and status (never passwords)")
 
 
@@ -67,6 +71,10 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
         users = Users(stores, AdminState(stores.admin), settings.web)
         if args.action == "list":
             return _list(users)
+        if args.action == "unlock":
+            users.unlock(args.name, _actor())
+            print(f"unlocked {args.name!r}: failed logins before now no longer count")
+            return 0
         if args.action == "add":
             _require_absent(users, args.name)
             users.add(args.name, args.role, read_password(sys.stdin), _actor())

@@ -39,6 +39,11 @@ def check_config(path: Path) -> list[str]:
     if isinstance(default, str) and default and default not in names:
         problems.append(f"dispatch.default_destination: {default!r} is not a declared "
                         "destination")
+    dicom = doc.get("dicom")
+    archive = dicom.get("commitment_destination") if isinstance(dicom, Mapping) else None
+    if isinstance(archive, str) and archive and archive not in names:
+        problems.append(f"dicom.commitment_destination: {archive!r} is not a declared "
+                        "destination")
     _remote_node_problems(doc, policy, problems)
     return problems
 

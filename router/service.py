@@ -36,6 +36,8 @@ from router.application.users import Users
 from router.cluster.leadership import Leadership, leadership_for
 from router.cluster.nodes import NodeRegistry
 from router.cluster.schema import schema_lock
+from router.cluster.serving import ServingLock
+from router.dicom.commitment_scp import CommitmentWorker, build_service
 from router.dicom.gate import Gate
 from router.dicom.qr_scp import QueryRetrieveSCP
 from router.dicom.receivers import ReceiverPool
@@ -91,9 +93,11 @@ class Router:
     fresh: FreshReads  # read-your-writes: queries wait for their view to pass the logs' heads
     nodes: NodeRegistry  # the nodes sharing this database (health page)
     duties: Leadership  # what this node does for the cluster (views, destinations, timers)
+    commitments: CommitmentWorker  # storage commitment reports no receiving thread sends
     reidentification: ReidentificationMap  # pseudonyms of de-identification projects
     ready: bool = False
     receivers: ReceiverPool | None = None
+    serving: ServingLock | None = None  # held shared while started: no rebuild meanwhile
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Router:
@@ -153,10 +157,16 @@ class Router:
         qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
                               remote_nodes.state, lambda: views["studies"][1], blobs, sessions,
                               policy.addresses, fresh)
+        commitment = build_service(settings, stores, blobs, remote_nodes.state, sessions,
+                                   lambda: jobs_db, lambda: fresh.wait("jobs"),
+                                   policy.addresses)
+        commitments = CommitmentWorker(commitment, jobs_db, settings.node_id,
+                                       leads=lambda: duties.holds("commitments"))
         return cls(settings=settings, box=box, stores=stores, blobs=blobs, admin=admin,
                    commands=Commands(stores, admin, box, policy), views=views, runner=runner,
                    receiver=receiver, dispatcher=dispatcher,
-                   dicom=DicomServer(settings, receiver, qr=qr),
+                   dicom=DicomServer(settings, receiver, qr=qr, commitment=commitment),
+                   commitments=commitments,
                    users=Users(stores, admin, settings.web), sessions=sessions,
                    runtime=runtime, retention=retention, remote_nodes=remote_nodes,
                    retriever=Retriever(settings, remote_nodes.state, stores, receiver,
@@ -172,9 +182,14 @@ class Router:
 
     def start(self) -> None:
         """Apply the TOML config, catch the views up, recover blobs, then open for traffic."""
+        self.serving = ServingLock(self.settings)
+        self.serving.hold_shared()  # `projections rebuild` refuses while a router holds it
         if self.settings.destinations or self.settings.rules or self.settings.transforms:
             changed = self.apply_config_file()
             logger.info("configuration applied: %s", changed)
+            if changed["detached"]:
+                logger.warning("%d item(s) of the configuration file were detached from it in "
+                               "the UI or API and were left as they are", changed["detached"])
         if self.settings.remote_nodes:
             logger.info("remote nodes applied: %s",
                         self.remote_nodes.apply(self.settings.remote_nodes))
@@ -197,6 +212,7 @@ class Router:
         self.units.start()
         self.ai_worker.start()
         self.retention.start()  # purges hourly while storage.retention_days > 0
+        self.commitments.start()  # reports outstanding from before this start, retries
         self._start_receiving()
         self.nodes.start(dicom_port=self.receivers.port if self.receivers is not None
                          else self.dicom.port)
@@ -221,6 +237,7 @@ class Router:
         else:
             self.dicom.stop(grace=min(grace, 10.0))
         self.units.stop()
+        self.commitments.stop()
         self.ai_worker.stop()
         self.dispatcher.stop(grace=grace)
         self.retention.stop()
@@ -231,6 +248,8 @@ class Router:
         for _, db in self.views.values():
             db.close()
         self.stores.close()
+        if self.serving is not None:
+            self.serving.release()
         logger.info("router stopped")
 
     @property

@@ -130,6 +130,11 @@ class DicomSettings:
     tls_verify_clients: bool = False
     tls_profile: TlsProfile = "bcp195"  # see router/dicom/tls.py
     tls_handshake_timeout: Duration = 10.0
+    # Storage Commitment (docs/storage-commitment.md): "" = an instance is committed once
+    # received and stored; a destination's name = once delivered there, waited for at most
+    # commitment_timeout after the request (then reported failed).
+    commitment_destination: str = ""
+    commitment_timeout: Annotated[Duration, at.Gt(0)] = 600.0
 
     @property
     def tls(self) -> TlsServerSettings | None:

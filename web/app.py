@@ -13,6 +13,7 @@ import jinja2
 from aiohttp import web
 
 from web.auth import auth_middleware, error_middleware
+from web.dicom_text import FILTERS
 from web.freshness import add_lag_warning
 from web.health import METRICS_PATH
 from web.keys import ISSUER_KEY, ROUTER_KEY
@@ -44,7 +45,7 @@ def create_app(router: Any) -> web.Application:
                                   web_settings.session_idle_timeout,
                                   web_settings.session_max_age)
     aiohttp_jinja2.setup(
-        app, loader=jinja2.FileSystemLoader(HERE / "templates"),
+        app, loader=jinja2.FileSystemLoader(HERE / "templates"), filters=FILTERS,
         autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
         undefined=jinja2.StrictUndefined if getattr(router, "strict_templates", False)
         else jinja2.Undefined)

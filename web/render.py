@@ -13,7 +13,7 @@ from web.security import Principal
 
 # (label, path, permission): the navigation bar shows what the user's role may open.
 NAVIGATION = (
-    ("Dashboard", "/", "dashboard"),
+    ("Dashboard", "/dashboard", "dashboard"),
     ("Jobs", "/jobs", "jobs.read"),
     ("Rules", "/rules", "rules.read"),
     ("Destinations", "/destinations", "destinations.read"),
@@ -35,7 +35,9 @@ def page_context(request: web.Request, **values: Any) -> dict[str, Any]:
         csrf = request.app[ISSUER_KEY].csrf_token(principal.jti)
     nav = [(label, path) for label, path, perm in NAVIGATION
            if principal is not None and principal.can(perm)]
-    return {"user": principal, "csrf_token": csrf, "nav": nav, "path": request.path,
+    # ``/`` shows the dashboard to the roles that land there: its tab is the active one.
+    path = "/dashboard" if request.path == "/" else request.path
+    return {"user": principal, "csrf_token": csrf, "nav": nav, "path": path,
             "view_lag_note": LAG_NOTE if view_lags(request) else "", **values}
 
 

@@ -38,14 +38,21 @@ class Route:
 
 # Modules that export ROUTES, in registration order.
 ROUTE_MODULES = (
-    "web.health", "web.pages.auth", "web.pages.dashboard", "web.pages.jobs", "web.pages.rules",
-    "web.pages.destinations", "web.pages.studies", "web.pages.audit", "web.pages.users",
-    "web.pages.settings", "web.pages.storage", "web.api.auth", "web.api.jobs", "web.api.rules",
-    "web.api.destinations", "web.api.studies", "web.api.audit", "web.api.users",
+    "web.health", "web.favicon", "web.pages.auth", "web.pages.dashboard", "web.pages.transfers",
+    "web.pages.jobs", "web.pages.rules", "web.pages.destinations", "web.pages.studies",
+    "web.pages.instances", "web.pages.downloads", "web.pages.uploads", "web.pages.audit",
+    "web.pages.access_report",
+    "web.pages.users",
+    "web.pages.settings", "web.pages.storage", "web.api.auth", "web.api.jobs",
+    "web.api.transfers", "web.api.rules",
+    "web.api.destinations", "web.api.studies", "web.api.audit", "web.api.access_report",
+    "web.api.users",
     "web.api.settings", "web.api.storage", "web.api.stats", "web.api.openapi",
     "web.dicomweb.qido", "web.dicomweb.wado", "web.dicomweb.wado_uri", "web.dicomweb.stow",
     "web.viewer", "web.pages.remote", "web.api.remote", "web.api.ai",
-    "web.pages.ai", "web.api.transforms", "web.pages.transforms", "web.pages.transform_edit",
+    "web.pages.ai", "web.api.deliveries", "web.pages.jobs_bulk", "web.api.send",
+    "web.api.file_managed",
+    "web.api.transforms", "web.pages.transforms", "web.pages.transform_edit",
 )
 
 

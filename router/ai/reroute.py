@@ -73,7 +73,7 @@ def reroute(app: Any, admin: AdminState, blobs: BlobStore, job_ids: list[str],
         job.reroute(plan_units(snapshot, decision, new, header) or None, **ctx,
                     matched_rules=[{"rule_id": m.rule_id, "version": m.version, "name": m.name}
                                    for m in decision.matched],
-                    destinations=new)
+                    destinations=new, reason="")
         pending.append(job)
         if len(pending) >= SAVE_BATCH:
             app.save(*pending)

@@ -28,6 +28,7 @@ class DestinationState:
     config: dict[str, Any]
     paused: bool
     deleted: bool
+    detached: bool = False  # detached from the TOML file: the file no longer changes it
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class UserState:
     version: int
     tokens: dict[str, dict[str, Any]]
     times_disabled: int = 0
+    unlocked_at: float = 0.0  # the last User.Unlocked (Unix seconds); 0: never
 
     @property
     def credentials_tag(self) -> str:
@@ -58,6 +60,7 @@ class AdminSnapshot:
     rules: tuple[VersionedRule, ...] = ()
     destinations: dict[str, DestinationState] = field(default_factory=dict)
     users: dict[str, UserState] = field(default_factory=dict)  # by lower-case name
+    detached_rules: frozenset[str] = frozenset()  # names of rules detached from the file
     transforms: dict[str, VersionedTransform] = field(default_factory=dict)  # live ones
 
     def live_destinations(self) -> dict[str, DestinationState]:
@@ -126,7 +129,7 @@ class AdminState:
         destinations = {
             name: DestinationState(
                 name=name, destination_id=str(d.id), version=d.version, config=d.config,
-                paused=d.paused, deleted=d.deleted,
+                paused=d.paused, deleted=d.deleted, detached=getattr(d, "detached", False),
             )
             for name, d in self._destinations.items()
         }
@@ -134,10 +137,13 @@ class AdminState:
             key: UserState(name=u.name, role=u.role, disabled=u.disabled,
                            password_hash=u.password_hash, version=u.version,
                            tokens={k: dict(v) for k, v in u.tokens.items()},
-                           times_disabled=getattr(u, "times_disabled", 0))
+                           times_disabled=getattr(u, "times_disabled", 0),
+                           unlocked_at=getattr(u, "unlocked_at", 0.0))
             for key, u in self._users.items()
         }
+        detached = frozenset(r.name for r in self._rules.values()
+                             if getattr(r, "detached", False))
         transforms = {name: VersionedTransform(t.version, parse_transform(t.spec))
                       for name, t in self._transforms.items() if not t.deleted}
         return AdminSnapshot(position=position, rules=tuple(rules), destinations=destinations,
-                             users=accounts, transforms=transforms)
+                             users=accounts, detached_rules=detached, transforms=transforms)

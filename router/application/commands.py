@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
 
 from router.application.admin_state import AdminState
 from router.application.conflicts import save_changed
@@ -189,6 +190,10 @@ class Commands:
     # --- deliveries -----------------------------------------------------------------
     def requeue(self, job_id: str, destination: str, actor: Actor) -> None:
         """Attempt again now; a delivery that never ran yet is simply left pending."""
+        self._change_delivery(job_id, destination, self._requeuing(actor))
+
+    @staticmethod
+    def _requeuing(actor: Actor) -> Callable[[Any], Any]:
         def change(aggregate: Any) -> Any:
             if aggregate is None:
                 return None
@@ -196,9 +201,29 @@ class Commands:
                 raise CommandError("already delivered; nothing to requeue")
             aggregate.requeue(**actor.ctx())
             return aggregate
+        return change
+
+    def resend(self, job_id: str, destination: str, actor: Actor) -> bool:
+        """Attempt again, a delivered delivery too (a user sends the object again); False
+        when it is already waiting for an attempt (pending, or never attempted)."""
+        changed: list[bool] = []
+
+        def change(aggregate: Any) -> Any:
+            if aggregate is None or aggregate.status == "pending":
+                return None
+            aggregate.requeue(**actor.ctx())
+            changed.append(True)
+            return aggregate
         self._change_delivery(job_id, destination, change)
+        return bool(changed)
 
     def cancel(self, job_id: str, destination: str, actor: Actor, reason: str = "") -> None:
+        self._change_delivery(job_id, destination,
+                              self._cancelling(job_id, destination, actor, reason))
+
+    @staticmethod
+    def _cancelling(job_id: str, destination: str, actor: Actor, reason: str
+                    ) -> Callable[[Any], Any]:
         def change(aggregate: Any) -> Any:
             if aggregate is None:
                 aggregate = Delivery(job_id, destination, **actor.ctx(), sha256="")
@@ -206,7 +231,43 @@ class Commands:
                 raise CommandError(f"delivery is {aggregate.status}; nothing to cancel")
             aggregate.cancel(**actor.ctx(), reason=reason or f"cancelled by {actor.name}")
             return aggregate
-        self._change_delivery(job_id, destination, change)
+        return change
+
+    def change_many(self, operation: str, targets: Sequence[tuple[str, str]], actor: Actor,
+                    reason: str = "") -> tuple[int, int]:
+        """Requeue or cancel several deliveries (job id, destination) in one save: how many
+        were changed and how many were left alone (delivered or cancelled meanwhile). When
+        the dispatcher recorded an outcome of one of them between our read and our save,
+        each is done again on its own, read again and decided again."""
+        changed: list[Any] = []
+        skipped = 0
+        for job_id, destination in targets:
+            change = (self._requeuing(actor) if operation == "requeue" else
+                      self._cancelling(job_id, destination, actor, reason))
+            try:
+                aggregate = change(self._get_delivery(job_id, destination))
+            except CommandError:
+                skipped += 1
+                continue
+            if aggregate is not None:
+                changed.append(aggregate)
+        try:
+            if changed:
+                self._stores.delivery.save(*changed)
+            return len(targets) - skipped, skipped
+        except IntegrityError:
+            pass
+        done = skipped = 0
+        for job_id, destination in targets:
+            try:
+                if operation == "requeue":
+                    self.requeue(job_id, destination, actor)
+                else:
+                    self.cancel(job_id, destination, actor, reason)
+                done += 1
+            except CommandError:
+                skipped += 1
+        return done, skipped
 
     def _change_delivery(self, job_id: str, destination: str,
                          change: Callable[[Any], Any]) -> None:
@@ -225,29 +286,38 @@ class Commands:
         """Make the store match a TOML file's transforms, destinations and rules (idempotent).
 
         Items the file declared before (actor ``config``) and no longer declares are deleted;
-        items created by people in the UI or API are left alone.
+        items created by people in the UI or API are left alone, and so are items an admin
+        detached from the file (counted in ``detached``).
         """
-        changed = {"transforms": 0, "destinations": 0, "rules": 0, "deleted": 0}
+        changed = {"transforms": 0, "destinations": 0, "rules": 0, "deleted": 0,
+                   "detached": 0}
         for item in transforms:  # first: destinations and rules name them
             try:
                 changed["transforms"] += self.put_transform(item, actor)
             except TransformError as exc:
                 raise CommandError(str(exc)) from None
         for item in destinations:
+            if self.detached("destination", str(item.get("name"))):
+                changed["detached"] += 1
+                continue
             changed["destinations"] += self.put_destination(item, actor)
         for item in rules:
+            if self.detached("rule", str(item.get("name"))):
+                changed["detached"] += 1
+                continue
             changed["rules"] += self.put_rule(item, actor)
         declared_rules = {str(r.get("name")) for r in rules}
         declared_dest = {str(d.get("name")) for d in destinations}
         for rule in self._admin.refresh().rules:
-            if rule.spec.name not in declared_rules and self._created_by(
+            if rule.spec.name not in declared_rules and not self.detached(
+                "rule", rule.spec.name) and self._created_by(
                 Rule, rule_id(rule.spec.name), actor.name
             ):
                 self.delete_rule(rule.spec.name, actor)
                 changed["deleted"] += 1
         for name in self._admin.refresh().live_destinations():
-            if name not in declared_dest and self._created_by(
-                Destination, destination_id(name), actor.name
+            if name not in declared_dest and not self.detached("destination", name) and (
+                self._created_by(Destination, destination_id(name), actor.name)
             ):
                 self.delete_destination(name, actor)
                 changed["deleted"] += 1
@@ -259,6 +329,23 @@ class Commands:
                 self.delete_transform(name, actor)
                 changed["deleted"] += 1
         return changed
+
+    def detached(self, kind: str, name: str) -> bool:
+        """Whether rule or destination ``name`` was detached from the TOML file."""
+        cls, make_id = (Rule, rule_id) if kind == "rule" else (Destination, destination_id)
+        aggregate = self._get(cls, make_id(name))
+        return bool(aggregate is not None and getattr(aggregate, "detached", False))
+
+    def detach(self, kind: str, name: str, actor: Actor, reason: str = "") -> bool:
+        """Detach a rule or destination from the TOML file: from now on the file (at start or
+        ``dicom-router apply``) neither overwrites nor deletes it. False if it already was."""
+        cls, make_id = (Rule, rule_id) if kind == "rule" else (Destination, destination_id)
+        aggregate = self._require(cls, make_id(name), f"{kind} {name!r}")
+        if getattr(aggregate, "detached", False):
+            return False
+        aggregate.detach(**actor.ctx(), reason=reason)
+        self._save_admin(aggregate)
+        return True
 
     def _created_by(self, cls: type, aggregate_id: uuid.UUID, actor_name: str) -> bool:
         events = list(self._stores.admin.events.get(aggregate_id, lte=1))

@@ -44,7 +44,8 @@ _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 TLS_KEYS = ("tls", "tls_ca_certificates", "tls_certificate", "tls_private_key", "tls_profile",
             "tls_server_name")
 _TOPICS = tuple(f"router.domain.remote:{name}" for name in (
-    "RemoteNode.Created", "RemoteNode.Updated", "RemoteNode.Deleted", "Retrieve.Requested",
+    "RemoteNode.Created", "RemoteNode.Updated", "RemoteNode.Deleted", "RemoteNode.Detached",
+    "Retrieve.Requested",
     "Retrieve.Progressed", "Retrieve.Completed", "Retrieve.Failed"))
 
 
@@ -141,6 +142,7 @@ class RemoteNodeState:
     config: RemoteNodeConfig
     version: int
     created_by: str
+    detached: bool = False  # detached from the TOML file: the file no longer changes it
 
     @property
     def name(self) -> str:
@@ -301,7 +303,8 @@ class RemoteState:
         except (TypeError, ValueError):
             logger.error("remote node %s has an invalid stored configuration", aggregate.name)
             return
-        nodes[aggregate.name] = RemoteNodeState(config, aggregate.version, created_by)
+        nodes[aggregate.name] = RemoteNodeState(config, aggregate.version, created_by,
+                                                getattr(aggregate, "detached", False))
 
 
 def _first_actor(app: Any, aggregate_id: uuid.UUID) -> str:
@@ -359,19 +362,36 @@ class RemoteNodes:
         self._app.save(aggregate)
         self.state.refresh()
 
+    def detach(self, name: str, actor: Actor, reason: str = "") -> bool:
+        """Detach a node from the TOML file (the file no longer overwrites or deletes it);
+        False if it already was."""
+        aggregate = self._get(name)
+        if aggregate is None or aggregate.deleted:
+            raise NotFoundError(f"remote node {name!r} does not exist")
+        if getattr(aggregate, "detached", False):
+            return False
+        aggregate.detach(**actor.ctx(), reason=reason)
+        self._app.save(aggregate)
+        self.state.refresh()
+        return True
+
     def apply(self, items: Sequence[Mapping[str, Any]],
               actor: Actor = CONFIG_ACTOR) -> dict[str, int]:
         """Make the store match a TOML file's ``[[remote_nodes]]`` (idempotent).
 
         Nodes the file declared before and no longer declares are deleted; nodes created in
-        the UI or API are left alone.
+        the UI or API, and nodes an admin detached from the file, are left alone.
         """
-        changed = {"remote_nodes": 0, "deleted": 0}
+        changed = {"remote_nodes": 0, "deleted": 0, "detached": 0}
         for item in items:
+            existing = self._get(str(item.get("name")))
+            if existing is not None and getattr(existing, "detached", False):
+                changed["detached"] += 1
+                continue
             changed["remote_nodes"] += self.put(item, actor)
         declared = {str(item.get("name")) for item in items}
         for name, node in self.state.nodes().items():
-            if name not in declared and node.created_by == actor.name:
+            if name not in declared and node.created_by == actor.name and not node.detached:
                 self.delete(name, actor)
                 changed["deleted"] += 1
         return changed

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlparse
 
 from eventsourcing.application import Application
 
+from router.application.pg_recorder import TOPIC as PG_RECORDER_TOPIC
 from router.application.sqlite_writes import order_sqlite_writes, release
 
 
@@ -89,6 +90,9 @@ def postgres_env(url: str) -> dict[str, str]:
         # meanwhile (the server restarted) fails its statement with an OperationalError,
         # which eventsourcing retries on another connection; the pool drops the dead one.
         "POSTGRES_PRE_PING": "n",
+        # Each log's table lock is released before the WAL is flushed, not after
+        # (router/application/pg_recorder.py): writers' flushes overlap.
+        "APPLICATION_RECORDER_TOPIC": PG_RECORDER_TOPIC,
     }
     return env
 

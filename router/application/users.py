@@ -128,8 +128,22 @@ class Lockout:
         return times
 
     def locked(self, name: str, now: float | None = None) -> bool:
+        return self.locked_until(name, now) is not None
+
+    def locked_until(self, name: str, now: float | None = None) -> float | None:
+        """When the lockout of ``name`` ends (Unix seconds) if it is locked now, else None."""
         with self._lock:
-            return len(self._recent(name.lower(), now or time.time())) >= self._max
+            times = self._recent(name.lower(), now or time.time())
+            if len(times) < self._max:
+                return None
+            return times[-self._max] + self._window
+
+    def forget_before(self, name: str, moment: float) -> None:
+        """Failures before ``moment`` no longer count (an admin unlocked the account)."""
+        with self._lock:
+            times = self._failures.get(name.lower())
+            while times and times[0] < moment:
+                times.popleft()
 
     def failed(self, name: str, now: float | None = None) -> None:
         with self._lock:
@@ -230,10 +244,27 @@ class Users:
             return None
         return generated
 
+    def unlock(self, name: str, actor: Actor) -> None:
+        """Lift a login lockout (recorded even when this process saw none: the process that
+        checks logins applies it when it reads the event)."""
+        user = self._require(name)
+        user.unlock(**actor.ctx(), at=time.time())
+        self._save(user)
+        self.lockout.forget_before(name, user.unlocked_at)
+
+    def locked_until(self, name: str) -> float | None:
+        """When the login lockout of ``name`` ends, if it is locked out now (this process)."""
+        user = self.get(name)
+        if user is not None and user.unlocked_at:
+            self.lockout.forget_before(name, user.unlocked_at)
+        return self.lockout.locked_until(name)
+
     # --- authentication ---------------------------------------------------------------
     def authenticate(self, name: str, password: str, source_ip: str) -> UserState:
         """The user whose password this is; raises LoginRefused (recorded) otherwise."""
         user = self.fresh(name) if name else None
+        if user is not None and user.unlocked_at:
+            self.lockout.forget_before(name, user.unlocked_at)
         # Exactly one bcrypt check of the same cost on every path (unknown, locked, disabled,
         # wrong password, right password): the answer's timing says nothing about the name.
         if self.lockout.locked(name):

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -75,6 +75,9 @@ STATUS_NOT_AUTHORISED = 0x0124
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# For identifiers and other request data sets: not Deflated Explicit VR Little Endian, which
+# pynetdicom would inflate without bound (its default list offers it).
+IDENTIFIER_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
 
 
 class MoveRefusedError(Exception):
@@ -140,11 +143,15 @@ class QueryRetrieveSCP:
         if _FILTER not in service_log.filters:
             service_log.addFilter(_FILTER)
 
+    @property
+    def remote(self) -> RemoteState:
+        return self._remote
+
     @staticmethod
     def add_contexts(ae: AE) -> None:
         """The Q/R models we answer (storage contexts for C-GET are added with SCP roles)."""
         for model in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
-            ae.add_supported_context(model)
+            ae.add_supported_context(model, IDENTIFIER_SYNTAXES)
 
     def handlers(self) -> list[Any]:
         return [(evt.EVT_C_FIND, self.handle_find), (evt.EVT_C_MOVE, self.handle_move),
@@ -404,17 +411,19 @@ def storage_contexts(rows: list[dict[str, Any]]) -> list[PresentationContext]:
 
 
 class LazyStudies:
-    """The studies view, opened on the first query (receiver processes rarely need it)."""
+    """The studies view (or another), opened on the first query (receiver processes rarely
+    need it)."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, view: str = "studies") -> None:
         self._url = database_url
+        self._view = view
         self._db: ViewDatabase | None = None
 
     def __call__(self) -> ViewDatabase:
         if self._db is None:
             from projections.db import open_views
 
-            self._db = open_views(self._url, "studies")
+            self._db = open_views(self._url, self._view)
         return self._db
 
     def close(self) -> None:

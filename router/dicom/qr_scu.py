@@ -41,6 +41,10 @@ from router.settings import DicomSettings
 
 logger = logging.getLogger(__name__)
 
+# What we ask of remote nodes (Study Root only; the conformance statement lists these).
+FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
+MOVE_MODEL = StudyRootQueryRetrieveInformationModelMove
+GET_MODEL = StudyRootQueryRetrieveInformationModelGet
 MAX_FIND_RESULTS = 500
 MAX_GET_CONTEXTS = 120
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -132,7 +136,7 @@ class QueryRetrieveScu:
     def find(self, node: RemoteNodeConfig, identifier: Dataset,
              limit: int = MAX_FIND_RESULTS) -> FindResult:
         """C-FIND (Study Root); after ``limit`` matches the rest is cancelled (C-CANCEL)."""
-        model = StudyRootQueryRetrieveInformationModelFind
+        model = FIND_MODEL
         rows: list[dict[str, str]] = []
         truncated = False
         with self._association(node, [build_context(model)]) as assoc:
@@ -152,7 +156,7 @@ class QueryRetrieveScu:
     def move(self, node: RemoteNodeConfig, identifier: Dataset, message_id: int,
              progress: Progress) -> int:
         """C-MOVE to our own AE title; the final status (pending ones go to ``progress``)."""
-        model = StudyRootQueryRetrieveInformationModelMove
+        model = MOVE_MODEL
         with self._association(node, [build_context(model)]) as assoc:
             responses = assoc.send_c_move(identifier, self._ae_title, model, msg_id=message_id)
             return _follow(responses, progress, node)
@@ -160,7 +164,7 @@ class QueryRetrieveScu:
     def get(self, node: RemoteNodeConfig, identifier: Dataset, message_id: int,
             on_store: Callable[[Any], int], progress: Progress) -> int:
         """C-GET; each C-STORE sub-operation is handed to ``on_store`` (returns its status)."""
-        model = StudyRootQueryRetrieveInformationModelGet
+        model = GET_MODEL
         classes = self._classes_of(node, str(identifier.get("StudyInstanceUID", "")))
         contexts = [build_context(model),
                     *(build_context(sop, list(TRANSFER_SYNTAXES)) for sop in classes)]
@@ -184,6 +188,17 @@ class QueryRetrieveScu:
             pass  # optional key: fall back on the common classes
         wanted = [uid for uid in found if UID_PATTERN.match(uid)]
         return list(dict.fromkeys([*wanted, *COMMON_SOP_CLASSES]))[:MAX_GET_CONTEXTS]
+
+    def event_report(self, node: RemoteNodeConfig, dataset: Dataset, event_type: int,
+                     sop_class: str, sop_instance: str) -> None:
+        """N-EVENT-REPORT as the SCP of ``sop_class`` (role selection: we propose the SCP
+        role, the node must accept it), e.g. a Storage Commitment report."""
+        role = build_role(sop_class, scp_role=True)
+        with self._association(node, [build_context(sop_class)], roles=[role]) as assoc:
+            status, _ = assoc.send_n_event_report(dataset, event_type, sop_class, sop_instance)
+        code = status.get("Status") if status else None
+        if code != 0x0000:
+            raise RemoteError(f"N-EVENT-REPORT to {where(node)} failed: {status_text(code)}")
 
     def abort_all(self) -> None:
         with self._lock:

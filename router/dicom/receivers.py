@@ -67,6 +67,7 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
     from router.application.admin_state import AdminState
     from router.application.receive import Receiver
     from router.application.stores import open_stores
+    from router.dicom.commitment_scp import standalone as commitment_standalone
     from router.dicom.protocol_log import PROTOCOL_LOG
     from router.dicom.qr_scp import standalone
     from router.dicom.scp import DicomServer
@@ -105,9 +106,10 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
                         settings.dispatch, on_saved=lambda: tell_parent(b"S"),
                         node=settings.node_id)
     qr, studies = standalone(settings, stores, blobs)  # C-FIND/MOVE/GET may arrive here too
+    commitment, jobs = commitment_standalone(settings, stores, blobs, qr.remote)
     channel = socket.socket(fileno=channel_fd)
     server = DicomServer(settings, receiver, qr=qr, channel=channel,
-                         on_connection_done=connection_done)
+                         on_connection_done=connection_done, commitment=commitment)
     server.start()
     freeze_startup_heap()
     tell_parent(b"R")
@@ -116,7 +118,9 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
             break
         PROTOCOL_LOG.flush()
     server.stop(grace=settings.dispatch.shutdown_grace)
+    commitment.stop()
     studies.close()
+    jobs.close()
     stores.close()
 
 

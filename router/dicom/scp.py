@@ -1,5 +1,6 @@
 """The DICOM server: C-ECHO and C-STORE for every storage SOP class, streamed to the spool,
-and query/retrieve (C-FIND, C-MOVE, C-GET) when given a QueryRetrieveSCP.
+query/retrieve (C-FIND, C-MOVE, C-GET) when given a QueryRetrieveSCP, and Storage Commitment
+(N-ACTION) when given a CommitmentService.
 
 It serves connections the front door (:mod:`router.dicom.gate`) hands it over a local socket:
 its own gate when this process owns the DICOM ports, the parent's when it is a receiver
@@ -42,6 +43,7 @@ from router.dicom.tls import listener_context
 from router.settings import Settings
 
 if TYPE_CHECKING:
+    from router.dicom.commitment_scp import CommitmentService
     from router.dicom.qr_scp import QueryRetrieveSCP
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,15 @@ TRANSFER_SYNTAXES = [
 ]
 
 
+def add_storage_contexts(ae: AE) -> None:
+    """Verification and every storage SOP class, as the DICOM port accepts them (the
+    conformance statement's tables are generated from these, router/dicom/conformance.py)."""
+    ae.add_supported_context(Verification)
+    for sop_class in sorted(_STORAGE_CLASSES.values()):
+        # Both roles: a C-GET requestor takes the SCP role for the storage sub-operations.
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+
+
 class DicomServer:
     """Owns the pynetdicom AE and serves the connections handed to it.
 
@@ -67,12 +78,14 @@ class DicomServer:
 
     def __init__(self, settings: Settings, receiver: Receiver,
                  qr: QueryRetrieveSCP | None = None, channel: socket.socket | None = None,
-                 on_connection_done: Callable[[int], None] = lambda conn_id: None) -> None:
+                 on_connection_done: Callable[[int], None] = lambda conn_id: None,
+                 commitment: CommitmentService | None = None) -> None:
         self._settings = settings
         self._channel = channel
         self._on_connection_done = on_connection_done
         self._receiver = receiver
         self._qr = qr
+        self.commitment = commitment
         self._server: _HandedServer | None = None
         self.gate: Gate | None = None
         self._busy = 0
@@ -97,12 +110,11 @@ class DicomServer:
         if s.dicom.require_known_calling_ae:
             ae.require_calling_aet = list(s.dicom.known_calling_aets) or ["\x00"]
         ae.require_called_aet = s.dicom.require_called_aet
-        ae.add_supported_context(Verification)
-        for sop_class in sorted(_STORAGE_CLASSES.values()):
-            # Both roles: a C-GET requestor takes the SCP role for the storage sub-operations.
-            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        add_storage_contexts(ae)
         if self._qr is not None:
             self._qr.add_contexts(ae)
+        if self.commitment is not None:
+            self.commitment.add_contexts(ae)
         return ae
 
     def _push_policy(self) -> PushPolicy:
@@ -151,6 +163,7 @@ class DicomServer:
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
             *(self._qr.handlers() if self._qr is not None else []),
+            *(self.commitment.handlers() if self.commitment is not None else []),
         ]
         if self._channel is None:
             self._channel = self._open_gate()

@@ -28,6 +28,7 @@ DestinationConfig = (DicomDestinationConfig | FileDestinationConfig | S3Destinat
 
 MASK = "********"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DESTINATION_NAME = _NAME  # what a destination's name must match
 
 
 class DestinationConfigError(ValueError):
@@ -90,8 +91,10 @@ def parse_destination(data: Mapping[str, object]) -> DestinationConfig:
         raise DestinationConfigError(None, {"destination": "must be a table / object"})
     name = data.get("name")
     errors: dict[str, str] = {}
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not name.strip():
         errors["name"] = "required: 1-64 characters of A-Z a-z 0-9 _ . -"
+    elif not _NAME.match(name):
+        errors["name"] = "invalid: use 1-64 characters of A-Z a-z 0-9 _ . - (no spaces)"
     shown_name = name if isinstance(name, str) else None
     type_name = data.get("type")
     kind = DESTINATION_KINDS.get(type_name) if isinstance(type_name, str) else None

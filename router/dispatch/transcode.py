@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from router.dicom.decode_log import handled_decode
 from router.dispatch.base import Outgoing, PermanentDeliveryError, TransientDeliveryError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def decoded_for_peer(item: Outgoing, sop_name: str, where: str) -> tuple[Dataset
         return dataset, f" (converted from {stored.name})"
     try:
         # Same instance, other encoding: pydicom would otherwise mint a new SOP Instance UID.
-        dataset.decompress(generate_instance_uid=False)
+        with handled_decode():
+            dataset.decompress(generate_instance_uid=False)
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
         logger.warning("decompressing %s failed: %s", stored.name, type(exc).__name__)
         raise PermanentDeliveryError(

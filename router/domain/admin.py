@@ -42,6 +42,7 @@ class Rule(Aggregate):
         self.name = name
         self.spec = spec
         self.deleted = False
+        self.detached = False
 
     @event("Updated")
     def update(
@@ -55,6 +56,11 @@ class Rule(Aggregate):
     def delete(self, *, actor: str, source_ip: str, correlation_id: str) -> None:
         """The rule no longer takes part in routing."""
         self.deleted = True
+
+    @event("Detached")
+    def detach(self, *, actor: str, source_ip: str, correlation_id: str, reason: str) -> None:
+        """Detached from the TOML file: the file no longer overwrites or deletes it."""
+        self.detached = True
 
 
 class Destination(Aggregate):
@@ -78,6 +84,7 @@ class Destination(Aggregate):
         self.config = config
         self.deleted = False
         self.paused = False
+        self.detached = False
 
     @event("Updated")
     def update(
@@ -101,6 +108,11 @@ class Destination(Aggregate):
     def resume(self, *, actor: str, source_ip: str, correlation_id: str) -> None:
         """Deliveries are attempted again."""
         self.paused = False
+
+    @event("Detached")
+    def detach(self, *, actor: str, source_ip: str, correlation_id: str, reason: str) -> None:
+        """Detached from the TOML file: the file no longer overwrites or deletes it."""
+        self.detached = True
 
 
 def transform_id(name: str) -> UUID:

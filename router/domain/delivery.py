@@ -110,3 +110,25 @@ class Delivery(Aggregate):
     def cancel(self, *, actor: str, source_ip: str, correlation_id: str, reason: str) -> None:
         """An operator stopped this delivery; it will not be attempted again unless requeued."""
         self.status = "cancelled"
+
+
+class BulkAction(Aggregate):
+    """One user action on many deliveries at once (requeue, cancel, or send a study or series
+    to a destination). The per-delivery events it causes share its ``correlation_id``."""
+
+    @event("Requested")
+    def __init__(
+        self,
+        *,
+        actor: str,
+        source_ip: str,
+        correlation_id: str,
+        operation: str,
+        criteria: dict[str, Any],
+        reason: str,
+        matched: int,
+    ) -> None:
+        """``operation``: requeue | cancel | send; ``criteria``: the filter (or study, series
+        and destination) as given; ``matched``: how many deliveries or jobs it selected."""
+        self.operation = operation
+        self.matched = matched

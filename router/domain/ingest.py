@@ -105,8 +105,11 @@ class Job(Aggregate):
         correlation_id: str,
         matched_rules: list[dict[str, Any]],
         destinations: list[str],
+        reason: str = "",
     ) -> None:
-        """An operator routed the job again (new destinations are added, none removed)."""
+        """The job was routed again: by an AI processor's result tags, or sent by a user to a
+        destination (no matched rules; ``reason`` as given, absent in older events). New
+        destinations are added, none removed."""
         self.destinations = sorted(set(self.destinations) | set(destinations))
 
     @event("BlobPurged")

@@ -35,6 +35,7 @@ class RemoteNode(Aggregate):
         self.name = name
         self.config = config
         self.deleted = False
+        self.detached = False
 
     @event("Updated")
     def update(
@@ -48,6 +49,11 @@ class RemoteNode(Aggregate):
     def delete(self, *, actor: str, source_ip: str, correlation_id: str) -> None:
         """The node may no longer query or retrieve, nor be a C-MOVE destination."""
         self.deleted = True
+
+    @event("Detached")
+    def detach(self, *, actor: str, source_ip: str, correlation_id: str, reason: str) -> None:
+        """Detached from the TOML file: the file no longer overwrites or deletes it."""
+        self.detached = True
 
 
 class Retrieve(Aggregate):

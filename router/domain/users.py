@@ -15,6 +15,9 @@ from eventsourcing.domain import Aggregate, event
 from router.domain.admin import ADMIN_NAMESPACE
 
 ROLES = ("admin", "operator", "radiologist", "auditor")
+# The role with the fewest permissions (web/security.py ROLE_PERMISSIONS; a test checks):
+# what a new account starts with unless a role is chosen.
+LEAST_PRIVILEGED_ROLE = "auditor"
 
 
 def user_id(name: str) -> UUID:
@@ -39,6 +42,7 @@ class User(Aggregate):
         self.disabled = False
         self.times_disabled = 0  # part of the session tag: re-enabling revives no old session
         self.tokens: dict[str, dict[str, Any]] = {}
+        self.unlocked_at = 0.0
 
     @event("RoleChanged")
     def change_role(self, *, actor: str, source_ip: str, correlation_id: str, role: str) -> None:
@@ -76,3 +80,9 @@ class User(Aggregate):
                      token_id: str) -> None:
         """The token no longer authenticates."""
         self.tokens[token_id]["revoked"] = True
+
+    @event("Unlocked")
+    def unlock(self, *, actor: str, source_ip: str, correlation_id: str, at: float) -> None:
+        """An admin lifted a login lockout: failures before ``at`` (Unix seconds) no longer
+        count, in every process that checks logins."""
+        self.unlocked_at = at

@@ -93,7 +93,7 @@ def delivered_on_dashboard(page: Page, base: str, count: int) -> None:
 
 
 def job_row_link(page: Page, base: str, status: str) -> str:
-    page.goto(base + f"/jobs?status={status}")
+    page.goto(base + f"/jobs?view=instances&status={status}")
     link = page.locator("table a[href^='/jobs/']").first
     expect(link).to_be_visible(timeout=15_000)
     return str(link.get_attribute("href"))

@@ -54,23 +54,24 @@ def test_dry_run_from_a_study_page_highlights_the_changes(
     page.click("button:has-text('Show before and after')")
     result = page.locator("#preview-result")
     expect(result).to_contain_text("element(s) differ")
-    patient_id = page.locator("table.diff tr", has=page.locator("td", has_text="(0010,0020)"))
+    rows = "table.transform-diff tr"
+    patient_id = page.locator(rows, has=page.locator("td", has_text="(0010,0020)"))
     expect(patient_id).to_have_class("changed")
     expect(patient_id.locator("td.before")).to_have_text("E2E-7")
     assert patient_id.locator("td.after").inner_text() not in ("", "E2E-7")
-    name = page.locator("table.diff tr", has=page.locator("td", has_text="(0010,0010)"))
+    name = page.locator("table.transform-diff tr", has=page.locator("td", has_text="(0010,0010)"))
     expect(name.locator("td.before")).to_have_text(HOSTILE_NAME)  # text, not markup
-    assert page.locator("table.diff tr.changed").count() > 5
-    assert page.locator("table.diff tr.removed").count() >= 1
-    assert page.locator("table.diff tr.added").count() >= 1
+    assert page.locator("table.transform-diff tr.changed").count() > 5
+    assert page.locator("table.transform-diff tr.removed").count() >= 1
+    assert page.locator("table.transform-diff tr.added").count() >= 1
     shot(page, "transform-dry-run")
 
     page.select_option("select[name=transform]", "north-institution")
     page.click("button:has-text('Show before and after')")
-    institution = page.locator("table.diff tr",
+    institution = page.locator("table.transform-diff tr",
                                has=page.locator("td", has_text="(0008,0080)"))
     expect(institution.locator("td.after")).to_have_text("North Clinic")
-    assert page.locator("table.diff tr.changed, table.diff tr.added").count() == 1
+    assert page.locator(f"{rows}.changed, {rows}.added").count() == 1
     assert dialogs == []
 
     router.runner.catch_up()

@@ -63,13 +63,19 @@ class PageWatch:
     def __init__(self, page: Any, origin: str) -> None:
         self.problems: list[str] = []
         self.dicomweb: list[str] = []
-        page.on("requestfailed", lambda r: self.problems.append(
-            f"failed: {r.method} {r.url} {r.failure}"))
+        page.on("requestfailed", self._failed)
         page.on("response", self._response)
         page.on("request", lambda r: r.url.startswith((origin, "data:", "blob:"))
                 or self.problems.append(f"other origin: {r.url}"))
         page.on("console", lambda m: "Content Security Policy" in m.text
                 and self.problems.append(f"CSP: {m.text[:300]}"))
+
+    def _failed(self, request: Any) -> None:
+        # The browser fetches the site icon after a page has loaded; navigating on at once
+        # aborts that fetch, which is no fault of the page.
+        if "ERR_ABORTED" in (request.failure or "") and "/favicon." in request.url:
+            return
+        self.problems.append(f"failed: {request.method} {request.url} {request.failure}")
 
     def _response(self, response: Any) -> None:
         if "/dicom-web/" in response.url:

@@ -75,8 +75,10 @@ class StoreScp:
         base: Path,
         ae_title: str = "STORESCP",
         extra_args: Sequence[str] = (),
+        port: int = 0,
     ) -> None:
         self.ae_title = ae_title
+        self._fixed_port = port  # 0: a free one
         self.folder = Path(base) / "storescp-received"
         self.log_path = Path(base) / "storescp.log"
         self.extra_args = tuple(extra_args)
@@ -87,7 +89,7 @@ class StoreScp:
         tool = require_tool("storescp")
         self.folder.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):  # the free port may be taken before storescp binds it
-            self.port = free_port()
+            self.port = self._fixed_port or free_port()
             if self._start(tool):
                 return self
         raise RuntimeError(f"storescp did not start; see {self.log_path}")

@@ -79,3 +79,15 @@ def test_cancel_after_an_arrival_recorded_meanwhile_is_refused_for_what_it_is(
     with pytest.raises(CommandError, match="delivery is delivered; nothing to cancel"):
         router.commands.cancel(job_id, "dead", Actor("tester"), reason="not needed")
     assert _stored(router, job_id).status == "delivered"
+
+
+def test_a_bulk_batch_falls_back_to_one_by_one_when_the_dispatcher_raced_it(
+        tmp_path: Path, database_url: str, start_router: Callable[..., Router]) -> None:
+    """change_many saves a batch at once; a conflict on one delivery (here: it arrived
+    meanwhile) makes it decide each again on what is stored now."""
+    router, job_id = _retrying(tmp_path, database_url, start_router)
+    _race_on_read(router, _succeeded)
+    done, skipped = router.commands.change_many("cancel", [(job_id, "dead")],
+                                                Actor("tester"), "bulk")
+    assert (done, skipped) == (0, 1)
+    assert _stored(router, job_id).status == "delivered"

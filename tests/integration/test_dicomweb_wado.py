@@ -32,6 +32,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
+from projections.study_keys import series_key, study_key
 from tests.conftest import ADMIN_PASSWORD, make_settings
 from tests.integration.test_pipeline import (
     DCMTK_REFUSES,
@@ -111,8 +112,8 @@ class Wado:
 
     @property
     def client(self) -> DICOMwebClient:
-        # Permissive: four of pydicom's JPEG-LS files have no study or series UID, which the
-        # router indexes as UNKNOWN.
+        # Permissive: four of pydicom's JPEG-LS files have no study or series UID; the
+        # router indexes each under UIDs derived from its SOP Instance UID.
         return DICOMwebClient(url=self.server.url + "/dicom-web", headers=self.headers,
                               permissive_uid=True)
 
@@ -124,9 +125,10 @@ class Wado:
 
 
 def ids(ds: Dataset) -> tuple[str, str, str]:
-    """Study, series and instance UIDs as the router indexes them (UNKNOWN when missing)."""
-    return (str(ds.get("StudyInstanceUID") or "UNKNOWN"),
-            str(ds.get("SeriesInstanceUID") or "UNKNOWN"), str(ds.SOPInstanceUID))
+    """Study, series and instance UIDs as the router indexes them (derived when missing)."""
+    index = {k: ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID")}
+    sop = str(ds.SOPInstanceUID)
+    return study_key(index, sop)[0], series_key(index, sop), sop
 
 
 def url_of(ds: Dataset) -> str:

@@ -441,7 +441,8 @@ def test_destination_down_then_up_delivers_everything_with_visible_retries(
 # --------------------------------------------------------------------------- 7. rebuild
 
 VIEW_TABLES = {
-    "jobs": {"jobs": "job_id", "deliveries": "delivery_id", "receipt_failures": "failure_id"},
+    "jobs": {"jobs": "job_id", "deliveries": "delivery_id", "receipt_failures": "failure_id",
+             "transfers": "transfer_id"},
     "studies": {"studies": "study_instance_uid", "series": "series_instance_uid",
                 "instances": "sop_instance_uid"},
     "audit": {"audit": "application, position"},

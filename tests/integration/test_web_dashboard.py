@@ -112,7 +112,7 @@ def test_dashboard_page_and_live_fragment(web_router: Any, tmp_path: Path) -> No
     server.router.users.add("aud", "auditor", "auditor password 1", Actor("admin"))
     browser = Browser(server.url)
     browser.login("aud", "auditor password 1")
-    page = browser.get(browser.url("/"))
+    page = browser.get(browser.url("/dashboard"))  # an auditor lands on the audit trail
     assert page.status_code == 200 and "<h1>Dashboard</h1>" in page.text
     assert 'hx-get="/dashboard/live"' in page.text and 'hx-trigger="every 5s"' in page.text
     assert '<div class="stat" data-stat="received">3</div>' in page.text

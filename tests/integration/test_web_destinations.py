@@ -323,9 +323,35 @@ def test_roles_and_config_file_origin(web_router: Any, tmp_path: Path) -> None:
     assert re.search(r"from-file</strong></a>\s*<span class=\"badge\">dicom</span>\s*"
                      r"<span class=\"badge\" title=\"Declared in the configuration file", page.text)
     assert browser.get(browser.url("/destinations/from-file/edit")).text.count(
-        "Declared in the configuration file") == 1
+        "Managed by the configuration file.") == 1
     document = requests.get(server.url + "/api/v1/openapi.json", timeout=10).json()
     schemas = document["components"]["schemas"]
     assert {"DicomDestination", "FileDestination", "S3Destination"} <= set(schemas)
     assert schemas["S3Destination"]["properties"]["secret_access_key"]["writeOnly"] is True
     assert "/api/v1/destinations/{name}/test" in document["paths"]
+
+
+def test_testing_a_new_destination_does_not_depend_on_its_name(web_router: Any,
+                                                              tmp_path: Path) -> None:
+    """Bug 5: "Test these settings" on a new destination failed name validation before
+    testing, and said "name: required" for a name that was typed but invalid."""
+    server = web_router()
+    browser = Browser(server.url)
+    browser.login("admin", ADMIN_PASSWORD)
+    (tmp_path / "out").mkdir()
+    for name in ("", "my archive!"):
+        r = browser.post(browser.url("/destinations/check"), headers={"HX-Request": "true"},
+                         data={"type": "file", "name": name, "path": str(tmp_path / "out")})
+        assert r.status_code == 200 and "connection works" in r.text, (name, r.text)
+    saved = browser.post(browser.url("/destinations"), data={
+        "type": "file", "name": "my archive!", "path": str(tmp_path / "out")})
+    assert saved.status_code == 422 and "name: required" not in saved.text
+    assert "invalid: use 1-64 characters" in saved.text
+    auth = bearer(server.url, "admin", ADMIN_PASSWORD)
+    typed = requests.post(server.url + API, headers=auth, timeout=10, json={
+        "type": "file", "name": "my archive!", "path": str(tmp_path / "out")})
+    assert typed.status_code == 422
+    assert typed.json()["error"]["fields"]["name"].startswith("invalid:")
+    empty = requests.post(server.url + API, headers=auth, timeout=10, json={
+        "type": "file", "path": str(tmp_path / "out")})
+    assert empty.json()["error"]["fields"]["name"].startswith("required:")

@@ -24,6 +24,7 @@ from web.security import PUBLIC, ROLE_PERMISSIONS, allowed
 PUBLIC_ALLOWLIST = {
     ("GET", "/healthz"), ("GET", "/readyz"),
     ("GET", "/login"), ("POST", "/login"),
+    ("GET", "/favicon.ico"),  # browsers ask for it on every page, the login page included
     ("POST", "/api/v1/auth/token"), ("GET", "/api/v1/openapi.json"),
     # AI processors call back without a session: the route is authenticated by the HMAC
     # signature of the destination's shared secret (wrong ones are 401 and audited).

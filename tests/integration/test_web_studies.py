@@ -60,8 +60,8 @@ def check_detail(server: Any, api: dict[str, str], uids: dict[str, str]) -> None
     one = next(i for i in study["instances"] if i["sop_instance_uid"] == uids["ct_instance"])
     assert one["deliveries"] == {"archive": "delivered", "down": "retrying"}
     mr = get(server, api, f"/api/v1/studies/{uids['mr']}").json()
-    assert mr["deliveries"] == {"archive": {"dead": 0, "retrying": 0, "pending": 0,
-                                            "cancelled": 0, "delivered": 2}}
+    assert mr["deliveries"] == {"archive": {"failed": 0, "retrying": 0, "queued": 0,
+                                            "held": 0, "delivered": 2, "cancelled": 0}}
     assert get(server, api, "/api/v1/studies/1.2.3.4").status_code == 404
     assert get(server, api, "/api/v1/studies/not-a-uid").status_code == 404
 

@@ -83,6 +83,7 @@ def test_a_file_with_mistakes_in_every_section_lists_them_all_with_paths(tmp_pat
 def test_cross_field_problems_name_the_field(tmp_path: Path) -> None:
     config = tmp_path / "router.toml"
     config.write_text('[dicom]\ntls_certificate = "/etc/router.pem"\nplain_listener = false\n'
+                      'commitment_destination = "vault"\n'
                       '[dispatch]\ndefault_destination = "nowhere"\n'
                       '[[rules]]\nname = "all"\ndestinations = ["nowhere"]\n')
     assert check_config(config) == [
@@ -90,6 +91,7 @@ def test_cross_field_problems_name_the_field(tmp_path: Path) -> None:
         "dicom.plain_listener: false needs a TLS listener (tls_port)",
         "rules[0].destinations[0]: unknown destination 'nowhere' (rule 'all')",
         "dispatch.default_destination: 'nowhere' is not a declared destination",
+        "dicom.commitment_destination: 'vault' is not a declared destination",
     ]
 
 

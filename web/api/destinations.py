@@ -36,6 +36,7 @@ from router.dispatch.registry import (
     public_config,
 )
 from web.api.common import ApiError, json_response, read_json, run_command
+from web.api.file_managed import refuse_if_managed
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
 from web.queries.destinations import Health, declared_by_config, health
@@ -95,6 +96,7 @@ def describe(state: DestinationState, state_health: Health | None,
         "secrets": {key: "set" if state.config.get(key) else "unset"
                     for key in sorted(secret_fields)},
         "paused": state.paused, "version": state.version, "from_config": from_config,
+        "detached": state.detached, "managed_by_file": from_config and not state.detached,
         "health": (state_health or Health(state.name, state.paused)).to_dict(),
     }
 
@@ -148,6 +150,8 @@ async def save(request: web.Request, data: dict[str, Any], create: bool) -> dict
     states = live(router)
     if create and isinstance(name, str) and name in states:
         raise ApiError(409, f"destination {name!r} already exists", {"name": "already exists"})
+    if not create and isinstance(name, str):
+        await asyncio.to_thread(refuse_if_managed, router, "destination", name)
     stored = None if create or not isinstance(name, str) else states[name].config
     merged = with_kept_secrets(data, stored)
     await run_command(router.commands.put_destination, merged, actor_of(request))
@@ -234,6 +238,7 @@ async def delete_destination(request: web.Request) -> web.Response:
     if rules:
         raise ApiError(409, f"destination {name!r} is used by rule(s) {', '.join(rules)}; "
                             "remove it from them first")
+    await asyncio.to_thread(refuse_if_managed, router, "destination", name)
     await run_command(router.commands.delete_destination, name, actor_of(request))
     return json_response({"deleted": name})
 

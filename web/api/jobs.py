@@ -151,7 +151,11 @@ async def cancel(request: web.Request) -> web.Response:
 DELIVERY = "/api/v1/jobs/{job_id}/deliveries/{destination}"
 ROUTES = [
     Route("GET", "/api/v1/jobs", jobs_list, "jobs.read",
-          "Jobs, newest first, filtered and paged; status is derived from the deliveries",
+          "Jobs (one per received instance), newest first, filtered and paged; status is the"
+          " most urgent delivery state (failed, retrying, queued, held, delivered, cancelled;"
+          " or received, unrouted, duplicate, conflict when nothing was routed). status also"
+          " takes the old names dead, dead-lettered (failed) and pending (queued). Grouped by"
+          " study and sender: /api/v1/transfers",
           query=(*FILTER_FIELDS, "limit", "offset"), tags=TAGS),
     Route("GET", "/api/v1/jobs/{job_id}", job_detail, "jobs.read",
           "One job: receipt, routing, deliveries and its whole event history"

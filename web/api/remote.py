@@ -18,6 +18,7 @@ from router.application.remote_nodes import RemoteNodeError, RemoteNodeState
 from router.application.retrieve import FindRequest, RemoteError
 from router.application.sessions import AccessRecord
 from web.api.common import ApiError, json_response, read_json
+from web.api.file_managed import DetachRequest, managed_message
 from web.auth import actor_of, record_access
 from web.keys import ROUTER_KEY
 from web.routes import Route
@@ -43,7 +44,9 @@ class RemoteNodeBody(BaseModel):
     ae_title: str
     host: str
     port: int
-    services: list[Literal["find", "move", "get"]] = ["find", "move", "get"]
+    services: list[Literal["find", "move", "get"]] = Field(
+        default_factory=list, description="what it may ask of us; none unless listed (least"
+        " privilege)")
     description: str = ""
     tls: bool = Field(False, description="our associations to it over DICOM TLS")
     tls_ca_certificates: str = Field("", description="PEM bundle its certificate chains to "
@@ -111,7 +114,15 @@ def describe_node(node: RemoteNodeState) -> dict[str, Any]:
     c = node.config
     return {"name": c.name, "ae_title": c.ae_title, "host": c.host, "port": c.port,
             "services": list(c.services), "description": c.description,
-            "version": node.version, "from_config": node.created_by == "config"}
+            "version": node.version, "from_config": node.created_by == "config",
+            "detached": node.detached,
+            "managed_by_file": node.created_by == "config" and not node.detached}
+
+
+def refuse_if_managed(node: RemoteNodeState) -> None:
+    if node.created_by == "config" and not node.detached:
+        raise ApiError(409, managed_message("remote node", node.name),
+                       {"name": "managed by the configuration file"})
 
 
 def _iso(ts: float) -> str:
@@ -144,6 +155,10 @@ async def save_node(request: web.Request, data: dict[str, Any], create: bool) ->
     if create and router.remote_nodes.state.node(str(data.get("name"))) is not None:
         raise ApiError(409, f"remote node {data.get('name')!r} already exists",
                        {"name": "already exists"})
+    if not create:
+        node = router.remote_nodes.state.node(str(data.get("name")))
+        if node is not None:
+            refuse_if_managed(node)
     return await call(router.remote_nodes.put, data, actor_of(request))
 
 
@@ -198,8 +213,19 @@ async def update_node(request: web.Request) -> web.Response:
 
 async def delete_node(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
+    refuse_if_managed(node_or_404(request, request.match_info["name"]))
     await call(router.remote_nodes.delete, request.match_info["name"], actor_of(request))
     return web.Response(status=204)
+
+
+async def detach_node(request: web.Request) -> web.Response:
+    body = DetachRequest(reason="")
+    if request.can_read_body:
+        body = await read_json(request, DetachRequest)
+    name = request.match_info["name"]
+    changed = await call(request.app[ROUTER_KEY].remote_nodes.detach, name, actor_of(request),
+                         body.reason)
+    return json_response({"name": name, "detached": True, "changed": changed})
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -266,6 +292,10 @@ ROUTES: list[Route] = [
           body=RemoteNodeBody, tags=TAGS),
     Route("DELETE", BASE + "/{name}", delete_node, "remote.write", "Delete a remote node",
           tags=TAGS),
+    Route("POST", BASE + "/{name}/detach", detach_node, "remote.write",
+          "Detach a remote node from the configuration file so that it can be edited here"
+          " (the file then neither overwrites nor deletes it; recorded with the reason)",
+          body=DetachRequest, tags=TAGS),
     Route("POST", BASE + "/{name}/echo", echo, "remote.read", "C-ECHO the node", tags=TAGS),
     Route("POST", BASE + "/{name}/find", find, "remote.read",
           "C-FIND the node (Study Root, study or series level)", body=FindBody, tags=TAGS),

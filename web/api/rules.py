@@ -29,6 +29,7 @@ from router.application.sessions import AccessRecord
 from router.domain.rule_conditions import OPERATORS
 from router.domain.rules import RoutingInput, RuleError, RuleSpec, VersionedRule, parse_rule
 from web.api.common import ApiError, json_response, read_json, run_command, validate
+from web.api.file_managed import refuse_if_managed
 from web.auth import actor_of, record_access
 from web.keys import ROUTER_KEY
 from web.queries.destinations import declared_by_config
@@ -103,8 +104,11 @@ def rule_items(router: Any) -> list[dict[str, Any]]:
     declared = [str(r.get("name")) for r in router.settings.rules]
     ours = declared_by_config(router.views["audit"][1], "rule",
                               [r.spec.name for r in rules], declared)
+    detached = router.admin.snapshot().detached_rules
     return [{**r.spec.to_dict(), "rule_id": r.rule_id, "version": r.version,
-             "position": i + 1, "from_config": r.spec.name in ours}
+             "position": i + 1, "from_config": r.spec.name in ours,
+             "detached": r.spec.name in detached,
+             "managed_by_file": r.spec.name in ours and r.spec.name not in detached}
             for i, r in enumerate(rules)]
 
 
@@ -146,6 +150,8 @@ async def save_rule(request: web.Request, data: Mapping[str, Any],
     router = request.app[ROUTER_KEY]
     if existing is not None and find_rule(router, existing) is None:
         raise ApiError(404, f"rule {existing!r} does not exist")
+    if existing is not None:
+        await asyncio.to_thread(refuse_if_managed, router, "rule", existing)
     spec = validate_rule(router, data)
     if existing is None and find_rule(router, spec.name) is not None:
         raise ApiError(409, f"rule {spec.name!r} already exists", {"name": "already exists"})
@@ -158,6 +164,9 @@ async def save_rule(request: web.Request, data: Mapping[str, Any],
 def reorder(router: Any, names: Sequence[str], actor: Any) -> None:
     """Give the rules priorities 10, 20, 30... in the order of ``names`` (all rules)."""
     rules = {r.spec.name: r.spec for r in router.admin.snapshot().rules}
+    for position, name in enumerate(names, start=1):
+        if name in rules and rules[name].priority != position * 10:
+            refuse_if_managed(router, "rule", name)
     missing = [n for n in rules if n not in names]
     unknown = [n for n in names if n not in rules]
     if unknown or missing or len(set(names)) != len(names):
@@ -264,6 +273,7 @@ async def update_rule(request: web.Request) -> web.Response:
 async def delete_rule(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
     name = request.match_info["name"]
+    await asyncio.to_thread(refuse_if_managed, router, "rule", name)
     await run_command(router.commands.delete_rule, name, actor_of(request))
     return json_response({"deleted": name})
 

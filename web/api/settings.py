@@ -20,6 +20,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, StrictInt
 
 from router.application.runtime_settings import RUNTIME_SETTINGS, RuntimeValue
+from router.secrets import KEY_FILE_NAME
 from router.settings import Settings
 from web.api.common import ApiError, json_response, read_json, run_command
 from web.auth import actor_of
@@ -99,7 +100,20 @@ def _server(settings: Settings) -> dict[str, dict[str, Any]]:
             out[f.name]["value"] = mask_url(value)
             continue
         out[f.name] = _item(value, default, secret=f.name in SECRETS)
+    out["secret_key"] = _master_key(settings)
     return out
+
+
+def _master_key(settings: Settings) -> dict[str, Any]:
+    """Without ``secret_key`` the router uses (and at its first start made) the key file in
+    the data folder: that is a key that is set, not a missing one."""
+    if settings.secret_key:
+        return _item(settings.secret_key, None, secret=True)
+    key_file = settings.data_dir / KEY_FILE_NAME
+    if key_file.is_file():
+        return {"value": "set", "source": f"key file {key_file}", "changeable": False}
+    return {"value": "not set", "source": f"{DEFAULT} (made as {key_file} at start)",
+            "changeable": False}
 
 
 def runtime_json(value: RuntimeValue) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def view_record(study_uid: str, study: dict[str, Any] | None) -> AccessRecord:
 
 async def load_study(request: web.Request, study_uid: str) -> dict[str, Any] | None:
     """The study with series, instances and delivery status (views only), or None."""
-    if not UID_RE.match(study_uid) and study_uid != "UNKNOWN":
+    if not UID_RE.match(study_uid):
         return None
     router = request.app[ROUTER_KEY]
     await fresh(request, "studies", "jobs")

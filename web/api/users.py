@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from router.application.admin_state import UserState
 from router.application.commands import CommandError, NotFoundError
 from router.application.users import LoginRefused, PasswordError, check_name
+from router.domain.users import LEAST_PRIVILEGED_ROLE
 from web.api.common import ApiError, json_response, read_json, run_command
 from web.auth import actor_of, current_user
 from web.keys import ROUTER_KEY
+from web.queries.filters import iso
 from web.routes import Route
 from web.security import AUTHENTICATED
 
@@ -31,7 +33,7 @@ MANAGE = "users.manage"
 class NewUser(BaseModel):
     model_config = ConfigDict(extra="forbid")
     username: str = Field(min_length=1, max_length=64)
-    role: Role
+    role: Role = cast(Role, LEAST_PRIVILEGED_ROLE)  # least privilege unless one is chosen
     password: str = Field(min_length=1, max_length=1024)
 
 
@@ -57,10 +59,16 @@ class NewToken(BaseModel):
     label: str = Field(min_length=1, max_length=100)
 
 
-def user_json(user: UserState) -> dict[str, Any]:
-    """What may be shown of an account: never a hash."""
+def user_json(user: UserState, locked_until: float | None = None) -> dict[str, Any]:
+    """What may be shown of an account: never a hash. ``locked_until``: when its login
+    lockout ends (ISO 8601 UTC), null when it is not locked out."""
     return {"username": user.name, "role": user.role, "disabled": user.disabled,
-            "tokens": tokens_json(user)}
+            "locked_until": iso(locked_until), "tokens": tokens_json(user)}
+
+
+async def shown_user(request: web.Request, user: UserState) -> dict[str, Any]:
+    users = request.app[ROUTER_KEY].users
+    return user_json(user, await asyncio.to_thread(users.locked_until, user.name))
 
 
 def tokens_json(user: UserState) -> list[dict[str, Any]]:
@@ -90,7 +98,7 @@ async def existing(request: web.Request, name: str) -> UserState:
 # --- admins: /api/v1/users ------------------------------------------------------------------
 async def list_users(request: web.Request) -> web.Response:
     users = await asyncio.to_thread(request.app[ROUTER_KEY].users.all)
-    return json_response({"items": [user_json(u) for u in users]})
+    return json_response({"items": [await shown_user(request, u) for u in users]})
 
 
 async def create_user(request: web.Request) -> web.Response:
@@ -109,14 +117,21 @@ async def create_user(request: web.Request) -> web.Response:
 
 
 async def get_user(request: web.Request) -> web.Response:
-    return json_response(user_json(await existing(request, request.match_info["name"])))
+    return json_response(await shown_user(request, await existing(
+        request, request.match_info["name"])))
+
+
+async def unlock_user(request: web.Request) -> web.Response:
+    name = (await existing(request, request.match_info["name"])).name
+    await run_command(request.app[ROUTER_KEY].users.unlock, name, actor_of(request))
+    return json_response(await shown_user(request, await existing(request, name)))
 
 
 async def change_user(request: web.Request) -> web.Response:
     body = await read_json(request, UserChange)
     name = (await existing(request, request.match_info["name"])).name
     await apply_change(request, name, body.role, body.disabled)
-    return json_response(user_json(await existing(request, name)))
+    return json_response(await shown_user(request, await existing(request, name)))
 
 
 async def apply_change(request: web.Request, name: str, role: str | None,
@@ -226,6 +241,9 @@ ROUTES = [
     Route("PATCH", USER, change_user, MANAGE,
           "Change a user's role and/or disable or enable it (never the last enabled admin)",
           body=UserChange, tags=TAGS),
+    Route("POST", USER + "/unlock", unlock_user, MANAGE,
+          "Lift a user's login lockout after repeated failed logins (recorded as"
+          " User.Unlocked)", tags=TAGS),
     Route("POST", USER + "/password", reset_password, MANAGE,
           "Set a user's password (ends the user's sessions)", body=PasswordReset, tags=TAGS),
     Route("GET", USER + "/tokens", user_tokens, MANAGE, "A user's API tokens (never values)",

@@ -224,6 +224,23 @@ async def _spool(headers: dict[str, str], spool_dir: Path, first: bytes,
     return Part(headers, spool.path, sha256, spool.size, spool)
 
 
+async def spool_stream(headers: dict[str, str], spool_dir: Path,
+                       read: Callable[[], Awaitable[bytes]]) -> Part:
+    """A finished spool file of what ``read()`` returns until it returns nothing (a file
+    field of a browser's form upload); SpoolWriteError when the disk refuses it."""
+    spool = await asyncio.to_thread(SpoolFile, spool_dir)
+    try:
+        while data := await read():
+            await asyncio.to_thread(spool.write, data)
+            if spool.error is not None:
+                raise SpoolWriteError(spool.error.errno, spool.error.strerror)
+        sha256 = await asyncio.to_thread(_finish, spool)
+    except BaseException:
+        await asyncio.to_thread(_discard, spool)
+        raise
+    return Part(headers, spool.path, sha256, spool.size, spool)
+
+
 def _finish(spool: SpoolFile) -> str:
     try:
         sha256 = spool.finish()

@@ -24,6 +24,7 @@ from pydicom.pixels import get_decoder, pack_bits, pixel_array, unpack_bits
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
+from router.dicom.decode_log import handled_decode
 from router.dicom.limits import PIXEL_TAGS, UNDEFINED, FileSource, HeaderError, locate_pixels
 from router.dispatch.transcode import to_little_endian
 
@@ -141,7 +142,8 @@ def decode_frame(inst: StoredInstance, index: int, raw: bool = False) -> np.ndar
     if inst.transfer_syntax == DeflatedExplicitVRLittleEndian:
         source = dcmread(inst.path)
     try:
-        return pixel_array(source, index=index, raw=raw)
+        with handled_decode():
+            return pixel_array(source, index=index, raw=raw)
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
         logger.warning("decoding a %s frame failed: %s", inst.transfer_syntax.name,
                        type(exc).__name__)
@@ -212,7 +214,8 @@ def explicit_le(path: Path) -> bytes:
     stored = UID(ds.file_meta.TransferSyntaxUID)
     if stored.is_compressed and "PixelData" in ds:
         try:
-            ds.decompress(generate_instance_uid=False)
+            with handled_decode():
+                ds.decompress(generate_instance_uid=False)
         except Exception as exc:  # decoders raise many types; all mean "cannot decode"
             logger.warning("decompressing %s failed: %s", stored.name, type(exc).__name__)
             raise DecodeError(f"the {stored.name} pixel data could not be decoded") from None

@@ -96,6 +96,7 @@ class Outcome:
     study_uid: str = ""
     series_uid: str = ""
     patient_id: str = ""
+    reason: str = ""  # why it was refused (the Receiver's words, no PHI)
 
 
 def check_part_headers(number: int, headers: Mapping[str, str]) -> None:
@@ -144,7 +145,7 @@ def store_one(receiver: Receiver, candidate: Candidate, study: str | None,
         receipt = receiver.receive(arrival)
     return Outcome(sop_class, candidate.sop_instance_uid, receipt.status,
                    found.get("StudyInstanceUID", ""), found.get("SeriesInstanceUID", ""),
-                   found.get("PatientID", ""))
+                   found.get("PatientID", ""), receipt.reason)
 
 
 def _identity(candidate: Candidate, limits: DatasetLimits) -> dict[str, str]:

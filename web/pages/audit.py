@@ -11,17 +11,21 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
+from uuid import UUID
 
 from aiohttp import web
 
 from router.application.history import state_as_of
 from router.application.sessions import AccessRecord
+from router.application.versions import compare, history
 from web.api.audit import audit_db
 from web.api.common import MAX_LIMIT
 from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
+from web.pages.audit_rows import changes, present
 from web.queries import audit as queries
+from web.queries.audit_actions import choices_with
 from web.render import render
 from web.routes import Route
 
@@ -30,6 +34,10 @@ FORM_FIELDS = ("user", "patient", "study", "action", "outcome", "from", "to")
 HISTORY_PAGE_SIZE = 500
 # Rule keys shown in their own columns; the others are the rule's criteria.
 RULE_COLUMNS = ("name", "priority", "enabled", "destinations", "stop", "description")
+
+
+def _admin(request: web.Request) -> Any:
+    return request.app[ROUTER_KEY].stores.admin
 
 
 def _page_args(request: web.Request, default: int) -> tuple[int, int]:
@@ -42,42 +50,11 @@ def _page_args(request: web.Request, default: int) -> tuple[int, int]:
     return limit, offset
 
 
-def detail_text(row: dict[str, Any]) -> str:
-    """The detail column as ``key=value`` pairs (empty values left out)."""
-    try:
-        detail = json.loads(row.get("detail") or "{}")
-    except ValueError:
-        return str(row.get("detail") or "")
-    if not isinstance(detail, dict):
-        return str(detail)
-    parts = []
-    for key, value in detail.items():
-        if value in (None, "", [], {}, False):
-            continue
-        shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        parts.append(f"{key}={shown}")
-    return ", ".join(parts)
-
-
-def object_label(row: dict[str, Any]) -> str:
-    """The rule, destination or user name when the detail gives one, else the object id."""
-    try:
-        name = json.loads(row.get("detail") or "{}").get("name")
-    except (ValueError, AttributeError):
-        name = None
-    return str(name) if name else str(row.get("object_id") or "")
-
-
 def local_value(ts: float | None) -> str:
     """A time for an ``<input type="datetime-local">`` (UTC, seconds)."""
     if ts is None:
         return ""
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def present(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**row, "time": queries.iso(row["occurred_at"]), "detail_text": detail_text(row),
-             "object_label": object_label(row)} for row in rows]
 
 
 def pager(path: str, params: dict[str, str], limit: int, offset: int,
@@ -97,12 +74,14 @@ async def audit_page(request: web.Request) -> web.Response:
     except queries.FilterError as exc:
         form = {key: request.query.get(key, "") for key in FORM_FIELDS}
         return render(request, "audit.html", status=400, errors=exc.fields, rows=[],
-                      form=form, page=None, export={}, actions=queries.KNOWN_ACTIONS,
+                      form=form, page=None, export={},
+                      actions=choices_with(request.query.get("action")),
                       outcomes=queries.OUTCOMES, hide_study=False,
                       flash="Please correct the filter.", flash_kind="error")
     limit, offset = _page_args(request, PAGE_SIZE)
     await fresh(request, "audit")
     rows, total = await asyncio.to_thread(queries.search, audit_db(request), flt, limit, offset)
+    changed = await asyncio.to_thread(changes, _admin(request), rows)
     await record_access(request, AccessRecord(
         action="audit.search", object_type="audit", study_instance_uid=flt.study_uid,
         patient_id=flt.patient_id, detail=f"{flt.describe()} total={total}".strip()))
@@ -110,11 +89,11 @@ async def audit_page(request: web.Request) -> web.Response:
     form = {**dict.fromkeys(FORM_FIELDS, ""), **params, "from": local_value(flt.since),
             "to": local_value(flt.until)}
     values: dict[str, Any] = {
-        "rows": present(rows), "form": form, "errors": {}, "hide_study": False,
+        "rows": present(rows, changed), "form": form, "errors": {}, "hide_study": False,
         "page": pager("/audit", params, limit, offset, total),
         "export": {fmt: "/api/v1/audit/export?" + urlencode({**params, "format": fmt})
                    for fmt in ("csv", "json")},
-        "actions": queries.KNOWN_ACTIONS, "outcomes": queries.OUTCOMES}
+        "actions": choices_with(flt.action), "outcomes": queries.OUTCOMES}
     if request.headers.get("HX-Request") and request.headers.get("HX-Target") == "audit-results":
         return render(request, "_audit_results.html", **values)
     return render(request, "audit.html", **values)
@@ -130,11 +109,12 @@ async def history_page(request: web.Request) -> web.Response:
     await fresh(request, "audit")
     rows, total, summary = await asyncio.to_thread(queries.study_history, audit_db(request),
                                                    study, limit, offset)
+    changed = await asyncio.to_thread(changes, _admin(request), rows)
     await record_access(request, AccessRecord(
         action="audit.history", object_type="study", object_id=study,
         study_instance_uid=study, patient_id=queries.patient_of(rows),
         detail=f"total={total}"))
-    return render(request, "audit_history.html", study=study, rows=present(rows),
+    return render(request, "audit_history.html", study=study, rows=present(rows, changed),
                   hide_study=True,
                   summary=summary, patient_id=queries.patient_of(rows),
                   page=pager("/audit/history", {"study": study}, limit, offset, total))
@@ -165,9 +145,44 @@ async def state_page(request: web.Request) -> web.Response:
                   api="/api/v1/audit/state?" + urlencode({"at": queries.iso(at)}))
 
 
+def _version(request: web.Request, key: str, versions: list[Any], default: int) -> Any:
+    """The version ``key`` names (a number in the history), else the ``default`` one."""
+    numbers = {v.version: v for v in versions}
+    try:
+        return numbers.get(int(request.query.get(key, default)), numbers.get(default))
+    except ValueError:
+        return numbers.get(default)
+
+
+async def versions_page(request: web.Request) -> web.Response:
+    """Two versions of a rule, destination, user or remote node side by side."""
+    value = request.query.get("object", "").strip()
+    try:
+        oid = UUID(value)
+    except ValueError:
+        return render(request, "audit_versions.html", status=400, versions=[], object_id=value,
+                      flash="object: give the id of a rule, destination, user or remote node"
+                            " (the Object column of the audit trail).", flash_kind="error")
+    versions = await asyncio.to_thread(history, _admin(request), oid)
+    await record_access(request, AccessRecord(
+        action="audit.versions", object_type=versions[0].kind if versions else "unknown",
+        object_id=str(oid), detail=f"versions={len(versions)}"))
+    if not versions:
+        return render(request, "audit_versions.html", status=404, versions=[], object_id=value,
+                      flash="No rule, destination, user or remote node has this id.",
+                      flash_kind="error")
+    latest = versions[-1].version
+    b = _version(request, "b", versions, latest)
+    a = _version(request, "a", versions, max(1, b.version - 1))
+    return render(request, "audit_versions.html", versions=versions, object_id=str(oid),
+                  a=a, b=b, rows=compare(a, b), iso=queries.iso)
+
+
 ROUTES = [
     Route("GET", "/audit", audit_page, "audit.read", "Audit trail"),
     Route("GET", "/audit/history", history_page, "audit.read", "History of one study"),
     Route("GET", "/audit/state", state_page, "audit.read",
           "Rules, destinations and users as of a time"),
+    Route("GET", "/audit/versions", versions_page, "audit.read",
+          "Two versions of a rule, destination, user or remote node side by side"),
 ]

@@ -1,5 +1,7 @@
-"""The dashboard ``/``: throughput over the last hour, queues, failures and destination health,
-refreshed by HTMX polling ``/dashboard/live`` every few seconds. No PHI is shown.
+"""The dashboard (``/dashboard``, and ``/`` for admins and operators): throughput over the
+last hour, queues, failures and destination health, refreshed by HTMX polling
+``/dashboard/live`` every few seconds. No PHI is shown. ``/`` is each role's landing page: a
+radiologist lands on Studies, an auditor on the audit trail.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from typing import Any
 from aiohttp import web
 
 from web.api.stats import read_stats
+from web.auth import current_user
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS
 from web.queries.ai import turnaround
+from web.queries.transfers import recent_activity
 from web.render import render
 from web.routes import Route
 
@@ -21,6 +25,9 @@ CHART_WIDTH = 600
 CHART_HEIGHT = 120
 POLL_SECONDS = 5
 AI_WINDOW = 24 * 3600.0  # AI turnaround times over the last day
+# Where a role's daily work starts (after login and at ``/``); others get the dashboard.
+LANDING = {"radiologist": "/studies", "auditor": "/audit"}
+RECENT_TRANSFERS = 8  # latest transfers (study and sender) under "Recent activity"
 
 
 def chart(minutes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -40,14 +47,24 @@ def chart(minutes: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def stats_values(request: web.Request) -> dict[str, Any]:
     stats = await read_stats(request)
-    ai = await asyncio.to_thread(turnaround, request.app[ROUTER_KEY].views["jobs"][1],
-                                 time.time() - AI_WINDOW)
+    jobs_db = request.app[ROUTER_KEY].views["jobs"][1]
+    ai = await asyncio.to_thread(turnaround, jobs_db, time.time() - AI_WINDOW)
+    recent = await asyncio.to_thread(recent_activity, jobs_db, RECENT_TRANSFERS)
     return {"stats": stats, "chart": chart(stats["throughput"]["minutes"]),
-            "poll_seconds": POLL_SECONDS, "ai_turnaround": ai, **HELPERS}
+            "poll_seconds": POLL_SECONDS, "ai_turnaround": ai, "recent_transfers": recent,
+            **HELPERS}
 
 
 async def dashboard(request: web.Request) -> web.Response:
     return render(request, "dashboard.html", **await stats_values(request))
+
+
+async def landing(request: web.Request) -> web.Response:
+    """``/``: the page the user's role works from (the login form sends users here)."""
+    target = LANDING.get(current_user(request).role)
+    if target is not None:
+        raise web.HTTPFound(target)
+    return await dashboard(request)
 
 
 async def live(request: web.Request) -> web.Response:
@@ -55,6 +72,8 @@ async def live(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    Route("GET", "/", dashboard, "dashboard", "Dashboard"),
+    Route("GET", "/", landing, "dashboard", "Landing page: Studies for a radiologist, the"
+          " audit trail for an auditor, else the dashboard"),
+    Route("GET", "/dashboard", dashboard, "dashboard", "Dashboard"),
     Route("GET", "/dashboard/live", live, "dashboard", "Dashboard figures (HTMX fragment)"),
 ]

@@ -17,9 +17,10 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from router.dispatch.registry import DESTINATION_KINDS, DestinationKind
+from router.dispatch.registry import DESTINATION_KINDS, DESTINATION_NAME, DestinationKind
 from web.api import destinations as api
 from web.api.common import ApiError, run_command
+from web.api.file_managed import detach, managed_message
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
 from web.queries.destinations import age_text, when_text
@@ -246,8 +247,25 @@ async def delete(request: web.Request) -> web.Response:
         message = (f"Used by rule(s) {', '.join(rules)}: remove it from them before deleting.")
         values = {"name": item["name"], **item["config"]}
         return _edit(request, kind, values, existing=item, status=409, message=message)
+    if item["managed_by_file"]:
+        values = {"name": item["name"], **item["config"]}
+        return _edit(request, _kind(item["type"]), values, existing=item, status=409,
+                     message=managed_message("destination", item["name"]))
     await run_command(router.commands.delete_destination, item["name"], actor_of(request))
     raise web.HTTPFound("/destinations?ok=deleted")
+
+
+async def detach_page(request: web.Request) -> web.Response:
+    """"Detach from the configuration file" (a confirming checkbox, a reason)."""
+    item = await _existing(request)
+    form = await request.post()
+    if form.get("confirm") != "on":
+        values = {"name": item["name"], **item["config"]}
+        return _edit(request, _kind(item["type"]), values, existing=item, status=422,
+                     message="Tick the box to confirm detaching this destination from the "
+                             "configuration file.")
+    await detach(request, "destination", item["name"], str(form.get("reason", ""))[:500])
+    raise web.HTTPFound(item["href"] + "/edit")
 
 
 async def _pause(request: web.Request, paused: bool) -> web.Response:
@@ -279,6 +297,9 @@ async def test(request: web.Request) -> web.Response:
     return render(request, "destinations.html", check=result, **await _list_context(request))
 
 
+UNSAVED = "unsaved-destination"
+
+
 async def check_form(request: web.Request) -> web.Response:
     """Test the settings in the form (before saving; stored secrets fill empty fields)."""
     form = await request.post()
@@ -288,7 +309,10 @@ async def check_form(request: web.Request) -> web.Response:
     data = {**form_data(kind, form), "name": name}
     state = api.live(router).get(name) if form.get("existing") == name else None
     merged = api.with_kept_secrets(data, state.config if state else None)
-    result = {"name": name, **await api.check(router, merged)}
+    # The connection does not depend on the name: test a new destination whatever its name
+    # field holds (saving checks the name and says what is wrong with it).
+    tested = {**merged, "name": name if DESTINATION_NAME.match(name) else UNSAVED}
+    result = {"name": name or UNSAVED, **await api.check(router, tested)}
     if request.headers.get("HX-Request"):
         return render(request, "_destinations_test.html", check=result)
     existing = await _existing_or_none(router, name if state else None)
@@ -314,6 +338,8 @@ ROUTES = [
           "Save a destination"),
     Route("POST", "/destinations/{name}/delete", delete, "destinations.write",
           "Delete a destination"),
+    Route("POST", "/destinations/{name}/detach", detach_page, "destinations.write",
+          "Detach a destination from the configuration file"),
     Route("POST", "/destinations/{name}/pause", pause, "destinations.write",
           "Pause a destination"),
     Route("POST", "/destinations/{name}/resume", resume, "destinations.write",

@@ -1,6 +1,8 @@
-"""The jobs pages: ``/jobs`` (filter form, table, paging) and ``/jobs/{job_id}`` (receipt,
-routing, deliveries with requeue / cancel, event timeline). Reads are the API's; each view of
-PHI is recorded. Also the small formatting helpers every page of this kind hands its template.
+"""The jobs pages: the per-instance list ``/jobs?view=instances`` (filter form, table,
+paging; web/pages/transfers.py answers ``/jobs`` and hands this view over) and
+``/jobs/{job_id}`` (receipt, routing, deliveries with requeue / cancel, event timeline).
+Reads are the API's; each view of PHI is recorded. Also the small formatting helpers every
+page of this kind hands its template.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
+from pydicom.uid import UID
 
+from router.domain.delivery_states import FINAL_STATES
 from web.api.common import ApiError
 from web.api.jobs import change_delivery, list_record, load_job, view_record
 from web.auth import record_access
@@ -27,7 +31,7 @@ from web.routes import Route
 PAGE_SIZE = 50
 MAX_PAGE = 500
 DONE = {"requeue": "Requeued the delivery to {}.", "cancel": "Cancelled the delivery to {}."}
-FINAL = frozenset({"delivered", "dead", "cancelled"})
+FINAL = frozenset(FINAL_STATES)
 
 
 def when(timestamp: float | None) -> str:
@@ -58,7 +62,15 @@ def filesize(size: int | None) -> str:
     return f"{value:.1f} GiB"
 
 
-HELPERS: dict[str, Any] = {"when": when, "duration": duration, "filesize": filesize}
+def uid_name(value: str | None) -> str:
+    """A SOP class or transfer syntax by name (pydicom's UID dictionary), else the UID."""
+    if not value:
+        return ""
+    return str(UID(value).name)
+
+
+HELPERS: dict[str, Any] = {"when": when, "duration": duration, "filesize": filesize,
+                           "uid_name": uid_name}
 
 
 def page_window(query: Mapping[str, str]) -> tuple[int, int]:
@@ -86,7 +98,8 @@ def pager(path: str, query: Mapping[str, str], limit: int, offset: int, shown: i
             "next": link(offset + limit) if offset + shown < total else None}
 
 
-async def jobs_page(request: web.Request) -> web.Response:
+async def instances_page(request: web.Request) -> web.Response:
+    """The per-instance jobs list (``/jobs?view=instances``; /jobs itself lists transfers)."""
     query = request.query
     values: dict[str, Any] = {"form": {f: query.get(f, "") for f in FILTER_FIELDS},
                               "statuses": JOB_STATUSES, "jobs": [], "pager": None, **HELPERS}
@@ -170,7 +183,6 @@ async def live_poll(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    Route("GET", "/jobs", jobs_page, "jobs.read", "Jobs: filters, table, paging"),
     Route("GET", "/jobs/{job_id}", job_page, "jobs.read", "One job with its event timeline"),
     Route("GET", "/jobs/{job_id}/live", live_poll, "jobs.read",
           "A job's deliveries and timeline (HTMX fragment)"),

@@ -81,7 +81,7 @@ def _form_page(request: web.Request, values: dict[str, Any], errors: dict[str, s
 
 async def new_page(request: web.Request) -> web.Response:
     values = {"name": "", "ae_title": "", "host": "", "port": 104,
-              "services": ["find", "move", "get"], "description": ""}
+              "services": [], "description": ""}  # no Q/R rights until ticked
     return _form_page(request, values, {}, creating=True)
 
 
@@ -98,6 +98,10 @@ async def _save(request: web.Request, name: str | None) -> web.Response:
         if exc.status == 404:
             raise web.HTTPNotFound() from None
         errors = exc.fields or {"name": exc.message}
+        if exc.status == 409 and name is not None:  # managed by the configuration file
+            values = api.describe_node(api.node_or_404(request, name))
+            return _form_page(request, values, {"name": exc.message}, creating=False,
+                              status=409)
         return _form_page(request, data, errors, creating=name is None, status=422)
     done = "created" if name is None else "saved" if changed else "unchanged"
     raise web.HTTPSeeOther(f"/remote?done={done}")
@@ -115,10 +119,25 @@ async def save(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
+    api.refuse_if_managed(api.node_or_404(request, request.match_info["name"]))
     await api.call(router.remote_nodes.delete, request.match_info["name"], actor_of(request))
     if _is_htmx(request):  # asked for with hx-confirm: let the browser load the list
         return web.Response(status=204, headers={"HX-Redirect": "/remote?done=deleted"})
     raise web.HTTPSeeOther("/remote?done=deleted")
+
+
+async def detach(request: web.Request) -> web.Response:
+    """"Detach from the configuration file" (a confirming checkbox, a reason)."""
+    name = request.match_info["name"]
+    node = api.node_or_404(request, name)
+    form = await _form(request)
+    if form.get("confirm") != "on":
+        return _form_page(request, api.describe_node(node), {
+            "name": "Tick the box to confirm detaching this node from the configuration "
+                    "file."}, creating=False, status=422)
+    await api.call(request.app[ROUTER_KEY].remote_nodes.detach, name, actor_of(request),
+                   form.get("reason", "")[:500])
+    raise web.HTTPSeeOther(f"/remote/{quote(name, safe='')}/edit")
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -194,6 +213,8 @@ ROUTES: list[Route] = [
     Route("GET", "/remote/{name}/edit", edit_page, "remote.write", "Edit a remote node"),
     Route("POST", "/remote/{name}/edit", save, "remote.write", "Save a remote node"),
     Route("POST", "/remote/{name}/delete", delete, "remote.write", "Delete a remote node"),
+    Route("POST", "/remote/{name}/detach", detach, "remote.write",
+          "Detach a remote node from the configuration file"),
     Route("POST", "/remote/{name}/echo", echo, "remote.read", "C-ECHO a remote node"),
     Route("POST", "/remote/{name}/retrieve", retrieve, "remote.read",
           "Retrieve a study or series (C-MOVE or C-GET)"),

@@ -17,6 +17,7 @@ from router.application.dry_run import recent_jobs
 from router.domain.rule_conditions import OPERATORS
 from web.api import rules as api
 from web.api.common import ApiError, run_command
+from web.api.file_managed import detach, refuse_if_managed
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
 from web.render import render
@@ -128,16 +129,20 @@ async def _editor(request: web.Request, rule: dict[str, Any], existing: str | No
                   errors: dict[str, str] | None = None, status: int = 200, message: str = "",
                   result: dict[str, Any] | None = None, blank: int = 1) -> web.Response:
     errors = errors or {}
-    from_config = False
+    from_config = managed = detached = False
     if existing is not None:
         items = await asyncio.to_thread(api.rule_items, request.app[ROUTER_KEY])
-        from_config = any(i["name"] == existing and i["from_config"] for i in items)
+        item = next((i for i in items if i["name"] == existing), {})
+        from_config = bool(item.get("from_config"))
+        managed, detached = bool(item.get("managed_by_file")), bool(item.get("detached"))
     rule = {**NEW_RULE, **rule}
     lists = {k: ", ".join(map(str, rule[k])) for k in LIST_FIELDS}
     bad = {re.split(r"[\[.]", key, maxsplit=1)[0] for key in errors}
     return render(request, "rule_edit.html", status=status, rule=rule, lists=lists,
                   rows=_rows(rule, errors, blank), errors=errors, bad=bad, message=message,
-                  existing=existing, from_config=from_config, result=result,
+                  existing=existing, from_config=from_config, managed=managed,
+                  detached=detached, result=result,
+                  detach_action=href(existing) + "/detach" if existing else "",
                   action=href(existing) + "/edit" if existing else "/rules",
                   delete_action=href(existing) + "/delete" if existing else "",
                   **await _choices(request))
@@ -200,8 +205,31 @@ async def delete(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if api.find_rule(router, name) is None:
         raise web.HTTPNotFound(text="no such rule")
+    try:
+        await asyncio.to_thread(refuse_if_managed, router, "rule", name)
+    except ApiError as exc:
+        found = api.find_rule(router, name)
+        assert found is not None
+        return await _editor(request, found.spec.to_dict(), name, status=exc.status,
+                             message=exc.message)
     await run_command(router.commands.delete_rule, name, actor_of(request))
     raise web.HTTPFound("/rules?ok=deleted")
+
+
+async def detach_page(request: web.Request) -> web.Response:
+    """"Detach from the configuration file" (a confirming checkbox, a reason)."""
+    router = request.app[ROUTER_KEY]
+    name = request.match_info["name"]
+    found = api.find_rule(router, name)
+    if found is None:
+        raise web.HTTPNotFound(text="no such rule")
+    form = await request.post()
+    if form.get("confirm") != "on":
+        return await _editor(request, found.spec.to_dict(), name, status=422,
+                             message="Tick the box to confirm detaching this rule from the "
+                                     "configuration file.")
+    await detach(request, "rule", name, str(form.get("reason", ""))[:500])
+    raise web.HTTPFound(href(name) + "/edit")
 
 
 async def move(request: web.Request) -> web.Response:
@@ -275,5 +303,7 @@ ROUTES = [
     Route("GET", "/rules/{name}/edit", edit_page, "rules.read", "Rule editor"),
     Route("POST", "/rules/{name}/edit", save, "rules.write", "Save a rule"),
     Route("POST", "/rules/{name}/delete", delete, "rules.write", "Delete a rule"),
+    Route("POST", "/rules/{name}/detach", detach_page, "rules.write",
+          "Detach a rule from the configuration file"),
     Route("POST", "/rules/{name}/move", move, "rules.write", "Move a rule up or down"),
 ]

@@ -1,5 +1,5 @@
-"""User pages: ``/users`` for admins (list, create, role, disable/enable, reset password, API
-tokens) and ``/account`` for everyone (own password, own API tokens).
+"""User pages: ``/users`` for admins (list, create, role, disable/enable, unlock, reset password,
+API tokens) and ``/account`` for everyone (own password, own API tokens).
 
 Plain forms (CSRF field) that post, then redirect to the page with a fixed message; errors
 re-render the form with field messages (422). A new token's value is rendered once, uncached.
@@ -16,7 +16,7 @@ from aiohttp import web
 
 from router.application.commands import CommandError
 from router.application.users import check_name
-from router.domain.users import ROLES
+from router.domain.users import LEAST_PRIVILEGED_ROLE, ROLES
 from web.api.common import ApiError, run_command
 from web.api.users import apply_change, existing, verify_current, with_password
 from web.auth import actor_of, current_user, set_session_cookie
@@ -33,6 +33,7 @@ DONE = {
     "enabled": "User enabled.",
     "password": "Password changed; the sessions that used the old one have ended.",
     "revoked": "API token revoked.",
+    "unlocked": "Login lockout lifted: the user can log in again.",
 }
 Form = dict[str, str]
 
@@ -70,11 +71,24 @@ def failed(exc: ApiError) -> dict[str, Any]:
 # --- admins: /users -----------------------------------------------------------------------
 async def users_page(request: web.Request, form: Form | None = None, status: int = 200,
                      **values: Any) -> web.Response:
-    users = await asyncio.to_thread(request.app[ROUTER_KEY].users.all)
+    accounts = request.app[ROUTER_KEY].users
+    users = await asyncio.to_thread(accounts.all)
+    locked = await asyncio.to_thread(locked_times, accounts, [u.name for u in users])
     values.setdefault("flash", done_message(request))
     values.setdefault("flash_kind", "ok")
     return render(request, "users.html", status=status, users=users, roles=ROLES,
-                  form=form or {}, errors=values.pop("errors", {}), **values)
+                  form=form or {"role": LEAST_PRIVILEGED_ROLE}, locked=locked,
+                  errors=values.pop("errors", {}), **values)
+
+
+def locked_times(users: Any, names: list[str]) -> dict[str, str]:
+    """``HH:MM`` (UTC) at which each locked-out user's lockout ends, by name."""
+    out = {}
+    for name in names:
+        until = users.locked_until(name)
+        if until is not None:
+            out[name] = time.strftime("%H:%M", time.gmtime(until))
+    return out
 
 
 async def list_users(request: web.Request) -> web.Response:
@@ -112,7 +126,9 @@ async def user_page(request: web.Request, status: int = 200, **values: Any) -> w
     values.setdefault("flash", done_message(request))
     values.setdefault("flash_kind", "ok")
     values.setdefault("new_token", None)
+    locked = await asyncio.to_thread(locked_times, request.app[ROUTER_KEY].users, [user.name])
     response = render(request, "user_edit.html", status=status, account=user, roles=ROLES,
+                      locked_until=locked.get(user.name, ""),
                       errors=values.pop("errors", {}), tokens_url=user_path(user.name)
                       + "/tokens", is_self=user.name == current_user(request).name, **values)
     if values.get("new_token"):
@@ -149,6 +165,9 @@ async def change_user(request: web.Request, name: str, action: str, form: Form) 
             raise ApiError(422, "choose a role", fields={"role": "choose a role"})
         await apply_change(request, name, form["role"], None)
         return "role"
+    if action == "unlock":
+        await run_command(request.app[ROUTER_KEY].users.unlock, name, actor_of(request))
+        return "unlocked"
     if action == "disabled":
         disabled = form.get("disabled") == "1"
         await apply_change(request, name, None, disabled)
@@ -164,6 +183,10 @@ async def set_role(request: web.Request) -> web.Response:
 
 async def set_disabled(request: web.Request) -> web.Response:
     return await on_user(request, "disabled")
+
+
+async def unlock(request: web.Request) -> web.Response:
+    return await on_user(request, "unlock")
 
 
 async def set_password(request: web.Request) -> web.Response:
@@ -269,6 +292,7 @@ ROUTES = [
     Route("GET", USER, show_user, MANAGE, "One user"),
     Route("POST", USER + "/role", set_role, MANAGE, "Change a user's role"),
     Route("POST", USER + "/disabled", set_disabled, MANAGE, "Disable or enable a user"),
+    Route("POST", USER + "/unlock", unlock, MANAGE, "Lift a user's login lockout"),
     Route("POST", USER + "/password", set_password, MANAGE, "Set a user's password"),
     Route("POST", USER + "/tokens", add_token, MANAGE, "Create an API token for a user"),
     Route("POST", USER + "/tokens/{token_id}/revoke", revoke_user_token, MANAGE,

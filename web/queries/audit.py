@@ -22,16 +22,7 @@ COLUMNS = ("time", "actor", "source_ip", "action", "object_type", "object_id", "
            "study_instance_uid", "patient_id", "job_id", "correlation_id", "detail",
            "application", "position")
 OUTCOMES = ("success", "failure", "denied", "not_found")
-# Offered in the action field (a trailing * matches a prefix: "Delivery.*", "audit.*").
-KNOWN_ACTIONS = (
-    "Job.*", "Job.Received", "Job.Routed", "Job.DuplicateIgnored", "Job.ConflictKept",
-    "Job.Rerouted", "ReceiptFailure.Recorded", "Delivery.*", "Delivery.Created",
-    "Delivery.Succeeded", "Delivery.AttemptFailed", "Delivery.DeadLettered",
-    "Delivery.Requeued", "Delivery.Cancelled", "Rule.*", "Destination.*", "User.*",
-    "Session.*", "LoginFailure.Recorded", "access.denied", "study.*", "studies.*", "job.*",
-    "jobs.*", "audit.*", "dicomweb.*", "wado.*", "viewer.open", "dimse.*", "remote.*",
-    "RemoteNode.*", "Retrieve.*", "ai.*",
-)
+# The actions the pages offer (grouped, with labels) are in web/queries/audit_actions.py.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MAX_TEXT = 256  # longest filter value accepted (a UID is 64, an ID 64)
 _SELECT = ("SELECT application, position, occurred_at, actor, source_ip, action, object_type,"
@@ -90,6 +81,8 @@ class AuditFilter:
         errors: dict[str, str] = {}
         text = {key: _text(query, key, errors)
                 for key in ("user", "actor", "patient", "study", "action", "outcome")}
+        if text["action"] and not text["action"].replace(",", "").strip():
+            errors["action"] = "name an action, a prefix ending in * or several, comma-separated"
         if text["outcome"] and text["outcome"] not in OUTCOMES:
             errors["outcome"] = f"must be one of {', '.join(OUTCOMES)}"
         since = _time(query, "from", errors)
@@ -114,12 +107,10 @@ class AuditFilter:
             if value:
                 clauses.append(f"{column} = ?")
                 params.append(value)
-        if self.action and self.action.endswith("*"):
-            clauses.append("action LIKE ? ESCAPE '!'")
-            params.append(_like_prefix(self.action[:-1]))
-        elif self.action:
-            clauses.append("action = ?")
-            params.append(self.action)
+        if self.action:
+            clause, values = _actions_clause(self.action)
+            clauses.append(clause)
+            params.extend(values)
         if self.since is not None:
             clauses.append("occurred_at >= ?")
             params.append(self.since)
@@ -165,6 +156,20 @@ def _time(query: Mapping[str, str], key: str, errors: dict[str, str]) -> float |
     except ValueError:
         errors[key] = "expected ISO 8601 UTC, e.g. 2024-01-15T09:30:00Z or 2024-01-15"
         return None
+
+
+def _actions_clause(action: str) -> tuple[str, list[str]]:
+    """SQL for ``action``: one action, a prefix (``Delivery.*``) or several of them separated
+    by commas (``study.view,viewer.open,dicomweb.*``: any of them)."""
+    exact = [a for a in (p.strip() for p in action.split(",")) if a and not a.endswith("*")]
+    prefixes = [a[:-1] for a in (p.strip() for p in action.split(",")) if a.endswith("*")]
+    parts = ["action LIKE ? ESCAPE '!'"] * len(prefixes)
+    if len(exact) == 1:
+        parts.append("action = ?")
+    elif exact:
+        parts.append(f"action IN ({', '.join('?' * len(exact))})")
+    clause = parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+    return clause, [*(_like_prefix(p) for p in prefixes), *exact]
 
 
 def _like_prefix(prefix: str) -> str:

@@ -21,12 +21,15 @@ STATS_SQL = (
     f" MIN(CASE WHEN status IN {PENDING} THEN created_at END) AS oldest_pending_at,"
     " SUM(CASE WHEN status = 'dead' THEN 1 ELSE 0 END) AS dead,"
     " MAX(delivered_at) AS last_success_at,"
-    f" MAX(CASE WHEN status IN {FAILED} THEN last_attempt_at END) AS last_failure_at"
+    " MAX(last_failed_at) AS last_failure_at"
     " FROM deliveries GROUP BY destination"
 )
+# The latest failed attempt, whatever became of its delivery since (a delivery that failed
+# during an outage and succeeded once it ended keeps its failure in last_failed_at and
+# last_failure): the outage that just ended, not an older dead letter.
 LAST_ERROR_SQL = (
-    f"SELECT last_error FROM deliveries WHERE destination = ? AND status IN {FAILED}"
-    " AND last_attempt_at IS NOT NULL ORDER BY last_attempt_at DESC LIMIT 1"
+    "SELECT last_failure FROM deliveries WHERE destination = ?"
+    " AND last_failed_at IS NOT NULL ORDER BY last_failed_at DESC LIMIT 1"
 )
 FAILING_SINCE_SQL = (
     f"SELECT COUNT(*) AS n FROM deliveries WHERE destination = ? AND status IN {FAILED}"
@@ -72,7 +75,8 @@ class Health:
         return "healthy" if self.last_success_at else "idle"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "state": self.state}
+        # "failed" is the shown name of the dead-lettered count ("dead", kept for clients).
+        return {**asdict(self), "failed": self.dead, "state": self.state}
 
 
 def health(jobs_db: Queryable, paused: dict[str, bool], now: float | None = None
@@ -100,7 +104,7 @@ def _health_of(jobs_db: Queryable, name: str, paused: bool, row: dict[str, Any],
     failing = 0
     if failure is not None:
         found = jobs_db.query(LAST_ERROR_SQL, (name,))
-        error = found[0]["last_error"] if found else None
+        error = found[0]["last_failure"] if found else None
         counted = jobs_db.query(FAILING_SINCE_SQL, (name, success or 0.0))
         failing = int(counted[0]["n"]) if counted else 0
     return Health(

@@ -14,6 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from projections.db import ViewDatabase
+from router.domain.delivery_states import (
+    DELIVERY_STATES,
+    STORED_BY_SHOWN,
+    canonical,
+    shown,
+    shown_sql,
+)
 from web.queries.filters import (
     FilterError,
     check_known,
@@ -24,16 +31,14 @@ from web.queries.filters import (
     uid,
 )
 
-# A job's status is the most urgent status among its deliveries ("failed": one is dead-
-# lettered); a job without deliveries shows its routing (received, unrouted, duplicate, ...).
-# "held": a delivery waits for its series or study unit to be stable or complete.
-JOB_STATUSES = ("failed", "retrying", "pending", "held", "delivered", "cancelled", "received",
-                "unrouted", "duplicate", "conflict")
-_BY_DELIVERY = (("failed", "dead"), ("retrying", "retrying"), ("pending", "pending"),
-                ("held", "held"), ("delivered", "delivered"), ("cancelled", "cancelled"))
+# A job's status is the most urgent state among its deliveries, named as in
+# router/domain/delivery_states.py ("failed": one is dead-lettered); a job without deliveries
+# shows its routing (received, unrouted, duplicate, conflict).
+ROUTING_STATUSES = ("received", "unrouted", "duplicate", "conflict")
+JOB_STATUSES = (*DELIVERY_STATES, *ROUTING_STATUSES)
 STATUS_SQL = "CASE " + " ".join(
     f"WHEN EXISTS (SELECT 1 FROM deliveries x WHERE x.job_id = j.job_id"
-    f" AND x.status = '{delivery}') THEN '{job}'" for job, delivery in _BY_DELIVERY
+    f" AND x.status = '{STORED_BY_SHOWN[job]}') THEN '{job}'" for job in DELIVERY_STATES
 ) + " ELSE j.routing END"
 
 FILTER_FIELDS = ("status", "destination", "calling_aet", "modality", "received_from",
@@ -42,15 +47,16 @@ PAGING_FIELDS = ("limit", "offset")
 LIST_COLUMNS = (
     "j.job_id, j.received_at, j.source, j.calling_aet, j.called_aet, j.source_ip, j.modality,"
     " j.patient_id, j.study_instance_uid, j.series_instance_uid, j.sop_instance_uid,"
-    " j.sop_class_uid, j.size, j.routing"
+    " j.sop_class_uid, j.size, j.routing, j.patient_name, j.transfer_id"
 )
 DETAIL_COLUMNS = LIST_COLUMNS + (
     ", j.actor, j.transfer_syntax_uid, j.sha256, j.matched_rules, j.destinations,"
     " j.duplicate_of, j.previous_job_id, j.correlation_id"
 )
 DELIVERY_COLUMNS = (
-    "delivery_id, job_id, destination, status, attempts, created_at, next_attempt_at,"
-    " last_attempt_at, last_error, delivered_at, detail"
+    f"delivery_id, job_id, destination, {shown_sql('status')} AS status, attempts, created_at,"
+    " next_attempt_at, last_attempt_at, last_error, delivered_at, detail, last_failed_at,"
+    " last_failure"
 )
 
 
@@ -104,7 +110,7 @@ def parse_filters(query: Mapping[str, str], strict: bool = True) -> JobFilters:
         check_known(query, FILTER_FIELDS + PAGING_FIELDS)
     modality = text(query, "modality", 16)
     filters = JobFilters(
-        status=choice(query, "status", JOB_STATUSES),
+        status=status_choice(query, JOB_STATUSES),
         destination=text(query, "destination", 64),
         calling_aet=text(query, "calling_aet", 16),
         modality=modality.upper() if modality else None,
@@ -117,6 +123,15 @@ def parse_filters(query: Mapping[str, str], strict: bool = True) -> JobFilters:
             and filters.received_from >= filters.received_to):
         raise FilterError("received_to", "must be after received_from")
     return filters
+
+
+def status_choice(query: Mapping[str, str], allowed: tuple[str, ...]) -> str | None:
+    """The ``status`` filter under its current name (old names are aliases: ``dead`` and
+    ``dead-lettered`` for ``failed``, ``pending`` for ``queued``)."""
+    value = text(query, "status")
+    if value is None:
+        return None
+    return choice({"status": canonical(value)}, "status", allowed)
 
 
 def list_jobs(db: ViewDatabase, filters: JobFilters, limit: int, offset: int
@@ -132,7 +147,8 @@ def list_jobs(db: ViewDatabase, filters: JobFilters, limit: int, offset: int
         marks = ", ".join("?" for _ in by_job)
         for d in db.query(f"SELECT job_id, destination, status FROM deliveries"
                           f" WHERE job_id IN ({marks}) ORDER BY destination", list(by_job)):
-            by_job[d["job_id"]].append({"destination": d["destination"], "status": d["status"]})
+            by_job[d["job_id"]].append({"destination": d["destination"],
+                                        "status": shown(d["status"])})
     for row in rows:
         row["deliveries"] = by_job[row["job_id"]]
     return rows, total

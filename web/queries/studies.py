@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from projections.db import ViewDatabase
+from router.domain.delivery_states import DELIVERY_STATES, shown
 from web.queries.filters import (
     FilterError,
     check_known,
@@ -28,7 +29,8 @@ PAGING_FIELDS = ("limit", "offset")
 STUDY_COLUMNS = (
     "study_instance_uid, patient_id, issuer_of_patient_id, patient_name, patient_birth_date,"
     " patient_sex, study_date, study_time, accession_number, study_id, study_description,"
-    " referring_physician_name, modalities, number_of_series, number_of_instances, updated_at"
+    " referring_physician_name, modalities, number_of_series, number_of_instances, updated_at,"
+    " uid_derived"
 )
 SERIES_COLUMNS = (
     "series_instance_uid, modality, series_number, series_description, body_part_examined,"
@@ -40,8 +42,8 @@ INSTANCE_COLUMNS = (
 )
 MAX_INSTANCES = 5000  # per study detail; a larger study says it was cut short
 LIKE = "UPPER(st.{column}) LIKE UPPER(?) ESCAPE '\\'"
-# The order a delivery status is reported in, most urgent first.
-DELIVERY_STATUSES = ("dead", "retrying", "pending", "cancelled", "delivered")
+# The order a delivery status is reported in, most urgent first (shown names).
+DELIVERY_STATUSES = DELIVERY_STATES
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def delivery_status(jobs_db: ViewDatabase, study_uid: str
         " ORDER BY j.received_at, j.job_id", (study_uid,))
     per_instance: dict[str, dict[str, str]] = defaultdict(dict)
     for row in rows:
-        per_instance[row["sop_instance_uid"]][row["destination"]] = row["status"]
+        per_instance[row["sop_instance_uid"]][row["destination"]] = shown(row["status"])
     summary: dict[str, dict[str, int]] = {}
     for statuses in per_instance.values():
         for destination, status in statuses.items():

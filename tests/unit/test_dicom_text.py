@@ -1,0 +1,74 @@
+"""DICOM names, dates and times written for people (web/dicom_text.py), and the Jinja filters
+that show them: valid values formatted, anything else shown as it came, escaped, never a crash.
+"""
+
+from __future__ import annotations
+
+import jinja2
+import pytest
+
+from web.dicom_text import FILTERS, date, datetime, person_name, time
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("DOE^JOHN^^^", "DOE, JOHN"),
+    ("SYNTHETIC^CT^SYNTH001", "SYNTHETIC, CT SYNTH001"),
+    ("DOE^JOHN^Q^DR^JR", "DOE, DR JOHN Q, JR"),
+    ("DOE", "DOE"),
+    ("^JOHN", "JOHN"),
+    ("DOE^JOHN=ドウ^ジョン", "DOE, JOHN"),  # the alphabetic group only
+    ("Anonymized", "Anonymized"),
+    ("^^^^", ""),
+    ("", ""),
+    (None, ""),
+])
+def test_person_names(value: object, shown: str) -> None:
+    assert person_name(value) == shown
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("20240115", "2024-01-15"),
+    (" 20240115 ", "2024-01-15"),
+    ("2024-01-15", "2024-01-15"),
+    ("20241315", "20241315"),  # month 13: shown as it came
+    ("2024011", "2024011"),
+    ("yesterday", "yesterday"),
+    ("", ""),
+    (None, ""),
+])
+def test_dates(value: object, shown: str) -> None:
+    assert date(value) == shown
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("140322", "14:03:22"),
+    ("140322.123456", "14:03:22"),
+    ("1403", "14:03"),
+    ("14", "14:00"),
+    ("250000", "250000"),
+    ("14:03:22", "14:03:22"),
+    ("noon", "noon"),
+    (None, ""),
+])
+def test_times(value: object, shown: str) -> None:
+    assert time(value) == shown
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("20240115140322", "2024-01-15 14:03:22"),
+    ("20240115140322.5+0100", "2024-01-15 14:03:22 +0100"),
+    ("20240115", "2024-01-15"),
+    ("20240199", "20240199"),
+    ("2024011599", "2024011599"),
+    ("x", "x"),
+])
+def test_datetimes(value: object, shown: str) -> None:
+    assert datetime(value) == shown
+
+
+def test_filters_escape_what_they_cannot_format() -> None:
+    env = jinja2.Environment(autoescape=True)
+    env.filters.update(FILTERS)
+    page = env.from_string("{{ n | pn }}|{{ d | da }}|{{ t | tm }}|{{ x | dt }}")
+    out = page.render(n="<script>^alert(1)", d="<b>2024</b>", t="1<2", x="../../etc")
+    assert out == ("&lt;script&gt;, alert(1)|&lt;b&gt;2024&lt;/b&gt;|1&lt;2|../../etc")
