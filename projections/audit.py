@@ -69,7 +69,8 @@ DETAIL_FIELDS = (
     "original_job_id", "job_id", "name", "duration_ms", "role", "token_id", "label", "kind",
     "expires_at", "stopped_by", "value", "previous", "node", "node_ae", "method", "level",
     "completed", "failed", "warning", "remaining", "transaction_uid", "event_type",
-    "committed", "via", "operation", "criteria", "matched", "count",
+    "committed", "via", "operation", "criteria", "matched", "count", "transforms",
+    "project",
 )
 # What a rule change shows of the rule: not its criteria, which may quote tag values.
 RULE_SUMMARY = ("priority", "enabled", "destinations", "stop")
@@ -205,7 +206,9 @@ def _admin_detail(cur: Cursor, record: EventRecord) -> dict[str, Any]:
     detail["name"] = name
     detail["version"] = e.originator_version
     spec = getattr(e, "spec", None)
-    if isinstance(spec, dict):
+    if isinstance(spec, dict) and record.topic.startswith("Transform."):
+        detail["kind"] = spec.get("kind")  # not its options: a pattern may quote an ID
+    elif isinstance(spec, dict):
         detail.update({key: spec.get(key) for key in RULE_SUMMARY})
     config = getattr(e, "config", None)
     if isinstance(config, dict) and "type" in config:

@@ -18,6 +18,8 @@ from router.cli_audit import add_parsers as add_audit_parsers
 from router.cli_audit import cmd_audit
 from router.cli_ops import add_parsers as add_ops_parsers
 from router.cli_ops import cmd_deliveries, cmd_destinations
+from router.cli_reid import add_parsers as add_reid_parsers
+from router.cli_reid import cmd_reidentify
 from router.cli_users import add_parsers as add_user_parsers
 from router.cli_users import cmd_user
 from router.settings import Settings, SettingsError, load_settings, read_toml
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     add_ops_parsers(sub)
     add_user_parsers(sub)
     add_audit_parsers(sub)
+    add_reid_parsers(sub)
     return p
 
 
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 "check-config": cmd_check_config, "seal-secret": cmd_seal_secret,
                 "projections": cmd_projections,
                 "deliveries": cmd_deliveries, "destinations": cmd_destinations,
-                "user": cmd_user, "audit": cmd_audit}
+                "user": cmd_user, "audit": cmd_audit, "reidentify": cmd_reidentify}
     try:
         return handlers[args.command](settings, args)
     except SettingsError as exc:
@@ -145,12 +148,14 @@ def cmd_apply(settings: Settings, args: Any) -> int:
     doc = read_toml(args.file)
     router = Router.build(settings)
     try:
-        changed = router.commands.apply(doc.get("destinations", []), doc.get("rules", []))
+        changed = router.commands.apply(doc.get("destinations", []), doc.get("rules", []),
+                                        transforms=doc.get("transforms", []))
         nodes = router.remote_nodes.apply(doc.get("remote_nodes", []))
         router.runner.catch_up()
     finally:
         router.stores.close()
-    print(f"applied {args.file}: {changed['destinations']} destination(s) and "
+    print(f"applied {args.file}: {changed['transforms']} transform(s), "
+          f"{changed['destinations']} destination(s) and "
           f"{changed['rules']} rule(s) changed, {changed['deleted']} deleted")
     if changed["detached"]:
         print(f"left alone: {changed['detached']} item(s) detached from the file in the UI "

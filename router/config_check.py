@@ -2,7 +2,8 @@
 with its path (``dicom.max_associations``, ``destinations[2].port``, ``rules[0].match[1].op``).
 
 Every stage runs whatever the others found: the settings, each destination and the destination
-policy (docs/security.md), each rule and the destinations it names, each remote node.
+policy (docs/security.md), each transform, each rule and the destinations and transforms it
+names, each remote node.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from router.dispatch.policy import DestinationPolicy
 from router.dispatch.registry import DestinationConfigError, check_policy, parse_destination
 from router.domain.rules import RuleError, parse_rule
 from router.settings import SettingsError, read_toml, settings_problems
+from router.transforms.spec import TransformError, parse_transform
 
 
 def check_config(path: Path) -> list[str]:
@@ -29,8 +31,9 @@ def check_config(path: Path) -> list[str]:
     problems = [str(p) for p in found]
     # The policy depends on [storage] and [security]: judged only when the settings are valid.
     policy = DestinationPolicy.from_settings(settings) if settings is not None else None
-    names = _destination_problems(doc, policy, problems)
-    _rule_problems(doc, names, problems)
+    transforms = _transform_problems(doc, problems)
+    names = _destination_problems(doc, policy, problems, transforms)
+    _rule_problems(doc, names, problems, transforms)
     dispatch = doc.get("dispatch")  # read from the file: checked even if settings are not
     default = dispatch.get("default_destination") if isinstance(dispatch, Mapping) else None
     if isinstance(default, str) and default and default not in names:
@@ -66,8 +69,30 @@ def _duplicates(declared: list[tuple[str, str]], what: str) -> list[str]:
     return problems
 
 
+def _transform_problems(doc: Mapping[str, Any], problems: list[str]) -> set[str]:
+    """Each transform's problems; returns the declared names (valid or not)."""
+    declared: list[tuple[str, str]] = []
+    for path, item in _items(doc, "transforms"):
+        if isinstance(item.get("name"), str):
+            declared.append((f"{path}.name", str(item["name"])))
+        try:
+            parse_transform(item)
+        except TransformError as exc:
+            problems += [f"{join_path(path, key)}: {message}"
+                         for key, message in exc.errors.items()]
+    problems += _duplicates(declared, "transform")
+    return {name for _, name in declared}
+
+
+def _unknown_transforms(path: str, names: object, known: set[str]) -> list[str]:
+    if not isinstance(names, list):
+        return []
+    return [f"{path}.transforms[{i}]: unknown transform {n!r}"
+            for i, n in enumerate(names) if isinstance(n, str) and n not in known]
+
+
 def _destination_problems(doc: Mapping[str, Any], policy: DestinationPolicy | None,
-                          problems: list[str]) -> set[str]:
+                          problems: list[str], transforms: set[str]) -> set[str]:
     """Each destination's problems; returns the declared names. Declared names count even when
     the item is invalid: a rule naming it is not "unknown", and a second item with the same
     name is still a duplicate."""
@@ -75,6 +100,7 @@ def _destination_problems(doc: Mapping[str, Any], policy: DestinationPolicy | No
     for path, item in _items(doc, "destinations"):
         if isinstance(item.get("name"), str):
             declared.append((f"{path}.name", str(item["name"])))
+        problems += _unknown_transforms(path, item.get("transforms"), transforms)
         try:
             config = parse_destination(item)
             if policy is not None:
@@ -87,7 +113,7 @@ def _destination_problems(doc: Mapping[str, Any], policy: DestinationPolicy | No
 
 
 def _rule_problems(doc: Mapping[str, Any], destinations: set[str],
-                   problems: list[str]) -> None:
+                   problems: list[str], transforms: set[str]) -> None:
     declared: list[tuple[str, str]] = []
     for path, item in _items(doc, "rules"):
         try:
@@ -99,6 +125,7 @@ def _rule_problems(doc: Mapping[str, Any], destinations: set[str],
         declared.append((f"{path}.name", spec.name))
         problems += [f"{path}.destinations[{i}]: unknown destination {d!r} (rule {spec.name!r})"
                      for i, d in enumerate(spec.destinations) if d not in destinations]
+        problems += _unknown_transforms(path, list(spec.transforms), transforms)
     problems += _duplicates(declared, "rule")
 
 

@@ -26,6 +26,7 @@ from router.ai.worker import AIWorker
 from router.application.admin_state import AdminState, DestinationState
 from router.application.commands import Actor, Commands
 from router.application.receive import Receiver
+from router.application.reidentification import ReidentificationMap
 from router.application.remote_nodes import RemoteNodes, RemoteState
 from router.application.retention import Retention
 from router.application.retrieve import Retriever
@@ -51,6 +52,7 @@ from router.dispatch.base import Adapter
 from router.dispatch.dispatcher import Dispatcher
 from router.dispatch.policy import DestinationPolicy
 from router.dispatch.registry import build_adapter
+from router.dispatch.transforming import SendTransforms
 from router.dispatch.units import UnitScheduler
 from router.domain.activity import NodeActivity
 from router.secrets import SecretBox, load_master_key
@@ -98,6 +100,7 @@ class Router:
     nodes: NodeRegistry  # the nodes sharing this database (health page)
     duties: Leadership  # what this node does for the cluster (views, destinations, timers)
     commitments: CommitmentWorker  # storage commitment reports no receiving thread sends
+    reidentification: ReidentificationMap  # pseudonyms of de-identification projects
     ready: bool = False
     receivers: ReceiverPool | None = None
     serving: ServingLock | None = None  # held shared while started: no rebuild meanwhile
@@ -143,10 +146,13 @@ class Router:
         def make_adapter(state: DestinationState) -> Adapter:
             return build_adapter(state.config, box, calling_ae=settings.ae_title, policy=policy)
 
+        reidentification = ReidentificationMap(stores.delivery, box)
+        transforms = SendTransforms(admin, reidentification,
+                                    settings.data_dir / "transform-scratch")
         dispatcher = Dispatcher(stores, jobs_db, admin, blobs, settings.dispatch, make_adapter,
                                 clock=clock, on_saved=runner.wake, node=settings.node_id,
                                 leads=lambda name: duties.holds(f"destination:{name}"),
-                                settle=lambda: fresh.wait("jobs", 10.0))
+                                settle=lambda: fresh.wait("jobs", 10.0), transforms=transforms)
         units = UnitScheduler(stores, jobs_db, admin, clock=clock,
                               poll_interval=settings.dispatch.poll_interval, on_saved=runner.wake,
                               leads=lambda: duties.holds("units"))
@@ -183,16 +189,18 @@ class Router:
                    ai_requests=ai_requests, ai_worker=ai_worker,
                    ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver),
                    policy=policy, fresh=fresh, nodes=nodes, duties=duties,
-                   atna=_atna_sender(settings, views["audit"][1], runner, duties, atna_tls))
+                   atna=_atna_sender(settings, views["audit"][1], runner, duties, atna_tls),
+                   reidentification=reidentification)
 
     def apply_config_file(self) -> dict[str, int]:
-        return self.commands.apply(self.settings.destinations, self.settings.rules)
+        return self.commands.apply(self.settings.destinations, self.settings.rules,
+                                   transforms=self.settings.transforms)
 
     def start(self) -> None:
         """Apply the TOML config, catch the views up, recover blobs, then open for traffic."""
         self.serving = ServingLock(self.settings)
         self.serving.hold_shared()  # `projections rebuild` refuses while a router holds it
-        if self.settings.destinations or self.settings.rules:
+        if self.settings.destinations or self.settings.rules or self.settings.transforms:
             changed = self.apply_config_file()
             logger.info("configuration applied: %s", changed)
             if changed["detached"]:

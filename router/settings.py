@@ -373,6 +373,7 @@ class Settings:
     destinations: Tables = ()
     rules: Tables = ()
     remote_nodes: Tables = ()
+    transforms: Tables = ()  # [[transforms]] (router.transforms), named by destinations and rules
 
     @property
     def is_postgres(self) -> bool:
@@ -390,7 +391,7 @@ SECTIONS: dict[str, type[Any]] = {
     "dicom": DicomSettings, "dispatch": DispatchSettings, "ingest": IngestSettings,
     "web": WebSettings, "storage": StorageSettings, "ai": AISettings,
     "security": SecuritySettings, "atna": AtnaSettings, "audit": AuditSettings}
-TABLES = ("destinations", "rules", "remote_nodes")
+TABLES = ("destinations", "rules", "remote_nodes", "transforms")
 SERVER_KEYS = tuple(f.name for f in dataclasses.fields(Settings)
                     if f.name not in SECTIONS and f.name not in TABLES)
 

@@ -17,6 +17,7 @@ NAVIGATION = (
     ("Jobs", "/jobs", "jobs.read"),
     ("Rules", "/rules", "rules.read"),
     ("Destinations", "/destinations", "destinations.read"),
+    ("Transforms", "/transforms", "transforms.read"),
     ("AI", "/ai", "destinations.read"),
     ("Studies", "/studies", "studies.read"),
     ("Remote PACS", "/remote", "remote.read"),

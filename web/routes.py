@@ -52,6 +52,7 @@ ROUTE_MODULES = (
     "web.viewer", "web.pages.remote", "web.api.remote", "web.api.ai",
     "web.pages.ai", "web.api.deliveries", "web.pages.jobs_bulk", "web.api.send",
     "web.api.file_managed",
+    "web.api.transforms", "web.pages.transforms", "web.pages.transform_edit",
 )
 
 

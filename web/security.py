@@ -23,7 +23,7 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "operator": frozenset({
         "dashboard", "jobs.read", "jobs.write", "rules.read", "rules.write",
         "destinations.read", "destinations.write", "stats.read", "remote.read",
-        "remote.write", "studies.store", "metrics.read",
+        "remote.write", "studies.store", "metrics.read", "transforms.read", "transforms.write",
     }),
     "radiologist": frozenset({"dashboard", "studies.read", "viewer", "stats.read",
                               "remote.read"}),
@@ -36,7 +36,10 @@ PERMISSIONS = frozenset({
     "destinations.read", "destinations.write", "studies.read", "studies.store", "viewer",
     "stats.read",
     "audit.read", "users.manage", "settings.read", "settings.write", "storage.manage",
-    "remote.read", "remote.write", "metrics.read",
+    "remote.read", "remote.write", "metrics.read", "transforms.read", "transforms.write",
+    # Admins only (no other role grants them): the dry run shows a stored header in clear
+    # next to its transformed copy; the lookup turns a pseudonym back into the patient.
+    "transforms.preview", "reidentification.lookup",
 })
 
 JWT_ALGORITHM = "HS256"

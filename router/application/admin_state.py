@@ -14,6 +14,8 @@ from typing import Any
 
 from router.domain import admin, users
 from router.domain.rules import VersionedRule, parse_rule
+from router.transforms.chain import VersionedTransform
+from router.transforms.spec import parse_transform
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class AdminSnapshot:
     destinations: dict[str, DestinationState] = field(default_factory=dict)
     users: dict[str, UserState] = field(default_factory=dict)  # by lower-case name
     detached_rules: frozenset[str] = frozenset()  # names of rules detached from the file
+    transforms: dict[str, VersionedTransform] = field(default_factory=dict)  # live ones
 
     def live_destinations(self) -> dict[str, DestinationState]:
         return {n: d for n, d in self.destinations.items() if not d.deleted}
@@ -74,6 +77,7 @@ class AdminState:
         self._rules: dict[str, Any] = {}
         self._destinations: dict[str, Any] = {}
         self._users: dict[str, Any] = {}
+        self._transforms: dict[str, Any] = {}
         self._snapshot = AdminSnapshot()
         self._checked = 0.0
         self.refresh()
@@ -112,6 +116,8 @@ class AdminState:
             self._destinations[aggregate.name] = aggregate
         elif isinstance(aggregate, users.User):
             self._users[aggregate.name.lower()] = aggregate
+        elif isinstance(aggregate, admin.Transform):
+            self._transforms[aggregate.name] = aggregate
 
     def _build(self, position: int) -> AdminSnapshot:
         rules = [
@@ -137,5 +143,7 @@ class AdminState:
         }
         detached = frozenset(r.name for r in self._rules.values()
                              if getattr(r, "detached", False))
+        transforms = {name: VersionedTransform(t.version, parse_transform(t.spec))
+                      for name, t in self._transforms.items() if not t.deleted}
         return AdminSnapshot(position=position, rules=tuple(rules), destinations=destinations,
-                             users=accounts, detached_rules=detached)
+                             users=accounts, detached_rules=detached, transforms=transforms)

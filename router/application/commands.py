@@ -16,11 +16,25 @@ from router.application.admin_state import AdminState
 from router.application.conflicts import save_changed
 from router.application.stores import EventStores
 from router.dispatch.policy import DestinationPolicy
-from router.dispatch.registry import check_policy, open_config, parse_destination, seal_config
-from router.domain.admin import Destination, Rule, destination_id, rule_id
+from router.dispatch.registry import (
+    DestinationConfigError,
+    check_policy,
+    open_config,
+    parse_destination,
+    seal_config,
+)
+from router.domain.admin import (
+    Destination,
+    Rule,
+    Transform,
+    destination_id,
+    rule_id,
+    transform_id,
+)
 from router.domain.delivery import Delivery, delivery_id
 from router.domain.rules import RuleError, parse_rule
 from router.secrets import SecretBox
+from router.transforms.spec import TransformError, parse_transform
 
 
 class CommandError(ValueError):
@@ -64,6 +78,10 @@ class Commands:
         config = parse_destination(data)
         check_policy(config, self._policy)
         name = str(data["name"])
+        missing = self._unknown_transforms(getattr(config, "transforms", ()))
+        if missing:
+            raise DestinationConfigError(name, {"transforms": "unknown transform(s): "
+                                                              + ", ".join(missing)})
         existing = self._get(Destination, destination_id(name))
         if existing is not None and not existing.deleted and self._same_destination(
             existing.config, config
@@ -107,6 +125,10 @@ class Commands:
         if missing:
             raise CommandError(f"rule {spec.name!r}: unknown destination(s): "
                                + ", ".join(sorted(missing)))
+        unknown = self._unknown_transforms(spec.transforms)
+        if unknown:
+            raise CommandError(f"rule {spec.name!r}: transforms: unknown transform(s): "
+                               + ", ".join(unknown))
         stored = spec.to_dict()
         existing = self._get(Rule, rule_id(spec.name))
         if existing is not None and not existing.deleted and existing.spec == stored:
@@ -124,6 +146,46 @@ class Commands:
         if not aggregate.deleted:
             aggregate.delete(**actor.ctx())
             self._save_admin(aggregate)
+
+    # --- transforms -----------------------------------------------------------------
+    def put_transform(self, data: Mapping[str, Any], actor: Actor) -> bool:
+        """Create or replace a transform (by name); False when nothing changed. Raises
+        :class:`TransformError` naming each bad field."""
+        spec = parse_transform(data)
+        stored = spec.to_dict()
+        existing = self._get(Transform, transform_id(spec.name))
+        if existing is not None and not existing.deleted and existing.spec == stored:
+            return False
+        if existing is None:
+            aggregate = Transform(spec.name, **actor.ctx(), spec=stored)
+        else:
+            existing.update(**actor.ctx(), spec=stored)
+            aggregate = existing
+        self._save_admin(aggregate)
+        return True
+
+    def delete_transform(self, name: str, actor: Actor) -> None:
+        """Refused while a destination or rule names it (their sends would fail)."""
+        aggregate = self._require(Transform, transform_id(name), f"transform {name!r}")
+        if aggregate.deleted:
+            return
+        users = self.transform_users(name)
+        if users:
+            raise CommandError(f"transform {name!r} is used by {', '.join(users)}: remove it "
+                               "from them first")
+        aggregate.delete(**actor.ctx())
+        self._save_admin(aggregate)
+
+    def transform_users(self, name: str) -> list[str]:
+        """The destinations and rules that name transform ``name``."""
+        snapshot = self._admin.refresh()
+        return ([f"destination {d!r}" for d, s in snapshot.live_destinations().items()
+                 if name in (s.config.get("transforms") or ())]
+                + [f"rule {r.spec.name!r}" for r in snapshot.rules if name in r.spec.transforms])
+
+    def _unknown_transforms(self, names: Sequence[str]) -> list[str]:
+        known = self._admin.refresh().transforms
+        return sorted(n for n in names if n not in known)
 
     # --- deliveries -----------------------------------------------------------------
     def requeue(self, job_id: str, destination: str, actor: Actor) -> None:
@@ -219,14 +281,21 @@ class Commands:
 
     # --- config file ----------------------------------------------------------------
     def apply(self, destinations: Sequence[Mapping[str, Any]],
-              rules: Sequence[Mapping[str, Any]], actor: Actor = CONFIG_ACTOR) -> dict[str, int]:
-        """Make the store match a TOML file's destinations and rules (idempotent).
+              rules: Sequence[Mapping[str, Any]], actor: Actor = CONFIG_ACTOR,
+              transforms: Sequence[Mapping[str, Any]] = ()) -> dict[str, int]:
+        """Make the store match a TOML file's transforms, destinations and rules (idempotent).
 
         Items the file declared before (actor ``config``) and no longer declares are deleted;
         items created by people in the UI or API are left alone, and so are items an admin
         detached from the file (counted in ``detached``).
         """
-        changed = {"destinations": 0, "rules": 0, "deleted": 0, "detached": 0}
+        changed = {"transforms": 0, "destinations": 0, "rules": 0, "deleted": 0,
+                   "detached": 0}
+        for item in transforms:  # first: destinations and rules name them
+            try:
+                changed["transforms"] += self.put_transform(item, actor)
+            except TransformError as exc:
+                raise CommandError(str(exc)) from None
         for item in destinations:
             if self.detached("destination", str(item.get("name"))):
                 changed["detached"] += 1
@@ -251,6 +320,13 @@ class Commands:
                 self._created_by(Destination, destination_id(name), actor.name)
             ):
                 self.delete_destination(name, actor)
+                changed["deleted"] += 1
+        declared_transforms = {str(t.get("name")) for t in transforms}
+        for name in self._admin.refresh().transforms:
+            if name not in declared_transforms and self._created_by(
+                Transform, transform_id(name), actor.name
+            ):
+                self.delete_transform(name, actor)
                 changed["deleted"] += 1
         return changed
 

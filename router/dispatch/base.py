@@ -43,6 +43,16 @@ class UnreachableError(TransientDeliveryError):
     it closed before any answer. "Test connection" words these, and refused addresses, alike."""
 
 
+class TransformFailedError(PermanentDeliveryError):
+    """A transform could not be applied to the instance: retrying the same transform on the
+    same object cannot help (fix the transform, then requeue). ``transforms``: the records of
+    the chain up to and including the one that failed."""
+
+    def __init__(self, message: str, transforms: tuple[dict[str, object], ...] = ()) -> None:
+        super().__init__(message)
+        self.transforms = transforms
+
+
 class RefusedAddressError(PermanentDeliveryError):
     """The destination's address is one the address policy refuses (router.dispatch.ssrf)."""
 
@@ -68,6 +78,10 @@ class Outgoing:
     sop_instance_uid: str
     transfer_syntax_uid: str
     load_header: Callable[[], Dataset] = field(repr=False, compare=False)
+    # What router.transforms did to make this copy (one record each, for the events), and
+    # whether ``path`` is a scratch file of that copy, removed once the attempt ends.
+    transforms: tuple[dict[str, object], ...] = field(default=(), compare=False)
+    scratch: bool = False
 
     @cached_property
     def header(self) -> Dataset:

@@ -33,6 +33,7 @@ from router.config_types import (
     PeerPort,
     StrictBool,
     StrictInt,
+    TransformNames,
 )
 from router.dicom.store_scu import FileDataset, LinkError, Rejected, StoreLink, dataset_offset
 from router.dicom.tls import TlsClientSettings, TlsConfigError
@@ -110,6 +111,7 @@ class DicomDestinationConfig:
     tls_private_key: str = ""
     tls_profile: str = "bcp195"  # bcp195 | non-downgrading | tls13
     tls_server_name: str = ""
+    transforms: TransformNames = ()  # router.transforms, applied to each copy sent
 
     def problems(self) -> dict[str, str]:
         """Field -> message for values that are well-typed but unusable."""

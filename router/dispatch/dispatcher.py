@@ -25,6 +25,7 @@ from router.dispatch.base import (
 )
 from router.dispatch.lanes import DueDelivery, Lane
 from router.dispatch.outcomes import OutcomeRecorder
+from router.dispatch.transforming import SendTransforms
 from router.priority import lower_this_thread
 from router.settings import DispatchSettings
 from router.storage.blobs import BlobCorruptError, BlobError, BlobStore
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 DUE_SQL = (
     "SELECT d.delivery_id, d.job_id, d.destination, d.attempts, d.clock_from, j.sha256,"
-    " j.size, j.sop_class_uid, j.sop_instance_uid, j.transfer_syntax_uid, j.correlation_id"
+    " j.size, j.sop_class_uid, j.sop_instance_uid, j.transfer_syntax_uid, j.correlation_id,"
+    " j.matched_rules, j.calling_aet"
     " FROM deliveries d JOIN jobs j ON j.job_id = d.job_id"
     " WHERE d.destination = ? AND d.status IN ('pending', 'retrying')"
     " AND COALESCE(d.next_attempt_at, 0) <= ?"
@@ -57,7 +59,10 @@ class Dispatcher:
         node: str = "",
         leads: Callable[[str], bool] = lambda destination: True,
         settle: Callable[[], object] = lambda: None,
+        transforms: SendTransforms | None = None,
     ) -> None:
+        # Applies the transforms of a delivery's rules and destination to a copy (None: none).
+        self._transforms = transforms
         self._app = stores.delivery
         # Whether this node sends to a destination now (router.cluster: one node at a time,
         # so a destination's concurrency is a limit for the whole cluster).
@@ -163,11 +168,12 @@ class Dispatcher:
             raise TransientDeliveryError(str(exc)) from None
         if path is None:
             raise PermanentDeliveryError("stored object is missing from the blob store")
-        return Outgoing(
+        item = Outgoing(
             delivery_id=due.delivery_id, path=path, sha256=due.sha256, size=due.size,
             sop_class_uid=due.sop_class_uid, sop_instance_uid=due.sop_instance_uid,
             transfer_syntax_uid=due.transfer_syntax_uid, load_header=lambda: _header(path),
         )
+        return item if self._transforms is None else self._transforms.prepare(due, item)
 
 
 def _header(path: Any) -> Any:
@@ -185,4 +191,5 @@ def _due(row: dict[str, Any]) -> DueDelivery:
         sop_instance_uid=row["sop_instance_uid"],
         transfer_syntax_uid=row["transfer_syntax_uid"],
         correlation_id=row["correlation_id"] or "",
+        matched_rules=row["matched_rules"] or "", calling_aet=row["calling_aet"] or "",
     )

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from router.config_types import STRICT, Concurrency, Description, StrictBool
+from router.config_types import STRICT, Concurrency, Description, StrictBool, TransformNames
 from router.dispatch.base import Outgoing, PermanentDeliveryError, TransientDeliveryError
 from router.dispatch.folders import FolderPolicy
 from router.dispatch.templates import PathTemplate, TemplateError
@@ -45,6 +45,7 @@ class FileDestinationConfig:
     concurrency: Concurrency = 2
     enabled: StrictBool = True
     description: Description = ""
+    transforms: TransformNames = ()  # router.transforms, applied to each copy sent
 
     def problems(self) -> dict[str, str]:
         """Field -> message for values that are well-typed but unusable."""

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from router.dispatch.base import (
@@ -42,6 +43,8 @@ class DueDelivery:
     sop_instance_uid: str
     transfer_syntax_uid: str
     correlation_id: str
+    matched_rules: str = ""  # the routing decision's rules (JSON), for their transforms
+    calling_aet: str = ""  # for transforms' conditions on the sender
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class AttemptResult:
     error: DeliveryError | None
     detail: str
     duration_ms: int
+    transforms: tuple[dict[str, object], ...] = ()  # what router.transforms did to the copy
 
 
 class Lane:
@@ -142,10 +146,12 @@ class Lane:
         started = time.monotonic()
         error: DeliveryError | None = None
         detail = ""
+        item: Outgoing | None = None
         try:
             if adapter is None:
                 adapter = self._make_adapter()
-            detail = adapter.send(self._prepare(due))
+            item = self._prepare(due)
+            detail = adapter.send(item)
         except SeatUnavailable:
             self.queue.put(due)  # not attempted: a worker holding an association takes it
             return adapter
@@ -157,10 +163,15 @@ class Lane:
             if adapter is not None:
                 _close(adapter)
             adapter = None
+        finally:
+            if item is not None and item.scratch:
+                _discard(item.path)
         duration = int((time.monotonic() - started) * 1000)
+        transforms = item.transforms if item is not None else getattr(error, "transforms", ())
         try:
             # Released once the outcome is saved: until then it must not be offered again.
-            self._record(AttemptResult(due, error, detail, duration), lambda: self._release(due))
+            self._record(AttemptResult(due, error, detail, duration, tuple(transforms)),
+                         lambda: self._release(due))
         except Exception:
             logger.exception("destination %s: handing over an outcome failed", self.name)
             self._release(due)
@@ -176,6 +187,13 @@ class Lane:
 def _ready(adapter: Any) -> bool:
     ready = getattr(adapter, "ready", None)
     return not callable(ready) or bool(ready())
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        logger.warning("cannot remove the transformed copy %s", path.name)
 
 
 def _close(adapter: Any) -> None:

@@ -133,22 +133,23 @@ class OutcomeRecorder:
             return None
         if error is None:
             delivery.succeed(**ctx, attempt=attempt, detail=result.detail[:500],
-                             duration_ms=result.duration_ms, node=self._node)
+                             duration_ms=result.duration_ms, node=self._node,
+                             transforms=list(result.transforms))
             return delivery
         logger.warning("delivery to %s failed (attempt %d): %s", due.destination, attempt, error)
         if not isinstance(error, TransientDeliveryError):
             delivery.dead_letter(**ctx, attempt=attempt, permanent=True, reason=str(error)[:1000],
-                                 node=self._node)
+                                 node=self._node, transforms=list(result.transforms))
             return delivery
         retry_at = self._clock() + next_delay(attempt, self._settings)
         if retry_at - due.clock_from > self._settings.max_age:
             delivery.dead_letter(**ctx, attempt=attempt, permanent=False,
                                  reason=f"gave up after {attempt} attempts: {error}"[:1000],
-                                 node=self._node)
+                                 node=self._node, transforms=list(result.transforms))
         else:
             delivery.fail_attempt(**ctx, attempt=attempt, error=str(error)[:1000],
                                   retry_at=retry_at, duration_ms=result.duration_ms,
-                                  node=self._node)
+                                  node=self._node, transforms=list(result.transforms))
         return delivery
 
     def _load_or_create(self, due: DueDelivery, ctx: dict[str, str], read_first: bool) -> Any:

@@ -17,7 +17,14 @@ import socket
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from router.config_types import STRICT, Concurrency, Description, StrictBool, StrictInt
+from router.config_types import (
+    STRICT,
+    Concurrency,
+    Description,
+    StrictBool,
+    StrictInt,
+    TransformNames,
+)
 from router.dispatch.base import (
     Outgoing,
     PermanentDeliveryError,
@@ -109,6 +116,7 @@ class S3DestinationConfig:
     concurrency: Concurrency = 4
     enabled: StrictBool = True
     description: Description = ""
+    transforms: TransformNames = ()  # router.transforms, applied to each copy sent
 
     def problems(self) -> dict[str, str]:
         """Field -> message for values that are well-typed but unusable."""

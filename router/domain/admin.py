@@ -113,3 +113,42 @@ class Destination(Aggregate):
     def detach(self, *, actor: str, source_ip: str, correlation_id: str, reason: str) -> None:
         """Detached from the TOML file: the file no longer overwrites or deletes it."""
         self.detached = True
+
+
+def transform_id(name: str) -> UUID:
+    return uuid5(ADMIN_NAMESPACE, f"transform/{name}")
+
+
+class Transform(Aggregate):
+    """A transform applied to copies sent to destinations (de-identify, morph, charset)."""
+
+    @staticmethod
+    def create_id(name: str, **_: Any) -> UUID:
+        return transform_id(name)
+
+    @event("Created")
+    def __init__(
+        self,
+        name: str,
+        *,
+        actor: str,
+        source_ip: str,
+        correlation_id: str,
+        spec: dict[str, Any],
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.deleted = False
+
+    @event("Updated")
+    def update(
+        self, *, actor: str, source_ip: str, correlation_id: str, spec: dict[str, Any]
+    ) -> None:
+        """The whole transform as it is from now on."""
+        self.spec = spec
+        self.deleted = False
+
+    @event("Deleted")
+    def delete(self, *, actor: str, source_ip: str, correlation_id: str) -> None:
+        """Destinations and rules can no longer name it."""
+        self.deleted = True

@@ -54,11 +54,15 @@ class Delivery(Aggregate):
         detail: str,
         duration_ms: int,
         node: str = "",
+        transforms: list[dict[str, Any]] | None = None,
     ) -> None:
         """The destination confirmed the object (for DICOM: status 0x0000 or a warning).
         ``node``: the router node that made the attempt (here and in the next two; absent in
-        events recorded before several nodes). eventsourcing wants every keyword argument
-        passed, those with defaults included."""
+        events recorded before several nodes). ``transforms``: what was applied to the copy
+        sent, one ``{name, kind, version, engine, changed}`` each in order (here and in the
+        next two; empty when the stored object was sent as is, absent in events recorded
+        before transforms). eventsourcing wants every keyword argument passed, those with
+        defaults included."""
         self.attempts = attempt
         self.status = "delivered"
 
@@ -74,6 +78,7 @@ class Delivery(Aggregate):
         retry_at: float,
         duration_ms: int,
         node: str = "",
+        transforms: list[dict[str, Any]] | None = None,
     ) -> None:
         """A transient failure; the next attempt is due at ``retry_at`` (Unix seconds, UTC)."""
         self.attempts = attempt
@@ -90,6 +95,7 @@ class Delivery(Aggregate):
         reason: str,
         permanent: bool,
         node: str = "",
+        transforms: list[dict[str, Any]] | None = None,
     ) -> None:
         """Given up: a permanent error, or retries exhausted after the maximum age."""
         self.attempts = attempt

@@ -174,6 +174,8 @@ class RuleSpec:
     quiet_time: float | None = None
     expected_count: int | None = None
     amendments: str = "late_only"
+    # Transform names applied, before the destination's own, to what this rule sends.
+    transforms: tuple[str, ...] = ()
     _calling: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _called: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _networks: tuple[Network, ...] = field(default=(), init=False, repr=False, compare=False)
@@ -196,6 +198,8 @@ class RuleSpec:
                 self._fail(f"modality[{i}]", f"{modality!r} is not a modality code such as 'CT'")
         object.__setattr__(self, "_modalities", frozenset(m.upper() for m in self.modality))
         self._check_destinations()
+        if len(set(self.transforms)) != len(self.transforms):
+            self._fail("transforms", "a transform is named more than once")
         try:
             check_grouping(self.granularity, self.quiet_time, self.expected_count,
                            self.amendments)
@@ -273,6 +277,8 @@ class RuleSpec:
             "stop": self.stop,
             "description": self.description,
             **self.grouping(),
+            # Left out when empty: specs stored before transforms compare equal.
+            **({"transforms": list(self.transforms)} if self.transforms else {}),
         }
 
     def grouping(self) -> dict[str, object]:
@@ -422,6 +428,7 @@ def parse_rule(data: Mapping[str, object]) -> RuleSpec:
             quiet_time=data.get("quiet_time"),  # type: ignore[arg-type]
             expected_count=data.get("expected_count"),  # type: ignore[arg-type]
             amendments=data.get("amendments", "late_only"),  # type: ignore[arg-type]
+            transforms=_strings(data, "transforms"),
         )
     except _FieldError as exc:
         key, _, problem = str(exc).partition(": ")  # "<field>: <problem>", or the rule's

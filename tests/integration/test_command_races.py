@@ -51,12 +51,12 @@ def _race_on_read(router: Router, concurrent: Callable[[Any], None]) -> None:
 def _attempt_failed(delivery: Any) -> None:
     delivery.fail_attempt(actor="system", source_ip="", correlation_id="", attempt=2,
                           error="connection refused", retry_at=time.time() + 3600,
-                          duration_ms=1, node="")
+                          duration_ms=1, node="", transforms=[])
 
 
 def _succeeded(delivery: Any) -> None:
     delivery.succeed(actor="system", source_ip="", correlation_id="", attempt=2,
-                     detail="stored", duration_ms=1, node="")
+                     detail="stored", duration_ms=1, node="", transforms=[])
 
 
 def _stored(router: Router, job_id: str) -> Any:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from router.application.commands import CommandError, NotFoundError
 from router.dispatch.registry import DestinationConfigError
+from router.transforms.spec import TransformError
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -82,7 +83,7 @@ async def run_command(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(func, *args, **kwargs)
     except NotFoundError as exc:
         raise ApiError(404, str(exc)) from None
-    except DestinationConfigError as exc:
+    except (DestinationConfigError, TransformError) as exc:
         raise ApiError(422, str(exc), fields=exc.errors) from None
     except (CommandError, ValueError) as exc:
         raise ApiError(422, str(exc)) from None

@@ -73,6 +73,8 @@ class RuleBody(BaseModel):
     quiet_time: str | float | None = Field(None, description="e.g. 60s; default 60 s / 180 s")
     expected_count: int | None = Field(None, description="send once this many arrived")
     amendments: Literal["late_only", "whole_unit"] = "late_only"
+    transforms: list[str] = Field([], description="transform names, applied before the "
+                                  "destination's own to what this rule sends")
 
 
 class ReorderBody(BaseModel):
@@ -135,6 +137,10 @@ def validate_rule(router: Any, data: Mapping[str, Any]) -> RuleSpec:
     if missing:
         raise ApiError(422, f"unknown destination(s): {', '.join(missing)}",
                        {"destinations": "unknown destination(s): " + ", ".join(missing)})
+    unknown = [t for t in spec.transforms if t not in router.admin.snapshot().transforms]
+    if unknown:
+        raise ApiError(422, f"unknown transform(s): {', '.join(unknown)}",
+                       {"transforms": "unknown transform(s): " + ", ".join(unknown)})
     return spec
 
 

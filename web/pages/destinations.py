@@ -57,6 +57,8 @@ LABELS: dict[str, tuple[str, str]] = {
     "tls_private_key": ("TLS: our private key", "PEM file (not encrypted)"),
     "tls_profile": ("TLS profile", "bcp195, non-downgrading or tls13"),
     "tls_server_name": ("TLS: name in the peer's certificate", "empty: the host"),
+    "transforms": ("Transforms", "names, comma-separated, applied in order to each copy "
+                   "sent (see Transforms)"),
 }
 MESSAGES = {"created": "Destination created.", "saved": "Destination saved.",
             "deleted": "Destination deleted.", "paused": "Deliveries paused.",
@@ -98,6 +100,8 @@ def form_fields(kind: DestinationKind, values: dict[str, Any], errors: dict[str,
         value = values.get(spec.name, default)
         widget = ("secret" if spec.name in kind.secret_fields else "checkbox" if base is bool
                   else "number" if base is int else "text")
+        if typing.get_origin(base) is tuple and isinstance(value, list | tuple):
+            value = ", ".join(str(v) for v in value)  # a list of names: one text field
         out.append(FormField(
             key=spec.name, label=label, help=help_text, input=widget,
             required=spec.default is dataclasses.MISSING and not optional,
@@ -126,6 +130,8 @@ def form_data(kind: DestinationKind, form: Any) -> dict[str, Any]:
             data[key] = int(raw)
         elif base is float and _NUMBER.match(raw):
             data[key] = float(raw)
+        elif typing.get_origin(base) is tuple:
+            data[key] = [part.strip() for part in raw.split(",") if part.strip()]
         else:
             data[key] = raw
     return data

@@ -34,7 +34,8 @@ BLANK_ROW = {"tag": "", "op": "eq", "value": "", "insensitive": False, "error": 
 NEW_RULE: dict[str, Any] = {
     "name": "", "priority": 100, "enabled": True, "stop": False, "description": "",
     "match": [], "destinations": [], **{key: [] for key in LIST_FIELDS},
-    "granularity": None, "quiet_time": None, "expected_count": None, "amendments": "late_only"}
+    "granularity": None, "quiet_time": None, "expected_count": None, "amendments": "late_only",
+    "transforms": []}
 
 
 def href(name: str) -> str:
@@ -79,6 +80,7 @@ def rule_data(form: Any) -> dict[str, Any]:
         "description": str(form.get("description", "")).strip(),
         "match": conditions_of(form),
         "destinations": [str(d) for d in form.getall("destinations", [])],
+        "transforms": _split(form.get("transforms")),
     }
     for key in LIST_FIELDS:
         data[key] = _split(form.get(key))

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 Choice = tuple[str, str]  # (filter value, label)
 
 PATIENT_DATA = ("study.*,instance.view,viewer.open,dicomweb.*,wado.*,dimse.*,studies.*,"
-                "job.view,jobs.*,remote.*")
+                "job.view,jobs.*,transfer*,remote.*,transform.preview,reidentification.lookup")
 GROUPS: tuple[tuple[str, tuple[Choice, ...]], ...] = (
     ("Access to patient data", (
         (PATIENT_DATA, "All access to patient data"),
@@ -29,10 +29,13 @@ GROUPS: tuple[tuple[str, tuple[Choice, ...]], ...] = (
         ("job.view,jobs.*", "Job pages viewed"),
         ("dimse.*", "Queried or retrieved by a DICOM node (C-FIND, C-MOVE, C-GET)"),
         ("remote.*", "Remote PACS queried or retrieved"),
-        ("audit.*", "Audit trail read or exported"),
+        ("transform.preview", "Transforms dry run on a stored instance"),
+        ("reidentification.lookup", "Pseudonym re-identified"),
+        ("audit.*", "Audit trail read, exported or verified"),
     )),
     ("Configuration", (
-        ("Rule.*,Destination.*,User.*,RemoteNode.*,RuntimeSettings.*", "All configuration changes"),
+        ("Rule.*,Destination.*,User.*,RemoteNode.*,RuntimeSettings.*,Transform.*",
+         "All configuration changes"),
         ("Rule.*", "Rules created, changed or deleted"),
         ("Rule.Updated", "Rule changed"),
         ("Destination.*", "Destinations created, changed, paused or deleted"),
@@ -44,6 +47,7 @@ GROUPS: tuple[tuple[str, tuple[Choice, ...]], ...] = (
         ("RuntimeSettings.Changed", "Setting changed while running"),
         ("Rule.Detached,Destination.Detached,RemoteNode.Detached",
          "Detached from the configuration file"),
+        ("Transform.*", "Transforms created, changed or deleted"),
     )),
     ("Logins", (
         ("Session.*,LoginFailure.Recorded,access.denied,User.Unlocked",
@@ -53,6 +57,8 @@ GROUPS: tuple[tuple[str, tuple[Choice, ...]], ...] = (
         ("LoginFailure.Recorded", "Login refused"),
         ("access.denied", "Page or API call refused (no permission)"),
         ("User.Unlocked", "User unlocked after failed logins"),
+        ("AssociationRefusal.Recorded", "DICOM association refused"),
+        ("NodeActivity.*", "Router node started or stopped"),
     )),
     ("Deliveries", (
         ("Delivery.*", "All delivery events"),
@@ -63,6 +69,7 @@ GROUPS: tuple[tuple[str, tuple[Choice, ...]], ...] = (
         ("BulkAction.Requested", "Bulk requeue, cancel or send by a user"),
         ("Unit.*", "Series or study released to a destination"),
         ("AIRequest.*", "AI processor round trips"),
+        ("Pseudonym.Recorded", "Pseudonym given by a de-identifying transform"),
     )),
     ("Receipts and routing", (
         ("Job.*,ReceiptFailure.Recorded,Instance.*", "All receipts and routing decisions"),
@@ -122,6 +129,11 @@ LABELS: dict[str, str] = {
     "Rule.Detached": "Rule detached from the configuration file",
     "Destination.Detached": "Destination detached from the configuration file",
     "RemoteNode.Detached": "Remote PACS node detached from the configuration file",
+    "Transform.Created": "Transform created", "Transform.Updated": "Transform changed",
+    "Transform.Deleted": "Transform deleted",
+    "NodeActivity.Started": "Router node started", "NodeActivity.Stopped": "Router node stopped",
+    "audit.verify": "Audit trail's hash chain verified",
+    "transfers.list": "Transfer list searched", "transfer.view": "Transfer viewed",
 }
 
 

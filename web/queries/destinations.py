@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from router.domain.admin import destination_id, rule_id
+from router.domain.admin import destination_id, rule_id, transform_id
 
 PENDING = "('pending', 'retrying')"
 FAILED = "('retrying', 'dead')"
@@ -123,8 +123,9 @@ def declared_by_config(audit_db: Queryable, kind: str, names: Iterable[str],
                        declared: Iterable[str] = ()) -> set[str]:
     """The names among ``names`` that the TOML file declared: created by the actor ``config``
     (any file applied so far) or ``declared`` by the file this router was started with."""
-    make_id = rule_id if kind == "rule" else destination_id
-    action = "Rule.Created" if kind == "rule" else "Destination.Created"
+    make_id = {"rule": rule_id, "transform": transform_id}.get(kind, destination_id)
+    action = {"rule": "Rule.Created", "transform": "Transform.Created"}.get(
+        kind, "Destination.Created")
     created = {row["object_id"] for row in audit_db.query(CONFIG_CREATED_SQL, (action,))}
     wanted = set(declared)
     return {n for n in names if n in wanted or str(make_id(n)) in created}
