@@ -85,6 +85,7 @@ def _transform_problems(doc: Mapping[str, Any], problems: list[str]) -> set[str]
 
 
 def _unknown_transforms(path: str, names: object, known: set[str]) -> list[str]:
+    names = [names] if isinstance(names, str) else names
     if not isinstance(names, list):
         return []
     return [f"{path}.transforms[{i}]: unknown transform {n!r}"
@@ -116,6 +117,14 @@ def _rule_problems(doc: Mapping[str, Any], destinations: set[str],
                    problems: list[str], transforms: set[str]) -> None:
     declared: list[tuple[str, str]] = []
     for path, item in _items(doc, "rules"):
+        # The names it refers to are checked even when the rule has other problems.
+        named = item.get("destinations")
+        named = [named] if isinstance(named, str) else named if isinstance(named, list) else []
+        label = f" (rule {item['name']!r})" if isinstance(item.get("name"), str) else ""
+        problems += [f"{path}.destinations[{i}]: unknown destination {d!r}{label}"
+                     for i, d in enumerate(named)
+                     if isinstance(d, str) and d.strip() and d.strip() not in destinations]
+        problems += _unknown_transforms(path, item.get("transforms"), transforms)
         try:
             spec = parse_rule(item)
         except RuleError as exc:
@@ -123,9 +132,6 @@ def _rule_problems(doc: Mapping[str, Any], destinations: set[str],
                          for key, message in exc.errors.items()]
             continue
         declared.append((f"{path}.name", spec.name))
-        problems += [f"{path}.destinations[{i}]: unknown destination {d!r} (rule {spec.name!r})"
-                     for i, d in enumerate(spec.destinations) if d not in destinations]
-        problems += _unknown_transforms(path, list(spec.transforms), transforms)
     problems += _duplicates(declared, "rule")
 
 

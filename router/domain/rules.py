@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cache, cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import pydicom
 from pydicom.tag import BaseTag
@@ -185,49 +185,56 @@ class RuleSpec:
         if not isinstance(self.name, str) or not self.name.strip():
             raise RuleError("rule: name: expected a non-empty string",
                             {"name": "expected a non-empty string"})
+        # Every problem is collected, then raised together: a file with several mistakes is
+        # corrected in one run of check-config.
+        problems: dict[str, str] = {}
         for key in ("calling_aet", "called_aet"):
             for i, pattern in enumerate(getattr(self, key)):
                 if not pattern or _AE_PATTERN_FORBIDDEN.search(pattern):
-                    self._fail(f"{key}[{i}]", f"{pattern!r} is not a valid AE title pattern")
-        object.__setattr__(self, "_calling", _ae_pattern(self.calling_aet))
-        object.__setattr__(self, "_called", _ae_pattern(self.called_aet))
-        object.__setattr__(self, "_networks", self._compile_each("source_ip", _network))
-        object.__setattr__(self, "sop_class", self._compile_each("sop_class", _sop_class_uid))
+                    problems[f"{key}[{i}]"] = f"{pattern!r} is not a valid AE title pattern"
+        if not problems:
+            object.__setattr__(self, "_calling", _ae_pattern(self.calling_aet))
+            object.__setattr__(self, "_called", _ae_pattern(self.called_aet))
+        object.__setattr__(self, "_networks",
+                           self._compile_each("source_ip", _network, problems))
+        object.__setattr__(self, "sop_class",
+                           self._compile_each("sop_class", _sop_class_uid, problems))
         for i, modality in enumerate(self.modality):
             if not _MODALITY.match(modality):
-                self._fail(f"modality[{i}]", f"{modality!r} is not a modality code such as 'CT'")
+                problems[f"modality[{i}]"] = f"{modality!r} is not a modality code such as 'CT'"
         object.__setattr__(self, "_modalities", frozenset(m.upper() for m in self.modality))
-        self._check_destinations()
+        self._check_destinations(problems)
         if len(set(self.transforms)) != len(self.transforms):
-            self._fail("transforms", "a transform is named more than once")
+            problems["transforms"] = "a transform is named more than once"
         try:
             check_grouping(self.granularity, self.quiet_time, self.expected_count,
                            self.amendments)
         except GroupingError as exc:
             key, _, problem = str(exc).partition(": ")
-            raise RuleError(f"rule {self.name!r}: {exc}", {key: problem}) from None
+            problems.setdefault(key, problem)
+        if problems:
+            raise RuleError(f"rule {self.name!r}: " + "; ".join(
+                f"{key}: {problem}" for key, problem in problems.items()), problems)
         if self.quiet_time is not None:
             object.__setattr__(self, "quiet_time", duration_seconds(self.quiet_time, ""))
 
-    def _fail(self, key: str, problem: str) -> NoReturn:
-        raise RuleError(f"rule {self.name!r}: {key}: {problem}", {key: problem})
-
-    def _compile_each(self, key: str, compile_one: Callable[[str], T]) -> tuple[T, ...]:
+    def _compile_each(self, key: str, compile_one: Callable[[str], T],
+                      problems: dict[str, str]) -> tuple[T, ...]:
         compiled: list[T] = []
         for i, text in enumerate(getattr(self, key)):
             try:
                 compiled.append(compile_one(text))
             except ValueError as exc:
-                self._fail(f"{key}[{i}]", str(exc))
+                problems[f"{key}[{i}]"] = str(exc)
         return tuple(compiled)
 
-    def _check_destinations(self) -> None:
+    def _check_destinations(self, problems: dict[str, str]) -> None:
         if not self.destinations and not self.stop:
-            self._fail("destinations", "at least one destination is required unless stop = true")
+            problems["destinations"] = "at least one destination is required unless stop = true"
         seen: set[str] = set()
         for i, name in enumerate(self.destinations):
             if not name or name in seen:
-                self._fail(f"destinations[{i}]", f"empty or duplicate destination {name!r}")
+                problems[f"destinations[{i}]"] = f"empty or duplicate destination {name!r}"
             seen.add(name)
 
     def _aet_ok(self, pattern: re.Pattern[str] | None, aet: str) -> bool:
@@ -341,7 +348,9 @@ class ConditionResult:
 _RULE_KEYS = tuple(f.name for f in fields(RuleSpec) if f.init)
 
 
-def _check_keys(data: Mapping[str, object]) -> None:
+def _check_keys(data: Mapping[str, object]) -> dict[str, str]:
+    """Each unknown key with a did-you-mean."""
+    problems: dict[str, str] = {}
     for key in data:
         if key not in _RULE_KEYS:
             close = difflib.get_close_matches(str(key), _RULE_KEYS, n=1)
@@ -350,7 +359,8 @@ def _check_keys(data: Mapping[str, object]) -> None:
                 if close
                 else f"expected one of {', '.join(_RULE_KEYS)}"
             )
-            raise _FieldError(f"{key}: unknown key ({hint})")
+            problems[str(key)] = f"unknown key ({hint})"
+    return problems
 
 
 def _string(data: Mapping[str, object], key: str, default: str) -> str:
@@ -386,53 +396,80 @@ def _boolean(data: Mapping[str, object], key: str, default: bool) -> bool:
     return value
 
 
-def _conditions(data: Mapping[str, object]) -> tuple[Condition, ...]:
+def _conditions(data: Mapping[str, object], problems: dict[str, str]) -> tuple[Condition, ...]:
+    """The ``match`` conditions that parse; a problem for each one that does not."""
     value = data.get("match", ())
     if not isinstance(value, list | tuple):
-        raise _FieldError(f"match: expected a list of tables, got {value!r}")
+        problems["match"] = f"expected a list of tables, got {value!r}"
+        return ()
     conditions: list[Condition] = []
     for i, item in enumerate(value):
         if not isinstance(item, Mapping):
-            raise _FieldError(f"match[{i}]: expected a table with tag, op and value, got {item!r}")
+            problems[f"match[{i}]"] = f"expected a table with tag, op and value, got {item!r}"
+            continue
         try:
             conditions.append(parse_condition(item))
         except ConditionError as exc:
-            raise _FieldError(f"match[{i}].{exc}") from None
+            key, _, problem = str(exc).partition(": ")
+            problems[f"match[{i}].{key}"] = problem
     return tuple(conditions)
 
 
 def parse_rule(data: Mapping[str, object]) -> RuleSpec:
-    """A validated :class:`RuleSpec` from a ``[[rules]]`` table; raises :class:`RuleError`."""
+    """A validated :class:`RuleSpec` from a ``[[rules]]`` table; raises :class:`RuleError`
+    naming every problem found (each field is checked, whatever the others hold)."""
     name = data.get("name") if isinstance(data, Mapping) else None
     where = f"rule {name.strip()!r}" if isinstance(name, str) and name.strip() else "rule"
+    if not isinstance(data, Mapping):
+        problem = f"expected a table, got {type(data).__name__}"
+        raise RuleError(f"{where}: {problem}", {"": problem})
+    problems = _check_keys(data)
+    if "name" not in data:
+        problems["name"] = "required"
+
+    def checked(parse: Callable[..., Any], *args: Any, default: Any) -> Any:
+        try:
+            return parse(data, *args)
+        except _FieldError as exc:
+            key, _, problem = str(exc).partition(": ")
+            problems.setdefault(key, problem)
+            return default
+
+    values: dict[str, Any] = {
+        "name": checked(_string, "name", "", default=""),
+        "priority": checked(_integer, "priority", 100, default=100),
+        "enabled": checked(_boolean, "enabled", True, default=True),
+        "calling_aet": checked(_strings, "calling_aet", default=()),
+        "called_aet": checked(_strings, "called_aet", default=()),
+        "source_ip": checked(_strings, "source_ip", default=()),
+        "modality": checked(_strings, "modality", default=()),
+        "sop_class": checked(_strings, "sop_class", default=()),
+        "match": _conditions(data, problems),
+        "destinations": checked(_strings, "destinations", default=()),
+        "stop": checked(_boolean, "stop", False, default=False),
+        "description": checked(_string, "description", "", default=""),
+        "granularity": data.get("granularity"),  # checked by RuleSpec
+        "quiet_time": data.get("quiet_time"),
+        "expected_count": data.get("expected_count"),
+        "amendments": data.get("amendments", "late_only"),
+        "transforms": checked(_strings, "transforms", default=()),
+    }
+    if not values["destinations"] and "destinations" in problems:
+        values["stop"] = True  # its problem is said; not "at least one destination" too
+    if not values["name"]:
+        problems.setdefault("name", "expected a non-empty string")
+        values["name"] = "?"  # to check the other fields all the same
+    spec: RuleSpec | None = None
     try:
-        if not isinstance(data, Mapping):
-            raise _FieldError(f"expected a table, got {type(data).__name__}")
-        _check_keys(data)
-        if "name" not in data:
-            raise _FieldError("name: required")
-        return RuleSpec(
-            name=_string(data, "name", ""),
-            priority=_integer(data, "priority", 100),
-            enabled=_boolean(data, "enabled", True),
-            calling_aet=_strings(data, "calling_aet"),
-            called_aet=_strings(data, "called_aet"),
-            source_ip=_strings(data, "source_ip"),
-            modality=_strings(data, "modality"),
-            sop_class=_strings(data, "sop_class"),
-            match=_conditions(data),
-            destinations=_strings(data, "destinations"),
-            stop=_boolean(data, "stop", False),
-            description=_string(data, "description", ""),
-            granularity=data.get("granularity"),  # type: ignore[arg-type]  # checked by RuleSpec
-            quiet_time=data.get("quiet_time"),  # type: ignore[arg-type]
-            expected_count=data.get("expected_count"),  # type: ignore[arg-type]
-            amendments=data.get("amendments", "late_only"),  # type: ignore[arg-type]
-            transforms=_strings(data, "transforms"),
-        )
-    except _FieldError as exc:
-        key, _, problem = str(exc).partition(": ")  # "<field>: <problem>", or the rule's
-        raise RuleError(f"{where}: {exc}", {key: problem} if problem else {"": key}) from None
+        spec = RuleSpec(**values)
+    except RuleError as exc:
+        for key, problem in exc.errors.items():
+            problems.setdefault(key, problem)
+    if problems or spec is None:
+        raise RuleError(f"{where}: " + "; ".join(
+            f"{key}: {problem}" if key else problem for key, problem in problems.items()),
+            problems)
+    return spec
 
 
 # -- evaluating ------------------------------------------------------------------------------

@@ -75,9 +75,53 @@ def test_a_file_with_mistakes_in_every_section_lists_them_all_with_paths(tmp_pat
         "(did you mean 'timeout'?)",
         "rules[0].match[1].op: unknown operator 'like' (expected one of eq, ne, in, contains, "
         "startswith, regex, exists, lt, gt, le, ge)",
+        "rules[0].destinations[1]: unknown destination 'nowhere' (rule 'ct')",
         "remote_nodes[0].port: expected a whole number, got '104'",
     ]
     assert sorted(problems) == sorted(expected), "\n".join(problems)
+
+
+def test_every_mistake_of_one_rule_is_listed_in_one_run(tmp_path: Path) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text("""
+[[destinations]]
+name = "pacs"
+type = "dicom"
+host = "10.0.0.5"
+port = 104
+ae_title = "PACS"
+
+[[rules]]
+name = "r1"
+priority = "high"
+destinations = ["pacs", "nowhere", "pacs"]
+calling_aet = "bad\\\\x"
+source_ip = "300.1.1.1"
+match = [{tag = "PatientID", op = "eq"}, {tag = "NoSuchTag", op = "eq", value = "x"}, 5]
+stop = "yes"
+colour = "blue"
+
+[[rules]]
+priority = 3
+""")
+    problems = check_config(config)
+    assert problems == [
+        "rules[0].destinations[1]: unknown destination 'nowhere' (rule 'r1')",
+        "rules[0].colour: unknown key (expected one of name, priority, enabled, calling_aet, "
+        "called_aet, source_ip, modality, sop_class, match, destinations, stop, description, "
+        "granularity, quiet_time, expected_count, amendments, transforms)",
+        "rules[0].priority: expected an integer, got 'high'",
+        "rules[0].match[0].value: required for op 'eq'",
+        "rules[0].match[1].tag: unknown tag 'NoSuchTag' (expected a DICOM keyword such as "
+        "'Modality', '(gggg,eeee)' or 'ai.<destination>.<key>')",
+        "rules[0].match[2]: expected a table with tag, op and value, got 5",
+        "rules[0].stop: expected true or false, got 'yes'",
+        "rules[0].calling_aet[0]: 'bad\\\\x' is not a valid AE title pattern",
+        "rules[0].source_ip[0]: '300.1.1.1' is not an IP address or CIDR network",
+        "rules[0].destinations[2]: empty or duplicate destination 'pacs'",
+        "rules[1].name: required",
+        "rules[1].destinations: at least one destination is required unless stop = true",
+    ], "\n".join(problems)
 
 
 def test_cross_field_problems_name_the_field(tmp_path: Path) -> None:

@@ -414,7 +414,8 @@ def cond(**fields: object) -> dict[str, object]:
     [
         (
             {"destination": ["pacs"], "name": "CT chest"},
-            "rule 'CT chest': destination: unknown key (did you mean 'destinations'?)",
+            "rule 'CT chest': destination: unknown key (did you mean 'destinations'?); "
+            "destinations: at least one destination is required unless stop = true",
         ),
         ({"destinations": ["pacs"]}, "rule: name: required"),
         ({"name": " ", "destinations": ["pacs"]}, "rule: name: expected a non-empty string"),
