@@ -283,3 +283,36 @@ def test_the_transform_editor_creates_edits_and_deletes_with_field_errors(
     bare = requests.post(server.url + "/transforms", cookies=browser.cookies, timeout=10,
                          data={"name": "x", "kind": "charset", "options": "{}"})
     assert bare.status_code == 403
+
+
+def test_a_transform_the_file_declares_is_refused_with_the_reason(
+        web_router: Any, tmp_path: Path) -> None:
+    from tests.conftest import make_settings
+
+    config = tmp_path / "router.toml"
+    config.write_text('[[transforms]]\nname = "fix-id"\nkind = "morph"\n'
+                      'ops = [{op = "replace", tag = "PatientID", pattern = "^OLD",'
+                      ' with = "NEW"}]\n')
+    server = web_router(make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}", config))
+    auth = bearer(server.url, "admin", ADMIN_PASSWORD)
+    assert "fix-id" in server.router.admin.snapshot().transforms  # applied at start
+    changed = {"kind": "morph", "ops": [{"op": "delete", "tag": "PatientID"}]}
+    r = requests.put(server.url + API + "/fix-id", headers=auth, timeout=10, json=changed)
+    assert r.status_code == 409 and "managed by the configuration file" in r.text
+    r = requests.delete(server.url + API + "/fix-id", headers=auth, timeout=10)
+    assert r.status_code == 409
+    browser = Browser(server.url)
+    browser.login("admin", ADMIN_PASSWORD)
+    page = browser.get(browser.url("/transforms/fix-id/edit"))
+    assert page.status_code == 200 and 'id="transform-from-file"' in page.text
+    r = browser.post(browser.url("/transforms/fix-id/edit"), data={
+        "kind": "morph", "options": json.dumps({"ops": changed["ops"]})})
+    assert r.status_code == 409 and "managed by the configuration file" in r.text
+    spec = server.router.admin.snapshot().transforms["fix-id"].spec.to_dict()
+    assert spec["ops"][0]["op"] == "replace"  # unchanged: nothing to be undone at restart
+    # A transform made in the UI is not the file's: it can be changed.
+    r = requests.post(server.url + API, headers=auth, timeout=10, json=DEID)
+    assert r.status_code == 201
+    r = requests.put(server.url + API + "/deid", headers=auth, timeout=10,
+                     json={"kind": "deidentify", "project": "trial-8"})
+    assert r.status_code == 200, r.text

@@ -99,11 +99,27 @@ async def create_transform(request: web.Request) -> web.Response:
     return await _answer(request, spec["name"], status=201)
 
 
+def from_file(router: Any, name: str) -> bool:
+    """Declared by the configuration file's [[transforms]]: applied at every start, so a
+    change made in the UI or the API would be undone then (transforms cannot be detached
+    from the file; change them there)."""
+    return name in {str(t.get("name")) for t in router.settings.transforms}
+
+
+def refuse_if_from_file(router: Any, name: str) -> None:
+    if from_file(router, name):
+        raise ApiError(409, f"transform {name!r} is managed by the configuration file: a "
+                       "change made here would be undone when the router next starts (or at "
+                       "the next dicom-router apply). Change it in the file.",
+                       {"name": "managed by the configuration file"})
+
+
 async def update_transform(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
     name = request.match_info["name"]
     if name not in router.admin.snapshot().transforms:
         raise ApiError(404, f"transform {name!r} does not exist")
+    refuse_if_from_file(router, name)
     data = (await read_json(request, RawObject)).root
     if data.get("name", name) != name:
         raise ApiError(422, "a transform cannot be renamed", {"name": "does not match"})
@@ -115,6 +131,7 @@ async def update_transform(request: web.Request) -> web.Response:
 async def delete_transform(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
     name = request.match_info["name"]
+    refuse_if_from_file(router, name)
     await run_command(router.commands.delete_transform, name, actor_of(request))
     return json_response({"deleted": name})
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from router.transforms.spec import KINDS
 from web.api.common import ApiError, run_command
-from web.api.transforms import validate_transform
+from web.api.transforms import from_file, refuse_if_from_file, validate_transform
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
 from web.render import render
@@ -36,6 +36,7 @@ def _editor(request: web.Request, values: dict[str, Any], existing: str | None,
             errors: dict[str, str] | None = None, status: int = 200) -> web.Response:
     return render(request, "transform_edit.html", status=status, values=values,
                   existing=existing, errors=errors or {}, kinds=KINDS,
+                  from_file=existing is not None and from_file(request.app[ROUTER_KEY], existing),
                   action=href(existing) + "/edit" if existing else "/transforms",
                   examples={k: json.dumps(v, indent=2) for k, v in EXAMPLES.items()})
 
@@ -79,6 +80,8 @@ async def _submit(request: web.Request, existing: str | None) -> web.Response:
     if values["description"]:
         data["description"] = values["description"]
     try:
+        if existing is not None:
+            refuse_if_from_file(router, existing)
         spec = validate_transform(data)
         if existing is None and spec["name"] in router.admin.snapshot().transforms:
             raise ApiError(409, "already exists", {"name": "already exists"})
@@ -101,6 +104,7 @@ async def delete(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
     name = request.match_info["name"]
     try:
+        refuse_if_from_file(router, name)
         await run_command(router.commands.delete_transform, name, actor_of(request))
     except ApiError as exc:
         found = router.admin.snapshot().transforms.get(name)
