@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
+
+from router.application.bulk import BulkFilterError, parse_instant
 
 MAX_TEXT = 128  # no identifier or name we index is longer (PN components are 64 chars)
 UID_RE = re.compile(r"^[0-9.]{1,64}$")
@@ -87,15 +89,9 @@ def instant(query: Mapping[str, str], field: str, end_of_day: bool = False) -> f
     if value is None:
         return None
     try:
-        if len(value) == 10:
-            day = datetime.combine(date.fromisoformat(value), datetime.min.time(), UTC)
-            return (day + timedelta(days=1 if end_of_day else 0)).timestamp()
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise FilterError(field, "expected YYYY-MM-DD or an ISO 8601 date-time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+        return parse_instant(value, field, end_of_day)
+    except BulkFilterError as exc:
+        raise FilterError(field, exc.message) from None
 
 
 def dicom_date(query: Mapping[str, str], field: str) -> str | None:
