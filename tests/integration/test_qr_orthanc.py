@@ -273,7 +273,7 @@ def test_remote_pages_create_echo_query_and_retrieve(
         rad.login(*RADIOLOGIST)
         results = rad.get(rad.url("/remote/query"), headers=htmx, params={
             "node": "pacs", "patient_name": "DOE*", "study_date_from": "2023-01-01"})
-        assert "DOE^JANE" in results.text and "ACC100" in results.text
+        assert "DOE, JANE" in results.text and "ACC100" in results.text  # written for people
         series = rad.get(rad.url("/remote/query"), headers=htmx, params={
             "node": "pacs", "level": "SERIES", "study_instance_uid": loaded[0].uid})
         assert series.text.count('value="get"') == 2
