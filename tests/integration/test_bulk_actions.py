@@ -58,7 +58,8 @@ def dead_deliveries(router: Any, study_uid: str, count: int, destination: str = 
         job.route(None, **ctx, matched_rules=[], destinations=[destination], unrouted=False,
                   default_destination_used=False, stopped_by=None)
         delivery = Delivery(str(job.id), destination, **ctx, sha256="0" * 64)
-        delivery.dead_letter(**ctx, attempt=1, reason="refused", permanent=True, node="")
+        delivery.dead_letter(**ctx, attempt=1, reason="refused", permanent=True, node="",
+                             transforms=[])
         jobs.append(job)
         deliveries.append(delivery)
     for start in range(0, count, 500):

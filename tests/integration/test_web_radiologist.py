@@ -21,7 +21,7 @@ import requests
 from PIL import Image
 
 from router.application.commands import Actor
-from tests.conftest import ADMIN_PASSWORD
+from tests.conftest import ADMIN_PASSWORD, wait_for
 from tests.integration.test_web_jobs import accesses, routed_settings, storescu, write_instances
 from tests.synthetic import make_ct_series
 from tests.web_harness import Browser
@@ -257,8 +257,13 @@ def test_browser_uploads_go_through_stow_with_a_result_per_file(
     assert page.text.count('data-result="refused"') == 2
     assert "the file is not a DICOM Part 10 file" in page.text
     assert hostile not in page.text and "&lt;img src=x onerror=alert(1)&gt;.dcm" in page.text
-    jobs = server.router.views["jobs"][1].query(
-        "SELECT source, actor, sop_instance_uid FROM jobs ORDER BY received_at")
+    # STOW-RS answers once its instances are in the studies view; the jobs view may trail.
+    def uploaded_jobs() -> list[dict[str, Any]]:
+        rows = server.router.views["jobs"][1].query(
+            "SELECT source, actor, sop_instance_uid FROM jobs ORDER BY received_at")
+        return rows if len(rows) >= len(mr) else []
+
+    jobs = wait_for(uploaded_jobs, 10, "both uploaded jobs in the jobs view")
     assert {(j["source"], j["actor"]) for j in jobs} == {("stow", "admin")}
     assert {j["sop_instance_uid"] for j in jobs} == {
         str(pydicom.dcmread(p).SOPInstanceUID) for p in mr}
