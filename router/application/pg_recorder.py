@@ -43,8 +43,6 @@ from psycopg.sql import SQL
 
 from router.application.sqlite_writes import LogNotDurable
 
-TOPIC = "router.application.pg_recorder:FlushOutsideLockRecorder"
-
 _FLUSH = SQL("SELECT pg_logical_emit_message(true, 'dicom-router', 'flush')")
 
 

@@ -15,7 +15,6 @@ from urllib.parse import unquote, urlparse
 
 from eventsourcing.application import Application
 
-from router.application.pg_recorder import TOPIC as PG_RECORDER_TOPIC
 from router.application.sqlite_writes import order_sqlite_writes, release
 
 
@@ -44,6 +43,10 @@ class AccessApplication(Application):
 
 
 APP_NAMES = ("ingest", "delivery", "admin", "access")
+
+# Our PostgreSQL recorder (router/application/pg_recorder.py), named and not imported here:
+# importing it imports psycopg, 12 MB in each process of a router that runs on SQLite.
+PG_RECORDER_TOPIC = "router.application.pg_recorder:FlushOutsideLockRecorder"
 
 # PostgreSQL connections per application and process: (kept open, opened more under load).
 # Several nodes share one server whose default max_connections is 100 (docs/scaling.md has
