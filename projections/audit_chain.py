@@ -1,7 +1,7 @@
 """The audit trail's hash chain: each audit row gets a link, SHA-256 of the previous link's
 hash and the row's canonical content, written in the same transaction as the row
 (``audit_chain``, part of the audit view). :func:`verify` recomputes it and names the first
-broken link. The canonical form is defined in docs/security.md and must stay as it is: a
+broken link. The canonical form is defined in docs/audit-trail.md and must stay as it is: a
 change would break every chain already written.
 """
 

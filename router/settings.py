@@ -359,7 +359,7 @@ class Settings:
     log_level: Annotated[str, Before(_upper)] = "INFO"
     encrypt_events: bool = True
     # False: never create or alter tables (PostgreSQL, serving as a role that owns nothing:
-    # `dicom-router migrate` runs as the tables' owner; docs/security.md).
+    # `dicom-router migrate` runs as the tables' owner; docs/audit-trail.md).
     manage_schema: bool = True
     dicom: DicomSettings = field(default_factory=DicomSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)

@@ -1,6 +1,6 @@
 -- The database role the router serves as: it owns nothing, reads and appends to the event
--- logs, and can never change or delete an event row (docs/security.md, "A tamper-evident
--- audit trail"). Run as the owner of the router's tables, after `dicom-router migrate` (which
+-- logs, and can never change or delete an event row (docs/audit-trail.md, "Event rows the serving
+-- role cannot change"). Run as the owner of the router's tables, after `dicom-router migrate` (which
 -- runs as that owner), and again after an upgrade whose migrate adds tables:
 --
 --   psql -v role=dicom_router_app -d DICOMDB -f deploy/postgres/restricted-role.sql

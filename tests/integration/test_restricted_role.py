@@ -1,4 +1,4 @@
-"""Serving as a PostgreSQL role that cannot change events (docs/security.md): migrate runs as
+"""Serving as a PostgreSQL role that cannot change events (docs/audit-trail.md): migrate runs as
 the tables' owner, deploy/postgres/restricted-role.sql grants the serving role what it needs,
 and the router receives, routes, delivers and audits with it while an UPDATE, DELETE or
 TRUNCATE of an event row, or dropping the trigger that refuses them, is refused."""
