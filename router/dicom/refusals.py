@@ -15,6 +15,7 @@ from typing import Any
 
 from router.application.commands import Actor
 from router.domain.access import AssociationRefusal
+from router.ticker import Ticker
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,7 @@ class RefusalRecorder:
         self._interval = interval
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str, str], list[float]] = {}  # [count, first, last]
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker: Ticker | None = None
 
     def note(self, address: str, calling_aet: str, why: str) -> None:
         """One refusal; quick and never raises (it runs in the front door's loop)."""
@@ -60,20 +60,14 @@ class RefusalRecorder:
         return len(events)
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="refusals", daemon=True)
-        self._thread.start()
+        self._ticker = Ticker("refusals", self._flush_logged, self._interval)
+        self._ticker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._ticker is not None:
+            self._ticker.stop(timeout=10)
+            self._ticker = None
         self._flush_logged()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._flush_logged()
 
     def _flush_logged(self) -> None:
         try:
