@@ -272,6 +272,7 @@ class ProjectionRunner:
         self._hurries = {v.name: threading.Event() for v, _ in self._views}
         # catch_up() may run beside the view threads: one batch of a view at a time.
         self._locks = {v.name: threading.Lock() for v, _ in self._views}
+        self._schema_ready: set[str] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[str], None]] = []
@@ -327,8 +328,15 @@ class ProjectionRunner:
                 self._stop.wait(2.0)
 
     def _ensure_schema(self, view: View, db: ViewDatabase) -> None:
-        if self._manage_schema:
-            ensure_schema(view, db)
+        """Create the view's tables once per runner, under the view's lock. Not on every
+        catch-up: on PostgreSQL ``CREATE INDEX IF NOT EXISTS`` locks its table before looking,
+        and a catch-up from another thread then deadlocked with the view's own batch."""
+        if not self._manage_schema or view.name in self._schema_ready:
+            return
+        with self._locks[view.name]:
+            if view.name not in self._schema_ready:
+                ensure_schema(view, db)
+                self._schema_ready.add(view.name)
 
     def start(self) -> None:
         for view, db in self._views:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for  # re-exported for the e2e tests
+from tests.integration.peers import free_port  # re-exported for the e2e tests
 
 ROUTER_BIN = Path(sys.executable).parent / "dicom-router"
 ROUTER_AET = "DICOMROUTER"
@@ -33,11 +33,6 @@ READY_TIMEOUT = 30.0
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def toml_value(value: Any) -> str:

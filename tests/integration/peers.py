@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,20 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
+from bench_lib.procs import free_port as bench_free_port
 
 STARTUP_TIMEOUT = 10.0
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port for a listener: free on 127.0.0.1 a moment ago, outside the kernel's
+    ephemeral range and never handed out twice in one test session (the bench's picker).
+
+    A port from ``bind(0)`` lies in the ephemeral range: any outgoing connection could take it
+    before the listener binds, and two calls could return the same port. A three-node test
+    once got a port twice; the second node exited on its bind failure after the first node
+    had answered its readiness probe, and its DICOM port then refused every connection."""
+    return bench_free_port()
 
 
 def is_listening(port: int) -> bool:

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from bench_lib import cli, measure, pgdb, procs, receivers
 
 from tests.conftest import PG_ADMIN_URL
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from bench_lib import cli, measure, pgdb, procs, receivers
 
 
 @pytest.fixture
