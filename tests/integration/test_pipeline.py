@@ -146,7 +146,7 @@ def wait_delivered(router, expected: int, timeout: float = 180.0) -> list[dict]:
 def test_storescu_files_reach_storescp_folder_and_s3(tmp_path: Path, database_url: str,
                                                      start_router, dcmtk) -> None:
     files = pydicom_files()
-    ct = make_ct_series(tmp_path / "ct", count=200, rows=128, cols=128)
+    ct = make_ct_series(tmp_path / "ct", count=60, rows=128, cols=128)
 
     with StoreScp(tmp_path / "scp", extra_args=("+xa", "+uf")) as scp, s3_server() as endpoint:
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
