@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 import time
 import traceback
@@ -179,7 +180,6 @@ class DicomServer:
         thread = threading.Thread(target=self._server.serve_forever, name="dicom-serve",
                                   daemon=True)
         thread.start()
-        self.ae._servers.append(self._server)
         if self.gate is not None:
             self.gate.start()
             logger.info("DICOM listener on %s port %s%s as %s", self._settings.dicom_host,
@@ -345,6 +345,13 @@ class _HandedServer(ThreadedAssociationServer):
 
     def server_activate(self) -> None:
         pass
+
+    def shutdown(self) -> None:
+        """Stop serving and close the channel, as pynetdicom's shutdown does, but without
+        taking this server out of its AE's list of servers: AE.start_server puts the servers
+        it starts there, a server from AE.make_server (this one) is not in it."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
     def adopt(self, scp: DicomServer, channel: socket.socket,
               done: Callable[[int], None]) -> None:
