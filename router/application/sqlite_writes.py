@@ -18,6 +18,11 @@ WAL itself before it returns. So a save still returns only once its commit is on
 FULL, but the flushes of concurrent writers overlap instead of queueing. A WAL that SQLite
 replaced meanwhile needs nothing: it is replaced only after a checkpoint, which under NORMAL
 syncs the WAL before and the database after copying it.
+
+How: the applications' ``PERSISTENCE_MODULE`` setting names :class:`OrderedSQLiteFactory`
+(:data:`SQLITE_FACTORY_TOPIC`, router/application/stores.py), eventsourcing's SQLite factory
+with :class:`OrderedSQLiteDatastore`, a subclass of its datastore that does the above around
+eventsourcing's own ``transaction`` and ``get_connection``. Nothing of eventsourcing is patched.
 """
 
 from __future__ import annotations
@@ -25,13 +30,12 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from eventsourcing.sqlite import SQLiteConnection, SQLiteConnectionPool, SQLiteDatastore
-
-_applied = False
+from eventsourcing.sqlite import SQLiteConnection, SQLiteCursor, SQLiteDatastore, SQLiteFactory
 
 
 class LogNotDurable(OSError):
@@ -91,57 +95,69 @@ class WriteLock:
             self._wal_fds.clear()
 
 
-def _lock_of(datastore: SQLiteDatastore) -> WriteLock | None:
-    lock = datastore.__dict__.get("_router_write_lock", False)
-    if lock is False:
-        name = datastore.pool.db_name
-        memory = datastore.pool.is_sqlite_memory_mode or not name
-        lock = None if memory else WriteLock(f"{name}.lock", f"{name}-wal")
-        datastore.__dict__["_router_write_lock"] = lock
-    return lock
+class OrderedSQLiteDatastore(SQLiteDatastore):
+    """eventsourcing's SQLite datastore whose write transactions take the log's WriteLock and
+    sync the WAL after releasing it, on connections that run ``synchronous=NORMAL``."""
 
+    def __init__(self, db_name: str, **kwargs: Any) -> None:
+        self._write_lock: WriteLock | None = None
+        self._write_lock_made = threading.Lock()
+        self._prepared: weakref.WeakSet[SQLiteConnection] = weakref.WeakSet()
+        super().__init__(db_name, **kwargs)
+        self._memory = self.pool.is_sqlite_memory_mode or not db_name
 
-def _ordered(transaction: Callable[..., Any]) -> Callable[..., Any]:
+    def _lock(self) -> WriteLock | None:
+        """The log's WriteLock, made (and its file created) by the first write."""
+        lock = self._write_lock
+        if lock is None and not self._memory:
+            with self._write_lock_made:
+                if self._write_lock is None:
+                    name = self.pool.db_name
+                    self._write_lock = WriteLock(f"{name}.lock", f"{name}-wal")
+                lock = self._write_lock
+        return lock
+
     @contextmanager
-    def ordered_transaction(self: SQLiteDatastore, *, commit: bool) -> Iterator[Any]:
-        lock = _lock_of(self) if commit else None
+    def transaction(self, *, commit: bool) -> Iterator[SQLiteCursor]:
+        lock = self._lock() if commit else None
         if lock is None:
-            with transaction(self, commit=commit) as cursor:
+            with super().transaction(commit=commit) as cursor:
                 yield cursor
             return
-        with lock.held(), transaction(self, commit=commit) as cursor:
+        with lock.held(), super().transaction(commit=commit) as cursor:
             yield cursor
         lock.sync_log()  # committed; durable once this returns (see the module's docstring)
 
-    return ordered_transaction
+    @contextmanager
+    def get_connection(self, *, commit: bool) -> Iterator[SQLiteConnection]:
+        with super().get_connection(commit=commit) as connection:
+            if not self._memory and connection not in self._prepared:
+                # The WAL is synced by every write transaction itself, after the write lock.
+                with connection.cursor() as cursor:
+                    cursor.execute("PRAGMA synchronous=NORMAL")
+                self._prepared.add(connection)
+            yield connection
+
+    def close(self) -> None:
+        super().close()
+        with self._write_lock_made:
+            lock, self._write_lock = self._write_lock, None
+        if lock is not None:
+            lock.close()
 
 
-def _synchronous_normal(create: Callable[..., SQLiteConnection]) -> Callable[..., Any]:
-    def create_connection(self: SQLiteConnectionPool) -> SQLiteConnection:
-        connection = create(self)
-        if not self.is_sqlite_memory_mode:
-            # The WAL is synced by every write transaction itself, after the write lock.
-            connection._sqlite_conn.execute("PRAGMA synchronous=NORMAL")
-        return connection
+class OrderedSQLiteFactory(SQLiteFactory):
+    """eventsourcing's SQLite persistence with :class:`OrderedSQLiteDatastore`, chosen by the
+    applications' ``PERSISTENCE_MODULE`` setting (:data:`SQLITE_FACTORY_TOPIC`)."""
 
-    return create_connection
-
-
-def order_sqlite_writes() -> None:
-    """Make every write transaction on an SQLite log take its log's WriteLock and sync the WAL
-    after it (idempotent)."""
-    global _applied
-    if _applied:
-        return
-    SQLiteDatastore.transaction = _ordered(  # type: ignore[method-assign]
-        SQLiteDatastore.transaction)
-    SQLiteConnectionPool._create_connection = _synchronous_normal(  # type: ignore[method-assign]
-        SQLiteConnectionPool._create_connection)
-    _applied = True
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)  # reads and checks the SQLITE_* settings
+        plain = self.datastore  # a pool not yet connected
+        self.datastore = OrderedSQLiteDatastore(
+            plain.pool.db_name, lock_timeout=plain.pool.lock_timeout,
+            single_row_tracking=plain.single_row_tracking,
+            originator_id_type=plain.originator_id_type)
+        plain.close()
 
 
-def release(datastore: Any) -> None:
-    """Close the lock file of a datastore being closed (nothing if it never wrote)."""
-    lock = getattr(datastore, "__dict__", {}).pop("_router_write_lock", None)
-    if lock is not None:
-        lock.close()
+SQLITE_FACTORY_TOPIC = f"{__name__}:{OrderedSQLiteFactory.__qualname__}"

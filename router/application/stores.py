@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 
 from eventsourcing.application import Application
 
-from router.application.sqlite_writes import order_sqlite_writes, release
+from router.application.sqlite_writes import SQLITE_FACTORY_TOPIC
 
 
 class IngestApplication(Application):
@@ -120,7 +120,10 @@ def app_env(config: StoreConfig, name: str) -> dict[str, str]:
         folder = Path(url.removeprefix("sqlite:///"))
         folder.mkdir(parents=True, exist_ok=True)
         env = {
-            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            # eventsourcing's SQLite factory with our datastore: receivers and the supervisor
+            # share the files, their writes take turns on a lock and sync the WAL after it
+            # (router/application/sqlite_writes.py).
+            "PERSISTENCE_MODULE": SQLITE_FACTORY_TOPIC,
             "SQLITE_DBNAME": str(folder / f"{name}.sqlite"),
             "SQLITE_LOCK_TIMEOUT": "30",
         }
@@ -140,8 +143,6 @@ class EventStores:
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
-        if config.database_url.startswith("sqlite:///"):
-            order_sqlite_writes()  # receivers and supervisor share the files
         self.ingest = IngestApplication(env=_clean_env(app_env(config, "ingest")))
         self.delivery = DeliveryApplication(env=_clean_env(app_env(config, "delivery")))
         self.admin = AdminApplication(env=_clean_env(app_env(config, "admin")))
@@ -156,8 +157,7 @@ class EventStores:
 
     def close(self) -> None:
         for app in self.all().values():
-            app.close()
-            release(getattr(app.recorder, "datastore", None))
+            app.close()  # on SQLite this also closes the log's lock file
 
 
 def _clean_env(env: dict[str, str]) -> dict[str, str]:

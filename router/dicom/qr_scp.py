@@ -52,6 +52,7 @@ from router.dicom.qr_matching import (
     run_query,
 )
 from router.dicom.tls import TlsClientSettings, TlsConfigError
+from router.dicom.tuning import CONNECTION_HANDLERS
 from router.dispatch.base import DeliveryError, Outgoing
 from router.dispatch.ssrf import AddressPolicy, AddressRefusedError
 from router.dispatch.transcode import decoded_for_peer
@@ -254,7 +255,7 @@ class QueryRetrieveSCP:
                 accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
 
         kwargs = {"contexts": storage_contexts(rows), "max_pdu": 0,
-                  "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)]}
+                  "evt_handlers": [*CONNECTION_HANDLERS, (evt.EVT_ACCEPTED, on_accepted)]}
         if tls is not None:  # sub-operations over TLS to a node with TLS on
             kwargs["tls_args"] = tls
         return address, node.config.port, kwargs

@@ -34,6 +34,7 @@ from router.application.remote_nodes import RemoteNodeConfig
 from router.dicom.identity import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 from router.dicom.scp import TRANSFER_SYNTAXES
 from router.dicom.tls import TlsClientSettings, TlsConfigError
+from router.dicom.tuning import CONNECTION_HANDLERS
 from router.dispatch.base import NOT_REACHED
 from router.dispatch.dicom import COMMON_SOP_CLASSES
 from router.dispatch.ssrf import AddressPolicy, AddressRefusedError
@@ -221,7 +222,8 @@ class QueryRetrieveScu:
             address = self._policy.addresses(node.host, node.port)[0]
             assoc = ae.associate(address, node.port, contexts=contexts,
                                  ae_title=node.ae_title, ext_neg=roles or None,
-                                 evt_handlers=handlers or None, tls_args=tls_args(node))
+                                 evt_handlers=[*CONNECTION_HANDLERS, *(handlers or [])],
+                                 tls_args=tls_args(node))
         except TlsConfigError as exc:
             raise RemoteError(f"TLS settings of {where(node)}: {exc}") from None
         except (AddressRefusedError, OSError) as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 import time
 import traceback
@@ -22,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom import uid as uids
-from pynetdicom import AE, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from router.application.receive import (
@@ -57,12 +58,16 @@ TRANSFER_SYNTAXES = [
     uids.MPEG2MPML, uids.MPEG2MPHL, uids.MPEG4HP41, uids.MPEG4HP41BD, uids.HEVCMP51,
 ]
 
+# Every storage SOP class pynetdicom knows (its "all storage" contexts, one per class), sorted.
+STORAGE_CLASSES: tuple[str, ...] = tuple(sorted(
+    {str(context.abstract_syntax) for context in AllStoragePresentationContexts}))
+
 
 def add_storage_contexts(ae: AE) -> None:
     """Verification and every storage SOP class, as the DICOM port accepts them (the
     conformance statement's tables are generated from these, router/dicom/conformance.py)."""
     ae.add_supported_context(Verification)
-    for sop_class in sorted(_STORAGE_CLASSES.values()):
+    for sop_class in STORAGE_CLASSES:
         # Both roles: a C-GET requestor takes the SCP role for the storage sub-operations.
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
 
@@ -122,7 +127,7 @@ class DicomServer:
         known = (frozenset(a.strip() for a in s.dicom.known_calling_aets)
                  if s.dicom.require_known_calling_ae else None)
         return PushPolicy(
-            ae_title=s.ae_title, storage_classes=frozenset(_STORAGE_CLASSES.values()),
+            ae_title=s.ae_title, storage_classes=frozenset(STORAGE_CLASSES),
             transfer_syntaxes=frozenset(TRANSFER_SYNTAXES),
             verification_syntaxes=frozenset(DEFAULT_TRANSFER_SYNTAXES),
             known_calling_aets=known, max_pdu=s.dicom.max_pdu_size,
@@ -175,7 +180,6 @@ class DicomServer:
         thread = threading.Thread(target=self._server.serve_forever, name="dicom-serve",
                                   daemon=True)
         thread.start()
-        self.ae._servers.append(self._server)
         if self.gate is not None:
             self.gate.start()
             logger.info("DICOM listener on %s port %s%s as %s", self._settings.dicom_host,
@@ -341,6 +345,13 @@ class _HandedServer(ThreadedAssociationServer):
 
     def server_activate(self) -> None:
         pass
+
+    def shutdown(self) -> None:
+        """Stop serving and close the channel, as pynetdicom's shutdown does, but without
+        taking this server out of its AE's list of servers: AE.start_server puts the servers
+        it starts there, a server from AE.make_server (this one) is not in it."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
     def adopt(self, scp: DicomServer, channel: socket.socket,
               done: Callable[[int], None]) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.dicom.spool import SpoolFile
+from router.dicom.tuning import received_spool
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class StoreRequest:
     def from_event(cls, event: Any) -> StoreRequest:
         """From pynetdicom's EVT_C_STORE (also on an association we opened, for C-GET)."""
         request, assoc = event.request, event.assoc
-        spool = getattr(request, "_dataset_file", None)
-        if not isinstance(spool, SpoolFile):
+        spool = received_spool(event)  # found by the public event.dataset_path
+        if spool is None:
             raise RuntimeError("C-STORE without a spool file; is configure_pynetdicom() applied?")
         # On an association we opened (C-GET) the sender is the peer we called.
         sender, us = (assoc.acceptor, assoc.requestor) if assoc.is_requestor else (

@@ -1,21 +1,31 @@
 """How we run pynetdicom 3.0.4: PHI logging off, streamed receive into our spool, capped PDUs,
-TCP_NODELAY on every socket, and a socket read that does not copy 4 KB at a time.
+TCP_NODELAY on every socket, a socket read that does not copy 4 KB at a time, and reactors
+that wait for what they poll for.
 
 These are process-wide settings of the library, applied once by :func:`configure_pynetdicom`.
+What pynetdicom offers for them is used first: its ``_config`` settings, and event handlers
+(``CONNECTION_HANDLERS``, TCP_NODELAY on the associations we open; the gate sets it on those
+we accept). The rest has no public route in pynetdicom 3.0.4 and is kept here, and only here,
+as the smallest replacements that do it (issue 17, point 5): each is listed in
+:data:`PATCHED_SOURCES` with the digest of the pynetdicom source it was written against, and
+tests/unit/test_tuning.py fails when pynetdicom changes under any of them. No library source
+is recompiled: the two reactors are our own copies of pynetdicom's loops, used only while its
+source is the one they were copied from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import logging
 import queue
 import select
 import socket
 import struct
-import textwrap
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,17 +37,22 @@ from pynetdicom import (
     dimse,
     dimse_messages,
     dul,
+    evt,
     transport,
 )
+from pynetdicom.pdu import A_ABORT_RQ
 
 from router.dicom.identity import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 from router.dicom.protocol_log import quiet_library_errors
 from router.dicom.spool import SpoolFile
 
 logger = logging.getLogger(__name__)
+_ASSOCIATION_LOG = logging.getLogger("pynetdicom.association")
+_DUL_LOG = logging.getLogger("pynetdicom.dul")
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"spool_dir": None, "max_pdu": 64 * 1024 * 1024, "applied": False}
+_state: dict[str, Any] = {"spool_dir": None, "max_pdu": 64 * 1024 * 1024, "idle_delay": 0.001,
+                          "applied": False}
 
 
 class PduTooLargeError(OSError):
@@ -59,9 +74,26 @@ def spool_dir() -> Path:
     return Path(folder)
 
 
+# The spool files pynetdicom is writing or has handed to an EVT_C_STORE handler, by path (the
+# handler finds its own from the public event.dataset_path). Weak: pynetdicom's message holds
+# the file until the handler has run; one of a transfer that was aborted goes with it.
+_spools: weakref.WeakValueDictionary[str, SpoolFile] = weakref.WeakValueDictionary()
+
+
 def _spool_file(*_: Any, **kwargs: Any) -> SpoolFile:
     """Stands in for NamedTemporaryFile inside pynetdicom's chunked C-STORE receive."""
-    return SpoolFile(spool_dir())
+    spool = SpoolFile(spool_dir())
+    _spools[spool.name] = spool
+    return spool
+
+
+def received_spool(event: Any) -> SpoolFile | None:
+    """The spool file of an EVT_C_STORE event's dataset (None if it was not streamed to one)."""
+    try:
+        path = event.dataset_path  # AttributeError: not a chunked C-STORE receive
+    except AttributeError:
+        return None
+    return _spools.get(str(path))
 
 
 @dataclass(frozen=True)
@@ -134,20 +166,6 @@ def _recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
     return buffer
 
 
-_original_init = transport.AssociationSocket.__init__
-_original_connect = transport.AssociationSocket.connect
-
-
-def _init(self: transport.AssociationSocket, *args: Any, **kwargs: Any) -> None:
-    _original_init(self, *args, **kwargs)
-    _set_nodelay(self.socket)
-
-
-def _connect(self: transport.AssociationSocket, primitive: Any) -> None:
-    _original_connect(self, primitive)
-    _set_nodelay(self.socket)
-
-
 def _wait_for_message(assoc: Any, timeout: float = 0.005) -> None:
     """Acceptors: block until the DIMSE layer has a message (or ``timeout``), not sleep 1 ms.
 
@@ -181,15 +199,14 @@ class _WakingQueue(queue.Queue):
                 wake.send(b"\0")
 
 
-def _wait_for_socket(dul_provider: Any) -> None:
+def _wait_for_socket(dul_provider: Any, wake: socket.socket | None) -> None:
     """Sleep the DUL's idle delay, but wake as soon as the peer sends something or our side
-    queues a PDU to send."""
+    queues a PDU to send (``wake``: the reading end of the reactor's wake-up pair)."""
     sock = getattr(dul_provider.socket, "socket", None)
-    delay = dul_provider._run_loop_delay
+    delay = _state["idle_delay"]
     if sock is None:
         time.sleep(delay)
         return
-    wake = _wake_socket(dul_provider)
     try:
         readable, _, _ = select.select([sock, wake] if wake else [sock], [], [], delay)
     except (OSError, ValueError):
@@ -200,69 +217,137 @@ def _wait_for_socket(dul_provider: Any) -> None:
             wake.recv(4096)
 
 
-def _wake_socket(dul_provider: Any) -> socket.socket | None:
-    """The reading end of this DUL's wake-up pair, made on first use by its reactor thread
-    (closed when the reactor ends, see _closing_wake)."""
-    pair = dul_provider.__dict__.get("_router_wake")
-    if pair is None:
-        outgoing = dul_provider.to_provider_queue
-        if not isinstance(outgoing, _WakingQueue):
-            return None
-        try:
-            pair = socket.socketpair()
-        except OSError:  # out of descriptors: poll as pynetdicom does
-            return None
-        for end in pair:
-            end.setblocking(False)
-        dul_provider._router_wake = pair
-        outgoing.wake = pair[1]
-    return pair[0]
-
-
-def _closing_wake(run_reactor: Any) -> Any:
-    def run(self: Any) -> None:
-        try:
-            run_reactor(self)
-        finally:
-            pair = self.__dict__.pop("_router_wake", None)
-            if pair is not None:
-                outgoing = self.to_provider_queue
-                if isinstance(outgoing, _WakingQueue):
-                    outgoing.wake = None
-                for end in pair:
-                    end.close()
-
-    return run
-
-
-def _patched(func: Any, old: str, new: str, helpers: dict[str, Any]) -> Any:
-    """``func`` recompiled from its source with one line replaced (None if it is not there).
-
-    pynetdicom's reactors poll with fixed sleeps (about 2.5 ms of waiting per message); we
-    make them wait on the event they poll for. Found by source so that a pynetdicom upgrade
-    that changes the line leaves the original in place (with a warning) rather than breaking.
-    """
-    source = textwrap.dedent(inspect.getsource(func))
-    if source.count(old) != 1:
-        logger.warning("pynetdicom %s changed; reactor tuning not applied", func.__qualname__)
+def _wake_pair(outgoing: Any) -> tuple[socket.socket, socket.socket] | None:
+    """A DUL reactor's wake-up pair: ``outgoing`` (its send queue) writes to the second end
+    when a PDU is queued, the reactor waits on the first. None: poll as pynetdicom does."""
+    if not isinstance(outgoing, _WakingQueue):
         return None
-    namespace = dict(vars(inspect.getmodule(func)))
-    namespace.update(helpers)
-    exec(compile(source.replace(old, new), inspect.getsourcefile(func) or "<pynetdicom>",  # noqa: S102 - pynetdicom's own source
-                 "exec"), namespace)
-    return namespace[func.__name__]
+    try:
+        pair = socket.socketpair()
+    except OSError:  # out of descriptors
+        return None
+    for end in pair:
+        end.setblocking(False)
+    outgoing.wake = pair[1]
+    return pair
 
 
-def _tune_reactors() -> None:
-    reactor = _patched(association.Association._run_reactor, "time.sleep(0.001)",
-                       "_router_wait_for_message(self)",
-                       {"_router_wait_for_message": _wait_for_message})
-    if reactor is not None:
-        association.Association._run_reactor = reactor  # type: ignore[method-assign]
-    run = _patched(dul.DULServiceProvider.run_reactor, "time.sleep(self._run_loop_delay)",
-                   "_router_wait_for_socket(self)", {"_router_wait_for_socket": _wait_for_socket})
-    if run is not None:
-        dul.DULServiceProvider.run_reactor = _closing_wake(run)  # type: ignore[method-assign]
+def _close_wake(outgoing: Any, pair: tuple[socket.socket, socket.socket] | None) -> None:
+    if pair is not None:
+        outgoing.wake = None
+        for end in pair:
+            end.close()
+
+
+def _association_reactor(self: Any) -> None:
+    """pynetdicom 3.0.4's ``Association._run_reactor``, line for line, except that its
+    ``time.sleep(0.001)`` before each check is :func:`_wait_for_message`: an acceptor waits
+    for the message it polls for. (Our copy, not its source recompiled: see
+    :data:`PATCHED_SOURCES` for how a pynetdicom that differs is detected.)"""
+    self._is_paused = False
+    while not self._kill:
+        _wait_for_message(self)
+
+        self._is_paused = True
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+
+        context_id, msg = self.dimse.get_msg(block=False)
+        if msg:
+            self._serve_request(msg, context_id)
+
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            _ASSOCIATION_LOG.info("Association Released")
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+
+        if self.acse.is_aborted():
+            log_msg = "Association Aborted"
+            if self.acse.is_aborted("a-p-abort"):
+                log_msg += " (A-P-ABORT)"
+            _ASSOCIATION_LOG.info(log_msg)
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+
+        if not self.dul.is_alive():
+            self.kill()
+            return
+
+        if self.dul.idle_timer_expired():
+            _ASSOCIATION_LOG.error("Network timeout reached")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+
+            self.kill()
+            return
+
+
+def _dul_reactor(self: Any) -> None:
+    """pynetdicom 3.0.4's ``DULServiceProvider.run_reactor``, line for line, except that its
+    idle sleep (``_run_loop_delay``, 1 ms) is :func:`_wait_for_socket` (woken by the peer's
+    data or by a PDU queued to send, through a wake-up pair the loop closes when it ends)."""
+    outgoing = self.to_provider_queue
+    pair = _wake_pair(outgoing)
+    wake = pair[0] if pair is not None else None
+    try:
+        self._idle_timer.start()
+        sleep = False
+
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                sleep = True
+
+            if sleep:
+                _wait_for_socket(self, wake)
+
+            if self._kill_thread:
+                break
+
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                _DUL_LOG.error("Exception in DUL.run(), aborting association")
+                _DUL_LOG.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                sleep = True
+                continue
+
+            self.state_machine.do_action(event)
+            sleep = False
+    finally:
+        _close_wake(outgoing, pair)
 
 
 SEND_QUEUE_PDUS = 8
@@ -273,6 +358,7 @@ SEND_QUEUE_PDUS = 8
 DUL_IDLE_DELAY = 0.005
 MAX_SEND_PDU = 4 * 1024 * 1024
 _peer_max_pdu = dimse.DIMSEServiceProvider.maximum_pdu_size
+_dul_init = dul.DULServiceProvider.__init__
 
 
 def _capped_peer_max_pdu(self: dimse.DIMSEServiceProvider) -> int:
@@ -282,12 +368,84 @@ def _capped_peer_max_pdu(self: dimse.DIMSEServiceProvider) -> int:
     return MAX_SEND_PDU if peer == 0 or peer > MAX_SEND_PDU else peer
 
 
+def _init_dul(self: dul.DULServiceProvider, *args: Any, **kwargs: Any) -> None:
+    _dul_init(self, *args, **kwargs)
+    # Bounded: a chunked send from a file otherwise queues every fragment of the file
+    # (1 GB in memory for a 1 GB instance) faster than the socket drains them. Putting a PDU
+    # also wakes the reactor (_WakingQueue).
+    self.to_provider_queue = _WakingQueue(maxsize=SEND_QUEUE_PDUS)
+
+
+def _nodelay_on_connect(event: Any) -> None:
+    """EVT_CONN_OPEN handler: TCP_NODELAY on the socket of an association we open (the gate
+    sets it on every connection it accepts)."""
+    _set_nodelay(getattr(event.assoc.dul.socket, "socket", None))
+
+
+# Bind these (``evt_handlers``) on every association we request through pynetdicom.
+CONNECTION_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay_on_connect)]
+
+# What this module replaces in pynetdicom (no public setting does what these do), with the
+# sha256 of the source each replacement was written against: pynetdicom 3.0.4 as pinned.
+# The reactors are our copies of pynetdicom's loops, applied only while the source is unchanged
+# (otherwise pynetdicom's own loops run, with a warning); tests/unit/test_tuning.py fails on
+# any difference, so an upgrade of pynetdicom is checked against each of them.
+PYNETDICOM_VERSION = "3.0.4"
+PATCHED_SOURCES: dict[str, str] = {
+    # Streamed C-STORE receive into our spool (its NamedTemporaryFile), with our file meta
+    # writer (its create_file_meta and write_file_meta_info): the globals it calls.
+    "dimse_messages.DIMSEMessage.decode_msg":
+        "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+    # The incoming PDU cap, read without copying 4 KB at a time.
+    "transport.AssociationSocket.recv":
+        "6bc20a33b1b7cfe76d4ad4407ca242563bc6206fde4b4e1cf7a2fbb1f11d621d",
+    # The bounded send queue that wakes the DUL reactor.
+    "dul.DULServiceProvider.__init__":
+        "c82dafa9438ddf70685917cb15d2bfbc814aa0ad5233ffb0ae650faedc7570f0",
+    # The reactors: wait for what they poll for.
+    "association.Association._run_reactor":
+        "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
+    "dul.DULServiceProvider.run_reactor":
+        "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803",
+    # The outgoing PDU cap.
+    "dimse.DIMSEServiceProvider.maximum_pdu_size":
+        "600fc7073d35ccd6c99ef1959551f308544b4fc0156fa6afde7fa536318622bf",
+}
+_MODULES = {"association": association, "dimse": dimse, "dimse_messages": dimse_messages,
+            "dul": dul, "transport": transport}
+
+
+def _library_function(name: str) -> Any:
+    module, _, path = name.partition(".")
+    target: Any = _MODULES[module]
+    for part in path.split("."):
+        target = inspect.getattr_static(target, part)
+    return target.fget if isinstance(target, property) else target
+
+
+# As pynetdicom defines them (this module replaces some of them in configure_pynetdicom).
+_ORIGINALS: dict[str, Any] = {name: _library_function(name) for name in PATCHED_SOURCES}
+
+
+def source_digest(name: str) -> str:
+    """sha256 of pynetdicom's own source of a PATCHED_SOURCES entry."""
+    return hashlib.sha256(inspect.getsource(_ORIGINALS[name]).encode()).hexdigest()
+
+
+def _unchanged(name: str) -> bool:
+    if source_digest(name) == PATCHED_SOURCES[name]:
+        return True
+    logger.warning("pynetdicom %s changed; its tuning is not applied", name)
+    return False
+
+
 def configure_pynetdicom(spool_dir: Path, max_incoming_pdu: int, idle_delay: float) -> None:
     """Apply our settings to the pynetdicom library (idempotent; latest values win)."""
     with _lock:
         spool_dir.mkdir(parents=True, exist_ok=True)
         _state["spool_dir"] = spool_dir
         _state["max_pdu"] = max_incoming_pdu
+        _state["idle_delay"] = idle_delay  # the DUL reactor's idle wait (_wait_for_socket)
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -295,35 +453,20 @@ def configure_pynetdicom(spool_dir: Path, max_incoming_pdu: int, idle_delay: flo
         # Its standard handlers format every PDU and message for log lines our logging
         # configuration drops (the pynetdicom logger is at WARNING): pure cost.
         _config.LOG_HANDLER_LEVEL = "none"
-        _set_idle_delay(idle_delay)
         quiet_library_errors()  # a peer's bad PDU: one line, no traceback, rate-limited
         if _state["applied"]:
             return
+        # Safety (streamed receive, PDU caps, bounded send queue): always applied.
         dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[assignment]
         dimse_messages.create_file_meta = _file_meta  # type: ignore[assignment]
         dimse_messages.write_file_meta_info = _write_file_meta  # type: ignore[assignment]
         transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
-        transport.AssociationSocket.__init__ = _init  # type: ignore[method-assign]
-        transport.AssociationSocket.connect = _connect  # type: ignore[method-assign]
-        _tune_reactors()
+        dul.DULServiceProvider.__init__ = _init_dul  # type: ignore[method-assign]
         dimse.DIMSEServiceProvider.maximum_pdu_size = property(  # type: ignore[method-assign,assignment]
             _capped_peer_max_pdu)
+        # Speed: our copies of the reactors, only over the source they were copied from.
+        if _unchanged("association.Association._run_reactor"):
+            association.Association._run_reactor = _association_reactor  # type: ignore[method-assign]
+        if _unchanged("dul.DULServiceProvider.run_reactor"):
+            dul.DULServiceProvider.run_reactor = _dul_reactor  # type: ignore[method-assign]
         _state["applied"] = True
-
-
-def _set_idle_delay(delay: float) -> None:
-    """pynetdicom's DUL loop sleeps this long when idle (1 ms by default)."""
-    original = dul.DULServiceProvider.__init__
-    if getattr(original, "_router_wrapped", False):
-        original = original.__wrapped__  # type: ignore[attr-defined]
-
-    def init(self: dul.DULServiceProvider, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        self._run_loop_delay = delay
-        # Bounded: a chunked send from a file otherwise queues every fragment of the file
-        # (1 GB in memory for a 1 GB instance) faster than the socket drains them.
-        self.to_provider_queue = _WakingQueue(maxsize=SEND_QUEUE_PDUS)
-
-    init.__wrapped__ = original  # type: ignore[attr-defined]
-    init._router_wrapped = True  # type: ignore[attr-defined]
-    dul.DULServiceProvider.__init__ = init  # type: ignore[method-assign]

@@ -121,3 +121,48 @@ def test_the_wal_sync_follows_a_replaced_wal_and_skips_a_removed_one(
         assert first != second and synced == [first, second, second]
     finally:
         lock.close()
+
+
+def test_the_logs_are_built_by_our_factory_named_in_eventsourcings_setting(
+        tmp_path: Path) -> None:
+    """No patch: eventsourcing's own classes stay as they are, ours is chosen by
+    PERSISTENCE_MODULE."""
+    from eventsourcing.sqlite import SQLiteDatastore
+
+    from router.application.sqlite_writes import OrderedSQLiteDatastore, OrderedSQLiteFactory
+
+    stores = EventStores(StoreConfig(f"sqlite:///{tmp_path}"))
+    try:
+        for app in stores.all().values():
+            assert type(app.factory) is OrderedSQLiteFactory
+            assert type(app.recorder.datastore) is OrderedSQLiteDatastore  # type: ignore[attr-defined]
+        assert SQLiteDatastore.transaction.__module__ == "eventsourcing.sqlite"
+        assert SQLiteDatastore.get_connection.__module__ == "eventsourcing.sqlite"
+    finally:
+        stores.close()
+
+
+def test_our_factory_passes_on_every_setting_of_eventsourcings_datastore(tmp_path: Path) -> None:
+    """OrderedSQLiteFactory rebuilds the datastore eventsourcing's factory made from the
+    settings, argument by argument: a new argument in an eventsourcing upgrade must be
+    passed on too (or the upgrade checked) before this test is changed."""
+    import inspect
+
+    from eventsourcing.sqlite import SQLiteDatastore
+
+    from router.application.sqlite_writes import OrderedSQLiteFactory
+
+    assert list(inspect.signature(SQLiteDatastore.__init__).parameters) == [
+        "self", "db_name", "lock_timeout", "pool_size", "max_overflow", "pool_timeout",
+        "max_age", "pre_ping", "single_row_tracking", "originator_id_type"]
+    factory = OrderedSQLiteFactory({
+        "SQLITE_DBNAME": str(tmp_path / "x.sqlite"), "SQLITE_LOCK_TIMEOUT": "7",
+        "SINGLE_ROW_TRACKING": "n", "ORIGINATOR_ID_TYPE": "text"})
+    try:
+        datastore = factory.datastore
+        assert datastore.pool.db_name == str(tmp_path / "x.sqlite")
+        assert datastore.pool.lock_timeout == 7
+        assert datastore.single_row_tracking is False
+        assert datastore.originator_id_type == "text"
+    finally:
+        factory.close()

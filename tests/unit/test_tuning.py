@@ -17,7 +17,12 @@ from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from router.dicom.identity import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
-from router.dicom.tuning import _file_meta, configure_pynetdicom, encode_file_meta
+from router.dicom.tuning import (
+    _file_meta,
+    configure_pynetdicom,
+    encode_file_meta,
+    received_spool,
+)
 from tests.integration.peers import free_port
 from tests.synthetic import make_ct_series
 
@@ -79,14 +84,15 @@ def test_received_files_are_readable_and_associations_leave_no_descriptors(
     woken: list[bool] = []
 
     def on_store(event: evt.Event) -> int:
-        spool = event.request._dataset_file  # type: ignore[attr-defined]
+        spool = received_spool(event)
+        assert spool is not None
         spool.finish()
         spool.wait_durable()
         spool.close()
         ds = dcmread(spool.path)  # pynetdicom removes the file once the handler returns
         stored.append((ds.file_meta.MediaStorageSOPInstanceUID, ds.SOPInstanceUID))
         duls.append(event.assoc.dul)
-        woken.append("_router_wake" in event.assoc.dul.__dict__)
+        woken.append(event.assoc.dul.to_provider_queue.wake is not None)
         return 0
 
     scp = AE(ae_title="TUNED")
@@ -106,10 +112,10 @@ def test_received_files_are_readable_and_associations_leave_no_descriptors(
             assert assoc.is_established
             for path in files:
                 assert assoc.send_c_store(path).Status == 0
-            assert "_router_wake" in assoc.dul.__dict__
+            assert assoc.dul.to_provider_queue.wake is not None  # the reactor's wake-up pair
             assoc.release()
             assoc.dul.join(5)
-            assert "_router_wake" not in assoc.dul.__dict__
+            assert assoc.dul.to_provider_queue.wake is None  # closed as the reactor ended
 
         one_association()  # warm up: threads and caches that live as long as the process
         before = _association_descriptors(port)
@@ -124,4 +130,58 @@ def test_received_files_are_readable_and_associations_leave_no_descriptors(
     assert all(woken)
     for dul in duls:
         dul.join(5)
-        assert "_router_wake" not in dul.__dict__
+        assert dul.to_provider_queue.wake is None
+
+
+def test_what_tuning_replaces_in_pynetdicom_is_the_source_it_was_written_against(
+        tmp_path: Path) -> None:
+    """router.dicom.tuning keeps a few replacements inside pynetdicom, where no public
+    setting does what they do. Each was written against pynetdicom 3.0.4's source: after an
+    upgrade this fails until each replacement is checked against the new source (and its
+    digest in PATCHED_SOURCES updated, or the replacement dropped)."""
+    import pynetdicom
+    from pynetdicom import association, dul
+
+    from router.dicom import tuning
+
+    assert pynetdicom.__version__ == tuning.PYNETDICOM_VERSION
+    changed = [name for name, digest in tuning.PATCHED_SOURCES.items()
+               if tuning.source_digest(name) != digest]
+    assert changed == []
+    tuning.configure_pynetdicom(tmp_path / "spool", 64 * 1024 * 1024, idle_delay=0.005)
+    assert association.Association._run_reactor is tuning._association_reactor
+    assert dul.DULServiceProvider.run_reactor is tuning._dul_reactor
+
+
+def test_no_library_source_is_executed_and_no_private_name_imported() -> None:
+    """The front doors (issue 17): no exec of a library's source, no private import from
+    pynetdicom or eventsourcing (``_config`` is pynetdicom's documented settings module),
+    none of the private attributes we once used."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    used = re.compile(r"\._servers\b|\._dataset_file\b|\._dataset_path\b|"
+                      r"\._create_connection\b|\._sqlite_conn\b|\._run_loop_delay\b")
+    found: list[str] = []
+    for folder in ("router", "projections", "web"):
+        for path in sorted((root / folder).rglob("*.py")):
+            where = path.relative_to(root)
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                        and node.func.id in ("exec", "eval", "compile"):
+                    found.append(f"{where}:{node.lineno}: {node.func.id}()")
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+                        "pynetdicom", "eventsourcing"):
+                    module_private = any(part.startswith("_") and part != "_config"
+                                         for part in (node.module or "").split("."))
+                    names = [a.name for a in node.names
+                             if a.name.startswith("_") and a.name != "_config"]
+                    if module_private or names:
+                        found.append(f"{where}:{node.lineno}: from {node.module} import "
+                                     f"{', '.join(a.name for a in node.names)}")
+            found += [f"{where}:{number}: {line.strip()}"
+                      for number, line in enumerate(path.read_text().splitlines(), 1)
+                      if used.search(line)]
+    assert found == []

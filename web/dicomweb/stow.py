@@ -23,7 +23,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 from pydicom.filereader import read_file_meta_info
-from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from router.application.commands import Actor
 from router.application.receive import (
@@ -36,7 +35,7 @@ from router.application.receive import (
 from router.application.sessions import AccessRecord
 from router.dicom.header_scan import scan_header
 from router.dicom.limits import DatasetLimits
-from router.dicom.scp import TRANSFER_SYNTAXES
+from router.dicom.scp import STORAGE_CLASSES, TRANSFER_SYNTAXES
 from web.api.common import ApiError
 from web.auth import actor_of, record_access
 from web.dicomweb.lookup import base_path, url_path
@@ -67,7 +66,7 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_STORAGE_UIDS = frozenset(str(uid) for uid in _STORAGE_CLASSES.values())
+_STORAGE_UIDS = frozenset(STORAGE_CLASSES)
 _SYNTAX_UIDS = frozenset(str(uid) for uid in TRANSFER_SYNTAXES)
 
 
