@@ -22,6 +22,8 @@ from router.priority import lower_this_thread
 
 logger = logging.getLogger(__name__)
 
+LISTEN_POLL = 0.2  # seconds the LISTEN thread waits for a NOTIFY before checking for a stop
+
 BATCH_SIZE = 500
 # PostgreSQL: the node building the views notifies this channel after each batch, so that
 # the other nodes (which read the views) see the new positions at once.
@@ -320,7 +322,8 @@ class ProjectionRunner:
                     for channel in channels:
                         conn.execute(f'LISTEN "{channel}"')
                     while not self._stop.is_set():
-                        for notify in conn.notifies(timeout=1.0):
+                        # A short wait: stop() waits for this loop to notice it.
+                        for notify in conn.notifies(timeout=LISTEN_POLL):
                             self._wake_for(notify.channel)
             except Exception as exc:
                 logger.warning("LISTEN connection lost (%s); polling meanwhile",

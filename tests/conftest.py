@@ -33,6 +33,19 @@ _RUNNING: list[Any] = []  # routers started by start_router and not yet torn dow
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashes(request: pytest.FixtureRequest,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """bcrypt at cost 4, its minimum, in this process: the same code, without 0.25 s per hash
+    (each in-process router's first admin, each login). Routers run as ``dicom-router``
+    processes keep the real cost. Tests about the cost or the time a login takes opt out with
+    ``@pytest.mark.real_password_cost``."""
+    if request.node.get_closest_marker("real_password_cost") is None:
+        from router.application import users
+
+        monkeypatch.setattr(users, "BCRYPT_ROUNDS", 4)
+
+
 def _pg_base() -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0]
 

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+SERVE_POLL = 0.05  # seconds between the server loop's checks for a shutdown
+
 # Deflated Explicit VR Little Endian is refused on purpose: pynetdicom inflates it without bound.
 TRANSFER_SYNTAXES = [
     uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian, uids.ExplicitVRBigEndian,
@@ -177,8 +179,10 @@ class DicomServer:
         assert isinstance(server, _HandedServer)
         server.adopt(self, self._channel, self._on_connection_done)
         self._server = server
+        # socketserver's loop notices a shutdown at its next poll: 0.5 s by default, which
+        # every stop waited for. A handed-over connection wakes it at once either way.
         thread = threading.Thread(target=self._server.serve_forever, name="dicom-serve",
-                                  daemon=True)
+                                  kwargs={"poll_interval": SERVE_POLL}, daemon=True)
         thread.start()
         if self.gate is not None:
             self.gate.start()

@@ -70,7 +70,8 @@ class Lane:
     ) -> None:
         self.name = name
         self.version = version
-        self.queue: queue.Queue[DueDelivery] = queue.Queue()
+        # None: wakes a worker at stop (without it, stop waited for the 0.5 s poll).
+        self.queue: queue.Queue[DueDelivery | None] = queue.Queue()
         self.in_flight: set[str] = set()
         # Two versions of one SOP Instance UID never travel at once: they would race for the
         # same file, key or PACS record, and the older one could win.
@@ -109,6 +110,8 @@ class Lane:
     def stop(self, grace: float) -> None:
         """Workers finish the instance in hand (up to ``grace`` s); queued items stay pending."""
         self._stop.set()
+        for _ in self._threads:
+            self.queue.put(None)
         deadline = time.monotonic() + grace
         for t in self._threads:
             if t.is_alive():
@@ -128,8 +131,9 @@ class Lane:
                     if adapter is not None and self.queue.empty():
                         adapter = self._idle(adapter)
                     continue
-                if self._stop.is_set():
-                    self._release(due)
+                if due is None or self._stop.is_set():
+                    if due is not None:
+                        self._release(due)
                     break
                 adapter = self._attempt(adapter, due)
         finally:

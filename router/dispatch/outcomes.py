@@ -44,7 +44,9 @@ class OutcomeRecorder:
         self._settings = settings
         self._clock = clock
         self._on_saved = on_saved
-        self._queue: queue.Queue[tuple[AttemptResult, Callable[[], None]]] = queue.Queue()
+        # None: wakes the saver at stop.
+        self._queue: queue.Queue[tuple[AttemptResult, Callable[[], None]] | None] = \
+            queue.Queue()
         self._recent: dict[str, int] = {}  # delivery id -> notification id of its outcome
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -60,6 +62,7 @@ class OutcomeRecorder:
     def stop(self, timeout: float = 10.0) -> None:
         """Save what is queued, then stop."""
         self._stop.set()
+        self._queue.put(None)  # wakes the saver now, not at its next 0.2 s poll
         self._thread.join(timeout)
 
     def recent(self) -> set[str]:
@@ -76,15 +79,19 @@ class OutcomeRecorder:
         lower_this_thread()
         while not (self._stop.is_set() and self._queue.empty()):
             try:
-                batch = [self._queue.get(timeout=0.2)]
+                first = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
+            batch = [first] if first is not None else []
             while len(batch) < BATCH:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            self._save_batch(batch)
+                if item is not None:
+                    batch.append(item)
+            if batch:
+                self._save_batch(batch)
 
     def _save_batch(self, batch: list[tuple[AttemptResult, Callable[[], None]]]) -> None:
         try:

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from router.application.commands import Actor
@@ -32,6 +33,7 @@ def _login_seconds(server: Any, username: str) -> float:
     return elapsed
 
 
+@pytest.mark.real_password_cost
 def test_unknown_users_disabled_users_and_wrong_passwords_take_the_same_time(
         web_router: Any, tmp_path: Path) -> None:
     """Medians of a few interleaved tries of each kind, compared with a generous ratio: the

@@ -8,6 +8,7 @@ import pytest
 from router.application import users
 
 
+@pytest.mark.real_password_cost
 def test_the_default_cost_uses_the_constant_made_at_that_cost() -> None:
     assert users.BCRYPT_ROUNDS == users._DUMMY_ROUNDS
     assert users.dummy_hash() == users._DUMMY_HASH
