@@ -8,6 +8,7 @@ left it running.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -140,11 +141,23 @@ class RouterProcess:
             if self.process.poll() is not None:
                 pytest.fail(f"dicom-router exited with {self.process.returncode} while starting;"
                             f" log:\n{self.log()[-4000:]}")
-            if self.readyz() == 200:
+            if self.readyz() == 200 and self._answered_by_us():
                 return
             time.sleep(0.1)
         pytest.fail(f"dicom-router was not ready within {timeout:.0f} s; log:\n"
                     f"{self.log()[-4000:]}")
+
+    def _answered_by_us(self) -> bool:
+        """Whether /readyz names this node (when it has an id): a port that another node
+        answered on must not pass for this node being ready."""
+        if not self.node_id:
+            return True
+        url = f"http://127.0.0.1:{self.http_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(json.loads(response.read()).get("node") == self.node_id)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
 
     def readyz(self) -> int | None:
         """The HTTP status of ``GET /readyz`` (None when nothing answers)."""
