@@ -217,7 +217,8 @@ def cmd_projections(settings: Settings, args: Any) -> int:
 
 
 def _projections(settings: Settings, args: Any) -> int:
-    from projections.runner import drop_view, ensure_schema, positions, process_batch
+    from projections.positions import view_positions
+    from projections.runner import drop_view, ensure_schema, process_batch
     from router.application.stores import open_stores
     from router.secrets import SecretBox, load_master_key
     from router.service import VIEW_CLASSES, open_all_views
@@ -230,7 +231,7 @@ def _projections(settings: Settings, args: Any) -> int:
         if args.action == "status":
             for name, (view, db) in views.items():
                 ensure_schema(view, db)
-                done = positions(view, db)
+                done = view_positions(db, name)
                 for app in view.follows:
                     head = apps[app].recorder.max_notification_id() or 0
                     print(f"{name:8} {app:9} position {done.get(app, 0):>9}  "

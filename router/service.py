@@ -17,7 +17,7 @@ from projections.audit import AuditView
 from projections.db import ViewDatabase, open_views
 from projections.freshness import FreshReads, LogHeads
 from projections.jobs import JobsView
-from projections.progress import view_positions
+from projections.positions import view_positions
 from projections.runner import VIEWS_CHANNEL, ProjectionRunner, View, ensure_schema
 from projections.studies import StudiesView
 from router.ai.callbacks import AICallbacks

@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from projections.positions import view_positions
 from router.application.commands import Actor
 from router.service import Router, open_all_views
 from router.settings import Settings
@@ -449,7 +450,7 @@ VIEW_TABLES = {
 }
 
 
-def dump_views(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+def dump_views(settings: Settings) -> dict[str, Any]:
     views = open_all_views(settings)
     try:
         dump = {}
@@ -457,8 +458,7 @@ def dump_views(settings: Settings) -> dict[str, list[dict[str, Any]]]:
             db = views[view][1]
             for table, key in tables.items():
                 dump[table] = db.query(f"SELECT * FROM {table} ORDER BY {key}")
-            dump[f"positions:{view}"] = db.query(
-                "SELECT * FROM projection_positions WHERE view = ? ORDER BY application", (view,))
+            dump[f"positions:{view}"] = view_positions(db, view)
         return dump
     finally:
         for _, db in views.values():

@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from projections.jobs import JobsView
-from projections.progress import view_positions
+from projections.positions import view_positions
 from router.application.sessions import AccessRecord
 from web.api.common import ApiError, json_response, paging, read_json, run_command
 from web.auth import actor_of, record_access
