@@ -72,6 +72,14 @@ class View:
         """Called once per committed batch, inside its transaction."""
 
 
+@dataclass(frozen=True)
+class ViewHandle:
+    """A view and the database its tables are in."""
+
+    view: View
+    db: ViewDatabase
+
+
 def ensure_schema(view: View, db: ViewDatabase) -> None:
     with db.transaction() as cur:
         cur.execute(POSITIONS_SQL)
@@ -241,11 +249,11 @@ class ProjectionRunner:
     waiting queries as they move.
     """
 
-    def __init__(self, views: Sequence[tuple[View, ViewDatabase]], apps: dict[str, Any],
+    def __init__(self, views: Sequence[ViewHandle], apps: dict[str, Any],
                  poll_interval: float = 0.5, coalesce: float = 0.05,
                  leads: Callable[[str], bool] = lambda view: True,
                  manage_schema: bool = True) -> None:
-        self._views = list(views)
+        self._views = [(handle.view, handle.db) for handle in views]
         self._manage_schema = manage_schema  # False: migrate made the tables (another role)
         self._leads = leads
         # After a partial batch, wait this long so that the next one is larger: one

@@ -122,15 +122,15 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
         router.runner.catch_up()
         flt = flt.up_to(time.time())
         with _output(args.output) as out:
-            count = write_export(router.views["audit"][1], flt, args.format, out)
+            count = write_export(router.view_db("audit"), flt, args.format, out)
         router.sessions.record(Actor("cli"), AccessRecord(
             action="audit.export", object_type="audit", study_instance_uid=flt.study_uid,
             patient_id=flt.patient_id,
             detail=f"format={args.format} rows={count} os_user={_os_user()} "
                    f"{flt.describe()}".strip()))
     finally:
-        for _, db in router.views.values():
-            db.close()
+        for handle in router.views.values():
+            handle.db.close()
         router.stores.close()
     if args.output is not None:
         print(f"wrote {count} audit rows to {args.output}", file=sys.stderr)

@@ -43,7 +43,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _metric_lines(router: Any) -> list[str]:
-    jobs_db = router.views["jobs"][1]
+    jobs_db = router.view_db("jobs")
     lines = ["# TYPE dicom_router_deliveries gauge"]
     for row in jobs_db.query("SELECT destination, status, count(*) AS n FROM deliveries"
                              " GROUP BY destination, status ORDER BY destination, status"):

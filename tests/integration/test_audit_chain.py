@@ -25,7 +25,7 @@ def verify(capsys: Any, *extra: str) -> tuple[int, str]:
 
 
 def execute(router: Any, sql: str, params: tuple[Any, ...] = ()) -> None:
-    with router.views["audit"][1].transaction() as cur:
+    with router.view_db("audit").transaction() as cur:
         cur.execute(sql, params)
 
 
@@ -50,7 +50,7 @@ def worked(database_url: str, tmp_path: Path, start_router: Any, monkeypatch: An
 
 def test_an_intact_trail_verifies_and_each_link_is_the_documented_hash(
         worked: Any, capsys: Any) -> None:
-    db = worked.views["audit"][1]
+    db = worked.view_db("audit")
     count = db.query("SELECT COUNT(*) AS n FROM audit")[0]["n"]
     code, out = verify(capsys)
     assert code == 0, out
@@ -80,7 +80,7 @@ def test_an_intact_trail_verifies_and_each_link_is_the_documented_hash(
 
 
 def test_a_changed_row_is_named_with_exit_code_1(worked: Any, capsys: Any) -> None:
-    db = worked.views["audit"][1]
+    db = worked.view_db("audit")
     target = db.query("SELECT application, position, occurred_at FROM audit"
                       " WHERE action = 'study.view' ORDER BY position LIMIT 1 OFFSET 10")[0]
     execute(worked, "UPDATE audit SET patient_id = ? WHERE application = ? AND position = ?",
@@ -104,7 +104,7 @@ def test_a_changed_row_is_named_with_exit_code_1(worked: Any, capsys: Any) -> No
 
 
 def test_a_deleted_and_an_added_row_are_named(worked: Any, capsys: Any) -> None:
-    db = worked.views["audit"][1]
+    db = worked.view_db("audit")
     rows = db.query("SELECT application, position FROM audit WHERE action = 'study.view'"
                     " ORDER BY position")
     gone = rows[3]

@@ -173,7 +173,7 @@ async def requests_list(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER_KEY]
     limit, offset = paging(request)
     destination = request.query.get("destination") or None
-    rows = await asyncio.to_thread(list_requests, router.views["jobs"][1], destination,
+    rows = await asyncio.to_thread(list_requests, router.view_db("jobs"), destination,
                                    request.query.get("study_uid") or None, limit, offset)
     return json_response({"items": rows, "limit": limit, "offset": offset})
 

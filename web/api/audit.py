@@ -30,7 +30,7 @@ EXPORT_PAGE = 1000
 
 
 def audit_db(request: web.Request) -> Any:
-    return request.app[ROUTER_KEY].views["audit"][1]
+    return request.app[ROUTER_KEY].view_db("audit")
 
 
 def audit_filter(request: web.Request) -> queries.AuditFilter:

@@ -53,7 +53,7 @@ class BulkRequest(BaseModel):
 
 
 def bulk_of(router: Any) -> BulkDeliveries:
-    return BulkDeliveries(router.commands, router.stores, router.views["jobs"][1])
+    return BulkDeliveries(router.commands, router.stores, router.view_db("jobs"))
 
 
 def delivery_filter(router: Any, values: BulkRequest) -> DeliveryFilter:

@@ -105,9 +105,9 @@ def load_all(router: Any) -> tuple[list[dict[str, Any]], dict[str, Health]]:
     """Every live destination described (name order), and the health of all names that have
     deliveries, including deleted destinations that still have some."""
     states = live(router)
-    healths = health(router.views["jobs"][1], {n: s.paused for n, s in states.items()})
+    healths = health(router.view_db("jobs"), {n: s.paused for n, s in states.items()})
     declared = [str(d.get("name")) for d in router.settings.destinations]
-    ours = declared_by_config(router.views["audit"][1], "destination", states, declared)
+    ours = declared_by_config(router.view_db("audit"), "destination", states, declared)
     items = [describe(states[n], healths.get(n), n in ours) for n in sorted(states)]
     return items, healths
 
@@ -116,9 +116,9 @@ def load_one(router: Any, name: str) -> dict[str, Any]:
     state = live(router).get(name)
     if state is None:
         raise ApiError(404, f"destination {name!r} does not exist")
-    healths = health(router.views["jobs"][1], {name: state.paused})
+    healths = health(router.view_db("jobs"), {name: state.paused})
     declared = [str(d.get("name")) for d in router.settings.destinations]
-    ours = declared_by_config(router.views["audit"][1], "destination", [name], declared)
+    ours = declared_by_config(router.view_db("audit"), "destination", [name], declared)
     return describe(state, healths.get(name), name in ours)
 
 

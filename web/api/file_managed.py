@@ -30,7 +30,7 @@ class DetachRequest(BaseModel):
 def declared(router: Any, kind: str, names: list[str]) -> set[str]:
     """The names among ``names`` the configuration file declares (or declared)."""
     items = router.settings.rules if kind == "rule" else router.settings.destinations
-    return declared_by_config(router.views["audit"][1], kind, names,
+    return declared_by_config(router.view_db("audit"), kind, names,
                               [str(i.get("name")) for i in items])
 
 

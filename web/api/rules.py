@@ -102,7 +102,7 @@ def rule_items(router: Any) -> list[dict[str, Any]]:
     """Every rule in evaluation order (priority, name) with its id, version and origin."""
     rules = router.admin.snapshot().rules
     declared = [str(r.get("name")) for r in router.settings.rules]
-    ours = declared_by_config(router.views["audit"][1], "rule",
+    ours = declared_by_config(router.view_db("audit"), "rule",
                               [r.spec.name for r in rules], declared)
     detached = router.admin.snapshot().detached_rules
     return [{**r.spec.to_dict(), "rule_id": r.rule_id, "version": r.version,
@@ -203,7 +203,7 @@ async def dry_run_job(request: web.Request, job_id: str,
     """Dry-run a past job; the access (the header's values are PHI) is recorded."""
     router = request.app[ROUTER_KEY]
     try:
-        job: JobInput = await asyncio.to_thread(job_input, router.views["jobs"][1],
+        job: JobInput = await asyncio.to_thread(job_input, router.view_db("jobs"),
                                                 router.blobs, job_id)
     except JobNotFound as exc:
         await record_access(request, AccessRecord("job.dry_run", "job", job_id[:64],

@@ -59,7 +59,7 @@ def transform_items(router: Any) -> list[dict[str, Any]]:
     """Every transform with its version, origin and the destinations and rules naming it."""
     transforms = router.admin.snapshot().transforms
     declared = [str(t.get("name")) for t in router.settings.transforms]
-    ours = declared_by_config(router.views["audit"][1], "transform", list(transforms), declared)
+    ours = declared_by_config(router.view_db("audit"), "transform", list(transforms), declared)
     return [{**t.spec.to_dict(), "version": t.version, "from_config": name in ours,
              "used_by": router.commands.transform_users(name)}
             for name, t in sorted(transforms.items())]
@@ -141,7 +141,7 @@ async def run_preview(request: web.Request, body: PreviewBody) -> dict[str, Any]
     router = request.app[ROUTER_KEY]
     try:
         result = await asyncio.to_thread(
-            preview, router.views["jobs"][1], router.blobs, router.admin.snapshot(),
+            preview, router.view_db("jobs"), router.blobs, router.admin.snapshot(),
             lambda project: project_seed(router.box, project),
             sop_instance_uid=body.sop_instance_uid, transform=body.transform,
             destination=body.destination)

@@ -26,7 +26,7 @@ from web.routes import Route
 
 
 def _studies_db(request: web.Request) -> Any:
-    return request.app[ROUTER_KEY].views["studies"][1]
+    return request.app[ROUTER_KEY].view_db("studies")
 
 
 def _form(request: web.Request) -> dict[str, str]:

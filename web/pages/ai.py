@@ -37,7 +37,7 @@ def processors(router: Any) -> list[dict[str, Any]]:
 
 async def ai_page(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
-    db = router.views["jobs"][1]
+    db = router.view_db("jobs")
 
     def read() -> dict[str, Any]:
         return {"processors": processors(router),

@@ -47,7 +47,7 @@ def chart(minutes: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def stats_values(request: web.Request) -> dict[str, Any]:
     stats = await read_stats(request)
-    jobs_db = request.app[ROUTER_KEY].views["jobs"][1]
+    jobs_db = request.app[ROUTER_KEY].view_db("jobs")
     ai = await asyncio.to_thread(turnaround, jobs_db, time.time() - AI_WINDOW)
     recent = await asyncio.to_thread(recent_activity, jobs_db, RECENT_TRANSFERS)
     return {"stats": stats, "chart": chart(stats["throughput"]["minutes"]),

@@ -36,7 +36,7 @@ async def studies_page(request: web.Request) -> web.Response:
                       **values)
     router = request.app[ROUTER_KEY]
     await fresh(request, "studies")
-    rows, total = await asyncio.to_thread(search_studies, router.views["studies"][1], filters,
+    rows, total = await asyncio.to_thread(search_studies, router.view_db("studies"), filters,
                                           limit, offset)
     await record_access(request, search_record(filters, total))
     values.update(studies=rows, pager=pager("/studies", query, limit, offset, len(rows),
@@ -63,8 +63,8 @@ async def study_page(request: web.Request, **flash: Any) -> web.Response:
     # A series whose instances include an image gets a thumbnail; others a placeholder.
     imaged = {uid: any(i["rows_"] is not None for i in instances)
               for uid, instances in by_series.items()}
-    ai_requests = await asyncio.to_thread(requests_for_study, request.app[ROUTER_KEY].views[
-        "jobs"][1], study_uid)
+    ai_requests = await asyncio.to_thread(
+        requests_for_study, request.app[ROUTER_KEY].view_db("jobs"), study_uid)
     send_to = await asyncio.to_thread(sendable_destinations, request.app[ROUTER_KEY])
     return render(request, "study_detail.html", study=study, by_series=by_series,
                   statuses=DELIVERY_STATUSES, destinations=list(study["deliveries"]),
