@@ -18,6 +18,7 @@ from web.api.common import ApiError, json_response, paging, read_json, run_comma
 from web.auth import actor_of, record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.queries.filters import FilterError, with_iso_times
 from web.queries.jobs import (
     FILTER_FIELDS,
@@ -74,7 +75,7 @@ async def load_job(request: web.Request, job_id: str) -> dict[str, Any] | None:
     return job
 
 
-async def audit_in_step(router: Any, timeout: float = TIMELINE_WAIT_S) -> bool:
+async def audit_in_step(router: RouterPort, timeout: float = TIMELINE_WAIT_S) -> bool:
     """Wait until the audit view has applied the ingest and delivery logs as far as the jobs
     view had when asked: a job's timeline (audit view) then holds every event behind the
     status shown beside it (jobs view). Each view has its own thread and batches, so the

@@ -17,6 +17,7 @@ from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS, page_window, pager
+from web.ports import RouterPort
 from web.queries.ai import requests_for_study
 from web.queries.filters import FilterError
 from web.queries.studies import DELIVERY_STATUSES, FILTER_FIELDS, parse_filters, search_studies
@@ -44,7 +45,7 @@ async def studies_page(request: web.Request) -> web.Response:
     return render(request, "studies.html", **values)
 
 
-def sendable_destinations(router: Any) -> list[str]:
+def sendable_destinations(router: RouterPort) -> list[str]:
     """Destinations a study can be sent to by hand (live, not AI processors)."""
     live = router.admin.snapshot().live_destinations()
     return sorted(name for name, d in live.items() if d.config.get("type") != "ai")
