@@ -93,7 +93,7 @@ def test_a_changed_row_is_named_with_exit_code_1(worked: Any, capsys: Any) -> No
     found = db.query("SELECT outcome, detail FROM audit WHERE action = 'audit.verify'")
     assert found[0]["outcome"] == "failure"
     assert f"broken={target['application']}/{target['position']}" in found[0]["detail"]
-    from web.queries.audit import iso
+    from projections.audit_queries import iso
     assert iso(target["occurred_at"]) in out
     # Checking only what came after it finds the rest intact.
     later = db.query("SELECT MIN(occurred_at) AS t FROM audit WHERE occurred_at > ?",

@@ -23,13 +23,13 @@ import pydicom
 import pytest
 import requests
 
+from projections import audit_queries as queries
 from router.application.commands import Actor
 from router.application.sessions import AccessRecord
 from tests.conftest import make_settings, wait_for
 from tests.integration.peers import free_port
 from tests.synthetic import make_ct_series
 from tests.web_harness import Browser, WebServer, bearer
-from web.queries import audit as queries
 
 EVIL = '=HYPERLINK("http://evil.test","open")'
 PATIENT = "PAT001"

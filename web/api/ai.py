@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from projections.ai_requests_queries import list_requests
 from router.ai.callbacks import CallbackError, ResultFile
 from router.ai.signing import (
     SIGNATURE_HEADER,
@@ -47,7 +48,6 @@ from web.dicomweb.multipart_in import (
     read_parts,
 )
 from web.keys import ROUTER_KEY
-from web.queries.ai import list_requests
 from web.routes import Route
 
 logger = logging.getLogger(__name__)

@@ -12,12 +12,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from projections.ai_requests_queries import list_requests, turnaround
 from router.dispatch.registry import public_config
 from web.api.ai import run_ping
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS
 from web.ports import RouterPort
-from web.queries.ai import list_requests, turnaround
 from web.render import render
 from web.routes import Route
 

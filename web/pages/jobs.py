@@ -16,13 +16,13 @@ from urllib.parse import urlencode
 from aiohttp import web
 from pydicom.uid import UID
 
+from projections.ai_requests_queries import requests_for_job
 from router.domain.delivery_states import FINAL_STATES
 from web.api.common import ApiError
 from web.api.jobs import change_delivery, list_record, load_job, view_record
 from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
-from web.queries.ai import requests_for_job
 from web.queries.filters import FilterError
 from web.queries.jobs import FILTER_FIELDS, JOB_STATUSES, JobFilters, list_jobs, parse_filters
 from web.render import render
