@@ -13,6 +13,7 @@ from typing import Any
 
 from projections.audit_chain import CHAIN_SQL, ChainWriter, needs_rebuild
 from projections.db import Cursor
+from projections.positions import forget_positions
 from projections.runner import EventRecord, View, existing_columns
 from projections.runner import index_text as _text
 
@@ -137,7 +138,7 @@ class AuditView(View):
         if needs_rebuild(cur, lambda c, table: existing_columns(c, dialect, table)):
             for table in self.tables:  # built before the chain: replayed with it
                 cur.execute(f"DROP TABLE IF EXISTS {table}")
-            cur.execute("DELETE FROM projection_positions WHERE view = ?", (self.name,))
+            forget_positions(cur, self.name)
         for sql in (AUDIT_SQL, JOBS_SQL, DELIVERIES_SQL, NAMES_SQL, CHAIN_SQL, *INDEXES):
             cur.execute(sql)
 

@@ -17,19 +17,13 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from projections.db import ViewDatabase
+from projections.positions import view_positions
 
 Positions = Mapping[str, int]  # application (log) -> last position applied
-
-SELECT_POSITIONS = "SELECT application, position FROM projection_positions WHERE view = ?"
 
 # PolledProgress: first pause and ceiling between reads of the positions table (seconds).
 POLL_FIRST = 0.002
 POLL_MAX = 0.05
-
-
-def view_positions(db: ViewDatabase, view: str) -> dict[str, int]:
-    """The positions ``view`` has committed, by log (a log it never applied is absent)."""
-    return {r["application"]: int(r["position"]) for r in db.query(SELECT_POSITIONS, (view,))}
 
 
 def passed(done: Positions, target: Positions) -> bool:

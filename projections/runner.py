@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from projections.db import Cursor, ViewDatabase
-from projections.progress import SELECT_POSITIONS, ViewProgress, view_positions
+from projections.positions import (
+    POSITIONS_SQL,
+    forget_positions,
+    positions_in,
+    save_position,
+    view_positions,
+)
+from projections.progress import ViewProgress
 from router.priority import lower_this_thread
 
 logger = logging.getLogger(__name__)
@@ -28,11 +35,6 @@ BATCH_SIZE = 500
 # PostgreSQL: the node building the views notifies this channel after each batch, so that
 # the other nodes (which read the views) see the new positions at once.
 VIEWS_CHANNEL = "router_views"
-
-POSITIONS_SQL = """CREATE TABLE IF NOT EXISTS projection_positions (
-    view TEXT NOT NULL, application TEXT NOT NULL, position BIGINT NOT NULL,
-    PRIMARY KEY (view, application))"""
-
 
 @dataclass(frozen=True)
 class EventRecord:
@@ -72,6 +74,14 @@ class View:
         """Called once per committed batch, inside its transaction."""
 
 
+@dataclass(frozen=True)
+class ViewHandle:
+    """A view and the database its tables are in."""
+
+    view: View
+    db: ViewDatabase
+
+
 def ensure_schema(view: View, db: ViewDatabase) -> None:
     with db.transaction() as cur:
         cur.execute(POSITIONS_SQL)
@@ -103,17 +113,9 @@ def drop_if_outdated(view: View, cur: Cursor, dialect: str,
             logger.info("%s view: schema changed; rebuilding it from the log", view.name)
             for name in view.tables:
                 cur.execute(f"DROP TABLE IF EXISTS {name}")
-            cur.execute("DELETE FROM projection_positions WHERE view = ?", (view.name,))
+            forget_positions(cur, view.name)
             return True
     return False
-
-
-def positions(view: View, db: ViewDatabase) -> dict[str, int]:
-    return view_positions(db, view.name)
-
-
-def _by_application(rows: Sequence[Any]) -> dict[str, int]:
-    return {r["application"]: int(r["position"]) for r in rows}
 
 
 def drop_view(view: View, db: ViewDatabase) -> None:
@@ -122,7 +124,7 @@ def drop_view(view: View, db: ViewDatabase) -> None:
         cur.execute(POSITIONS_SQL)
         for table in view.tables:
             cur.execute(f"DROP TABLE IF EXISTS {table}")
-        cur.execute("DELETE FROM projection_positions WHERE view = ?", (view.name,))
+        forget_positions(cur, view.name)
 
 
 def index_text(value: object) -> str | None:
@@ -179,7 +181,7 @@ def process_batch(view: View, db: ViewDatabase, apps: dict[str, Any],
     transaction locks the view's positions and re-reads them, and a batch that another
     applier has already applied is dropped and selected again from where that one got to.
     """
-    current = positions(view, db) if current is None else current
+    current = view_positions(db, view.name) if current is None else current
     while True:  # each retry follows another applier's progress, so this ends
         applied = _try_batch(view, db, apps, current, decoded)
         if applied is not None:
@@ -216,12 +218,7 @@ def _try_batch(view: View, db: ViewDatabase, apps: dict[str, Any], current: dict
                     view.apply(cur, EventRecord(app_name, n.id, topic_name(n.topic), event))
             view.end_batch(cur)
             for app_name, batch in batches:
-                cur.execute(
-                    "INSERT INTO projection_positions (view, application, position)"
-                    " VALUES (?, ?, ?) ON CONFLICT (view, application)"
-                    " DO UPDATE SET position = excluded.position",
-                    (view.name, app_name, batch[-1].id),
-                )
+                save_position(cur, view.name, app_name, batch[-1].id)
             if db.dialect == "postgres":
                 cur.execute(f"NOTIFY {VIEWS_CHANNEL}")  # delivered at commit
     except _Moved:
@@ -242,8 +239,7 @@ def _lock_positions(cur: Cursor, dialect: str, view_name: str) -> dict[str, int]
     """
     if dialect == "postgres":
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"view:{view_name}",))
-    cur.execute(SELECT_POSITIONS, (view_name,))
-    return _by_application(cur.fetchall())
+    return positions_in(cur, view_name)
 
 
 class ProjectionRunner:
@@ -255,11 +251,11 @@ class ProjectionRunner:
     waiting queries as they move.
     """
 
-    def __init__(self, views: Sequence[tuple[View, ViewDatabase]], apps: dict[str, Any],
+    def __init__(self, views: Sequence[ViewHandle], apps: dict[str, Any],
                  poll_interval: float = 0.5, coalesce: float = 0.05,
                  leads: Callable[[str], bool] = lambda view: True,
                  manage_schema: bool = True) -> None:
-        self._views = list(views)
+        self._views = [(handle.view, handle.db) for handle in views]
         self._manage_schema = manage_schema  # False: migrate made the tables (another role)
         self._leads = leads
         # After a partial batch, wait this long so that the next one is larger: one
@@ -364,7 +360,7 @@ class ProjectionRunner:
         """Read the positions another node committed; wake listeners when they moved."""
         with self._locks[view.name]:
             before = self._positions.get(view.name)
-            stored = self._positions[view.name] = positions(view, db)
+            stored = self._positions[view.name] = view_positions(db, view.name)
         self.progress.advanced(view.name, stored)
         if before is not None and stored != before:
             for callback in self._listeners:
@@ -375,7 +371,7 @@ class ProjectionRunner:
         with self._locks[view.name]:
             current = self._positions.get(view.name)
             if current is None:
-                current = self._positions[view.name] = positions(view, db)
+                current = self._positions[view.name] = view_positions(db, view.name)
             try:
                 applied = process_batch(view, db, self._apps, current, self._decoded)
             except Exception:

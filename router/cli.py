@@ -131,12 +131,12 @@ def cmd_migrate(settings: Settings, args: Any) -> int:
                                                                  settings.data_dir)),
                              role="tool", create_tables=True)
         views = open_all_views(settings)
-        for view, db in views.values():
-            ensure_schema(view, db)
-        NodeRegistry(views["jobs"][1], settings.node_id, dicom_port=settings.dicom_port,
+        for handle in views.values():
+            ensure_schema(handle.view, handle.db)
+        NodeRegistry(views["jobs"].db, settings.node_id, dicom_port=settings.dicom_port,
                      http_port=settings.http_port).ensure_table()
-        for _, db in views.values():
-            db.close()
+        for handle in views.values():
+            handle.db.close()
     stores.close()
     print("event and view tables are in place")
     return 0
@@ -217,7 +217,8 @@ def cmd_projections(settings: Settings, args: Any) -> int:
 
 
 def _projections(settings: Settings, args: Any) -> int:
-    from projections.runner import drop_view, ensure_schema, positions, process_batch
+    from projections.positions import view_positions
+    from projections.runner import drop_view, ensure_schema, process_batch
     from router.application.stores import open_stores
     from router.secrets import SecretBox, load_master_key
     from router.service import VIEW_CLASSES, open_all_views
@@ -228,10 +229,10 @@ def _projections(settings: Settings, args: Any) -> int:
     views = open_all_views(settings)
     try:
         if args.action == "status":
-            for name, (view, db) in views.items():
-                ensure_schema(view, db)
-                done = positions(view, db)
-                for app in view.follows:
+            for name, handle in views.items():
+                ensure_schema(handle.view, handle.db)
+                done = view_positions(handle.db, name)
+                for app in handle.view.follows:
                     head = apps[app].recorder.max_notification_id() or 0
                     print(f"{name:8} {app:9} position {done.get(app, 0):>9}  "
                           f"lag {head - done.get(app, 0)}")
@@ -240,7 +241,8 @@ def _projections(settings: Settings, args: Any) -> int:
         if not args.all and args.name not in VIEW_CLASSES:
             raise ValueError(f"unknown view {args.name!r}; views: {', '.join(VIEW_CLASSES)}")
         for name in names:
-            view, db = views[name]
+            handle = views[name]
+            view, db = handle.view, handle.db
             drop_view(view, db)
             ensure_schema(view, db)
             count = 0
@@ -249,8 +251,8 @@ def _projections(settings: Settings, args: Any) -> int:
             print(f"rebuilt {name}: {count} events applied")
         return 0
     finally:
-        for _, db in views.values():
-            db.close()
+        for handle in views.values():
+            handle.db.close()
         stores.close()
 
 

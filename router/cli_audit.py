@@ -54,8 +54,8 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     """Read the audit view as it is (nothing is written) and check its chain."""
     from projections.audit_chain import verify
+    from projections.audit_queries import iso, parse_time
     from projections.db import open_views
-    from web.queries.audit import iso, parse_time
 
     try:
         since = parse_time(args.since) if args.since else float("-inf")
@@ -105,10 +105,10 @@ def _record_verify(settings: Settings, outcome: str, detail: str) -> None:
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from projections.audit_queries import AuditFilter, FilterError
     from router.application.commands import Actor
     from router.application.sessions import AccessRecord
     from router.service import Router
-    from web.queries.audit import AuditFilter, FilterError
 
     query = {"from": args.since, "to": args.until, "study": args.study,
              "patient": args.patient, "user": args.user, "action": args.action,
@@ -122,15 +122,15 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
         router.runner.catch_up()
         flt = flt.up_to(time.time())
         with _output(args.output) as out:
-            count = write_export(router.views["audit"][1], flt, args.format, out)
+            count = write_export(router.view_db("audit"), flt, args.format, out)
         router.sessions.record(Actor("cli"), AccessRecord(
             action="audit.export", object_type="audit", study_instance_uid=flt.study_uid,
             patient_id=flt.patient_id,
             detail=f"format={args.format} rows={count} os_user={_os_user()} "
                    f"{flt.describe()}".strip()))
     finally:
-        for _, db in router.views.values():
-            db.close()
+        for handle in router.views.values():
+            handle.db.close()
         router.stores.close()
     if args.output is not None:
         print(f"wrote {count} audit rows to {args.output}", file=sys.stderr)
@@ -139,7 +139,7 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
 def write_export(db: Any, flt: Any, fmt: str, out: IO[str]) -> int:
     """Write the rows matching ``flt`` to ``out`` as CSV or a JSON array; returns the count."""
-    from web.queries.audit import csv_text, export_pages, json_items
+    from projections.audit_queries import csv_text, export_pages, json_items
 
     count = 0
     out.write(csv_text([], header=True) if fmt == "csv" else "[\n")

@@ -64,7 +64,7 @@ def cmd_deliveries(settings: Settings, args: argparse.Namespace) -> int:
     router = Router.build(settings)
     try:
         router.runner.catch_up()
-        db = router.views["jobs"][1]
+        db = router.view_db("jobs")
         if args.action == "list":
             return _list(db, args)
         if args.job_id is None:

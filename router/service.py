@@ -11,14 +11,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from projections.audit import AuditView
 from projections.db import ViewDatabase, open_views
 from projections.freshness import FreshReads, LogHeads
 from projections.jobs import JobsView
-from projections.progress import view_positions
-from projections.runner import VIEWS_CHANNEL, ProjectionRunner, View, ensure_schema
+from projections.positions import view_positions
+from projections.runner import VIEWS_CHANNEL, ProjectionRunner, View, ViewHandle, ensure_schema
 from projections.studies import StudiesView
 from router.ai.callbacks import AICallbacks
 from router.ai.requests import AIRequests
@@ -63,10 +63,11 @@ logger = logging.getLogger(__name__)
 
 VIEW_CLASSES: dict[str, type[View]] = {"jobs": JobsView, "studies": StudiesView,
                                        "audit": AuditView}
+ViewName = Literal["jobs", "studies", "audit"]
 
 
-def open_all_views(settings: Settings) -> dict[str, tuple[View, ViewDatabase]]:
-    return {name: (cls(), open_views(settings.database_url, name))
+def open_all_views(settings: Settings) -> dict[str, ViewHandle]:
+    return {name: ViewHandle(cls(), open_views(settings.database_url, name))
             for name, cls in VIEW_CLASSES.items()}
 
 
@@ -80,7 +81,7 @@ class Router:
     blobs: BlobStore
     admin: AdminState
     commands: Commands
-    views: dict[str, tuple[View, ViewDatabase]]
+    views: dict[str, ViewHandle]
     runner: ProjectionRunner
     receiver: Receiver
     dispatcher: Dispatcher
@@ -122,12 +123,12 @@ class Router:
         with schema_lock(settings.database_url):  # nodes starting together
             stores = open_stores(settings, box)
             views = open_all_views(settings)
-            nodes = NodeRegistry(views["jobs"][1], settings.node_id,
+            nodes = NodeRegistry(views["jobs"].db, settings.node_id,
                                  dicom_port=settings.dicom_port, http_port=settings.http_port,
                                  duties=duties.held)
             if settings.manage_schema:  # else migrate made them, as their owner
-                for view, db in views.values():
-                    ensure_schema(view, db)
+                for handle in views.values():
+                    ensure_schema(handle.view, handle.db)
                 nodes.ensure_table()
         configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
                         idle_delay=DUL_IDLE_DELAY)
@@ -136,11 +137,11 @@ class Router:
                                   leads=lambda view: duties.holds(f"view:{view}"),
                                   manage_schema=settings.manage_schema)
         fresh = FreshReads(LogHeads(stores.all(), settings.database_url),
-                           {name: view.follows for name, (view, _) in views.items()},
+                           {name: handle.view.follows for name, handle in views.items()},
                            runner.progress, hurry=runner.hurry)
         receiver = Receiver(stores, blobs, admin, settings.ingest, settings.dispatch,
                             on_saved=runner.wake, node=settings.node_id)
-        jobs_db = views["jobs"][1]
+        jobs_db = views["jobs"].db
         policy = DestinationPolicy.from_settings(settings)
 
         def make_adapter(state: DestinationState) -> Adapter:
@@ -170,7 +171,7 @@ class Router:
         sessions = Sessions(stores)
         remote_nodes = RemoteNodes(stores, RemoteState(stores.admin), policy)
         qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
-                              remote_nodes.state, lambda: views["studies"][1], blobs, sessions,
+                              remote_nodes.state, lambda: views["studies"].db, blobs, sessions,
                               policy.addresses, fresh)
         commitment = build_service(settings, stores, blobs, remote_nodes.state, sessions,
                                    lambda: jobs_db, lambda: fresh.wait("jobs"),
@@ -189,7 +190,7 @@ class Router:
                    ai_requests=ai_requests, ai_worker=ai_worker,
                    ai_callbacks=AICallbacks(ai_requests, stores.ingest, admin, blobs, receiver),
                    policy=policy, fresh=fresh, nodes=nodes, duties=duties,
-                   atna=_atna_sender(settings, views["audit"][1], runner, duties, atna_tls),
+                   atna=_atna_sender(settings, views["audit"].db, runner, duties, atna_tls),
                    reidentification=reidentification)
 
     def apply_config_file(self) -> dict[str, int]:
@@ -217,7 +218,7 @@ class Router:
                   "  Change it after logging in (or set DICOM_ROUTER_ADMIN_PASSWORD).\n",
                   file=sys.stderr, flush=True)
         self.runner.catch_up()
-        jobs_db = self.views["jobs"][1]
+        jobs_db = self.view_db("jobs")
         self.blobs.recover(lambda sha: bool(jobs_db.query(
             "SELECT 1 FROM jobs WHERE sha256 = ? LIMIT 1", (sha,))))
         self.runner.start()
@@ -270,8 +271,8 @@ class Router:
             self.atna.stop()  # after the views' last batch (the stop's row may go out)
         self.duties.close()  # after the views' last batch: another node takes them over
         self.fresh.close()
-        for _, db in self.views.values():
-            db.close()
+        for handle in self.views.values():
+            handle.db.close()
         self.stores.close()
         if self.serving is not None:
             self.serving.release()
@@ -313,6 +314,10 @@ class Router:
         except Exception as exc:  # the stop goes on: the log may be what failed
             logger.error("could not record this node's stop: %s", type(exc).__name__)
 
+    def view_db(self, name: ViewName) -> ViewDatabase:
+        """The database of view ``name``, where its queries read."""
+        return self.views[name].db
+
     @property
     def gate(self) -> Gate | None:
         """The DICOM front door, once receiving has started."""
@@ -321,12 +326,12 @@ class Router:
     def health(self) -> dict[str, Any]:
         """What /readyz reports: event store reachable, views' lag, listener up."""
         lag: dict[str, int] = {}
-        for name, (view, db) in self.views.items():
-            done = view_positions(db, name)
+        for name, handle in self.views.items():
+            done = view_positions(handle.db, name)
             lag[name] = sum(
                 max(0, (self.stores.by_name(app).recorder.max_notification_id() or 0)
                     - done.get(app, 0))
-                for app in view.follows
+                for app in handle.view.follows
             )
         receiving = self.receivers.alive() if self.receivers is not None else True
         health = {"ready": self.ready and receiving, "node": self.settings.node_id,

@@ -7,11 +7,11 @@ study of its open request, through URLs that name that study. Anything else is 4
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from aiohttp import web
 
 from router.ai.tokens import PREFIX, AITokenError
+from web.ports import RouterPort
 from web.security import Principal
 
 AI_PERMISSIONS = frozenset({"studies.read", "studies.store"})
@@ -21,7 +21,7 @@ VIA = "ai_token"
 __all__ = ["AI_PERMISSIONS", "PREFIX", "VIA", "ai_allowed", "ai_principal"]
 
 
-async def ai_principal(router: Any, token: str) -> Principal | None:
+async def ai_principal(router: RouterPort, token: str) -> Principal | None:
     """The AI processor behind a valid token of a still open request, else None."""
     try:
         grant = router.ai_requests.tokens.check(token)

@@ -5,7 +5,6 @@ the URL table of routes.py. Handlers read views and call the write side through 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import aiohttp.web_response
 import aiohttp_jinja2
@@ -17,6 +16,7 @@ from web.dicom_text import FILTERS
 from web.freshness import add_lag_warning
 from web.health import METRICS_PATH
 from web.keys import ISSUER_KEY, ROUTER_KEY
+from web.ports import RouterPort
 from web.proxies import proxy_middleware
 from web.routes import PERMISSIONS_KEY, setup_routes
 from web.security import PUBLIC, TokenIssuer
@@ -33,7 +33,7 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["Server"] = SERVER_NAME
 
 
-def create_app(router: Any) -> web.Application:
+def create_app(router: RouterPort) -> web.Application:
     """Build the web application around a started (or starting) Router."""
     middlewares = [error_middleware, auth_middleware]
     if router.settings.web.trusted_proxies:

@@ -24,6 +24,7 @@ from web.ai_scope import VIA as AI_VIA
 from web.ai_scope import ai_allowed, ai_principal
 from web.api.common import ApiError
 from web.keys import ISSUER_KEY, PRINCIPAL, ROUTER_KEY
+from web.ports import RouterPort
 from web.routes import PERMISSIONS_KEY
 from web.security import (
     COOKIE_NAME,
@@ -111,7 +112,7 @@ async def authenticate(request: web.Request) -> Principal | None:
     return None
 
 
-async def _session_principal(router: Any, issuer: TokenIssuer, token: str,
+async def _session_principal(router: RouterPort, issuer: TokenIssuer, token: str,
                              kind: str) -> Principal | None:
     try:
         claims = issuer.check(token)

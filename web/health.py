@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.routes import Route
 from web.security import PUBLIC
 
@@ -42,8 +43,8 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
-def _metric_lines(router: Any) -> list[str]:
-    jobs_db = router.views["jobs"][1]
+def _metric_lines(router: RouterPort) -> list[str]:
+    jobs_db = router.view_db("jobs")
     lines = ["# TYPE dicom_router_deliveries gauge"]
     for row in jobs_db.query("SELECT destination, status, count(*) AS n FROM deliveries"
                              " GROUP BY destination, status ORDER BY destination, status"):

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from projections.db import ViewDatabase
+from projections.positions import save_position, view_positions
 from router.atna.messages import Source, message_for
 from router.atna.syslog import SyslogError, rfc5424, send_tls, send_udp, tls_context
 from router.settings_audit import AtnaSettings
@@ -30,9 +31,6 @@ logger = logging.getLogger(__name__)
 VIEW = "atna"
 LOGS = ("ingest", "delivery", "admin", "access")
 POLL = 1.0
-_POSITIONS = "SELECT application, position FROM projection_positions WHERE view = ?"
-_SAVE = ("INSERT INTO projection_positions (view, application, position) VALUES (?, ?, ?)"
-         " ON CONFLICT (view, application) DO UPDATE SET position = excluded.position")
 _ROWS = ("SELECT * FROM audit WHERE application = ? AND position > ?"
          " ORDER BY position LIMIT ?")
 _DESTINATIONS = ("SELECT object_id, detail FROM audit WHERE action IN"
@@ -69,8 +67,7 @@ class AtnaSender:
 
     # --- one batch ------------------------------------------------------------------------
     def positions(self) -> dict[str, int]:
-        rows = self._db.query(_POSITIONS, (VIEW,))
-        return {r["application"]: int(r["position"]) for r in rows}
+        return view_positions(self._db, VIEW)
 
     def send_batch(self) -> int:
         """Send the next rows (up to batch_size per log); returns how many rows were handled
@@ -93,7 +90,7 @@ class AtnaSender:
                                             int(row["position"]))
         with self._db.transaction() as cur:
             for log, position in moved.items():
-                cur.execute(_SAVE, (VIEW, log, position))
+                save_position(cur, VIEW, log, position)
         return len(rows)
 
     def _messages(self, rows: list[dict[str, Any]]) -> list[bytes]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from projections.db import ViewDatabase
-from projections.progress import view_positions
+from projections.positions import view_positions
 from router.application.admin_state import AdminState, DestinationState
 from router.application.stores import EventStores
 from router.dicom.header import HeaderError, read_header

@@ -123,7 +123,7 @@ def test_an_admin_runs_the_router_from_the_browser(
 
         pacs.stop()  # the destination fails
         storescu(router.dicom.port, files[1:])
-        wait_for(lambda: router.views["jobs"][1].query(
+        wait_for(lambda: router.view_db("jobs").query(
             "SELECT 1 FROM deliveries WHERE status = 'retrying'"), 30, "a failed attempt")
         failed_job = job_row_link(page, base, "retrying")
         assert pacs._start(require_tool("storescp"))  # back up, same port

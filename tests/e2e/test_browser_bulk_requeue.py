@@ -42,7 +42,7 @@ def outage_settings(tmp_path: Path, pacs_port: int) -> Any:
 
 def counts(router: Any, destination: str) -> dict[str, int]:
     router.runner.catch_up()
-    rows = router.views["jobs"][1].query(
+    rows = router.view_db("jobs").query(
         "SELECT status, count(*) AS n FROM deliveries WHERE destination = ? GROUP BY status",
         (destination,))
     return {r["status"]: int(r["n"]) for r in rows}

@@ -58,7 +58,7 @@ def arrive(server: Any, tmp_path: Path) -> dict[str, Any]:
                              StudyInstanceUID=study, SeriesNumber=2)
     files = [*first, *second]
     assert storescu(server.router.dicom.port, files, "CT_SCANNER").returncode == 0
-    wait_for(lambda: server.router.views["studies"][1].query(
+    wait_for(lambda: server.router.view_db("studies").query(
         "SELECT number_of_instances AS n FROM studies")[0]["n"] == 5, 30, "the study indexed")
     return {"study": study, "sops": {str(pydicom.dcmread(p).SOPInstanceUID) for p in files},
             "series": {str(pydicom.dcmread(p).SeriesInstanceUID) for p in files}}
@@ -137,7 +137,7 @@ def test_a_radiologist_reads_a_study_from_the_browser(
     assert failed == []
 
     server.router.runner.catch_up()
-    actions = {r["action"] for r in server.router.views["audit"][1].query(
+    actions = {r["action"] for r in server.router.view_db("audit").query(
         "SELECT action FROM audit WHERE actor = 'rad'")}
     assert {"studies.search", "study.view", "viewer.open", "instance.view",
             "study.export", "dicomweb.thumbnail"} <= actions
@@ -165,5 +165,5 @@ def test_files_uploaded_from_the_studies_page_are_listed_one_by_one(
         "the file is not a DICOM Part 10 file")
     expect(page).to_have_url(server.url + "/studies")  # HTMX: the page stayed
     shot(page, "upload")
-    jobs = server.router.views["jobs"][1].query("SELECT source, actor FROM jobs")
+    jobs = server.router.view_db("jobs").query("SELECT source, actor FROM jobs")
     assert [(j["source"], j["actor"]) for j in jobs] == [("stow", "admin")]

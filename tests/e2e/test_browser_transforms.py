@@ -39,7 +39,7 @@ def test_dry_run_from_a_study_page_highlights_the_changes(
     ds.PatientName = HOSTILE_NAME
     ds.save_as(path)
     storescu(router.dicom.port, [path])
-    studies = router.views["studies"][1]
+    studies = router.view_db("studies")
     wait_for(lambda: studies.query("SELECT 1 FROM instances"), 20, "the study indexed")
 
     page = chromium.new_context().new_page()
@@ -75,7 +75,7 @@ def test_dry_run_from_a_study_page_highlights_the_changes(
     assert dialogs == []
 
     router.runner.catch_up()
-    rows = router.views["audit"][1].query(
+    rows = router.view_db("audit").query(
         "SELECT actor, detail FROM audit WHERE action = 'transform.preview' ORDER BY position")
     assert [r["actor"] for r in rows] == ["admin", "admin"]
     assert "transform deid-research" in rows[0]["detail"]

@@ -99,12 +99,12 @@ def served(tmp_path: Path, dcmtk: None) -> Iterator[Callable[..., WebServer]]:
 
 
 def ai_rows(router: Router) -> list[dict[str, Any]]:
-    return router.views["jobs"][1].query("SELECT * FROM ai_requests ORDER BY created_at")
+    return router.view_db("jobs").query("SELECT * FROM ai_requests ORDER BY created_at")
 
 
 def callbacks_denied(router: Router) -> list[dict[str, Any]]:
     router.runner.catch_up()
-    return router.views["audit"][1].query(
+    return router.view_db("audit").query(
         "SELECT * FROM audit WHERE action = 'ai.callback' AND outcome = 'denied'")
 
 
@@ -126,7 +126,7 @@ def test_study_round_trip_over_dicomweb_routes_the_study_on(
         a, b = two_studies(tmp_path, router.dicom.port)
         study_a = str(pydicom.dcmread(a[0]).StudyInstanceUID)
         study_b = str(pydicom.dcmread(b[0]).StudyInstanceUID)
-        wait_for(lambda: len(router.views["jobs"][1].query(
+        wait_for(lambda: len(router.view_db("jobs").query(
             "SELECT 1 FROM deliveries WHERE status = 'held'")) == 4, 10, "held for the AI")
         time.sleep(0.5)
         assert stub.requests == []  # the studies are not quiet yet
@@ -164,7 +164,7 @@ def test_study_round_trip_over_dicomweb_routes_the_study_on(
         row = wait_for(lambda: [r for r in ai_rows(router) if r["status"] == "completed"], 10,
                        "completed")[0]
         assert json.loads(row["tags"]) == {"finding": "positive", "score": 0.93}
-        deliveries = router.views["jobs"][1].query(
+        deliveries = router.view_db("jobs").query(
             "SELECT status, detail FROM deliveries WHERE destination = 'lungai'"
             " AND status = 'delivered'")
         assert len(deliveries) == 3 and "finding=positive" in deliveries[0]["detail"]
@@ -180,7 +180,7 @@ def check_refused_callbacks(stub: AIStub, router: Router, done_url: str,
                             open_url: str) -> None:
     """Replay, forged signature, stale timestamp, unknown id, oversized: nothing changes."""
     before = ai_rows(router)
-    jobs_before = len(router.views["jobs"][1].query("SELECT job_id FROM jobs"))
+    jobs_before = len(router.view_db("jobs").query("SELECT job_id FROM jobs"))
     result = {"status": "completed", "tags": {"finding": "positive"}}
     body = json.dumps(result).encode()
     now = int(time.time())
@@ -199,7 +199,7 @@ def check_refused_callbacks(stub: AIStub, router: Router, done_url: str,
     time.sleep(0.3)
     router.runner.catch_up()
     assert ai_rows(router) == before
-    assert len(router.views["jobs"][1].query("SELECT job_id FROM jobs")) == jobs_before
+    assert len(router.view_db("jobs").query("SELECT job_id FROM jobs")) == jobs_before
 
 
 def test_no_callback_retries_then_dead_letters_with_the_reason(
@@ -212,7 +212,7 @@ def test_no_callback_retries_then_dead_letters_with_the_reason(
         router = served(settings, clock).router
         files = make_ct_series(tmp_path / "a", count=2, rows=16, cols=16)
         storescu(router.dicom.port, files)
-        wait_for(lambda: len(router.views["jobs"][1].query(
+        wait_for(lambda: len(router.view_db("jobs").query(
             "SELECT 1 FROM deliveries WHERE status = 'held'")) == 2, 10, "held")
         clock.advance(61)
         stub.wait(1)
@@ -227,7 +227,7 @@ def test_no_callback_retries_then_dead_letters_with_the_reason(
         row = wait_for(lambda: [r for r in ai_rows(router) if r["status"] == "dead"], 10,
                        "dead-lettered")[0]
         assert "no callback within 1 min" in row["last_error"]
-        jobs = router.views["jobs"][1].query(
+        jobs = router.view_db("jobs").query(
             "SELECT status, last_error FROM deliveries WHERE destination = 'lungai'")
         assert [j["status"] for j in jobs] == ["dead", "dead"]
         assert all("gave up after 2 attempts" in j["last_error"] for j in jobs)
@@ -248,7 +248,7 @@ def test_deidentified_files_and_reidentified_results(
         files = make_ct_series(tmp_path / "a", count=2, rows=16, cols=16, patient_id="REAL1")
         original = pydicom.dcmread(files[0])
         storescu(router.dicom.port, files)
-        wait_for(lambda: len(router.views["jobs"][1].query(
+        wait_for(lambda: len(router.view_db("jobs").query(
             "SELECT 1 FROM deliveries WHERE status = 'held'")) == 2, 10, "held")
         clock.advance(61)
         request = stub.wait(1)[0]
@@ -283,7 +283,7 @@ def test_results_stored_by_stow_with_the_token_and_an_identical_rebuild(
         files = make_ct_series(tmp_path / "a", count=2, rows=16, cols=16)
         study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
         storescu(router.dicom.port, files)
-        wait_for(lambda: len(router.views["jobs"][1].query(
+        wait_for(lambda: len(router.view_db("jobs").query(
             "SELECT 1 FROM deliveries WHERE status = 'held'")) == 2, 10, "held")
         clock.advance(61)
         request = stub.wait(1)[0]
@@ -298,7 +298,7 @@ def test_results_stored_by_stow_with_the_token_and_an_identical_rebuild(
         assert answer.status_code == 200
         wait_for(lambda: (tmp_path / "results" / study / f"{sr.SOPInstanceUID}.dcm").is_file(),
                  20, "the SR stored by STOW-RS at its destination")
-        actor = router.views["jobs"][1].query(
+        actor = router.view_db("jobs").query(
             "SELECT actor, source FROM jobs WHERE sop_instance_uid = ?", (sr.SOPInstanceUID,))
         assert actor == [{"actor": "ai:lungai", "source": "stow"}]
         wait_for(lambda: [r for r in ai_rows(router) if r["status"] == "completed"], 10, "done")
@@ -318,21 +318,21 @@ def assert_identical_rebuild(router: Router) -> None:
                "SELECT * FROM ai_request_jobs ORDER BY request_id, job_id")
     time.sleep(0.5)
     router.runner.catch_up()
-    before = [router.views["jobs"][1].query(q) for q in queries]
+    before = [router.view_db("jobs").query(q) for q in queries]
     settings = router.settings
     router.stop()
     stores = open_stores(settings, router.box)
     views = open_all_views(settings)
     try:
-        view, db = views["jobs"]
+        view, db = views["jobs"].view, views["jobs"].db
         drop_view(view, db)
         ensure_schema(view, db)
         while process_batch(view, db, stores.all()):
             pass
         assert [db.query(q) for q in queries] == before
     finally:
-        for _, opened in views.values():
-            opened.close()
+        for handle in views.values():
+            handle.db.close()
         stores.close()
 
 
@@ -356,12 +356,12 @@ def test_a_metadata_address_is_refused_and_dead_lettered(
     router = served(settings, clock).router
     answers["ai.rebinding.test"] = "169.254.169.254"
     storescu(router.dicom.port, make_ct_series(tmp_path / "a", count=1, rows=16, cols=16))
-    wait_for(lambda: router.views["jobs"][1].query(
+    wait_for(lambda: router.view_db("jobs").query(
         "SELECT 1 FROM deliveries WHERE status = 'held'"), 10, "held")
     clock.advance(61)
     row = wait_for(lambda: [r for r in ai_rows(router) if r["status"] == "dead"], 10, "dead")[0]
     assert "refusing to connect: 169.254.169.254 is a link-local" in row["last_error"]
-    job = router.views["jobs"][1].query(
+    job = router.view_db("jobs").query(
         "SELECT status, last_error FROM deliveries WHERE destination = 'lungai'")
     assert job[0]["status"] == "dead" and "link-local" in job[0]["last_error"]
 
@@ -378,7 +378,7 @@ def _accepted_request(tmp_path: Path, database_url: str,
     router = served(make_settings(tmp_path, database_url, config(tmp_path, stub.url)),
                     clock).router
     storescu(router.dicom.port, make_ct_series(tmp_path / "a", count=1, rows=16, cols=16))
-    wait_for(lambda: router.views["jobs"][1].query(
+    wait_for(lambda: router.view_db("jobs").query(
         "SELECT 1 FROM deliveries WHERE status = 'held'"), 10, "held")
     clock.advance(61)
     url = stub.wait(1)[0].document["callback_url"]

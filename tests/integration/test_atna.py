@@ -46,7 +46,7 @@ def expected(router: Any) -> Counter[bytes]:
     """The message of every audit row ATNA has an event for, built from the view; each one
     valid against the DICOM audit message schema."""
     sender: AtnaSender = router.atna
-    db = router.views["audit"][1]
+    db = router.view_db("audit")
     router.runner.catch_up()
     rows = db.query("SELECT * FROM audit ORDER BY application, position")
     source = Source("DICOMROUTER", "DICOMROUTER", "router-a")
@@ -85,7 +85,7 @@ def receive_and_deliver(router: Any, tmp_path: Path) -> None:
                           env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True,
                           text=True, timeout=60)
     assert sent.returncode == 0, sent.stderr[-2000:]
-    jobs = router.views["jobs"][1]
+    jobs = router.view_db("jobs")
     wait_for(lambda: jobs.query("SELECT 1 FROM deliveries WHERE status = 'delivered'"), 60,
              "the delivery to the folder")
 
@@ -229,7 +229,7 @@ def test_one_node_of_a_cluster_sends_and_another_takes_over(
         holder.stop()  # its stop goes out; the other node takes the duty within a second
         views(other, 200, 5)
         wait_for(lambda: "atna" in other.duties.held(), 10, "the other node taking the duty")
-        audit = other.views["audit"][1]
+        audit = other.view_db("audit")
         wait_for(lambda: len(audit.query("SELECT 1 FROM audit WHERE object_id IN"
                                          " ('1.2.3.200', '1.2.3.204')")) == 2, 10,
                  "the other node building the audit view")

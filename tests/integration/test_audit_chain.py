@@ -25,7 +25,7 @@ def verify(capsys: Any, *extra: str) -> tuple[int, str]:
 
 
 def execute(router: Any, sql: str, params: tuple[Any, ...] = ()) -> None:
-    with router.views["audit"][1].transaction() as cur:
+    with router.view_db("audit").transaction() as cur:
         cur.execute(sql, params)
 
 
@@ -50,7 +50,7 @@ def worked(database_url: str, tmp_path: Path, start_router: Any, monkeypatch: An
 
 def test_an_intact_trail_verifies_and_each_link_is_the_documented_hash(
         worked: Any, capsys: Any) -> None:
-    db = worked.views["audit"][1]
+    db = worked.view_db("audit")
     count = db.query("SELECT COUNT(*) AS n FROM audit")[0]["n"]
     code, out = verify(capsys)
     assert code == 0, out
@@ -80,7 +80,7 @@ def test_an_intact_trail_verifies_and_each_link_is_the_documented_hash(
 
 
 def test_a_changed_row_is_named_with_exit_code_1(worked: Any, capsys: Any) -> None:
-    db = worked.views["audit"][1]
+    db = worked.view_db("audit")
     target = db.query("SELECT application, position, occurred_at FROM audit"
                       " WHERE action = 'study.view' ORDER BY position LIMIT 1 OFFSET 10")[0]
     execute(worked, "UPDATE audit SET patient_id = ? WHERE application = ? AND position = ?",
@@ -93,7 +93,7 @@ def test_a_changed_row_is_named_with_exit_code_1(worked: Any, capsys: Any) -> No
     found = db.query("SELECT outcome, detail FROM audit WHERE action = 'audit.verify'")
     assert found[0]["outcome"] == "failure"
     assert f"broken={target['application']}/{target['position']}" in found[0]["detail"]
-    from web.queries.audit import iso
+    from projections.audit_queries import iso
     assert iso(target["occurred_at"]) in out
     # Checking only what came after it finds the rest intact.
     later = db.query("SELECT MIN(occurred_at) AS t FROM audit WHERE occurred_at > ?",
@@ -104,7 +104,7 @@ def test_a_changed_row_is_named_with_exit_code_1(worked: Any, capsys: Any) -> No
 
 
 def test_a_deleted_and_an_added_row_are_named(worked: Any, capsys: Any) -> None:
-    db = worked.views["audit"][1]
+    db = worked.view_db("audit")
     rows = db.query("SELECT application, position FROM audit WHERE action = 'study.view'"
                     " ORDER BY position")
     gone = rows[3]

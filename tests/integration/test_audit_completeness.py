@@ -37,7 +37,7 @@ EXPECTED = Counter({
 
 def audit_rows(router: Any) -> list[dict[str, Any]]:
     router.runner.catch_up()
-    return [dict(r) for r in router.views["audit"][1].query(
+    return [dict(r) for r in router.view_db("audit").query(
         "SELECT actor, action, outcome, study_instance_uid FROM audit"
         " ORDER BY occurred_at, application, position")]
 
@@ -65,7 +65,7 @@ def test_the_audit_trail_holds_exactly_the_rows_of_a_scenario(
 
     files = make_ct_series(tmp_path / "ct", count=1, rows=32, cols=32, patient_id="AUD-1")
     storescu(router.dicom.port, files)
-    jobs_db = router.views["jobs"][1]
+    jobs_db = router.view_db("jobs")
     wait_for(lambda: jobs_db.query("SELECT 1 FROM deliveries WHERE status = 'delivered'"),
              30, "the delivery")
     job = jobs_db.query("SELECT job_id, study_instance_uid FROM jobs")[0]

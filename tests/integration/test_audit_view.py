@@ -139,7 +139,7 @@ def test_no_secret_password_hash_or_token_hash_reaches_the_audit_view(
     assert any(str(getattr(e, "password_hash", "")).startswith("$2b$") for e in stored)
     assert any(str(e.config.get("secret_access_key", "")).startswith("enc:v1:")
                for e in stored if hasattr(e, "config"))
-    db = scene.router.views["audit"][1]
+    db = scene.router.view_db("audit")
     for table in TABLES:
         for row in table_rows(db, table):
             text = json.dumps(row, default=str)

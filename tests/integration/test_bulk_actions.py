@@ -71,7 +71,7 @@ def dead_deliveries(router: Any, study_uid: str, count: int, destination: str = 
 
 def statuses(router: Any, study_uid: str) -> dict[str, int]:
     router.runner.catch_up()
-    rows = router.views["jobs"][1].query(
+    rows = router.view_db("jobs").query(
         "SELECT d.status, count(*) AS n FROM deliveries d JOIN jobs j ON j.job_id = d.job_id"
         " WHERE j.study_instance_uid = ? GROUP BY d.status", (study_uid,))
     return {r["status"]: int(r["n"]) for r in rows}
@@ -79,7 +79,7 @@ def statuses(router: Any, study_uid: str) -> dict[str, int]:
 
 def audit_rows(router: Any, action: str) -> list[dict[str, Any]]:
     router.runner.catch_up()
-    return router.views["audit"][1].query(
+    return router.view_db("audit").query(
         "SELECT actor, correlation_id, detail, job_id FROM audit WHERE action = ?"
         " ORDER BY application, position", (action,))
 
@@ -149,7 +149,7 @@ def test_bulk_requeue_and_cancel_through_the_api(web_router: Any, tmp_path: Path
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["matched"] == 5 and cancelled.json()["affected"] == 5
     assert statuses(router, STUDY_A) == {"cancelled": 3}
-    errors = {r["last_error"] for r in router.views["jobs"][1].query(
+    errors = {r["last_error"] for r in router.view_db("jobs").query(
         "SELECT last_error FROM deliveries")}
     assert errors == {"study sent by courier"}
     # Nothing left to act on: matched 0, and the action is still on record.

@@ -63,13 +63,13 @@ def c_store(port: int, paths: Sequence[Path], pynetdicom_served: bool = False) -
 
 def failures(router: Router) -> list[dict[str, Any]]:
     router.runner.catch_up()
-    return router.views["jobs"][1].query(
+    return router.view_db("jobs").query(
         "SELECT status, reason, sop_instance_uid FROM receipt_failures ORDER BY rowid")
 
 
 def jobs(router: Router) -> list[dict[str, Any]]:
     router.runner.catch_up()
-    return router.views["jobs"][1].query("SELECT job_id, sop_instance_uid, sha256 FROM jobs")
+    return router.view_db("jobs").query("SELECT job_id, sop_instance_uid, sha256 FROM jobs")
 
 
 def test_deep_nesting_is_refused_with_its_reason_never_acknowledged_or_a700(
@@ -139,7 +139,7 @@ def test_invalid_uids_are_refused_or_repaired_so_blob_index_and_delivery_agree(
     assert (blob.SOPInstanceUID, blob.StudyInstanceUID) == (new_instance, new_study)
     assert blob.file_meta.MediaStorageSOPInstanceUID == new_instance
     assert blob.PixelData == ds.PixelData and blob.PatientName == ds.PatientName
-    index = router.views["studies"][1].query(
+    index = router.view_db("studies").query(
         "SELECT study_instance_uid FROM instances WHERE sop_instance_uid = ?", (new_instance,))
     assert [r["study_instance_uid"] for r in index] == [new_study]
     delivered = wait_for(lambda: list((tmp_path / "repair" / "archive").rglob("*.dcm")), 20,

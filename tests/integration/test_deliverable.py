@@ -166,7 +166,7 @@ def check(router: Router, scp: StoreScp, folder: Path, sent: list[Sent]) -> None
     statuses = {s.status for s in sent}
     assert not [s for s in statuses if 0xA700 <= s <= 0xA7FF or s == -1], sorted(statuses)
     acknowledged = [s for s in sent if s.status == 0]
-    db = router.views["jobs"][1]
+    db = router.view_db("jobs")
     uids = sorted({s.sop_instance_uid for s in acknowledged})
     deadline = time.monotonic() + 120
     while True:

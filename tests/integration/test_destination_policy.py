@@ -219,7 +219,7 @@ def test_a_name_that_turns_loopback_is_refused_at_connect_time(
                              json={"name": "all", "destinations": ["pacs"]}).status_code == 201
         answers["pacs.rebinding.test"] = "127.0.0.1"
         storescu(strict.router.dicom.port, [CT_SMALL])
-        row: Callable[[], Any] = lambda: strict.router.views["jobs"][1].query(  # noqa: E731
+        row: Callable[[], Any] = lambda: strict.router.view_db("jobs").query(  # noqa: E731
             "SELECT status, last_error FROM deliveries WHERE status = 'dead'")
         dead = wait_for(row, 20, "the delivery to be dead-lettered")[0]
         assert "refusing to connect: 127.0.0.1 is a loopback address" in dead["last_error"]

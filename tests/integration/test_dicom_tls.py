@@ -90,9 +90,9 @@ def test_dcmtk_echo_and_store_over_mutual_tls_record_the_client_subject(
     paths = make_ct_series(tmp_path / "ct", count=3, rows=32, cols=32)
     store = _dcmtk("storescu", pki, router.dicom.tls_port, *map(str, paths))
     assert store.returncode == 0, store.stderr
-    jobs = wait_for(lambda: router.views["jobs"][1].query("SELECT job_id FROM jobs"), 10,
+    jobs = wait_for(lambda: router.view_db("jobs").query("SELECT job_id FROM jobs"), 10,
                     "three receipts")
-    wait_for(lambda: len(router.views["jobs"][1].query("SELECT job_id FROM jobs")) == 3, 10,
+    wait_for(lambda: len(router.view_db("jobs").query("SELECT job_id FROM jobs")) == 3, 10,
              "three receipts")
     job = router.stores.ingest.repository.get(__import__("uuid").UUID(jobs[0]["job_id"]))
     assert job.tls_subject == "O=Router Tests,CN=CT_SCANNER_1"

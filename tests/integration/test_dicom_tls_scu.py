@@ -63,7 +63,7 @@ def _tls_fields(ca: TestCA, client: Issued, **more: Any) -> dict[str, Any]:
 
 def _deliveries(router: Router) -> list[dict[str, Any]]:
     router.runner.wake()
-    return router.views["jobs"][1].query("SELECT status, last_error FROM deliveries")
+    return router.view_db("jobs").query("SELECT status, last_error FROM deliveries")
 
 
 def test_one_router_delivers_to_another_over_mutual_tls(
@@ -82,7 +82,7 @@ def test_one_router_delivers_to_another_over_mutual_tls(
         sending.receiver.receive(_arrival(path))
     wait_for(lambda: [d["status"] for d in _deliveries(sending)] == ["delivered"] * 3, 30,
              "three deliveries over TLS")
-    jobs = wait_for(lambda: receiving.views["jobs"][1].query("SELECT job_id FROM jobs"), 10,
+    jobs = wait_for(lambda: receiving.view_db("jobs").query("SELECT job_id FROM jobs"), 10,
                     "receipts at the TLS end")
     job = receiving.stores.ingest.repository.get(uuid.UUID(jobs[0]["job_id"]))
     assert job.tls_subject == "O=Router Tests,CN=SITE_A"

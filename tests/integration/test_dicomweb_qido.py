@@ -397,7 +397,7 @@ def test_each_search_is_one_access_record_without_phi(qido: Qido) -> None:
 
 def test_the_studies_view_rebuilds_identically_also_from_an_older_schema(qido: Qido) -> None:
     router = qido.server.router
-    _, db = router.views["studies"]
+    db = router.view_db("studies")
     keys = {"studies": "study_instance_uid", "series": "series_instance_uid",
             "instances": "sop_instance_uid"}
 

@@ -113,12 +113,12 @@ def with_sop_class(path: Path, sop_class: str) -> bytes:
 
 def jobs(server: Any, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
     server.router.runner.catch_up()
-    return list(server.router.views["jobs"][1].query(sql, params))
+    return list(server.router.view_db("jobs").query(sql, params))
 
 
 def access_rows(server: Any) -> list[Any]:
     server.router.runner.catch_up()
-    return list(server.router.views["audit"][1].query(
+    return list(server.router.view_db("audit").query(
         "SELECT * FROM audit WHERE action = 'study.store' ORDER BY occurred_at"))
 
 

@@ -400,7 +400,7 @@ def test_series_metadata_comes_from_the_cache_not_the_files(loaded: Loaded) -> N
     shutil.rmtree(cache)  # derived data: rebuilt on the next request
     assert w.get(path).content == first.content
     blobs = w.server.router.blobs
-    view = w.server.router.views["studies"][1]
+    view = w.server.router.view_db("studies")
     for row in view.query("SELECT sha256 FROM instances WHERE series_instance_uid = ?",
                           (series,)):
         blobs.path_for(row["sha256"]).unlink()

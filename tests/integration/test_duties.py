@@ -74,7 +74,7 @@ def test_one_node_builds_the_views_and_another_takes_over_when_it_stops(
     assert storescu(b.dicom.port, write_instances(tmp_path / "one", "CT", 3),
                     "CT_SCANNER").returncode == 0
     for node in (a, b):
-        jobs = node.views["jobs"][1]
+        jobs = node.view_db("jobs")
         wait_for(lambda jobs=jobs: len(jobs.query("SELECT 1 FROM jobs")) == 3, 20,
                  "the receipts in the jobs view")
     # Read-your-writes on the node that follows: stored on a, b's query waits for a's views.
@@ -82,7 +82,7 @@ def test_one_node_builds_the_views_and_another_takes_over_when_it_stops(
         files = write_instances(tmp_path / f"ryw{round_}", "CT", 2)
         assert storescu(a.dicom.port, files, "CT_SCANNER").returncode == 0
         assert b.fresh.wait("studies", timeout=5.0)
-        found = b.views["studies"][1].query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
+        found = b.view_db("studies").query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
         assert found == 3 + 2 * (round_ + 1)
     a.stop()
     started = time.monotonic()
@@ -91,7 +91,7 @@ def test_one_node_builds_the_views_and_another_takes_over_when_it_stops(
     took = time.monotonic() - started
     assert storescu(b.dicom.port, write_instances(tmp_path / "two", "CT", 2),
                     "CT_SCANNER").returncode == 0
-    jobs = b.views["jobs"][1]
+    jobs = b.view_db("jobs")
     wait_for(lambda: len(jobs.query("SELECT 1 FROM jobs")) == 15, 20,
              "node-b's views to take the new receipts")
     print(f"node-b took the views over {took:.1f} s after node-a stopped")
@@ -117,7 +117,7 @@ def test_configuration_changed_on_one_node_is_in_force_on_the_others_within_2_s(
     # In force: a receipt on node-b is routed by the rule made on node-a.
     assert storescu(b.dicom.port, write_instances(tmp_path / "ct", "CT", 1),
                     "CT_SCANNER").returncode == 0
-    jobs = b.views["jobs"][1]
+    jobs = b.view_db("jobs")
     wait_for(lambda: jobs.query("SELECT destination FROM deliveries"), 20, "the delivery row")
     assert jobs.query("SELECT destination FROM deliveries") == [{"destination": "archive"}]
     print(f"node-b saw the change after {seen:.2f} s")

@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from projections.positions import view_positions
 from router.application.commands import Actor
 from router.service import Router, open_all_views
 from router.settings import Settings
@@ -55,12 +56,12 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 def jobs(router: Router, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """Query the jobs view after forcing it up to date."""
     router.runner.catch_up()
-    return router.views["jobs"][1].query(sql, params)
+    return router.view_db("jobs").query(sql, params)
 
 
 def audit(router: Router, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
     router.runner.catch_up()
-    return router.views["audit"][1].query(sql, params)
+    return router.view_db("audit").query(sql, params)
 
 
 def c_store(port: int, paths: Sequence[Path], calling_aet: str = MODALITY_AET,
@@ -313,7 +314,7 @@ def test_non_dicom_and_truncated_files_get_failure_status_and_audit_row(
     assert [r["outcome"] for r in rows] == ["failure"] * len(samples)
     assert blob_names(router.settings.data_dir) == set()
     assert spool_leftovers(router.settings.data_dir) == []
-    studies = router.views["studies"][1].query("SELECT sop_instance_uid FROM instances")
+    studies = router.view_db("studies").query("SELECT sop_instance_uid FROM instances")
     assert studies == []
 
 
@@ -449,20 +450,19 @@ VIEW_TABLES = {
 }
 
 
-def dump_views(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+def dump_views(settings: Settings) -> dict[str, Any]:
     views = open_all_views(settings)
     try:
         dump = {}
         for view, tables in VIEW_TABLES.items():
-            db = views[view][1]
+            db = views[view].db
             for table, key in tables.items():
                 dump[table] = db.query(f"SELECT * FROM {table} ORDER BY {key}")
-            dump[f"positions:{view}"] = db.query(
-                "SELECT * FROM projection_positions WHERE view = ? ORDER BY application", (view,))
+            dump[f"positions:{view}"] = view_positions(db, view)
         return dump
     finally:
-        for _, db in views.values():
-            db.close()
+        for handle in views.values():
+            handle.db.close()
 
 
 def write_cli_config(path: Path, settings: Settings) -> Path:
@@ -588,7 +588,7 @@ def test_same_uid_other_content_is_kept_as_new_version_and_routed(
     assert pydicom.dcmread(delivered).SeriesDescription == "CORRECTED"
     added = audit(router, "SELECT 1 FROM audit WHERE action = 'Instance.VersionAdded'")
     assert len(added) == 1
-    instance = router.views["studies"][1].query("SELECT job_id, sha256 FROM instances")
+    instance = router.view_db("studies").query("SELECT job_id, sha256 FROM instances")
     assert instance == [{"job_id": rows[1]["job_id"], "sha256": rows[1]["sha256"]}]
 
 

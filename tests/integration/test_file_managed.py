@@ -39,7 +39,7 @@ def rule(router: Any, name: str) -> Any:
 
 def audit(router: Any, action: str) -> list[dict[str, Any]]:
     router.runner.catch_up()
-    return router.views["audit"][1].query(
+    return router.view_db("audit").query(
         "SELECT actor, detail FROM audit WHERE action = ? ORDER BY position", (action,))
 
 

@@ -280,7 +280,7 @@ def _store_through(port: int, source: str, header: bytes, tmp_path: Path) -> int
 
 
 def _last_job_ip(router: Router) -> str:
-    rows = router.views["jobs"][1].query(
+    rows = router.view_db("jobs").query(
         "SELECT source_ip FROM jobs ORDER BY received_at DESC LIMIT 1")
     return str(rows[0]["source_ip"]) if rows else ""
 

@@ -60,8 +60,8 @@ def test_nodes_started_together_on_a_fresh_database_come_up(pg_url: str, tmp_pat
     assert sorted(built) == ["node-0", "node-1", "node-2"]
     for router in built.values():  # built, not started: close what build opened
         router.fresh.close()
-        for _, db in router.views.values():
-            db.close()
+        for handle in router.views.values():
+            handle.db.close()
         router.stores.close()
 
 
@@ -72,7 +72,7 @@ def test_each_node_records_itself_and_lists_the_others(pg_url: str, tmp_path: Pa
     b = web_router(_node_settings(tmp_path, pg_url, "node-b"))
     files = write_instances(tmp_path / "ct", "CT", 2)
     assert storescu(a.router.dicom.port, files, "CT_SCANNER").returncode == 0
-    jobs = b.router.views["jobs"][1]  # read on the other node: one database
+    jobs = b.router.view_db("jobs")  # read on the other node: one database
     rows = wait_for(lambda: jobs.query("SELECT node FROM jobs"), 20, "the two receipts")
     wait_for(lambda: len(jobs.query("SELECT node FROM jobs")) == 2, 20, "both receipts")
     assert {r["node"] for r in jobs.query("SELECT node FROM jobs")} == {"node-a"}, rows
@@ -106,7 +106,7 @@ def test_delivery_attempts_name_the_node(tmp_path: Path, database_url: str,
     router = start_router(settings)
     files = write_instances(tmp_path / "ct", "CT", 1)
     assert storescu(router.dicom.port, files, "CT_SCANNER").returncode == 0
-    jobs = router.views["jobs"][1]
+    jobs = router.view_db("jobs")
     wait_for(lambda: jobs.query("SELECT 1 FROM deliveries WHERE status = 'delivered'"), 30,
              "the delivery")
     assert jobs.query("SELECT last_node FROM deliveries") == [{"last_node": "node-x"}]

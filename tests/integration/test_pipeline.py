@@ -128,7 +128,7 @@ def storescu(port: int, files: list[Path], flag: str = "-x=", halt: bool = True)
 
 
 def wait_delivered(router, expected: int, timeout: float = 180.0) -> list[dict]:
-    db = router.views["jobs"][1]
+    db = router.view_db("jobs")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = db.query("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
@@ -174,7 +174,7 @@ def test_storescu_files_reach_storescp_folder_and_s3(tmp_path: Path, database_ur
             sent[uid].add(digest)
         versions = sum(len(v) for v in sent.values())
 
-        jobs = router.views["jobs"][1]
+        jobs = router.view_db("jobs")
         router.runner.catch_up()
         rows = jobs.query("SELECT routing, count(*) AS n FROM jobs GROUP BY routing")
         by_routing = {r["routing"]: r["n"] for r in rows}

@@ -58,7 +58,7 @@ def router(tmp_path: Path, start_router: Callable[..., Router]) -> Router:
 
 
 def _jobs(router: Router) -> list[dict[str, Any]]:
-    return router.views["jobs"][1].query("SELECT sop_instance_uid FROM jobs")
+    return router.view_db("jobs").query("SELECT sop_instance_uid FROM jobs")
 
 
 def test_a_push_is_served_here_and_a_query_association_by_pynetdicom(
@@ -204,7 +204,7 @@ def test_a_large_object_is_written_back_while_it_arrives(
     assert len(started) >= 2 and started[0][0] == 0
     assert started[0][1] >= spool.EARLY_SYNC_BYTES
     assert all(b[0] == a[0] + a[1] for a, b in itertools.pairwise(started))
-    (row,) = wait_for(lambda: router.views["jobs"][1].query("SELECT sha256 FROM jobs"), 10,
+    (row,) = wait_for(lambda: router.view_db("jobs").query("SELECT sha256 FROM jobs"), 10,
                       "the job")
     stored = router.blobs.path_for(row["sha256"])
     assert dcmread(stored).PixelData == dataset.PixelData

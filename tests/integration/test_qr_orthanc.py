@@ -201,7 +201,7 @@ def test_echo_find_move_and_get_from_orthanc(
 def receipts_by_actor(router: Any) -> dict[str, int]:
     def rows() -> list[dict[str, Any]]:
         router.runner.wake()
-        return router.views["audit"][1].query(
+        return router.view_db("audit").query(
             "SELECT actor, detail FROM audit WHERE action = 'Job.Received'")
 
     wait_for(lambda: len(rows()) == 6, 20, "six receipts in the audit view")
@@ -215,7 +215,7 @@ def receipts_by_actor(router: Any) -> dict[str, int]:
 def accesses(router: Any) -> list[dict[str, Any]]:
     router.runner.wake()
     time.sleep(0.5)
-    return router.views["audit"][1].query("SELECT action, actor FROM audit")
+    return router.view_db("audit").query("SELECT action, actor FROM audit")
 
 
 def test_failed_retrieves_and_remote_node_permissions(

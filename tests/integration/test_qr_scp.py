@@ -150,7 +150,7 @@ def node(tmp_path: Path, start_router: Callable[..., Any]) -> Callable[..., Any]
 def load(router: Any, port: int, studies: list[Study]) -> None:
     storescu(port, [f for s in studies for f in s.files])
     total = sum(len(s.files) for s in studies)
-    db = router.views["studies"][1]
+    db = router.view_db("studies")
     wait_for(lambda: db.query("SELECT count(*) AS n FROM instances")[0]["n"] == total, 20,
              "the studies view to index the loaded instances")
 
@@ -159,7 +159,7 @@ def accesses(router: Any, action: str, count: int) -> list[dict[str, Any]]:
     """The audit rows of ``action``, once there are ``count`` of them."""
     def rows() -> list[dict[str, Any]]:
         router.runner.wake()
-        return router.views["audit"][1].query(
+        return router.view_db("audit").query(
             "SELECT actor, action, outcome, study_instance_uid, patient_id, detail FROM audit"
             " WHERE action = ? ORDER BY position", (action,))
 
@@ -319,7 +319,7 @@ def test_movescu_counts_failed_sub_operations(node: Callable[..., Any], tmp_path
     router = node(f"sqlite:///{tmp_path / 'db'}")
     studies = three_studies(tmp_path / "data")
     load(router, router.dicom.port, studies)
-    db = router.views["studies"][1]
+    db = router.view_db("studies")
     with StoreScp(tmp_path, ae_title="SINK") as sink:
         router.remote_nodes.put({"name": "sink", "ae_title": "SINK", "host": "127.0.0.1",
                                  "port": sink.port}, Actor("test"))
@@ -357,7 +357,7 @@ def test_compressed_instances_are_decompressed_for_a_move_destination_that_wants
                             capture_output=True, check=False, timeout=60)
     assert result.returncode == 0
     original = pydicom.dcmread(rle)
-    db = router.views["studies"][1]
+    db = router.view_db("studies")
     wait_for(lambda: db.query("SELECT 1 FROM instances"), 20, "the RLE instance indexed")
     with StoreScp(tmp_path, ae_title="SINK") as sink:  # accepts uncompressed syntaxes only
         router.remote_nodes.put({"name": "sink", "ae_title": "SINK", "host": "127.0.0.1",

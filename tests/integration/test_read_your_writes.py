@@ -158,7 +158,7 @@ def held_studies_view(router: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         threading.Event]:
     """The studies view's runner waits before applying any event until the event is set (or
     10 s have passed); set on leaving, so the router can stop."""
-    view = router.views["studies"][0]
+    view = router.views["studies"].view
     release = threading.Event()
     apply = view.apply
 

@@ -30,7 +30,7 @@ def test_refused_associations_are_counted_into_the_audit_trail(
     assert echo(port, "FRIEND", "DICOMROUTER") == 0  # accepted: not counted
     assert router.refusals is not None and router.refusals.flush() == 2
     router.runner.catch_up()
-    rows = router.views["audit"][1].query(
+    rows = router.view_db("audit").query(
         "SELECT * FROM audit WHERE action = 'AssociationRefusal.Recorded' ORDER BY actor")
     seen = {(r["actor"], r["source_ip"], r["outcome"], json.loads(r["detail"])["count"],
              json.loads(r["detail"])["reason"]) for r in rows}

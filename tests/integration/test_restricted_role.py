@@ -83,12 +83,12 @@ def test_the_router_works_as_a_role_that_cannot_change_events(
             env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True,
             timeout=60)
         assert sent.returncode == 0, sent.stderr[-2000:]
-        jobs = router.views["jobs"][1]
+        jobs = router.view_db("jobs")
         wait_for(lambda: jobs.query("SELECT 1 FROM deliveries WHERE status = 'delivered'"),
                  60, "the delivery to the folder")
         assert list((tmp_path / "archive").rglob("*.dcm"))
         router.runner.catch_up()
-        audit = router.views["audit"][1]
+        audit = router.view_db("audit")
         actions = {r["action"] for r in audit.query("SELECT action FROM audit")}
         assert {"Job.Received", "Delivery.Succeeded", "Rule.Created",
                 "NodeActivity.Started"} <= actions

@@ -43,14 +43,14 @@ def send(port: int, calling_aet: str, *files: Path) -> None:
 
 
 def jobs(router: Any) -> list[dict[str, Any]]:
-    return router.views["jobs"][1].query(
+    return router.view_db("jobs").query(
         "SELECT j.job_id, j.calling_aet, j.sop_instance_uid, j.sha256, j.routing,"
         " p.actor AS purged_by FROM jobs j LEFT JOIN blob_purges p ON p.job_id = j.job_id"
         " ORDER BY j.received_at")
 
 
 def deliveries(router: Any) -> dict[tuple[str, str], int]:
-    rows = router.views["jobs"][1].query("SELECT destination, status, COUNT(*) AS n"
+    rows = router.view_db("jobs").query("SELECT destination, status, COUNT(*) AS n"
                                          " FROM deliveries GROUP BY destination, status")
     return {(r["destination"], r["status"]): int(r["n"]) for r in rows}
 
@@ -151,7 +151,7 @@ def test_retention_purges_only_delivered_old_jobs_and_keeps_needed_shared_blobs(
     # and the chain is intact (docs/security.md, "How long the audit trail is kept").
     after = audit_rows(router)
     assert trail.items() <= after.items() and len(after) > len(trail)
-    assert verify(router.views["audit"][1]).broken is None
+    assert verify(router.view_db("audit")).broken is None
     assert_rebuild_is_identical(router)
 
 
@@ -175,7 +175,7 @@ def check_periodic_purge(server: Any, admin: dict[str, str], now: float,
 
 def audit_rows(router: Any) -> dict[tuple[str, int], tuple[Any, ...]]:
     router.runner.catch_up()
-    rows = router.views["audit"][1].query("SELECT * FROM audit")
+    rows = router.view_db("audit").query("SELECT * FROM audit")
     return {(r["application"], r["position"]): tuple(r.values()) for r in rows}
 
 
@@ -209,21 +209,21 @@ def assert_rebuild_is_identical(router: Any) -> None:
         return db.query("SELECT job_id, purge_id, purged_at, actor, sha256, size"
                         " FROM blob_purges ORDER BY job_id")
 
-    before = rows(router.views["jobs"][1])
+    before = rows(router.view_db("jobs"))
     settings = router.settings
     router.stop()
     stores = open_stores(settings, router.box)
     views = open_all_views(settings)
     try:
-        view, db = views["jobs"]
+        view, db = views["jobs"].view, views["jobs"].db
         drop_view(view, db)
         ensure_schema(view, db)
         while process_batch(view, db, stores.all()):
             pass
         assert rows(db) == before and len(before) == 4
     finally:
-        for _, db in views.values():
-            db.close()
+        for handle in views.values():
+            handle.db.close()
         stores.close()
 
 

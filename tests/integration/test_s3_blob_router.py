@@ -84,7 +84,7 @@ def test_a_study_is_stored_in_the_bucket_and_served_from_it_after_the_cache_is_w
     storescu(port, ct)
     sent = {str(ds.SOPInstanceUID): bytes(ds.PixelData) for ds in map(pydicom.dcmread, ct)}
 
-    jobs = router.views["jobs"][1]
+    jobs = router.view_db("jobs")
     rows = wait_for(lambda: (r := jobs.query("SELECT sha256 FROM jobs")) and len(r) == 6 and r,
                     30, "six jobs")
     shas = {row["sha256"] for row in rows}
@@ -102,7 +102,7 @@ def test_a_study_is_stored_in_the_bucket_and_served_from_it_after_the_cache_is_w
 
     cache = settings.data_dir / "blob-cache"
     shutil.rmtree(cache)
-    studies = router.views["studies"][1]
+    studies = router.view_db("studies")
     wait_for(lambda: studies.query("SELECT count(*) AS n FROM instances")[0]["n"] == 6, 20,
              "the studies view")
 
@@ -177,7 +177,7 @@ def test_with_the_endpoint_down_a_c_store_is_refused_and_nothing_is_kept(
 
     refused = str(pydicom.dcmread(second).SOPInstanceUID)
     router.runner.catch_up()
-    jobs = router.views["jobs"][1]
+    jobs = router.view_db("jobs")
     assert [r["sop_instance_uid"] for r in jobs.query("SELECT sop_instance_uid FROM jobs")] == [
         str(pydicom.dcmread(first).SOPInstanceUID)]
     assert refused not in str(jobs.query("SELECT * FROM jobs"))

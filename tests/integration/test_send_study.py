@@ -37,7 +37,7 @@ def send_settings(tmp_path: Path) -> Any:
 
 def delivered(router: Any, destination: str) -> int:
     router.runner.catch_up()
-    rows = router.views["jobs"][1].query(
+    rows = router.view_db("jobs").query(
         "SELECT count(*) AS n FROM deliveries WHERE destination = ? AND status = 'delivered'",
         (destination,))
     return int(rows[0]["n"])
@@ -88,12 +88,12 @@ def test_send_a_study_and_a_series_to_a_destination(web_router: Any, tmp_path: P
     # Sent again to where it already went: delivered ones go again, as asked.
     again = send(study, {"destination": "archive"})
     assert again.json()["scheduled"] == 3
-    wait_for(lambda: router.views["jobs"][1].query(
+    wait_for(lambda: router.view_db("jobs").query(
         "SELECT count(*) AS n FROM deliveries WHERE destination = 'archive' AND attempts = 2"
     )[0]["n"] == 3, 30, "the archive copies sent again")
     assert len(list((tmp_path / "copy").rglob("*"))) >= 3
 
-    job_id = router.views["jobs"][1].query(
+    job_id = router.view_db("jobs").query(
         "SELECT job_id FROM jobs WHERE series_instance_uid = ?", (series[1],))[0]["job_id"]
     job = requests.get(f"{server.url}/api/v1/jobs/{job_id}", headers=admin, timeout=30).json()
     sent = [e for e in job["events"] if e["action"] == "Job.Rerouted"]
@@ -106,7 +106,7 @@ def test_send_a_study_and_a_series_to_a_destination(web_router: Any, tmp_path: P
     page = browser.get(browser.url(f"/jobs/{job_id}"))
     assert "sent to copy by admin on request: second opinion" in page.text
     router.runner.catch_up()
-    actions = router.views["audit"][1].query(
+    actions = router.view_db("audit").query(
         "SELECT actor, detail FROM audit WHERE action = 'BulkAction.Requested'"
         " ORDER BY occurred_at")
     assert [a["actor"] for a in actions] == ["admin"] * 3

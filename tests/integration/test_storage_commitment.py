@@ -147,7 +147,7 @@ def commit_router(tmp_path: Path, start_router: Callable[..., Any],
 def audit_rows(router: Any, count: int, prefix: str = "Commitment.") -> list[dict[str, Any]]:
     def rows() -> list[dict[str, Any]]:
         router.runner.wake()
-        return router.views["audit"][1].query(
+        return router.view_db("audit").query(
             "SELECT action, actor, outcome, detail FROM audit WHERE action LIKE ?"
             " ORDER BY occurred_at, position", (prefix + "%",))
 
@@ -191,7 +191,7 @@ def test_report_on_the_same_association_names_missing_and_mismatched_instances(
     assert rows[0]["actor"] == MODALITY and rows[1]["actor"] == "system"
     assert '"via": "same association"' in rows[1]["detail"]
     assert '"failed": 2' in rows[1]["detail"] and '"committed": 1' in rows[1]["detail"]
-    view = router.views["jobs"][1].query(
+    view = router.view_db("jobs").query(
         "SELECT status, event_type, via FROM storage_commitments WHERE transaction_uid = ?",
         (tx,))
     assert [dict(r) for r in view] == [{"status": "reported", "event_type": 2,

@@ -74,11 +74,11 @@ def routers(tmp_path: Path, dcmtk: None) -> Iterator[Callable[..., Router]]:
 
 
 def _units(router: Router) -> list[dict[str, Any]]:
-    return router.views["jobs"][1].query("SELECT * FROM units ORDER BY first_at")
+    return router.view_db("jobs").query("SELECT * FROM units ORDER BY first_at")
 
 
 def _statuses(router: Router) -> list[str]:
-    return sorted(r["status"] for r in router.views["jobs"][1].query(
+    return sorted(r["status"] for r in router.view_db("jobs").query(
         "SELECT status FROM deliveries WHERE destination = 'archive'"))
 
 
@@ -114,7 +114,7 @@ def test_study_waits_for_quiet_time_then_late_instance_is_an_amendment(
     wait_for(lambda: len(_delivered(archive)) == 4, 20, "the amendment delivered")
     assert {p.name: p.stat().st_mtime_ns for p in _delivered(archive)
             if p.name in first_times} == first_times  # the unit was not sent again
-    members = router.views["jobs"][1].query(
+    members = router.view_db("jobs").query(
         "SELECT release_kind, count(*) AS n FROM unit_members GROUP BY release_kind")
     assert {m["release_kind"]: m["n"] for m in members} == {"dispatched": 3, "amendment": 1}
     wait_for(lambda: _statuses(router) == ["delivered"] * 4, 10, "all delivered")

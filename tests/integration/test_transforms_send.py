@@ -92,7 +92,7 @@ def test_rule_and_destination_transforms_reach_storescp_and_the_blob_stays(
                                         broken=tmp_path / "broken"))
         router = start_router(make_settings(tmp_path, database_url, config))
         storescu(router.dicom.port, [source])
-        db = router.views["jobs"][1]
+        db = router.view_db("jobs")
         rows = wait_for(lambda: (r := db.query(
             "SELECT destination, status, last_error, job_id FROM deliveries"
             " WHERE status IN ('delivered', 'dead')")) and len(r) == 3 and r,
@@ -167,7 +167,7 @@ destinations = ["archive"]
     router = start_router(make_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}", config))
     source = Path(get_testdata_file("MR_small.dcm", download=False))
     storescu(router.dicom.port, [source])
-    db = router.views["jobs"][1]
+    db = router.view_db("jobs")
     wait_for(lambda: db.query("SELECT 1 FROM deliveries WHERE status = 'delivered'"), 60,
              "the delivery")
     row = db.query("SELECT job_id, sha256 FROM jobs")[0]

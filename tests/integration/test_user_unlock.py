@@ -36,7 +36,7 @@ def lock_out(server: Any, name: str) -> None:
 
 def unlocked_rows(router: Any) -> list[dict[str, Any]]:
     router.runner.catch_up()
-    return router.views["audit"][1].query(
+    return router.view_db("audit").query(
         "SELECT actor, detail FROM audit WHERE action = 'User.Unlocked' ORDER BY position")
 
 

@@ -32,7 +32,7 @@ OPERATOR = ("op1", "operator password 1")
 
 
 def audit_rows(server: WebServer, where: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    return list(server.router.views["audit"][1].query(
+    return list(server.router.view_db("audit").query(
         f"SELECT * FROM audit WHERE {where} ORDER BY occurred_at", params))
 
 

@@ -35,7 +35,7 @@ def test_ai_pages_show_the_round_trip_and_its_tags(
         files = make_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
         study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
         storescu(router.dicom.port, files)
-        wait_for(lambda: len(router.views["jobs"][1].query(
+        wait_for(lambda: len(router.view_db("jobs").query(
             "SELECT 1 FROM deliveries WHERE status = 'held'")) == 2, 10, "held")
         clock.advance(61)
         request = stub.wait(1)[0]
@@ -52,7 +52,7 @@ def test_ai_pages_show_the_round_trip_and_its_tags(
         assert "finding=positive" in page.text
         ping = browser.post(browser.url("/ai/lungai/ping"))
         assert 'data-ping="ok"' in ping.text and stub.pings == 1
-        job_id = router.views["jobs"][1].query(
+        job_id = router.view_db("jobs").query(
             "SELECT job_id FROM jobs WHERE study_instance_uid = ? LIMIT 1", (study,))[0]["job_id"]
         job = browser.get(browser.url(f"/jobs/{job_id}"))
         assert "AI round trips" in job.text and "finding=positive" in job.text

@@ -23,13 +23,13 @@ import pydicom
 import pytest
 import requests
 
+from projections import audit_queries as queries
 from router.application.commands import Actor
 from router.application.sessions import AccessRecord
 from tests.conftest import make_settings, wait_for
 from tests.integration.peers import free_port
 from tests.synthetic import make_ct_series
 from tests.web_harness import Browser, WebServer, bearer
-from web.queries import audit as queries
 
 EVIL = '=HYPERLINK("http://evil.test","open")'
 PATIENT = "PAT001"
@@ -54,7 +54,7 @@ class Scene:
         return self.server.router
 
     def audit(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        return list(self.router.views["audit"][1].query(sql, params))
+        return list(self.router.view_db("audit").query(sql, params))
 
     def count(self, where: str, params: tuple[Any, ...] = ()) -> int:
         return int(self.audit(f"SELECT count(*) AS n FROM audit WHERE {where}", params)[0]["n"])
@@ -184,7 +184,7 @@ def test_search_filters_paging_and_each_search_is_recorded(
 
     # Keyset pages of the export read the same rows in time order (row-value comparison).
     flt = queries.AuditFilter(patient_id=PATIENT, until=scene.between)  # not the searches
-    paged = [row for page in queries.export_pages(scene.router.views["audit"][1], flt,
+    paged = [row for page in queries.export_pages(scene.router.view_db("audit"), flt,
                                                   page_size=4) for row in page]
     assert [queries.public_row(r) for r in paged] == list(reversed(by_patient["items"]))
 

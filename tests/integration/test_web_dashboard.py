@@ -55,7 +55,7 @@ def send_traffic(server: Any, tmp_path: Path) -> None:
     wait_for(lambda: delivery_counts(server.router) == {
         ("archive", "delivered"): 3, ("gone", "dead"): 3, ("held", "pending"): 3}, 30,
         "deliveries to settle")
-    jobs = server.router.views["jobs"][1]
+    jobs = server.router.view_db("jobs")
     wait_for(lambda: jobs.query("SELECT failure_id FROM receipt_failures"), 10,
              "the refused receipt")
     server.router.runner.catch_up()

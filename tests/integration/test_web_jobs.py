@@ -59,7 +59,7 @@ def routed_settings(tmp_path: Path, database_url: str, **dispatch: Any) -> Any:
 
 
 def delivery_counts(router: Any) -> dict[tuple[str, str], int]:
-    rows = router.views["jobs"][1].query(
+    rows = router.view_db("jobs").query(
         "SELECT destination, status, count(*) AS n FROM deliveries GROUP BY destination, status")
     return {(r["destination"], r["status"]): int(r["n"]) for r in rows}
 
@@ -81,7 +81,7 @@ def send_ct_and_mr(server: Any, tmp_path: Path, ct_tags: dict[str, Any] | None =
 
 def accesses(router: Any, action: str) -> list[dict[str, Any]]:
     router.runner.catch_up()
-    return router.views["audit"][1].query(
+    return router.view_db("audit").query(
         "SELECT actor, object_id, outcome, study_instance_uid, patient_id, detail FROM audit"
         " WHERE action = ? ORDER BY occurred_at", (action,))
 
@@ -272,7 +272,7 @@ def test_hostile_tag_values_are_escaped_on_job_pages(web_router: Any, tmp_path: 
     server = web_router(routed_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}"))
     ct = write_instances(tmp_path / "ct", "CT", 1, PatientID="<script>alert(1)</script>")
     assert storescu(server.router.dicom.port, ct, "CT_SCANNER").returncode == 0
-    db = server.router.views["jobs"][1]
+    db = server.router.view_db("jobs")
     wait_for(lambda: db.query("SELECT job_id FROM jobs"), 20, "the job")
     job_id = db.query("SELECT job_id FROM jobs")[0]["job_id"]
     browser = Browser(server.url)

@@ -259,7 +259,7 @@ def test_browser_uploads_go_through_stow_with_a_result_per_file(
     assert hostile not in page.text and "&lt;img src=x onerror=alert(1)&gt;.dcm" in page.text
     # STOW-RS answers once its instances are in the studies view; the jobs view may trail.
     def uploaded_jobs() -> list[dict[str, Any]]:
-        rows = server.router.views["jobs"][1].query(
+        rows = server.router.view_db("jobs").query(
             "SELECT source, actor, sop_instance_uid FROM jobs ORDER BY received_at")
         return rows if len(rows) >= len(mr) else []
 

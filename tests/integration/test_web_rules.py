@@ -49,7 +49,7 @@ def storescu(server: Any, path: Path, calling: str = "CT_SCANNER") -> str:
          str(server.router.dicom.port), str(path)],
         env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
-    jobs = server.router.views["jobs"][1]
+    jobs = server.router.view_db("jobs")
     rows = wait_for(lambda: jobs.query(
         "SELECT job_id, routing, destinations FROM jobs WHERE calling_aet = ?"
         " AND routing <> 'received' ORDER BY received_at DESC", (calling,)), 20, "the job")
@@ -57,7 +57,7 @@ def storescu(server: Any, path: Path, calling: str = "CT_SCANNER") -> str:
 
 
 def job_destinations(server: Any, job_id: str) -> list[str]:
-    rows = server.router.views["jobs"][1].query(
+    rows = server.router.view_db("jobs").query(
         "SELECT destinations FROM jobs WHERE job_id = ?", (job_id,))
     return list(json.loads(rows[0]["destinations"] or "[]"))
 

@@ -33,13 +33,13 @@ def storescu(server: Any, path: Path, calling: str = "CT_SCANNER") -> None:
          str(server.router.dicom.port), str(path)],
         env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
-    jobs = server.router.views["jobs"][1]
+    jobs = server.router.view_db("jobs")
     wait_for(lambda: jobs.query("SELECT 1 FROM jobs WHERE routing <> 'received'"), 20, "job")
 
 
 def accesses(server: Any, action: str) -> list[dict[str, Any]]:
     server.router.runner.catch_up()
-    return server.router.views["audit"][1].query(
+    return server.router.view_db("audit").query(
         "SELECT actor, outcome, detail, patient_id FROM audit WHERE action = ?"
         " ORDER BY position", (action,))
 
@@ -147,7 +147,7 @@ def test_reidentification_needs_admin_a_reason_and_is_audited(web_router: Any,
                       json={"name": "all", "destinations": ["research"]})
     assert r.status_code == 201, r.text
     storescu(server, CT_SMALL)
-    jobs = router.views["jobs"][1]
+    jobs = router.view_db("jobs")
     wait_for(lambda: jobs.query("SELECT 1 FROM deliveries WHERE status = 'delivered'"), 30,
              "delivery")
     sent = pydicom.dcmread(next(export.rglob("*.dcm")))

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from projections.audit import AuditView
+from projections.audit_queries import AuditFilter, search
 from projections.db import SqliteViews
 from projections.runner import EventRecord
 from router.domain.users import user_id
 from web.queries import access_report as report
-from web.queries.audit import AuditFilter, search
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 OTHER = "1.2.826.0.1.3680043.8.498.2"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from projections.db import SqliteViews
 from projections.freshness import FreshReads, LogHeads
-from projections.progress import PolledProgress, ViewProgress, passed, view_positions
-from projections.runner import POSITIONS_SQL
+from projections.positions import POSITIONS_SQL, view_positions
+from projections.progress import PolledProgress, ViewProgress, passed
 from router.application.stores import EventStores, StoreConfig
 from router.domain.access import Access
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from projections.ai_requests_queries import list_requests
 from router.ai.callbacks import CallbackError, ResultFile
 from router.ai.signing import (
     SIGNATURE_HEADER,
@@ -47,7 +48,6 @@ from web.dicomweb.multipart_in import (
     read_parts,
 )
 from web.keys import ROUTER_KEY
-from web.queries.ai import list_requests
 from web.routes import Route
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ async def requests_list(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER_KEY]
     limit, offset = paging(request)
     destination = request.query.get("destination") or None
-    rows = await asyncio.to_thread(list_requests, router.views["jobs"][1], destination,
+    rows = await asyncio.to_thread(list_requests, router.view_db("jobs"), destination,
                                    request.query.get("study_uid") or None, limit, offset)
     return json_response({"items": rows, "limit": limit, "offset": offset})
 

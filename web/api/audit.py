@@ -14,13 +14,13 @@ from typing import Any
 
 from aiohttp import web
 
+from projections import audit_queries as queries
 from router.application.history import StateAsOf, state_as_of
 from router.application.sessions import AccessRecord
 from web.api.common import ApiError, json_response, paging
 from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
-from web.queries import audit as queries
 from web.routes import Route
 
 FILTER_PARAMS = ("user", "patient", "study", "action", "outcome", "from", "to")
@@ -30,7 +30,7 @@ EXPORT_PAGE = 1000
 
 
 def audit_db(request: web.Request) -> Any:
-    return request.app[ROUTER_KEY].views["audit"][1]
+    return request.app[ROUTER_KEY].view_db("audit")
 
 
 def audit_filter(request: web.Request) -> queries.AuditFilter:

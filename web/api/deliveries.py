@@ -24,6 +24,7 @@ from web.api.common import ApiError, json_response, read_json
 from web.auth import actor_of
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.queries.filters import UID_RE
 from web.routes import Route
 
@@ -52,11 +53,11 @@ class BulkRequest(BaseModel):
     dry_run: bool = Field(False, description="only count; records nothing")
 
 
-def bulk_of(router: Any) -> BulkDeliveries:
-    return BulkDeliveries(router.commands, router.stores, router.views["jobs"][1])
+def bulk_of(router: RouterPort) -> BulkDeliveries:
+    return BulkDeliveries(router.commands, router.stores, router.view_db("jobs"))
 
 
-def delivery_filter(router: Any, values: BulkRequest) -> DeliveryFilter:
+def delivery_filter(router: RouterPort, values: BulkRequest) -> DeliveryFilter:
     """The filter of a request; BulkFilterError names a bad field."""
     if values.study_uid is not None and not UID_RE.match(values.study_uid):
         raise BulkFilterError("study_uid", "a DICOM UID is digits and dots, at most 64 "

@@ -39,6 +39,7 @@ from web.api.common import ApiError, json_response, read_json, run_command
 from web.api.file_managed import refuse_if_managed
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.queries.destinations import Health, declared_by_config, health
 from web.routes import Route
 
@@ -78,7 +79,7 @@ class RawObject(RootModel[dict[str, Any]]):
 # -- reading ---------------------------------------------------------------------------------
 
 
-def live(router: Any) -> dict[str, DestinationState]:
+def live(router: RouterPort) -> dict[str, DestinationState]:
     return dict(router.admin.snapshot().live_destinations())
 
 
@@ -101,24 +102,24 @@ def describe(state: DestinationState, state_health: Health | None,
     }
 
 
-def load_all(router: Any) -> tuple[list[dict[str, Any]], dict[str, Health]]:
+def load_all(router: RouterPort) -> tuple[list[dict[str, Any]], dict[str, Health]]:
     """Every live destination described (name order), and the health of all names that have
     deliveries, including deleted destinations that still have some."""
     states = live(router)
-    healths = health(router.views["jobs"][1], {n: s.paused for n, s in states.items()})
+    healths = health(router.view_db("jobs"), {n: s.paused for n, s in states.items()})
     declared = [str(d.get("name")) for d in router.settings.destinations]
-    ours = declared_by_config(router.views["audit"][1], "destination", states, declared)
+    ours = declared_by_config(router.view_db("audit"), "destination", states, declared)
     items = [describe(states[n], healths.get(n), n in ours) for n in sorted(states)]
     return items, healths
 
 
-def load_one(router: Any, name: str) -> dict[str, Any]:
+def load_one(router: RouterPort, name: str) -> dict[str, Any]:
     state = live(router).get(name)
     if state is None:
         raise ApiError(404, f"destination {name!r} does not exist")
-    healths = health(router.views["jobs"][1], {name: state.paused})
+    healths = health(router.view_db("jobs"), {name: state.paused})
     declared = [str(d.get("name")) for d in router.settings.destinations]
-    ours = declared_by_config(router.views["audit"][1], "destination", [name], declared)
+    ours = declared_by_config(router.view_db("audit"), "destination", [name], declared)
     return describe(state, healths.get(name), name in ours)
 
 
@@ -138,7 +139,7 @@ def with_kept_secrets(data: Mapping[str, Any], stored: Mapping[str, Any] | None
     return merged
 
 
-def users_of(router: Any, name: str) -> list[str]:
+def users_of(router: RouterPort, name: str) -> list[str]:
     """Names of the rules that send to destination ``name``."""
     return [r.spec.name for r in router.admin.snapshot().rules if name in r.spec.destinations]
 
@@ -190,7 +191,7 @@ def run_check(stored: Mapping[str, Any], box: Any, calling_ae: str,
     return result
 
 
-async def check(router: Any, stored: Mapping[str, Any]) -> dict[str, Any]:
+async def check(router: RouterPort, stored: Mapping[str, Any]) -> dict[str, Any]:
     try:
         return await asyncio.wait_for(
             asyncio.to_thread(run_check, stored, router.box, router.settings.ae_title,

@@ -8,14 +8,13 @@ alone.
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from web.api.common import ApiError, json_response, read_json, run_command
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.queries.destinations import declared_by_config
 from web.routes import Route
 
@@ -27,14 +26,14 @@ class DetachRequest(BaseModel):
     reason: str = Field("", max_length=500)
 
 
-def declared(router: Any, kind: str, names: list[str]) -> set[str]:
+def declared(router: RouterPort, kind: str, names: list[str]) -> set[str]:
     """The names among ``names`` the configuration file declares (or declared)."""
     items = router.settings.rules if kind == "rule" else router.settings.destinations
-    return declared_by_config(router.views["audit"][1], kind, names,
+    return declared_by_config(router.view_db("audit"), kind, names,
                               [str(i.get("name")) for i in items])
 
 
-def is_detached(router: Any, kind: str, name: str) -> bool:
+def is_detached(router: RouterPort, kind: str, name: str) -> bool:
     snapshot = router.admin.snapshot()
     if kind == "rule":
         return name in snapshot.detached_rules
@@ -42,7 +41,7 @@ def is_detached(router: Any, kind: str, name: str) -> bool:
     return bool(state is not None and state.detached)
 
 
-def managed(router: Any, kind: str, name: str) -> bool:
+def managed(router: RouterPort, kind: str, name: str) -> bool:
     """Declared by the file and not detached from it: the file decides what it is."""
     return bool(declared(router, kind, [name])) and not is_detached(router, kind, name)
 
@@ -54,7 +53,7 @@ def managed_message(kind: str, name: str) -> str:
             "no longer changes it).")
 
 
-def refuse_if_managed(router: Any, kind: str, name: str) -> None:
+def refuse_if_managed(router: RouterPort, kind: str, name: str) -> None:
     """Blocking (reads the audit view): call from a thread."""
     if managed(router, kind, name):
         raise ApiError(409, managed_message(kind, name), {"name": "managed by the "

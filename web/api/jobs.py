@@ -12,12 +12,13 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from projections.jobs import JobsView
-from projections.progress import view_positions
+from projections.positions import view_positions
 from router.application.sessions import AccessRecord
 from web.api.common import ApiError, json_response, paging, read_json, run_command
 from web.auth import actor_of, record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.queries.filters import FilterError, with_iso_times
 from web.queries.jobs import (
     FILTER_FIELDS,
@@ -65,7 +66,7 @@ def view_record(job_id: str, job: dict[str, Any] | None) -> AccessRecord:
 async def load_job(request: web.Request, job_id: str) -> dict[str, Any] | None:
     """The job with its deliveries and timeline (views only), or None."""
     router = request.app[ROUTER_KEY]
-    jobs_db, audit_db = router.views["jobs"][1], router.views["audit"][1]
+    jobs_db, audit_db = router.view_db("jobs"), router.view_db("audit")
     await fresh(request, "jobs")
     job = await asyncio.to_thread(get_job, jobs_db, job_id)
     if job is not None:
@@ -74,12 +75,12 @@ async def load_job(request: web.Request, job_id: str) -> dict[str, Any] | None:
     return job
 
 
-async def audit_in_step(router: Any, timeout: float = TIMELINE_WAIT_S) -> bool:
+async def audit_in_step(router: RouterPort, timeout: float = TIMELINE_WAIT_S) -> bool:
     """Wait until the audit view has applied the ingest and delivery logs as far as the jobs
     view had when asked: a job's timeline (audit view) then holds every event behind the
     status shown beside it (jobs view). Each view has its own thread and batches, so the
     audit view may trail by a batch; False when it is still behind after ``timeout``."""
-    done = await asyncio.to_thread(view_positions, router.views["jobs"][1], "jobs")
+    done = await asyncio.to_thread(view_positions, router.view_db("jobs"), "jobs")
     target = {log: done.get(log, 0) for log in JobsView.follows}
     progress = router.runner.progress
     if progress.reached("audit", target):
@@ -93,7 +94,7 @@ async def jobs_list(request: web.Request) -> web.Response:
     limit, offset = paging(request)
     router = request.app[ROUTER_KEY]
     await fresh(request, "jobs")
-    rows, total = await asyncio.to_thread(list_jobs, router.views["jobs"][1], filters, limit,
+    rows, total = await asyncio.to_thread(list_jobs, router.view_db("jobs"), filters, limit,
                                           offset)
     await record_access(request, list_record(filters, total))
     return json_response({"total": total, "limit": limit, "offset": offset,
@@ -116,7 +117,7 @@ async def change_delivery(request: web.Request, job_id: str, destination: str, a
     """Requeue or cancel one delivery of a job as the caller; answers the delivery as the
     jobs view shows it once the view has applied the change. 404 / 422 as ApiError."""
     router = request.app[ROUTER_KEY]
-    jobs_db = router.views["jobs"][1]
+    jobs_db = router.view_db("jobs")
     await fresh(request, "jobs")
     job = await asyncio.to_thread(get_job, jobs_db, job_id)
     if job is None:

@@ -21,6 +21,7 @@ from web.api.common import ApiError, json_response, read_json
 from web.api.file_managed import DetachRequest, managed_message
 from web.auth import actor_of, record_access
 from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.routes import Route
 
 T = TypeVar("T")
@@ -129,7 +130,7 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def describe_job(router: Any, job: Any) -> dict[str, Any]:
+def describe_job(router: RouterPort, job: Any) -> dict[str, Any]:
     target = router.retriever.target_of(job)
     counts = job.counts
     return {"id": job.id, "node": job.node, "method": job.method, "level": job.level,

@@ -32,6 +32,7 @@ from web.api.common import ApiError, json_response, read_json, run_command, vali
 from web.api.file_managed import refuse_if_managed
 from web.auth import actor_of, record_access
 from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.queries.destinations import declared_by_config
 from web.routes import Route
 
@@ -98,11 +99,11 @@ class RawObject(RootModel[dict[str, Any]]):
 # -- reading and validating ------------------------------------------------------------------
 
 
-def rule_items(router: Any) -> list[dict[str, Any]]:
+def rule_items(router: RouterPort) -> list[dict[str, Any]]:
     """Every rule in evaluation order (priority, name) with its id, version and origin."""
     rules = router.admin.snapshot().rules
     declared = [str(r.get("name")) for r in router.settings.rules]
-    ours = declared_by_config(router.views["audit"][1], "rule",
+    ours = declared_by_config(router.view_db("audit"), "rule",
                               [r.spec.name for r in rules], declared)
     detached = router.admin.snapshot().detached_rules
     return [{**r.spec.to_dict(), "rule_id": r.rule_id, "version": r.version,
@@ -112,7 +113,7 @@ def rule_items(router: Any) -> list[dict[str, Any]]:
             for i, r in enumerate(rules)]
 
 
-def find_rule(router: Any, name: str) -> VersionedRule | None:
+def find_rule(router: RouterPort, name: str) -> VersionedRule | None:
     return next((r for r in router.admin.snapshot().rules if r.spec.name == name), None)
 
 
@@ -126,7 +127,7 @@ def rule_errors(message: str, name: object) -> dict[str, str]:
     return {found[1]: found[2]} if found else {"rule": rest}
 
 
-def validate_rule(router: Any, data: Mapping[str, Any]) -> RuleSpec:
+def validate_rule(router: RouterPort, data: Mapping[str, Any]) -> RuleSpec:
     """The parsed rule, or ApiError 422 with field errors (destinations must exist)."""
     try:
         spec = parse_rule(data)
@@ -161,7 +162,7 @@ async def save_rule(request: web.Request, data: Mapping[str, Any],
     return spec
 
 
-def reorder(router: Any, names: Sequence[str], actor: Any) -> None:
+def reorder(router: RouterPort, names: Sequence[str], actor: Any) -> None:
     """Give the rules priorities 10, 20, 30... in the order of ``names`` (all rules)."""
     rules = {r.spec.name: r.spec for r in router.admin.snapshot().rules}
     for position, name in enumerate(names, start=1):
@@ -179,7 +180,7 @@ def reorder(router: Any, names: Sequence[str], actor: Any) -> None:
         router.commands.put_rule(data, actor)
 
 
-def candidate_spec(router: Any, data: Mapping[str, Any] | None) -> RuleSpec | None:
+def candidate_spec(router: RouterPort, data: Mapping[str, Any] | None) -> RuleSpec | None:
     """An unsaved rule for a dry run (its destinations need not exist yet)."""
     if data is None:
         return None
@@ -190,7 +191,8 @@ def candidate_spec(router: Any, data: Mapping[str, Any] | None) -> RuleSpec | No
         raise ApiError(422, str(exc), fields) from None
 
 
-def evaluate_dry(router: Any, item: RoutingInput, candidate: RuleSpec | None) -> dict[str, Any]:
+def evaluate_dry(router: RouterPort, item: RoutingInput,
+                 candidate: RuleSpec | None) -> dict[str, Any]:
     rules: Sequence[VersionedRule] = router.admin.snapshot().rules
     if candidate is not None:
         rules = with_candidate(rules, candidate)
@@ -203,7 +205,7 @@ async def dry_run_job(request: web.Request, job_id: str,
     """Dry-run a past job; the access (the header's values are PHI) is recorded."""
     router = request.app[ROUTER_KEY]
     try:
-        job: JobInput = await asyncio.to_thread(job_input, router.views["jobs"][1],
+        job: JobInput = await asyncio.to_thread(job_input, router.view_db("jobs"),
                                                 router.blobs, job_id)
     except JobNotFound as exc:
         await record_access(request, AccessRecord("job.dry_run", "job", job_id[:64],

@@ -53,7 +53,7 @@ async def send_study(request: web.Request, study_uid: str, body: SendRequest
         raise ApiError(422, "series_uid: a DICOM UID is digits and dots, at most 64 "
                             "characters", {"series_uid": "not a DICOM UID"})
     router = request.app[ROUTER_KEY]
-    sender = Sender(router.stores, router.admin, router.commands, router.views["jobs"][1])
+    sender = Sender(router.stores, router.admin, router.commands, router.view_db("jobs"))
     await fresh(request, "jobs")
     try:
         result = await run_command(checked, sender, study_uid, body, actor_of(request))

@@ -21,7 +21,7 @@ async def read_stats(request: web.Request) -> dict[str, Any]:
     router = request.app[ROUTER_KEY]
 
     def read() -> dict[str, Any]:  # the admin snapshot may refresh from the log: a thread
-        figures = collect(router.views["jobs"][1], router.views["audit"][1],
+        figures = collect(router.view_db("jobs"), router.view_db("audit"),
                           router.admin.snapshot().destinations)
         figures["nodes"] = router.nodes.nodes()
         return figures

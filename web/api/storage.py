@@ -69,7 +69,7 @@ async def overview(request: web.Request, fresh: bool = False) -> dict[str, Any]:
     retention = router.retention
     usage = await asyncio.to_thread(retention.usage, fresh)
     setting = await asyncio.to_thread(router.runtime.get, RETENTION_SETTING)
-    runs, total = await asyncio.to_thread(purge_runs, router.views["jobs"][1], 20, 0)
+    runs, total = await asyncio.to_thread(purge_runs, router.view_db("jobs"), 20, 0)
     used = usage.total_bytes - usage.free_bytes
     return {
         "blob_store": {
@@ -97,7 +97,7 @@ async def get_storage(request: web.Request) -> web.Response:
 async def list_purges(request: web.Request) -> web.Response:
     limit, offset = paging(request)
     router = request.app[ROUTER_KEY]
-    runs, total = await asyncio.to_thread(purge_runs, router.views["jobs"][1], limit, offset)
+    runs, total = await asyncio.to_thread(purge_runs, router.view_db("jobs"), limit, offset)
     return json_response({"total": total, "limit": limit, "offset": offset, "items": runs})
 
 

@@ -58,10 +58,10 @@ async def load_study(request: web.Request, study_uid: str) -> dict[str, Any] | N
         return None
     router = request.app[ROUTER_KEY]
     await fresh(request, "studies", "jobs")
-    study = await asyncio.to_thread(get_study, router.views["studies"][1], study_uid)
+    study = await asyncio.to_thread(get_study, router.view_db("studies"), study_uid)
     if study is None:
         return None
-    summary, per_instance = await asyncio.to_thread(delivery_status, router.views["jobs"][1],
+    summary, per_instance = await asyncio.to_thread(delivery_status, router.view_db("jobs"),
                                                     study_uid)
     study["deliveries"] = summary
     for instance in study["instances"]:
@@ -74,7 +74,7 @@ async def studies_search(request: web.Request) -> web.Response:
     limit, offset = paging(request)
     router = request.app[ROUTER_KEY]
     await fresh(request, "studies")
-    rows, total = await asyncio.to_thread(search_studies, router.views["studies"][1], filters,
+    rows, total = await asyncio.to_thread(search_studies, router.view_db("studies"), filters,
                                           limit, offset)
     await record_access(request, search_record(filters, total))
     return json_response({"total": total, "limit": limit, "offset": offset,

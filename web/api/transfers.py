@@ -55,7 +55,7 @@ def view_record(transfer_id: str, transfer: dict[str, Any] | None) -> AccessReco
 async def load_transfer(request: web.Request, transfer_id: str) -> dict[str, Any] | None:
     router = request.app[ROUTER_KEY]
     await fresh(request, "jobs")
-    return await asyncio.to_thread(get_transfer, router.views["jobs"][1], transfer_id)
+    return await asyncio.to_thread(get_transfer, router.view_db("jobs"), transfer_id)
 
 
 async def transfers_list(request: web.Request) -> web.Response:
@@ -63,7 +63,7 @@ async def transfers_list(request: web.Request) -> web.Response:
     limit, offset = paging(request)
     router = request.app[ROUTER_KEY]
     await fresh(request, "jobs")
-    rows, total = await asyncio.to_thread(list_transfers, router.views["jobs"][1], filters,
+    rows, total = await asyncio.to_thread(list_transfers, router.view_db("jobs"), filters,
                                           limit, offset)
     await record_access(request, list_record(filters, total))
     return json_response({"total": total, "limit": limit, "offset": offset,

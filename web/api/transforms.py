@@ -21,6 +21,7 @@ from router.transforms.spec import KINDS, TransformError, parse_transform
 from web.api.common import ApiError, json_response, read_json, run_command
 from web.auth import actor_of, record_access
 from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.queries.destinations import declared_by_config
 from web.routes import Route
 
@@ -55,11 +56,11 @@ class RawObject(RootModel[dict[str, Any]]):
     """Any JSON object: validated by the domain's parser."""
 
 
-def transform_items(router: Any) -> list[dict[str, Any]]:
+def transform_items(router: RouterPort) -> list[dict[str, Any]]:
     """Every transform with its version, origin and the destinations and rules naming it."""
     transforms = router.admin.snapshot().transforms
     declared = [str(t.get("name")) for t in router.settings.transforms]
-    ours = declared_by_config(router.views["audit"][1], "transform", list(transforms), declared)
+    ours = declared_by_config(router.view_db("audit"), "transform", list(transforms), declared)
     return [{**t.spec.to_dict(), "version": t.version, "from_config": name in ours,
              "used_by": router.commands.transform_users(name)}
             for name, t in sorted(transforms.items())]
@@ -99,14 +100,14 @@ async def create_transform(request: web.Request) -> web.Response:
     return await _answer(request, spec["name"], status=201)
 
 
-def from_file(router: Any, name: str) -> bool:
+def from_file(router: RouterPort, name: str) -> bool:
     """Declared by the configuration file's [[transforms]]: applied at every start, so a
     change made in the UI or the API would be undone then (transforms cannot be detached
     from the file; change them there)."""
     return name in {str(t.get("name")) for t in router.settings.transforms}
 
 
-def refuse_if_from_file(router: Any, name: str) -> None:
+def refuse_if_from_file(router: RouterPort, name: str) -> None:
     if from_file(router, name):
         raise ApiError(409, f"transform {name!r} is managed by the configuration file: a "
                        "change made here would be undone when the router next starts (or at "
@@ -141,7 +142,7 @@ async def run_preview(request: web.Request, body: PreviewBody) -> dict[str, Any]
     router = request.app[ROUTER_KEY]
     try:
         result = await asyncio.to_thread(
-            preview, router.views["jobs"][1], router.blobs, router.admin.snapshot(),
+            preview, router.view_db("jobs"), router.blobs, router.admin.snapshot(),
             lambda project: project_seed(router.box, project),
             sop_instance_uid=body.sop_instance_uid, transform=body.transform,
             destination=body.destination)

@@ -113,7 +113,7 @@ def _missing(db: ViewDatabase, study: str, series: str | None) -> ApiError:
 
 
 def studies_db(request: web.Request) -> ViewDatabase:
-    return request.app[ROUTER_KEY].views["studies"][1]
+    return request.app[ROUTER_KEY].view_db("studies")
 
 
 async def find_instances(request: web.Request, note: AccessNote) -> list[InstanceRow]:

@@ -14,19 +14,19 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from projections.audit_queries import MAX_TEXT, FilterError, iso
 from router.application.sessions import AccessRecord
 from web.api.access_report import period, read_report
 from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.queries import access_report as queries
-from web.queries.audit import MAX_TEXT, FilterError, iso
 from web.render import render
 from web.routes import Route
 
 
 def _studies_db(request: web.Request) -> Any:
-    return request.app[ROUTER_KEY].views["studies"][1]
+    return request.app[ROUTER_KEY].view_db("studies")
 
 
 def _form(request: web.Request) -> dict[str, str]:

@@ -12,11 +12,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from projections.ai_requests_queries import list_requests, turnaround
 from router.dispatch.registry import public_config
 from web.api.ai import run_ping
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS
-from web.queries.ai import list_requests, turnaround
+from web.ports import RouterPort
 from web.render import render
 from web.routes import Route
 
@@ -24,7 +25,7 @@ RECENT = 50
 WINDOW = 24 * 3600.0
 
 
-def processors(router: Any) -> list[dict[str, Any]]:
+def processors(router: RouterPort) -> list[dict[str, Any]]:
     out = []
     for name, state in sorted(router.admin.snapshot().live_destinations().items()):
         if state.config.get("type") != "ai":
@@ -37,7 +38,7 @@ def processors(router: Any) -> list[dict[str, Any]]:
 
 async def ai_page(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
-    db = router.views["jobs"][1]
+    db = router.view_db("jobs")
 
     def read() -> dict[str, Any]:
         return {"processors": processors(router),

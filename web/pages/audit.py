@@ -15,6 +15,7 @@ from uuid import UUID
 
 from aiohttp import web
 
+from projections import audit_queries as queries
 from router.application.history import state_as_of
 from router.application.sessions import AccessRecord
 from router.application.versions import compare, history
@@ -24,7 +25,6 @@ from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.pages.audit_rows import changes, present
-from web.queries import audit as queries
 from web.queries.audit_actions import choices_with
 from web.render import render
 from web.routes import Route

@@ -9,8 +9,8 @@ import json
 from typing import Any
 from uuid import UUID
 
+from projections.audit_queries import iso
 from router.application.versions import FieldChange, changes_at
-from web.queries.audit import iso
 from web.queries.audit_actions import label_of
 
 Row = dict[str, Any]

@@ -12,11 +12,11 @@ from typing import Any
 
 from aiohttp import web
 
+from projections.ai_requests_queries import turnaround
 from web.api.stats import read_stats
 from web.auth import current_user
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS
-from web.queries.ai import turnaround
 from web.queries.transfers import recent_activity
 from web.render import render
 from web.routes import Route
@@ -47,7 +47,7 @@ def chart(minutes: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def stats_values(request: web.Request) -> dict[str, Any]:
     stats = await read_stats(request)
-    jobs_db = request.app[ROUTER_KEY].views["jobs"][1]
+    jobs_db = request.app[ROUTER_KEY].view_db("jobs")
     ai = await asyncio.to_thread(turnaround, jobs_db, time.time() - AI_WINDOW)
     recent = await asyncio.to_thread(recent_activity, jobs_db, RECENT_TRANSFERS)
     return {"stats": stats, "chart": chart(stats["throughput"]["minutes"]),

@@ -23,6 +23,7 @@ from web.api.common import ApiError, run_command
 from web.api.file_managed import detach, managed_message
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.queries.destinations import age_text, when_text
 from web.render import render
 from web.routes import Route
@@ -320,7 +321,7 @@ async def check_form(request: web.Request) -> web.Response:
     return _edit(request, kind, shown, result.get("fields"), existing, check=result)
 
 
-async def _existing_or_none(router: Any, name: str | None) -> dict[str, Any] | None:
+async def _existing_or_none(router: RouterPort, name: str | None) -> dict[str, Any] | None:
     if name is None:
         return None
     return _display(await asyncio.to_thread(api.load_one, router, name), time.time())

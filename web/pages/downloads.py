@@ -125,7 +125,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     if uids is not None:
         await fresh(request, "studies")
         rows = await asyncio.to_thread(query_instances,
-                                       request.app[ROUTER_KEY].views["studies"][1], *uids)
+                                       request.app[ROUTER_KEY].view_db("studies"), *uids)
     if uids is None or not rows:
         await record_access(request, export_record(uids, object_type, rows, "not_found",
                                                    "ZIP download: nothing to send"))

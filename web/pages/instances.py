@@ -36,7 +36,7 @@ async def find_instance(request: web.Request) -> InstanceRow | None:
     if uids is None:
         return None
     await fresh(request, "studies")
-    rows = await asyncio.to_thread(query_instances, request.app[ROUTER_KEY].views["studies"][1],
+    rows = await asyncio.to_thread(query_instances, request.app[ROUTER_KEY].view_db("studies"),
                                    *uids)
     return rows[0] if rows else None
 

@@ -16,13 +16,13 @@ from urllib.parse import urlencode
 from aiohttp import web
 from pydicom.uid import UID
 
+from projections.ai_requests_queries import requests_for_job
 from router.domain.delivery_states import FINAL_STATES
 from web.api.common import ApiError
 from web.api.jobs import change_delivery, list_record, load_job, view_record
 from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
-from web.queries.ai import requests_for_job
 from web.queries.filters import FilterError
 from web.queries.jobs import FILTER_FIELDS, JOB_STATUSES, JobFilters, list_jobs, parse_filters
 from web.render import render
@@ -114,7 +114,7 @@ async def instances_page(request: web.Request) -> web.Response:
         return render(request, "jobs.html", status=400, flash=str(exc), flash_kind="error",
                       **values)
     await fresh(request, "jobs")
-    rows, total = await asyncio.to_thread(list_jobs, router.views["jobs"][1], filters,
+    rows, total = await asyncio.to_thread(list_jobs, router.view_db("jobs"), filters,
                                           limit, offset)
     await record_access(request, list_record(filters, total))
     values.update(jobs=rows, pager=pager("/jobs", query, limit, offset, len(rows), total))
@@ -131,8 +131,8 @@ async def job_page(request: web.Request) -> web.Response:
     done, target = request.query.get("done", ""), request.query.get("destination", "")
     if done in DONE and any(d["destination"] == target for d in job["deliveries"]):
         flash = DONE[done].format(target)
-    ai_requests = await asyncio.to_thread(requests_for_job, request.app[ROUTER_KEY].views[
-        "jobs"][1], job["job_id"])
+    ai_requests = await asyncio.to_thread(
+        requests_for_job, request.app[ROUTER_KEY].view_db("jobs"), job["job_id"])
     return render(request, "job_detail.html", job=job, flash=flash, final=FINAL,
                   ai_requests=ai_requests, **HELPERS)
 

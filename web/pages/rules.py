@@ -117,7 +117,7 @@ def _rows(rule: dict[str, Any], errors: dict[str, str], blank: int = 1) -> list[
 
 async def _choices(request: web.Request) -> dict[str, Any]:
     router = request.app[ROUTER_KEY]
-    jobs = await asyncio.to_thread(recent_jobs, router.views["jobs"][1], 20)
+    jobs = await asyncio.to_thread(recent_jobs, router.view_db("jobs"), 20)
     return {"all_destinations": sorted(router.admin.snapshot().live_destinations()),
             "jobs": [{**j, "when": time.strftime("%Y-%m-%d %H:%M:%S",
                                                  time.gmtime(j["received_at"]))} for j in jobs],

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from projections.ai_requests_queries import requests_for_study
 from web.api.common import ApiError, validate
 from web.api.send import SendRequest, send_study
 from web.api.studies import load_study, search_record, view_record
@@ -17,7 +18,7 @@ from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS, page_window, pager
-from web.queries.ai import requests_for_study
+from web.ports import RouterPort
 from web.queries.filters import FilterError
 from web.queries.studies import DELIVERY_STATUSES, FILTER_FIELDS, parse_filters, search_studies
 from web.render import render
@@ -36,7 +37,7 @@ async def studies_page(request: web.Request) -> web.Response:
                       **values)
     router = request.app[ROUTER_KEY]
     await fresh(request, "studies")
-    rows, total = await asyncio.to_thread(search_studies, router.views["studies"][1], filters,
+    rows, total = await asyncio.to_thread(search_studies, router.view_db("studies"), filters,
                                           limit, offset)
     await record_access(request, search_record(filters, total))
     values.update(studies=rows, pager=pager("/studies", query, limit, offset, len(rows),
@@ -44,7 +45,7 @@ async def studies_page(request: web.Request) -> web.Response:
     return render(request, "studies.html", **values)
 
 
-def sendable_destinations(router: Any) -> list[str]:
+def sendable_destinations(router: RouterPort) -> list[str]:
     """Destinations a study can be sent to by hand (live, not AI processors)."""
     live = router.admin.snapshot().live_destinations()
     return sorted(name for name, d in live.items() if d.config.get("type") != "ai")
@@ -63,8 +64,8 @@ async def study_page(request: web.Request, **flash: Any) -> web.Response:
     # A series whose instances include an image gets a thumbnail; others a placeholder.
     imaged = {uid: any(i["rows_"] is not None for i in instances)
               for uid, instances in by_series.items()}
-    ai_requests = await asyncio.to_thread(requests_for_study, request.app[ROUTER_KEY].views[
-        "jobs"][1], study_uid)
+    ai_requests = await asyncio.to_thread(
+        requests_for_study, request.app[ROUTER_KEY].view_db("jobs"), study_uid)
     send_to = await asyncio.to_thread(sendable_destinations, request.app[ROUTER_KEY])
     return render(request, "study_detail.html", study=study, by_series=by_series,
                   statuses=DELIVERY_STATUSES, destinations=list(study["deliveries"]),

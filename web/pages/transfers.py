@@ -50,7 +50,7 @@ async def transfers_page(request: web.Request) -> web.Response:
         return render(request, "transfers.html", status=400, flash=str(exc),
                       flash_kind="error", **values)
     await fresh(request, "jobs")
-    rows, total = await asyncio.to_thread(list_transfers, router.views["jobs"][1], filters,
+    rows, total = await asyncio.to_thread(list_transfers, router.view_db("jobs"), filters,
                                           limit, offset)
     await record_access(request, list_record(filters, total))
     values.update(transfers=rows, pager=pager("/jobs", query, limit, offset, len(rows), total))
@@ -62,7 +62,7 @@ async def series_fragment(request: web.Request) -> web.Response:
     transfer_id = request.match_info["transfer_id"]
     router = request.app[ROUTER_KEY]
     await fresh(request, "jobs")
-    transfer = await asyncio.to_thread(get_transfer, router.views["jobs"][1], transfer_id)
+    transfer = await asyncio.to_thread(get_transfer, router.view_db("jobs"), transfer_id)
     await record_access(request, view_record(transfer_id, transfer))
     if transfer is None:
         return render(request, "error.html", status=404, message="No transfer with this id.")
@@ -74,7 +74,7 @@ async def instances_fragment(request: web.Request) -> web.Response:
     transfer_id = request.match_info["transfer_id"]
     series_uid = request.match_info["series_uid"]
     router = request.app[ROUTER_KEY]
-    jobs_db = router.views["jobs"][1]
+    jobs_db = router.view_db("jobs")
     await fresh(request, "jobs")
     transfer = None
     if UID_RE.match(series_uid):

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from projections.audit_queries import csv_cell, iso
 from router.domain.users import user_id
-from web.queries.audit import csv_cell, iso
 
 Row = dict[str, Any]
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from projections.db import ViewDatabase
+
 Row = dict[str, Any]
 
 # Export columns, in order. ``time`` is occurred_at as ISO 8601 UTC.
@@ -177,7 +179,7 @@ def _like_prefix(prefix: str) -> str:
     return escaped + "%"
 
 
-def search(db: Any, flt: AuditFilter, limit: int, offset: int) -> tuple[list[Row], int]:
+def search(db: ViewDatabase, flt: AuditFilter, limit: int, offset: int) -> tuple[list[Row], int]:
     """One page of matching rows, newest first, and how many match in all."""
     where, params = flt.where()
     total = int(db.query("SELECT count(*) AS n FROM audit" + where, params)[0]["n"])
@@ -185,7 +187,7 @@ def search(db: Any, flt: AuditFilter, limit: int, offset: int) -> tuple[list[Row
     return rows, total
 
 
-def export_pages(db: Any, flt: AuditFilter, page_size: int = 1000) -> Iterator[list[Row]]:
+def export_pages(db: ViewDatabase, flt: AuditFilter, page_size: int = 1000) -> Iterator[list[Row]]:
     """Matching rows oldest first, a page at a time (keyset: no OFFSET, no snapshot held)."""
     after: tuple[Any, ...] | None = None
     while True:
@@ -199,7 +201,7 @@ def export_pages(db: Any, flt: AuditFilter, page_size: int = 1000) -> Iterator[l
         after = (last["occurred_at"], last["application"], last["position"])
 
 
-def export_page(db: Any, flt: AuditFilter, after: Sequence[Any] | None,
+def export_page(db: ViewDatabase, flt: AuditFilter, after: Sequence[Any] | None,
                 page_size: int) -> list[Row]:
     """The page of matching rows that follows ``after`` = (occurred_at, application, position)."""
     where, params = flt.where()
@@ -211,7 +213,7 @@ def export_page(db: Any, flt: AuditFilter, after: Sequence[Any] | None,
     return rows
 
 
-def study_history(db: Any, study_uid: str, limit: int, offset: int
+def study_history(db: ViewDatabase, study_uid: str, limit: int, offset: int
                   ) -> tuple[list[Row], int, list[Row]]:
     """Every row of one study in time order (one page), the total, and counts per action."""
     where = " WHERE study_instance_uid = ?"
