@@ -161,6 +161,18 @@ class JsonSchema:
         return dict(self.schema)
 
 
+class Doc:
+    """The field's description in the OpenAPI document (API bodies made from the class)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        schema = dict(handler(core_schema))
+        schema["description"] = self.text
+        return schema
+
+
 class WriteOnly:
     """A secret: marked writeOnly in the OpenAPI document."""
 

@@ -46,6 +46,30 @@ def fast_password_hashes(request: pytest.FixtureRequest,
         monkeypatch.setattr(users, "BCRYPT_ROUNDS", 4)
 
 
+
+@pytest.fixture(autouse=True, scope="session")
+def test_scus_send_without_delay() -> Iterator[None]:
+    """The tests' own pynetdicom SCUs stand in for modalities: they send with TCP_NODELAY, as
+    the router's own associations do (router.dicom.tuning.CONNECTION_HANDLERS) and as DCMTK
+    does with TCP_NODELAY=1. Without it each C-STORE they send can wait for a delayed ACK
+    (about 40 ms): the router used to set it on every pynetdicom socket of its process, the
+    tests' included, until it kept to pynetdicom's public event handlers."""
+    from pynetdicom import AE
+
+    from router.dicom.tuning import CONNECTION_HANDLERS
+
+    real = AE.associate
+
+    def associate(self: Any, *args: Any, evt_handlers: Any = None, **kwargs: Any) -> Any:
+        handlers = list(evt_handlers or [])
+        handlers += [h for h in CONNECTION_HANDLERS if h not in handlers]
+        return real(self, *args, evt_handlers=handlers, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AE, "associate", associate)
+        yield
+
+
 def _pg_base() -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0]
 

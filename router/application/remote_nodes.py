@@ -25,8 +25,9 @@ from router.config_types import (
     AETitle,
     After,
     Description,
+    Doc,
     PeerPort,
-    StrictBool,
+    Strict,
     problems_of,
     validated,
     validation_error,
@@ -82,21 +83,28 @@ class RemoteNodeConfig:
 
     __pydantic_config__ = SECTION
 
-    name: Annotated[str, After(_name)]
+    name: Annotated[str, After(_name), Doc(
+        "1-64 letters, digits, '.', '_' or '-'; in an API body, required when creating and"
+        " the URL's name when replacing")]
     ae_title: Annotated[AETitle, After(str.strip)]
-    host: Annotated[str, After(_host)]
+    host: Annotated[str, After(_host), Doc("a host name or an IP address")]
     port: PeerPort
     # What the node may ask of us, in SERVICES order.
-    services: Annotated[tuple[Service, ...], After(_in_order)] = SERVICES
+    services: Annotated[tuple[Service, ...], After(_in_order), Doc(
+        "what it may ask of us (C-FIND, C-MOVE, C-GET); in the API, none unless listed"
+        " (least privilege). Any node is a valid C-MOVE destination, and we may echo, query"
+        " and retrieve any node")] = SERVICES
     description: Description = ""
     # DICOM TLS for our associations to it (C-ECHO, C-FIND, C-MOVE, C-GET, and C-MOVE
     # sub-operations we send it): as a DICOM destination's tls_* settings.
-    tls: StrictBool = False
-    tls_ca_certificates: str = ""
-    tls_certificate: str = ""
-    tls_private_key: str = ""
-    tls_profile: str = "bcp195"
-    tls_server_name: str = ""
+    tls: Annotated[bool, Strict(), Doc("our associations to it over DICOM TLS")] = False
+    tls_ca_certificates: Annotated[str, Doc(
+        "PEM bundle its certificate chains to (empty: the system's CAs)")] = ""
+    tls_certificate: Annotated[str, Doc("our client certificate (PEM file)")] = ""
+    tls_private_key: Annotated[str, Doc("its private key (PEM file)")] = ""
+    tls_profile: Annotated[str, Doc("bcp195, non-downgrading or tls13")] = "bcp195"
+    tls_server_name: Annotated[str, Doc(
+        "the name its certificate carries, if not the host")] = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = {"ae_title": self.ae_title, "host": self.host, "port": self.port,

@@ -5,13 +5,15 @@ the mapping of command errors to HTTP statuses (400/404/422, never a stack trace
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 from eventsourcing.persistence import IntegrityError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, create_model
 
 from router.application.commands import CommandError, NotFoundError
 from router.dispatch.registry import DestinationConfigError
@@ -31,6 +33,31 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.fields = fields or {}
+
+
+class RawObject(RootModel[dict[str, Any]]):
+    """Any JSON object: validated by the domain's parser (the one the TOML file goes through),
+    so that a bad field gets the same message from the file, the API and the UI."""
+
+
+def config_body_model(name: str, config_class: type, fields: dict[str, Any] | None = None,
+                      secret_fields: frozenset[str] = frozenset(),
+                      optional: frozenset[str] = frozenset()) -> type[BaseModel]:
+    """The OpenAPI document's model of a body that ``config_class`` (a configuration
+    dataclass) validates: its own annotations, so ranges, patterns, defaults and descriptions
+    cannot drift from what is checked. ``fields``: more (or replaced) fields; ``optional``:
+    fields a body may leave out although the class requires them (the name in the URL)."""
+    hints = typing.get_type_hints(config_class, include_extras=True)
+    made: dict[str, Any] = {}
+    for spec in dataclasses.fields(config_class):
+        default = ... if spec.default is dataclasses.MISSING else spec.default
+        if spec.name in optional:
+            default = None
+        extra: dict[str, Any] | None = {"writeOnly": True} if spec.name in secret_fields else None
+        made[spec.name] = (hints[spec.name] | None if spec.name in optional else hints[spec.name],
+                           Field(default, json_schema_extra=extra))
+    made.update(fields or {})
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **made)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None

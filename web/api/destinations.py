@@ -12,12 +12,11 @@ import asyncio
 import dataclasses
 import logging
 import time
-import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
+from pydantic import BaseModel, Field, RootModel
 
 from router.application.admin_state import DestinationState
 from router.dispatch.base import (
@@ -35,7 +34,14 @@ from router.dispatch.registry import (
     build_adapter,
     public_config,
 )
-from web.api.common import ApiError, json_response, read_json, run_command
+from web.api.common import (
+    ApiError,
+    RawObject,
+    config_body_model,
+    json_response,
+    read_json,
+    run_command,
+)
 from web.api.file_managed import refuse_if_managed
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
@@ -53,16 +59,9 @@ CHECK_TIMEOUT = 45.0  # seconds a test connection may take before the page gives
 
 def _body_model(kind: DestinationKind) -> type[BaseModel]:
     # The config class's own annotations: ranges, durations ("30s") and AE titles included.
-    hints = typing.get_type_hints(kind.config_class, include_extras=True)
-    fields: dict[str, Any] = {"type": (Literal[kind.name], ...)}
-    for spec in dataclasses.fields(kind.config_class):
-        hint = hints[spec.name]
-        default = ... if spec.default is dataclasses.MISSING else spec.default
-        extra: dict[str, Any] | None = (
-            {"writeOnly": True} if spec.name in kind.secret_fields else None)
-        fields[spec.name] = (hint, Field(default, json_schema_extra=extra))
-    return create_model(f"{kind.name.capitalize()}Destination",
-                        __config__=ConfigDict(extra="forbid"), **fields)
+    return config_body_model(f"{kind.name.capitalize()}Destination", kind.config_class,
+                             {"type": (Literal[kind.name], ...)},
+                             secret_fields=frozenset(kind.secret_fields))
 
 
 _MODELS = tuple(_body_model(kind) for kind in DESTINATION_KINDS.values())
@@ -70,10 +69,6 @@ _MODELS = tuple(_body_model(kind) for kind in DESTINATION_KINDS.values())
 
 class DestinationBody(RootModel[Annotated[Union[_MODELS], Field(discriminator="type")]]):  # type: ignore[valid-type]  # noqa: UP007
     """A destination; secret fields (S3 keys) are write-only: omit them to keep the stored one."""
-
-
-class RawObject(RootModel[dict[str, Any]]):
-    """Any JSON object: validated by the domain's parser, not by pydantic."""
 
 
 # -- reading ---------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.application.commands import CommandError, NotFoundError
-from router.application.remote_nodes import RemoteNodeError, RemoteNodeState
+from router.application.remote_nodes import RemoteNodeConfig, RemoteNodeError, RemoteNodeState
 from router.application.retrieve import FindRequest, RemoteError
 from router.application.sessions import AccessRecord
-from web.api.common import ApiError, json_response, read_json
+from web.api.common import ApiError, RawObject, config_body_model, json_response, read_json
 from web.api.file_managed import DetachRequest, managed_message
 from web.auth import actor_of, record_access
 from web.keys import ROUTER_KEY
@@ -36,27 +36,21 @@ _DATE = r"^(\d{8}|\d{4}-\d{2}-\d{2})?$"
 # -- bodies ----------------------------------------------------------------------------------
 
 
-class RemoteNodeBody(BaseModel):
-    """A remote DICOM node; ``services`` are what it may ask of us (C-FIND, C-MOVE, C-GET).
-    Any node is a valid C-MOVE destination; we may echo, query and retrieve any node."""
+# The OpenAPI document's model of a node: RemoteNodeConfig's own annotations. Bodies are
+# validated by parse_remote_node, as the TOML file's [[remote_nodes]] are, so a bad field gets
+# the same message from both; an API body without "services" gets none (least privilege).
+RemoteNodeBody = config_body_model(
+    "RemoteNode", RemoteNodeConfig, {"services": (
+        tuple[Literal["find", "move", "get"], ...],
+        Field((), description="what it may ask of us (C-FIND, C-MOVE, C-GET); none unless "
+              "listed (least privilege)"))},
+    optional=frozenset({"name"}))
 
-    model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, description="required when creating")
-    ae_title: str
-    host: str
-    port: int
-    services: list[Literal["find", "move", "get"]] = Field(
-        default_factory=list, description="what it may ask of us; none unless listed (least"
-        " privilege)")
-    description: str = ""
-    tls: bool = Field(False, description="our associations to it over DICOM TLS")
-    tls_ca_certificates: str = Field("", description="PEM bundle its certificate chains to "
-                                     "(empty: the system's CAs)")
-    tls_certificate: str = Field("", description="our client certificate (PEM file)")
-    tls_private_key: str = Field("", description="its private key (PEM file)")
-    tls_profile: Literal["bcp195", "non-downgrading", "tls13"] = "bcp195"
-    tls_server_name: str = Field("", description="the name its certificate carries, if not "
-                                 "the host")
+
+def _node_body(data: dict[str, Any]) -> dict[str, Any]:
+    """An API body as the parser takes it: no services unless listed (the file's default is
+    all three, for nodes declared before services existed)."""
+    return {"services": [], **data}
 
 
 class FindBody(BaseModel):
@@ -195,20 +189,20 @@ async def get_node(request: web.Request) -> web.Response:
 
 
 async def create_node(request: web.Request) -> web.Response:
-    body = await read_json(request, RemoteNodeBody)
-    if not body.name:
+    data = _node_body((await read_json(request, RawObject)).root)
+    if not data.get("name"):
         raise ApiError(422, "invalid remote node", {"name": "required"})
-    await save_node(request, body.model_dump(), create=True)
-    return json_response(describe_node(node_or_404(request, body.name)), 201)
+    await save_node(request, data, create=True)
+    return json_response(describe_node(node_or_404(request, str(data["name"]))), 201)
 
 
 async def update_node(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     node_or_404(request, name)
-    body = await read_json(request, RemoteNodeBody)
-    if body.name not in (None, name):
+    data = _node_body((await read_json(request, RawObject)).root)
+    if data.get("name") not in (None, name):
         raise ApiError(422, "invalid remote node", {"name": "cannot be changed; create a new one"})
-    await save_node(request, {**body.model_dump(), "name": name}, create=False)
+    await save_node(request, {**data, "name": name}, create=False)
     return json_response(describe_node(node_or_404(request, name)))
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, Field, RootModel
+from pydantic import BaseModel, Field
 
 from router.application.dry_run import (
     DryRunError,
@@ -28,7 +28,14 @@ from router.application.dry_run import (
 from router.application.sessions import AccessRecord
 from router.domain.rule_conditions import OPERATORS
 from router.domain.rules import RoutingInput, RuleError, RuleSpec, VersionedRule, parse_rule
-from web.api.common import ApiError, json_response, read_json, run_command, validate
+from web.api.common import (
+    ApiError,
+    RawObject,
+    json_response,
+    read_json,
+    run_command,
+    validate,
+)
 from web.api.file_managed import refuse_if_managed
 from web.auth import actor_of, record_access
 from web.keys import ROUTER_KEY
@@ -90,10 +97,6 @@ class DryRunBody(BaseModel):
     job_id: str = Field(min_length=1, max_length=64)
     candidate: RuleBody | None = Field(
         None, description="an unsaved rule to evaluate in place of the stored one")
-
-
-class RawObject(RootModel[dict[str, Any]]):
-    """Any JSON object: validated by the domain's parser."""
 
 
 # -- reading and validating ------------------------------------------------------------------

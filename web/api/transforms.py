@@ -12,13 +12,13 @@ import asyncio
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, Field, RootModel
+from pydantic import BaseModel, Field
 
 from router.application.reidentification import lookup_record, project_seed
 from router.application.sessions import AccessRecord
 from router.application.transform_preview import PreviewError, PreviewNotFound, preview
 from router.transforms.spec import KINDS, TransformError, parse_transform
-from web.api.common import ApiError, json_response, read_json, run_command
+from web.api.common import ApiError, RawObject, json_response, read_json, run_command
 from web.auth import actor_of, record_access
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
@@ -50,10 +50,6 @@ class PreviewBody(BaseModel):
     sop_instance_uid: str = Field(min_length=1, max_length=64)
     transform: str = ""
     destination: str = ""
-
-
-class RawObject(RootModel[dict[str, Any]]):
-    """Any JSON object: validated by the domain's parser."""
 
 
 def transform_items(router: RouterPort) -> list[dict[str, Any]]:
