@@ -40,14 +40,12 @@ from router.cluster.leadership import Leadership, leadership_for
 from router.cluster.nodes import NodeRegistry
 from router.cluster.schema import schema_lock
 from router.cluster.serving import ServingLock
-from router.dicom.commitment_scp import CommitmentWorker, build_service
+from router.dicom.commitment_scp import CommitmentWorker
 from router.dicom.gate import Gate
-from router.dicom.qr_scp import QueryRetrieveSCP
 from router.dicom.receivers import ReceiverPool
 from router.dicom.refusals import RefusalRecorder
 from router.dicom.scp import DicomServer
 from router.dicom.tls import TlsConfigError
-from router.dicom.tuning import DUL_IDLE_DELAY, configure_pynetdicom
 from router.dispatch.base import Adapter
 from router.dispatch.dispatcher import Dispatcher
 from router.dispatch.policy import DestinationPolicy
@@ -55,9 +53,10 @@ from router.dispatch.registry import build_adapter
 from router.dispatch.transforming import SendTransforms
 from router.dispatch.units import UnitScheduler
 from router.domain.activity import NodeActivity
-from router.secrets import SecretBox, load_master_key
+from router.secrets import SecretBox
 from router.settings import Settings, SettingsError
 from router.storage.blobs import BlobStore, open_blob_store
+from router.wiring import dicom_services, open_box
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ class Router:
             atna_tls = tls_context_for(settings.atna) if settings.atna.enabled else None
         except TlsConfigError as exc:
             raise SettingsError(f"atna: {exc}") from None
-        box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
+        box = open_box(settings)
         blobs = open_blob_store(settings, box, check=True)  # an unusable bucket: no start
         duties = leadership_for(settings.database_url, settings.node_id)
         with schema_lock(settings.database_url):  # nodes starting together
@@ -130,8 +129,6 @@ class Router:
                 for handle in views.values():
                     ensure_schema(handle.view, handle.db)
                 nodes.ensure_table()
-        configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
-                        idle_delay=DUL_IDLE_DELAY)
         admin = AdminState(stores.admin)
         runner = ProjectionRunner(list(views.values()), stores.all(),
                                   leads=lambda view: duties.holds(f"view:{view}"),
@@ -139,10 +136,15 @@ class Router:
         fresh = FreshReads(LogHeads(stores.all(), settings.database_url),
                            {name: handle.view.follows for name, handle in views.items()},
                            runner.progress, hurry=runner.hurry)
-        receiver = Receiver(stores, blobs, admin, settings.ingest, settings.dispatch,
-                            on_saved=runner.wake, node=settings.node_id)
         jobs_db = views["jobs"].db
         policy = DestinationPolicy.from_settings(settings)
+        sessions = Sessions(stores)
+        remote_nodes = RemoteNodes(stores, RemoteState(stores.admin), policy)
+        served = dicom_services(settings, stores, blobs, admin=admin, remote=remote_nodes.state,
+                                sessions=sessions, addresses=policy.addresses,
+                                studies=lambda: views["studies"].db, jobs=lambda: jobs_db,
+                                fresh=fresh, on_saved=runner.wake)  # the runner's progress
+        receiver, commitment = served.receiver, served.commitment
 
         def make_adapter(state: DestinationState) -> Adapter:
             return build_adapter(state.config, box, calling_ae=settings.ae_title, policy=policy)
@@ -168,20 +170,12 @@ class Router:
         runtime = RuntimeSettingsStore(stores, settings)
         retention = Retention(stores, jobs_db, blobs, runtime, on_saved=runner.wake,
                               leads=lambda: duties.holds("retention"))
-        sessions = Sessions(stores)
-        remote_nodes = RemoteNodes(stores, RemoteState(stores.admin), policy)
-        qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
-                              remote_nodes.state, lambda: views["studies"].db, blobs, sessions,
-                              policy.addresses, fresh)
-        commitment = build_service(settings, stores, blobs, remote_nodes.state, sessions,
-                                   lambda: jobs_db, lambda: fresh.wait("jobs"),
-                                   policy.addresses)
         commitments = CommitmentWorker(commitment, jobs_db, settings.node_id,
                                        leads=lambda: duties.holds("commitments"))
         return cls(settings=settings, box=box, stores=stores, blobs=blobs, admin=admin,
                    commands=Commands(stores, admin, box, policy), views=views, runner=runner,
                    receiver=receiver, dispatcher=dispatcher,
-                   dicom=DicomServer(settings, receiver, qr=qr, commitment=commitment),
+                   dicom=DicomServer(settings, receiver, qr=served.qr, commitment=commitment),
                    commitments=commitments,
                    users=Users(stores, admin, settings.web), sessions=sessions,
                    runtime=runtime, retention=retention, remote_nodes=remote_nodes,

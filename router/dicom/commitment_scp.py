@@ -22,9 +22,6 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from projections.db import ViewDatabase
-from projections.freshness import FreshReads, LogHeads
-from projections.jobs import JobsView
-from projections.progress import PolledProgress
 from router.application.commands import Actor
 from router.application.commitments import (
     INVALID_ARGUMENT,
@@ -39,7 +36,7 @@ from router.application.commitments import (
 from router.application.remote_nodes import RemoteState
 from router.application.sessions import AccessRecord, Sessions
 from router.application.stores import EventStores
-from router.dicom.qr_scp import IDENTIFIER_SYNTAXES, LazyStudies
+from router.dicom.qr_scp import IDENTIFIER_SYNTAXES
 from router.dicom.qr_scu import QueryRetrieveScu
 from router.dispatch.ssrf import AddressPolicy
 from router.domain.commitment import Commitment
@@ -330,15 +327,3 @@ def build_service(settings: Settings, stores: EventStores, blobs: BlobStore,
                               settings.dicom.commitment_timeout, settings.node_id)
     return CommitmentService(commitments, CommitmentChecker(jobs, blobs, settle), remote,
                              sessions, send_new)
-
-
-def standalone(settings: Settings, stores: EventStores, blobs: BlobStore,
-               remote: RemoteState) -> tuple[CommitmentService, LazyStudies]:
-    """The commitment handler of a receiver process, which runs no views: it reads the jobs
-    view and waits for it by polling its positions."""
-    jobs = LazyStudies(settings.database_url, "jobs")
-    fresh = FreshReads(LogHeads(stores.all()), {"jobs": JobsView.follows},
-                       PolledProgress({"jobs": jobs}))
-    service = build_service(settings, stores, blobs, remote, Sessions(stores), jobs,
-                            lambda: fresh.wait("jobs"), AddressPolicy.from_settings(settings))
-    return service, jobs

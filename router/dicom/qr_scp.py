@@ -35,13 +35,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from projections.db import ViewDatabase
-from projections.freshness import FreshReads, LogHeads
-from projections.progress import PolledProgress
-from projections.studies import StudiesView
+from projections.freshness import FreshReads
 from router.application.commands import Actor
 from router.application.remote_nodes import RemoteNodeState, RemoteState, RetrieveState
 from router.application.sessions import AccessRecord, Sessions
-from router.application.stores import EventStores
 from router.dicom.qr_matching import (
     RETRIEVE_COLUMNS,
     Query,
@@ -56,7 +53,6 @@ from router.dicom.tuning import CONNECTION_HANDLERS
 from router.dispatch.base import DeliveryError, Outgoing
 from router.dispatch.ssrf import AddressPolicy, AddressRefusedError
 from router.dispatch.transcode import decoded_for_peer
-from router.settings import Settings
 from router.storage.blobs import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -411,9 +407,9 @@ def storage_contexts(rows: list[dict[str, Any]]) -> list[PresentationContext]:
     return contexts
 
 
-class LazyStudies:
-    """The studies view (or another), opened on the first query (receiver processes rarely
-    need it)."""
+class LazyView:
+    """A view's database (the studies view unless told), opened on first use: receiver
+    processes rarely need it (router/wiring.py)."""
 
     def __init__(self, database_url: str, view: str = "studies") -> None:
         self._url = database_url
@@ -431,21 +427,6 @@ class LazyStudies:
         if self._db is not None:
             self._db.close()
             self._db = None
-
-
-def standalone(settings: Settings, stores: EventStores, blobs: BlobStore
-               ) -> tuple[QueryRetrieveSCP, LazyStudies]:
-    """The Q/R handlers of a receiver process, with its own view of the remote nodes.
-
-    It runs no views, so a query waits for the studies view by reading its positions (polled,
-    see progress.py) rather than on the supervisor's runner."""
-    studies = LazyStudies(settings.database_url)
-    fresh = FreshReads(LogHeads(stores.all()), {"studies": StudiesView.follows},
-                       PolledProgress({"studies": studies}))
-    qr = QueryRetrieveSCP(settings.ae_title, settings.dicom.open_query_retrieve,
-                          RemoteState(stores.admin), studies, blobs, Sessions(stores),
-                          AddressPolicy.from_settings(settings), fresh)
-    return qr, studies
 
 
 _QUEUED_REPLIES = 4  # C-FIND responses waiting for pynetdicom's reactor before we make more

@@ -64,25 +64,13 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
-    from router.application.admin_state import AdminState
-    from router.application.receive import Receiver
-    from router.application.stores import open_stores
-    from router.dicom.commitment_scp import standalone as commitment_standalone
     from router.dicom.protocol_log import PROTOCOL_LOG
-    from router.dicom.qr_scp import standalone
     from router.dicom.scp import DicomServer
-    from router.dicom.tuning import DUL_IDLE_DELAY, configure_pynetdicom
     from router.gc_tuning import freeze_startup_heap
     from router.logs import configure_logging
-    from router.secrets import SecretBox, load_master_key
-    from router.storage.blobs import open_blob_store
+    from router.wiring import receiver_process
 
     configure_logging(settings.log_format, settings.log_level)
-    box = SecretBox(load_master_key(settings.secret_key, settings.data_dir))
-    stores = open_stores(settings, box, role="receiver")
-    blobs = open_blob_store(settings, box)  # its own S3 client: made in this process
-    configure_pynetdicom(blobs.spool_dir, settings.dicom.max_incoming_pdu,
-                        idle_delay=DUL_IDLE_DELAY)
     os.set_blocking(signal_fd, False)
 
     def tell_parent(message: bytes) -> None:
@@ -102,14 +90,11 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
             except BrokenPipeError:
                 return
 
-    receiver = Receiver(stores, blobs, AdminState(stores.admin), settings.ingest,
-                        settings.dispatch, on_saved=lambda: tell_parent(b"S"),
-                        node=settings.node_id)
-    qr, studies = standalone(settings, stores, blobs)  # C-FIND/MOVE/GET may arrive here too
-    commitment, jobs = commitment_standalone(settings, stores, blobs, qr.remote)
+    process = receiver_process(settings, on_saved=lambda: tell_parent(b"S"))
+    services = process.services  # C-FIND/MOVE/GET and N-ACTION may arrive here too
     channel = socket.socket(fileno=channel_fd)
-    server = DicomServer(settings, receiver, qr=qr, channel=channel,
-                         on_connection_done=connection_done, commitment=commitment)
+    server = DicomServer(settings, services.receiver, qr=services.qr, channel=channel,
+                         on_connection_done=connection_done, commitment=services.commitment)
     server.start()
     freeze_startup_heap()
     tell_parent(b"R")
@@ -118,10 +103,7 @@ def receiver_main(settings: Settings, signal_fd: int, channel_fd: int,
             break
         PROTOCOL_LOG.flush()
     server.stop(grace=settings.dispatch.shutdown_grace)
-    commitment.stop()
-    studies.close()
-    jobs.close()
-    stores.close()
+    process.close()
 
 
 class _Child:
