@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router.cli_audit import add_parsers as add_audit_parsers
 from router.cli_audit import cmd_audit
@@ -23,6 +23,9 @@ from router.cli_reid import cmd_reidentify
 from router.cli_users import add_parsers as add_user_parsers
 from router.cli_users import cmd_user
 from router.settings import Settings, SettingsError, load_settings, read_toml
+
+if TYPE_CHECKING:  # imported by the commands that build one (a receiver never does)
+    from router.service import Router
 
 logger = logging.getLogger("router.cli")
 
@@ -93,7 +96,7 @@ def cmd_serve(settings: Settings, args: Any) -> int:
     return asyncio.run(_serve(router))
 
 
-async def _serve(router: Any) -> int:
+async def _serve(router: Router) -> int:
     from aiohttp import web
 
     from router.gc_tuning import freeze_startup_heap

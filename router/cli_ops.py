@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 import getpass
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router.domain.delivery_states import ALIASES, DELIVERY_STATES, shown, stored
 from router.settings import Settings
+
+if TYPE_CHECKING:  # the parser imports no write side (see OPERATIONS)
+    from projections.db import ViewDatabase
+    from router.service import Router
 
 UID = re.compile(r"^[0-9.]{1,64}$")
 # router.application.bulk.OPERATIONS, spelt out so that the parser imports no write side
@@ -89,7 +93,7 @@ def cmd_deliveries(settings: Settings, args: argparse.Namespace) -> int:
         router.stores.close()
 
 
-def _bulk(router: Any, db: Any, args: argparse.Namespace) -> int:
+def _bulk(router: Router, db: ViewDatabase, args: argparse.Namespace) -> int:
     """Every delivery matching the filter: one recorded action, then one event each."""
     from router.application.bulk import BulkDeliveries, DeliveryFilter, parse_instant
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from projections.db import ViewDatabase
     from projections.freshness import FreshReads
-    from projections.runner import ProjectionRunner
+    from projections.progress import ViewProgress
     from router.ai.callbacks import AICallbacks
     from router.ai.requests import AIRequests
     from router.application.admin_state import AdminState
@@ -30,6 +30,15 @@ if TYPE_CHECKING:
     from router.service import ViewName
     from router.settings import Settings
     from router.storage.blobs import BlobStore
+
+
+class ViewWaits(Protocol):
+    """What the web side uses of the projection runner: the views' committed positions and a
+    way to end a view's pause so that a waiting request is answered sooner."""
+
+    progress: ViewProgress
+
+    def hurry(self, view: str) -> None: ...
 
 
 class RouterPort(Protocol):
@@ -54,8 +63,11 @@ class RouterPort(Protocol):
     blobs: BlobStore
     # the read side
     fresh: FreshReads
-    runner: ProjectionRunner  # the jobs API waits for the audit view (audit_in_step)
     nodes: NodeRegistry
+
+    @property
+    def runner(self) -> ViewWaits:  # the jobs API waits for the audit view (audit_in_step)
+        ...
 
     def view_db(self, name: ViewName) -> ViewDatabase: ...
 
