@@ -114,3 +114,53 @@ def test_a_save_returns_after_the_wal_is_flushed(stores: EventStores, pg_url: st
         # Without the flush the WAL writer would reach it only within wal_writer_delay (200 ms).
         assert conn.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn",
                             (committed_below[0],)).fetchone()[0]
+
+
+def test_a_save_is_one_statement_through_the_log_function(stores: EventStores,
+                                                          pg_url: str) -> None:
+    import psycopg
+
+    recorder = stores.ingest.recorder
+    assert isinstance(recorder, FlushOutsideLockRecorder)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        names = [r[0] for r in conn.execute(
+            "SELECT proname FROM pg_proc WHERE proname LIKE 'router_insert_%' ORDER BY 1")]
+    assert len(names) == 4, names  # one per log
+    thing = Thing(5)
+    stores.ingest.save(thing)
+    assert recorder._has_function
+    assert stores.ingest.repository.get(thing.id).n == 5
+
+
+def test_a_database_without_the_function_falls_back(stores: EventStores, pg_url: str) -> None:
+    import psycopg
+
+    recorder = stores.admin.recorder
+    assert isinstance(recorder, FlushOutsideLockRecorder)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        name = conn.execute("SELECT oid::regprocedure::text FROM pg_proc "
+                            "WHERE proname LIKE 'router_insert_%admin%'").fetchone()[0]
+        conn.execute(f"DROP FUNCTION {name}")  # a database made by an older version
+    first, second = Thing(6), Thing(7)
+    stores.admin.save(first)
+    stores.admin.save(second)
+    assert not recorder._has_function
+    ids = [n.originator_id for n in recorder.select_notifications(1, 10)]
+    assert ids == [first.id, second.id]
+
+
+def test_a_flush_that_loses_its_connection_is_not_durable(stores: EventStores,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    from psycopg.sql import SQL
+
+    from router.application import pg_recorder
+
+    # The flush's connection dies under it, as when the server restarts: psycopg's error comes
+    # out of eventsourcing's connection translated into its own, which must be caught too.
+    monkeypatch.setattr(pg_recorder, "_FLUSH",
+                        SQL("SELECT pg_terminate_backend(pg_backend_pid())"))
+    thing = Thing(8)
+    with pytest.raises(LogNotDurable):
+        stores.access.save(thing)
+    assert stores.access.repository.get(thing.id).n == 8  # committed before the flush
