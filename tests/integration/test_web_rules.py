@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 
 from router.application.commands import Actor
 from router.domain.admin import rule_id
+from router.domain.rules import RuleSpec
 from tests.conftest import ADMIN_PASSWORD, make_settings, wait_for
 from tests.web_harness import Browser, bearer
 
@@ -143,8 +144,16 @@ def test_invalid_rules_get_field_errors_and_unknown_names_404(web_router: Any) -
                       headers=auth, timeout=10)
     assert r.status_code == 404
     document = requests.get(server.url + "/api/v1/openapi.json", timeout=10).json()
-    assert {"RuleBody", "ReorderBody", "DryRunBody", "ConditionBody"} <= set(
-        document["components"]["schemas"])
+    schemas = document["components"]["schemas"]
+    assert {"RuleBody", "ReorderBody", "DryRunBody"} <= set(schemas)
+    # Made from RuleSpec: its keys, and the descriptions written once, with the fields.
+    rule = schemas["RuleBody"]["properties"]
+    assert set(rule) == set(RuleSpec.__dataclass_fields__) - {
+        "_calling", "_called", "_networks", "_modalities"}
+    assert "lower runs first" in rule["priority"]["description"]
+    assert "(* and ?)" in rule["calling_aet"]["description"]
+    assert "eq" in rule["match"]["items"]["properties"]["op"]["enum"]
+    assert schemas["RuleBody"]["additionalProperties"] is False
 
 
 @pytest.mark.dcmtk

@@ -105,20 +105,21 @@ colour = "blue"
 priority = 3
 """)
     problems = check_config(config)
+    # In the fields' order, the unknown keys last (one format with the other sections).
     assert problems == [
         "rules[0].destinations[1]: unknown destination 'nowhere' (rule 'r1')",
-        "rules[0].colour: unknown key (expected one of name, priority, enabled, calling_aet, "
-        "called_aet, source_ip, modality, sop_class, match, destinations, stop, description, "
-        "granularity, quiet_time, expected_count, amendments, transforms)",
         "rules[0].priority: expected an integer, got 'high'",
+        "rules[0].calling_aet[0]: 'bad\\\\x' is not a valid AE title pattern",
+        "rules[0].source_ip[0]: '300.1.1.1' is not an IP address or CIDR network",
         "rules[0].match[0].value: required for op 'eq'",
         "rules[0].match[1].tag: unknown tag 'NoSuchTag' (expected a DICOM keyword such as "
         "'Modality', '(gggg,eeee)' or 'ai.<destination>.<key>')",
         "rules[0].match[2]: expected a table with tag, op and value, got 5",
-        "rules[0].stop: expected true or false, got 'yes'",
-        "rules[0].calling_aet[0]: 'bad\\\\x' is not a valid AE title pattern",
-        "rules[0].source_ip[0]: '300.1.1.1' is not an IP address or CIDR network",
         "rules[0].destinations[2]: empty or duplicate destination 'pacs'",
+        "rules[0].stop: expected true or false, got 'yes'",
+        "rules[0].colour: unknown key (expected one of amendments, called_aet, calling_aet, "
+        "description, destinations, enabled, expected_count, granularity, match, modality, "
+        "name, priority, quiet_time, sop_class, source_ip, stop, transforms)",
         "rules[1].name: required",
         "rules[1].destinations: at least one destination is required unless stop = true",
     ], "\n".join(problems)
