@@ -242,11 +242,13 @@ PeerPort = Annotated[int, Strict(), ints(1, 65535)]
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
 # Deliveries to one destination at once.
-Concurrency = Annotated[int, Strict(), ints(1, MAX_CONCURRENCY)]
+Concurrency = Annotated[int, Strict(), ints(1, MAX_CONCURRENCY),
+                        Doc(f"deliveries at once, 1-{MAX_CONCURRENCY}")]
 # Free text shown with a destination, rule or remote node.
 Description = Annotated[str, at.MaxLen(MAX_DESCRIPTION)]
 # Names of transforms (router.transforms) applied to what a destination receives, in order.
-TransformNames = tuple[Annotated[str, at.MinLen(1), at.MaxLen(64)], ...]
+TransformNames = Annotated[tuple[Annotated[str, at.MinLen(1), at.MaxLen(64)], ...], Doc(
+    "transform names, applied in order to each copy sent (see Transforms)")]
 # Unknown keys are errors (a config class's ``__pydantic_config__``).
 SECTION: dict[str, Any] = {"extra": "forbid"}
 # Destinations and remote nodes come from TOML and JSON, which have real types: "104" is not
