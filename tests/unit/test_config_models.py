@@ -45,8 +45,15 @@ timout = "30s"
 
 [[rules]]
 name = "ct"
+priority = "first"
+modality = ["CT", "C*"]
 destinations = ["pacs", "nowhere"]
 match = [{tag = "Modality", op = "eq", value = "CT"}, {tag = "PatientID", op = "like"}]
+
+[[rules]]
+name = "mr"
+destination = ["pacs"]
+quiet_time = "soon"
 
 [[remote_nodes]]
 name = "viewer"
@@ -73,9 +80,14 @@ def test_a_file_with_mistakes_in_every_section_lists_them_all_with_paths(tmp_pat
         "destinations[0].ae_title: must be 1-16 printable ASCII characters, no backslash",
         "destinations[0].timout: unknown key for a dicom destination "
         "(did you mean 'timeout'?)",
+        "rules[0].destinations[1]: unknown destination 'nowhere' (rule 'ct')",
+        "rules[0].priority: expected an integer, got 'first'",
+        "rules[0].modality[1]: 'C*' is not a modality code such as 'CT'",
         "rules[0].match[1].op: unknown operator 'like' (expected one of eq, ne, in, contains, "
         "startswith, regex, exists, lt, gt, le, ge)",
-        "rules[0].destinations[1]: unknown destination 'nowhere' (rule 'ct')",
+        "rules[1].quiet_time: expected a duration such as '30s' or '24h', got 'soon'",
+        "rules[1].destination: unknown key (did you mean 'destinations'?)",
+        "rules[1].destinations: at least one destination is required unless stop = true",
         "remote_nodes[0].port: expected a whole number, got '104'",
     ]
     assert sorted(problems) == sorted(expected), "\n".join(problems)
