@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from router.config_check import check_config
+from router.config_types import config_keys, docs_of
+from router.domain.rules import RuleError, RuleSpec, parse_rule, stored_rule
 from router.settings import SettingsError, environment_names, load_settings
+from web.forms import at_fields
 
 STORAGE_KEYS = ("access_key_id, backend, bucket, cache_size, destination_roots, endpoint_url, "
                 "prefix, region, retention_days, secret_access_key")
@@ -208,3 +211,22 @@ def test_the_environment_wins_over_the_file_and_lists_only_scalars(tmp_path: Pat
     assert names["DICOM_ROUTER_DICOM_TLS_PORT"] == ("dicom", "tls_port")
     assert names["DICOM_ROUTER_DICOM_PORT"] == ("server", "dicom_port")
     assert "DICOM_ROUTER_WEB_TRUSTED_PROXIES" not in names  # lists: in the file
+
+
+def test_a_rule_is_described_once_and_its_compiled_parts_are_not_keys() -> None:
+    spec = parse_rule({"name": "r", "destinations": "pacs", "calling_aet": "CT_*",
+                       "quiet_time": "2m", "match": [{"tag": "Modality", "op": "exists"}]})
+    # As stored and followed by every process: the same rule, built without pydantic.
+    assert stored_rule(spec.to_dict()) == spec and spec.quiet_time == 120.0
+    with pytest.raises(RuleError) as caught:
+        parse_rule({"name": "r", "destinations": ["pacs"], "_calling": "x"})
+    assert caught.value.errors == {"_calling": "unknown key (did you mean 'calling_aet'?)"}
+    assert "_calling" not in config_keys(RuleSpec)
+    assert docs_of(RuleSpec)["priority"] == "lower runs first"
+
+
+def test_problems_are_mapped_to_the_form_fields_they_belong_to() -> None:
+    assert at_fields({"calling_aet[1]": "bad", "match[0].tag": "unknown", "port": "too big",
+                      "calling_aet[3]": "worse", "": "whole"}) == {
+        "calling_aet": "item 2: bad; item 4: worse", "match": "item 1: tag: unknown",
+        "port": "too big", "form": "whole"}
