@@ -265,7 +265,7 @@ def _condition(value: object) -> Condition:
 def _grouping(key: str) -> Callable[[object], object]:
     """The grouping module's check of one key, None meaning "not set"."""
     def check(value: object) -> object:
-        if value is None:
+        if value is None and key != "amendments":  # amendments has no "not set"
             return None
         keys: dict[str, object] = {"granularity": None, "quiet_time": None,
                                    "expected_count": None, "amendments": "late_only"}
