@@ -58,7 +58,7 @@ class FieldProblem(ValueError):
     """Raised by a model's cross-field check to name the fields at fault (not the model):
     ``errors`` maps each field to its problem."""
 
-    def __init__(self, errors: Mapping[str, str]) -> None:
+    def __init__(self, errors: Mapping[Any, str]) -> None:  # keys: str, or int for an item
         self.errors = dict(errors)
         super().__init__("; ".join(f"{key}: {message}" for key, message in self.errors.items()))
 
@@ -173,6 +173,25 @@ class Doc:
         return schema
 
 
+class Plain:
+    """Validate with ``func`` alone (pydantic's PlainValidator): for a value whose own class
+    checks it, such as a rule's condition; give its JSON Schema with :class:`JsonSchema`."""
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        self.func = func
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_plain_validator_function(self.func)
+
+
+def docs_of(model: Any) -> dict[str, str]:
+    """Field -> its :class:`Doc` text, for a config class (the forms' help texts)."""
+    return {name: item.text for name, info in _fields(model).items()
+            for item in info.metadata if isinstance(item, Doc)}
+
+
 class WriteOnly:
     """A secret: marked writeOnly in the OpenAPI document."""
 
@@ -199,12 +218,13 @@ def ints(lo: int, hi: int) -> at.Interval:
     return at.Interval(ge=lo, le=hi)
 
 
-_DURATION_SCHEMA = JsonSchema({"anyOf": [
+# The JSON Schema of a duration: a number of seconds or text such as "30s".
+DurationSchema = JsonSchema({"anyOf": [
     {"type": "number", "minimum": 0},
     {"type": "string", "pattern": _DURATION.pattern, "description": "e.g. 30s, 5m, 24h, 2d"}]})
 
 # Seconds, written as a number or a duration such as "30s", "5m", "24h" or "2d".
-Duration = Annotated[float, Before(seconds_of), _DURATION_SCHEMA]
+Duration = Annotated[float, Before(seconds_of), DurationSchema]
 # Bytes, written as a number or a size such as "512MB", "10GB" or "1GiB".
 ByteSize = Annotated[int, Before(_bytes), JsonSchema({"anyOf": [
     {"type": "integer", "minimum": 0},
@@ -222,11 +242,13 @@ PeerPort = Annotated[int, Strict(), ints(1, 65535)]
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
 # Deliveries to one destination at once.
-Concurrency = Annotated[int, Strict(), ints(1, MAX_CONCURRENCY)]
+Concurrency = Annotated[int, Strict(), ints(1, MAX_CONCURRENCY),
+                        Doc(f"deliveries at once, 1-{MAX_CONCURRENCY}")]
 # Free text shown with a destination, rule or remote node.
 Description = Annotated[str, at.MaxLen(MAX_DESCRIPTION)]
 # Names of transforms (router.transforms) applied to what a destination receives, in order.
-TransformNames = tuple[Annotated[str, at.MinLen(1), at.MaxLen(64)], ...]
+TransformNames = Annotated[tuple[Annotated[str, at.MinLen(1), at.MaxLen(64)], ...], Doc(
+    "transform names, applied in order to each copy sent (see Transforms)")]
 # Unknown keys are errors (a config class's ``__pydantic_config__``).
 SECTION: dict[str, Any] = {"extra": "forbid"}
 # Destinations and remote nodes come from TOML and JSON, which have real types: "104" is not
@@ -304,9 +326,10 @@ def problems_of(exc: ValidationError, root: Any, prefix: str = "") -> list[Probl
         ctx = error.get("ctx") or {}
         if kind in ("extra_forbidden", "unexpected_keyword_argument"):
             message = did_you_mean(str(loc[-1]), config_keys(root, loc[:-1]))
-        elif kind == "value_error" and isinstance(ctx.get("error"), FieldProblem):
-            problems += [Problem(join_path(prefix, *loc, key), message)
-                         for key, message in ctx["error"].errors.items()]
+        elif kind == "value_error" and isinstance(getattr(ctx.get("error"), "errors", None),
+                                                  Mapping):  # a FieldProblem or the like
+            problems += [Problem(join_path(prefix, *loc, *([key] if key != "" else [])),
+                                 message) for key, message in ctx["error"].errors.items()]
             continue
         elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
             message = _range(_bounds(root, loc) or ctx, error.get("input"))
@@ -422,6 +445,8 @@ def _fields(model: Any) -> dict[str, Any]:
         hints = typing.get_type_hints(model, include_extras=True)
         out = {}
         for spec in dataclasses.fields(model):
+            if not spec.init:  # worked out from the others (a rule's compiled patterns)
+                continue
             hint = hints[spec.name]
             metadata: tuple[Any, ...] = ()
             while typing.get_origin(hint) is Annotated:

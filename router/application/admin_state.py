@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.domain import admin, users
-from router.domain.rules import VersionedRule, parse_rule
+from router.domain.rules import VersionedRule, stored_rule
 from router.transforms.chain import VersionedTransform
 from router.transforms.spec import parse_transform
 
@@ -121,7 +121,7 @@ class AdminState:
 
     def _build(self, position: int) -> AdminSnapshot:
         rules = [
-            VersionedRule(rule_id=rid, version=r.version, spec=parse_rule(r.spec))
+            VersionedRule(rule_id=rid, version=r.version, spec=stored_rule(r.spec))
             for rid, r in self._rules.items()
             if not r.deleted
         ]

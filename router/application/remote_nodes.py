@@ -99,12 +99,13 @@ class RemoteNodeConfig:
     # sub-operations we send it): as a DICOM destination's tls_* settings.
     tls: Annotated[bool, Strict(), Doc("our associations to it over DICOM TLS")] = False
     tls_ca_certificates: Annotated[str, Doc(
-        "PEM bundle its certificate chains to (empty: the system's CAs)")] = ""
-    tls_certificate: Annotated[str, Doc("our client certificate (PEM file)")] = ""
-    tls_private_key: Annotated[str, Doc("its private key (PEM file)")] = ""
+        "PEM bundle its certificate chains to; empty: this machine's CAs")] = ""
+    tls_certificate: Annotated[str, Doc(
+        "our client certificate, a PEM file, if it requires one")] = ""
+    tls_private_key: Annotated[str, Doc("its private key, a PEM file (not encrypted)")] = ""
     tls_profile: Annotated[str, Doc("bcp195, non-downgrading or tls13")] = "bcp195"
     tls_server_name: Annotated[str, Doc(
-        "the name its certificate carries, if not the host")] = ""
+        "the name in its certificate; empty: the host")] = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = {"ae_title": self.ae_title, "host": self.host, "port": self.port,

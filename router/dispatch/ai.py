@@ -10,7 +10,7 @@ import http.client
 import json
 import time
 import uuid
-from typing import BinaryIO
+from typing import Annotated, BinaryIO
 from urllib.parse import urlsplit
 
 from router.ai.signing import signed_headers
@@ -18,6 +18,7 @@ from router.config_types import (
     STRICT,
     Concurrency,
     Description,
+    Doc,
     Duration,
     StrictBool,
     StrictInt,
@@ -43,15 +44,23 @@ class AIDestinationConfig:
     __pydantic_config__ = STRICT
 
     name: str
-    url: str
-    secret: str
-    send: str = "dicomweb"
-    callback_timeout: Duration = 7200.0
-    granularity: str = "study"
-    quiet_time: Duration | None = None
-    expected_count: StrictInt | None = None
-    deidentify: StrictBool = False
-    request_timeout: Duration = 30.0
+    url: Annotated[str, Doc("where requests are POSTed: an http:// or https:// URL")]
+    secret: Annotated[str, Doc("shared secret the requests are signed with (HMAC-SHA256), at "
+                               "least 16 characters; write-only")]
+    send: Annotated[str, Doc("dicomweb (it reads the study from us with a token) or files "
+                             "(sent in the request)")] = "dicomweb"
+    callback_timeout: Annotated[Duration, Doc(
+        "how long a result may take: 1 minute to 7 days")] = 7200.0
+    granularity: Annotated[str, Doc("what one request covers: instance, series or study "
+                                    "(the default of rules routing here)")] = "study"
+    quiet_time: Annotated[Duration | None, Doc(
+        "how long a series or study stays unchanged before it is sent; empty: the "
+        "granularity's default")] = None
+    expected_count: Annotated[StrictInt | None, Doc(
+        "send as soon as this many instances arrived")] = None
+    deidentify: Annotated[StrictBool, Doc(
+        "send de-identified files (needs send = files)")] = False
+    request_timeout: Annotated[Duration, Doc("one request's timeout: 1 s to 10 min")] = 30.0
     concurrency: Concurrency = 2
     enabled: StrictBool = True
     description: Description = ""

@@ -29,6 +29,7 @@ from router.config_types import (
     After,
     Concurrency,
     Description,
+    Doc,
     Duration,
     PeerPort,
     StrictBool,
@@ -91,26 +92,34 @@ class DicomDestinationConfig:
     __pydantic_config__ = STRICT
 
     name: str
-    host: Annotated[str, After(_host)]
-    port: PeerPort
-    ae_title: AETitle
-    calling_ae: AETitle | None = None
+    host: Annotated[str, After(_host), Doc("host name or IP address of the peer")]
+    port: Annotated[PeerPort, Doc("the peer's DICOM port")]
+    ae_title: Annotated[AETitle, Doc("the peer's AE title")]
+    calling_ae: Annotated[AETitle | None, Doc(
+        "ours as the peer knows us; empty: the router's own")] = None
     # Connection, ACSE and DIMSE timeouts.
-    timeout: Annotated[Duration, at.Gt(0), at.Le(3600)] = 30.0
+    timeout: Annotated[Duration, at.Gt(0), at.Le(3600), Doc(
+        "connect, association and response timeout: seconds or e.g. 30s")] = 30.0
     # An idle association stays open this long.
-    idle_close: Annotated[Duration, at.Interval(ge=0, le=3600)] = 5.0
-    max_pdu: StrictInt = 0  # what we advertise for receiving; 0 = unlimited
+    idle_close: Annotated[Duration, at.Interval(ge=0, le=3600), Doc(
+        "an idle association stays open this long: seconds or e.g. 5s")] = 5.0
+    # What we advertise for receiving.
+    max_pdu: Annotated[StrictInt, Doc("bytes; 0 = unlimited")] = 0
     concurrency: Concurrency = 2
     enabled: StrictBool = True
     description: Description = ""
     # DICOM TLS (PS3.15 B.9): the peer's certificate must chain to tls_ca_certificates (else
     # to the system's CAs) and carry the host's name (or tls_server_name).
-    tls: StrictBool = False
-    tls_ca_certificates: str = ""
-    tls_certificate: str = ""  # ours, for peers that require a client certificate
-    tls_private_key: str = ""
-    tls_profile: str = "bcp195"  # bcp195 | non-downgrading | tls13
-    tls_server_name: str = ""
+    tls: Annotated[StrictBool, Doc(
+        "open the association over TLS (the peer's TLS port)")] = False
+    tls_ca_certificates: Annotated[str, Doc(
+        "PEM bundle the peer's certificate chains to; empty: this machine's CAs")] = ""
+    tls_certificate: Annotated[str, Doc("our certificate, a PEM file, for peers that "
+                                        "require one")] = ""
+    tls_private_key: Annotated[str, Doc("its private key, a PEM file (not encrypted)")] = ""
+    tls_profile: Annotated[str, Doc("bcp195, non-downgrading or tls13")] = "bcp195"
+    tls_server_name: Annotated[str, Doc(
+        "the name in the peer's certificate; empty: the host")] = ""
     transforms: TransformNames = ()  # router.transforms, applied to each copy sent
 
     def problems(self) -> dict[str, str]:

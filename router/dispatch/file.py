@@ -17,9 +17,16 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Annotated, BinaryIO
 
-from router.config_types import STRICT, Concurrency, Description, StrictBool, TransformNames
+from router.config_types import (
+    STRICT,
+    Concurrency,
+    Description,
+    Doc,
+    StrictBool,
+    TransformNames,
+)
 from router.dispatch.base import Outgoing, PermanentDeliveryError, TransientDeliveryError
 from router.dispatch.folders import FolderPolicy
 from router.dispatch.templates import PathTemplate, TemplateError
@@ -40,8 +47,10 @@ class FileDestinationConfig:
     __pydantic_config__ = STRICT
 
     name: str
-    path: str
-    template: str = DEFAULT_FILE_TEMPLATE
+    path: Annotated[str, Doc("absolute folder path on this machine (or a mounted share)")]
+    template: Annotated[str, Doc(
+        "file names below it, e.g. {StudyInstanceUID}/{SOPInstanceUID}.dcm")] = (
+        DEFAULT_FILE_TEMPLATE)
     concurrency: Concurrency = 2
     enabled: StrictBool = True
     description: Description = ""

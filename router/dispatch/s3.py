@@ -14,13 +14,14 @@ import hashlib
 import logging
 import re
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 from router.config_types import (
     STRICT,
     Concurrency,
     Description,
+    Doc,
     StrictBool,
     StrictInt,
     TransformNames,
@@ -105,14 +106,18 @@ class S3DestinationConfig:
     name: str
     bucket: str
     access_key_id: str
-    secret_access_key: str
-    session_token: str | None = None
-    prefix: str = ""
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    template: str = DEFAULT_S3_TEMPLATE
-    storage_class: str | None = None
-    multipart_threshold: StrictInt = 16 * MIB
+    secret_access_key: Annotated[str, Doc("write-only: never shown again")]
+    session_token: Annotated[str | None, Doc("optional; write-only")] = None
+    prefix: Annotated[str, Doc("key prefix, e.g. site-a/")] = ""
+    endpoint_url: Annotated[str | None, Doc(
+        "MinIO or another S3-compatible store; empty for AWS")] = None
+    region: Annotated[str, Doc("e.g. us-east-1")] = "us-east-1"
+    template: Annotated[str, Doc("object keys below the prefix, e.g. "
+                                 "{StudyInstanceUID}/{SOPInstanceUID}.dcm")] = (
+        DEFAULT_S3_TEMPLATE)
+    storage_class: Annotated[str | None, Doc("empty: the bucket's default")] = None
+    multipart_threshold: Annotated[StrictInt, Doc(
+        "bytes; larger objects upload in parts")] = 16 * MIB
     concurrency: Concurrency = 4
     enabled: StrictBool = True
     description: Description = ""

@@ -6,6 +6,7 @@ built, so evaluating it in the C-STORE path only reads one element and compares.
 
 from __future__ import annotations
 
+import difflib
 import json
 import operator
 import re
@@ -459,8 +460,10 @@ def parse_condition(data: object) -> Condition:
         raise ConditionError(f"expected a table with tag, op and value, got {data!r}")
     unknown = sorted(str(k) for k in data if k not in _CONDITION_KEYS)
     if unknown:
-        expected = ", ".join(_CONDITION_KEYS)
-        raise ConditionError(f"{unknown[0]}: unknown key (expected one of {expected})")
+        close = difflib.get_close_matches(unknown[0], _CONDITION_KEYS, n=1)
+        hint = (f"did you mean '{close[0]}'?" if close
+                else f"expected one of {', '.join(_CONDITION_KEYS)}")
+        raise ConditionError(f"{unknown[0]}: unknown key ({hint})")
     for key in ("tag", "op"):
         if key not in data:
             raise ConditionError(f"{key}: required")

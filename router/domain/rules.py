@@ -6,20 +6,41 @@ Patterns, networks, SOP classes and tags are compiled once when a rule is built,
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pydicom
 from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
 
-from router.domain.grouping import GROUPING_KEYS, GroupingError, check_grouping, duration_seconds
+from router.config_types import (
+    SECTION,
+    After,
+    Before,
+    Doc,
+    DurationSchema,
+    FieldProblem,
+    JsonSchema,
+    Plain,
+    problems_of,
+    validated,
+    validation_error,
+)
+from router.domain.grouping import (
+    AMENDMENTS,
+    GRANULARITIES,
+    GROUPING_KEYS,
+    MAX_EXPECTED_COUNT,
+    GroupingError,
+    check_grouping,
+    duration_seconds,
+)
 from router.domain.rule_conditions import (
+    OPERATORS,
     Atoms,
     Condition,
     ConditionError,
@@ -44,6 +65,7 @@ __all__ = [
     "explain",
     "parse_condition",
     "parse_rule",
+    "stored_rule",
 ]
 
 T = TypeVar("T")
@@ -55,10 +77,6 @@ _SOP_CLASS_TAGS = (BaseTag(0x00080016), BaseTag(0x00020002))  # dataset, then fi
 _UID = re.compile(r"^(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*$")
 _MODALITY = re.compile(r"^[A-Za-z0-9_ ]{1,16}$")
 _AE_PATTERN_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
-
-
-class _FieldError(RuleError):
-    """One field of a rule is invalid; ``str()`` is ``"<field>: <problem>"``."""
 
 
 # -- compiled criteria -----------------------------------------------------------------------
@@ -147,6 +165,165 @@ class _Facts:
                    address=address, item=item)
 
 
+# -- one field at a time (pydantic runs these when a rule comes in: parse_rule) ---------------
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value.strip()
+
+
+def _name(value: object) -> str:
+    text = _text(value)
+    if not text:
+        raise ValueError("expected a non-empty string")
+    return text
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _listed_strings(value: object) -> object:
+    """A string is a list of one."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"expected a string or a list of strings, got {value!r}")
+    return value
+
+
+def _item(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _ae_pattern_item(pattern: str) -> str:
+    if not pattern or _AE_PATTERN_FORBIDDEN.search(pattern):
+        raise ValueError(f"{pattern!r} is not a valid AE title pattern")
+    return pattern
+
+
+def _network_item(text: str) -> str:
+    _network(text)
+    return text
+
+
+def _modality_item(modality: str) -> str:
+    if not _MODALITY.match(modality):
+        raise ValueError(f"{modality!r} is not a modality code such as 'CT'")
+    return modality
+
+
+def _distinct_destinations(names: tuple[str, ...]) -> tuple[str, ...]:
+    seen: set[str] = set()
+    problems: dict[int, str] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            problems[i] = f"empty or duplicate destination {name!r}"
+        seen.add(name)
+    if problems:
+        raise FieldProblem(problems)
+    return names
+
+
+def _distinct_transforms(names: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(names)) != len(names):
+        raise ValueError("a transform is named more than once")
+    return names
+
+
+def _tables(value: object) -> object:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"expected a list of tables, got {value!r}")
+    return value
+
+
+def _condition(value: object) -> Condition:
+    """A condition checked by its own class; its problems named by their key (``op``)."""
+    if isinstance(value, Condition):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a table with tag, op and value, got {value!r}")
+    try:
+        return parse_condition(value)
+    except ConditionError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise FieldProblem({key: problem}) from None
+
+
+def _grouping(key: str) -> Callable[[object], object]:
+    """The grouping module's check of one key, None meaning "not set"."""
+    def check(value: object) -> object:
+        if value is None and key != "amendments":  # amendments has no "not set"
+            return None
+        keys: dict[str, object] = {"granularity": None, "quiet_time": None,
+                                   "expected_count": None, "amendments": "late_only"}
+        try:
+            check_grouping(**{**keys, key: value})
+        except GroupingError as exc:
+            raise ValueError(str(exc).partition(": ")[2]) from None
+        return duration_seconds(value, key) if key == "quiet_time" else value
+    return check
+
+
+_CONDITION_SCHEMA = JsonSchema({
+    "type": "object", "additionalProperties": False, "required": ["tag", "op"],
+    "description": "tag op value",
+    "properties": {
+        "tag": {"type": "string", "description": "a DICOM keyword (Modality), a tag "
+                "'(gggg,eeee)' or ai.<destination>.<key>"},
+        "op": {"enum": list(OPERATORS)},
+        "value": {"description": "a list for 'in'; true/false for 'exists' (its default)",
+                  "anyOf": [{"type": ["string", "number", "boolean"]},
+                            {"type": "array", "items": {"type": ["string", "number",
+                                                                 "boolean"]}}]},
+        "case_sensitive": {"type": "boolean", "default": True,
+                           "description": "false: eq, ne, in, contains, startswith and "
+                           "regex ignore case"}}})
+_STRINGS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+
+
+def _strings_doc(text: str) -> JsonSchema:
+    return JsonSchema({**_STRINGS_SCHEMA, "description": text})
+
+
+Name = Annotated[str, Before(_name), Doc(
+    "unique; a rule keeps its name (in an API body, the URL's name when replacing)")]
+# Each list takes one string too; its items are stripped, non-empty, then checked one by one.
+Item = Annotated[str, Before(_item)]
+AEPatterns = Annotated[tuple[Annotated[Item, After(_ae_pattern_item)], ...],
+                       Before(_listed_strings), _strings_doc(
+                           "AE title patterns (* and ?); empty: any")]
+SourceNetworks = Annotated[tuple[Annotated[Item, After(_network_item)], ...],
+                           Before(_listed_strings), _strings_doc(
+                               "addresses or CIDR networks the instance came from; empty: any")]
+Modalities = Annotated[tuple[Annotated[Item, After(_modality_item)], ...],
+                       Before(_listed_strings), _strings_doc(
+                           "modality codes such as CT; empty: any")]
+SopClasses = Annotated[tuple[Annotated[Item, After(_sop_class_uid)], ...],
+                       Before(_listed_strings), _strings_doc(
+                           "SOP class UIDs or keywords (CTImageStorage); empty: any")]
+Conditions = Annotated[tuple[Annotated[Condition, Plain(_condition), _CONDITION_SCHEMA], ...],
+                       Before(_tables), Doc("tag conditions, all of which must hold")]
+Destinations = Annotated[tuple[Item, ...], Before(_listed_strings), After(_distinct_destinations),
+                         _strings_doc(
+    "destinations that receive what the rule matches; at least one unless stop = true")]
+RuleTransforms = Annotated[tuple[Item, ...], Before(_listed_strings), After(_distinct_transforms),
+                           _strings_doc(
+    "transform names, applied before the destination's own to what this rule sends")]
+
+
 # -- the model -------------------------------------------------------------------------------
 
 
@@ -155,27 +332,42 @@ class RuleSpec:
     """One routing rule as declared; validated and compiled on construction.
 
     Empty criteria match anything. ``sop_class`` holds UIDs (keywords are resolved).
+
+    The annotations are the one description of a ``[[rules]]`` table and of the API's rule
+    body (keys, types, messages, OpenAPI descriptions): :func:`parse_rule` validates data with
+    them through pydantic, each field on its own, so every problem of a rule is said at once;
+    ``__post_init__`` checks what needs several fields and compiles the criteria, also when a
+    rule is built directly.
     """
 
-    name: str
-    priority: int = 100
-    enabled: bool = True
-    calling_aet: tuple[str, ...] = ()
-    called_aet: tuple[str, ...] = ()
-    source_ip: tuple[str, ...] = ()
-    modality: tuple[str, ...] = ()
-    sop_class: tuple[str, ...] = ()
-    match: tuple[Condition, ...] = ()
-    destinations: tuple[str, ...] = ()
-    stop: bool = False
-    description: str = ""
+    __pydantic_config__ = SECTION
+
+    name: Name
+    priority: Annotated[int, Before(_integer), Doc("lower runs first")] = 100
+    enabled: Annotated[bool, Before(_boolean)] = True
+    calling_aet: AEPatterns = ()
+    called_aet: AEPatterns = ()
+    source_ip: SourceNetworks = ()
+    modality: Modalities = ()
+    sop_class: SopClasses = ()
+    match: Conditions = ()
+    destinations: Destinations = ()
+    stop: Annotated[bool, Before(_boolean), Doc(
+        "no later rule is evaluated when this one matches")] = False
+    description: Annotated[str, Before(_text)] = ""
     # Series/study-level routing (router.domain.grouping); None: the destination's default.
-    granularity: str | None = None
-    quiet_time: float | None = None
-    expected_count: int | None = None
-    amendments: str = "late_only"
-    # Transform names applied, before the destination's own, to what this rule sends.
-    transforms: tuple[str, ...] = ()
+    granularity: Annotated[str | None, Before(_grouping("granularity")), JsonSchema({
+        "enum": [*GRANULARITIES, None], "description": "send per series or study once "
+        "stable; unset: the destination's default"})] = None
+    quiet_time: Annotated[float | None, Before(_grouping("quiet_time")), DurationSchema, Doc(
+        "how long a series or study stays unchanged before it is sent (up to 7 days); "
+        "unset: 60 s per series, 180 s per study")] = None
+    expected_count: Annotated[int | None, Before(_grouping("expected_count")), Doc(
+        f"send as soon as this many instances arrived (1 to {MAX_EXPECTED_COUNT})")] = None
+    amendments: Annotated[str, Before(_grouping("amendments")), JsonSchema({
+        "enum": list(AMENDMENTS), "default": "late_only", "description": "whole_unit: late "
+        "instances resend the whole series or study"})] = "late_only"
+    transforms: RuleTransforms = ()
     _calling: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _called: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _networks: tuple[Network, ...] = field(default=(), init=False, repr=False, compare=False)
@@ -187,11 +379,11 @@ class RuleSpec:
                             {"name": "expected a non-empty string"})
         # Every problem is collected, then raised together: a file with several mistakes is
         # corrected in one run of check-config.
+        # The field validators' own checks (parse_rule ran them already; a rule built
+        # directly has not been through them).
         problems: dict[str, str] = {}
         for key in ("calling_aet", "called_aet"):
-            for i, pattern in enumerate(getattr(self, key)):
-                if not pattern or _AE_PATTERN_FORBIDDEN.search(pattern):
-                    problems[f"{key}[{i}]"] = f"{pattern!r} is not a valid AE title pattern"
+            self._compile_each(key, _ae_pattern_item, problems)
         if not problems:
             object.__setattr__(self, "_calling", _ae_pattern(self.calling_aet))
             object.__setattr__(self, "_called", _ae_pattern(self.called_aet))
@@ -199,9 +391,7 @@ class RuleSpec:
                            self._compile_each("source_ip", _network, problems))
         object.__setattr__(self, "sop_class",
                            self._compile_each("sop_class", _sop_class_uid, problems))
-        for i, modality in enumerate(self.modality):
-            if not _MODALITY.match(modality):
-                problems[f"modality[{i}]"] = f"{modality!r} is not a modality code such as 'CT'"
+        self._compile_each("modality", _modality_item, problems)
         object.__setattr__(self, "_modalities", frozenset(m.upper() for m in self.modality))
         self._check_destinations(problems)
         if len(set(self.transforms)) != len(self.transforms):
@@ -345,131 +535,36 @@ class ConditionResult:
 
 # -- parsing ---------------------------------------------------------------------------------
 
-_RULE_KEYS = tuple(f.name for f in fields(RuleSpec) if f.init)
-
-
-def _check_keys(data: Mapping[str, object]) -> dict[str, str]:
-    """Each unknown key with a did-you-mean."""
-    problems: dict[str, str] = {}
-    for key in data:
-        if key not in _RULE_KEYS:
-            close = difflib.get_close_matches(str(key), _RULE_KEYS, n=1)
-            hint = (
-                f"did you mean '{close[0]}'?"
-                if close
-                else f"expected one of {', '.join(_RULE_KEYS)}"
-            )
-            problems[str(key)] = f"unknown key ({hint})"
-    return problems
-
-
-def _string(data: Mapping[str, object], key: str, default: str) -> str:
-    value = data.get(key, default)
-    if not isinstance(value, str):
-        raise _FieldError(f"{key}: expected a string, got {value!r}")
-    return value.strip()
-
-
-def _strings(data: Mapping[str, object], key: str) -> tuple[str, ...]:
-    """A string or a list of strings, stripped."""
-    value = data.get(key, ())
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple):
-        raise _FieldError(f"{key}: expected a string or a list of strings, got {value!r}")
-    for i, item in enumerate(items):
-        if not isinstance(item, str) or not item.strip():
-            raise _FieldError(f"{key}[{i}]: expected a non-empty string, got {item!r}")
-    return tuple(item.strip() for item in items)
-
-
-def _integer(data: Mapping[str, object], key: str, default: int) -> int:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _FieldError(f"{key}: expected an integer, got {value!r}")
-    return value
-
-
-def _boolean(data: Mapping[str, object], key: str, default: bool) -> bool:
-    value = data.get(key, default)
-    if not isinstance(value, bool):
-        raise _FieldError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _conditions(data: Mapping[str, object], problems: dict[str, str]) -> tuple[Condition, ...]:
-    """The ``match`` conditions that parse; a problem for each one that does not."""
-    value = data.get("match", ())
-    if not isinstance(value, list | tuple):
-        problems["match"] = f"expected a list of tables, got {value!r}"
-        return ()
-    conditions: list[Condition] = []
-    for i, item in enumerate(value):
-        if not isinstance(item, Mapping):
-            problems[f"match[{i}]"] = f"expected a table with tag, op and value, got {item!r}"
-            continue
-        try:
-            conditions.append(parse_condition(item))
-        except ConditionError as exc:
-            key, _, problem = str(exc).partition(": ")
-            problems[f"match[{i}].{key}"] = problem
-    return tuple(conditions)
-
 
 def parse_rule(data: Mapping[str, object]) -> RuleSpec:
-    """A validated :class:`RuleSpec` from a ``[[rules]]`` table; raises :class:`RuleError`
-    naming every problem found (each field is checked, whatever the others hold)."""
+    """A validated :class:`RuleSpec` from a ``[[rules]]`` table or an API body; raises
+    :class:`RuleError` naming every problem found (``errors``: path in the rule -> problem,
+    e.g. ``match[1].op``), each field checked whatever the others hold."""
     name = data.get("name") if isinstance(data, Mapping) else None
     where = f"rule {name.strip()!r}" if isinstance(name, str) and name.strip() else "rule"
     if not isinstance(data, Mapping):
         problem = f"expected a table, got {type(data).__name__}"
         raise RuleError(f"{where}: {problem}", {"": problem})
-    problems = _check_keys(data)
-    if "name" not in data:
-        problems["name"] = "required"
-
-    def checked(parse: Callable[..., Any], *args: Any, default: Any) -> Any:
-        try:
-            return parse(data, *args)
-        except _FieldError as exc:
-            key, _, problem = str(exc).partition(": ")
-            problems.setdefault(key, problem)
-            return default
-
-    values: dict[str, Any] = {
-        "name": checked(_string, "name", "", default=""),
-        "priority": checked(_integer, "priority", 100, default=100),
-        "enabled": checked(_boolean, "enabled", True, default=True),
-        "calling_aet": checked(_strings, "calling_aet", default=()),
-        "called_aet": checked(_strings, "called_aet", default=()),
-        "source_ip": checked(_strings, "source_ip", default=()),
-        "modality": checked(_strings, "modality", default=()),
-        "sop_class": checked(_strings, "sop_class", default=()),
-        "match": _conditions(data, problems),
-        "destinations": checked(_strings, "destinations", default=()),
-        "stop": checked(_boolean, "stop", False, default=False),
-        "description": checked(_string, "description", "", default=""),
-        "granularity": data.get("granularity"),  # checked by RuleSpec
-        "quiet_time": data.get("quiet_time"),
-        "expected_count": data.get("expected_count"),
-        "amendments": data.get("amendments", "late_only"),
-        "transforms": checked(_strings, "transforms", default=()),
-    }
-    if not values["destinations"] and "destinations" in problems:
-        values["stop"] = True  # its problem is said; not "at least one destination" too
-    if not values["name"]:
-        problems.setdefault("name", "expected a non-empty string")
-        values["name"] = "?"  # to check the other fields all the same
-    spec: RuleSpec | None = None
     try:
-        spec = RuleSpec(**values)
-    except RuleError as exc:
-        for key, problem in exc.errors.items():
-            problems.setdefault(key, problem)
-    if problems or spec is None:
-        raise RuleError(f"{where}: " + "; ".join(
-            f"{key}: {problem}" if key else problem for key, problem in problems.items()),
-            problems)
-    return spec
+        return validated(RuleSpec, {str(key): value for key, value in data.items()})
+    except validation_error() as exc:
+        problems = {p.path: p.message for p in problems_of(exc, RuleSpec)}
+    # What needs several fields is said too when other fields are wrong (pydantic builds the
+    # rule, and so runs __post_init__, only when every field is valid).
+    if (not any(path.startswith(("destinations", "stop")) for path in problems)
+            and not data.get("destinations") and data.get("stop") is not True):
+        problems["destinations"] = "at least one destination is required unless stop = true"
+    raise RuleError(f"{where}: " + "; ".join(
+        f"{key}: {problem}" if key else problem for key, problem in problems.items()),
+        problems)
+
+
+def stored_rule(data: Mapping[str, Any]) -> RuleSpec:
+    """A rule as its events recorded it (``RuleSpec.to_dict``), validated when it was saved:
+    built and compiled as is, without pydantic (every process follows the admin log)."""
+    values: dict[str, Any] = {key: tuple(value) if isinstance(value, list) else value
+              for key, value in data.items() if key != "match"}
+    return RuleSpec(**values, match=tuple(parse_condition(c) for c in data.get("match", ())))
 
 
 # -- evaluating ------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ gets the same message from both, and the OpenAPI document's model is made from t
 from __future__ import annotations
 
 import dataclasses
+import html
+import re
 from typing import Any
 
 import pytest
@@ -16,8 +18,9 @@ from router.application.remote_nodes import (
     RemoteNodeError,
     parse_remote_node,
 )
+from router.config_types import docs_of
 from tests.conftest import ADMIN_PASSWORD
-from tests.web_harness import bearer
+from tests.web_harness import Browser, bearer
 
 BAD = {"name": "pacs", "ae_tittle": "PACS", "host": "pacs.example", "port": "104",
        "services": ["find", "store"]}
@@ -74,3 +77,21 @@ def test_the_openapi_model_is_the_configuration_class(web_router: Any) -> None:
     assert model["properties"]["port"]["maximum"] == 65535
     assert "least privilege" in model["properties"]["services"]["description"]
     assert "PEM" in model["properties"]["tls_certificate"]["description"]
+
+
+def test_the_form_shows_each_problem_at_its_field(web_router: Any) -> None:
+    server = web_router()
+    browser = Browser(server.url)
+    browser.login("admin", ADMIN_PASSWORD)
+    bad = browser.post(browser.url("/remote/new"), data={
+        "name": "pacs", "ae_title": "A\\B", "host": "not a host!", "port": "70000",
+        "tls": "on", "tls_profile": "tls10"})
+    assert bad.status_code == 422
+    shown = dict(re.findall(r'<input id="([a-z_]+)"[^>]*>(?:\s*<span class="muted">[^<]*</span>)?'
+                            r'\s*<div class="flash error">([^<]*)</div>', bad.text))
+    expected = {key: html.escape(message) for key, message in file_problems({
+        "name": "pacs", "ae_title": "A\\B", "host": "not a host!", "port": 70000,
+        "tls": True, "tls_profile": "tls10"}).items()}
+    assert shown == expected and {"ae_title", "host", "port"} <= set(shown), bad.text
+    # Help texts are the class's descriptions (the OpenAPI document's too).
+    assert html.escape(docs_of(RemoteNodeConfig)["tls_server_name"]) in bad.text

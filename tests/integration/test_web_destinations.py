@@ -20,6 +20,8 @@ import requests
 from pydicom.data import get_testdata_file
 
 from router.application.commands import Actor
+from router.config_types import docs_of
+from router.dispatch.dicom import DicomDestinationConfig
 from router.dispatch.registry import open_config
 from router.domain.admin import destination_id
 from tests.conftest import ADMIN_PASSWORD, make_settings, wait_for
@@ -253,6 +255,19 @@ def test_forms_per_kind_create_and_edit_keeping_secrets(web_router: Any) -> None
         "type": "dicom", "name": "pacs", "host": "pacs.example", "port": "99999",
         "ae_title": "PACS"})
     assert r.status_code == 422 and "must be between 1 and 65535" in r.text
+    # Every problem shown at its own field (an item of a list at the list), with the help text
+    # the config class describes the field with.
+    r = browser.post(browser.url("/destinations"), data={
+        "type": "dicom", "name": "pacs", "host": "pacs.example", "port": "0",
+        "ae_title": "PACS", "concurrency": "40", "transforms": "ok, " + "x" * 70})
+    assert r.status_code == 422
+    for field, message in (("port", "must be between 1 and 65535, got 0"),
+                           ("concurrency", "must be between 1 and 16, got 40"),
+                           ("transforms", "item 2: ")):
+        at_field = re.search(rf'name="{field}".*?</label>\s*<span class="field-error">'
+                             rf'([^<]*)</span>', r.text, re.DOTALL)
+        assert at_field is not None and at_field[1].startswith(message), (field, at_field)
+    assert docs_of(DicomDestinationConfig)["host"] in r.text
 
 
 def test_page_actions_test_pause_resume_and_delete(web_router: Any, tmp_path: Path) -> None:
@@ -328,6 +343,10 @@ def test_roles_and_config_file_origin(web_router: Any, tmp_path: Path) -> None:
     schemas = document["components"]["schemas"]
     assert {"DicomDestination", "FileDestination", "S3Destination"} <= set(schemas)
     assert schemas["S3Destination"]["properties"]["secret_access_key"]["writeOnly"] is True
+    # The fields' descriptions are the config classes' own (the forms' help texts too).
+    assert schemas["DicomDestination"]["properties"]["port"]["description"] == (
+        docs_of(DicomDestinationConfig)["port"])
+    assert "1-16" in schemas["FileDestination"]["properties"]["concurrency"]["description"]
     assert "/api/v1/destinations/{name}/test" in document["paths"]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from router.application.commands import Actor
+from router.config_types import docs_of
 from router.domain.admin import rule_id
+from router.domain.rules import RuleSpec
 from tests.conftest import ADMIN_PASSWORD, make_settings, wait_for
 from tests.web_harness import Browser, bearer
 
@@ -143,8 +146,16 @@ def test_invalid_rules_get_field_errors_and_unknown_names_404(web_router: Any) -
                       headers=auth, timeout=10)
     assert r.status_code == 404
     document = requests.get(server.url + "/api/v1/openapi.json", timeout=10).json()
-    assert {"RuleBody", "ReorderBody", "DryRunBody", "ConditionBody"} <= set(
-        document["components"]["schemas"])
+    schemas = document["components"]["schemas"]
+    assert {"RuleBody", "ReorderBody", "DryRunBody"} <= set(schemas)
+    # Made from RuleSpec: its keys, and the descriptions written once, with the fields.
+    rule = schemas["RuleBody"]["properties"]
+    assert set(rule) == set(RuleSpec.__dataclass_fields__) - {
+        "_calling", "_called", "_networks", "_modalities"}
+    assert "lower runs first" in rule["priority"]["description"]
+    assert "(* and ?)" in rule["calling_aet"]["description"]
+    assert "eq" in rule["match"]["items"]["properties"]["op"]["enum"]
+    assert schemas["RuleBody"]["additionalProperties"] is False
 
 
 @pytest.mark.dcmtk
@@ -261,6 +272,20 @@ def test_crud_and_job_dry_run_on_postgres(pg_url: str, web_router: Any, tmp_path
     r = requests.post(server.url + API, json={"name": "x", "destinations": ["nowhere"]},
                       headers=auth, timeout=10)
     assert r.status_code == 422 and "nowhere" in r.json()["error"]["fields"]["destinations"]
+    # Every problem of a body at once, each under its path, in the file's words.
+    r = requests.post(server.url + API, headers=auth, timeout=10, json={
+        "name": "x", "priority": "high", "modality": ["CT", "C*"], "destinations": ["pacs"],
+        "match": [{"tag": "Modality", "op": "eq", "value": "CT"},
+                  {"tag": "Modalty", "op": "like", "value": "CT"}],
+        "granularity": "patient", "destination": "pacs"})
+    assert r.status_code == 422
+    assert r.json()["error"]["fields"] == {
+        "priority": "expected an integer, got 'high'",
+        "modality[1]": "'C*' is not a modality code such as 'CT'",
+        "match[1].op": "unknown operator 'like' (expected one of eq, ne, in, contains, "
+                       "startswith, regex, exists, lt, gt, le, ge)",
+        "granularity": "expected one of instance, series, study, got 'patient'",
+        "destination": "unknown key (did you mean 'destinations'?)"}
 
 
 def editor_form(browser: Browser, **values: Any) -> dict[str, Any]:
@@ -301,6 +326,20 @@ def test_editor_saves_every_criterion_and_shows_field_errors(web_router: Any) ->
     bad = browser.post(edit_url, data={**form, "match_op": ["gt", "eq", "eq"],
                                        "match_value": ["not-a-date", "", "ct"]})
     assert bad.status_code == 422 and "match[0].value" in bad.text
+    # Several mistakes: each of the model's messages shown next to its own field.
+    several = browser.post(edit_url, data={**form, "priority": "soon", "modality": "CT, C*",
+                                           "quiet_time": "later"})
+    assert several.status_code == 422
+    for field, message in (
+            ("priority", "expected an integer, got &#39;soon&#39;"),
+            ("modality", "item 2: &#39;C*&#39; is not a modality code such as &#39;CT&#39;"),
+            ("quiet_time", "expected a duration such as &#39;30s&#39; or &#39;24h&#39;, got "
+                           "&#39;later&#39;")):
+        at_field = re.search(rf'name="{field}"[^<]*>(?:<span class="help">[^<]*</span>)?'
+                             rf'</label><span class="field-error">([^<]*)</span>', several.text)
+        assert at_field is not None and at_field[1] == message, (field, several.text[-3000:])
+    # Help texts are the model's descriptions (also in the OpenAPI document).
+    assert f'<span class="help">{docs_of(RuleSpec)["priority"]}</span>' in several.text
     assert server.router.admin.refresh().rules[0].version == 1
     taken = browser.post(browser.url("/rules"), data=form)
     assert taken.status_code == 409 and "already exists" in taken.text

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from router.config_check import check_config
+from router.config_types import config_keys, docs_of
+from router.domain.rules import RuleError, RuleSpec, parse_rule, stored_rule
 from router.settings import SettingsError, environment_names, load_settings
+from web.forms import at_fields
 
 STORAGE_KEYS = ("access_key_id, backend, bucket, cache_size, destination_roots, endpoint_url, "
                 "prefix, region, retention_days, secret_access_key")
@@ -45,8 +48,15 @@ timout = "30s"
 
 [[rules]]
 name = "ct"
+priority = "first"
+modality = ["CT", "C*"]
 destinations = ["pacs", "nowhere"]
 match = [{tag = "Modality", op = "eq", value = "CT"}, {tag = "PatientID", op = "like"}]
+
+[[rules]]
+name = "mr"
+destination = ["pacs"]
+quiet_time = "soon"
 
 [[remote_nodes]]
 name = "viewer"
@@ -73,9 +83,14 @@ def test_a_file_with_mistakes_in_every_section_lists_them_all_with_paths(tmp_pat
         "destinations[0].ae_title: must be 1-16 printable ASCII characters, no backslash",
         "destinations[0].timout: unknown key for a dicom destination "
         "(did you mean 'timeout'?)",
+        "rules[0].destinations[1]: unknown destination 'nowhere' (rule 'ct')",
+        "rules[0].priority: expected an integer, got 'first'",
+        "rules[0].modality[1]: 'C*' is not a modality code such as 'CT'",
         "rules[0].match[1].op: unknown operator 'like' (expected one of eq, ne, in, contains, "
         "startswith, regex, exists, lt, gt, le, ge)",
-        "rules[0].destinations[1]: unknown destination 'nowhere' (rule 'ct')",
+        "rules[1].quiet_time: expected a duration such as '30s' or '24h', got 'soon'",
+        "rules[1].destination: unknown key (did you mean 'destinations'?)",
+        "rules[1].destinations: at least one destination is required unless stop = true",
         "remote_nodes[0].port: expected a whole number, got '104'",
     ]
     assert sorted(problems) == sorted(expected), "\n".join(problems)
@@ -105,20 +120,21 @@ colour = "blue"
 priority = 3
 """)
     problems = check_config(config)
+    # In the fields' order, the unknown keys last (one format with the other sections).
     assert problems == [
         "rules[0].destinations[1]: unknown destination 'nowhere' (rule 'r1')",
-        "rules[0].colour: unknown key (expected one of name, priority, enabled, calling_aet, "
-        "called_aet, source_ip, modality, sop_class, match, destinations, stop, description, "
-        "granularity, quiet_time, expected_count, amendments, transforms)",
         "rules[0].priority: expected an integer, got 'high'",
+        "rules[0].calling_aet[0]: 'bad\\\\x' is not a valid AE title pattern",
+        "rules[0].source_ip[0]: '300.1.1.1' is not an IP address or CIDR network",
         "rules[0].match[0].value: required for op 'eq'",
         "rules[0].match[1].tag: unknown tag 'NoSuchTag' (expected a DICOM keyword such as "
         "'Modality', '(gggg,eeee)' or 'ai.<destination>.<key>')",
         "rules[0].match[2]: expected a table with tag, op and value, got 5",
-        "rules[0].stop: expected true or false, got 'yes'",
-        "rules[0].calling_aet[0]: 'bad\\\\x' is not a valid AE title pattern",
-        "rules[0].source_ip[0]: '300.1.1.1' is not an IP address or CIDR network",
         "rules[0].destinations[2]: empty or duplicate destination 'pacs'",
+        "rules[0].stop: expected true or false, got 'yes'",
+        "rules[0].colour: unknown key (expected one of amendments, called_aet, calling_aet, "
+        "description, destinations, enabled, expected_count, granularity, match, modality, "
+        "name, priority, quiet_time, sop_class, source_ip, stop, transforms)",
         "rules[1].name: required",
         "rules[1].destinations: at least one destination is required unless stop = true",
     ], "\n".join(problems)
@@ -195,3 +211,22 @@ def test_the_environment_wins_over_the_file_and_lists_only_scalars(tmp_path: Pat
     assert names["DICOM_ROUTER_DICOM_TLS_PORT"] == ("dicom", "tls_port")
     assert names["DICOM_ROUTER_DICOM_PORT"] == ("server", "dicom_port")
     assert "DICOM_ROUTER_WEB_TRUSTED_PROXIES" not in names  # lists: in the file
+
+
+def test_a_rule_is_described_once_and_its_compiled_parts_are_not_keys() -> None:
+    spec = parse_rule({"name": "r", "destinations": "pacs", "calling_aet": "CT_*",
+                       "quiet_time": "2m", "match": [{"tag": "Modality", "op": "exists"}]})
+    # As stored and followed by every process: the same rule, built without pydantic.
+    assert stored_rule(spec.to_dict()) == spec and spec.quiet_time == 120.0
+    with pytest.raises(RuleError) as caught:
+        parse_rule({"name": "r", "destinations": ["pacs"], "_calling": "x"})
+    assert caught.value.errors == {"_calling": "unknown key (did you mean 'calling_aet'?)"}
+    assert "_calling" not in config_keys(RuleSpec)
+    assert docs_of(RuleSpec)["priority"] == "lower runs first"
+
+
+def test_problems_are_mapped_to_the_form_fields_they_belong_to() -> None:
+    assert at_fields({"calling_aet[1]": "bad", "match[0].tag": "unknown", "port": "too big",
+                      "calling_aet[3]": "worse", "": "whole"}) == {
+        "calling_aet": "item 2: bad; item 4: worse", "match": "item 1: tag: unknown",
+        "port": "too big", "form": "whole"}

@@ -512,6 +512,10 @@ def test_invalid_rules_are_rejected_naming_the_rule_and_field(
             {"tag": "Modality", "op": "eq", "value": "CT", "cs": False},
             "cs: unknown key (expected one of tag, op, value, case_sensitive)",
         ),
+        (
+            {"tag": "Modality", "op": "eq", "value": "CT", "case_sensitiv": False},
+            "case_sensitiv: unknown key (did you mean 'case_sensitive'?)",
+        ),
         ({"op": "eq", "value": "CT"}, "tag: required"),
         ({"tag": "Modality", "value": "CT"}, "op: required"),
         ({"tag": "Modality", "op": "eq"}, "value: required for op 'eq'"),

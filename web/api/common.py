@@ -50,6 +50,8 @@ def config_body_model(name: str, config_class: type, fields: dict[str, Any] | No
     hints = typing.get_type_hints(config_class, include_extras=True)
     made: dict[str, Any] = {}
     for spec in dataclasses.fields(config_class):
+        if not spec.init:  # worked out from the others (a rule's compiled patterns)
+            continue
         default = ... if spec.default is dataclasses.MISSING else spec.default
         if spec.name in optional:
             default = None

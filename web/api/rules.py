@@ -1,15 +1,15 @@
 """REST API for routing rules: CRUD, reorder, and dry runs against an uploaded file or a past job.
 
-Bodies are validated by the domain's ``parse_rule`` (the same messages as for the TOML file),
-turned into field errors here; the pydantic models document them in the OpenAPI document.
+Bodies are validated by the domain's ``parse_rule`` (the same messages, with the same paths, as
+for the TOML file: ``match[1].op``); the OpenAPI document's rule body is made from
+``RuleSpec``'s own annotations and descriptions, so it cannot drift from what is checked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -26,11 +26,11 @@ from router.application.dry_run import (
     with_candidate,
 )
 from router.application.sessions import AccessRecord
-from router.domain.rule_conditions import OPERATORS
 from router.domain.rules import RoutingInput, RuleError, RuleSpec, VersionedRule, parse_rule
 from web.api.common import (
     ApiError,
     RawObject,
+    config_body_model,
     json_response,
     read_json,
     run_command,
@@ -43,46 +43,12 @@ from web.ports import RouterPort
 from web.queries.destinations import declared_by_config
 from web.routes import Route
 
-Scalar = str | int | float | bool
-_FIELD = re.compile(r"^([A-Za-z_]+(?:\[\d+\])?(?:\.[A-Za-z_]+)?): (.+)$", re.DOTALL)
-_CONDITION = re.compile(r"^(match\[\d+\])\.?(.+)$", re.DOTALL)
-
-
 # -- documentation models --------------------------------------------------------------------
 
 
-class ConditionBody(BaseModel):
-    """``tag op value``: tag is a keyword, ``(gggg,eeee)`` or ``ai.<destination>.<key>``."""
-
-    tag: str
-    op: Literal[OPERATORS]  # type: ignore[valid-type]
-    value: Scalar | list[Scalar] | None = Field(
-        None, description="a list for 'in'; true/false for 'exists'")
-    case_sensitive: bool = True
-
-
-class RuleBody(BaseModel):
-    """A routing rule; empty criteria match anything; lower priority runs first."""
-
-    name: str
-    priority: int = 100
-    enabled: bool = True
-    calling_aet: str | list[str] = Field([], description="AE title patterns (* and ?)")
-    called_aet: str | list[str] = Field([], description="AE title patterns (* and ?)")
-    source_ip: str | list[str] = Field([], description="addresses or CIDR networks")
-    modality: str | list[str] = []
-    sop_class: str | list[str] = Field([], description="UIDs or keywords (CTImageStorage)")
-    match: list[ConditionBody] = []
-    destinations: list[str] = []
-    stop: bool = False
-    description: str = ""
-    granularity: Literal["instance", "series", "study"] | None = Field(
-        None, description="send per series or study once stable; unset: destination default")
-    quiet_time: str | float | None = Field(None, description="e.g. 60s; default 60 s / 180 s")
-    expected_count: int | None = Field(None, description="send once this many arrived")
-    amendments: Literal["late_only", "whole_unit"] = "late_only"
-    transforms: list[str] = Field([], description="transform names, applied before the "
-                                  "destination's own to what this rule sends")
+# RuleSpec's own annotations: keys, types, defaults and descriptions. Bodies are validated by
+# parse_rule, as the TOML file's [[rules]] are.
+RuleBody = config_body_model("RuleBody", RuleSpec, optional=frozenset({"name"}))
 
 
 class ReorderBody(BaseModel):
@@ -95,7 +61,7 @@ class DryRunBody(BaseModel):
     """Dry-run the rules on a past job's stored object (header only)."""
 
     job_id: str = Field(min_length=1, max_length=64)
-    candidate: RuleBody | None = Field(
+    candidate: RuleBody | None = Field(  # type: ignore[valid-type]
         None, description="an unsaved rule to evaluate in place of the stored one")
 
 
@@ -120,22 +86,13 @@ def find_rule(router: RouterPort, name: str) -> VersionedRule | None:
     return next((r for r in router.admin.snapshot().rules if r.spec.name == name), None)
 
 
-def rule_errors(message: str, name: object) -> dict[str, str]:
-    """Field -> message from a RuleError or CommandError message (``rule 'x': field: ...``)."""
-    prefix = f"rule {name.strip()!r}: " if isinstance(name, str) and name.strip() else "rule: "
-    rest = message[len(prefix):] if message.startswith(prefix) else message
-    if rest.startswith("unknown destination"):
-        return {"destinations": rest}
-    found = _FIELD.match(rest) or _CONDITION.match(rest)
-    return {found[1]: found[2]} if found else {"rule": rest}
-
-
 def validate_rule(router: RouterPort, data: Mapping[str, Any]) -> RuleSpec:
     """The parsed rule, or ApiError 422 with field errors (destinations must exist)."""
     try:
         spec = parse_rule(data)
     except RuleError as exc:
-        raise ApiError(422, str(exc), rule_errors(str(exc), data.get("name"))) from None
+        raise ApiError(422, str(exc), {key or "rule": problem
+                                       for key, problem in exc.errors.items()}) from None
     known = router.admin.snapshot().live_destinations()
     missing = [d for d in spec.destinations if d not in known]
     if missing:
@@ -190,7 +147,7 @@ def candidate_spec(router: RouterPort, data: Mapping[str, Any] | None) -> RuleSp
     try:
         return parse_rule(data)
     except RuleError as exc:
-        fields = {f"candidate.{k}": v for k, v in rule_errors(str(exc), data.get("name")).items()}
+        fields = {f"candidate.{k}" if k else "candidate": v for k, v in exc.errors.items()}
         raise ApiError(422, str(exc), fields) from None
 
 

@@ -17,49 +17,37 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from router.config_types import docs_of
 from router.dispatch.registry import DESTINATION_KINDS, DESTINATION_NAME, DestinationKind
 from web.api import destinations as api
 from web.api.common import ApiError, run_command
 from web.api.file_managed import detach, managed_message
 from web.auth import actor_of
+from web.forms import at_fields
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
 from web.queries.destinations import age_text, when_text
 from web.render import render
 from web.routes import Route
 
-# key -> (label, help) for the form fields of every kind; unknown keys get a generated label.
-LABELS: dict[str, tuple[str, str]] = {
-    "host": ("Host", "host name or IP address of the peer"),
-    "port": ("Port", "the peer's DICOM port"),
-    "ae_title": ("Called AE title", "the peer's AE title"),
-    "calling_ae": ("Calling AE title", "ours as the peer knows us; empty: the router's own"),
-    "timeout": ("Timeout", "connect, association and response timeout: seconds or e.g. 30s"),
-    "idle_close": ("Close idle association after", "seconds or e.g. 5s"),
-    "max_pdu": ("Maximum PDU we receive", "bytes; 0 = unlimited"),
-    "concurrency": ("Parallel deliveries", "1-16"),
-    "enabled": ("Enabled", ""),
-    "description": ("Description", ""),
-    "path": ("Folder", "absolute path on this machine (or a mounted share)"),
-    "template": ("Name template", "e.g. {StudyInstanceUID}/{SOPInstanceUID}.dcm"),
-    "bucket": ("Bucket", ""),
-    "prefix": ("Key prefix", "e.g. site-a/"),
-    "endpoint_url": ("Endpoint URL", "MinIO or another S3-compatible store; empty for AWS"),
-    "region": ("Region", "e.g. us-east-1"),
-    "access_key_id": ("Access key ID", ""),
-    "secret_access_key": ("Secret access key", "write-only: never shown again"),
-    "session_token": ("Session token", "optional; write-only"),
-    "storage_class": ("Storage class", "empty: the bucket's default"),
-    "multipart_threshold": ("Multipart threshold", "bytes; larger objects upload in parts"),
-    "tls": ("DICOM TLS", "open the association over TLS (the peer's TLS port)"),
-    "tls_ca_certificates": ("TLS: trusted CA file", "PEM bundle the peer's certificate "
-                            "chains to; empty: this machine's CAs"),
-    "tls_certificate": ("TLS: our certificate", "PEM file, for peers that require one"),
-    "tls_private_key": ("TLS: our private key", "PEM file (not encrypted)"),
-    "tls_profile": ("TLS profile", "bcp195, non-downgrading or tls13"),
-    "tls_server_name": ("TLS: name in the peer's certificate", "empty: the host"),
-    "transforms": ("Transforms", "names, comma-separated, applied in order to each copy "
-                   "sent (see Transforms)"),
+# key -> label for the form fields of every kind (unknown keys get a generated label); the
+# help texts are the config classes' own descriptions (Doc), as in the OpenAPI document.
+LABELS: dict[str, str] = {
+    "host": "Host", "port": "Port", "ae_title": "Called AE title",
+    "calling_ae": "Calling AE title", "timeout": "Timeout",
+    "idle_close": "Close idle association after", "max_pdu": "Maximum PDU we receive",
+    "concurrency": "Parallel deliveries", "enabled": "Enabled", "description": "Description",
+    "path": "Folder", "template": "Name template", "bucket": "Bucket", "prefix": "Key prefix",
+    "endpoint_url": "Endpoint URL", "region": "Region", "access_key_id": "Access key ID",
+    "secret_access_key": "Secret access key", "session_token": "Session token",
+    "storage_class": "Storage class", "multipart_threshold": "Multipart threshold",
+    "tls": "DICOM TLS", "tls_ca_certificates": "TLS: trusted CA file",
+    "tls_certificate": "TLS: our certificate", "tls_private_key": "TLS: our private key",
+    "tls_profile": "TLS profile", "tls_server_name": "TLS: name in the peer's certificate",
+    "transforms": "Transforms", "url": "URL", "send": "Send", "secret": "Secret",
+    "callback_timeout": "Callback timeout", "quiet_time": "Quiet time",
+    "expected_count": "Expected count", "deidentify": "De-identify",
+    "request_timeout": "Request timeout",
 }
 MESSAGES = {"created": "Destination created.", "saved": "Destination saved.",
             "deleted": "Destination deleted.", "paused": "Deliveries paused.",
@@ -93,10 +81,13 @@ def _base_hint(hint: Any) -> tuple[Any, bool]:
 def form_fields(kind: DestinationKind, values: dict[str, Any], errors: dict[str, str],
                 secrets_set: dict[str, bool]) -> list[FormField]:
     hints = typing.get_type_hints(kind.config_class)
+    docs = docs_of(kind.config_class)
+    problems = at_fields(errors)  # transforms[1]: ... shown at transforms
     out = []
     for spec in dataclasses.fields(kind.config_class):
         base, optional = _base_hint(hints[spec.name])
-        label, help_text = LABELS.get(spec.name, (spec.name.replace("_", " ").capitalize(), ""))
+        label = LABELS.get(spec.name, spec.name.replace("_", " ").capitalize())
+        help_text = docs.get(spec.name, "")
         default = None if spec.default is dataclasses.MISSING else spec.default
         value = values.get(spec.name, default)
         widget = ("secret" if spec.name in kind.secret_fields else "checkbox" if base is bool
@@ -107,7 +98,7 @@ def form_fields(kind: DestinationKind, values: dict[str, Any], errors: dict[str,
             key=spec.name, label=label, help=help_text, input=widget,
             required=spec.default is dataclasses.MISSING and not optional,
             value="" if widget == "secret" or value is None else value,
-            error=errors.get(spec.name, ""), secret_set=secrets_set.get(spec.name, False)))
+            error=problems.get(spec.name, ""), secret_set=secrets_set.get(spec.name, False)))
     return out
 
 

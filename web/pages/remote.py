@@ -13,11 +13,13 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from router.application.remote_nodes import TLS_KEYS
+from router.application.remote_nodes import TLS_KEYS, RemoteNodeConfig
 from router.application.retrieve import RemoteError
+from router.config_types import docs_of
 from web.api import remote as api
 from web.api.common import ApiError, validate
 from web.auth import actor_of, current_user
+from web.forms import at_fields
 from web.keys import ROUTER_KEY
 from web.render import render
 from web.routes import Route
@@ -73,7 +75,8 @@ def _node_data(form: dict[str, str], name: str | None) -> dict[str, Any]:
 def _form_page(request: web.Request, values: dict[str, Any], errors: dict[str, str],
                creating: bool, status: int = 200) -> web.Response:
     action = "/remote/new" if creating else f"/remote/{quote(values['name'], safe='')}/edit"
-    return render(request, "remote_form.html", status=status, values=values, errors=errors,
+    return render(request, "remote_form.html", status=status, values=values,
+                  errors=at_fields(errors), docs=docs_of(RemoteNodeConfig),
                   creating=creating, action=action,
                   flash="Please correct the highlighted fields." if errors else "",
                   flash_kind="error")

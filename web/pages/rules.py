@@ -14,11 +14,14 @@ from urllib.parse import quote
 from aiohttp import web
 
 from router.application.dry_run import recent_jobs
+from router.config_types import docs_of
 from router.domain.rule_conditions import OPERATORS
+from router.domain.rules import RuleSpec
 from web.api import rules as api
 from web.api.common import ApiError, run_command
 from web.api.file_managed import detach, refuse_if_managed
 from web.auth import actor_of
+from web.forms import at_fields
 from web.keys import ROUTER_KEY
 from web.render import render
 from web.routes import Route
@@ -140,6 +143,7 @@ async def _editor(request: web.Request, rule: dict[str, Any], existing: str | No
     bad = {re.split(r"[\[.]", key, maxsplit=1)[0] for key in errors}
     return render(request, "rule_edit.html", status=status, rule=rule, lists=lists,
                   rows=_rows(rule, errors, blank), errors=errors, bad=bad, message=message,
+                  problems=at_fields(errors), docs=docs_of(RuleSpec),
                   existing=existing, from_config=from_config, managed=managed,
                   detached=detached, result=result,
                   detach_action=href(existing) + "/detach" if existing else "",
