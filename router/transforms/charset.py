@@ -121,9 +121,7 @@ def _inherit(dataset: Dataset, encodings: list[str]) -> None:
 
 
 def _redeclare(dataset: Dataset, encodings: list[str]) -> None:
-    """pydicom decodes raw elements with the encoding the data set was read with."""
+    """pydicom decodes raw elements with the encoding the data set was read with (its public
+    setter keeps the VR and byte order it was read with, None for a data set made in memory)."""
     implicit, little = dataset.original_encoding
-    if implicit is not None and little is not None:
-        dataset.set_original_encoding(implicit, little, encodings)
-    else:
-        dataset._read_charset = encodings
+    dataset.set_original_encoding(implicit, little, encodings)
