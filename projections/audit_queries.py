@@ -24,7 +24,7 @@ COLUMNS = ("time", "actor", "source_ip", "action", "object_type", "object_id", "
            "study_instance_uid", "patient_id", "job_id", "correlation_id", "detail",
            "application", "position")
 OUTCOMES = ("success", "failure", "denied", "not_found")
-# The actions the pages offer (grouped, with labels) are in web/queries/audit_actions.py.
+# The actions the pages offer (grouped, with labels) are in web/pages/audit_actions.py.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MAX_TEXT = 256  # longest filter value accepted (a UID is 64, an ID 64)
 _SELECT = ("SELECT application, position, occurred_at, actor, source_ip, action, object_type,"

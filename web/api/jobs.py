@@ -12,15 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from projections.jobs import JobsView
-from projections.positions import view_positions
-from router.application.sessions import AccessRecord
-from web.api.common import ApiError, json_response, paging, read_json, run_command
-from web.auth import actor_of, record_access
-from web.freshness import fresh
-from web.keys import ROUTER_KEY
-from web.ports import RouterPort
-from web.queries.filters import FilterError, with_iso_times
-from web.queries.jobs import (
+from projections.jobs_queries import (
     FILTER_FIELDS,
     JobFilters,
     get_delivery,
@@ -29,6 +21,14 @@ from web.queries.jobs import (
     list_jobs,
     parse_filters,
 )
+from projections.positions import view_positions
+from router.application.sessions import AccessRecord
+from web.api.common import ApiError, json_response, paging, read_json, run_command
+from web.auth import actor_of, record_access
+from web.filters import FilterError, with_iso_times
+from web.freshness import fresh
+from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.routes import Route
 
 TAGS = ("jobs",)

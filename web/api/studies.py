@@ -10,13 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.application.sessions import AccessRecord
-from web.api.common import ApiError, json_response, paging
-from web.auth import record_access
-from web.freshness import fresh
-from web.keys import ROUTER_KEY
-from web.queries.filters import UID_RE, FilterError, with_iso_times
-from web.queries.studies import (
+from projections.studies_queries import (
     FILTER_FIELDS,
     StudyFilters,
     delivery_status,
@@ -24,6 +18,12 @@ from web.queries.studies import (
     parse_filters,
     search_studies,
 )
+from router.application.sessions import AccessRecord
+from web.api.common import ApiError, json_response, paging
+from web.auth import record_access
+from web.filters import UID_RE, FilterError, with_iso_times
+from web.freshness import fresh
+from web.keys import ROUTER_KEY
 from web.routes import Route
 
 TAGS = ("studies",)

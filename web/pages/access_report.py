@@ -14,13 +14,13 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from projections import access_report_queries as queries
 from projections.audit_queries import MAX_TEXT, FilterError, iso
 from router.application.sessions import AccessRecord
 from web.api.access_report import period, read_report
 from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
-from web.queries import access_report as queries
 from web.render import render
 from web.routes import Route
 

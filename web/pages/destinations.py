@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from projections.destinations_queries import age_text, when_text
 from router.dispatch.registry import DESTINATION_KINDS, DESTINATION_NAME, DestinationKind
 from web.api import destinations as api
 from web.api.common import ApiError, run_command
@@ -24,7 +25,6 @@ from web.api.file_managed import detach, managed_message
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
-from web.queries.destinations import age_text, when_text
 from web.render import render
 from web.routes import Route
 

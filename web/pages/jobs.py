@@ -17,14 +17,20 @@ from aiohttp import web
 from pydicom.uid import UID
 
 from projections.ai_requests_queries import requests_for_job
+from projections.jobs_queries import (
+    FILTER_FIELDS,
+    JOB_STATUSES,
+    JobFilters,
+    list_jobs,
+    parse_filters,
+)
 from router.domain.delivery_states import FINAL_STATES
 from web.api.common import ApiError
 from web.api.jobs import change_delivery, list_record, load_job, view_record
 from web.auth import record_access
+from web.filters import FilterError
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
-from web.queries.filters import FilterError
-from web.queries.jobs import FILTER_FIELDS, JOB_STATUSES, JobFilters, list_jobs, parse_filters
 from web.render import render
 from web.routes import Route
 

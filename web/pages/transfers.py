@@ -11,20 +11,20 @@ from typing import Any
 
 from aiohttp import web
 
-from web.api.transfers import list_record, view_record
-from web.auth import record_access
-from web.freshness import fresh
-from web.keys import ROUTER_KEY
-from web.pages.jobs import HELPERS, instances_page, page_window, pager
-from web.queries.filters import UID_RE, FilterError
-from web.queries.jobs import JOB_STATUSES
-from web.queries.transfers import (
+from projections.jobs_queries import JOB_STATUSES
+from projections.transfers_queries import (
     FILTER_FIELDS,
     get_transfer,
     list_transfers,
     parse_filters,
     series_instances,
 )
+from web.api.transfers import list_record, view_record
+from web.auth import record_access
+from web.filters import UID_RE, FilterError
+from web.freshness import fresh
+from web.keys import ROUTER_KEY
+from web.pages.jobs import HELPERS, instances_page, page_window, pager
 from web.render import render
 from web.routes import Route
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from projections.db import ViewDatabase
+from projections.jobs_queries import JOB_STATUSES, ROUTING_STATUSES, status_choice
 from router.domain.delivery_states import (
     DELIVERY_STATES,
     STORED_BY_SHOWN,
     shown,
     shown_sql,
 )
-from web.queries.filters import FilterError, check_known, instant, like_pattern, text, uid
-from web.queries.jobs import JOB_STATUSES, ROUTING_STATUSES, status_choice
+from web.filters import FilterError, check_known, instant, like_pattern, text, uid
 
 FILTER_FIELDS = ("status", "destination", "calling_aet", "received_from", "received_to",
                  "patient_id", "study_uid")

@@ -14,7 +14,7 @@ from typing import Any
 
 from projections.db import ViewDatabase
 from router.domain.delivery_states import DELIVERY_STATES, shown
-from web.queries.filters import (
+from web.filters import (
     FilterError,
     check_known,
     dicom_date,

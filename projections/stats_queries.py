@@ -2,7 +2,7 @@
 over the last hour (audit view), queue depth and the oldest waiting delivery per destination,
 failures (dead-lettered deliveries, refused receipts) and each destination's health (jobs view
 plus the pause flags of the admin state; destination health is the destinations page's, from
-web.queries.destinations). No PHI: counts, destinations, AE titles, times.
+projections.destinations_queries). No PHI: counts, destinations, AE titles, times.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from projections.db import ViewDatabase
-from web.queries.destinations import health
+from projections.destinations_queries import health
 
 WINDOW_MINUTES = 60
 RECENT = 10  # recent failures listed

@@ -21,7 +21,7 @@ from router.domain.delivery_states import (
     shown,
     shown_sql,
 )
-from web.queries.filters import (
+from web.filters import (
     FilterError,
     check_known,
     choice,
