@@ -1,5 +1,6 @@
-"""Query-string filters shared by the jobs and studies reads: bounded text, wildcards turned
-into LIKE patterns, dates and instants, and the one error type that names the bad field.
+"""Query-string filters of the jobs, transfers and studies pages and API: bounded text, UIDs,
+dates and instants parsed into the typed filters the queries in projections/ take, and the one
+error type that names the bad field; ISO 8601 times in API answers.
 """
 
 from __future__ import annotations
@@ -9,10 +10,16 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime
 from typing import Any
 
+from projections import jobs_queries, studies_queries, transfers_queries
+from projections.jobs_queries import JOB_STATUSES, JobFilters
+from projections.studies_queries import StudyFilters
+from projections.transfers_queries import TransferFilters
 from router.application.bulk import BulkFilterError, parse_instant
+from router.domain.delivery_states import canonical
 
 MAX_TEXT = 128  # no identifier or name we index is longer (PN components are 64 chars)
 UID_RE = re.compile(r"^[0-9.]{1,64}$")
+PAGING_FIELDS = ("limit", "offset")
 
 
 class FilterError(ValueError):
@@ -59,27 +66,6 @@ def choice(query: Mapping[str, str], field: str, allowed: Iterable[str]) -> str 
     return value
 
 
-def like_pattern(value: str, anchor: str = "exact") -> str:
-    """A LIKE pattern (escape ``\\``) from a DICOM-style wildcard value: ``*`` any run of
-    characters, ``?`` one character. Without wildcards ``anchor`` decides: ``exact``,
-    ``prefix`` or ``contains``."""
-    wild = "*" in value or "?" in value
-    out = []
-    for ch in value:
-        if ch in "%_\\":
-            out.append("\\" + ch)
-        elif ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        else:
-            out.append(ch)
-    pattern = "".join(out)
-    if wild or anchor == "exact":
-        return pattern
-    return pattern + "%" if anchor == "prefix" else "%" + pattern + "%"
-
-
 def instant(query: Mapping[str, str], field: str, end_of_day: bool = False) -> float | None:
     """Unix seconds from ``YYYY-MM-DD`` or an ISO 8601 date-time (UTC unless it says).
 
@@ -107,6 +93,77 @@ def dicom_date(query: Mapping[str, str], field: str) -> str | None:
     except ValueError:
         raise FilterError(field, "expected a date, YYYY-MM-DD or YYYYMMDD") from None
     return digits
+
+
+def job_filters(query: Mapping[str, str], strict: bool = True) -> JobFilters:
+    """Jobs list filters from a query string; :class:`FilterError` names a bad or unknown
+    field (``strict``: any parameter that is neither a filter nor paging)."""
+    if strict:
+        check_known(query, jobs_queries.FILTER_FIELDS + PAGING_FIELDS)
+    modality = text(query, "modality", 16)
+    filters = JobFilters(
+        status=status_choice(query, JOB_STATUSES),
+        destination=text(query, "destination", 64),
+        calling_aet=text(query, "calling_aet", 16),
+        modality=modality.upper() if modality else None,
+        received_from=instant(query, "received_from"),
+        received_to=instant(query, "received_to", end_of_day=True),
+        patient_id=text(query, "patient_id", 64),
+        study_uid=uid(query, "study_uid"),
+    )
+    if (filters.received_from is not None and filters.received_to is not None
+            and filters.received_from >= filters.received_to):
+        raise FilterError("received_to", "must be after received_from")
+    return filters
+
+
+def transfer_filters(query: Mapping[str, str], strict: bool = True) -> TransferFilters:
+    """Transfers list filters from a query string (as :func:`job_filters`)."""
+    if strict:
+        check_known(query, transfers_queries.FILTER_FIELDS + PAGING_FIELDS)
+    filters = TransferFilters(
+        status=status_choice(query, JOB_STATUSES),
+        destination=text(query, "destination", 64),
+        calling_aet=text(query, "calling_aet", 16),
+        received_from=instant(query, "received_from"),
+        received_to=instant(query, "received_to", end_of_day=True),
+        patient_id=text(query, "patient_id", 64),
+        study_uid=uid(query, "study_uid"),
+    )
+    if (filters.received_from is not None and filters.received_to is not None
+            and filters.received_from >= filters.received_to):
+        raise FilterError("received_to", "must be after received_from")
+    return filters
+
+
+def study_filters(query: Mapping[str, str], strict: bool = True) -> StudyFilters:
+    """Study search filters from a query string (as :func:`job_filters`)."""
+    if strict:
+        check_known(query, studies_queries.FILTER_FIELDS + PAGING_FIELDS)
+    modality = text(query, "modality", 16)
+    filters = StudyFilters(
+        patient_name=text(query, "patient_name"),
+        patient_id=text(query, "patient_id", 64),
+        study_date_from=dicom_date(query, "study_date_from"),
+        study_date_to=dicom_date(query, "study_date_to"),
+        modality=modality.upper() if modality else None,
+        accession_number=text(query, "accession_number", 16),
+        description=text(query, "description", 64),
+        study_uid=uid(query, "study_uid"),
+    )
+    if (filters.study_date_from and filters.study_date_to
+            and filters.study_date_from > filters.study_date_to):
+        raise FilterError("study_date_to", "must not be before study_date_from")
+    return filters
+
+
+def status_choice(query: Mapping[str, str], allowed: tuple[str, ...]) -> str | None:
+    """The ``status`` filter under its current name (old names are aliases: ``dead`` and
+    ``dead-lettered`` for ``failed``, ``pending`` for ``queued``)."""
+    value = text(query, "status")
+    if value is None:
+        return None
+    return choice({"status": canonical(value)}, "status", allowed)
 
 
 def iso(timestamp: float | None) -> str | None:

@@ -19,13 +19,12 @@ from projections.jobs_queries import (
     get_job,
     job_events,
     list_jobs,
-    parse_filters,
 )
 from projections.positions import view_positions
 from router.application.sessions import AccessRecord
 from web.api.common import ApiError, json_response, paging, read_json, run_command
 from web.auth import actor_of, record_access
-from web.filters import FilterError, with_iso_times
+from web.filters import FilterError, job_filters, with_iso_times
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
@@ -42,7 +41,7 @@ class CancelRequest(BaseModel):
 
 def filters_or_400(query: Any, strict: bool = True) -> JobFilters:
     try:
-        return parse_filters(query, strict)
+        return job_filters(query, strict)
     except FilterError as exc:
         raise ApiError(400, str(exc), fields={exc.field: exc.message}) from None
 

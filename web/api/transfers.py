@@ -15,12 +15,11 @@ from projections.transfers_queries import (
     TransferFilters,
     get_transfer,
     list_transfers,
-    parse_filters,
 )
 from router.application.sessions import AccessRecord
 from web.api.common import ApiError, json_response, paging
 from web.auth import record_access
-from web.filters import FilterError, with_iso_times
+from web.filters import FilterError, transfer_filters, with_iso_times
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.routes import Route
@@ -30,7 +29,7 @@ TAGS = ("transfers",)
 
 def filters_or_400(query: Any, strict: bool = True) -> TransferFilters:
     try:
-        return parse_filters(query, strict)
+        return transfer_filters(query, strict)
     except FilterError as exc:
         raise ApiError(400, str(exc), fields={exc.field: exc.message}) from None
 
