@@ -236,6 +236,13 @@ def matching_patients(studies_db: Any, term: str) -> list[Row]:
         [term, like + "%", "%" + like + "%", MAX_PATIENTS]))
 
 
+def patient_name(studies_db: Any, patient_id: str) -> str:
+    """The name the studies view has for ``patient_id`` (empty when none)."""
+    rows = studies_db.query("SELECT max(patient_name) AS name FROM studies WHERE patient_id = ?",
+                            [patient_id])
+    return str(rows[0]["name"] or "") if rows else ""
+
+
 def csv_text(rep: Report) -> str:
     """The report as CSV (RFC 4180, header first, cells neutralised against formulas)."""
     buffer = io.StringIO()

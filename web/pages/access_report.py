@@ -57,10 +57,7 @@ async def _patients(request: web.Request, term: str) -> list[dict[str, Any]]:
 
 
 async def _name_of(request: web.Request, patient: str) -> str:
-    rows = await asyncio.to_thread(_studies_db(request).query,
-                                   "SELECT max(patient_name) AS name FROM studies"
-                                   " WHERE patient_id = ?", [patient])
-    return str(rows[0]["name"] or "") if rows else ""
+    return await asyncio.to_thread(queries.patient_name, _studies_db(request), patient)
 
 
 async def report_page(request: web.Request) -> web.Response:
