@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from projections import access_report_queries as report
 from projections.audit import AuditView
 from projections.audit_queries import AuditFilter, search
 from projections.db import SqliteViews
 from projections.runner import EventRecord
 from router.domain.users import user_id
-from web.queries import access_report as report
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 OTHER = "1.2.826.0.1.3680043.8.498.2"

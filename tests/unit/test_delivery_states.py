@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 
+from projections.transfers_queries import progress_text
 from router.domain.delivery_states import (
     DELIVERY_STATES,
     SHOWN_BY_STORED,
@@ -14,7 +15,6 @@ from router.domain.delivery_states import (
     shown_sql,
     stored,
 )
-from web.queries.transfers import progress_text
 
 
 def test_every_stored_state_has_one_shown_name_and_back() -> None:

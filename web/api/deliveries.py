@@ -22,10 +22,10 @@ from router.application.bulk import (
 from router.application.commands import Actor
 from web.api.common import ApiError, json_response, read_json
 from web.auth import actor_of
+from web.filters import UID_RE
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
-from web.queries.filters import UID_RE
 from web.routes import Route
 
 TAGS = ("jobs",)

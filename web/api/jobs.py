@@ -12,23 +12,22 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from projections.jobs import JobsView
-from projections.positions import view_positions
-from router.application.sessions import AccessRecord
-from web.api.common import ApiError, json_response, paging, read_json, run_command
-from web.auth import actor_of, record_access
-from web.freshness import fresh
-from web.keys import ROUTER_KEY
-from web.ports import RouterPort
-from web.queries.filters import FilterError, with_iso_times
-from web.queries.jobs import (
+from projections.jobs_queries import (
     FILTER_FIELDS,
     JobFilters,
     get_delivery,
     get_job,
     job_events,
     list_jobs,
-    parse_filters,
 )
+from projections.positions import view_positions
+from router.application.sessions import AccessRecord
+from web.api.common import ApiError, json_response, paging, read_json, run_command
+from web.auth import actor_of, record_access
+from web.filters import FilterError, job_filters, with_iso_times
+from web.freshness import fresh
+from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.routes import Route
 
 TAGS = ("jobs",)
@@ -42,7 +41,7 @@ class CancelRequest(BaseModel):
 
 def filters_or_400(query: Any, strict: bool = True) -> JobFilters:
     try:
-        return parse_filters(query, strict)
+        return job_filters(query, strict)
     except FilterError as exc:
         raise ApiError(400, str(exc), fields={exc.field: exc.message}) from None
 

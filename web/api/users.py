@@ -20,8 +20,8 @@ from router.application.users import LoginRefused, PasswordError, check_name
 from router.domain.users import LEAST_PRIVILEGED_ROLE
 from web.api.common import ApiError, json_response, read_json, run_command
 from web.auth import actor_of, current_user
+from web.filters import iso
 from web.keys import ROUTER_KEY
-from web.queries.filters import iso
 from web.routes import Route
 from web.security import AUTHENTICATED
 

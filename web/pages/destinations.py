@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from projections.destinations_queries import age_text, when_text
 from router.config_types import docs_of
 from router.dispatch.registry import DESTINATION_KINDS, DESTINATION_NAME, DestinationKind
 from web.api import destinations as api
@@ -26,7 +27,6 @@ from web.auth import actor_of
 from web.forms import at_fields
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
-from web.queries.destinations import age_text, when_text
 from web.render import render
 from web.routes import Route
 

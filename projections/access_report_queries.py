@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from projections.audit_queries import csv_cell, iso
+from projections.sql import like_literal
 from router.domain.users import user_id
 
 Row = dict[str, Any]
@@ -225,7 +226,7 @@ def role_when(changes: Sequence[tuple[float, str]], at: float) -> str:
 def matching_patients(studies_db: Any, term: str) -> list[Row]:
     """Patients whose ID starts with ``term`` or whose name contains it (case-insensitive),
     with their number of studies and latest study date; at most MAX_PATIENTS."""
-    like = _like_escape(term.lower())
+    like = like_literal(term.lower())
     return list(studies_db.query(
         "SELECT patient_id, max(patient_name) AS patient_name, count(*) AS studies,"
         " max(study_date) AS last_study_date FROM studies"
@@ -235,8 +236,11 @@ def matching_patients(studies_db: Any, term: str) -> list[Row]:
         [term, like + "%", "%" + like + "%", MAX_PATIENTS]))
 
 
-def _like_escape(text: str) -> str:
-    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+def patient_name(studies_db: Any, patient_id: str) -> str:
+    """The name the studies view has for ``patient_id`` (empty when none)."""
+    rows = studies_db.query("SELECT max(patient_name) AS name FROM studies WHERE patient_id = ?",
+                            [patient_id])
+    return str(rows[0]["name"] or "") if rows else ""
 
 
 def csv_text(rep: Report) -> str:
