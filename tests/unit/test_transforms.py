@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -80,6 +81,63 @@ def test_basic_profile_removes_what_it_requires(name: str) -> None:
     assert project == "trial-7" and identity.patient_id == original.PatientID
     assert identity.pseudo_patient_id == ds.PatientID
     assert result.applied[0]["engine"] == deid.ENGINE
+
+
+# PS3.15 Table E.1-1: attributes the basic profile removes (X) or replaces, whatever dicognito
+# does with them; the Retain Device Identity / Patient Characteristics / Clean Descriptors
+# options (off here) would keep some.
+_E11 = (
+    "MedicalAlerts ReferringPhysicianAddress ReferringPhysicianTelephoneNumbers AdmissionID "
+    "ServiceEpisodeID DeviceSerialNumber TextString CurrentPatientLocation "
+    "PatientInstitutionResidence PersonAddress PersonTelephoneNumbers OrderCallbackPhoneNumber "
+    "OrderEntererLocation PerformedLocation RequestedProcedureLocation RequestingService "
+    "ResultsComments ImagingServiceRequestComments RequestedProcedureComments Impressions "
+    "IdentifyingComments ServiceEpisodeDescription TopicKeywords TopicTitle TopicSubject "
+    "TopicAuthor VerifyingOrganization ScheduledProcedureStepLocation PreMedication "
+    "PatientTransportArrangements DistributionName DistributionAddress "
+    "InsurancePlanIdentification IssuerOfAdmissionID IssuerOfServiceEpisodeID "
+    "InterpretationIDIssuer StudyIDIssuer ResultsIDIssuer HumanPerformerOrganization "
+    "ModifyingDeviceID ModifyingDeviceManufacturer CommentsOnThePerformedProcedureStep "
+    "DetectorID GantryID PlateID CassetteID GeneratorID DeviceLabel SourceSerialNumber "
+    "DeviceDescription AcquisitionProtocolDescription StationName "
+    "ConfidentialityConstraintOnPatientDataDescription InterpretationDiagnosisDescription "
+    "ModifiedImageDescription PatientBirthTime OtherPatientIDs OtherPatientNames "
+    "PatientBirthName PatientMotherBirthName MilitaryRank BranchOfService PatientAddress "
+    "PatientTelephoneNumbers MedicalRecordLocator Occupation PatientReligiousPreference "
+    "CountryOfResidence RegionOfResidence InstitutionAddress InstitutionName "
+    "InstitutionalDepartmentName ReferringPhysicianName PerformingPhysicianName OperatorsName "
+    "PhysiciansOfRecord NameOfPhysiciansReadingStudy RequestingPhysician ResponsiblePerson "
+    "ResponsibleOrganization ConsultingPhysicianName AccessionNumber StudyID "
+    "RequestedProcedureID PerformedProcedureStepID ScheduledProcedureStepID "
+    "PatientComments AdditionalPatientHistory ProtocolName DataSetTrailingPadding")
+E11_REMOVED = _E11.split()
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm"])
+def test_no_value_the_basic_profile_removes_is_in_what_is_sent(name: str) -> None:
+    """Each attribute of E11_REMOVED gets a unique value, at the top level and inside a
+    sequence item; none of those values may be in the bytes that would leave."""
+    ds = _file(name)
+    markers: list[bytes] = []
+    item = Dataset()
+    for i, keyword in enumerate(E11_REMOVED):
+        tag = tag_for_keyword(keyword)
+        assert tag is not None, keyword
+        vr = dictionary_VR(tag)
+        for target, suffix in ((ds, "T"), (item, "S")):
+            if vr == "TM":
+                value: Any = f"01{i % 60:02d}0{'7' if suffix == 'T' else '8'}"
+            elif vr == "OB":
+                value = b"QZPAD" + suffix.encode()
+            else:
+                value = f"QZ{i:03d}{suffix}"
+            target.add_new(tag, vr, value)
+            markers.append(value if isinstance(value, bytes) else value.encode())
+    ds.ReferencedStudySequence = Sequence([item])
+    _run(ds, DEID)
+    sent = _bytes(ds)
+    leaked = [E11_REMOVED[i // 2] for i, m in enumerate(markers) if m in sent]
+    assert leaked == []
 
 
 def test_same_patient_same_pseudonym_across_studies_and_restarts_not_projects() -> None:
