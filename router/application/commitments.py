@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ MAX_REFERENCES = 10000
 # Failure reasons (PS3.4 J.3.3.1.1, Failure Reason (0008,1197))
 PROCESSING_FAILURE = 0x0110
 NO_SUCH_OBJECT = 0x0112
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Referenced SOP Class not supported
 CLASS_INSTANCE_CONFLICT = 0x0119
 # N-ACTION statuses (PS3.7 Annex C)
 NO_SUCH_ACTION = 0x0123
@@ -108,10 +109,14 @@ class CommitmentChecker:
     """Decides which referenced instances are committed, from the jobs view and blob store."""
 
     def __init__(self, jobs: Callable[[], ViewDatabase], blobs: BlobStore,
-                 settle: Callable[[], Any] = lambda: True) -> None:
+                 settle: Callable[[], Any] = lambda: True,
+                 storage_classes: Collection[str] = ()) -> None:
         self._jobs = jobs
         self._blobs = blobs
         self._settle = settle  # waits for the jobs view to catch up with the logs
+        # The SOP classes the router stores: an instance never received of another class is
+        # "SOP class not supported" rather than "no such object" (none: not told apart).
+        self._classes = frozenset(storage_classes)
 
     def check(self, references: Sequence[Sequence[str]], destination: str,
               final: bool) -> Verdict:
@@ -136,6 +141,8 @@ class CommitmentChecker:
             "SELECT job_id, sop_class_uid, sha256 FROM jobs WHERE sop_instance_uid = ?",
             (sop_instance,))
         if not rows:
+            if self._classes and sop_class not in self._classes:
+                return SOP_CLASS_NOT_SUPPORTED
             return NO_SUCH_OBJECT
         ours = [r for r in rows if r["sop_class_uid"] == sop_class]
         if not ours:

@@ -38,6 +38,7 @@ from router.application.sessions import AccessRecord, Sessions
 from router.application.stores import EventStores
 from router.dicom.qr_scp import IDENTIFIER_SYNTAXES
 from router.dicom.qr_scu import QueryRetrieveScu
+from router.dicom.scp import STORAGE_CLASSES
 from router.dispatch.ssrf import AddressPolicy
 from router.domain.commitment import Commitment
 from router.settings import Settings
@@ -325,5 +326,6 @@ def build_service(settings: Settings, stores: EventStores, blobs: BlobStore,
 
     commitments = Commitments(stores, settings.dicom.commitment_destination,
                               settings.dicom.commitment_timeout, settings.node_id)
-    return CommitmentService(commitments, CommitmentChecker(jobs, blobs, settle), remote,
+    checker = CommitmentChecker(jobs, blobs, settle, STORAGE_CLASSES)
+    return CommitmentService(commitments, checker, remote,
                              sessions, send_new)

@@ -179,6 +179,13 @@ def test_report_on_the_same_association_names_missing_and_mismatched_instances(
     assert referenced(info, "FailedSOPSequence") == {
         never: (CTImageStorage, 0x0112), b.SOPInstanceUID: (MRImageStorage, 0x0119)}
 
+    tx_class = generate_uid()  # a SOP class the router does not store at all: 0x0122
+    modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID),
+                                   ("1.2.3.4.5.6.7", never)], tx_class, wait_report=15)
+    _, info = modality.same.items[1]
+    assert referenced(info, "FailedSOPSequence") == {never: ("1.2.3.4.5.6.7", 0x0122)}
+    modality.same.items.pop()
+
     tx2 = generate_uid()  # everything committed: event type 1, no Failed SOP Sequence
     modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID),
                                    (CTImageStorage, b.SOPInstanceUID)], tx2, wait_report=15)
@@ -186,8 +193,8 @@ def test_report_on_the_same_association_names_missing_and_mismatched_instances(
     assert event_type == 1 and "FailedSOPSequence" not in info
     assert set(referenced(info, "ReferencedSOPSequence")) == {a.SOPInstanceUID,
                                                                b.SOPInstanceUID}
-    rows = audit_rows(router, 4)
-    assert [r["action"] for r in rows] == ["Commitment.Requested", "Commitment.Reported"] * 2
+    rows = audit_rows(router, 6)
+    assert [r["action"] for r in rows] == ["Commitment.Requested", "Commitment.Reported"] * 3
     assert rows[0]["actor"] == MODALITY and rows[1]["actor"] == "system"
     assert '"via": "same association"' in rows[1]["detail"]
     assert '"failed": 2' in rows[1]["detail"] and '"committed": 1' in rows[1]["detail"]
