@@ -288,6 +288,21 @@ def test_utf8_bytes_declared_latin1_are_redeclared_utf8() -> None:
     assert str(ds.PatientName) == "Wang^XiaoDong=王^小東"
 
 
+def test_charset_repair_runs_before_what_reads_the_text_whatever_its_place_in_the_chain(
+        ) -> None:
+    """A rule's morph, then a destination's charset repair: the repair still sees the bytes
+    as received (a transform that read a name first would have decoded it wrongly)."""
+    ds = _charset_file("chrX1.dcm", b"ISO_IR 192", b"ISO_IR 100")
+    result = _run(ds, {"name": "tag-it", "kind": "morph", "ops": [
+        {"op": "replace", "tag": "PatientName", "pattern": "^Wang", "with": "WANG"}]},
+        {"name": "fix-charset", "kind": "charset"})
+    back = dcmread(io.BytesIO(_bytes(ds)))
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert str(back.PatientName) == "WANG^XiaoDong=王^小東"
+    # Recorded in the order they ran.
+    assert [a["name"] for a in result.applied] == ["fix-charset", "tag-it"]
+
+
 def test_latin1_bytes_declared_utf8_are_redeclared_latin1() -> None:
     ds = _charset_file("chrFren.dcm", b"ISO_IR 100", b"ISO_IR 192")
     assert repair_charset(ds) == "Specific Character Set ISO_IR 192 -> ISO_IR 100"
