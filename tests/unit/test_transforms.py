@@ -254,6 +254,21 @@ def test_morph_private_elements_by_creator() -> None:
     assert back[back.private_block(0x0011, "ROUTER 1").get_tag(0x10)].value == "routed"
 
 
+def test_morph_writes_numbers_into_binary_number_elements() -> None:
+    """Set, copy and replace on US/FL/... elements give numbers, so the copy can be written."""
+    ds = _file("CT_small.dcm")
+    _run(ds, {"name": "numbers", "kind": "morph", "ops": [
+        {"op": "set", "tag": "Rows", "value": "128"},
+        {"op": "set", "tag": "(0019,\"ACME\",10)", "vr": "FL", "value": "1.5\\2.5"},
+        {"op": "copy", "tag": "Columns", "from": "Rows"},
+        {"op": "replace", "tag": "BitsStored", "pattern": "^16$", "with": "12"}]})
+    back = dcmread(io.BytesIO(_bytes(ds)))
+    assert (back.Rows, back.Columns) == (128, 128)
+    assert back.BitsStored == 12
+    private = back.private_block(0x0019, "ACME")[0x10]
+    assert private.VR == "FL" and list(private.value) == [1.5, 2.5]
+
+
 def test_a_failing_operation_names_the_transform_and_the_operation() -> None:
     ds = _file("CT_small.dcm")
     with pytest.raises(TransformFailed) as caught:
@@ -361,6 +376,14 @@ def test_ascii_only_text_needs_no_repair() -> None:
     ({"name": "m", "kind": "morph", "ops": [{"op": "delete", "tag": "PatientID",
                                             "when": [{"tag": "Modality"}]}]},
      {"ops[0].when[0].tag": "a condition needs exactly one of equals, matches, exists"}),
+
+    ({"name": "m", "kind": "morph", "ops": [{"op": "set", "tag": "Rows", "value": "big"}]},
+     {"ops[0].value": "expected a number for 'Rows' (VR US; several separated by \\), got "
+                      "'big'"}),
+    ({"name": "m", "kind": "morph", "ops": [{"op": "set", "tag": "ReferencedImageSequence",
+                                            "value": "x"}]},
+     {"ops[0].tag": "'ReferencedImageSequence' is a SQ element: set and copy write text or "
+                    "numbers only"}),
 ])
 def test_declarations_fail_with_the_field_and_the_reason(data: dict[str, Any],
                                                          errors: dict[str, str]) -> None:
