@@ -116,7 +116,7 @@ def _set(dataset: Dataset, path: TagPath, value: Any, vr: str | None) -> int:
     for parent in path.parents(dataset):
         tag = path.leaf.resolve(parent, create=True)
         assert tag is not None
-        if tag in parent:
+        if tag in parent and parent[tag].VR != "UN":  # UN (implicit VR, private): re-made
             element = parent[tag]
             if element.VR in _NO_TEXT:
                 raise TypeError(f"cannot set a {element.VR} element")

@@ -269,6 +269,18 @@ def test_morph_writes_numbers_into_binary_number_elements() -> None:
     assert private.VR == "FL" and list(private.value) == [1.5, 2.5]
 
 
+def test_morph_sets_a_private_element_read_as_un() -> None:
+    """An implicit VR file's unknown private element is UN (bytes): set re-makes it."""
+    ds = _file("rtplan.dcm")  # implicit VR little endian
+    ds.private_block(0x0029, "NOBODY KNOWS", create=True).add_new(0x10, "LO", "OLD")
+    ds = dcmread(io.BytesIO(_bytes(ds)))
+    assert ds.private_block(0x0029, "NOBODY KNOWS")[0x10].VR == "UN"
+    _run(ds, {"name": "p", "kind": "morph", "ops": [
+        {"op": "set", "tag": '(0029,"NOBODY KNOWS",10)', "vr": "LO", "value": "NEW"}]})
+    back = dcmread(io.BytesIO(_bytes(ds)))
+    assert back.private_block(0x0029, "NOBODY KNOWS")[0x10].value in (b"NEW ", "NEW")
+
+
 def test_a_failing_operation_names_the_transform_and_the_operation() -> None:
     ds = _file("CT_small.dcm")
     with pytest.raises(TransformFailed) as caught:
