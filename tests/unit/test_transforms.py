@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,26 @@ def test_morph_sets_institution_for_one_calling_ae_only() -> None:
     ds = _file("CT_small.dcm")
     _run(ds, spec, calling_aet="MR_SOUTH")
     assert ds.InstitutionName == "JFK IMAGING CENTER"
+
+
+def test_the_two_everyday_examples_of_docs_transforms_md_do_what_it_says() -> None:
+    """The TOML of docs/transforms.md's examples, as written there."""
+    text = (Path(__file__).parents[2] / "docs" / "transforms.md").read_text()
+    block = text.split("Two everyday examples:", 1)[1].split("```toml", 1)[1].split("```")[0]
+    declared = {t["name"]: t for t in tomllib.loads(block)["transforms"]}
+    fix, north = declared["fix-patient-id"], declared["north-institution"]
+    ds = _file("CT_small.dcm")
+    ds.PatientID, ds.IssuerOfPatientID = "OLD-123", "SITE-A"
+    _run(ds, fix)
+    assert ds.PatientID == "SITEA-123"
+    ds.PatientID, ds.IssuerOfPatientID = "OLD-123", "SITE-B"
+    _run(ds, fix)
+    assert ds.PatientID == "OLD-123"
+    _run(ds, north, calling_aet="CT_NORTH_2")
+    assert ds.InstitutionName == "North Clinic"
+    other = _file("CT_small.dcm")
+    _run(other, north, calling_aet="CT_SOUTH")
+    assert other.InstitutionName == "JFK IMAGING CENTER"
 
 
 def test_morph_reaches_into_sequences_by_keyword_and_by_tag() -> None:
