@@ -49,8 +49,7 @@ def apply_chain(dataset: Dataset, chain: Sequence[VersionedTransform], *, callin
     re-declare how the received bytes are read, which must happen before any transform reads
     a text element). ``seed_for(project)`` gives a de-identification project's secret seed."""
     result = ChainResult()
-    ordered = sorted(chain, key=lambda t: t.spec.kind != "charset")  # stable: order kept
-    for transform in ordered:
+    for transform in run_order(chain):
         spec = transform.spec
         try:
             note = _apply_one(dataset, spec, calling_aet, seed_for, result)
@@ -64,6 +63,11 @@ def apply_chain(dataset: Dataset, chain: Sequence[VersionedTransform], *, callin
                                "version": transform.version, "engine": engine_of(spec),
                                "changed": note})
     return result
+
+
+def run_order(chain: Sequence[VersionedTransform]) -> list[VersionedTransform]:
+    """Character-set repairs first, the others in their order (a stable sort)."""
+    return sorted(chain, key=lambda t: t.spec.kind != "charset")
 
 
 def engine_of(spec: TransformSpec) -> str:
