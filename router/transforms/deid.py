@@ -22,12 +22,16 @@ from pydicom.dataset import Dataset
 
 ENGINE = f"dicognito {dicognito.__version__}"
 OPTIONS = ("retain_dates", "retain_uids", "retain_device_identity",
-           "retain_patient_characteristics", "clean_descriptors", "retain_private")
+           "retain_patient_characteristics", "retain_institution_identity", "clean_descriptors",
+           "retain_private")
 _DATE_VRS = frozenset({"DA", "DT", "TM"})
 # PS3.15 Table E.1-1: what the options retain (and the basic profile otherwise removes).
 DEVICE_IDENTITY = frozenset({"StationName", "DeviceSerialNumber", "DeviceUID", "DetectorID",
                              "GantryID", "PlateID", "CassetteID", "GeneratorID",
                              "SourceSerialNumber", "DeviceLabel", "DeviceDescription"})
+INSTITUTION_IDENTITY = frozenset({"InstitutionName", "InstitutionAddress",
+                                  "InstitutionalDepartmentName", "InstitutionCodeSequence",
+                                  "InstitutionalDepartmentTypeCodeSequence"})
 PATIENT_CHARACTERISTICS = frozenset({"PatientAge", "PatientSex", "PatientSize",
                                      "PatientWeight", "EthnicGroup", "SmokingStatus",
                                      "PregnancyStatus", "Allergies", "SpecialNeeds",
@@ -81,6 +85,7 @@ _CODES = {"basic": ("113100", "Basic Application Confidentiality Profile"),
                                     "Modified Dates Option"),
           "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
           "retain_device_identity": ("113109", "Retain Device Identity Option"),
+          "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
           "retain_uids": ("113110", "Retain UIDs Option")}
 
 
@@ -105,6 +110,7 @@ class DeidOptions:
     retain_uids: bool = False
     retain_device_identity: bool = False
     retain_patient_characteristics: bool = False
+    retain_institution_identity: bool = False
     clean_descriptors: bool = False
     retain_private: bool = False
 
@@ -140,6 +146,8 @@ def _anonymizer(seed: str, options: DeidOptions) -> Anonymizer:
     keep: set[str] = set()
     if options.retain_device_identity:
         keep |= DEVICE_IDENTITY
+    if options.retain_institution_identity:
+        keep |= INSTITUTION_IDENTITY
     keep_vrs: set[str] = set()
     if options.retain_dates == "keep":
         keep_vrs |= _DATE_VRS

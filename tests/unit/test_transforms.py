@@ -159,17 +159,19 @@ def test_options_retain_what_they_name() -> None:
     ds = _file("CT_small.dcm")
     _run(ds, {**DEID, "retain_dates": "keep", "retain_uids": True,
               "retain_device_identity": True, "retain_patient_characteristics": True,
-              "clean_descriptors": True, "retain_private": True})
+              "retain_institution_identity": True, "clean_descriptors": True,
+              "retain_private": True})
     assert ds.StudyDate == original.StudyDate and ds.ContentTime == original.ContentTime
     assert ds.StudyInstanceUID == original.StudyInstanceUID
     assert ds.SOPInstanceUID == original.SOPInstanceUID
     assert ds.StationName == original.StationName
+    assert ds.InstitutionName == original.InstitutionName
     assert ds.PatientAge == original.PatientAge and ds.PatientSex == original.PatientSex
     assert ds.StudyDescription == original.StudyDescription  # nothing identifying in it
     assert [e for e in ds if e.tag.is_private]
     assert ds.PatientID != original.PatientID  # the basic profile still applies
     codes = {item.CodeValue for item in ds.DeidentificationMethodCodeSequence}
-    assert codes == {"113100", "113106", "113110", "113109", "113108", "113105"}
+    assert codes == {"113100", "113106", "113110", "113109", "113108", "113112", "113105"}
 
 
 def test_clean_descriptors_takes_the_patients_name_out_of_free_text() -> None:
