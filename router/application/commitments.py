@@ -33,6 +33,7 @@ PROCESSING_FAILURE = 0x0110
 NO_SUCH_OBJECT = 0x0112
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Referenced SOP Class not supported
 CLASS_INSTANCE_CONFLICT = 0x0119
+DUPLICATE_TRANSACTION = 0x0131  # Duplicate transaction UID
 # N-ACTION statuses (PS3.7 Annex C)
 NO_SUCH_ACTION = 0x0123
 INVALID_ARGUMENT = 0x0115  # of the Action Information
@@ -47,6 +48,16 @@ class CommitmentRefused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class DuplicateTransaction(CommitmentRefused):
+    """A request whose Transaction UID this AE used before: answered by a report failing each
+    of its instances with 0x0131 (PS3.4 J.3.3.1.1), not by a refused N-ACTION."""
+
+    def __init__(self, request: CommitmentRequest) -> None:
+        super().__init__(DUPLICATE_TRANSACTION, "Transaction UID (0008,1195) is already in use"
+                         " by an earlier request of this AE")
+        self.request = request
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,11 @@ class Verdict:
     @property
     def event_type(self) -> int:
         return EVENT_SOME_FAILED if self.failed else EVENT_ALL_COMMITTED
+
+    @classmethod
+    def duplicate(cls, request: CommitmentRequest) -> Verdict:
+        """Every instance of a request with a reused Transaction UID failed (0x0131)."""
+        return cls([], [[c, i, DUPLICATE_TRANSACTION] for c, i in request.references], True)
 
 
 class CommitmentChecker:
@@ -173,10 +189,9 @@ class Commitments:
 
     def record_request(self, actor: Actor, calling_aet: str, called_aet: str,
                        request: CommitmentRequest) -> Commitment:
-        """Record a request; CommitmentRefused when its Transaction UID was used before."""
+        """Record a request; DuplicateTransaction when its Transaction UID was used before."""
         if self.load(commitment_id(calling_aet, request.transaction_uid)) is not None:
-            raise CommitmentRefused(PROCESSING_FAILURE, "Transaction UID (0008,1195) was used"
-                                    " by an earlier request of this AE")
+            raise DuplicateTransaction(request)
         commitment = Commitment(
             request.transaction_uid, calling_aet, **actor.ctx(), called_aet=called_aet,
             references=request.references, destination=self.destination,

@@ -238,12 +238,19 @@ def test_refusals_name_the_problem_and_are_audited(
         warnings.simplefilter("ignore", UserWarning)
         status = modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID)], "1.2.x")
     assert status.Status == 0x0115 and "Transaction UID" in str(status.ErrorComment)
-    # A reused Transaction UID.
+    # A reused Transaction UID: accepted, and every instance reported failed with the
+    # Failure Reason 0x0131 (Duplicate transaction UID, PS3.4 J.3.3.1.1) on the association.
     tx = generate_uid()
     assert modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID)],
                                      tx).Status == 0x0000
-    assert modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID)],
-                                     tx).Status == 0x0110
+    assert modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID),
+                                          (CTImageStorage, "1.2.3.9")],
+                                     tx, wait_report=15).Status == 0x0000
+    event_type, info = modality.same.items[-1]
+    assert event_type == 2 and info.TransactionUID == tx
+    assert "ReferencedSOPSequence" not in info
+    assert referenced(info, "FailedSOPSequence") == {a.SOPInstanceUID: (CTImageStorage, 0x0131),
+                                                     "1.2.3.9": (CTImageStorage, 0x0131)}
     # An AE that is no remote node: no report could reach it.
     ae = AE(ae_title="STRANGER")
     ae.add_requested_context(StorageCommitmentPushModel)
@@ -257,6 +264,7 @@ def test_refusals_name_the_problem_and_are_audited(
     assert [r["outcome"] for r in denied] == ["denied"] * 4
     assert denied[-1]["actor"] == "STRANGER" and "not a known remote node" in denied[-1]["detail"]
     assert "0x0123" in denied[0]["detail"]
+    assert "0x0131" in denied[2]["detail"] and "Transaction UID" in denied[2]["detail"]
     report_scp[1].wait(1, 20)  # the one accepted request was answered
     assert len(audit_rows(router, 2)) == 2  # only that request and its report were recorded
 
