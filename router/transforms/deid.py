@@ -235,3 +235,6 @@ def _method(dataset: Dataset, options: DeidOptions) -> None:
         item.CodeMeaning = meaning
         items.append(item)
     dataset.DeidentificationMethodCodeSequence = items
+    # PS3.15 E.3.6: whether dates were shifted (Modified Dates) or kept (Full Dates).
+    dataset.LongitudinalTemporalInformationModified = (
+        "UNMODIFIED" if options.retain_dates == "keep" else "MODIFIED")

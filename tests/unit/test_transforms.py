@@ -74,6 +74,7 @@ def test_basic_profile_removes_what_it_requires(name: str) -> None:
     # The method is declared (CID 7050): the basic profile and modified dates.
     codes = [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]
     assert codes == ["113100", "113107"]
+    assert ds.LongitudinalTemporalInformationModified == "MODIFIED"  # PS3.15 E.3.6
     # The original name and ID are nowhere in the bytes that would leave.
     sent = _bytes(ds)
     family = str(original.PatientName).split("^")[0].encode()
@@ -172,6 +173,7 @@ def test_options_retain_what_they_name() -> None:
     assert ds.PatientID != original.PatientID  # the basic profile still applies
     codes = {item.CodeValue for item in ds.DeidentificationMethodCodeSequence}
     assert codes == {"113100", "113106", "113110", "113109", "113108", "113112", "113105"}
+    assert ds.LongitudinalTemporalInformationModified == "UNMODIFIED"
 
 
 def test_clean_descriptors_takes_the_patients_name_out_of_free_text() -> None:
