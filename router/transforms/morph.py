@@ -106,6 +106,8 @@ def _typed(value: Any, vr: str) -> Any:
     convert = _NUMBERS.get(vr)
     if convert is None:
         return value
+    if value == "":
+        return None  # emptied
     parts = value if isinstance(value, list) else str(value).split("\\")
     numbers = [convert(str(part).strip()) for part in parts]
     return numbers[0] if len(numbers) == 1 else numbers
@@ -209,6 +211,8 @@ def _operation(item: object) -> Operation:
             raise MorphError({"value": f"required: a string, got {value!r}"})
         try:
             _typed(value, str(target_vr))
+            for part in value.split("\\") if value and target_vr in ("IS", "DS") else ():
+                (int if target_vr == "IS" else float)(part)  # numbers as text
         except ValueError:
             raise MorphError({"value": f"expected a number for {path.text!r} (VR {target_vr};"
                                        f" several separated by \\), got {value!r}"}) from None

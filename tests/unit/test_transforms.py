@@ -286,10 +286,13 @@ def test_morph_writes_numbers_into_binary_number_elements() -> None:
         {"op": "set", "tag": "Rows", "value": "128"},
         {"op": "set", "tag": "(0019,\"ACME\",10)", "vr": "FL", "value": "1.5\\2.5"},
         {"op": "copy", "tag": "Columns", "from": "Rows"},
-        {"op": "replace", "tag": "BitsStored", "pattern": "^16$", "with": "12"}]})
+        {"op": "replace", "tag": "BitsStored", "pattern": "^16$", "with": "12"},
+        {"op": "set", "tag": "SeriesNumber", "value": ""},
+        {"op": "set", "tag": "PixelPaddingValue", "value": ""}]})
     back = dcmread(io.BytesIO(_bytes(ds)))
     assert (back.Rows, back.Columns) == (128, 128)
     assert back.BitsStored == 12
+    assert back.SeriesNumber is None and back.PixelPaddingValue is None  # emptied
     private = back.private_block(0x0019, "ACME")[0x10]
     assert private.VR == "FL" and list(private.value) == [1.5, 2.5]
 
@@ -417,6 +420,10 @@ def test_ascii_only_text_needs_no_repair() -> None:
     ({"name": "m", "kind": "morph", "ops": [{"op": "set", "tag": "Rows", "value": "big"}]},
      {"ops[0].value": "expected a number for 'Rows' (VR US; several separated by \\), got "
                       "'big'"}),
+    ({"name": "m", "kind": "morph", "ops": [{"op": "set", "tag": "SeriesNumber",
+                                            "value": "two"}]},
+     {"ops[0].value": "expected a number for 'SeriesNumber' (VR IS; several separated by \\), "
+                      "got 'two'"}),
     ({"name": "m", "kind": "morph", "ops": [{"op": "set", "tag": "ReferencedImageSequence",
                                             "value": "x"}]},
      {"ops[0].tag": "'ReferencedImageSequence' is a SQ element: set and copy write text or "
