@@ -94,9 +94,8 @@ def repair_charset(dataset: Dataset) -> str:
     bytes call for it; returns a short note of what was done ("" when nothing).
 
     Text elements still undecoded keep their bytes and are decoded with the new declaration
-    when read; sequence items already read inherit it. Put this transform first in a chain: an
-    element another transform read before is kept as that transform left it.
-    """
+    when read; sequence items already read inherit it. An element read before is kept as it was
+    decoded: apply_chain (router/transforms/chain.py) runs charset repairs first."""
     wanted = repaired_charset(dataset)
     if wanted is None:
         return ""

@@ -37,6 +37,7 @@ class TransformBody(BaseModel):
     retain_uids: bool | None = None
     retain_device_identity: bool | None = None
     retain_patient_characteristics: bool | None = None
+    retain_institution_identity: bool | None = None
     clean_descriptors: bool | None = None
     retain_private: bool | None = None
     ops: list[dict[str, Any]] | None = Field(
