@@ -154,7 +154,7 @@ def test_hostile_strings_are_escaped_and_control_characters_replaced(
 def test_every_action_the_audit_trail_names_is_mapped_or_known_to_have_no_event() -> None:
     """An action added to the audit trail's catalogue must be decided on here: sent (and
     which event) or not sent."""
-    from web.queries.audit_actions import GROUPS, LABELS
+    from web.pages.audit_actions import GROUPS, LABELS
 
     named = set(LABELS) | {value for _, choices in GROUPS for value, _ in choices
                            if "," not in value and "*" not in value}
