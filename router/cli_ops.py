@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # the parser imports no write side (see OPERATIONS)
 
 UID = re.compile(r"^[0-9.]{1,64}$")
 # router.application.bulk.OPERATIONS, spelt out so that the parser imports no write side
-# (tests/unit/test_bulk_filter.py checks they agree).
+# (tests/integration/test_bulk_actions.py::test_cli_statuses_are_the_application_s checks
+# they agree).
 OPERATIONS = {"requeue": ("retrying", "dead", "cancelled"),
               "cancel": ("pending", "retrying", "dead")}
 
