@@ -5,6 +5,7 @@ privilege. Against a real router and its web server.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -40,6 +41,11 @@ def unlocked_rows(router: Any) -> list[dict[str, Any]]:
         "SELECT actor, detail FROM audit WHERE action = 'User.Unlocked' ORDER BY position")
 
 
+def reason(row: dict[str, Any]) -> str:
+    """The reason an unlock row of the audit view carries (its detail is the event's JSON)."""
+    return str(json.loads(row["detail"] or "{}").get("reason", ""))
+
+
 def test_the_least_privileged_role_has_the_fewest_permissions() -> None:
     def size(role: str) -> float:  # "*": every permission
         return float("inf") if "*" in ROLE_PERMISSIONS[role] else len(ROLE_PERMISSIONS[role])
@@ -66,14 +72,18 @@ def test_a_locked_out_user_is_shown_and_unlocked_in_the_ui_and_api(web_router: A
     assert re.search(r"locked until \d\d:\d\d UTC", page.text)
     assert 'action="/users/bob/unlock"' in page.text
     assert "locked until" in browser.get(browser.url("/users/bob")).text
-    done = browser.post(browser.url("/users/bob/unlock"), allow_redirects=False)
+    assert 'name="reason"' in page.text  # the unlock form asks why
+    done = browser.post(browser.url("/users/bob/unlock"), allow_redirects=False,
+                        data={"reason": "called the service desk"})
     assert done.status_code == 303 and done.headers["Location"] == "/users/bob?done=unlocked"
     assert "locked until" not in browser.get(browser.url("/users")).text
     assert token(server, "bob", PASSWORD) == 200
-    assert [r["actor"] for r in unlocked_rows(server.router)] == ["admin"]
+    assert [(r["actor"], reason(r)) for r in unlocked_rows(server.router)] == [
+        ("admin", "called the service desk")]
 
     lock_out(server, "bob")
-    answer = requests.post(server.url + "/api/v1/users/bob/unlock", headers=admin, timeout=30)
+    answer = requests.post(server.url + "/api/v1/users/bob/unlock", headers=admin, timeout=30,
+                           json={"reason": "ticket 42"})
     assert answer.status_code == 200 and answer.json()["locked_until"] is None
     assert token(server, "bob", PASSWORD) == 200
     assert requests.post(server.url + "/api/v1/users/ghost/unlock", headers=admin,
@@ -81,7 +91,14 @@ def test_a_locked_out_user_is_shown_and_unlocked_in_the_ui_and_api(web_router: A
     bob = bearer(server.url, "bob", PASSWORD)
     assert requests.post(server.url + "/api/v1/users/bob/unlock", headers=bob,
                          timeout=30).status_code == 403
-    assert len(unlocked_rows(server.router)) == 2
+    bad = requests.post(server.url + "/api/v1/users/bob/unlock", headers=admin, timeout=30,
+                        json={"reason": "x" * 501})
+    assert bad.status_code == 422 and "reason" in bad.json()["error"]["fields"]
+    lock_out(server, "bob")
+    bare = requests.post(server.url + "/api/v1/users/bob/unlock", headers=admin, timeout=30)
+    assert bare.status_code == 200  # a reason is optional
+    assert [reason(r) for r in unlocked_rows(server.router)] == [
+        "called the service desk", "ticket 42", ""]
 
 
 def test_the_cli_unlocks_a_user_of_a_running_router(web_router: Any, tmp_path: Path) -> None:
@@ -99,12 +116,13 @@ def test_the_cli_unlocks_a_user_of_a_running_router(web_router: Any, tmp_path: P
 
     unknown = cli("user", "unlock", "nobody")
     assert unknown.returncode == 2 and "user 'nobody' does not exist" in unknown.stderr
-    done = cli("user", "unlock", "carol")
+    done = cli("user", "unlock", "carol", "--reason", "new phone")
     assert done.returncode == 0 and "unlocked 'carol'" in done.stdout, done.stderr
     # The web server's process holds the failures; it applies the event at the next login.
     assert token(server, "carol", PASSWORD) == 200
     rows = unlocked_rows(server.router)
     assert len(rows) == 1 and rows[0]["actor"].startswith("cli:")
+    assert reason(rows[0]) == "new phone"
 
 
 def test_new_users_and_remote_nodes_start_with_least_privilege(web_router: Any) -> None:

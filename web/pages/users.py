@@ -166,7 +166,8 @@ async def change_user(request: web.Request, name: str, action: str, form: Form) 
         await apply_change(request, name, form["role"], None)
         return "role"
     if action == "unlock":
-        await run_command(request.app[ROUTER_KEY].users.unlock, name, actor_of(request))
+        await run_command(request.app[ROUTER_KEY].users.unlock, name, actor_of(request),
+                          form.get("reason", ""))
         return "unlocked"
     if action == "disabled":
         disabled = form.get("disabled") == "1"
