@@ -8,6 +8,7 @@ import jinja2
 import pytest
 
 from web.dicom_text import FILTERS, date, datetime, person_name, time
+from web.queries.filters import search_name
 
 
 @pytest.mark.parametrize(("value", "shown"), [
@@ -72,3 +73,11 @@ def test_filters_escape_what_they_cannot_format() -> None:
     page = env.from_string("{{ n | pn }}|{{ d | da }}|{{ t | tm }}|{{ x | dt }}")
     out = page.render(n="<script>^alert(1)", d="<b>2024</b>", t="1<2", x="../../etc")
     assert out == ("&lt;script&gt;, alert(1)|&lt;b&gt;2024&lt;/b&gt;|1&lt;2|../../etc")
+
+
+@pytest.mark.parametrize(("typed", "searched"), [
+    ("Doe, John", "Doe^John"), ("DOE ,J*", "DOE^J*"), ("doe", "doe"), ("DOE^J*", "DOE^J*"),
+    ("O'Brien,  Mary Ann", "O'Brien^Mary Ann"), (",john", "^john"), ("Doe,", "Doe^"),
+])
+def test_a_name_typed_as_shown_is_searched_as_dicom_writes_it(typed: str, searched: str) -> None:
+    assert search_name(typed) == searched

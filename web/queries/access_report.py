@@ -19,6 +19,7 @@ from typing import Any
 
 from projections.audit_queries import csv_cell, iso
 from router.domain.users import user_id
+from web.queries.filters import search_name
 
 Row = dict[str, Any]
 
@@ -226,13 +227,14 @@ def matching_patients(studies_db: Any, term: str) -> list[Row]:
     """Patients whose ID starts with ``term`` or whose name contains it (case-insensitive),
     with their number of studies and latest study date; at most MAX_PATIENTS."""
     like = _like_escape(term.lower())
+    name = _like_escape(search_name(term).lower())  # "DOE, JOHN" as the pages show it
     return list(studies_db.query(
         "SELECT patient_id, max(patient_name) AS patient_name, count(*) AS studies,"
         " max(study_date) AS last_study_date FROM studies"
         " WHERE patient_id IS NOT NULL AND (patient_id = ? OR lower(patient_id) LIKE ? ESCAPE '!'"
         " OR lower(patient_name) LIKE ? ESCAPE '!')"
         " GROUP BY patient_id ORDER BY patient_id LIMIT ?",
-        [term, like + "%", "%" + like + "%", MAX_PATIENTS]))
+        [term, like + "%", "%" + name + "%", MAX_PATIENTS]))
 
 
 def _like_escape(text: str) -> str:

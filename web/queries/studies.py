@@ -19,6 +19,7 @@ from web.queries.filters import (
     check_known,
     dicom_date,
     like_pattern,
+    search_name,
     text,
     uid,
 )
@@ -101,7 +102,7 @@ def parse_filters(query: Mapping[str, str], strict: bool = True) -> StudyFilters
         check_known(query, FILTER_FIELDS + PAGING_FIELDS)
     modality = text(query, "modality", 16)
     filters = StudyFilters(
-        patient_name=text(query, "patient_name"),
+        patient_name=search_name(name) if (name := text(query, "patient_name")) else None,
         patient_id=text(query, "patient_id", 64),
         study_date_from=dicom_date(query, "study_date_from"),
         study_date_to=dicom_date(query, "study_date_to"),
