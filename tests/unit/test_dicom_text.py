@@ -81,3 +81,24 @@ def test_filters_escape_what_they_cannot_format() -> None:
 ])
 def test_a_name_typed_as_shown_is_searched_as_dicom_writes_it(typed: str, searched: str) -> None:
     assert search_name(typed) == searched
+
+
+def test_remote_pacs_results_write_dates_for_people() -> None:
+    """The Remote PACS search's series and study rows (C-FIND answers) show their dates as
+    the Studies pages do."""
+    from pathlib import Path
+
+    import web
+
+    folder = Path(web.__file__).parent / "templates"
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(folder), autoescape=True)
+    env.filters.update(FILTERS)
+    row = {"SeriesNumber": "1", "Modality": "CT", "SeriesDate": "20240115",
+           "StudyDate": "20240116", "PatientBirthDate": "19700304",
+           "PatientName": "DOE^JOHN", "StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.4"}
+    for level in ("SERIES", "STUDY"):
+        out = env.get_template("_remote_results.html").render(
+            level=level, results=[row], query={"study_instance_uid": "1.2.3"},
+            user=type("U", (), {"can": staticmethod(lambda _: False)})())
+        assert "2024011" not in out and "1970" not in out.replace("1970-03-04", ""), out
+        assert ("2024-01-15" if level == "SERIES" else "2024-01-16") in out
