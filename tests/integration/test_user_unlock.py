@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from router.domain.users import LEAST_PRIVILEGED_ROLE, ROLES
+from router.domain.users import LEAST_PRIVILEGED_ROLE, ROLES, user_id
 from tests.conftest import ADMIN_PASSWORD
 from tests.web_harness import Browser, bearer
 from web.security import ROLE_PERMISSIONS
@@ -71,7 +71,10 @@ def test_a_locked_out_user_is_shown_and_unlocked_in_the_ui_and_api(web_router: A
     page = browser.get(browser.url("/users"))
     assert re.search(r"locked until \d\d:\d\d UTC", page.text)
     assert 'action="/users/bob/unlock"' in page.text
-    assert "locked until" in browser.get(browser.url("/users/bob")).text
+    bob_page = browser.get(browser.url("/users/bob")).text
+    assert "locked until" in bob_page
+    # The account's versions (role, state, tokens) side by side, from its page
+    assert f'href="/audit/versions?object={user_id("bob")}"' in bob_page
     assert 'name="reason"' in page.text  # the unlock form asks why
     done = browser.post(browser.url("/users/bob/unlock"), allow_redirects=False,
                         data={"reason": "called the service desk"})
