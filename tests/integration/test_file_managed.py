@@ -14,6 +14,7 @@ from typing import Any
 import requests
 
 from router.application.commands import Actor
+from router.domain.admin import destination_id, rule_id
 from tests.conftest import ADMIN_PASSWORD, make_settings
 from tests.web_harness import Browser, bearer
 
@@ -69,6 +70,7 @@ def test_file_items_are_refused_until_detached_and_stay_detached_after_a_restart
     browser = Browser(server.url)
     browser.login("admin", ADMIN_PASSWORD)
     editor = browser.get(browser.url("/rules/ct/edit")).text
+    assert f'href="/audit/versions?object={rule_id("ct")}"' in editor  # its history
     assert "Managed by the configuration file." in editor and "/rules/ct/detach" in editor
     saved = browser.post(browser.url("/rules/ct/edit"), data={
         "action": "save", "priority": "10", "modalities": "CT, PT", "destinations": "archive"})
@@ -101,8 +103,9 @@ def test_file_items_are_refused_until_detached_and_stay_detached_after_a_restart
         badges = dict(re.findall(r'<strong>([a-z]+)</strong></a>.*?data-file="([a-z]+)"',
                                  text, re.S))
         assert badges == {detached_name: "detached", managed_name: "managed"}, badges
-    assert "Managed by the configuration file." in browser.get(
-        browser.url("/destinations/archive/edit")).text
+    archive = browser.get(browser.url("/destinations/archive/edit")).text
+    assert "Managed by the configuration file." in archive
+    assert f'href="/audit/versions?object={destination_id("archive")}"' in archive
 
     # Restart with a file that changes every item: the detached ones keep their edits, the
     # others follow the file as before.

@@ -14,6 +14,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from router.application.dry_run import recent_jobs
+from router.domain.admin import rule_id
 from router.domain.rule_conditions import OPERATORS
 from web.api import rules as api
 from web.api.common import ApiError, run_command
@@ -143,6 +144,7 @@ async def _editor(request: web.Request, rule: dict[str, Any], existing: str | No
                   existing=existing, from_config=from_config, managed=managed,
                   detached=detached, result=result,
                   detach_action=href(existing) + "/detach" if existing else "",
+                  versions_url=f"/audit/versions?object={rule_id(existing)}" if existing else "",
                   action=href(existing) + "/edit" if existing else "/rules",
                   delete_action=href(existing) + "/delete" if existing else "",
                   **await _choices(request))
