@@ -171,8 +171,8 @@ ROUTES = [
           " the delivery status after 2 s)", tags=TAGS),
     Route("POST", DELIVERY + "/requeue", requeue, "jobs.write",
           "Attempt this delivery again now (optional reason, recorded)", body=RequeueRequest,
-          tags=TAGS),
+          body_optional=True, tags=TAGS),
     Route("POST", DELIVERY + "/cancel", cancel, "jobs.write",
-          "Stop this delivery (no more attempts unless requeued)", body=CancelRequest,
-          tags=TAGS),
+          "Stop this delivery (no more attempts unless requeued; optional reason)",
+          body=CancelRequest, body_optional=True, tags=TAGS),
 ]

@@ -251,7 +251,8 @@ ROUTES = [
           body=UserChange, tags=TAGS),
     Route("POST", USER + "/unlock", unlock_user, MANAGE,
           "Lift a user's login lockout after repeated failed logins (recorded as"
-          " User.Unlocked, with the optional reason)", body=Unlock, tags=TAGS),
+          " User.Unlocked, with the optional reason)", body=Unlock, body_optional=True,
+          tags=TAGS),
     Route("POST", USER + "/password", reset_password, MANAGE,
           "Set a user's password (ends the user's sessions)", body=PasswordReset, tags=TAGS),
     Route("GET", USER + "/tokens", user_tokens, MANAGE, "A user's API tokens (never values)",
