@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from projections.audit_queries import csv_cell, iso
-from projections.sql import like_literal
+from projections.sql import like_literal, search_name
 from router.domain.users import user_id
 
 Row = dict[str, Any]
@@ -227,13 +227,14 @@ def matching_patients(studies_db: Any, term: str) -> list[Row]:
     """Patients whose ID starts with ``term`` or whose name contains it (case-insensitive),
     with their number of studies and latest study date; at most MAX_PATIENTS."""
     like = like_literal(term.lower())
+    name = like_literal(search_name(term).lower())  # "DOE, JOHN" as the pages show it
     return list(studies_db.query(
         "SELECT patient_id, max(patient_name) AS patient_name, count(*) AS studies,"
         " max(study_date) AS last_study_date FROM studies"
         " WHERE patient_id IS NOT NULL AND (patient_id = ? OR lower(patient_id) LIKE ? ESCAPE '!'"
         " OR lower(patient_name) LIKE ? ESCAPE '!')"
         " GROUP BY patient_id ORDER BY patient_id LIMIT ?",
-        [term, like + "%", "%" + like + "%", MAX_PATIENTS]))
+        [term, like + "%", "%" + name + "%", MAX_PATIENTS]))
 
 
 def patient_name(studies_db: Any, patient_id: str) -> str:

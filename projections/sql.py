@@ -10,6 +10,16 @@ from typing import Any
 from projections.db import Row, ViewDatabase
 
 
+def search_name(term: str) -> str:
+    """A person name typed as the pages show it ("DOE, JOHN") as DICOM writes it
+    ("DOE^JOHN"), for searching: the first comma is the family name's ``^``. A term with a
+    ``^`` already, or without a comma, is kept as typed."""
+    if "^" in term or "," not in term:
+        return term
+    family, given = term.split(",", 1)
+    return f"{family.strip()}^{given.strip()}"
+
+
 def like_pattern(value: str, anchor: str = "exact") -> str:
     """A LIKE pattern (escape ``\\``) from a DICOM-style wildcard value: ``*`` any run of
     characters, ``?`` one character. Without wildcards ``anchor`` decides: ``exact``,

@@ -12,6 +12,7 @@ from typing import Any
 
 from projections import jobs_queries, studies_queries, transfers_queries
 from projections.jobs_queries import JOB_STATUSES, JobFilters
+from projections.sql import search_name
 from projections.studies_queries import StudyFilters
 from projections.transfers_queries import TransferFilters
 from router.application.bulk import BulkFilterError, parse_instant
@@ -142,7 +143,7 @@ def study_filters(query: Mapping[str, str], strict: bool = True) -> StudyFilters
         check_known(query, studies_queries.FILTER_FIELDS + PAGING_FIELDS)
     modality = text(query, "modality", 16)
     filters = StudyFilters(
-        patient_name=text(query, "patient_name"),
+        patient_name=search_name(name) if (name := text(query, "patient_name")) else None,
         patient_id=text(query, "patient_id", 64),
         study_date_from=dicom_date(query, "study_date_from"),
         study_date_to=dicom_date(query, "study_date_to"),

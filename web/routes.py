@@ -32,6 +32,7 @@ class Route:
     permission: str
     summary: str = ""
     body: Any = None  # a pydantic model for JSON request bodies (OpenAPI + validation)
+    body_optional: bool = False  # the handler also takes no body at all (its defaults)
     query: tuple[str, ...] = ()  # documented query parameters
     tags: tuple[str, ...] = field(default=())
 

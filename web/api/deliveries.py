@@ -109,11 +109,11 @@ async def cancel(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("POST", "/api/v1/deliveries/requeue", requeue, "jobs.write",
-          "Requeue every delivery matching the filter (retrying, dead or cancelled ones);"
+          "Requeue every delivery matching the filter (retrying, failed or cancelled ones);"
           " answers how many matched and were requeued. An empty filter needs \"all\": true",
           body=BulkRequest, tags=TAGS),
     Route("POST", "/api/v1/deliveries/cancel", cancel, "jobs.write",
-          "Cancel every delivery matching the filter (pending, retrying or dead ones);"
+          "Cancel every delivery matching the filter (queued, retrying or failed ones);"
           " answers how many matched and were cancelled. An empty filter needs \"all\": true",
           body=BulkRequest, tags=TAGS),
 ]

@@ -39,6 +39,10 @@ class CancelRequest(BaseModel):
     reason: str = Field(default="", max_length=500)
 
 
+class RequeueRequest(CancelRequest):
+    """Why the delivery is requeued (optional; recorded with Delivery.Requeued)."""
+
+
 def filters_or_400(query: Any, strict: bool = True) -> JobFilters:
     try:
         return job_filters(query, strict)
@@ -125,7 +129,7 @@ async def change_delivery(request: web.Request, job_id: str, destination: str, a
         raise ApiError(404, f"this job has no delivery to {destination!r}")
     actor = actor_of(request)
     if action == "requeue":
-        await run_command(router.commands.requeue, job["job_id"], destination, actor)
+        await run_command(router.commands.requeue, job["job_id"], destination, actor, reason)
     else:
         await run_command(router.commands.cancel, job["job_id"], destination, actor, reason)
     await fresh(request, "jobs", timeout=CHANGE_WAIT_S)
@@ -134,8 +138,11 @@ async def change_delivery(request: web.Request, job_id: str, destination: str, a
 
 
 async def requeue(request: web.Request) -> web.Response:
+    body = RequeueRequest()
+    if request.can_read_body:
+        body = await read_json(request, RequeueRequest)
     delivery = await change_delivery(request, request.match_info["job_id"],
-                                     request.match_info["destination"], "requeue")
+                                     request.match_info["destination"], "requeue", body.reason)
     return json_response({"requeued": True, "delivery": with_iso_times(delivery)})
 
 
@@ -162,8 +169,9 @@ ROUTES = [
           " (timeline_complete is false when the audit trail had not yet caught up with"
           " the delivery status after 2 s)", tags=TAGS),
     Route("POST", DELIVERY + "/requeue", requeue, "jobs.write",
-          "Attempt this delivery again now", tags=TAGS),
+          "Attempt this delivery again now (optional reason, recorded)", body=RequeueRequest,
+          body_optional=True, tags=TAGS),
     Route("POST", DELIVERY + "/cancel", cancel, "jobs.write",
-          "Stop this delivery (no more attempts unless requeued)", body=CancelRequest,
-          tags=TAGS),
+          "Stop this delivery (no more attempts unless requeued; optional reason)",
+          body=CancelRequest, body_optional=True, tags=TAGS),
 ]

@@ -73,8 +73,8 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
         for sub_name, sub in schema.pop("$defs", {}).items():
             schemas[sub_name] = sub
         schemas[name] = schema
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{name}"}}}}
+        op["requestBody"] = {"required": not route.body_optional, "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
     return op
 
 
