@@ -131,6 +131,10 @@ class Router:
                 nodes.ensure_table()
         admin = AdminState(stores.admin)
         runner = ProjectionRunner(list(views.values()), stores.all(),
+                                  # Each PostgreSQL batch costs round trips per followed
+                                  # log: longer pauses make fewer, larger batches (queries
+                                  # that wait for a view end the pause: hurry()).
+                                  coalesce=0.2 if settings.is_postgres else 0.05,
                                   leads=lambda view: duties.holds(f"view:{view}"),
                                   manage_schema=settings.manage_schema)
         fresh = FreshReads(LogHeads(stores.all(), settings.database_url),
