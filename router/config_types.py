@@ -249,6 +249,21 @@ Description = Annotated[str, at.MaxLen(MAX_DESCRIPTION)]
 # Names of transforms (router.transforms) applied to what a destination receives, in order.
 TransformNames = Annotated[tuple[Annotated[str, at.MinLen(1), at.MaxLen(64)], ...], Doc(
     "transform names, applied in order to each copy sent (see Transforms)")]
+# A destination's name: what rules, the API's URLs and the events call it.
+DESTINATION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _destination_name(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("required: 1-64 characters of A-Z a-z 0-9 _ . -")
+    if not DESTINATION_NAME.match(value):
+        raise ValueError("invalid: use 1-64 characters of A-Z a-z 0-9 _ . - (no spaces)")
+    return value
+
+
+DestinationName = Annotated[str, Before(_destination_name), JsonSchema({
+    "type": "string", "pattern": DESTINATION_NAME.pattern}), Doc(
+    "unique, 1-64 characters of A-Z a-z 0-9 _ . -; what rules call it")]
 # Unknown keys are errors (a config class's ``__pydantic_config__``).
 SECTION: dict[str, Any] = {"extra": "forbid"}
 # Destinations and remote nodes come from TOML and JSON, which have real types: "104" is not
