@@ -350,8 +350,19 @@ def problems_of(exc: ValidationError, root: Any, prefix: str = "") -> list[Probl
             message = _range(_bounds(root, loc) or ctx, error.get("input"))
         else:
             message = _message(kind, error["msg"], ctx, error.get("input"))
+            if kind == "literal_error":
+                message += _closest_choice(root, loc, error.get("input"))
         problems.append(Problem(join_path(prefix, *loc), message))
     return problems
+
+
+def _closest_choice(root: Any, loc: Sequence[str | int], given: object) -> str:
+    """`` (did you mean 'dicom'?)`` for a mistyped choice of a Literal field, else ""."""
+    hint = unwrapped(_walk(root, loc)[0])
+    if typing.get_origin(hint) is not typing.Literal or not isinstance(given, str):
+        return ""
+    close = difflib.get_close_matches(given, [str(a) for a in typing.get_args(hint)], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _shown(value: object) -> str:
@@ -378,6 +389,15 @@ def _message(kind: str, msg: str, ctx: Mapping[str, Any], given: object) -> str:
         return f"expected a table, got {type(given).__name__}"
     if kind == "string_too_long":
         return f"must be at most {ctx['max_length']} characters"
+    if kind == "string_too_short":
+        least = ctx["min_length"]
+        return "must not be empty" if least == 1 else f"must be at least {least} characters"
+    if kind == "too_short":
+        return f"must have at least {ctx['min_length']} item(s)"
+    if kind == "too_long":
+        return f"must have at most {ctx['max_length']} item(s)"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx['pattern']}"
     return msg.replace("Input should be", "must be")
 
 
