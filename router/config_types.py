@@ -192,8 +192,15 @@ def docs_of(model: Any) -> dict[str, str]:
             for item in info.metadata if isinstance(item, Doc)}
 
 
+def secrets_of(model: Any) -> frozenset[str]:
+    """The fields of a config class marked :class:`WriteOnly` (secrets)."""
+    return frozenset(name for name in _fields(model)
+                     if any(isinstance(item, WriteOnly)
+                            for item in metadata_of(field_type(model, name))))
+
+
 class WriteOnly:
-    """A secret: marked writeOnly in the OpenAPI document."""
+    """A secret: marked writeOnly in the OpenAPI document, shown only as set / not set."""
 
     def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
         schema = dict(handler(core_schema))
@@ -436,10 +443,14 @@ def _walk(root: Any, loc: Sequence[str | int]) -> tuple[Any, _Field | None]:
 
 
 def _bounds(root: Any, loc: Sequence[str | int]) -> dict[str, Any]:
-    """The ge/gt/le/lt constraints of the field at ``loc`` (empty when unknown)."""
-    info = _walk(root, loc)[1]
+    """The ge/gt/le/lt constraints of the field at ``loc``, or of the annotated type there
+    (a list's item, a value validated on its own); empty when unknown."""
+    hint, info = _walk(root, loc)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        others = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = others[0] if len(others) == 1 else None  # X | None: X's own bounds
     bounds: dict[str, Any] = {}
-    for item in info.metadata if info is not None else ():
+    for item in (info.metadata if info is not None else ()) + metadata_of(hint):
         for key in ("ge", "gt", "le", "lt"):
             if getattr(item, key, None) is not None:
                 bounds[key] = getattr(item, key)
@@ -455,6 +466,22 @@ def _range(bounds: Mapping[str, Any], given: object) -> str:
     if "ge" in bounds and "le" in bounds:
         return f"must be between {bounds['ge']} and {bounds['le']}, got {_shown(given)}"
     return f"must be {' and '.join(t for t in (low, high) if t)}, got {_shown(given)}"
+
+
+def metadata_of(hint: Any) -> tuple[Any, ...]:
+    """The metadata of ``Annotated[X, ...]`` (nested ones flattened); () for other types."""
+    metadata: tuple[Any, ...] = ()
+    while typing.get_origin(hint) is Annotated:
+        metadata += tuple(hint.__metadata__)
+        hint = typing.get_args(hint)[0]
+    return metadata
+
+
+def field_type(model: Any, key: str) -> Any:
+    """A config class's field as one annotated type (``Annotated[int, Interval(...), Doc]``):
+    validated on its own with :func:`adapter`, or a body's field (a runtime setting)."""
+    info = _fields(model)[key]
+    return Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
 
 
 def unwrapped(hint: Any) -> Any:

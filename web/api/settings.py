@@ -13,13 +13,14 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, StrictInt
+from pydantic import BaseModel, ConfigDict
 
 from router.application.runtime_settings import RUNTIME_SETTINGS, RuntimeValue
+from router.config_types import secrets_of
 from router.secrets import KEY_FILE_NAME
 from router.settings import Settings
 from web.api.common import ApiError, json_response, read_json, run_command
@@ -28,7 +29,6 @@ from web.keys import ROUTER_KEY
 from web.routes import Route
 
 SECTIONS = ("server", "dicom", "dispatch", "ingest", "web", "storage", "audit", "atna")
-SECRETS = frozenset({"secret_key", "admin_password"})
 DEFAULT = "default"
 CONFIGURED = "configuration file or environment"
 READ_ONLY_NOTE = ("Only the settings marked changeable can change here; every other value "
@@ -36,9 +36,18 @@ READ_ONLY_NOTE = ("Only the settings marked changeable can change here; every ot
                   "changes with a restart.")
 
 
+def _runtime_value() -> Any:
+    """The type of a runtime setting's new value: the settings field's own annotations (its
+    range and Doc), strict; several settings: any of them (the named one is checked again)."""
+    kinds = tuple(spec.annotation for spec in RUNTIME_SETTINGS.values())
+    return (kinds[0] if len(kinds) == 1 else Union[kinds]) | None  # noqa: UP007
+
+
 class RuntimeChange(BaseModel):
+    """A runtime setting's new value; null: back to the value of the file (or the default)."""
+
     model_config = ConfigDict(extra="forbid")
-    value: StrictInt | None  # None: back to the value of the file (or the default)
+    value: _runtime_value()  # type: ignore[valid-type]
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -99,7 +108,7 @@ def _server(settings: Settings) -> dict[str, dict[str, Any]]:
             out[f.name] = _item(value, default)
             out[f.name]["value"] = mask_url(value)
             continue
-        out[f.name] = _item(value, default, secret=f.name in SECRETS)
+        out[f.name] = _item(value, default, secret=f.name in secrets_of(Settings))
     out["secret_key"] = _master_key(settings)
     return out
 
@@ -131,7 +140,10 @@ def describe(settings: Settings, runtime: dict[str, RuntimeValue]) -> dict[str, 
     for name in SECTIONS[1:]:
         current = getattr(settings, name)
         base = type(current)()
-        sections[name] = {f.name: _item(getattr(current, f.name), getattr(base, f.name))
+        # A secret (WriteOnly in its class, such as storage.secret_access_key): set or not.
+        secret = secrets_of(type(current))
+        sections[name] = {f.name: _item(getattr(current, f.name), getattr(base, f.name),
+                                        secret=f.name in secret)
                           for f in dataclasses.fields(current)}
     for full_name, value in runtime.items():
         section, key = full_name.split(".", 1)
