@@ -52,3 +52,35 @@ def test_secrets_of_every_section_are_shown_only_as_set() -> None:
     assert shown["sections"]["storage"]["secret_access_key"]["value"] == "set"
     assert shown["sections"]["storage"]["access_key_id"]["value"] == "AKIAEXAMPLE"
     assert shown["sections"]["server"]["admin_password"]["value"] == "not set"
+
+
+def test_the_openapi_answer_of_get_settings_is_made_from_the_settings_classes() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from router.application.runtime_settings import RuntimeValue
+    from web.api.openapi import build_document
+    from web.api.settings import SettingsShown
+    from web.routes import all_routes
+
+    document = build_document(all_routes())
+    answer = document["paths"]["/api/v1/settings"]["get"]["responses"]["200"]
+    assert answer["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SettingsShown"}
+    schema = document["components"]["schemas"]["SettingsShown"]
+    sections = schema["properties"]["sections"]["properties"]
+    storage = sections["storage"]["properties"]
+    # A key's value has its field's schema: range and description (Doc) from StorageSettings.
+    assert storage["retention_days"]["properties"]["value"] == {
+        "type": "integer", "minimum": 0, "maximum": 36500,
+        "description": docs_of(StorageSettings)["retention_days"]}
+    assert storage["backend"]["properties"]["value"]["enum"] == ["local", "s3"]
+    assert storage["secret_access_key"]["properties"]["value"]["enum"] == ["set", "not set"]
+    # What GET answers fits it (a secret shown as written would not).
+    settings = load_settings({"DICOM_ROUTER_STORAGE_SECRET_ACCESS_KEY": "a-plain-secret",
+                              "DICOM_ROUTER_STORAGE_ACCESS_KEY_ID": "AKIAEXAMPLE"})
+    runtime = {"storage.retention_days": RuntimeValue(
+        "storage.retention_days", 30, 0, True, "admin", 1.7e9, "help")}
+    shown = describe(settings, runtime)
+    jsonschema.validate(shown, SettingsShown.model_json_schema())
+    shown["sections"]["storage"]["secret_access_key"]["value"] = "a-plain-secret"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(shown, SettingsShown.model_json_schema())

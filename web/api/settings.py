@@ -20,7 +20,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from router.application.runtime_settings import RUNTIME_SETTINGS, RuntimeValue
-from router.config_types import secrets_of
+from router.config_types import adapter, secrets_of
 from router.secrets import KEY_FILE_NAME
 from router.settings import Settings
 from web.api.common import ApiError, json_response, read_json, run_command
@@ -151,6 +151,70 @@ def describe(settings: Settings, runtime: dict[str, RuntimeValue]) -> dict[str, 
     return {"sections": sections, "note": READ_ONLY_NOTE}
 
 
+# -- the OpenAPI schema of what GET answers, made from the settings classes ----------------
+
+_TEXT = {"type": "string"}
+_ITEM = {"source": _TEXT, "changeable": {"type": "boolean"},
+         "unit": {"const": "seconds", "description": "the value is a duration"}}
+_RUNTIME_ITEM = {**_ITEM, "file_value": {}, "overridden": {"type": "boolean"},
+                 "changed_by": {"type": ["string", "null"]},
+                 "changed_at": {"type": ["string", "null"], "format": "date-time"},
+                 "help": _TEXT}
+_SECRET = {"enum": ["set", "not set"], "description": "a secret: only whether it is set"}
+
+
+def _item_schema(value: dict[str, Any], changeable: bool = False) -> dict[str, Any]:
+    props = {**(_RUNTIME_ITEM if changeable else _ITEM), "value": value}
+    if changeable:
+        props["file_value"] = value
+    return {"type": "object", "properties": props, "required": ["value", "source",
+                                                               "changeable"]}
+
+
+def _section_schema(fields: dict[str, Any], secrets: frozenset[str], section: str
+                    ) -> dict[str, Any]:
+    """Each key of a section: its value has the field's own JSON Schema (range, enum,
+    description from its Doc); secrets only set / not set."""
+    props: dict[str, Any] = {}
+    for key, schema in fields.items():
+        value = _SECRET if key in secrets else {k: v for k, v in schema.items()
+                                                if k not in ("default", "title")}
+        props[key] = _item_schema(value, changeable=f"{section}.{key}" in RUNTIME_SETTINGS)
+    return {"type": "object", "properties": props, "additionalProperties": False}
+
+
+class SettingsShown:
+    """GET /api/v1/settings in the OpenAPI document: made from the settings classes (the ones
+    the file and the environment are validated with), so it cannot drift from them."""
+
+    @classmethod
+    def model_json_schema(cls, ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
+        full = adapter(Settings).json_schema(mode="serialization", ref_template=ref_template)
+        defs = full.get("$defs", {})
+        base = Settings()
+        server: dict[str, Any] = {}
+        for f in dataclasses.fields(Settings):
+            default = getattr(base, f.name)
+            if dataclasses.is_dataclass(default):
+                continue
+            if _declared(default):
+                server[f"{f.name}_in_file"] = {"type": "integer", "minimum": 0,
+                                               "description": f"how many [[{f.name}]]"}
+                continue
+            server[f.name] = full["properties"][f.name]
+        sections = {"server": _section_schema(server, secrets_of(Settings), "server")}
+        for name in SECTIONS[1:]:
+            model = type(getattr(base, name))
+            section = defs[model.__name__]["properties"]
+            sections[name] = _section_schema(section, secrets_of(model), name)
+        schema = {"type": "object", "title": cls.__name__, "required": ["sections", "note"],
+                  "properties": {"note": _TEXT, "sections": {
+                      "type": "object", "properties": sections, "additionalProperties": False}}}
+        if "$ref" in repr(sections):  # a field typed by another class: its schema beside
+            schema["$defs"] = defs
+        return schema
+
+
 async def get_settings(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
     runtime = await asyncio.to_thread(router.runtime.all)
@@ -184,7 +248,7 @@ async def put_setting(request: web.Request) -> web.Response:
 ROUTES = [
     Route("GET", "/api/v1/settings", get_settings, "settings.read",
           "The effective configuration by section (secrets only as set / not set), with "
-          "where each value comes from", tags=("settings",)),
+          "where each value comes from", tags=("settings",), response=SettingsShown),
     Route("PUT", "/api/v1/settings/{name}", put_setting, "settings.write",
           "Change a runtime setting such as storage.retention_days (value null: back to the "
           "file's value)", body=RuntimeChange, tags=("settings",)),
