@@ -47,9 +47,10 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS audit_study ON audit (study_instance_uid)",
     "CREATE INDEX IF NOT EXISTS audit_object ON audit (object_id)",
     "CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id)",
-    "CREATE INDEX IF NOT EXISTS audit_patient ON audit (patient_id)",
-    # The patient access report: one patient's rows in a period.
+    # The patient access report (one patient's rows in a period) and every search by patient:
+    # an index on patient_id alone would be its prefix, one more index to write per row.
     "CREATE INDEX IF NOT EXISTS audit_patient_time ON audit (patient_id, occurred_at)",
+    "DROP INDEX IF EXISTS audit_patient",  # made by versions before 2026-12-07
     # Rows that name a study but not yet its patient (viewer opens, accesses read before the
     # receipt): filled in when the study's receipt is applied.
     "CREATE INDEX IF NOT EXISTS audit_study_no_patient ON audit (study_instance_uid)"

@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from projections.db import ViewDatabase
+from projections.sql import like_literal, page, where_clause
 
 Row = dict[str, Any]
 
@@ -24,14 +25,14 @@ COLUMNS = ("time", "actor", "source_ip", "action", "object_type", "object_id", "
            "study_instance_uid", "patient_id", "job_id", "correlation_id", "detail",
            "application", "position")
 OUTCOMES = ("success", "failure", "denied", "not_found")
-# The actions the pages offer (grouped, with labels) are in web/queries/audit_actions.py.
+# The actions the pages offer (grouped, with labels) are in web/pages/audit_actions.py.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MAX_TEXT = 256  # longest filter value accepted (a UID is 64, an ID 64)
-_SELECT = ("SELECT application, position, occurred_at, actor, source_ip, action, object_type,"
-           " object_id, outcome, correlation_id, study_instance_uid, patient_id, detail, job_id"
-           " FROM audit")
+_COLUMNS = ("application, position, occurred_at, actor, source_ip, action, object_type,"
+            " object_id, outcome, correlation_id, study_instance_uid, patient_id, detail, job_id")
+_SELECT = f"SELECT {_COLUMNS} FROM audit"
 _ASC = " ORDER BY occurred_at, application, position"
-_DESC = " ORDER BY occurred_at DESC, application DESC, position DESC"
+_NEWEST_FIRST = "occurred_at DESC, application DESC, position DESC"
 
 
 class FilterError(ValueError):
@@ -119,7 +120,7 @@ class AuditFilter:
         if self.until is not None:
             clauses.append("occurred_at <= ?")
             params.append(self.until)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+        return where_clause(clauses), params
 
     def up_to(self, moment: float) -> AuditFilter:
         """This filter, ending no later than ``moment`` (an export is a fixed snapshot)."""
@@ -171,20 +172,12 @@ def _actions_clause(action: str) -> tuple[str, list[str]]:
     elif exact:
         parts.append(f"action IN ({', '.join('?' * len(exact))})")
     clause = parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
-    return clause, [*(_like_prefix(p) for p in prefixes), *exact]
-
-
-def _like_prefix(prefix: str) -> str:
-    escaped = prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_")
-    return escaped + "%"
+    return clause, [*(like_literal(p) + "%" for p in prefixes), *exact]
 
 
 def search(db: ViewDatabase, flt: AuditFilter, limit: int, offset: int) -> tuple[list[Row], int]:
     """One page of matching rows, newest first, and how many match in all."""
-    where, params = flt.where()
-    total = int(db.query("SELECT count(*) AS n FROM audit" + where, params)[0]["n"])
-    rows = db.query(_SELECT + where + _DESC + " LIMIT ? OFFSET ?", [*params, limit, offset])
-    return rows, total
+    return page(db, _COLUMNS, "audit", flt.where(), _NEWEST_FIRST, limit, offset)
 
 
 def export_pages(db: ViewDatabase, flt: AuditFilter, page_size: int = 1000) -> Iterator[list[Row]]:

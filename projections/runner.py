@@ -255,7 +255,7 @@ class ProjectionRunner:
                  poll_interval: float = 0.5, coalesce: float = 0.05,
                  leads: Callable[[str], bool] = lambda view: True,
                  manage_schema: bool = True) -> None:
-        self._views = [(handle.view, handle.db) for handle in views]
+        self._views = list(views)
         self._manage_schema = manage_schema  # False: migrate made the tables (another role)
         self._leads = leads
         # After a partial batch, wait this long so that the next one is larger: one
@@ -265,11 +265,12 @@ class ProjectionRunner:
         self._apps = apps
         self._decoded = DecodedEvents(apps)
         self._poll = poll_interval
-        self._wakes = {v.name: threading.Event() for v, _ in self._views}
+        names = [handle.view.name for handle in self._views]
+        self._wakes = {name: threading.Event() for name in names}
         # Set by a query waiting for the view: it ends the coalescing pause (see hurry()).
-        self._hurries = {v.name: threading.Event() for v, _ in self._views}
+        self._hurries = {name: threading.Event() for name in names}
         # catch_up() may run beside the view threads: one batch of a view at a time.
-        self._locks = {v.name: threading.Lock() for v, _ in self._views}
+        self._locks = {name: threading.Lock() for name in names}
         self._schema_ready: set[str] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -290,9 +291,9 @@ class ProjectionRunner:
         for every event cost each following node's views a positions query per receipt
         anywhere in the cluster (about 2 ms of CPU per instance, docs/scaling.md)."""
         follower_news = channel == VIEWS_CHANNEL
-        for view, _ in self._views:
-            if self._leads(view.name) != follower_news:
-                self._wakes[view.name].set()
+        for name, wake in self._wakes.items():
+            if self._leads(name) != follower_news:
+                wake.set()
 
     def hurry(self, view: str) -> None:
         """A query waits for ``view``: apply what is recorded now, and skip the pause that
@@ -338,7 +339,8 @@ class ProjectionRunner:
                 self._schema_ready.add(view.name)
 
     def start(self) -> None:
-        for view, db in self._views:
+        for handle in self._views:
+            view, db = handle.view, handle.db
             self._ensure_schema(view, db)
             t = threading.Thread(target=self._run, args=(view, db), name=f"view-{view.name}",
                                  daemon=True)
@@ -348,7 +350,8 @@ class ProjectionRunner:
     def catch_up(self) -> None:
         """Synchronously apply everything recorded so far (start-up, tests, shutdown flush);
         a view another node builds is only read."""
-        for view, db in self._views:
+        for handle in self._views:
+            view, db = handle.view, handle.db
             self._ensure_schema(view, db)
             if not self._leads(view.name):
                 self._follow(view, db)

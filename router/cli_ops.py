@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # the parser imports no write side (see OPERATIONS)
 
 UID = re.compile(r"^[0-9.]{1,64}$")
 # router.application.bulk.OPERATIONS, spelt out so that the parser imports no write side
-# (tests/unit/test_bulk_filter.py checks they agree).
+# (tests/integration/test_bulk_actions.py::test_cli_statuses_are_the_application_s checks
+# they agree).
 OPERATIONS = {"requeue": ("retrying", "dead", "cancelled"),
               "cancel": ("pending", "retrying", "dead")}
 
@@ -81,10 +82,11 @@ def cmd_deliveries(settings: Settings, args: argparse.Namespace) -> int:
                              + (f" to {args.destination!r}" if args.destination else ""))
         for row in targets:
             if args.action == "requeue" and row["status"] in ("retrying", "dead", "cancelled"):
-                router.commands.requeue(args.job_id, row["destination"], _actor())
+                router.commands.requeue(args.job_id, row["destination"], _actor(),
+                                        args.reason)
                 print(f"requeued {args.job_id} -> {row['destination']}")
             elif args.action == "cancel" and row["status"] in ("pending", "retrying", "dead"):
-                router.commands.cancel(args.job_id, row["destination"], _actor())
+                router.commands.cancel(args.job_id, row["destination"], _actor(), args.reason)
                 print(f"cancelled {args.job_id} -> {row['destination']}")
             else:
                 print(f"left {args.job_id} -> {row['destination']} ({shown(row['status'])})")

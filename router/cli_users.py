@@ -32,6 +32,7 @@ def add_parsers(sub: Any) -> None:
                                             "failed logins (a running router applies it "
                                             "at the user's next login)")
     unlock.add_argument("name")
+    unlock.add_argument("--reason", default="", help="why (recorded with the unlock)")
     usub.add_parser("list", help="user names, roles and status (never passwords)")
 
 
@@ -72,7 +73,7 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "list":
             return _list(users)
         if args.action == "unlock":
-            users.unlock(args.name, _actor())
+            users.unlock(args.name, _actor(), args.reason)
             print(f"unlocked {args.name!r}: failed logins before now no longer count")
             return 0
         if args.action == "add":

@@ -46,9 +46,7 @@ def create_app(router: RouterPort) -> web.Application:
                                   web_settings.session_max_age)
     aiohttp_jinja2.setup(
         app, loader=jinja2.FileSystemLoader(HERE / "templates"), filters=FILTERS,
-        autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
-        undefined=jinja2.StrictUndefined if getattr(router, "strict_templates", False)
-        else jinja2.Undefined)
+        autoescape=jinja2.select_autoescape(default=True, default_for_string=True))
     setup_routes(app)
     static = app.router.add_static("/static", HERE / "static", append_version=False)
     for route in static:

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from projections.stats_queries import metric_counts
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
 from web.routes import Route
@@ -44,19 +45,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _metric_lines(router: RouterPort) -> list[str]:
-    jobs_db = router.view_db("jobs")
+    counts = metric_counts(router.view_db("jobs"))
     lines = ["# TYPE dicom_router_deliveries gauge"]
-    for row in jobs_db.query("SELECT destination, status, count(*) AS n FROM deliveries"
-                             " GROUP BY destination, status ORDER BY destination, status"):
+    for row in counts["deliveries"]:
         lines.append(f'dicom_router_deliveries{{destination="{_label(row["destination"])}",'
                      f'status="{row["status"]}"}} {row["n"]}')
     lines.append("# TYPE dicom_router_receipts gauge")
-    for row in jobs_db.query("SELECT routing, count(*) AS n FROM jobs GROUP BY routing"
-                             " ORDER BY routing"):
+    for row in counts["receipts"]:
         lines.append(f'dicom_router_receipts{{routing="{row["routing"]}"}} {row["n"]}')
-    failures = jobs_db.query("SELECT count(*) AS n FROM receipt_failures")[0]["n"]
     lines.append("# TYPE dicom_router_receipt_failures gauge")
-    lines.append(f"dicom_router_receipt_failures {failures}")
+    lines.append(f"dicom_router_receipt_failures {counts['receipt_failures']}")
     lines.append("# TYPE dicom_router_view_lag gauge")
     for name, lag in router.health()["view_lag"].items():
         lines.append(f'dicom_router_view_lag{{view="{name}"}} {lag}')

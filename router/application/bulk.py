@@ -162,7 +162,8 @@ class BulkDeliveries:
             run.after = rows[-1]["delivery_id"]
             affected, skipped = self._commands.change_many(
                 run.operation, [(r["job_id"], r["destination"]) for r in rows], run.actor,
-                run.reason or f"cancelled by {run.actor.name} (bulk)")
+                run.reason or (f"cancelled by {run.actor.name} (bulk)"
+                               if run.operation == "cancel" else ""))
             run.affected += affected
             run.skipped += skipped
         run.done = len(rows) < BATCH

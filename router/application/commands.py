@@ -188,22 +188,22 @@ class Commands:
         return sorted(n for n in names if n not in known)
 
     # --- deliveries -----------------------------------------------------------------
-    def requeue(self, job_id: str, destination: str, actor: Actor) -> None:
+    def requeue(self, job_id: str, destination: str, actor: Actor, reason: str = "") -> None:
         """Attempt again now; a delivery that never ran yet is simply left pending."""
-        self._change_delivery(job_id, destination, self._requeuing(actor))
+        self._change_delivery(job_id, destination, self._requeuing(actor, reason))
 
     @staticmethod
-    def _requeuing(actor: Actor) -> Callable[[Any], Any]:
+    def _requeuing(actor: Actor, reason: str = "") -> Callable[[Any], Any]:
         def change(aggregate: Any) -> Any:
             if aggregate is None:
                 return None
             if aggregate.status == "delivered":
                 raise CommandError("already delivered; nothing to requeue")
-            aggregate.requeue(**actor.ctx())
+            aggregate.requeue(**actor.ctx(), reason=reason)
             return aggregate
         return change
 
-    def resend(self, job_id: str, destination: str, actor: Actor) -> bool:
+    def resend(self, job_id: str, destination: str, actor: Actor, reason: str = "") -> bool:
         """Attempt again, a delivered delivery too (a user sends the object again); False
         when it is already waiting for an attempt (pending, or never attempted)."""
         changed: list[bool] = []
@@ -211,7 +211,7 @@ class Commands:
         def change(aggregate: Any) -> Any:
             if aggregate is None or aggregate.status == "pending":
                 return None
-            aggregate.requeue(**actor.ctx())
+            aggregate.requeue(**actor.ctx(), reason=reason)
             changed.append(True)
             return aggregate
         self._change_delivery(job_id, destination, change)
@@ -242,7 +242,7 @@ class Commands:
         changed: list[Any] = []
         skipped = 0
         for job_id, destination in targets:
-            change = (self._requeuing(actor) if operation == "requeue" else
+            change = (self._requeuing(actor, reason) if operation == "requeue" else
                       self._cancelling(job_id, destination, actor, reason))
             try:
                 aggregate = change(self._get_delivery(job_id, destination))
@@ -261,7 +261,7 @@ class Commands:
         for job_id, destination in targets:
             try:
                 if operation == "requeue":
-                    self.requeue(job_id, destination, actor)
+                    self.requeue(job_id, destination, actor, reason)
                 else:
                     self.cancel(job_id, destination, actor, reason)
                 done += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,9 @@ MAX_REFERENCES = 10000
 # Failure reasons (PS3.4 J.3.3.1.1, Failure Reason (0008,1197))
 PROCESSING_FAILURE = 0x0110
 NO_SUCH_OBJECT = 0x0112
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Referenced SOP Class not supported
 CLASS_INSTANCE_CONFLICT = 0x0119
+DUPLICATE_TRANSACTION = 0x0131  # Duplicate transaction UID
 # N-ACTION statuses (PS3.7 Annex C)
 NO_SUCH_ACTION = 0x0123
 INVALID_ARGUMENT = 0x0115  # of the Action Information
@@ -46,6 +48,16 @@ class CommitmentRefused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class DuplicateTransaction(CommitmentRefused):
+    """A request whose Transaction UID this AE used before: answered by a report failing each
+    of its instances with 0x0131 (PS3.4 J.3.3.1.1), not by a refused N-ACTION."""
+
+    def __init__(self, request: CommitmentRequest) -> None:
+        super().__init__(DUPLICATE_TRANSACTION, "Transaction UID (0008,1195) is already in use"
+                         " by an earlier request of this AE")
+        self.request = request
 
 
 @dataclass(frozen=True)
@@ -103,15 +115,24 @@ class Verdict:
     def event_type(self) -> int:
         return EVENT_SOME_FAILED if self.failed else EVENT_ALL_COMMITTED
 
+    @classmethod
+    def duplicate(cls, request: CommitmentRequest) -> Verdict:
+        """Every instance of a request with a reused Transaction UID failed (0x0131)."""
+        return cls([], [[c, i, DUPLICATE_TRANSACTION] for c, i in request.references], True)
+
 
 class CommitmentChecker:
     """Decides which referenced instances are committed, from the jobs view and blob store."""
 
     def __init__(self, jobs: Callable[[], ViewDatabase], blobs: BlobStore,
-                 settle: Callable[[], Any] = lambda: True) -> None:
+                 settle: Callable[[], Any] = lambda: True,
+                 storage_classes: Collection[str] = ()) -> None:
         self._jobs = jobs
         self._blobs = blobs
         self._settle = settle  # waits for the jobs view to catch up with the logs
+        # The SOP classes the router stores: an instance never received of another class is
+        # "SOP class not supported" rather than "no such object" (none: not told apart).
+        self._classes = frozenset(storage_classes)
 
     def check(self, references: Sequence[Sequence[str]], destination: str,
               final: bool) -> Verdict:
@@ -136,6 +157,8 @@ class CommitmentChecker:
             "SELECT job_id, sop_class_uid, sha256 FROM jobs WHERE sop_instance_uid = ?",
             (sop_instance,))
         if not rows:
+            if self._classes and sop_class not in self._classes:
+                return SOP_CLASS_NOT_SUPPORTED
             return NO_SUCH_OBJECT
         ours = [r for r in rows if r["sop_class_uid"] == sop_class]
         if not ours:
@@ -166,10 +189,9 @@ class Commitments:
 
     def record_request(self, actor: Actor, calling_aet: str, called_aet: str,
                        request: CommitmentRequest) -> Commitment:
-        """Record a request; CommitmentRefused when its Transaction UID was used before."""
+        """Record a request; DuplicateTransaction when its Transaction UID was used before."""
         if self.load(commitment_id(calling_aet, request.transaction_uid)) is not None:
-            raise CommitmentRefused(PROCESSING_FAILURE, "Transaction UID (0008,1195) was used"
-                                    " by an earlier request of this AE")
+            raise DuplicateTransaction(request)
         commitment = Commitment(
             request.transaction_uid, calling_aet, **actor.ctx(), called_aet=called_aet,
             references=request.references, destination=self.destination,

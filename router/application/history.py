@@ -55,6 +55,7 @@ class DestinationAsOf:
 
 @dataclass(frozen=True)
 class RemoteNodeAsOf:
+    node_id: str
     name: str
     version: int
     config: dict[str, Any]  # AE title, host, port, services (anything sealed masked)
@@ -72,6 +73,7 @@ class TokenAsOf:
 
 @dataclass(frozen=True)
 class UserAsOf:
+    user_id: str
     name: str
     role: str
     disabled: bool
@@ -181,12 +183,14 @@ def _user(user: users.User, created: Change, changed: Change) -> UserAsOf:
     tokens = tuple(TokenAsOf(token_id=token_id, label=str(token.get("label", "")),
                              revoked=bool(token.get("revoked")))
                    for token_id, token in sorted(user.tokens.items()))
-    return UserAsOf(name=user.name, role=user.role, disabled=user.disabled, tokens=tokens,
+    return UserAsOf(user_id=str(user.id), name=user.name, role=user.role,
+                    disabled=user.disabled, tokens=tokens,
                     version=user.version, created=created, changed=changed)
 
 
 def _remote_node(node: remote.RemoteNode, created: Change, changed: Change) -> RemoteNodeAsOf:
     config = {key: MASK if SecretBox.is_sealed(value) else value
               for key, value in node.config.items()}
-    return RemoteNodeAsOf(name=node.name, version=node.version, config=config,
+    return RemoteNodeAsOf(node_id=str(node.id), name=node.name, version=node.version,
+                          config=config,
                           deleted=node.deleted, created=created, changed=changed)

@@ -85,7 +85,7 @@ class Sender:
                 job.reroute(None, **acting.ctx(), matched_rules=[], destinations=[destination],
                             reason=reason)
                 batch.append(job)
-            elif self._commands.resend(job_id, destination, acting):
+            elif self._commands.resend(job_id, destination, acting, reason):
                 scheduled += 1
             else:
                 waiting += 1

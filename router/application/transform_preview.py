@@ -5,6 +5,7 @@ re-identification map; the caller records the access (the header is PHI).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +97,9 @@ def preview(jobs_db: Any, blobs: BlobStore, snapshot: AdminSnapshot, seed_for: A
         dataset = dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # pydicom raises several types on a damaged file
         raise PreviewError(f"the stored object is unreadable ({type(exc).__name__})") from None
-    before = dict(_flatten(dataset))
+    # "Before" from a copy: reading an element decodes it, and a charset repair must still
+    # find the received bytes undecoded.
+    before = dict(_flatten(copy.deepcopy(dataset)))
     try:
         result = apply_chain(dataset, chain, calling_aet=job["calling_aet"] or "",
                              seed_for=seed_for)

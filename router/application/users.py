@@ -27,6 +27,7 @@ from router.settings import WebSettings
 
 BCRYPT_ROUNDS = 12  # about 0.3 s per hash on our 2-core machines
 BCRYPT_MAX_BYTES = 72
+MAX_REASON = 500  # characters of an admin's reason (as the bulk actions' reason field)
 TOKEN_PREFIX = "drt_"  # noqa: S105 - a public prefix, not a secret
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _dummy_lock = threading.Lock()
@@ -244,11 +245,14 @@ class Users:
             return None
         return generated
 
-    def unlock(self, name: str, actor: Actor) -> None:
-        """Lift a login lockout (recorded even when this process saw none: the process that
-        checks logins applies it when it reads the event)."""
+    def unlock(self, name: str, actor: Actor, reason: str = "") -> None:
+        """Lift a login lockout, with the admin's reason (recorded even when this process saw
+        none: the process that checks logins applies it when it reads the event)."""
+        reason = reason.strip()
+        if len(reason) > MAX_REASON:
+            raise CommandError(f"reason: at most {MAX_REASON} characters")
         user = self._require(name)
-        user.unlock(**actor.ctx(), at=time.time())
+        user.unlock(**actor.ctx(), at=time.time(), reason=reason)
         self._save(user)
         self.lockout.forget_before(name, user.unlocked_at)
 

@@ -60,13 +60,13 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _ACCESSES = ("study.view", "instance.view", "viewer.open", "job.view", "dicomweb.retrieve",
              "dicomweb.metadata", "dicomweb.frames", "dicomweb.bulkdata", "dicomweb.rendered",
              "dicomweb.thumbnail", "wado.retrieve", "job.dry_run", "remote.retrieve.view",
-             "transfer.view")
+             "transfer.view", "transform.preview")
 _QUERIES = ("studies.search", "dicomweb.search", "dimse.find", "remote.find", "jobs.list",
             "remote.retrieves", "transfers.list")
 _USERS = ("User.Created", "User.PasswordChanged", "User.Disabled", "User.Enabled",
-          "User.ApiTokenCreated", "User.ApiTokenRevoked")
+          "User.ApiTokenCreated", "User.ApiTokenRevoked", "User.Unlocked")
 _NETWORK = ("Destination.", "RemoteNode.")
-_SOFTWARE = ("Rule.", "RuntimeSettings.")
+_SOFTWARE = ("Rule.", "RuntimeSettings.", "Transform.")
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,7 @@ class _Builder:
             "Session.Ended": self._login, "LoginFailure.Recorded": self._login,
             "access.denied": self._alert, "User.RoleChanged": self._alert,
             "AssociationRefusal.Recorded": self._refused,
+            "reidentification.lookup": self._alert,
             "audit.export": self._audit_export, "study.store": self._accessed,
             "audit.access_report_export": self._audit_export, "study.export": self._exported,
             "dimse.move": self._begin_retrieve, "dimse.get": self._begin_retrieve,
@@ -311,7 +312,7 @@ class _Builder:
 
     def _alert(self) -> None:
         a = self.action
-        if a == "access.denied":
+        if a in ("access.denied", "reidentification.lookup"):
             kind = RESTRICTED_FUNCTION
         elif a == "User.RoleChanged":
             kind = SECURITY_ROLES_CHANGED
@@ -334,6 +335,8 @@ class _Builder:
         else:
             self._object(f"{object_type}:{name}", URI, "2", "13", name=name,
                          details={"action": a})
+        if a == "reidentification.lookup":  # whose identity was revealed
+            self._study_and_patient()
 
     def _refused(self) -> None:
         count = self.detail.get("count") or 1

@@ -29,7 +29,9 @@ from router.application.commitments import (
     PROCESSING_FAILURE,
     CommitmentChecker,
     CommitmentRefused,
+    CommitmentRequest,
     Commitments,
+    DuplicateTransaction,
     Verdict,
     parse_request,
 )
@@ -38,6 +40,7 @@ from router.application.sessions import AccessRecord, Sessions
 from router.application.stores import EventStores
 from router.dicom.qr_scp import IDENTIFIER_SYNTAXES
 from router.dicom.qr_scu import QueryRetrieveScu
+from router.dicom.scp import STORAGE_CLASSES
 from router.dispatch.ssrf import AddressPolicy
 from router.domain.commitment import Commitment
 from router.settings import Settings
@@ -108,6 +111,10 @@ class CommitmentService:
         actor = Actor(str(requestor.ae_title).strip(), str(requestor.address))
         try:
             commitment = self._accept(event, actor)
+        except DuplicateTransaction as exc:
+            self._refuse(actor, exc.status, exc.reason)  # logged and audited
+            self._report_duplicate(exc.request, actor.name, event.assoc)
+            return _status(0x0000), None
         except CommitmentRefused as exc:
             return self._refuse(actor, exc.status, exc.reason), None
         self._start(commitment.id, event.assoc)
@@ -175,7 +182,8 @@ class CommitmentService:
             verdict = self._verdict(commitment)
             if verdict is None:
                 return  # stopping: the worker resumes it after the restart
-            if assoc is not None and self._send_same(assoc, commitment, verdict, started):
+            if assoc is not None and self._send_same(assoc, commitment.transaction_uid,
+                                                     verdict, started):
                 self._commitments.reported(commitment, verdict, SAME)
                 return
             self._report_new(commitment, verdict)
@@ -196,7 +204,29 @@ class CommitmentService:
             if self._stop.wait(wait):
                 return None
 
-    def _send_same(self, assoc: Any, commitment: Commitment, verdict: Verdict,
+    def _report_duplicate(self, request: CommitmentRequest, calling_aet: str,
+                          assoc: Any) -> None:
+        """The 0x0131 report of a reused Transaction UID: on the association if it stays
+        open, else one attempt on a new one (it is not recorded: the UID's record is the
+        earlier request's)."""
+        verdict, started = Verdict.duplicate(request), time.monotonic()
+
+        def send() -> None:
+            if self._send_same(assoc, request.transaction_uid, verdict, started):
+                return
+            node = self._remote.node_for_ae(calling_aet, recheck=True)
+            try:
+                if node is None:
+                    raise RuntimeError(f"{calling_aet} is no longer a remote node")
+                self._send_new(node.config, report_dataset(request.transaction_uid, verdict),
+                               verdict.event_type)
+            except Exception as exc:
+                logger.warning("duplicate Transaction UID report to %s not sent: %s",
+                               calling_aet, str(exc) or type(exc).__name__)
+
+        threading.Thread(target=send, daemon=True, name="commitment-duplicate").start()
+
+    def _send_same(self, assoc: Any, transaction_uid: str, verdict: Verdict,
                    started: float) -> bool:
         """On the requester's association, if it is still open and answers success."""
         if self._stop.wait(max(0.0, started + SAME_ASSOCIATION_GRACE - time.monotonic())):
@@ -205,7 +235,7 @@ class CommitmentService:
             return False
         try:
             status, _ = assoc.send_n_event_report(
-                report_dataset(commitment.transaction_uid, verdict), verdict.event_type,
+                report_dataset(transaction_uid, verdict), verdict.event_type,
                 StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
         except Exception as exc:  # closed meanwhile, no context: a new association then
             logger.info("commitment report not sent on the same association: %s", exc)
@@ -325,5 +355,6 @@ def build_service(settings: Settings, stores: EventStores, blobs: BlobStore,
 
     commitments = Commitments(stores, settings.dicom.commitment_destination,
                               settings.dicom.commitment_timeout, settings.node_id)
-    return CommitmentService(commitments, CommitmentChecker(jobs, blobs, settle), remote,
+    checker = CommitmentChecker(jobs, blobs, settle, STORAGE_CLASSES)
+    return CommitmentService(commitments, checker, remote,
                              sessions, send_new)

@@ -24,7 +24,12 @@ from router.application.reidentification import ReidentificationMap
 from router.dicom.header import HeaderError, read_header
 from router.dispatch.base import Outgoing, TransformFailedError, TransientDeliveryError
 from router.dispatch.lanes import DueDelivery
-from router.transforms.chain import TransformFailed, VersionedTransform, apply_chain
+from router.transforms.chain import (
+    TransformFailed,
+    VersionedTransform,
+    apply_chain,
+    run_order,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +121,8 @@ class SendTransforms:
 
 
 def _records(chain: list[VersionedTransform]) -> tuple[dict[str, object], ...]:
-    return tuple({"name": t.name, "kind": t.spec.kind, "version": t.version} for t in chain)
+    return tuple({"name": t.name, "kind": t.spec.kind, "version": t.version}
+                 for t in run_order(chain))
 
 
 def _header(path: Path) -> Dataset:

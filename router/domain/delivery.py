@@ -102,8 +102,9 @@ class Delivery(Aggregate):
         self.status = "dead"
 
     @event("Requeued")
-    def requeue(self, *, actor: str, source_ip: str, correlation_id: str) -> None:
-        """An operator asked for a new attempt now (resets the maximum-age clock)."""
+    def requeue(self, *, actor: str, source_ip: str, correlation_id: str, reason: str) -> None:
+        """An operator asked for a new attempt now (resets the maximum-age clock), saying why
+        (may be empty; events recorded before it was asked for have none)."""
         self.status = "pending"
 
     @event("Cancelled")

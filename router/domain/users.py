@@ -82,7 +82,9 @@ class User(Aggregate):
         self.tokens[token_id]["revoked"] = True
 
     @event("Unlocked")
-    def unlock(self, *, actor: str, source_ip: str, correlation_id: str, at: float) -> None:
+    def unlock(self, *, actor: str, source_ip: str, correlation_id: str, at: float,
+               reason: str = "") -> None:
         """An admin lifted a login lockout: failures before ``at`` (Unix seconds) no longer
-        count, in every process that checks logins."""
+        count, in every process that checks logins. ``reason``: why, as the admin gave it
+        (events recorded before it was asked for have none)."""
         self.unlocked_at = at

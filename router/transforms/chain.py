@@ -45,10 +45,11 @@ class ChainResult:
 
 def apply_chain(dataset: Dataset, chain: Sequence[VersionedTransform], *, calling_aet: str,
                 seed_for: Callable[[str], str]) -> ChainResult:
-    """Apply ``chain`` in order to ``dataset`` in place. ``seed_for(project)`` gives a
-    de-identification project's secret seed."""
+    """Apply ``chain`` in order to ``dataset`` in place, character-set repairs first (they
+    re-declare how the received bytes are read, which must happen before any transform reads
+    a text element). ``seed_for(project)`` gives a de-identification project's secret seed."""
     result = ChainResult()
-    for transform in chain:
+    for transform in run_order(chain):
         spec = transform.spec
         try:
             note = _apply_one(dataset, spec, calling_aet, seed_for, result)
@@ -62,6 +63,11 @@ def apply_chain(dataset: Dataset, chain: Sequence[VersionedTransform], *, callin
                                "version": transform.version, "engine": engine_of(spec),
                                "changed": note})
     return result
+
+
+def run_order(chain: Sequence[VersionedTransform]) -> list[VersionedTransform]:
+    """Character-set repairs first, the others in their order (a stable sort)."""
+    return sorted(chain, key=lambda t: t.spec.kind != "charset")
 
 
 def engine_of(spec: TransformSpec) -> str:

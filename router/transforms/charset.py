@@ -94,9 +94,8 @@ def repair_charset(dataset: Dataset) -> str:
     bytes call for it; returns a short note of what was done ("" when nothing).
 
     Text elements still undecoded keep their bytes and are decoded with the new declaration
-    when read; sequence items already read inherit it. Put this transform first in a chain: an
-    element another transform read before is kept as that transform left it.
-    """
+    when read; sequence items already read inherit it. An element read before is kept as it was
+    decoded: apply_chain (router/transforms/chain.py) runs charset repairs first."""
     wanted = repaired_charset(dataset)
     if wanted is None:
         return ""
@@ -121,9 +120,7 @@ def _inherit(dataset: Dataset, encodings: list[str]) -> None:
 
 
 def _redeclare(dataset: Dataset, encodings: list[str]) -> None:
-    """pydicom decodes raw elements with the encoding the data set was read with."""
+    """pydicom decodes raw elements with the encoding the data set was read with (its public
+    setter keeps the VR and byte order it was read with, None for a data set made in memory)."""
     implicit, little = dataset.original_encoding
-    if implicit is not None and little is not None:
-        dataset.set_original_encoding(implicit, little, encodings)
-    else:
-        dataset._read_charset = encodings
+    dataset.set_original_encoding(implicit, little, encodings)

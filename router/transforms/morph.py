@@ -19,6 +19,10 @@ OPS = ("set", "copy", "delete", "replace")
 _OP_KEYS = {"set": {"tag", "value", "vr"}, "copy": {"tag", "from", "vr"}, "delete": {"tag"},
             "replace": {"tag", "pattern", "with"}}
 _VR = re.compile(r"^[A-Z]{2}$")
+# Binary numbers take Python numbers (a backslash separates values); these VRs take no text.
+_NUMBERS: dict[str, type] = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int,
+                             "FL": float, "FD": float}
+_NO_TEXT = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "AT"})
 
 
 class MorphError(ValueError):
@@ -96,16 +100,32 @@ def _values(dataset: Dataset, path: TagPath) -> list[str]:
     return values
 
 
+def _typed(value: Any, vr: str) -> Any:
+    """Text as the element's VR needs it: numbers for US, SS, UL, SL, UV, SV, FL, FD
+    (ValueError when not a number), else unchanged."""
+    convert = _NUMBERS.get(vr)
+    if convert is None:
+        return value
+    if value == "":
+        return None  # emptied
+    parts = value if isinstance(value, list) else str(value).split("\\")
+    numbers = [convert(str(part).strip()) for part in parts]
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
 def _set(dataset: Dataset, path: TagPath, value: Any, vr: str | None) -> int:
     changed = 0
     for parent in path.parents(dataset):
         tag = path.leaf.resolve(parent, create=True)
         assert tag is not None
-        if tag in parent:
+        if tag in parent and parent[tag].VR != "UN":  # UN (implicit VR, private): re-made
             element = parent[tag]
-            element.value = value
+            if element.VR in _NO_TEXT:
+                raise TypeError(f"cannot set a {element.VR} element")
+            element.value = _typed(value, element.VR)
         else:
-            parent.add_new(tag, vr or path.default_vr() or "LO", value)
+            new_vr = vr or path.default_vr() or "LO"
+            parent.add_new(tag, new_vr, _typed(value, new_vr))
         changed += 1
     return changed
 
@@ -139,7 +159,7 @@ def _replace(dataset: Dataset, path: TagPath, pattern: re.Pattern[str] | None,
             new = pattern.sub(replacement, str(old))
             differs = new != str(old)
         if differs:
-            element.value = new
+            element.value = _typed(new, element.VR)
             changed += 1
     return changed
 
@@ -180,11 +200,22 @@ def _operation(item: object) -> Operation:
         raise MorphError({"vr": f"expected a two-letter VR such as 'LO', got {vr!r}"})
     if op in ("set", "copy") and vr is None and path.default_vr() is None:
         raise MorphError({"vr": f"required: {path.text!r} is not in the DICOM dictionary"})
+    target_vr = vr or path.default_vr()
+    if op in ("set", "copy") and target_vr in _NO_TEXT:
+        raise MorphError({"tag": f"{path.text!r} is a {target_vr} element: set and copy write "
+                                 "text or numbers only"})
     when = _conditions(item.get("when", []))
     if op == "set":
         value = item.get("value")
         if not isinstance(value, str):
             raise MorphError({"value": f"required: a string, got {value!r}"})
+        try:
+            _typed(value, str(target_vr))
+            for part in value.split("\\") if value and target_vr in ("IS", "DS") else ():
+                (int if target_vr == "IS" else float)(part)  # numbers as text
+        except ValueError:
+            raise MorphError({"value": f"expected a number for {path.text!r} (VR {target_vr};"
+                                       f" several separated by \\), got {value!r}"}) from None
         return Operation(op, path, value=value, vr=vr, when=when)
     if op == "copy":
         return Operation(op, path, source=_path(item, "from"), vr=vr, when=when)

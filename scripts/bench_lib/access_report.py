@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from projections import access_report_queries as access_report
 from projections.audit import AuditView
 from projections.db import PostgresViews, SqliteViews, ViewDatabase
 from scripts.bench_lib import pgdb
-from web.queries import access_report
 
 PER_PATIENT = 100  # rows per patient: about 70 receipts/deliveries, 30 accesses
 MACHINE = ("Job.Received", "Job.Routed", "Delivery.Created", "Delivery.Succeeded",

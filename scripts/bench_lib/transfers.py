@@ -1,4 +1,4 @@
-"""How fast the transfers list (web/queries/transfers.py) reads a large jobs view.
+"""How fast the transfers list (projections/transfers_queries.py) reads a large jobs view.
 
 Fills a fresh jobs view (the real schema and indexes, projections/jobs.py) with generated
 rows: ``--instances`` receipts in studies of ``--per-study`` instances (3 series each) from
@@ -27,7 +27,7 @@ from projections.db import ViewDatabase, open_views
 from projections.jobs import JobsView
 from projections.runner import ensure_schema
 from projections.study_keys import transfer_id
-from web.queries.transfers import (
+from projections.transfers_queries import (
     TransferFilters,
     list_transfers,
     series_instances,

@@ -254,7 +254,7 @@ def test_cli_requeues_and_cancels_by_filter(web_router: Any, tmp_path: Path) -> 
     server = started(web_router, tmp_path)
     router = server.router
     dead_deliveries(router, STUDY_A, 3)
-    dead_deliveries(router, STUDY_B, 1)
+    [job_b] = dead_deliveries(router, STUDY_B, 1)
 
     refused = cli(tmp_path, "deliveries", "requeue")
     assert refused.returncode == 2 and "all: give at least one of" in refused.stderr
@@ -282,6 +282,16 @@ def test_cli_requeues_and_cancels_by_filter(web_router: Any, tmp_path: Path) -> 
     cancelled = cli(tmp_path, "deliveries", "cancel", "--all", "--reason", "not needed")
     assert cancelled.returncode == 0 and "cancelled 4 of 4" in cancelled.stdout
     wait_for(lambda: statuses(router, STUDY_B) == {"cancelled": 1}, 10, "the cancel")
+
+    # One job's deliveries: the reason is recorded too.
+    one = cli(tmp_path, "deliveries", "requeue", job_b, "--reason", "wanted after all")
+    assert one.returncode == 0 and f"requeued {job_b} -> down" in one.stdout, one.stderr
+    again = cli(tmp_path, "deliveries", "cancel", job_b, "--reason", "a duplicate")
+    assert again.returncode == 0 and f"cancelled {job_b} -> down" in again.stdout
+    mine = [r for r in audit_rows(router, "Delivery.Requeued") if r["job_id"] == job_b]
+    assert "wanted after all" in mine[-1]["detail"]
+    mine = [r for r in audit_rows(router, "Delivery.Cancelled") if r["job_id"] == job_b]
+    assert "a duplicate" in mine[-1]["detail"]
 
 
 @pytest.mark.parametrize("action", ["requeue", "cancel"])

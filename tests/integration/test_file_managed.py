@@ -6,6 +6,7 @@ reverted: a restart either keeps the edit (detached) or there was no edit (refus
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import requests
 
 from router.application.commands import Actor
+from router.domain.admin import destination_id, rule_id
 from tests.conftest import ADMIN_PASSWORD, make_settings
 from tests.web_harness import Browser, bearer
 
@@ -68,6 +70,7 @@ def test_file_items_are_refused_until_detached_and_stay_detached_after_a_restart
     browser = Browser(server.url)
     browser.login("admin", ADMIN_PASSWORD)
     editor = browser.get(browser.url("/rules/ct/edit")).text
+    assert f'href="/audit/versions?object={rule_id("ct")}"' in editor  # its history
     assert "Managed by the configuration file." in editor and "/rules/ct/detach" in editor
     saved = browser.post(browser.url("/rules/ct/edit"), data={
         "action": "save", "priority": "10", "modalities": "CT, PT", "destinations": "archive"})
@@ -92,8 +95,17 @@ def test_file_items_are_refused_until_detached_and_stay_detached_after_a_restart
         "type": "file", "path": str(tmp_path / "other")}).status_code == 200
     page = browser.get(browser.url("/destinations/pacs/edit")).text
     assert "Detached from the configuration file" in page
-    assert "Managed by the configuration file." in browser.get(
-        browser.url("/destinations/archive/edit")).text
+    # The lists say which items the file manages and which were detached (not "apply only")
+    for listing, detached_name, managed_name in (("/rules", "ct", "mr"),
+                                                 ("/destinations", "pacs", "archive")):
+        text = browser.get(browser.url(listing)).text
+        assert "later &#39;apply&#39;" not in text and "later 'apply'" not in text
+        badges = dict(re.findall(r'<strong>([a-z]+)</strong></a>.*?data-file="([a-z]+)"',
+                                 text, re.S))
+        assert badges == {detached_name: "detached", managed_name: "managed"}, badges
+    archive = browser.get(browser.url("/destinations/archive/edit")).text
+    assert "Managed by the configuration file." in archive
+    assert f'href="/audit/versions?object={destination_id("archive")}"' in archive
 
     # Restart with a file that changes every item: the detached ones keep their edits, the
     # others follow the file as before.
@@ -127,6 +139,7 @@ def test_file_remote_nodes_are_refused_until_detached(web_router: Any, start_rou
     assert requests.delete(url, headers=admin, timeout=30).status_code == 409
     browser = Browser(server.url)
     browser.login("admin", ADMIN_PASSWORD)
+    assert 'data-file="managed"' in browser.get(browser.url("/remote")).text
     page = browser.post(browser.url("/remote/pacs/edit"), data={
         "ae_title": "PACS", "host": "127.0.0.1", "port": "104", "service_find": "on",
         "service_move": "on"})
@@ -137,6 +150,7 @@ def test_file_remote_nodes_are_refused_until_detached(web_router: Any, start_rou
     assert detached.status_code == 200 and "Detached from the configuration file" in (
         detached.text)
     assert requests.put(url, headers=admin, timeout=30, json=changed).status_code == 200
+    assert 'data-file="detached"' in browser.get(browser.url("/remote")).text
     rows = audit(server.router, "RemoteNode.Detached")
     assert [r["actor"] for r in rows] == ["admin"] and "PACS moves" in rows[0]["detail"]
 

@@ -25,7 +25,7 @@ from tests.conftest import ADMIN_PASSWORD, make_settings, wait_for
 from tests.integration.peers import StoreScp, free_port, require_tool
 from tests.integration.test_web_jobs import delivery_counts, storescu, write_instances
 from tests.web_harness import Browser, bearer
-from web.queries.filters import iso
+from web.filters import iso
 
 pytestmark = pytest.mark.dcmtk
 UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")

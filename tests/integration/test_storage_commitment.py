@@ -179,6 +179,13 @@ def test_report_on_the_same_association_names_missing_and_mismatched_instances(
     assert referenced(info, "FailedSOPSequence") == {
         never: (CTImageStorage, 0x0112), b.SOPInstanceUID: (MRImageStorage, 0x0119)}
 
+    tx_class = generate_uid()  # a SOP class the router does not store at all: 0x0122
+    modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID),
+                                   ("1.2.3.4.5.6.7", never)], tx_class, wait_report=15)
+    _, info = modality.same.items[1]
+    assert referenced(info, "FailedSOPSequence") == {never: ("1.2.3.4.5.6.7", 0x0122)}
+    modality.same.items.pop()
+
     tx2 = generate_uid()  # everything committed: event type 1, no Failed SOP Sequence
     modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID),
                                    (CTImageStorage, b.SOPInstanceUID)], tx2, wait_report=15)
@@ -186,8 +193,8 @@ def test_report_on_the_same_association_names_missing_and_mismatched_instances(
     assert event_type == 1 and "FailedSOPSequence" not in info
     assert set(referenced(info, "ReferencedSOPSequence")) == {a.SOPInstanceUID,
                                                                b.SOPInstanceUID}
-    rows = audit_rows(router, 4)
-    assert [r["action"] for r in rows] == ["Commitment.Requested", "Commitment.Reported"] * 2
+    rows = audit_rows(router, 6)
+    assert [r["action"] for r in rows] == ["Commitment.Requested", "Commitment.Reported"] * 3
     assert rows[0]["actor"] == MODALITY and rows[1]["actor"] == "system"
     assert '"via": "same association"' in rows[1]["detail"]
     assert '"failed": 2' in rows[1]["detail"] and '"committed": 1' in rows[1]["detail"]
@@ -231,12 +238,19 @@ def test_refusals_name_the_problem_and_are_audited(
         warnings.simplefilter("ignore", UserWarning)
         status = modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID)], "1.2.x")
     assert status.Status == 0x0115 and "Transaction UID" in str(status.ErrorComment)
-    # A reused Transaction UID.
+    # A reused Transaction UID: accepted, and every instance reported failed with the
+    # Failure Reason 0x0131 (Duplicate transaction UID, PS3.4 J.3.3.1.1) on the association.
     tx = generate_uid()
     assert modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID)],
                                      tx).Status == 0x0000
-    assert modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID)],
-                                     tx).Status == 0x0110
+    assert modality.store_and_commit([], [(CTImageStorage, a.SOPInstanceUID),
+                                          (CTImageStorage, "1.2.3.9")],
+                                     tx, wait_report=15).Status == 0x0000
+    event_type, info = modality.same.items[-1]
+    assert event_type == 2 and info.TransactionUID == tx
+    assert "ReferencedSOPSequence" not in info
+    assert referenced(info, "FailedSOPSequence") == {a.SOPInstanceUID: (CTImageStorage, 0x0131),
+                                                     "1.2.3.9": (CTImageStorage, 0x0131)}
     # An AE that is no remote node: no report could reach it.
     ae = AE(ae_title="STRANGER")
     ae.add_requested_context(StorageCommitmentPushModel)
@@ -250,6 +264,7 @@ def test_refusals_name_the_problem_and_are_audited(
     assert [r["outcome"] for r in denied] == ["denied"] * 4
     assert denied[-1]["actor"] == "STRANGER" and "not a known remote node" in denied[-1]["detail"]
     assert "0x0123" in denied[0]["detail"]
+    assert "0x0131" in denied[2]["detail"] and "Transaction UID" in denied[2]["detail"]
     report_scp[1].wait(1, 20)  # the one accepted request was answered
     assert len(audit_rows(router, 2)) == 2  # only that request and its report were recorded
 

@@ -101,6 +101,8 @@ def test_the_report_folds_a_viewer_session_and_lists_the_download_and_the_study_
     auditor.login(*AUDITOR)
     found = auditor.get(auditor.url("/audit/access"), params={"q": "synthetic^ct^pat-access"})
     assert found.status_code == 200 and f'data-patient="{PATIENT}"' in found.text
+    as_shown = auditor.get(auditor.url("/audit/access"), params={"q": "Synthetic, CT"})
+    assert f'data-patient="{PATIENT}"' in as_shown.text  # the name as the pages write it
     page = auditor.get(auditor.url("/audit/access"), params={"patient": PATIENT})
     assert page.status_code == 200
     kinds = re.findall(r'<tr data-kind="([^"]+)" data-actor="([^"]+)">.*?'
@@ -126,10 +128,11 @@ def test_the_report_folds_a_viewer_session_and_lists_the_download_and_the_study_
         # (Not audit.search: an auditor lands on the audit search after logging in.)
         rows = audit_rows(server, "actor = ? AND action LIKE ? AND action != ?",
                           (AUDITOR[0], "audit.%", "audit.search"))
-        return rows if len(rows) >= 4 else []
+        return rows if len(rows) >= 5 else []
     recorded = wait_for(reads, 20, "the auditor's reads")
     assert [(r["action"], r["patient_id"]) for r in recorded] == [
-        ("audit.patient_search", None), ("audit.access_report", PATIENT),
+        ("audit.patient_search", None), ("audit.patient_search", None),
+        ("audit.access_report", PATIENT),
         ("audit.access_report_export", PATIENT), ("audit.access_report", PATIENT)]
 
     headers = bearer(server.url, *AUDITOR)

@@ -26,6 +26,7 @@ import requests
 from projections import audit_queries as queries
 from router.application.commands import Actor
 from router.application.sessions import AccessRecord
+from router.domain.users import user_id
 from tests.conftest import make_settings, wait_for
 from tests.integration.peers import free_port
 from tests.synthetic import make_ct_series
@@ -369,6 +370,12 @@ def test_state_as_of_shows_a_rule_and_a_role_as_they_were(
     assert page.status_code == 200
     row = re.search(r'<tr data-user="rad1">.*?</tr>', page.text, re.S)
     assert row and '<td class="role">radiologist</td>' in row.group(0)
+    # Each user (like each rule and destination) links to its versions, compared side by side
+    versions = f'/audit/versions?object={user_id(RADIOLOGIST[0])}'
+    assert versions in row.group(0)
+    compared = browser.get(browser.url(versions))
+    assert compared.status_code == 200 and "radiologist" in compared.text
+    assert "operator" in compared.text  # the latest version beside the one before
     assert "CT_*" in page.text and "MR_*" not in page.text
     for text in (page.text, json.dumps(then), json.dumps(now)):
         assert SECRET not in text and "enc:v1:" not in text and "$2b$" not in text

@@ -336,7 +336,8 @@ def test_roles_and_config_file_origin(web_router: Any, tmp_path: Path) -> None:
     browser.login("op", "operator pass 123")
     page = browser.get(browser.url("/destinations"))
     assert re.search(r"from-file</strong></a>\s*<span class=\"badge\">dicom</span>\s*"
-                     r"<span class=\"badge\" title=\"Declared in the configuration file", page.text)
+                     r"<span class=\"badge\" data-file=\"managed\" title=\"Declared in the"
+                     r" configuration file", page.text)
     assert browser.get(browser.url("/destinations/from-file/edit")).text.count(
         "Managed by the configuration file.") == 1
     document = requests.get(server.url + "/api/v1/openapi.json", timeout=10).json()

@@ -183,7 +183,7 @@ def check_timeline(job: dict[str, Any]) -> None:
 
 def requeue_and_check(server: Any, api: dict[str, str], job_id: str) -> None:
     r = requests.post(f"{server.url}/api/v1/jobs/{job_id}/deliveries/down/requeue",
-                      headers=api, timeout=30)
+                      headers=api, timeout=30, json={"reason": "link repaired"})
     assert r.status_code == 200 and r.json()["delivery"]["status"] in ("queued", "retrying")
 
     def attempts() -> int:
@@ -194,6 +194,7 @@ def requeue_and_check(server: Any, api: dict[str, str], job_id: str) -> None:
     events = get(server, api, f"/api/v1/jobs/{job_id}").json()["events"]
     requeued = [e for e in events if e["action"] == "Delivery.Requeued"]
     assert len(requeued) == 1 and requeued[0]["actor"] == "admin"
+    assert requeued[0]["details"]["reason"] == "link repaired"  # recorded with the event
     assert requeued[0]["destination"] == "down"
     assert [e["action"] for e in events].count("Delivery.AttemptFailed") == 2
 
@@ -255,11 +256,14 @@ def test_job_detail_timeline_requeue_and_cancel(database_url: str, web_router: A
     check_refusals(server, api, job_id)
 
     # HTMX: the requeue button swaps the live part of the page.
+    page = browser.get(browser.url(f"/jobs/{job_id}")).text
+    assert 'placeholder="reason" aria-label="Why requeue the delivery to down"' in page
     fragment = browser.post(browser.url(f"/jobs/{job_id}/deliveries/down/requeue"),
-                            headers={"HX-Request": "true"})
+                            headers={"HX-Request": "true"}, data={"reason": "PACS <b>up</b>"})
     assert fragment.status_code == 200
     assert fragment.text.lstrip().startswith('<div id="job-live"')
     assert "Requeued the delivery to down" in fragment.text and "<html" not in fragment.text
+    assert "requeued: PACS &lt;b&gt;up&lt;/b&gt;" in fragment.text  # the timeline says why
 
     views = accesses(server.router, "job.view")
     mine = [a for a in views if a["object_id"] == job_id]

@@ -143,6 +143,11 @@ def test_study_pages_show_people_dates_thumbnails_and_instance_tags(
     instance = rad.get(server.url + link)
     assert instance.status_code == 200
     assert "(0010,0010)" in instance.text and "DOE^JOHN" in instance.text  # the raw value
+    # SOP class and transfer syntax by name, the UID on hover (the job page's way)
+    assert re.search(r'<dd><abbr title="[0-9.]+">[A-Z][A-Za-z ]+ Storage</abbr></dd>',
+                     instance.text)
+    assert re.search(r'<dd><abbr title="1\.2\.840\.10008\.1\.2[.0-9]*">[A-Z][A-Za-z ]+'
+                     r'</abbr></dd>', instance.text)
     assert "private tag: value not shown" in instance.text
     assert "PRIVATE-SECRET" not in instance.text
     assert "pixel data: 512 bytes, not shown" in instance.text  # 16 x 16 x 2 bytes

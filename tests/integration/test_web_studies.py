@@ -79,6 +79,8 @@ def test_study_search_and_detail_with_delivery_status(database_url: str, web_rou
 
     assert set(found()) == {uids["ct"], uids["mr"]}
     assert found(patient_name="doe") == [uids["mr"]]  # a prefix, any case
+    # as the pages show names ("DOE, JOHN"): the comma stands for the family name's ^
+    assert found(patient_name="Doe, John") == [uids["mr"]] == found(patient_name="doe,j")
     assert found(patient_name="*JOHN") == [uids["mr"]] and found(patient_name="JOHN") == []
     assert found(patient_name="<script>*") == [uids["ct"]]
     assert found(patient_id="PAT-1") == [uids["ct"]] and found(patient_id="PAT") == []

@@ -244,7 +244,7 @@ def test_destination_and_rule_forms_set_and_keep_transforms(web_router: Any) -> 
     assert server.router.admin.refresh().rules[0].spec.transforms == ("deid",)
     items = requests.get(server.url + API, headers=auth, timeout=10).json()["items"]
     assert items[0]["used_by"] == ["destination 'research'", "rule 'all'"]
-    assert "config file" not in browser.get(server.url + "/transforms").text
+    assert 'data-file="managed"' not in browser.get(server.url + "/transforms").text
 
 
 def test_the_transform_editor_creates_edits_and_deletes_with_field_errors(

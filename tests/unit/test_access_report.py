@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from projections import access_report_queries as report
 from projections.audit import AuditView
 from projections.audit_queries import AuditFilter, search
 from projections.db import SqliteViews
 from projections.runner import EventRecord
 from router.domain.users import user_id
-from web.queries import access_report as report
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 OTHER = "1.2.826.0.1.3680043.8.498.2"
@@ -188,3 +188,24 @@ def test_an_action_filter_may_list_several_actions_and_prefixes(views: Any) -> N
         AuditFilter.from_query({"action": " , "})
     assert json.loads(json.dumps(AuditFilter.from_query({"action": "a,b"}).query_params())) == {
         "action": "a,b"}
+
+
+def test_patient_searches_use_the_patient_time_index_alone(tmp_path: Path) -> None:
+    """The patient index is the (patient_id, occurred_at) one; the prefix-only index that
+    older versions made is dropped, since every search by patient can use the longer one."""
+    import sqlite3
+
+    from projections.audit import INDEXES
+
+    conn = sqlite3.connect(tmp_path / "v.sqlite")
+    conn.execute("CREATE TABLE audit (patient_id TEXT, occurred_at REAL, study_instance_uid TEXT,"
+                 " actor TEXT, action TEXT, object_id TEXT, job_id TEXT)")
+    conn.execute("CREATE TABLE audit_jobs (job_id TEXT, study_instance_uid TEXT)")
+    conn.execute("CREATE INDEX audit_patient ON audit (patient_id)")  # an older version's
+    for statement in INDEXES:
+        conn.execute(statement)
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "audit_patient" not in names and "audit_patient_time" in names
+    plan = conn.execute("EXPLAIN QUERY PLAN SELECT * FROM audit WHERE patient_id = ?",
+                        ("P1",)).fetchall()
+    assert "audit_patient_time" in str(plan), plan

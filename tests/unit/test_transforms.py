@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import io
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -72,6 +74,7 @@ def test_basic_profile_removes_what_it_requires(name: str) -> None:
     # The method is declared (CID 7050): the basic profile and modified dates.
     codes = [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]
     assert codes == ["113100", "113107"]
+    assert ds.LongitudinalTemporalInformationModified == "MODIFIED"  # PS3.15 E.3.6
     # The original name and ID are nowhere in the bytes that would leave.
     sent = _bytes(ds)
     family = str(original.PatientName).split("^")[0].encode()
@@ -80,6 +83,63 @@ def test_basic_profile_removes_what_it_requires(name: str) -> None:
     assert project == "trial-7" and identity.patient_id == original.PatientID
     assert identity.pseudo_patient_id == ds.PatientID
     assert result.applied[0]["engine"] == deid.ENGINE
+
+
+# PS3.15 Table E.1-1: attributes the basic profile removes (X) or replaces, whatever dicognito
+# does with them; the Retain Device Identity / Patient Characteristics / Clean Descriptors
+# options (off here) would keep some.
+_E11 = (
+    "MedicalAlerts ReferringPhysicianAddress ReferringPhysicianTelephoneNumbers AdmissionID "
+    "ServiceEpisodeID DeviceSerialNumber TextString CurrentPatientLocation "
+    "PatientInstitutionResidence PersonAddress PersonTelephoneNumbers OrderCallbackPhoneNumber "
+    "OrderEntererLocation PerformedLocation RequestedProcedureLocation RequestingService "
+    "ResultsComments ImagingServiceRequestComments RequestedProcedureComments Impressions "
+    "IdentifyingComments ServiceEpisodeDescription TopicKeywords TopicTitle TopicSubject "
+    "TopicAuthor VerifyingOrganization ScheduledProcedureStepLocation PreMedication "
+    "PatientTransportArrangements DistributionName DistributionAddress "
+    "InsurancePlanIdentification IssuerOfAdmissionID IssuerOfServiceEpisodeID "
+    "InterpretationIDIssuer StudyIDIssuer ResultsIDIssuer HumanPerformerOrganization "
+    "ModifyingDeviceID ModifyingDeviceManufacturer CommentsOnThePerformedProcedureStep "
+    "DetectorID GantryID PlateID CassetteID GeneratorID DeviceLabel SourceSerialNumber "
+    "DeviceDescription AcquisitionProtocolDescription StationName "
+    "ConfidentialityConstraintOnPatientDataDescription InterpretationDiagnosisDescription "
+    "ModifiedImageDescription PatientBirthTime OtherPatientIDs OtherPatientNames "
+    "PatientBirthName PatientMotherBirthName MilitaryRank BranchOfService PatientAddress "
+    "PatientTelephoneNumbers MedicalRecordLocator Occupation PatientReligiousPreference "
+    "CountryOfResidence RegionOfResidence InstitutionAddress InstitutionName "
+    "InstitutionalDepartmentName ReferringPhysicianName PerformingPhysicianName OperatorsName "
+    "PhysiciansOfRecord NameOfPhysiciansReadingStudy RequestingPhysician ResponsiblePerson "
+    "ResponsibleOrganization ConsultingPhysicianName AccessionNumber StudyID "
+    "RequestedProcedureID PerformedProcedureStepID ScheduledProcedureStepID "
+    "PatientComments AdditionalPatientHistory ProtocolName DataSetTrailingPadding")
+E11_REMOVED = _E11.split()
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm"])
+def test_no_value_the_basic_profile_removes_is_in_what_is_sent(name: str) -> None:
+    """Each attribute of E11_REMOVED gets a unique value, at the top level and inside a
+    sequence item; none of those values may be in the bytes that would leave."""
+    ds = _file(name)
+    markers: list[bytes] = []
+    item = Dataset()
+    for i, keyword in enumerate(E11_REMOVED):
+        tag = tag_for_keyword(keyword)
+        assert tag is not None, keyword
+        vr = dictionary_VR(tag)
+        for target, suffix in ((ds, "T"), (item, "S")):
+            if vr == "TM":
+                value: Any = f"01{i % 60:02d}0{'7' if suffix == 'T' else '8'}"
+            elif vr == "OB":
+                value = b"QZPAD" + suffix.encode()
+            else:
+                value = f"QZ{i:03d}{suffix}"
+            target.add_new(tag, vr, value)
+            markers.append(value if isinstance(value, bytes) else value.encode())
+    ds.ReferencedStudySequence = Sequence([item])
+    _run(ds, DEID)
+    sent = _bytes(ds)
+    leaked = [E11_REMOVED[i // 2] for i, m in enumerate(markers) if m in sent]
+    assert leaked == []
 
 
 def test_same_patient_same_pseudonym_across_studies_and_restarts_not_projects() -> None:
@@ -100,17 +160,20 @@ def test_options_retain_what_they_name() -> None:
     ds = _file("CT_small.dcm")
     _run(ds, {**DEID, "retain_dates": "keep", "retain_uids": True,
               "retain_device_identity": True, "retain_patient_characteristics": True,
-              "clean_descriptors": True, "retain_private": True})
+              "retain_institution_identity": True, "clean_descriptors": True,
+              "retain_private": True})
     assert ds.StudyDate == original.StudyDate and ds.ContentTime == original.ContentTime
     assert ds.StudyInstanceUID == original.StudyInstanceUID
     assert ds.SOPInstanceUID == original.SOPInstanceUID
     assert ds.StationName == original.StationName
+    assert ds.InstitutionName == original.InstitutionName
     assert ds.PatientAge == original.PatientAge and ds.PatientSex == original.PatientSex
     assert ds.StudyDescription == original.StudyDescription  # nothing identifying in it
     assert [e for e in ds if e.tag.is_private]
     assert ds.PatientID != original.PatientID  # the basic profile still applies
     codes = {item.CodeValue for item in ds.DeidentificationMethodCodeSequence}
-    assert codes == {"113100", "113106", "113110", "113109", "113108", "113105"}
+    assert codes == {"113100", "113106", "113110", "113109", "113108", "113112", "113105"}
+    assert ds.LongitudinalTemporalInformationModified == "UNMODIFIED"
 
 
 def test_clean_descriptors_takes_the_patients_name_out_of_free_text() -> None:
@@ -147,6 +210,26 @@ def test_morph_sets_institution_for_one_calling_ae_only() -> None:
     ds = _file("CT_small.dcm")
     _run(ds, spec, calling_aet="MR_SOUTH")
     assert ds.InstitutionName == "JFK IMAGING CENTER"
+
+
+def test_the_two_everyday_examples_of_docs_transforms_md_do_what_it_says() -> None:
+    """The TOML of docs/transforms.md's examples, as written there."""
+    text = (Path(__file__).parents[2] / "docs" / "transforms.md").read_text()
+    block = text.split("Two everyday examples:", 1)[1].split("```toml", 1)[1].split("```")[0]
+    declared = {t["name"]: t for t in tomllib.loads(block)["transforms"]}
+    fix, north = declared["fix-patient-id"], declared["north-institution"]
+    ds = _file("CT_small.dcm")
+    ds.PatientID, ds.IssuerOfPatientID = "OLD-123", "SITE-A"
+    _run(ds, fix)
+    assert ds.PatientID == "SITEA-123"
+    ds.PatientID, ds.IssuerOfPatientID = "OLD-123", "SITE-B"
+    _run(ds, fix)
+    assert ds.PatientID == "OLD-123"
+    _run(ds, north, calling_aet="CT_NORTH_2")
+    assert ds.InstitutionName == "North Clinic"
+    other = _file("CT_small.dcm")
+    _run(other, north, calling_aet="CT_SOUTH")
+    assert other.InstitutionName == "JFK IMAGING CENTER"
 
 
 def test_morph_reaches_into_sequences_by_keyword_and_by_tag() -> None:
@@ -196,6 +279,36 @@ def test_morph_private_elements_by_creator() -> None:
     assert back[back.private_block(0x0011, "ROUTER 1").get_tag(0x10)].value == "routed"
 
 
+def test_morph_writes_numbers_into_binary_number_elements() -> None:
+    """Set, copy and replace on US/FL/... elements give numbers, so the copy can be written."""
+    ds = _file("CT_small.dcm")
+    _run(ds, {"name": "numbers", "kind": "morph", "ops": [
+        {"op": "set", "tag": "Rows", "value": "128"},
+        {"op": "set", "tag": "(0019,\"ACME\",10)", "vr": "FL", "value": "1.5\\2.5"},
+        {"op": "copy", "tag": "Columns", "from": "Rows"},
+        {"op": "replace", "tag": "BitsStored", "pattern": "^16$", "with": "12"},
+        {"op": "set", "tag": "SeriesNumber", "value": ""},
+        {"op": "set", "tag": "PixelPaddingValue", "value": ""}]})
+    back = dcmread(io.BytesIO(_bytes(ds)))
+    assert (back.Rows, back.Columns) == (128, 128)
+    assert back.BitsStored == 12
+    assert back.SeriesNumber is None and back.PixelPaddingValue is None  # emptied
+    private = back.private_block(0x0019, "ACME")[0x10]
+    assert private.VR == "FL" and list(private.value) == [1.5, 2.5]
+
+
+def test_morph_sets_a_private_element_read_as_un() -> None:
+    """An implicit VR file's unknown private element is UN (bytes): set re-makes it."""
+    ds = _file("rtplan.dcm")  # implicit VR little endian
+    ds.private_block(0x0029, "NOBODY KNOWS", create=True).add_new(0x10, "LO", "OLD")
+    ds = dcmread(io.BytesIO(_bytes(ds)))
+    assert ds.private_block(0x0029, "NOBODY KNOWS")[0x10].VR == "UN"
+    _run(ds, {"name": "p", "kind": "morph", "ops": [
+        {"op": "set", "tag": '(0029,"NOBODY KNOWS",10)', "vr": "LO", "value": "NEW"}]})
+    back = dcmread(io.BytesIO(_bytes(ds)))
+    assert back.private_block(0x0029, "NOBODY KNOWS")[0x10].value in (b"NEW ", "NEW")
+
+
 def test_a_failing_operation_names_the_transform_and_the_operation() -> None:
     ds = _file("CT_small.dcm")
     with pytest.raises(TransformFailed) as caught:
@@ -228,6 +341,21 @@ def test_utf8_bytes_declared_latin1_are_redeclared_utf8() -> None:
     assert back.SpecificCharacterSet == "ISO_IR 192"
     assert str(back.PatientName) == "Wang^XiaoDong=王^小東"
     assert str(ds.PatientName) == "Wang^XiaoDong=王^小東"
+
+
+def test_charset_repair_runs_before_what_reads_the_text_whatever_its_place_in_the_chain(
+        ) -> None:
+    """A rule's morph, then a destination's charset repair: the repair still sees the bytes
+    as received (a transform that read a name first would have decoded it wrongly)."""
+    ds = _charset_file("chrX1.dcm", b"ISO_IR 192", b"ISO_IR 100")
+    result = _run(ds, {"name": "tag-it", "kind": "morph", "ops": [
+        {"op": "replace", "tag": "PatientName", "pattern": "^Wang", "with": "WANG"}]},
+        {"name": "fix-charset", "kind": "charset"})
+    back = dcmread(io.BytesIO(_bytes(ds)))
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert str(back.PatientName) == "WANG^XiaoDong=王^小東"
+    # Recorded in the order they ran.
+    assert [a["name"] for a in result.applied] == ["fix-charset", "tag-it"]
 
 
 def test_latin1_bytes_declared_utf8_are_redeclared_latin1() -> None:
@@ -288,6 +416,18 @@ def test_ascii_only_text_needs_no_repair() -> None:
     ({"name": "m", "kind": "morph", "ops": [{"op": "delete", "tag": "PatientID",
                                             "when": [{"tag": "Modality"}]}]},
      {"ops[0].when[0].tag": "a condition needs exactly one of equals, matches, exists"}),
+
+    ({"name": "m", "kind": "morph", "ops": [{"op": "set", "tag": "Rows", "value": "big"}]},
+     {"ops[0].value": "expected a number for 'Rows' (VR US; several separated by \\), got "
+                      "'big'"}),
+    ({"name": "m", "kind": "morph", "ops": [{"op": "set", "tag": "SeriesNumber",
+                                            "value": "two"}]},
+     {"ops[0].value": "expected a number for 'SeriesNumber' (VR IS; several separated by \\), "
+                      "got 'two'"}),
+    ({"name": "m", "kind": "morph", "ops": [{"op": "set", "tag": "ReferencedImageSequence",
+                                            "value": "x"}]},
+     {"ops[0].tag": "'ReferencedImageSequence' is a SQ element: set and copy write text or "
+                    "numbers only"}),
 ])
 def test_declarations_fail_with_the_field_and_the_reason(data: dict[str, Any],
                                                          errors: dict[str, str]) -> None:

@@ -11,13 +11,13 @@ from typing import Any
 
 from aiohttp import web
 
+from projections import access_report_queries as queries
 from projections.audit_queries import AuditFilter, FilterError, iso
 from router.application.sessions import AccessRecord
 from web.api.audit import NO_STORE, audit_db
 from web.api.common import ApiError, json_response
 from web.auth import record_access
 from web.freshness import fresh
-from web.queries import access_report as queries
 from web.routes import Route
 
 PARAMS = ("patient", "from", "to")

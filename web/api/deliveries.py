@@ -22,10 +22,10 @@ from router.application.bulk import (
 from router.application.commands import Actor
 from web.api.common import ApiError, json_response, read_json
 from web.auth import actor_of
+from web.filters import UID_RE
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
-from web.queries.filters import UID_RE
 from web.routes import Route
 
 TAGS = ("jobs",)
@@ -109,11 +109,11 @@ async def cancel(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route("POST", "/api/v1/deliveries/requeue", requeue, "jobs.write",
-          "Requeue every delivery matching the filter (retrying, dead or cancelled ones);"
+          "Requeue every delivery matching the filter (retrying, failed or cancelled ones);"
           " answers how many matched and were requeued. An empty filter needs \"all\": true",
           body=BulkRequest, tags=TAGS),
     Route("POST", "/api/v1/deliveries/cancel", cancel, "jobs.write",
-          "Cancel every delivery matching the filter (pending, retrying or dead ones);"
+          "Cancel every delivery matching the filter (queued, retrying or failed ones);"
           " answers how many matched and were cancelled. An empty filter needs \"all\": true",
           body=BulkRequest, tags=TAGS),
 ]

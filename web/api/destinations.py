@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 from aiohttp import web
 from pydantic import BaseModel, Field, RootModel
 
+from projections.destinations_queries import Health, declared_by_config, health
 from router.application.admin_state import DestinationState
 from router.dispatch.base import (
     NOT_REACHED,
@@ -46,7 +47,6 @@ from web.api.file_managed import refuse_if_managed
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
-from web.queries.destinations import Health, declared_by_config, health
 from web.routes import Route
 
 logger = logging.getLogger(__name__)

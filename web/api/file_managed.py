@@ -11,11 +11,11 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from projections.destinations_queries import declared_by_config
 from web.api.common import ApiError, json_response, read_json, run_command
 from web.auth import actor_of
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
-from web.queries.destinations import declared_by_config
 from web.routes import Route
 
 KINDS = ("rule", "destination")

@@ -12,23 +12,22 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from projections.jobs import JobsView
-from projections.positions import view_positions
-from router.application.sessions import AccessRecord
-from web.api.common import ApiError, json_response, paging, read_json, run_command
-from web.auth import actor_of, record_access
-from web.freshness import fresh
-from web.keys import ROUTER_KEY
-from web.ports import RouterPort
-from web.queries.filters import FilterError, with_iso_times
-from web.queries.jobs import (
+from projections.jobs_queries import (
     FILTER_FIELDS,
     JobFilters,
     get_delivery,
     get_job,
     job_events,
     list_jobs,
-    parse_filters,
 )
+from projections.positions import view_positions
+from router.application.sessions import AccessRecord
+from web.api.common import ApiError, json_response, paging, read_json, run_command
+from web.auth import actor_of, record_access
+from web.filters import FilterError, job_filters, with_iso_times
+from web.freshness import fresh
+from web.keys import ROUTER_KEY
+from web.ports import RouterPort
 from web.routes import Route
 
 TAGS = ("jobs",)
@@ -40,9 +39,13 @@ class CancelRequest(BaseModel):
     reason: str = Field(default="", max_length=500)
 
 
+class RequeueRequest(CancelRequest):
+    """Why the delivery is requeued (optional; recorded with Delivery.Requeued)."""
+
+
 def filters_or_400(query: Any, strict: bool = True) -> JobFilters:
     try:
-        return parse_filters(query, strict)
+        return job_filters(query, strict)
     except FilterError as exc:
         raise ApiError(400, str(exc), fields={exc.field: exc.message}) from None
 
@@ -126,7 +129,7 @@ async def change_delivery(request: web.Request, job_id: str, destination: str, a
         raise ApiError(404, f"this job has no delivery to {destination!r}")
     actor = actor_of(request)
     if action == "requeue":
-        await run_command(router.commands.requeue, job["job_id"], destination, actor)
+        await run_command(router.commands.requeue, job["job_id"], destination, actor, reason)
     else:
         await run_command(router.commands.cancel, job["job_id"], destination, actor, reason)
     await fresh(request, "jobs", timeout=CHANGE_WAIT_S)
@@ -135,8 +138,11 @@ async def change_delivery(request: web.Request, job_id: str, destination: str, a
 
 
 async def requeue(request: web.Request) -> web.Response:
+    body = RequeueRequest()
+    if request.can_read_body:
+        body = await read_json(request, RequeueRequest)
     delivery = await change_delivery(request, request.match_info["job_id"],
-                                     request.match_info["destination"], "requeue")
+                                     request.match_info["destination"], "requeue", body.reason)
     return json_response({"requeued": True, "delivery": with_iso_times(delivery)})
 
 
@@ -163,8 +169,9 @@ ROUTES = [
           " (timeline_complete is false when the audit trail had not yet caught up with"
           " the delivery status after 2 s)", tags=TAGS),
     Route("POST", DELIVERY + "/requeue", requeue, "jobs.write",
-          "Attempt this delivery again now", tags=TAGS),
+          "Attempt this delivery again now (optional reason, recorded)", body=RequeueRequest,
+          body_optional=True, tags=TAGS),
     Route("POST", DELIVERY + "/cancel", cancel, "jobs.write",
-          "Stop this delivery (no more attempts unless requeued)", body=CancelRequest,
-          tags=TAGS),
+          "Stop this delivery (no more attempts unless requeued; optional reason)",
+          body=CancelRequest, body_optional=True, tags=TAGS),
 ]

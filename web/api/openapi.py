@@ -69,8 +69,8 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
     if params:
         op["parameters"] = params
     if route.body is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": _schema_ref(route.body, schemas)}}}
+        op["requestBody"] = {"required": not route.body_optional, "content": {
+            "application/json": {"schema": _schema_ref(route.body, schemas)}}}
     if route.response is not None:
         op["responses"]["200"] = {"description": "OK", "content": {"application/json": {
             "schema": _schema_ref(route.response, schemas)}}}

@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from projections.destinations_queries import declared_by_config
 from router.application.dry_run import (
     DryRunError,
     JobInput,
@@ -40,7 +41,6 @@ from web.api.file_managed import refuse_if_managed
 from web.auth import actor_of, record_access
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
-from web.queries.destinations import declared_by_config
 from web.routes import Route
 
 # -- documentation models --------------------------------------------------------------------

@@ -14,9 +14,9 @@ from router.application.bulk import BulkFilterError
 from router.application.send import Sender
 from web.api.common import ApiError, json_response, read_json, run_command
 from web.auth import actor_of
+from web.filters import UID_RE
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
-from web.queries.filters import UID_RE
 from web.routes import Route
 
 CHANGE_WAIT_S = 5.0

@@ -9,10 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
+from projections.stats_queries import collect
 from web.api.common import json_response
+from web.filters import with_iso_times
 from web.keys import ROUTER_KEY
-from web.queries.filters import with_iso_times
-from web.queries.stats import collect
 from web.routes import Route
 
 

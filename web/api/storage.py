@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from projections import storage_queries
 from projections.db import ViewDatabase
 from router.application.commands import CommandError
 from router.application.retention import RETENTION_SETTING, PurgeResult
@@ -24,17 +25,6 @@ from web.routes import Route
 MANAGE = "storage.manage"
 PURGE_WAIT_S = 5.0  # "purge now" answers once the jobs view shows the purge
 
-# One row per purge run: when, by whom, jobs, distinct objects and their bytes.
-PURGES_SQL = (
-    "SELECT r.purge_id, MIN(r.purged_at) AS purged_at, MIN(r.actor) AS actor,"
-    " SUM(r.jobs) AS jobs, COUNT(*) AS objects, SUM(r.size) AS total_size FROM ("
-    "SELECT purge_id, sha256, MIN(purged_at) AS purged_at, MIN(actor) AS actor,"
-    " COUNT(*) AS jobs, MAX(size) AS size FROM blob_purges GROUP BY purge_id, sha256) r"
-    " GROUP BY r.purge_id ORDER BY MIN(r.purged_at) DESC, r.purge_id LIMIT ? OFFSET ?"
-)
-PURGE_COUNT_SQL = "SELECT COUNT(DISTINCT purge_id) AS n FROM blob_purges"
-
-
 def human_bytes(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(size) < 1024 or unit == "TB":
@@ -44,13 +34,12 @@ def human_bytes(size: float) -> str:
 
 
 def purge_runs(db: ViewDatabase, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-    rows = db.query(PURGES_SQL, (limit, offset))
-    total = db.query(PURGE_COUNT_SQL)[0]["n"]
+    rows, total = storage_queries.purge_runs(db, limit, offset)
     runs = [{"purge_id": r["purge_id"], "purged_at": iso(float(r["purged_at"])),
              "actor": r["actor"], "jobs": int(r["jobs"]), "objects": int(r["objects"]),
              "bytes": int(r["total_size"] or 0),
              "size": human_bytes(int(r["total_size"] or 0))} for r in rows]
-    return runs, int(total)
+    return runs, total
 
 
 def result_json(result: PurgeResult | None) -> dict[str, Any] | None:

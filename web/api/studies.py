@@ -10,20 +10,19 @@ from typing import Any
 
 from aiohttp import web
 
-from router.application.sessions import AccessRecord
-from web.api.common import ApiError, json_response, paging
-from web.auth import record_access
-from web.freshness import fresh
-from web.keys import ROUTER_KEY
-from web.queries.filters import UID_RE, FilterError, with_iso_times
-from web.queries.studies import (
+from projections.studies_queries import (
     FILTER_FIELDS,
     StudyFilters,
     delivery_status,
     get_study,
-    parse_filters,
     search_studies,
 )
+from router.application.sessions import AccessRecord
+from web.api.common import ApiError, json_response, paging
+from web.auth import record_access
+from web.filters import UID_RE, FilterError, study_filters, with_iso_times
+from web.freshness import fresh
+from web.keys import ROUTER_KEY
 from web.routes import Route
 
 TAGS = ("studies",)
@@ -31,7 +30,7 @@ TAGS = ("studies",)
 
 def filters_or_400(query: Any, strict: bool = True) -> StudyFilters:
     try:
-        return parse_filters(query, strict)
+        return study_filters(query, strict)
     except FilterError as exc:
         raise ApiError(400, str(exc), fields={exc.field: exc.message}) from None
 

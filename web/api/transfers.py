@@ -10,19 +10,18 @@ from typing import Any
 
 from aiohttp import web
 
-from router.application.sessions import AccessRecord
-from web.api.common import ApiError, json_response, paging
-from web.auth import record_access
-from web.freshness import fresh
-from web.keys import ROUTER_KEY
-from web.queries.filters import FilterError, with_iso_times
-from web.queries.transfers import (
+from projections.transfers_queries import (
     FILTER_FIELDS,
     TransferFilters,
     get_transfer,
     list_transfers,
-    parse_filters,
 )
+from router.application.sessions import AccessRecord
+from web.api.common import ApiError, json_response, paging
+from web.auth import record_access
+from web.filters import FilterError, transfer_filters, with_iso_times
+from web.freshness import fresh
+from web.keys import ROUTER_KEY
 from web.routes import Route
 
 TAGS = ("transfers",)
@@ -30,7 +29,7 @@ TAGS = ("transfers",)
 
 def filters_or_400(query: Any, strict: bool = True) -> TransferFilters:
     try:
-        return parse_filters(query, strict)
+        return transfer_filters(query, strict)
     except FilterError as exc:
         raise ApiError(400, str(exc), fields={exc.field: exc.message}) from None
 

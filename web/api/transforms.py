@@ -14,6 +14,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from projections.destinations_queries import declared_by_config
 from router.application.reidentification import lookup_record, project_seed
 from router.application.sessions import AccessRecord
 from router.application.transform_preview import PreviewError, PreviewNotFound, preview
@@ -22,7 +23,6 @@ from web.api.common import ApiError, RawObject, json_response, read_json, run_co
 from web.auth import actor_of, record_access
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
-from web.queries.destinations import declared_by_config
 from web.routes import Route
 
 
@@ -37,6 +37,7 @@ class TransformBody(BaseModel):
     retain_uids: bool | None = None
     retain_device_identity: bool | None = None
     retain_patient_characteristics: bool | None = None
+    retain_institution_identity: bool | None = None
     clean_descriptors: bool | None = None
     retain_private: bool | None = None
     ops: list[dict[str, Any]] | None = Field(

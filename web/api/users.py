@@ -20,8 +20,8 @@ from router.application.users import LoginRefused, PasswordError, check_name
 from router.domain.users import LEAST_PRIVILEGED_ROLE
 from web.api.common import ApiError, json_response, read_json, run_command
 from web.auth import actor_of, current_user
+from web.filters import iso
 from web.keys import ROUTER_KEY
-from web.queries.filters import iso
 from web.routes import Route
 from web.security import AUTHENTICATED
 
@@ -41,6 +41,11 @@ class UserChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Role | None = None
     disabled: bool | None = None
+
+
+class Unlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("", max_length=500, description="why (recorded with User.Unlocked)")
 
 
 class PasswordReset(BaseModel):
@@ -122,8 +127,11 @@ async def get_user(request: web.Request) -> web.Response:
 
 
 async def unlock_user(request: web.Request) -> web.Response:
+    # The body is optional: no body (or {}) unlocks without a reason.
+    body = await read_json(request, Unlock) if await request.read() else Unlock(reason="")
     name = (await existing(request, request.match_info["name"])).name
-    await run_command(request.app[ROUTER_KEY].users.unlock, name, actor_of(request))
+    await run_command(request.app[ROUTER_KEY].users.unlock, name, actor_of(request),
+                      body.reason)
     return json_response(await shown_user(request, await existing(request, name)))
 
 
@@ -243,7 +251,8 @@ ROUTES = [
           body=UserChange, tags=TAGS),
     Route("POST", USER + "/unlock", unlock_user, MANAGE,
           "Lift a user's login lockout after repeated failed logins (recorded as"
-          " User.Unlocked)", tags=TAGS),
+          " User.Unlocked, with the optional reason)", body=Unlock, body_optional=True,
+          tags=TAGS),
     Route("POST", USER + "/password", reset_password, MANAGE,
           "Set a user's password (ends the user's sessions)", body=PasswordReset, tags=TAGS),
     Route("GET", USER + "/tokens", user_tokens, MANAGE, "A user's API tokens (never values)",

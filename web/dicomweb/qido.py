@@ -1,5 +1,6 @@
 """QIDO-RS under ``/dicom-web``: search for studies, series and instances, answered from the
-studies view (never by reading stored files) as ``application/dicom+json``.
+studies view (never by reading stored files; the SQL is projections/dicomweb_queries.py) as
+``application/dicom+json``.
 
 Query parameters are attribute keywords or hex tags (matching: the studies view's engine,
 projections/matching.py, through matching.py), ``includefield`` (repeated or
@@ -19,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiMapping
 
-from projections import matching as engine
+from projections import dicomweb_queries as queries
 from projections.db import ViewDatabase
 from web.api.common import ApiError
 from web.dicomweb import matching
@@ -49,36 +50,6 @@ from web.routes import Route
 MAX_RESULTS = 1000
 MORE = "There are additional results that can be requested"
 RESERVED = ("includefield", "limit", "offset", "fuzzymatching")
-
-FROM = {
-    STUDY: "studies st",
-    SERIES: "series se JOIN studies st ON st.study_instance_uid = se.study_instance_uid",
-    INSTANCE: "instances i JOIN series se ON se.series_instance_uid = i.series_instance_uid"
-              " JOIN studies st ON st.study_instance_uid = i.study_instance_uid",
-}
-SCOPE_COLUMN = {
-    (SERIES, STUDY): "se.study_instance_uid", (INSTANCE, STUDY): "i.study_instance_uid",
-    (INSTANCE, SERIES): "i.series_instance_uid",
-}
-ORDER = {
-    STUDY: "(st.study_date IS NULL), st.study_date DESC, (st.study_time IS NULL),"
-           " st.study_time DESC, st.study_instance_uid",
-    SERIES: "se.study_instance_uid, (se.series_number IS NULL), se.series_number,"
-            " se.series_instance_uid",
-    INSTANCE: "i.series_instance_uid, (i.instance_number IS NULL), i.instance_number,"
-              " i.sop_instance_uid",
-}
-_ONLINE = "CASE WHEN {test} THEN 'ONLINE' ELSE 'UNAVAILABLE' END"
-AVAILABLE_SQL = {
-    STUDY: _ONLINE.format(test="EXISTS (SELECT 1 FROM instances a WHERE a.study_instance_uid"
-                               " = st.study_instance_uid AND a.available = 1)"),
-    SERIES: _ONLINE.format(test="EXISTS (SELECT 1 FROM instances a WHERE a.series_instance_uid"
-                                " = se.series_instance_uid AND a.available = 1)"),
-    INSTANCE: _ONLINE.format(test="i.available = 1"),
-}
-IDS = {STUDY: "st.study_instance_uid", SERIES: "se.series_instance_uid",
-       INSTANCE: "i.sop_instance_uid"}
-
 
 @dataclass
 class Search:
@@ -181,20 +152,9 @@ def parse_search(query: MultiMapping[str], level: str, scope: dict[str, str]) ->
 
 def run_search(db: ViewDatabase, search: Search) -> list[dict[str, Any]]:
     """Up to limit + 1 rows (one more than asked tells whether results were cut)."""
-    keys = list(search.returned.values())
-    columns = [f"{k.column} AS k_{k.keyword.lower()}" for k in keys]
-    columns += [f"{IDS[level]} AS id_{level}" for level in searchable(search.level)]
-    columns.append(f"{AVAILABLE_SQL[search.level]} AS availability")
-    found = engine.where(search.conditions, db.dialect)
-    columns += found.columns()
-    clauses, params = list(found.clauses), list(found.params)
-    for level, uid in search.scope.items():
-        clauses.append(f"{SCOPE_COLUMN[(search.level, level)]} = ?")
-        params.append(uid)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    sql = (f"SELECT {', '.join(columns)} FROM {FROM[search.level]}{where}"
-           f" ORDER BY {ORDER[search.level]}")
-    return engine.fetch(db, sql, params, found, search.limit + 1, search.offset)
+    returned = {k.keyword.lower(): k.column for k in search.returned.values()}
+    return queries.search(db, search.level, returned, searchable(search.level),
+                          search.conditions, search.scope, search.limit + 1, search.offset)
 
 
 def to_dataset(row: dict[str, Any], search: Search, base: str) -> dict[str, Any]:
@@ -211,15 +171,12 @@ def to_dataset(row: dict[str, Any], search: Search, base: str) -> dict[str, Any]
 
 def _scope_patient(db: ViewDatabase, scope: dict[str, str]) -> str | None:
     """The scoped study's patient; 404 when the study or series of the URL is unknown."""
-    rows = db.query("SELECT patient_id FROM studies WHERE study_instance_uid = ?",
-                    (scope[STUDY],))
-    if not rows:
+    study = queries.find_study(db, scope[STUDY])
+    if study is None:
         raise ApiError(404, "no study with this Study Instance UID")
-    if SERIES in scope and not db.query(
-            "SELECT 1 FROM series WHERE series_instance_uid = ? AND study_instance_uid = ?",
-            (scope[SERIES], scope[STUDY])):
+    if SERIES in scope and not queries.has_series(db, scope[STUDY], scope[SERIES]):
         raise ApiError(404, "no series with this Series Instance UID in this study")
-    patient: str | None = rows[0]["patient_id"]
+    patient: str | None = study["patient_id"]
     return patient
 
 

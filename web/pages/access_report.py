@@ -14,13 +14,13 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from projections import access_report_queries as queries
 from projections.audit_queries import MAX_TEXT, FilterError, iso
 from router.application.sessions import AccessRecord
 from web.api.access_report import period, read_report
 from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
-from web.queries import access_report as queries
 from web.render import render
 from web.routes import Route
 
@@ -57,10 +57,7 @@ async def _patients(request: web.Request, term: str) -> list[dict[str, Any]]:
 
 
 async def _name_of(request: web.Request, patient: str) -> str:
-    rows = await asyncio.to_thread(_studies_db(request).query,
-                                   "SELECT max(patient_name) AS name FROM studies"
-                                   " WHERE patient_id = ?", [patient])
-    return str(rows[0]["name"] or "") if rows else ""
+    return await asyncio.to_thread(queries.patient_name, _studies_db(request), patient)
 
 
 async def report_page(request: web.Request) -> web.Response:

@@ -24,8 +24,8 @@ from web.api.common import MAX_LIMIT
 from web.auth import record_access
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
+from web.pages.audit_actions import choices_with
 from web.pages.audit_rows import changes, present
-from web.queries.audit_actions import choices_with
 from web.render import render
 from web.routes import Route
 

@@ -11,7 +11,7 @@ from uuid import UUID
 
 from projections.audit_queries import iso
 from router.application.versions import FieldChange, changes_at
-from web.queries.audit_actions import label_of
+from web.pages.audit_actions import label_of
 
 Row = dict[str, Any]
 

@@ -13,11 +13,11 @@ from typing import Any
 from aiohttp import web
 
 from projections.ai_requests_queries import turnaround
+from projections.transfers_queries import recent_activity
 from web.api.stats import read_stats
 from web.auth import current_user
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS
-from web.queries.transfers import recent_activity
 from web.render import render
 from web.routes import Route
 

@@ -17,8 +17,10 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from projections.destinations_queries import age_text, when_text
 from router.config_types import docs_of
 from router.dispatch.registry import DESTINATION_KINDS, DESTINATION_NAME, DestinationKind
+from router.domain.admin import destination_id
 from web.api import destinations as api
 from web.api.common import ApiError, run_command
 from web.api.file_managed import detach, managed_message
@@ -26,7 +28,6 @@ from web.auth import actor_of
 from web.forms import at_fields
 from web.keys import ROUTER_KEY
 from web.ports import RouterPort
-from web.queries.destinations import age_text, when_text
 from web.render import render
 from web.routes import Route
 
@@ -175,6 +176,8 @@ def _edit(request: web.Request, kind: DestinationKind, values: dict[str, Any],
     return render(request, "destination_edit.html", status=status, kind=kind.name,
                   fields=form_fields(kind, values, errors or {}, secrets_set),
                   existing=existing, errors=errors or {}, message=message, check=check,
+                  versions_url=(f"/audit/versions?object={destination_id(existing['name'])}"
+                                if existing else ""),
                   action=existing["href"] + "/edit" if existing else "/destinations")
 
 

@@ -20,9 +20,9 @@ from router.application.sessions import AccessRecord
 from web.auth import record_access
 from web.dicomweb.lookup import InstanceRow, blob_path, query_instances
 from web.dicomweb.stow import is_uid
+from web.filters import UID_RE
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
-from web.queries.filters import UID_RE
 from web.routes import Route
 
 logger = logging.getLogger(__name__)

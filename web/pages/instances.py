@@ -14,10 +14,10 @@ from router.application.sessions import AccessRecord
 from web.api.common import ApiError
 from web.auth import record_access
 from web.dicomweb.lookup import InstanceRow, blob_path, query_instances
+from web.filters import UID_RE
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS
-from web.queries.filters import UID_RE
 from web.render import render
 from web.routes import Route
 from web.tag_tree import read_tags

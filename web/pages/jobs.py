@@ -17,14 +17,19 @@ from aiohttp import web
 from pydicom.uid import UID
 
 from projections.ai_requests_queries import requests_for_job
+from projections.jobs_queries import (
+    FILTER_FIELDS,
+    JOB_STATUSES,
+    JobFilters,
+    list_jobs,
+)
 from router.domain.delivery_states import FINAL_STATES
 from web.api.common import ApiError
 from web.api.jobs import change_delivery, list_record, load_job, view_record
 from web.auth import record_access
+from web.filters import FilterError, job_filters
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
-from web.queries.filters import FilterError
-from web.queries.jobs import FILTER_FIELDS, JOB_STATUSES, JobFilters, list_jobs, parse_filters
 from web.render import render
 from web.routes import Route
 
@@ -108,7 +113,7 @@ async def instances_page(request: web.Request) -> web.Response:
     values["destination_names"] = await asyncio.to_thread(
         lambda: sorted(router.admin.snapshot().destinations))
     try:
-        filters: JobFilters = parse_filters(query, strict=False)
+        filters: JobFilters = job_filters(query, strict=False)
         limit, offset = page_window(query)
     except FilterError as exc:
         return render(request, "jobs.html", status=400, flash=str(exc), flash_kind="error",

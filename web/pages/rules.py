@@ -15,6 +15,7 @@ from aiohttp import web
 
 from router.application.dry_run import recent_jobs
 from router.config_types import docs_of
+from router.domain.admin import rule_id
 from router.domain.rule_conditions import OPERATORS
 from router.domain.rules import RuleSpec
 from web.api import rules as api
@@ -147,6 +148,7 @@ async def _editor(request: web.Request, rule: dict[str, Any], existing: str | No
                   existing=existing, from_config=from_config, managed=managed,
                   detached=detached, result=result,
                   detach_action=href(existing) + "/detach" if existing else "",
+                  versions_url=f"/audit/versions?object={rule_id(existing)}" if existing else "",
                   action=href(existing) + "/edit" if existing else "/rules",
                   delete_action=href(existing) + "/delete" if existing else "",
                   **await _choices(request))

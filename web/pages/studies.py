@@ -11,16 +11,20 @@ from typing import Any
 from aiohttp import web
 
 from projections.ai_requests_queries import requests_for_study
+from projections.studies_queries import (
+    DELIVERY_STATUSES,
+    FILTER_FIELDS,
+    search_studies,
+)
 from web.api.common import ApiError, validate
 from web.api.send import SendRequest, send_study
 from web.api.studies import load_study, search_record, view_record
 from web.auth import record_access
+from web.filters import FilterError, study_filters
 from web.freshness import fresh
 from web.keys import ROUTER_KEY
 from web.pages.jobs import HELPERS, page_window, pager
 from web.ports import RouterPort
-from web.queries.filters import FilterError
-from web.queries.studies import DELIVERY_STATUSES, FILTER_FIELDS, parse_filters, search_studies
 from web.render import render
 from web.routes import Route
 
@@ -30,7 +34,7 @@ async def studies_page(request: web.Request) -> web.Response:
     values: dict[str, Any] = {"form": {f: query.get(f, "") for f in FILTER_FIELDS},
                               "studies": [], "pager": None, **HELPERS}
     try:
-        filters = parse_filters(query, strict=False)
+        filters = study_filters(query, strict=False)
         limit, offset = page_window(query)
     except FilterError as exc:
         return render(request, "studies.html", status=400, flash=str(exc), flash_kind="error",

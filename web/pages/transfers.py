@@ -11,20 +11,19 @@ from typing import Any
 
 from aiohttp import web
 
-from web.api.transfers import list_record, view_record
-from web.auth import record_access
-from web.freshness import fresh
-from web.keys import ROUTER_KEY
-from web.pages.jobs import HELPERS, instances_page, page_window, pager
-from web.queries.filters import UID_RE, FilterError
-from web.queries.jobs import JOB_STATUSES
-from web.queries.transfers import (
+from projections.jobs_queries import JOB_STATUSES
+from projections.transfers_queries import (
     FILTER_FIELDS,
     get_transfer,
     list_transfers,
-    parse_filters,
     series_instances,
 )
+from web.api.transfers import list_record, view_record
+from web.auth import record_access
+from web.filters import UID_RE, FilterError, transfer_filters
+from web.freshness import fresh
+from web.keys import ROUTER_KEY
+from web.pages.jobs import HELPERS, instances_page, page_window, pager
 from web.render import render
 from web.routes import Route
 
@@ -44,7 +43,7 @@ async def transfers_page(request: web.Request) -> web.Response:
     values["destination_names"] = await asyncio.to_thread(
         lambda: sorted(router.admin.snapshot().destinations))
     try:
-        filters = parse_filters(query, strict=False)
+        filters = transfer_filters(query, strict=False)
         limit, offset = page_window(query)
     except FilterError as exc:
         return render(request, "transfers.html", status=400, flash=str(exc),

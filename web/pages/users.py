@@ -16,7 +16,7 @@ from aiohttp import web
 
 from router.application.commands import CommandError
 from router.application.users import check_name
-from router.domain.users import LEAST_PRIVILEGED_ROLE, ROLES
+from router.domain.users import LEAST_PRIVILEGED_ROLE, ROLES, user_id
 from web.api.common import ApiError, run_command
 from web.api.users import apply_change, existing, verify_current, with_password
 from web.auth import actor_of, current_user, set_session_cookie
@@ -129,6 +129,7 @@ async def user_page(request: web.Request, status: int = 200, **values: Any) -> w
     locked = await asyncio.to_thread(locked_times, request.app[ROUTER_KEY].users, [user.name])
     response = render(request, "user_edit.html", status=status, account=user, roles=ROLES,
                       locked_until=locked.get(user.name, ""),
+                      versions_url=f"/audit/versions?object={user_id(user.name)}",
                       errors=values.pop("errors", {}), tokens_url=user_path(user.name)
                       + "/tokens", is_self=user.name == current_user(request).name, **values)
     if values.get("new_token"):
@@ -166,7 +167,8 @@ async def change_user(request: web.Request, name: str, action: str, form: Form) 
         await apply_change(request, name, form["role"], None)
         return "role"
     if action == "unlock":
-        await run_command(request.app[ROUTER_KEY].users.unlock, name, actor_of(request))
+        await run_command(request.app[ROUTER_KEY].users.unlock, name, actor_of(request),
+                          form.get("reason", ""))
         return "unlocked"
     if action == "disabled":
         disabled = form.get("disabled") == "1"

@@ -17,18 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from projections.db import ViewDatabase
+from projections.jobs_queries import ROUTING_STATUSES
+from projections.sql import like_pattern, page, where_clause
 from router.domain.delivery_states import (
     DELIVERY_STATES,
     STORED_BY_SHOWN,
     shown,
     shown_sql,
 )
-from web.queries.filters import FilterError, check_known, instant, like_pattern, text, uid
-from web.queries.jobs import JOB_STATUSES, ROUTING_STATUSES, status_choice
 
 FILTER_FIELDS = ("status", "destination", "calling_aet", "received_from", "received_to",
                  "patient_id", "study_uid")
-PAGING_FIELDS = ("limit", "offset")
 TRANSFER_COLUMNS = (
     "t.transfer_id, t.study_instance_uid, t.study_uid_derived, t.calling_aet, t.patient_name,"
     " t.patient_id, t.study_description, t.study_date, t.modality, t.receipts,"
@@ -99,30 +98,11 @@ class TransferFilters:
         if self.received_to is not None:
             clauses.append("t.first_received_at < ?")
             params.append(self.received_to)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+        return where_clause(clauses), params
 
     def used(self) -> list[str]:
         """Names of the filters in use (PHI-free, for the access record)."""
         return [name for name in FILTER_FIELDS if getattr(self, name) is not None]
-
-
-def parse_filters(query: Mapping[str, str], strict: bool = True) -> TransferFilters:
-    """Filters from a query string; :class:`FilterError` names a bad or unknown field."""
-    if strict:
-        check_known(query, FILTER_FIELDS + PAGING_FIELDS)
-    filters = TransferFilters(
-        status=status_choice(query, JOB_STATUSES),
-        destination=text(query, "destination", 64),
-        calling_aet=text(query, "calling_aet", 16),
-        received_from=instant(query, "received_from"),
-        received_to=instant(query, "received_to", end_of_day=True),
-        patient_id=text(query, "patient_id", 64),
-        study_uid=uid(query, "study_uid"),
-    )
-    if (filters.received_from is not None and filters.received_to is not None
-            and filters.received_from >= filters.received_to):
-        raise FilterError("received_to", "must be after received_from")
-    return filters
 
 
 def valid_transfer_id(transfer_id: str) -> bool:
@@ -136,12 +116,8 @@ def list_transfers(db: ViewDatabase, filters: TransferFilters, limit: int, offse
                    ) -> tuple[list[dict[str, Any]], int]:
     """One page of transfers, latest receipt first, each with its counts, ``status`` and
     per-destination ``progress``; and the total."""
-    where, params = filters.where()
-    total = int(db.query(f"SELECT count(*) AS n FROM transfers t{where}", params)[0]["n"])
-    rows = db.query(
-        f"SELECT {TRANSFER_COLUMNS} FROM transfers t{where}"
-        " ORDER BY t.last_received_at DESC, t.transfer_id LIMIT ? OFFSET ?",
-        [*params, limit, offset])
+    rows, total = page(db, TRANSFER_COLUMNS, "transfers t", filters.where(),
+                       "t.last_received_at DESC, t.transfer_id", limit, offset)
     _add_progress(db, rows)
     return rows, total
 

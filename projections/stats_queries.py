@@ -2,7 +2,8 @@
 over the last hour (audit view), queue depth and the oldest waiting delivery per destination,
 failures (dead-lettered deliveries, refused receipts) and each destination's health (jobs view
 plus the pause flags of the admin state; destination health is the destinations page's, from
-web.queries.destinations). No PHI: counts, destinations, AE titles, times.
+projections.destinations_queries); and the counts of ``/metrics``. No PHI: counts,
+destinations, AE titles, times.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from projections.db import ViewDatabase
-from web.queries.destinations import health
+from projections.destinations_queries import health
 
 WINDOW_MINUTES = 60
 RECENT = 10  # recent failures listed
@@ -107,4 +108,18 @@ def collect(jobs_db: ViewDatabase, audit_db: ViewDatabase, configured: Mapping[s
         "queue_depth": sum(d["queue_depth"] for d in per_destination),
         "destinations": per_destination,
         "failures": failed,
+    }
+
+
+def metric_counts(jobs_db: ViewDatabase) -> dict[str, Any]:
+    """What ``/metrics`` counts: deliveries by destination and (stored) status, receipts by
+    routing, refused receipts."""
+    return {
+        "deliveries": jobs_db.query(
+            "SELECT destination, status, count(*) AS n FROM deliveries"
+            " GROUP BY destination, status ORDER BY destination, status"),
+        "receipts": jobs_db.query(
+            "SELECT routing, count(*) AS n FROM jobs GROUP BY routing ORDER BY routing"),
+        "receipt_failures": int(
+            jobs_db.query("SELECT count(*) AS n FROM receipt_failures")[0]["n"]),
     }

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from projections.audit_queries import csv_cell, iso
+from projections.sql import like_literal, search_name
 from router.domain.users import user_id
 
 Row = dict[str, Any]
@@ -225,18 +226,22 @@ def role_when(changes: Sequence[tuple[float, str]], at: float) -> str:
 def matching_patients(studies_db: Any, term: str) -> list[Row]:
     """Patients whose ID starts with ``term`` or whose name contains it (case-insensitive),
     with their number of studies and latest study date; at most MAX_PATIENTS."""
-    like = _like_escape(term.lower())
+    like = like_literal(term.lower())
+    name = like_literal(search_name(term).lower())  # "DOE, JOHN" as the pages show it
     return list(studies_db.query(
         "SELECT patient_id, max(patient_name) AS patient_name, count(*) AS studies,"
         " max(study_date) AS last_study_date FROM studies"
         " WHERE patient_id IS NOT NULL AND (patient_id = ? OR lower(patient_id) LIKE ? ESCAPE '!'"
         " OR lower(patient_name) LIKE ? ESCAPE '!')"
         " GROUP BY patient_id ORDER BY patient_id LIMIT ?",
-        [term, like + "%", "%" + like + "%", MAX_PATIENTS]))
+        [term, like + "%", "%" + name + "%", MAX_PATIENTS]))
 
 
-def _like_escape(text: str) -> str:
-    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+def patient_name(studies_db: Any, patient_id: str) -> str:
+    """The name the studies view has for ``patient_id`` (empty when none)."""
+    rows = studies_db.query("SELECT max(patient_name) AS name FROM studies WHERE patient_id = ?",
+                            [patient_id])
+    return str(rows[0]["name"] or "") if rows else ""
 
 
 def csv_text(rep: Report) -> str:

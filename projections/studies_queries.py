@@ -8,24 +8,15 @@ files on SQLite, so their rows are combined here, not joined in SQL.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from projections.db import ViewDatabase
+from projections.sql import like_pattern, page, where_clause
 from router.domain.delivery_states import DELIVERY_STATES, shown
-from web.queries.filters import (
-    FilterError,
-    check_known,
-    dicom_date,
-    like_pattern,
-    text,
-    uid,
-)
 
 FILTER_FIELDS = ("patient_name", "patient_id", "study_date_from", "study_date_to", "modality",
                  "accession_number", "description", "study_uid")
-PAGING_FIELDS = ("limit", "offset")
 STUDY_COLUMNS = (
     "study_instance_uid, patient_id, issuer_of_patient_id, patient_name, patient_birth_date,"
     " patient_sex, study_date, study_time, accession_number, study_id, study_description,"
@@ -84,7 +75,7 @@ class StudyFilters:
         if self.study_uid is not None:
             clauses.append("st.study_instance_uid = ?")
             params.append(self.study_uid)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+        return where_clause(clauses), params
 
     def used(self) -> list[str]:
         """Names of the filters in use (PHI-free, for the access record)."""
@@ -95,37 +86,12 @@ class StudyFilters:
         return not self.used()
 
 
-def parse_filters(query: Mapping[str, str], strict: bool = True) -> StudyFilters:
-    """Filters from a query string; :class:`FilterError` names a bad or unknown field."""
-    if strict:
-        check_known(query, FILTER_FIELDS + PAGING_FIELDS)
-    modality = text(query, "modality", 16)
-    filters = StudyFilters(
-        patient_name=text(query, "patient_name"),
-        patient_id=text(query, "patient_id", 64),
-        study_date_from=dicom_date(query, "study_date_from"),
-        study_date_to=dicom_date(query, "study_date_to"),
-        modality=modality.upper() if modality else None,
-        accession_number=text(query, "accession_number", 16),
-        description=text(query, "description", 64),
-        study_uid=uid(query, "study_uid"),
-    )
-    if (filters.study_date_from and filters.study_date_to
-            and filters.study_date_from > filters.study_date_to):
-        raise FilterError("study_date_to", "must not be before study_date_from")
-    return filters
-
-
 def search_studies(db: ViewDatabase, filters: StudyFilters, limit: int, offset: int
                    ) -> tuple[list[dict[str, Any]], int]:
     """One page of matching studies, most recent study date first; and the total."""
-    where, params = filters.where()
-    total = int(db.query(f"SELECT count(*) AS n FROM studies st{where}", params)[0]["n"])
-    rows = db.query(
-        f"SELECT {STUDY_COLUMNS} FROM studies st{where}"
-        " ORDER BY st.study_date DESC, st.study_time DESC, st.updated_at DESC,"
-        " st.study_instance_uid LIMIT ? OFFSET ?", [*params, limit, offset])
-    return rows, total
+    return page(db, STUDY_COLUMNS, "studies st", filters.where(),
+                "st.study_date DESC, st.study_time DESC, st.updated_at DESC,"
+                " st.study_instance_uid", limit, offset)
 
 
 def get_study(db: ViewDatabase, study_uid: str) -> dict[str, Any] | None:

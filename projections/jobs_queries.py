@@ -14,21 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from projections.db import ViewDatabase
+from projections.sql import like_pattern, page, where_clause
 from router.domain.delivery_states import (
     DELIVERY_STATES,
     STORED_BY_SHOWN,
-    canonical,
     shown,
     shown_sql,
-)
-from web.queries.filters import (
-    FilterError,
-    check_known,
-    choice,
-    instant,
-    like_pattern,
-    text,
-    uid,
 )
 
 # A job's status is the most urgent state among its deliveries, named as in
@@ -43,7 +34,6 @@ STATUS_SQL = "CASE " + " ".join(
 
 FILTER_FIELDS = ("status", "destination", "calling_aet", "modality", "received_from",
                  "received_to", "patient_id", "study_uid")
-PAGING_FIELDS = ("limit", "offset")
 LIST_COLUMNS = (
     "j.job_id, j.received_at, j.source, j.calling_aet, j.called_aet, j.source_ip, j.modality,"
     " j.patient_id, j.study_instance_uid, j.series_instance_uid, j.sop_instance_uid,"
@@ -97,51 +87,18 @@ class JobFilters:
         if self.received_to is not None:
             clauses.append("j.received_at < ?")
             params.append(self.received_to)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+        return where_clause(clauses), params
 
     def used(self) -> list[str]:
         """Names of the filters in use (PHI-free, for the access record)."""
         return [name for name in FILTER_FIELDS if getattr(self, name) is not None]
 
 
-def parse_filters(query: Mapping[str, str], strict: bool = True) -> JobFilters:
-    """Filters from a query string; :class:`FilterError` names a bad or unknown field."""
-    if strict:
-        check_known(query, FILTER_FIELDS + PAGING_FIELDS)
-    modality = text(query, "modality", 16)
-    filters = JobFilters(
-        status=status_choice(query, JOB_STATUSES),
-        destination=text(query, "destination", 64),
-        calling_aet=text(query, "calling_aet", 16),
-        modality=modality.upper() if modality else None,
-        received_from=instant(query, "received_from"),
-        received_to=instant(query, "received_to", end_of_day=True),
-        patient_id=text(query, "patient_id", 64),
-        study_uid=uid(query, "study_uid"),
-    )
-    if (filters.received_from is not None and filters.received_to is not None
-            and filters.received_from >= filters.received_to):
-        raise FilterError("received_to", "must be after received_from")
-    return filters
-
-
-def status_choice(query: Mapping[str, str], allowed: tuple[str, ...]) -> str | None:
-    """The ``status`` filter under its current name (old names are aliases: ``dead`` and
-    ``dead-lettered`` for ``failed``, ``pending`` for ``queued``)."""
-    value = text(query, "status")
-    if value is None:
-        return None
-    return choice({"status": canonical(value)}, "status", allowed)
-
-
 def list_jobs(db: ViewDatabase, filters: JobFilters, limit: int, offset: int
               ) -> tuple[list[dict[str, Any]], int]:
     """One page of jobs, newest first, each with ``status`` and ``deliveries``; and the total."""
-    where, params = filters.where()
-    total = int(db.query(f"SELECT count(*) AS n FROM jobs j{where}", params)[0]["n"])
-    rows = db.query(
-        f"SELECT {LIST_COLUMNS}, {STATUS_SQL} AS status FROM jobs j{where}"
-        " ORDER BY j.received_at DESC, j.job_id LIMIT ? OFFSET ?", [*params, limit, offset])
+    rows, total = page(db, f"{LIST_COLUMNS}, {STATUS_SQL} AS status", "jobs j", filters.where(),
+                       "j.received_at DESC, j.job_id", limit, offset)
     by_job: dict[str, list[dict[str, Any]]] = {row["job_id"]: [] for row in rows}
     if by_job:
         marks = ", ".join("?" for _ in by_job)
