@@ -192,8 +192,15 @@ def docs_of(model: Any) -> dict[str, str]:
             for item in info.metadata if isinstance(item, Doc)}
 
 
+def secrets_of(model: Any) -> frozenset[str]:
+    """The fields of a config class marked :class:`WriteOnly` (secrets)."""
+    return frozenset(name for name in _fields(model)
+                     if any(isinstance(item, WriteOnly)
+                            for item in metadata_of(field_type(model, name))))
+
+
 class WriteOnly:
-    """A secret: marked writeOnly in the OpenAPI document."""
+    """A secret: marked writeOnly in the OpenAPI document, shown only as set / not set."""
 
     def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
         schema = dict(handler(core_schema))
@@ -249,6 +256,21 @@ Description = Annotated[str, at.MaxLen(MAX_DESCRIPTION)]
 # Names of transforms (router.transforms) applied to what a destination receives, in order.
 TransformNames = Annotated[tuple[Annotated[str, at.MinLen(1), at.MaxLen(64)], ...], Doc(
     "transform names, applied in order to each copy sent (see Transforms)")]
+# A destination's name: what rules, the API's URLs and the events call it.
+DESTINATION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _destination_name(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("required: 1-64 characters of A-Z a-z 0-9 _ . -")
+    if not DESTINATION_NAME.match(value):
+        raise ValueError("invalid: use 1-64 characters of A-Z a-z 0-9 _ . - (no spaces)")
+    return value
+
+
+DestinationName = Annotated[str, Before(_destination_name), JsonSchema({
+    "type": "string", "pattern": DESTINATION_NAME.pattern}), Doc(
+    "unique, 1-64 characters of A-Z a-z 0-9 _ . -; what rules call it")]
 # Unknown keys are errors (a config class's ``__pydantic_config__``).
 SECTION: dict[str, Any] = {"extra": "forbid"}
 # Destinations and remote nodes come from TOML and JSON, which have real types: "104" is not
@@ -335,8 +357,19 @@ def problems_of(exc: ValidationError, root: Any, prefix: str = "") -> list[Probl
             message = _range(_bounds(root, loc) or ctx, error.get("input"))
         else:
             message = _message(kind, error["msg"], ctx, error.get("input"))
+            if kind == "literal_error":
+                message += _closest_choice(root, loc, error.get("input"))
         problems.append(Problem(join_path(prefix, *loc), message))
     return problems
+
+
+def _closest_choice(root: Any, loc: Sequence[str | int], given: object) -> str:
+    """`` (did you mean 'dicom'?)`` for a mistyped choice of a Literal field, else ""."""
+    hint = unwrapped(_walk(root, loc)[0])
+    if typing.get_origin(hint) is not typing.Literal or not isinstance(given, str):
+        return ""
+    close = difflib.get_close_matches(given, [str(a) for a in typing.get_args(hint)], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _shown(value: object) -> str:
@@ -363,6 +396,15 @@ def _message(kind: str, msg: str, ctx: Mapping[str, Any], given: object) -> str:
         return f"expected a table, got {type(given).__name__}"
     if kind == "string_too_long":
         return f"must be at most {ctx['max_length']} characters"
+    if kind == "string_too_short":
+        least = ctx["min_length"]
+        return "must not be empty" if least == 1 else f"must be at least {least} characters"
+    if kind == "too_short":
+        return f"must have at least {ctx['min_length']} item(s)"
+    if kind == "too_long":
+        return f"must have at most {ctx['max_length']} item(s)"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx['pattern']}"
     return msg.replace("Input should be", "must be")
 
 
@@ -401,10 +443,14 @@ def _walk(root: Any, loc: Sequence[str | int]) -> tuple[Any, _Field | None]:
 
 
 def _bounds(root: Any, loc: Sequence[str | int]) -> dict[str, Any]:
-    """The ge/gt/le/lt constraints of the field at ``loc`` (empty when unknown)."""
-    info = _walk(root, loc)[1]
+    """The ge/gt/le/lt constraints of the field at ``loc``, or of the annotated type there
+    (a list's item, a value validated on its own); empty when unknown."""
+    hint, info = _walk(root, loc)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        others = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = others[0] if len(others) == 1 else None  # X | None: X's own bounds
     bounds: dict[str, Any] = {}
-    for item in info.metadata if info is not None else ():
+    for item in (info.metadata if info is not None else ()) + metadata_of(hint):
         for key in ("ge", "gt", "le", "lt"):
             if getattr(item, key, None) is not None:
                 bounds[key] = getattr(item, key)
@@ -420,6 +466,22 @@ def _range(bounds: Mapping[str, Any], given: object) -> str:
     if "ge" in bounds and "le" in bounds:
         return f"must be between {bounds['ge']} and {bounds['le']}, got {_shown(given)}"
     return f"must be {' and '.join(t for t in (low, high) if t)}, got {_shown(given)}"
+
+
+def metadata_of(hint: Any) -> tuple[Any, ...]:
+    """The metadata of ``Annotated[X, ...]`` (nested ones flattened); () for other types."""
+    metadata: tuple[Any, ...] = ()
+    while typing.get_origin(hint) is Annotated:
+        metadata += tuple(hint.__metadata__)
+        hint = typing.get_args(hint)[0]
+    return metadata
+
+
+def field_type(model: Any, key: str) -> Any:
+    """A config class's field as one annotated type (``Annotated[int, Interval(...), Doc]``):
+    validated on its own with :func:`adapter`, or a body's field (a runtime setting)."""
+    info = _fields(model)[key]
+    return Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
 
 
 def unwrapped(hint: Any) -> Any:

@@ -29,6 +29,7 @@ from router.config_types import (
     After,
     Before,
     ByteSize,
+    Doc,
     Duration,
     FieldProblem,
     Folder,
@@ -246,8 +247,10 @@ class StorageSettings:
 
     __pydantic_config__ = SECTION
 
-    # 0 keeps everything; N purges fully delivered jobs older than N days.
-    retention_days: Annotated[int, ints(0, 36500)] = 0
+    # Changeable at run time too (router.application.runtime_settings, the settings page).
+    retention_days: Annotated[int, ints(0, 36500), Doc(
+        "Purge the stored objects of fully delivered jobs older than this many days "
+        "(0 keeps everything).")] = 0
     # Folders below which file destinations may write, besides <data_dir>/exports (always
     # allowed). Never inside the router's own state, whatever is listed here.
     destination_roots: tuple[Folder, ...] = ()

@@ -33,6 +33,7 @@ class Route:
     summary: str = ""
     body: Any = None  # a pydantic model for JSON request bodies (OpenAPI + validation)
     body_optional: bool = False  # the handler also takes no body at all (its defaults)
+    response: Any = None  # a model (model_json_schema) of the JSON answer, for OpenAPI
     query: tuple[str, ...] = ()  # documented query parameters
     tags: tuple[str, ...] = field(default=())
 

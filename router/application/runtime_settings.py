@@ -9,46 +9,64 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from router.application.commands import Actor, CommandError, NotFoundError
 from router.application.stores import EventStores
+from router.config_types import (
+    Strict,
+    adapter,
+    docs_of,
+    field_type,
+    problems_of,
+    validation_error,
+)
 from router.domain.runtime_settings import RUNTIME_SETTINGS_ID, RuntimeSettings
-from router.settings import Settings
+from router.settings import Settings, StorageSettings
 
 CACHE_SECONDS = 2.0  # other nodes' changes are seen within this time
 
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """A setting that may change at run time: bounds and what it means."""
+    """A setting that may change at run time: a field of a settings section, whose annotations
+    (type, range, Doc) describe it for the file, the environment, the API body, the settings
+    page and the OpenAPI document alike."""
 
-    name: str
-    minimum: int
-    maximum: int
-    help: str
+    name: str  # section.key
+    section: type[Any]  # the section's settings class
+
+    @property
+    def key(self) -> str:
+        return self.name.split(".", 1)[1]
+
+    @property
+    def annotation(self) -> Any:
+        """The field's own type, strict: a JSON body has real types ("30" is not 30)."""
+        return Annotated[field_type(self.section, self.key), Strict()]
+
+    @property
+    def help(self) -> str:
+        return docs_of(self.section).get(self.key, "")
 
     def file_value(self, settings: Settings) -> int:
         section, key = self.name.split(".", 1)
         return int(getattr(getattr(settings, section), key))
 
     def check(self, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise CommandError(f"{self.name} must be a whole number")
-        if not self.minimum <= value <= self.maximum:
-            raise CommandError(f"{self.name} must be between {self.minimum} and "
-                               f"{self.maximum}")
-        return value
+        """``value`` validated by the field's annotations; CommandError in the file's words."""
+        try:
+            return int(adapter(self.annotation).validate_python(value))
+        except validation_error() as exc:
+            problems = "; ".join(p.message for p in problems_of(exc, self.annotation))
+            raise CommandError(f"{self.name}: {problems}") from None
 
 
 RUNTIME_SETTINGS: dict[str, RuntimeSpec] = {
-    "storage.retention_days": RuntimeSpec(
-        "storage.retention_days", 0, 36500,
-        "Purge the stored objects of fully delivered jobs older than this many days "
-        "(0 keeps everything)."),
+    "storage.retention_days": RuntimeSpec("storage.retention_days", StorageSettings),
 }
 
 

@@ -18,6 +18,7 @@ from router.config_types import (
     STRICT,
     Concurrency,
     Description,
+    DestinationName,
     Doc,
     Duration,
     StrictBool,
@@ -43,7 +44,7 @@ class AIDestinationConfig:
 
     __pydantic_config__ = STRICT
 
-    name: str
+    name: DestinationName
     url: Annotated[str, Doc("where requests are POSTed: an http:// or https:// URL")]
     secret: Annotated[str, Doc("shared secret the requests are signed with (HMAC-SHA256), at "
                                "least 16 characters; write-only")]

@@ -29,6 +29,7 @@ from router.config_types import (
     After,
     Concurrency,
     Description,
+    DestinationName,
     Doc,
     Duration,
     PeerPort,
@@ -91,7 +92,7 @@ class DicomDestinationConfig:
 
     __pydantic_config__ = STRICT
 
-    name: str
+    name: DestinationName
     host: Annotated[str, After(_host), Doc("host name or IP address of the peer")]
     port: Annotated[PeerPort, Doc("the peer's DICOM port")]
     ae_title: Annotated[AETitle, Doc("the peer's AE title")]

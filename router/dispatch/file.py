@@ -23,6 +23,7 @@ from router.config_types import (
     STRICT,
     Concurrency,
     Description,
+    DestinationName,
     Doc,
     StrictBool,
     TransformNames,
@@ -46,7 +47,7 @@ class FileDestinationConfig:
 
     __pydantic_config__ = STRICT
 
-    name: str
+    name: DestinationName
     path: Annotated[str, Doc("absolute folder path on this machine (or a mounted share)")]
     template: Annotated[str, Doc(
         "file names below it, e.g. {StudyInstanceUID}/{SOPInstanceUID}.dcm")] = (

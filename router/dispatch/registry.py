@@ -8,13 +8,21 @@ held to the :class:`~router.dispatch.policy.DestinationPolicy` (addresses and fo
 from __future__ import annotations
 
 import dataclasses
-import re
+import difflib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from router.config_types import problems_of, validated, validation_error
+from router.config_types import DESTINATION_NAME as DESTINATION_NAME  # re-exported
+from router.config_types import (
+    Before,
+    DestinationName,
+    JsonSchema,
+    problems_of,
+    validated,
+    validation_error,
+)
 from router.dispatch.ai import AIAdapter, AIDestinationConfig
 from router.dispatch.base import Adapter
 from router.dispatch.dicom import DicomAdapter, DicomDestinationConfig
@@ -27,8 +35,6 @@ DestinationConfig = (DicomDestinationConfig | FileDestinationConfig | S3Destinat
                      | AIDestinationConfig)
 
 MASK = "********"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-DESTINATION_NAME = _NAME  # what a destination's name must match
 
 
 class DestinationConfigError(ValueError):
@@ -80,39 +86,64 @@ DESTINATION_KINDS: dict[str, DestinationKind] = {
 }
 
 
+def _destination_type(value: object) -> str:
+    kinds = sorted(DESTINATION_KINDS)
+    if value is None:
+        raise ValueError(f"required: one of {', '.join(kinds)}")
+    if isinstance(value, str) and value in DESTINATION_KINDS:
+        return value
+    close = difflib.get_close_matches(value, kinds, n=1) if isinstance(value, str) else []
+    hint = f"did you mean '{close[0]}'?" if close else f"one of {', '.join(kinds)}"
+    raise ValueError(f"unknown type {value!r}; {hint}")
+
+
+@dataclass(frozen=True)
+class DestinationHead:
+    """What every destination has whatever its kind, judged alone when its ``type`` names no
+    kind (the kind's class then cannot say which other keys belong)."""
+
+    __pydantic_config__ = {"extra": "ignore", "validate_default": True}
+
+    name: DestinationName
+    type: Annotated[str | None, Before(_destination_type), JsonSchema({
+        "enum": sorted(DESTINATION_KINDS), "description": "the kind of destination"})] = None
+
+
 def parse_destination(data: Mapping[str, object]) -> DestinationConfig:
     """A validated config from TOML/JSON-shaped ``data`` (plaintext or sealed secrets).
 
-    The kind's config class (validated by pydantic) checks keys, types and ranges; its
-    ``problems()`` then checks what needs several fields or the file system's rules. Raises
-    :class:`DestinationConfigError` listing every problem found.
+    The kind's config class (validated by pydantic) checks keys, types and ranges, the name
+    included; its ``problems()`` then checks what needs several fields or the file system's
+    rules. Without a known ``type`` only the name and the type are judged
+    (:class:`DestinationHead`). Raises :class:`DestinationConfigError` listing every problem
+    found, each under its field.
     """
     if not isinstance(data, Mapping):
         raise DestinationConfigError(None, {"destination": "must be a table / object"})
     name = data.get("name")
-    errors: dict[str, str] = {}
-    if not isinstance(name, str) or not name.strip():
-        errors["name"] = "required: 1-64 characters of A-Z a-z 0-9 _ . -"
-    elif not _NAME.match(name):
-        errors["name"] = "invalid: use 1-64 characters of A-Z a-z 0-9 _ . - (no spaces)"
     shown_name = name if isinstance(name, str) else None
     type_name = data.get("type")
     kind = DESTINATION_KINDS.get(type_name) if isinstance(type_name, str) else None
+    # A missing name goes through the name's own check too, which says what a name is.
+    values = {"name": None, **{str(key): value for key, value in data.items() if key != "type"}}
     if kind is None:
-        expected = ", ".join(sorted(DESTINATION_KINDS))
-        given = f"unknown type {type_name!r}; " if isinstance(type_name, str) else "required: "
-        errors["type"] = f"{given}one of {expected}"
-        raise DestinationConfigError(shown_name, errors)
-    # The name is checked above; semantic checks still run when only the name is wrong.
-    values = {str(key): value for key, value in data.items() if key != "type"}
+        try:
+            validated(DestinationHead, {**values, "type": type_name})
+        except validation_error() as exc:
+            raise DestinationConfigError(shown_name, {
+                p.path: p.message for p in problems_of(exc, DestinationHead)}) from None
+        raise AssertionError("a type that names no kind passed")  # pragma: no cover
     try:
-        config = validated(kind.config_class, {**values, "name": shown_name or ""})
+        config = validated(kind.config_class, values)
+        errors: dict[str, str] = {}
     except validation_error() as exc:
-        for problem in problems_of(exc, kind.config_class):
-            if problem.path != "name" or "name" not in errors:
-                errors[problem.path] = problem.message.replace(
-                    "unknown key", f"unknown key for a {kind.name} destination", 1)
-        raise DestinationConfigError(shown_name, errors) from None
+        errors = {p.path: p.message.replace(
+            "unknown key", f"unknown key for a {kind.name} destination", 1)
+            for p in problems_of(exc, kind.config_class)}
+        if set(errors) != {"name"}:
+            raise DestinationConfigError(shown_name, errors) from None
+        # Only the name is wrong: what needs several fields is judged too.
+        config = validated(kind.config_class, {**values, "name": "unnamed"})
     errors.update(_mask_problems(config, kind))
     errors.update(config.problems())
     if errors:

@@ -21,6 +21,7 @@ from router.config_types import (
     STRICT,
     Concurrency,
     Description,
+    DestinationName,
     Doc,
     StrictBool,
     StrictInt,
@@ -103,7 +104,7 @@ class S3DestinationConfig:
 
     __pydantic_config__ = STRICT
 
-    name: str
+    name: DestinationName
     bucket: str
     access_key_id: str
     secret_access_key: Annotated[str, Doc("write-only: never shown again")]

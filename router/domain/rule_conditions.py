@@ -14,12 +14,13 @@ from collections.abc import Callable, Mapping
 from collections.abc import Sequence as AbcSequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
+T = TypeVar("T")
 Atoms = tuple[object, ...]
 Predicate = Callable[[Atoms], bool]
 Scalar = str | int | float | bool
@@ -56,7 +57,18 @@ class RuleError(ValueError):
 
 
 class ConditionError(RuleError):
-    """A condition is invalid; ``str()`` is ``"<field>: <problem>"``."""
+    """A condition is invalid; ``str()`` is ``"<field>: <problem>"`` (several joined by
+    ``; ``), ``errors`` maps each field (``op``, ``value[1]``) to its problem."""
+
+
+def _problem(key: str, message: str) -> ConditionError:
+    return ConditionError(f"{key}: {message}", {key: message})
+
+
+def _raise_all(problems: Mapping[str, str]) -> None:
+    if problems:
+        raise ConditionError("; ".join(f"{key}: {message}" if key else message
+                                       for key, message in problems.items()), problems)
 
 
 # -- reading values --------------------------------------------------------------------------
@@ -279,7 +291,7 @@ def _ordering_kind(tag: str, vr: str | None, value: object) -> str:
     for kind in ("number", "date", "datetime"):
         if _CONVERTERS[kind](value) is not None:
             return kind
-    raise ConditionError(f"value: {value!r} is neither a number nor a date, cannot order {tag}")
+    raise _problem("value", f"{value!r} is neither a number nor a date, cannot order {tag}")
 
 
 def _compile(op: str, value: object, tag: str, vr: str | None, case_sensitive: bool) -> Predicate:
@@ -292,13 +304,13 @@ def _compile(op: str, value: object, tag: str, vr: str | None, case_sensitive: b
         try:
             return _textual(op, value, case_sensitive)
         except re.error as exc:
-            raise ConditionError(f"value: invalid regular expression {value!r}: {exc}") from None
+            raise _problem("value", f"invalid regular expression {value!r}: {exc}") from None
     if op in _ORDERINGS:
         kind = _ordering_kind(tag, vr, value)
         expected = _CONVERTERS[kind](value)
         if expected is None:
             what = f"{tag} is {vr}" if vr else tag
-            raise ConditionError(f"value: {value!r} is not {_KIND_NAMES[kind]} ({what})")
+            raise _problem("value", f"{value!r} is not {_KIND_NAMES[kind]} ({what})")
         return _ordering(op, kind, expected)
     return _never  # exists is answered from presence alone
 
@@ -315,7 +327,7 @@ def resolve_tag(tag: str) -> tuple[BaseTag | None, str | None, str | None]:
     if _AI_TAG.match(tag):
         return None, tag, None
     if tag.startswith("ai."):
-        raise ConditionError(f"tag: {tag!r} is not of the form ai.<destination>.<key>")
+        raise _problem("tag", f"{tag!r} is not of the form ai.<destination>.<key>")
     m = _HEX_TAG.match(tag.strip())
     if m:
         group, element = (m[1], m[2]) if m[1] else (m[3], m[4])
@@ -323,10 +335,8 @@ def resolve_tag(tag: str) -> tuple[BaseTag | None, str | None, str | None]:
     elif (found := tag_for_keyword(tag)) is not None:
         number = BaseTag(found)
     else:
-        raise ConditionError(
-            f"tag: unknown tag {tag!r} (expected a DICOM keyword such as 'Modality', "
-            "'(gggg,eeee)' or 'ai.<destination>.<key>')"
-        )
+        raise _problem("tag", f"unknown tag {tag!r} (expected a DICOM keyword such as "
+                       "'Modality', '(gggg,eeee)' or 'ai.<destination>.<key>')")
     try:
         vr: str | None = dictionary_VR(number)
     except KeyError:
@@ -336,7 +346,7 @@ def resolve_tag(tag: str) -> tuple[BaseTag | None, str | None, str | None]:
 
 def _scalar(value: object, what: str) -> Scalar:
     if not isinstance(value, str | int | float | bool):
-        raise ConditionError(f"{what}: expected a string, number or boolean, got {value!r}")
+        raise _problem(what, f"expected a string, number or boolean, got {value!r}")
     return value
 
 
@@ -344,27 +354,42 @@ def _normalise(op: str, value: object) -> object:
     """The value in its stored form (lists become tuples, TOML dates ISO strings)."""
     if op == "exists":
         if not isinstance(value, bool):
-            raise ConditionError(f"value: expected true or false for 'exists', got {value!r}")
+            raise _problem("value", f"expected true or false for 'exists', got {value!r}")
         return value
     if value is None:
-        raise ConditionError(f"value: required for op '{op}'")
+        raise _problem("value", f"required for op '{op}'")
     if op == "in":
         if not isinstance(value, list | tuple) or not value:
-            raise ConditionError(f"value: expected a non-empty list for 'in', got {value!r}")
+            raise _problem("value", f"expected a non-empty list for 'in', got {value!r}")
         return tuple(_scalar(v, f"value[{i}]") for i, v in enumerate(value))
     if isinstance(value, list | tuple):
-        raise ConditionError(f"value: expected a single value for '{op}' (use 'in' for a list)")
+        raise _problem("value", f"expected a single value for '{op}' (use 'in' for a list)")
     if op in ("contains", "startswith", "regex"):
         if not isinstance(value, str) or not value:
-            raise ConditionError(f"value: expected a non-empty string for '{op}', got {value!r}")
+            raise _problem("value", f"expected a non-empty string for '{op}', got {value!r}")
         return value
     if op in _ORDERINGS:
         if isinstance(value, date | time):  # TOML dates and times arrive as objects
             return value.isoformat()
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConditionError(f"value: expected a number or a date for '{op}', got {value!r}")
+            raise _problem("value", f"expected a number or a date for '{op}', got {value!r}")
         return value
     return _scalar(value, "value")
+
+
+def _tag_of(tag: object) -> tuple[BaseTag | None, str | None, str | None]:
+    if not isinstance(tag, str) or not tag:
+        raise _problem("tag", f"expected a non-empty string, got {tag!r}")
+    return resolve_tag(tag)
+
+
+def _checked(problems: dict[str, str], check: Callable[[], T]) -> T | None:
+    """``check()``, or None with its problems added to ``problems``."""
+    try:
+        return check()
+    except ConditionError as exc:
+        problems.update(exc.errors)
+        return None
 
 
 # -- the condition ---------------------------------------------------------------------------
@@ -388,27 +413,37 @@ class Condition:
     _test: Predicate = field(default=_never, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tag, str) or not self.tag:
-            raise ConditionError(f"tag: expected a non-empty string, got {self.tag!r}")
-        if self.op not in OPERATORS:
+        # Every independent problem is said at once: the tag and the operator each on their
+        # own; the value only against a valid operator (and the tag's VR when there is one).
+        problems: dict[str, str] = {}
+        tag = _checked(problems, lambda: _tag_of(self.tag))
+        op_ok = self.op in OPERATORS
+        if not op_ok:
             expected = ", ".join(OPERATORS)
-            raise ConditionError(f"op: unknown operator {self.op!r} (expected one of {expected})")
+            problems["op"] = f"unknown operator {self.op!r} (expected one of {expected})"
+        elif tag is not None and tag[2] == "SQ" and self.op != "exists":
+            problems["op"] = f"{self.tag} is a sequence; only 'exists' is supported"
+        value: object = self.value
+        test: Predicate = _never
+        if "op" not in problems:
+            vr = tag[2] if tag is not None else None
+            named = self.tag if isinstance(self.tag, str) and self.tag else "the tag"
+            normal = _checked(problems, lambda: (_normalise(self.op, self.value),))
+            if normal is not None:
+                value = normal[0]
+                compiled = _checked(problems, lambda: _compile(
+                    self.op, value, named, vr, self.case_sensitive is not False))
+                test = compiled if compiled is not None else _never
         if not isinstance(self.case_sensitive, bool):
-            raise ConditionError(
-                f"case_sensitive: expected true or false, got {self.case_sensitive!r}"
-            )
-        if not self.case_sensitive and self.op not in _STRING_OPS:
-            raise ConditionError(f"case_sensitive: does not apply to '{self.op}'")
-        number, extra_key, vr = resolve_tag(self.tag)
-        if vr == "SQ" and self.op != "exists":
-            raise ConditionError(f"op: {self.tag} is a sequence; only 'exists' is supported")
-        value = _normalise(self.op, self.value)
+            problems["case_sensitive"] = f"expected true or false, got {self.case_sensitive!r}"
+        elif not self.case_sensitive and op_ok and self.op not in _STRING_OPS:
+            problems["case_sensitive"] = f"does not apply to '{self.op}'"
+        _raise_all(problems)
+        assert tag is not None
         object.__setattr__(self, "value", value)
-        object.__setattr__(self, "_tag", number)
-        object.__setattr__(self, "_extra_key", extra_key or "")
-        object.__setattr__(
-            self, "_test", _compile(self.op, value, self.tag, vr, self.case_sensitive)
-        )
+        object.__setattr__(self, "_tag", tag[0])
+        object.__setattr__(self, "_extra_key", tag[1] or "")
+        object.__setattr__(self, "_test", test)
 
     def __reduce__(self) -> tuple[type[Condition], tuple[str, str, object, bool]]:
         # The compiled predicate is a closure; rebuild it rather than pickle it.
@@ -455,21 +490,28 @@ class Condition:
 
 
 def parse_condition(data: object) -> Condition:
-    """A :class:`Condition` from a TOML/JSON table; unknown keys are an error."""
+    """A :class:`Condition` from a TOML/JSON table; unknown keys are an error. Raises
+    :class:`ConditionError` naming every problem found (``errors``: key -> problem)."""
     if not isinstance(data, Mapping):
         raise ConditionError(f"expected a table with tag, op and value, got {data!r}")
-    unknown = sorted(str(k) for k in data if k not in _CONDITION_KEYS)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], _CONDITION_KEYS, n=1)
-        hint = (f"did you mean '{close[0]}'?" if close
-                else f"expected one of {', '.join(_CONDITION_KEYS)}")
-        raise ConditionError(f"{unknown[0]}: unknown key ({hint})")
+    problems: dict[str, str] = {}
+    tag: Any = data["tag"].strip() if isinstance(data.get("tag"), str) else data.get("tag")
+    op: Any = data.get("op")
+    value = data.get("value", True if op == "exists" else None)
+    try:
+        condition = Condition(tag, op, value, data.get("case_sensitive", True))
+    except ConditionError as exc:
+        problems.update(exc.errors)
     for key in ("tag", "op"):
         if key not in data:
-            raise ConditionError(f"{key}: required")
-    tag = data["tag"].strip() if isinstance(data["tag"], str) else data["tag"]
-    value = data.get("value", True if data["op"] == "exists" else None)
-    return Condition(tag, data["op"], value, data.get("case_sensitive", True))
+            problems[key] = "required"
+    for key in sorted(str(k) for k in data if k not in _CONDITION_KEYS):
+        close = difflib.get_close_matches(key, _CONDITION_KEYS, n=1)
+        problems[key] = "unknown key (" + (
+            f"did you mean '{close[0]}'?" if close
+            else f"expected one of {', '.join(_CONDITION_KEYS)}") + ")"
+    _raise_all(problems)
+    return condition
 
 
 def actual_text(atoms: Atoms | None) -> str | None:

@@ -250,7 +250,8 @@ def _tables(value: object) -> object:
 
 
 def _condition(value: object) -> Condition:
-    """A condition checked by its own class; its problems named by their key (``op``)."""
+    """A condition checked by its own class; each of its problems named by its key (``op``,
+    ``value[1]``)."""
     if isinstance(value, Condition):
         return value
     if not isinstance(value, Mapping):
@@ -258,8 +259,7 @@ def _condition(value: object) -> Condition:
     try:
         return parse_condition(value)
     except ConditionError as exc:
-        key, _, problem = str(exc).partition(": ")
-        raise FieldProblem({key: problem}) from None
+        raise FieldProblem(exc.errors) from None
 
 
 def _grouping(key: str) -> Callable[[object], object]:

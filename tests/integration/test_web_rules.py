@@ -282,6 +282,8 @@ def test_crud_and_job_dry_run_on_postgres(pg_url: str, web_router: Any, tmp_path
     assert r.json()["error"]["fields"] == {
         "priority": "expected an integer, got 'high'",
         "modality[1]": "'C*' is not a modality code such as 'CT'",
+        "match[1].tag": "unknown tag 'Modalty' (expected a DICOM keyword such as 'Modality', "
+                        "'(gggg,eeee)' or 'ai.<destination>.<key>')",
         "match[1].op": "unknown operator 'like' (expected one of eq, ne, in, contains, "
                        "startswith, regex, exists, lt, gt, le, ge)",
         "granularity": "expected one of instance, series, study, got 'patient'",

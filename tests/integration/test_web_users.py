@@ -282,7 +282,8 @@ def test_settings_show_the_effective_configuration_without_secrets(web_router: A
     assert r.json()["changed_by"] == "admin" and r.json()["file_value"] == 0
     assert server.router.retention.retention_days == 30
     r = api(server, "PUT", "/api/v1/settings/storage.retention_days", admin, json={"value": -1})
-    assert r.status_code == 422 and "value" in r.json()["error"]["fields"]
+    assert r.status_code == 422
+    assert r.json()["error"]["fields"] == {"value": "must be between 0 and 36500, got -1"}
     r = api(server, "PUT", "/api/v1/settings/storage.retention_days", admin,
             json={"value": "30"})
     assert r.status_code == 422
@@ -302,7 +303,10 @@ def test_settings_page_changes_retention_as_the_user(web_router: Any) -> None:
     assert "changed at run time by <strong>admin</strong>" in page.text
     assert ADMIN_PASSWORD not in page.text
     r = browser.post(browser.url("/settings/storage.retention_days"), data={"value": "abc"})
-    assert r.status_code == 422 and "whole number" in r.text
+    assert r.status_code == 422 and "expected a whole number, got &#39;abc&#39;" in r.text
+    # The file's words for the file's range (StorageSettings.retention_days).
+    r = browser.post(browser.url("/settings/storage.retention_days"), data={"value": "-1"})
+    assert r.status_code == 422 and "must be between 0 and 36500, got -1" in r.text
     r = browser.post(browser.url("/settings/storage.retention_days"),
                      data={"value": "7", "reset": "1"})
     assert "Setting changed." in r.text and server.router.retention.retention_days == 0

@@ -230,3 +230,50 @@ def test_problems_are_mapped_to_the_form_fields_they_belong_to() -> None:
                       "calling_aet[3]": "worse", "": "whole"}) == {
         "calling_aet": "item 2: bad; item 4: worse", "match": "item 1: tag: unknown",
         "port": "too big", "form": "whole"}
+
+
+def test_destination_names_and_types_and_every_problem_of_a_condition_in_one_run(
+        tmp_path: Path) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text("""
+[[destinations]]
+name = "pacs"
+type = "dicom"
+host = "10.0.0.5"
+port = 104
+ae_title = "PACS"
+
+[[destinations]]
+name = "cloud archive"
+type = "fiel"
+path = "/srv/archive"
+
+[[destinations]]
+name = "my pacs"
+type = "dicom"
+host = "10.0.0.6"
+port = 0
+ae_title = "PACS2"
+
+[[rules]]
+name = "ct"
+destinations = ["pacs"]
+
+[[rules]]
+name = "mr"
+destinations = ["pacs"]
+match = [{tag = "Modalty", op = "equals", value = "MR"},
+         {tag = "Rows", op = "gt", value = "many", case_sensitive = false}]
+""")
+    assert check_config(config) == [
+        "destinations[1].name: invalid: use 1-64 characters of A-Z a-z 0-9 _ . - (no spaces)",
+        "destinations[1].type: unknown type 'fiel'; did you mean 'file'?",
+        "destinations[2].name: invalid: use 1-64 characters of A-Z a-z 0-9 _ . - (no spaces)",
+        "destinations[2].port: must be between 1 and 65535, got 0",
+        "rules[1].match[0].tag: unknown tag 'Modalty' (expected a DICOM keyword such as "
+        "'Modality', '(gggg,eeee)' or 'ai.<destination>.<key>')",
+        "rules[1].match[0].op: unknown operator 'equals' (expected one of eq, ne, in, "
+        "contains, startswith, regex, exists, lt, gt, le, ge)",
+        "rules[1].match[1].value: 'many' is not a number (Rows is US)",
+        "rules[1].match[1].case_sensitive: does not apply to 'gt'",
+    ]

@@ -121,6 +121,33 @@ def test_dicom_field_errors(changes: dict[str, Any], field: str, message: str) -
     assert re.search(message, errors[field]), errors[field]
 
 
+def test_name_and_type_go_through_the_models_with_the_other_fields() -> None:
+    # A mistyped type gets a did-you-mean, and the name is judged all the same.
+    assert _errors({"name": "my pacs", "type": "dciom", "host": "10.0.0.5"}) == {
+        "name": "invalid: use 1-64 characters of A-Z a-z 0-9 _ . - (no spaces)",
+        "type": "unknown type 'dciom'; did you mean 'dicom'?"}
+    assert _errors({"host": "10.0.0.5"}) == {
+        "name": "required: 1-64 characters of A-Z a-z 0-9 _ . -",
+        "type": "required: one of ai, dicom, file, s3"}
+    # With a known type the name is one field of the kind's class, listed with the others...
+    assert _errors({**PACS, "name": "a b", "port": 0, "colour": "red"}) == {
+        "name": "invalid: use 1-64 characters of A-Z a-z 0-9 _ . - (no spaces)",
+        "port": "must be between 1 and 65535, got 0",
+        "colour": "unknown key for a dicom destination (expected one of ae_title, calling_ae, "
+                  "concurrency, description, enabled, host, idle_close, max_pdu, name, port, "
+                  "timeout, tls, tls_ca_certificates, tls_certificate, tls_private_key, "
+                  "tls_profile, tls_server_name, transforms)"}
+    # ... and what needs several fields is still judged when only the name is wrong.
+    assert _errors({**PACS, "name": "a b", "max_pdu": 100}) == {
+        "name": "invalid: use 1-64 characters of A-Z a-z 0-9 _ . - (no spaces)",
+        "max_pdu": "must be 0 (unlimited) or at least 4096 bytes"}
+    # One description: the name's help text and its OpenAPI schema come from the annotation.
+    from router.config_types import docs_of
+
+    for kind in DESTINATION_KINDS.values():
+        assert "1-64 characters" in docs_of(kind.config_class)["name"]
+
+
 def test_missing_required_fields_are_all_reported() -> None:
     errors = _errors({"name": "pacs", "type": "dicom"})
     assert errors == {"host": "required", "port": "required", "ae_title": "required"}

@@ -28,6 +28,7 @@ from router.domain.rules import (
     VersionedRule,
     evaluate,
     explain,
+    parse_condition,
     parse_rule,
 )
 
@@ -603,6 +604,58 @@ def test_invalid_conditions_are_rejected_naming_the_rule_and_condition(
     with pytest.raises(RuleError) as raised:
         parse_rule(data)
     assert str(raised.value).startswith(f"rule 'CT chest': match[1].{message}")
+
+
+@pytest.mark.parametrize(
+    ("condition", "errors"),
+    [
+        # The tag, the operator and unknown keys are independent: each is said.
+        (
+            {"tag": "Modalty", "op": "equals", "value": "CT", "cs": False},
+            {"tag": "unknown tag 'Modalty' (expected a DICOM keyword such as 'Modality', "
+                    "'(gggg,eeee)' or 'ai.<destination>.<key>')",
+             "op": f"unknown operator 'equals' (expected one of {OPS})",
+             "cs": "unknown key (expected one of tag, op, value, case_sensitive)"},
+        ),
+        ({"value": 3}, {"tag": "required", "op": "required"}),
+        # The value is checked against a valid operator even when the tag is unknown (without
+        # its VR: only whether it orders at all)...
+        (
+            {"tag": "Rws", "op": "gt", "value": "many", "case_sensitive": False},
+            {"tag": "unknown tag 'Rws' (expected a DICOM keyword such as 'Modality', "
+                    "'(gggg,eeee)' or 'ai.<destination>.<key>')",
+             "value": "'many' is neither a number nor a date, cannot order Rws",
+             "case_sensitive": "does not apply to 'gt'"},
+        ),
+        (
+            {"tag": "Modalty", "op": "in", "value": ["CT", {"a": 1}]},
+            {"tag": "unknown tag 'Modalty' (expected a DICOM keyword such as 'Modality', "
+                    "'(gggg,eeee)' or 'ai.<destination>.<key>')",
+             "value[1]": "expected a string, number or boolean, got {'a': 1}"},
+        ),
+        # ... and against the tag's VR when the tag is known.
+        (
+            {"tag": "Rows", "op": "gt", "value": "many", "case_sensitive": "no",
+             "case_sensitiv": True},
+            {"value": "'many' is not a number (Rows is US)",
+             "case_sensitive": "expected true or false, got 'no'",
+             "case_sensitiv": "unknown key (did you mean 'case_sensitive'?)"},
+        ),
+        # An unknown operator: nothing can be said of the value.
+        ({"tag": "Rows", "op": "like", "value": {"x": 1}},
+         {"op": f"unknown operator 'like' (expected one of {OPS})"}),
+    ],
+)
+def test_every_independent_problem_of_a_condition_is_listed(
+    condition: dict[str, object], errors: dict[str, str]
+) -> None:
+    with pytest.raises(ConditionError) as raised:
+        parse_condition(condition)
+    assert raised.value.errors == errors
+    assert str(raised.value) == "; ".join(f"{key}: {message}" for key, message in errors.items())
+    with pytest.raises(RuleError) as in_rule:
+        parse_rule(cond(**condition))
+    assert in_rule.value.errors == {f"match[0].{key}": message for key, message in errors.items()}
 
 
 def test_rules_built_directly_are_validated_and_normalised_too() -> None:

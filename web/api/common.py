@@ -16,6 +16,7 @@ from eventsourcing.persistence import IntegrityError
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, create_model
 
 from router.application.commands import CommandError, NotFoundError
+from router.config_types import problems_of
 from router.dispatch.registry import DestinationConfigError
 from router.transforms.spec import TransformError
 
@@ -83,14 +84,16 @@ def validate(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ApiError(422, "invalid request", fields=field_errors(exc)) from None
+        raise ApiError(422, "invalid request", fields=field_errors(exc, model)) from None
 
 
-def field_errors(exc: ValidationError) -> dict[str, str]:
+def field_errors(exc: ValidationError, model: type[BaseModel]) -> dict[str, str]:
+    """Path -> problem for a body ``model`` refused, in the words and paths the configuration
+    file's problems use (``names[1]: ...``, ``unknown key (did you mean ...)``); the whole
+    body's problem under ``body``."""
     out: dict[str, str] = {}
-    for error in exc.errors(include_url=False, include_input=False):
-        key = ".".join(str(part) for part in error["loc"]) or "body"
-        out.setdefault(key, error["msg"])
+    for problem in problems_of(exc, model):
+        out.setdefault(problem.path or "body", problem.message)
     return out
 
 

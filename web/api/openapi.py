@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document of /api/v1, built from the URL table (routes.py): every API route
 with its summary, permission, path parameters, documented query parameters and the JSON Schema
-of its request body (from the route's pydantic model). Nothing is listed by hand.
+of its request body (from the route's pydantic model) and, where a route gives one, of its
+answer. Nothing is listed by hand.
 """
 
 from __future__ import annotations
@@ -68,14 +69,22 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
     if params:
         op["parameters"] = params
     if route.body is not None:
-        name = route.body.__name__
-        schema = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
-        for sub_name, sub in schema.pop("$defs", {}).items():
-            schemas[sub_name] = sub
-        schemas[name] = schema
         op["requestBody"] = {"required": not route.body_optional, "content": {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+            "application/json": {"schema": _schema_ref(route.body, schemas)}}}
+    if route.response is not None:
+        op["responses"]["200"] = {"description": "OK", "content": {"application/json": {
+            "schema": _schema_ref(route.response, schemas)}}}
     return op
+
+
+def _schema_ref(model: Any, schemas: dict[str, Any]) -> dict[str, str]:
+    """``model``'s JSON Schema put in the components (its own definitions beside it)."""
+    name = model.__name__
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for sub_name, sub in schema.pop("$defs", {}).items():
+        schemas[sub_name] = sub
+    schemas[name] = schema
+    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _error_ref(description: str) -> dict[str, Any]:

@@ -13,13 +13,14 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, StrictInt
+from pydantic import BaseModel, ConfigDict
 
 from router.application.runtime_settings import RUNTIME_SETTINGS, RuntimeValue
+from router.config_types import adapter, secrets_of
 from router.secrets import KEY_FILE_NAME
 from router.settings import Settings
 from web.api.common import ApiError, json_response, read_json, run_command
@@ -28,7 +29,6 @@ from web.keys import ROUTER_KEY
 from web.routes import Route
 
 SECTIONS = ("server", "dicom", "dispatch", "ingest", "web", "storage", "audit", "atna")
-SECRETS = frozenset({"secret_key", "admin_password"})
 DEFAULT = "default"
 CONFIGURED = "configuration file or environment"
 READ_ONLY_NOTE = ("Only the settings marked changeable can change here; every other value "
@@ -36,9 +36,18 @@ READ_ONLY_NOTE = ("Only the settings marked changeable can change here; every ot
                   "changes with a restart.")
 
 
+def _runtime_value() -> Any:
+    """The type of a runtime setting's new value: the settings field's own annotations (its
+    range and Doc), strict; several settings: any of them (the named one is checked again)."""
+    kinds = tuple(spec.annotation for spec in RUNTIME_SETTINGS.values())
+    return (kinds[0] if len(kinds) == 1 else Union[kinds]) | None  # noqa: UP007
+
+
 class RuntimeChange(BaseModel):
+    """A runtime setting's new value; null: back to the value of the file (or the default)."""
+
     model_config = ConfigDict(extra="forbid")
-    value: StrictInt | None  # None: back to the value of the file (or the default)
+    value: _runtime_value()  # type: ignore[valid-type]
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -99,7 +108,7 @@ def _server(settings: Settings) -> dict[str, dict[str, Any]]:
             out[f.name] = _item(value, default)
             out[f.name]["value"] = mask_url(value)
             continue
-        out[f.name] = _item(value, default, secret=f.name in SECRETS)
+        out[f.name] = _item(value, default, secret=f.name in secrets_of(Settings))
     out["secret_key"] = _master_key(settings)
     return out
 
@@ -131,12 +140,79 @@ def describe(settings: Settings, runtime: dict[str, RuntimeValue]) -> dict[str, 
     for name in SECTIONS[1:]:
         current = getattr(settings, name)
         base = type(current)()
-        sections[name] = {f.name: _item(getattr(current, f.name), getattr(base, f.name))
+        # A secret (WriteOnly in its class, such as storage.secret_access_key): set or not.
+        secret = secrets_of(type(current))
+        sections[name] = {f.name: _item(getattr(current, f.name), getattr(base, f.name),
+                                        secret=f.name in secret)
                           for f in dataclasses.fields(current)}
     for full_name, value in runtime.items():
         section, key = full_name.split(".", 1)
         sections[section][key] = runtime_json(value)
     return {"sections": sections, "note": READ_ONLY_NOTE}
+
+
+# -- the OpenAPI schema of what GET answers, made from the settings classes ----------------
+
+_TEXT = {"type": "string"}
+_ITEM = {"source": _TEXT, "changeable": {"type": "boolean"},
+         "unit": {"const": "seconds", "description": "the value is a duration"}}
+_RUNTIME_ITEM = {**_ITEM, "file_value": {}, "overridden": {"type": "boolean"},
+                 "changed_by": {"type": ["string", "null"]},
+                 "changed_at": {"type": ["string", "null"], "format": "date-time"},
+                 "help": _TEXT}
+_SECRET = {"enum": ["set", "not set"], "description": "a secret: only whether it is set"}
+
+
+def _item_schema(value: dict[str, Any], changeable: bool = False) -> dict[str, Any]:
+    props = {**(_RUNTIME_ITEM if changeable else _ITEM), "value": value}
+    if changeable:
+        props["file_value"] = value
+    return {"type": "object", "properties": props, "required": ["value", "source",
+                                                               "changeable"]}
+
+
+def _section_schema(fields: dict[str, Any], secrets: frozenset[str], section: str
+                    ) -> dict[str, Any]:
+    """Each key of a section: its value has the field's own JSON Schema (range, enum,
+    description from its Doc); secrets only set / not set."""
+    props: dict[str, Any] = {}
+    for key, schema in fields.items():
+        value = _SECRET if key in secrets else {k: v for k, v in schema.items()
+                                                if k not in ("default", "title")}
+        props[key] = _item_schema(value, changeable=f"{section}.{key}" in RUNTIME_SETTINGS)
+    return {"type": "object", "properties": props, "additionalProperties": False}
+
+
+class SettingsShown:
+    """GET /api/v1/settings in the OpenAPI document: made from the settings classes (the ones
+    the file and the environment are validated with), so it cannot drift from them."""
+
+    @classmethod
+    def model_json_schema(cls, ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
+        full = adapter(Settings).json_schema(mode="serialization", ref_template=ref_template)
+        defs = full.get("$defs", {})
+        base = Settings()
+        server: dict[str, Any] = {}
+        for f in dataclasses.fields(Settings):
+            default = getattr(base, f.name)
+            if dataclasses.is_dataclass(default):
+                continue
+            if _declared(default):
+                server[f"{f.name}_in_file"] = {"type": "integer", "minimum": 0,
+                                               "description": f"how many [[{f.name}]]"}
+                continue
+            server[f.name] = full["properties"][f.name]
+        sections = {"server": _section_schema(server, secrets_of(Settings), "server")}
+        for name in SECTIONS[1:]:
+            model = type(getattr(base, name))
+            section = defs[model.__name__]["properties"]
+            sections[name] = _section_schema(section, secrets_of(model), name)
+        schema = {"type": "object", "title": cls.__name__, "required": ["sections", "note"],
+                  "properties": {"note": _TEXT, "sections": {
+                      "type": "object", "properties": sections, "additionalProperties": False}}}
+        if "$ref" in repr(sections):  # a field typed by another class: its schema beside
+            schema["$defs"] = defs
+        return schema
 
 
 async def get_settings(request: web.Request) -> web.Response:
@@ -172,7 +248,7 @@ async def put_setting(request: web.Request) -> web.Response:
 ROUTES = [
     Route("GET", "/api/v1/settings", get_settings, "settings.read",
           "The effective configuration by section (secrets only as set / not set), with "
-          "where each value comes from", tags=("settings",)),
+          "where each value comes from", tags=("settings",), response=SettingsShown),
     Route("PUT", "/api/v1/settings/{name}", put_setting, "settings.write",
           "Change a runtime setting such as storage.retention_days (value null: back to the "
           "file's value)", body=RuntimeChange, tags=("settings",)),

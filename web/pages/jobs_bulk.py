@@ -32,7 +32,7 @@ def request_of(form: dict[str, str], operation: str) -> BulkRequest:
     try:
         return BulkRequest.model_validate(values)
     except ValidationError as exc:
-        fields = field_errors(exc)
+        fields = field_errors(exc, BulkRequest)
         raise ApiError(422, "; ".join(f"{k}: {v}" for k, v in fields.items()),
                        fields) from None
 

@@ -4,17 +4,22 @@ a form for each runtime-changeable setting (for roles with settings.write)."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 from aiohttp import web
 
 from router.application.runtime_settings import RUNTIME_SETTINGS
-from web.api.common import ApiError
+from router.config_types import unwrapped
+from web.api.common import ApiError, validate
+from web.api.settings import RuntimeChange, describe
 from web.api.settings import change_setting as change_runtime
-from web.api.settings import describe
 from web.auth import current_user
+from web.forms import at_fields
 from web.keys import ROUTER_KEY
 from web.render import render
 from web.routes import Route
+
+_INTEGER = re.compile(r"^[+-]?\d+$")
 
 
 async def settings_page(request: web.Request, flash: str = "", flash_kind: str = "ok",
@@ -35,23 +40,26 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def change(request: web.Request) -> web.StreamResponse:
+    """One runtime setting from its form, validated by the API's body model (the settings
+    field's own annotations): the same words as the API and the file."""
     name = request.match_info["name"]
     form = await request.post()
     raw = str(form.get("value", "")).strip()
-    if name not in RUNTIME_SETTINGS:
+    spec = RUNTIME_SETTINGS.get(name)
+    if spec is None:
         raise web.HTTPNotFound(text="this setting cannot change at run time")
-    value: int | None = None
+    value: object = None  # back to the file's value
     if raw and form.get("reset") is None:
-        try:
-            value = int(raw)
-        except ValueError:
-            return await settings_page(request, "Not changed: enter a whole number.", "error",
-                                       {name: "a whole number"}, status=422)
+        # A form sends text: a whole number becomes one, anything else is judged as given.
+        whole = unwrapped(spec.annotation) is int and _INTEGER.match(raw)
+        value = int(raw) if whole else raw
     try:
-        await change_runtime(request, name, value)
+        body = validate(RuntimeChange, {"value": value})
+        await change_runtime(request, name, body.value)
     except ApiError as exc:
-        return await settings_page(request, f"Not changed: {exc.message}", "error",
-                                   {name: exc.message}, status=422)
+        problem = at_fields(exc.fields).get("value", exc.message)
+        return await settings_page(request, f"Not changed: {problem}", "error",
+                                   {name: problem}, status=422)
     raise web.HTTPSeeOther("/settings?done=changed")
 
 
