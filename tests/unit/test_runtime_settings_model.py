@@ -55,7 +55,8 @@ def test_secrets_of_every_section_are_shown_only_as_set() -> None:
 
 
 def test_the_openapi_answer_of_get_settings_is_made_from_the_settings_classes() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     from router.application.runtime_settings import RuntimeValue
     from web.api.openapi import build_document
     from web.api.settings import SettingsShown
