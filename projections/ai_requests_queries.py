@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from projections.db import ViewDatabase
+from projections.db import Queryable, ViewDatabase
 
 COLUMNS = (
     "r.request_id, r.destination, r.study_instance_uid, r.amendment, r.status, r.attempts,"
@@ -67,3 +67,33 @@ def turnaround(db: ViewDatabase, since: float) -> list[dict[str, Any]]:
     return [{**r, "average": float(r["average"]) if r["average"] is not None else None,
              "slowest": float(r["slowest"]) if r["slowest"] is not None else None}
             for r in rows]
+
+
+# --- the AI worker's reads (router/ai/worker.py, router/ai/requests.py) ----------------------
+DUE_SQL = (
+    "SELECT * FROM ai_requests WHERE destination = ? AND status IN ('pending', 'retrying')"
+    " AND COALESCE(next_attempt_at, 0) <= ? ORDER BY COALESCE(next_attempt_at, 0), created_at"
+    " LIMIT 50"
+)
+OVERDUE_SQL = ("SELECT * FROM ai_requests WHERE status = 'accepted' AND deadline <= ?"
+               " ORDER BY deadline LIMIT 100")
+MEMBERS_SQL = (
+    "SELECT j.job_id, j.sha256, j.series_instance_uid, j.sop_instance_uid"
+    " FROM ai_request_jobs r JOIN jobs j ON j.job_id = r.job_id WHERE r.request_id = ?"
+    " ORDER BY j.series_instance_uid, j.received_at, j.job_id"
+)
+
+
+def due_requests(db: Queryable, destination: str, now: float) -> list[dict[str, Any]]:
+    """Up to 50 pending or retrying requests to ``destination`` due at ``now``."""
+    return db.query(DUE_SQL, (destination, now))
+
+
+def overdue_requests(db: Queryable, now: float) -> list[dict[str, Any]]:
+    """Up to 100 accepted requests whose callback deadline has passed."""
+    return db.query(OVERDUE_SQL, (now,))
+
+
+def request_members(db: Queryable, request_id: str) -> list[dict[str, Any]]:
+    """The jobs a request covers (job_id, sha256, series and SOP instance UIDs), by series."""
+    return db.query(MEMBERS_SQL, (request_id,))

@@ -264,3 +264,28 @@ def json_items(rows: Sequence[Row], first: bool) -> str:
     if not parts:
         return ""
     return ("" if first else ",\n") + ",\n".join(parts)
+
+
+# --- the ATNA sender's reads (router/atna/sender.py) -----------------------------------------
+ROWS_AFTER_SQL = ("SELECT * FROM audit WHERE application = ? AND position > ?"
+                  " ORDER BY position LIMIT ?")
+DESTINATION_CONFIGS_SQL = ("SELECT object_id, detail FROM audit WHERE action IN"
+                           " ('Destination.Created', 'Destination.Updated')"
+                           " ORDER BY occurred_at")
+
+
+def rows_after(db: ViewDatabase, application: str, position: int, limit: int) -> list[Row]:
+    """Up to ``limit`` rows of log ``application`` after ``position``, in log order."""
+    return db.query(ROWS_AFTER_SQL, (application, position, limit))
+
+
+def destination_configs(db: ViewDatabase) -> list[Row]:
+    """Every Destination.Created/Updated row (object_id, detail), oldest first."""
+    return db.query(DESTINATION_CONFIGS_SQL)
+
+
+def deliveries_created(db: ViewDatabase, delivery_ids: Sequence[str]) -> list[Row]:
+    """The Delivery.Created rows (object_id, detail) of ``delivery_ids``."""
+    marks = ", ".join("?" for _ in delivery_ids)
+    return db.query(f"SELECT object_id, detail FROM audit WHERE action = 'Delivery.Created'"
+                    f" AND object_id IN ({marks})", delivery_ids)

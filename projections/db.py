@@ -23,6 +23,13 @@ class Cursor(Protocol):
     def fetchall(self) -> list[Any]: ...
 
 
+class Queryable(Protocol):
+    """What a read needs of a view database: ``?`` placeholders, rows as dicts. A
+    ViewDatabase is one; tests pass small fakes."""
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+
 class ViewDatabase:
     """A connection factory for one view's tables."""
 

@@ -10,6 +10,7 @@ import getpass
 import re
 from typing import TYPE_CHECKING, Any
 
+from projections import jobs_queries
 from router.domain.delivery_states import ALIASES, DELIVERY_STATES, shown, stored
 from router.settings import Settings
 
@@ -74,8 +75,7 @@ def cmd_deliveries(settings: Settings, args: argparse.Namespace) -> int:
             return _list(db, args)
         if args.job_id is None:
             return _bulk(router, db, args)
-        rows = db.query("SELECT destination, status FROM deliveries WHERE job_id = ?",
-                        (args.job_id,))
+        rows = jobs_queries.deliveries_of_job(db, args.job_id)
         targets = [r for r in rows if args.destination in (None, r["destination"])]
         if not targets:
             raise ValueError(f"no delivery of job {args.job_id}"
@@ -125,18 +125,8 @@ def _bulk(router: Router, db: ViewDatabase, args: argparse.Namespace) -> int:
 
 
 def _list(db: Any, args: argparse.Namespace) -> int:
-    sql = ("SELECT d.job_id, d.destination, d.status, d.attempts, d.next_attempt_at,"
-           " d.last_error FROM deliveries d WHERE 1 = 1")
-    params: list[Any] = []
-    if args.status:
-        sql += " AND d.status = ?"
-        params.append(stored(args.status))
-    if args.destination:
-        sql += " AND d.destination = ?"
-        params.append(args.destination)
-    sql += " ORDER BY d.created_at DESC LIMIT ?"
-    params.append(args.limit)
-    for row in db.query(sql, params):
+    status = stored(args.status) if args.status else None
+    for row in jobs_queries.recent_deliveries(db, status, args.destination, args.limit):
         print(f"{row['job_id']}  {row['destination']:16} {shown(row['status']):9} "
               f"attempts={row['attempts']} {row['last_error'] or ''}")
     return 0

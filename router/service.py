@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from projections import jobs_queries
 from projections.audit import AuditView
 from projections.db import ViewDatabase, open_views
 from projections.freshness import FreshReads, LogHeads
@@ -217,8 +218,7 @@ class Router:
                   file=sys.stderr, flush=True)
         self.runner.catch_up()
         jobs_db = self.view_db("jobs")
-        self.blobs.recover(lambda sha: bool(jobs_db.query(
-            "SELECT 1 FROM jobs WHERE sha256 = ? LIMIT 1", (sha,))))
+        self.blobs.recover(lambda sha: jobs_queries.job_exists_with_blob(jobs_db, sha))
         self.runner.start()
         if self.settings.is_postgres:
             self.runner.listen(self.settings.database_url,

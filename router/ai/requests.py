@@ -15,6 +15,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
 
+from projections.ai_requests_queries import request_members
 from projections.db import ViewDatabase
 from router.ai.deid import pseudonyms
 from router.ai.outbound import Body, Member, describe, write_body
@@ -30,11 +31,6 @@ from router.domain.ai import AIRequest
 from router.secrets import SecretBox
 from router.storage.blobs import BlobCorruptError, BlobError, BlobStore
 
-MEMBERS_SQL = (
-    "SELECT j.job_id, j.sha256, j.series_instance_uid, j.sop_instance_uid"
-    " FROM ai_request_jobs r JOIN jobs j ON j.job_id = r.job_id WHERE r.request_id = ?"
-    " ORDER BY j.series_instance_uid, j.received_at, j.job_id"
-)
 TOKEN_GRACE = 600.0  # the token outlives the callback deadline by this much
 
 
@@ -111,7 +107,7 @@ class AIRequests:
 
     def members(self, request_id: str) -> list[Member]:
         return [Member(r["job_id"], r["sha256"], r["series_instance_uid"] or "",
-                       r["sop_instance_uid"]) for r in self._db.query(MEMBERS_SQL, (request_id,))]
+                       r["sop_instance_uid"]) for r in request_members(self._db, request_id)]
 
     def prepare(self, row: RequestRow) -> Prepared:
         """Build and sign the body of one attempt (raises PermanentDeliveryError). Signature

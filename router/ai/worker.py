@@ -20,6 +20,7 @@ from typing import Any
 
 from eventsourcing.persistence import IntegrityError
 
+from projections.ai_requests_queries import due_requests, overdue_requests
 from projections.db import ViewDatabase
 from router.ai.requests import AIRequests, RequestRow
 from router.application.admin_state import AdminState
@@ -31,13 +32,6 @@ from router.ticker import Ticker
 
 logger = logging.getLogger(__name__)
 
-DUE_SQL = (
-    "SELECT * FROM ai_requests WHERE destination = ? AND status IN ('pending', 'retrying')"
-    " AND COALESCE(next_attempt_at, 0) <= ? ORDER BY COALESCE(next_attempt_at, 0), created_at"
-    " LIMIT 50"
-)
-OVERDUE_SQL = ("SELECT * FROM ai_requests WHERE status = 'accepted' AND deadline <= ?"
-               " ORDER BY deadline LIMIT 100")
 
 
 class AIWorker:
@@ -78,9 +72,9 @@ class AIWorker:
         for name, state in self._admin.snapshot().live_destinations().items():
             if state.config.get("type") != "ai" or state.paused:
                 continue
-            for row in self._db.query(DUE_SQL, (name, now)):
+            for row in due_requests(self._db, name, now):
                 self._submit(name, int(state.config.get("concurrency") or 1), RequestRow.of(row))
-        for row in self._db.query(OVERDUE_SQL, (now,)):
+        for row in overdue_requests(self._db, now):
             self._saving(functools.partial(self._overdue, RequestRow.of(row)))
 
     def _submit(self, destination: str, concurrency: int, row: RequestRow) -> None:

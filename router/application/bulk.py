@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from projections.jobs_queries import DeliverySelection, count_deliveries, delivery_batch
 from router.application.commands import Actor, CommandError, Commands
 from router.application.stores import EventStores
 from router.domain.delivery import BulkAction
@@ -95,18 +96,11 @@ class DeliveryFilter:
         return {**{k: v for k, v in self.given.items() if v not in (None, "")},
                 "all": self.everything}
 
-    def where(self, operation: str) -> tuple[str, list[Any]]:
-        statuses = [self.status] if self.status else list(OPERATIONS[operation])
-        clauses = ["d.status IN (" + ", ".join("?" for _ in statuses) + ")"]
-        params: list[Any] = list(statuses)
-        for clause, value in (("d.destination = ?", self.destination),
-                              ("j.received_at >= ?", self.since),
-                              ("j.received_at < ?", self.until),
-                              ("j.study_instance_uid = ?", self.study_uid)):
-            if value is not None:
-                clauses.append(clause)
-                params.append(value)
-        return " AND ".join(clauses), params
+    def selection(self, operation: str) -> DeliverySelection:
+        """The deliveries ``operation`` would change (projections/jobs_queries.py reads them)."""
+        statuses = (self.status,) if self.status else tuple(OPERATIONS[operation])
+        return DeliverySelection(statuses, self.destination, self.since, self.until,
+                                 self.study_uid)
 
 
 @dataclass
@@ -135,10 +129,7 @@ class BulkDeliveries:
     def count(self, flt: DeliveryFilter, operation: str) -> int:
         """How many deliveries the action would change now (a dry run; records nothing)."""
         flt.check(operation)
-        where, params = flt.where(operation)
-        rows = self._db.query("SELECT count(*) AS n FROM deliveries d JOIN jobs j"
-                              f" ON j.job_id = d.job_id WHERE {where}", params)
-        return int(rows[0]["n"])
+        return count_deliveries(self._db, flt.selection(operation))
 
     def start(self, flt: DeliveryFilter, operation: str, reason: str, actor: Actor
               ) -> BulkRun:
@@ -153,11 +144,7 @@ class BulkDeliveries:
 
     def next_batch(self, run: BulkRun) -> bool:
         """Change up to BATCH more deliveries; False once none is left."""
-        where, params = run.filter.where(run.operation)
-        rows = self._db.query(
-            "SELECT d.delivery_id, d.job_id, d.destination FROM deliveries d JOIN jobs j"
-            f" ON j.job_id = d.job_id WHERE {where} AND d.delivery_id > ?"
-            " ORDER BY d.delivery_id LIMIT ?", [*params, run.after, BATCH])
+        rows = delivery_batch(self._db, run.filter.selection(run.operation), run.after, BATCH)
         if rows:
             run.after = rows[-1]["delivery_id"]
             affected, skipped = self._commands.change_many(

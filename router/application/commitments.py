@@ -19,6 +19,7 @@ from eventsourcing.application import AggregateNotFoundError
 from pydicom.dataset import Dataset
 
 from projections.db import ViewDatabase
+from projections.jobs_queries import delivery_statuses, jobs_of_instance
 from router.application.commands import Actor
 from router.application.stores import EventStores
 from router.dicom.uids import uid_problem
@@ -153,9 +154,7 @@ class CommitmentChecker:
 
     def _failure(self, sop_class: str, sop_instance: str, destination: str) -> int | None:
         """0 when committed, a failure reason, or None while a delivery is still open."""
-        rows = self._jobs().query(
-            "SELECT job_id, sop_class_uid, sha256 FROM jobs WHERE sop_instance_uid = ?",
-            (sop_instance,))
+        rows = jobs_of_instance(self._jobs(), sop_instance)
         if not rows:
             if self._classes and sop_class not in self._classes:
                 return SOP_CLASS_NOT_SUPPORTED
@@ -166,10 +165,8 @@ class CommitmentChecker:
         if not destination:
             stored = any(self._blobs.exists(str(r["sha256"])) for r in ours)
             return 0 if stored else PROCESSING_FAILURE
-        marks = ",".join("?" * len(ours))
-        statuses = {str(r["status"]) for r in self._jobs().query(
-            f"SELECT status FROM deliveries WHERE destination = ? AND job_id IN ({marks})",
-            (destination, *(r["job_id"] for r in ours)))}
+        statuses = delivery_statuses(self._jobs(), destination,
+                                     [str(r["job_id"]) for r in ours])
         if "delivered" in statuses:
             return 0
         if statuses and statuses <= {"dead", "cancelled"}:

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, Protocol
 
 from pydicom.dataset import Dataset
 
+from projections import jobs_queries
 from router.dicom.header import HeaderError, read_header
 from router.domain.rules import (
     ConditionResult,
@@ -27,16 +28,6 @@ from router.domain.rules import (
     explain,
 )
 from router.storage.blobs import BlobError, BlobStore
-
-JOB_SQL = (
-    "SELECT job_id, received_at, calling_aet, called_aet, source_ip, sha256, modality,"
-    " sop_class_uid, study_instance_uid, patient_id, routing, destinations"
-    " FROM jobs WHERE job_id = ?"
-)
-RECENT_JOBS_SQL = (
-    "SELECT job_id, received_at, calling_aet, called_aet, modality, sop_class_uid, routing"
-    " FROM jobs ORDER BY received_at DESC LIMIT ?"
-)
 
 
 class Queryable(Protocol):
@@ -172,10 +163,9 @@ def upload_input(header: Dataset, calling_aet: str, called_aet: str,
 
 def job_input(jobs_db: Queryable, blobs: BlobStore, job_id: str) -> JobInput:
     """A past job's stored object (header only) with the AE titles and IP it arrived with."""
-    rows = jobs_db.query(JOB_SQL, (job_id.strip(),))
-    if not rows:
+    row = jobs_queries.dry_run_job(jobs_db, job_id.strip())
+    if row is None:
         raise JobNotFound(f"job {job_id.strip()[:64]!r} does not exist")
-    row = rows[0]
     try:
         path = blobs.wait_for(row["sha256"], timeout=2.0)
     except BlobError as exc:
@@ -204,4 +194,4 @@ def _names(stored: str | None) -> tuple[str, ...]:
 
 def recent_jobs(jobs_db: Queryable, limit: int = 20) -> list[dict[str, Any]]:
     """The latest jobs (no patient identifiers), to pick one for a dry run."""
-    return jobs_db.query(RECENT_JOBS_SQL, (limit,))
+    return jobs_queries.recent_jobs(jobs_db, limit)

@@ -28,6 +28,11 @@ from typing import Any
 from eventsourcing.persistence import IntegrityError
 
 from projections.db import ViewDatabase
+from projections.jobs_queries import (
+    delivered_destinations,
+    purge_candidates,
+    unreferenced_purged_blobs,
+)
 from router.application.commands import Actor, CommandError
 from router.application.runtime_settings import RuntimeSettingsStore
 from router.application.stores import EventStores
@@ -42,28 +47,8 @@ BATCH = 200
 SWEEP_WINDOW = 7 * DAY  # purges this close to the latest one are re-checked at start
 USAGE_CACHE_SECONDS = 30.0
 
-# A job that may lose its object: old enough, and a duplicate or fully delivered.
-_MAY_GO = (
-    "({j}.received_at < ? AND ({j}.routing = 'duplicate' OR ({j}.routing = 'routed'"
-    " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = {j}.job_id)"
-    " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = {j}.job_id"
-    " AND d.status <> 'delivered'))))"
-)
-_PURGED = "EXISTS (SELECT 1 FROM blob_purges p WHERE p.job_id = {j}.job_id)"
-CANDIDATES_SQL = (
-    "SELECT j.job_id, j.sha256, j.size FROM jobs j"
-    f" WHERE NOT {_PURGED.format(j='j')} AND {_MAY_GO.format(j='j')}"
-    " AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.sha256 = j.sha256"
-    f" AND NOT {_PURGED.format(j='o')} AND NOT {_MAY_GO.format(j='o')})"
-    " ORDER BY j.received_at, j.job_id LIMIT ?"
-)
-# Blobs of recent purges that no unpurged job references (a crash between save and delete).
-SWEEP_SQL = (
-    "SELECT DISTINCT p.sha256 FROM blob_purges p"
-    " WHERE p.purged_at >= (SELECT MAX(purged_at) FROM blob_purges) - ?"
-    " AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.sha256 = p.sha256"
-    f" AND NOT {_PURGED.format(j='o')})"
-)
+# Which jobs may lose their object, and the sweep's blobs: projections/jobs_queries.py
+# (purge_candidates, unreferenced_purged_blobs).
 
 
 @dataclass(frozen=True)
@@ -164,7 +149,7 @@ class Retention:
         jobs = blobs = freed = 0
         tried: set[str] = set()
         while not self._stop.is_set():
-            rows = [r for r in self._db.query(CANDIDATES_SQL, (cutoff, cutoff, BATCH))
+            rows = [r for r in purge_candidates(self._db, cutoff, BATCH)
                     if r["job_id"] not in tried]
             if not rows:
                 break
@@ -213,14 +198,7 @@ class Retention:
         return chosen
 
     def _delivered(self, job_ids: list[str]) -> dict[str, set[str]]:
-        marks = ", ".join("?" for _ in job_ids)
-        rows = self._db.query(
-            f"SELECT job_id, destination FROM deliveries WHERE status = 'delivered'"
-            f" AND job_id IN ({marks})", job_ids)
-        out: dict[str, set[str]] = {}
-        for row in rows:
-            out.setdefault(row["job_id"], set()).add(row["destination"])
-        return out
+        return delivered_destinations(self._db, job_ids)
 
     def _delete(self, shas: Iterable[str]) -> tuple[int, int]:
         count = freed = 0
@@ -241,7 +219,7 @@ class Retention:
         return count, freed
 
     def _sweep(self) -> None:
-        shas = [r["sha256"] for r in self._db.query(SWEEP_SQL, (SWEEP_WINDOW,))]
+        shas = unreferenced_purged_blobs(self._db, SWEEP_WINDOW)
         count, _ = self._delete(sha for sha in shas if self._blobs.exists(sha))
         if count:
             logger.info("retention: removed %d blobs left behind by an interrupted purge",

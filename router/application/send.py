@@ -13,6 +13,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
 
+from projections.jobs_queries import sendable_jobs
 from router.application.admin_state import AdminState
 from router.application.bulk import BulkFilterError
 from router.application.commands import Actor, Commands, NotFoundError
@@ -45,15 +46,8 @@ class Sender:
 
     def jobs_of(self, study_uid: str, series_uid: str | None) -> list[str]:
         """The job of the latest stored version of each instance of the study (series)."""
-        sql = ("SELECT j.job_id, j.sop_instance_uid FROM jobs j WHERE j.study_instance_uid = ?"
-               " AND j.routing IN (" + ", ".join("?" for _ in SENDABLE) + ")"
-               " AND NOT EXISTS (SELECT 1 FROM blob_purges p WHERE p.job_id = j.job_id)")
-        params: list[Any] = [study_uid, *SENDABLE]
-        if series_uid is not None:
-            sql += " AND j.series_instance_uid = ?"
-            params.append(series_uid)
         latest: dict[str, str] = {}
-        for row in self._db.query(sql + " ORDER BY j.received_at, j.job_id", params):
+        for row in sendable_jobs(self._db, study_uid, series_uid, SENDABLE):
             latest[row["sop_instance_uid"]] = row["job_id"]
         return list(latest.values())
 

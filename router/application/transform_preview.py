@@ -13,16 +13,12 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from projections.jobs_queries import latest_job_of_instance
 from router.application.admin_state import AdminSnapshot
 from router.dispatch.transforming import chain_for
 from router.storage.blobs import BlobError, BlobStore
 from router.transforms.chain import TransformFailed, VersionedTransform, apply_chain
 
-LATEST_SQL = (
-    "SELECT job_id, sha256, calling_aet, matched_rules, study_instance_uid, patient_id"
-    " FROM jobs WHERE sop_instance_uid = ? AND duplicate_of IS NULL"
-    " ORDER BY received_at DESC LIMIT 1"
-)
 _VALUE_CHARS = 200
 
 
@@ -80,11 +76,10 @@ def preview(jobs_db: Any, blobs: BlobStore, snapshot: AdminSnapshot, seed_for: A
     if not uid or len(uid) > 64:
         raise PreviewError("a SOP Instance UID of 1-64 characters is required",
                            "sop_instance_uid")
-    rows = jobs_db.query(LATEST_SQL, (uid,))
-    if not rows:
+    job = latest_job_of_instance(jobs_db, uid)
+    if job is None:
         raise PreviewNotFound("no stored instance has this SOP Instance UID",
                               "sop_instance_uid")
-    job = rows[0]
     chain = choose_chain(snapshot, transform.strip(), destination.strip(),
                          job["matched_rules"] or "")
     try:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from projections import audit_queries
 from projections.db import ViewDatabase
 from projections.positions import save_position, view_positions
 from router.atna.messages import Source, message_for
@@ -31,10 +32,6 @@ logger = logging.getLogger(__name__)
 VIEW = "atna"
 LOGS = ("ingest", "delivery", "admin", "access")
 POLL = 1.0
-_ROWS = ("SELECT * FROM audit WHERE application = ? AND position > ?"
-         " ORDER BY position LIMIT ?")
-_DESTINATIONS = ("SELECT object_id, detail FROM audit WHERE action IN"
-                 " ('Destination.Created', 'Destination.Updated') ORDER BY occurred_at")
 
 
 def tls_context_for(settings: AtnaSettings) -> ssl.SSLContext | None:
@@ -75,7 +72,8 @@ class AtnaSender:
         done = self.positions()
         rows: list[dict[str, Any]] = []
         for log in LOGS:
-            rows += self._db.query(_ROWS, (log, done.get(log, 0), self._settings.batch_size))
+            rows += audit_queries.rows_after(self._db, log, done.get(log, 0),
+                                            self._settings.batch_size)
         if not rows:
             return 0
         rows.sort(key=lambda r: (r["occurred_at"], r["application"], r["position"]))
@@ -118,12 +116,8 @@ class AtnaSender:
 
         if not delivery_ids:
             return {}
-        ids = sorted(delivery_ids)
-        marks = ", ".join("?" for _ in ids)
         names: dict[str, str] = {}
-        for row in self._db.query(
-                f"SELECT object_id, detail FROM audit WHERE action = 'Delivery.Created'"
-                f" AND object_id IN ({marks})", ids):
+        for row in audit_queries.deliveries_created(self._db, sorted(delivery_ids)):
             try:
                 detail = json.loads(row["detail"] or "{}")
             except ValueError:
@@ -136,7 +130,7 @@ class AtnaSender:
         import json
 
         types: dict[str, str] = {}
-        for row in self._db.query(_DESTINATIONS):
+        for row in audit_queries.destination_configs(self._db):
             try:
                 detail = json.loads(row["detail"] or "{}")
             except ValueError:

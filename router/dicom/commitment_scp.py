@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
+from projections.commitments_queries import pending_commitments
 from projections.db import ViewDatabase
 from router.application.commands import Actor
 from router.application.commitments import (
@@ -327,9 +328,7 @@ class CommitmentWorker:
     def run_once(self) -> int:
         """Start the reports that are due; how many were started."""
         now, started = time.time(), 0
-        rows = self._jobs.query(
-            "SELECT commitment_id, node, requested_at, deadline, next_attempt_at"
-            " FROM storage_commitments WHERE status = 'pending'")
+        rows = pending_commitments(self._jobs)
         for row in rows:
             if self._due(row, now) and self._service.resume(uuid.UUID(row["commitment_id"])):
                 started += 1

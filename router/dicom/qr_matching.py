@@ -17,7 +17,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from projections import matching
+from projections import cfind_queries, matching
 from projections.db import ViewDatabase
 from projections.matching import ATTRIBUTES, Condition, MatchError
 
@@ -145,17 +145,6 @@ def parse_condition(key: Key, value: Any) -> Condition | None:
 # -- SQL --------------------------------------------------------------------------------------
 
 
-_FROM = {
-    "PATIENT": "studies st", "STUDY": "studies st",
-    "SERIES": "series se JOIN studies st ON st.study_instance_uid = se.study_instance_uid",
-    "IMAGE": "instances i JOIN series se ON se.series_instance_uid = i.series_instance_uid"
-             " JOIN studies st ON st.study_instance_uid = i.study_instance_uid",
-}
-_ORDER = {"PATIENT": "k_patientid", "STUDY": "k_studydate, k_studytime, k_studyinstanceuid",
-          "SERIES": "k_seriesnumber, k_seriesinstanceuid",
-          "IMAGE": "k_seriesinstanceuid, k_instancenumber, k_sopinstanceuid"}
-
-
 def select_sql(query: Query, dialect: str, level: str | None = None,
                extra: Iterable[str] = ()) -> tuple[str, list[Any], matching.Where]:
     """SELECT the candidate rows of ``query`` at ``level`` (default: the query's level), in
@@ -170,13 +159,7 @@ def select_sql(query: Query, dialect: str, level: str | None = None,
     columns.extend(f"{c} AS {c.split('.')[-1]}" for c in extra)
     found = matching.where(query.conditions, dialect)
     columns.extend(found.columns((lambda c: f"MAX({c})") if grouped else str))
-    text = f"SELECT {', '.join(columns)} FROM {_FROM[level]}"
-    if found.clauses:
-        text += " WHERE " + " AND ".join(found.clauses)
-    if grouped:
-        text += " GROUP BY st.patient_id"
-    text += f" ORDER BY {_ORDER[level]}"
-    return text, list(found.params), found
+    return cfind_queries.select_text(level, columns, found), list(found.params), found
 
 
 class TooManyMatchesError(QueryError):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from projections.db import ViewDatabase
+from projections.jobs_queries import due_deliveries
 from projections.positions import view_positions
 from router.application.admin_state import AdminState, DestinationState
 from router.application.stores import EventStores
@@ -31,17 +32,6 @@ from router.settings import DispatchSettings
 from router.storage.blobs import BlobCorruptError, BlobError, BlobStore
 
 logger = logging.getLogger(__name__)
-
-DUE_SQL = (
-    "SELECT d.delivery_id, d.job_id, d.destination, d.attempts, d.clock_from, j.sha256,"
-    " j.size, j.sop_class_uid, j.sop_instance_uid, j.transfer_syntax_uid, j.correlation_id,"
-    " j.matched_rules, j.calling_aet"
-    " FROM deliveries d JOIN jobs j ON j.job_id = d.job_id"
-    " WHERE d.destination = ? AND d.status IN ('pending', 'retrying')"
-    " AND COALESCE(d.next_attempt_at, 0) <= ?"
-    " ORDER BY COALESCE(d.next_attempt_at, 0), d.created_at LIMIT ?"
-)
-
 
 class Dispatcher:
     """Feeds lanes from the view and turns attempt results into events."""
@@ -132,7 +122,7 @@ class Dispatcher:
             # "recent", so read in this order it is in one of the two until the view has it.
             busy = lane.busy_ids()
             skip = busy | self.outcomes.recent()
-            rows = self._db.query(DUE_SQL, (name, self._clock(), room + len(skip)))
+            rows = due_deliveries(self._db, name, self._clock(), room + len(skip))
             for row in rows:
                 if row["delivery_id"] in skip:
                     continue

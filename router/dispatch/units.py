@@ -20,6 +20,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from projections.db import ViewDatabase
+from projections.units_queries import due_units, pending_members
 from router.application.admin_state import AdminState
 from router.application.stores import EventStores
 from router.domain.units import Unit
@@ -27,16 +28,6 @@ from router.ticker import Ticker
 
 logger = logging.getLogger(__name__)
 
-DUE_UNITS_SQL = (
-    "SELECT unit_id, destination, granularity, study_instance_uid, series_instance_uid,"
-    " amendments, dispatched_at, total_count, expected_count FROM units"
-    " WHERE pending_count > 0 AND (pending_last_at + quiet_time <= ?"
-    " OR (dispatched_at IS NULL AND expected_count IS NOT NULL"
-    " AND total_count >= expected_count))"
-    " ORDER BY pending_last_at LIMIT 100"
-)
-PENDING_SQL = ("SELECT job_id FROM unit_members WHERE unit_id = ? AND released = 0"
-               " ORDER BY routed_at, job_id")
 
 
 class UnitScheduler:
@@ -68,7 +59,7 @@ class UnitScheduler:
         if not self._leads():
             return 0
         saved = 0
-        for row in self._db.query(DUE_UNITS_SQL, (self.clock(),)):
+        for row in due_units(self._db, self.clock()):
             try:
                 saved += self._release(row)
             except IntegrityError:
@@ -79,7 +70,7 @@ class UnitScheduler:
 
     def _release(self, row: dict[str, Any]) -> int:
         unit = self._load(row["unit_id"])
-        pending = [r["job_id"] for r in self._db.query(PENDING_SQL, (row["unit_id"],))]
+        pending = pending_members(self._db, row["unit_id"])
         if unit is not None:
             pending = [job for job in pending if job not in unit.released]
         if not pending:

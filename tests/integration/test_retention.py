@@ -250,7 +250,7 @@ def test_which_jobs_may_lose_their_blob(tmp_path: Path, database_url: str) -> No
     """The purge query against a real jobs view, one job per delivery state."""
     from projections.db import open_views
     from projections.jobs import JobsView
-    from router.application.retention import CANDIDATES_SQL
+    from projections.jobs_queries import CANDIDATES_SQL
 
     now, old, young = 1_000_000.0, 1_000.0, 999_999.0
     jobs_spec = {  # job: (received, routing, sha, delivery statuses)
