@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from projections.db import Queryable
 from router.domain.admin import destination_id, rule_id, transform_id
 
 PENDING = "('pending', 'retrying')"
@@ -39,9 +40,6 @@ CONFIG_CREATED_SQL = (
     "SELECT object_id FROM audit WHERE action = ? AND actor = 'config'"
 )
 
-
-class Queryable(Protocol):
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 
 from projections import jobs_queries
+from projections.db import Queryable
 from router.dicom.header import HeaderError, read_header
 from router.domain.rules import (
     ConditionResult,
@@ -28,12 +29,6 @@ from router.domain.rules import (
     explain,
 )
 from router.storage.blobs import BlobError, BlobStore
-
-
-class Queryable(Protocol):
-    """A view database (projections.db.ViewDatabase): ``?`` placeholders, rows as mappings."""
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
 
 
 class DryRunError(ValueError):
