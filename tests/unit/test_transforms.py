@@ -14,8 +14,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
 
 from router.application.admin_state import AdminSnapshot, DestinationState
 from router.config_check import check_config
@@ -501,3 +502,31 @@ def test_a_deliverys_chain_is_its_rules_transforms_then_the_destinations() -> No
     assert [t.name for t in chain] == ["c", "b"]
     gone = AdminSnapshot(1, rules, destinations, transforms={"a": transforms["a"]})
     assert chain_for(gone, "pacs", matched)[1] == ["b", "c"]
+
+
+def test_charset_repair_reaches_text_inside_sequence_items_and_keeps_the_bytes() -> None:
+    """UTF-8 names declared Latin-1, at the top level and inside a sequence item (read by the
+    repair's own scan before it re-declares): both read back as UTF-8 and are written with the
+    bytes they came with."""
+    name = "Müller^Jürgen"
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = name
+    item = Dataset()
+    item.PatientName = name
+    ds.OtherPatientIDsSequence = Sequence([item])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue().replace(b"ISO_IR 192", b"ISO_IR 100")
+    read = dcmread(io.BytesIO(data))
+    assert repair_charset(read) == "Specific Character Set ISO_IR 100 -> ISO_IR 192"
+    assert read.PatientName == name
+    assert read.OtherPatientIDsSequence[0].PatientName == name
+    written = dcmread(io.BytesIO(_bytes(read)))
+    assert written.SpecificCharacterSet == "ISO_IR 192"
+    assert written.OtherPatientIDsSequence[0].PatientName == name
+    assert name.encode() in _bytes(read)
