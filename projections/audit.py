@@ -41,8 +41,9 @@ NAMES_SQL = """CREATE TABLE IF NOT EXISTS audit_names (
 
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS audit_time ON audit (occurred_at)",
-    "CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor)",
+    # Searches by user compare lower(actor); nothing reads actor by its exact value.
     "CREATE INDEX IF NOT EXISTS audit_actor_lower ON audit (lower(actor))",
+    "DROP INDEX IF EXISTS audit_actor",  # made by versions before 2026-12-07
     "CREATE INDEX IF NOT EXISTS audit_action ON audit (action, occurred_at)",
     "CREATE INDEX IF NOT EXISTS audit_study ON audit (study_instance_uid)",
     "CREATE INDEX IF NOT EXISTS audit_object ON audit (object_id)",

@@ -274,7 +274,11 @@ def _name_like(asked: str) -> str:
                 out.append("!" + ch)
             elif ch in "*^":
                 out.append("%" if ch == "*" else "%^%")
-            elif ch == "?" or not ch.isascii():
+            elif ch == "?":
+                # One character of the name without its spaces around "^": in the stored
+                # text it may be "^" with spaces beside it ("DOE ^JOHN"), so one or more.
+                out.append("_%")
+            elif not ch.isascii():
                 out.append("_")  # SQL folds ASCII only: any one character
             else:
                 out.append(ch)

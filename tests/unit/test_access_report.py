@@ -190,9 +190,10 @@ def test_an_action_filter_may_list_several_actions_and_prefixes(views: Any) -> N
         "action": "a,b"}
 
 
-def test_patient_searches_use_the_patient_time_index_alone(tmp_path: Path) -> None:
+def test_unused_audit_indexes_are_dropped_and_searches_keep_theirs(tmp_path: Path) -> None:
     """The patient index is the (patient_id, occurred_at) one; the prefix-only index that
-    older versions made is dropped, since every search by patient can use the longer one."""
+    older versions made is dropped, since every search by patient can use the longer one. The
+    index on the exact actor is dropped too: searches by user compare lower(actor)."""
     import sqlite3
 
     from projections.audit import INDEXES
@@ -202,10 +203,15 @@ def test_patient_searches_use_the_patient_time_index_alone(tmp_path: Path) -> No
                  " actor TEXT, action TEXT, object_id TEXT, job_id TEXT)")
     conn.execute("CREATE TABLE audit_jobs (job_id TEXT, study_instance_uid TEXT)")
     conn.execute("CREATE INDEX audit_patient ON audit (patient_id)")  # an older version's
+    conn.execute("CREATE INDEX audit_actor ON audit (actor)")  # and another
     for statement in INDEXES:
         conn.execute(statement)
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "audit_patient" not in names and "audit_patient_time" in names
+    assert "audit_actor" not in names and "audit_actor_lower" in names
+    plan = conn.execute("EXPLAIN QUERY PLAN SELECT * FROM audit WHERE lower(actor) = lower(?)",
+                        ("Alice",)).fetchall()
+    assert "audit_actor_lower" in str(plan), plan
     plan = conn.execute("EXPLAIN QUERY PLAN SELECT * FROM audit WHERE patient_id = ?",
                         ("P1",)).fetchall()
     assert "audit_patient_time" in str(plan), plan

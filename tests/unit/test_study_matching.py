@@ -174,3 +174,11 @@ def test_sql_keeps_every_time_python_matches(asked: str, other: str, stored: str
         assert kept, (value, stored)
     elif c.exact_in_sql:
         assert not kept, (value, stored)
+
+
+def test_a_question_mark_over_a_separator_with_spaces_is_kept_by_sql() -> None:
+    """Found by the generated cases: '?' matches the "^" of a stored name written with a
+    space before it ("a ^aaaa" is the name a^aaaa), which SQL must keep for Python to decide."""
+    assert matching._name_matches("a?aaaa", "a ^aaaa")
+    assert _like("a ^aaaa", matching._name_like("a?aaaa"))
+    assert not _like("b ^aaaa", matching._name_like("a?aaaa"))
