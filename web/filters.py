@@ -112,10 +112,13 @@ def job_filters(query: Mapping[str, str], strict: bool = True) -> JobFilters:
         patient_id=text(query, "patient_id", 64),
         study_uid=uid(query, "study_uid"),
     )
-    if (filters.received_from is not None and filters.received_to is not None
-            and filters.received_from >= filters.received_to):
-        raise FilterError("received_to", "must be after received_from")
+    _check_received(filters.received_from, filters.received_to)
     return filters
+
+
+def _check_received(received_from: float | None, received_to: float | None) -> None:
+    if received_from is not None and received_to is not None and received_from >= received_to:
+        raise FilterError("received_to", "must be after received_from")
 
 
 def transfer_filters(query: Mapping[str, str], strict: bool = True) -> TransferFilters:
@@ -131,9 +134,7 @@ def transfer_filters(query: Mapping[str, str], strict: bool = True) -> TransferF
         patient_id=text(query, "patient_id", 64),
         study_uid=uid(query, "study_uid"),
     )
-    if (filters.received_from is not None and filters.received_to is not None
-            and filters.received_from >= filters.received_to):
-        raise FilterError("received_to", "must be after received_from")
+    _check_received(filters.received_from, filters.received_to)
     return filters
 
 
