@@ -10,6 +10,7 @@ searches for it always finds all of it.
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import threading
 import time
@@ -91,9 +92,13 @@ def c_store(port: int, study: list[Dataset], aet: str = "RYWSCU") -> list[int]:
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title=ROUTER_AET)
     assert assoc.is_established
+    # Once, in CI, both of this process's associations went silent for over 10 s and the
+    # router aborted them; should it recur, the stacks of every thread here show where.
+    faulthandler.dump_traceback_later(8)
     try:
         return [int(assoc.send_c_store(ds).Status) for ds in study]
     finally:
+        faulthandler.cancel_dump_traceback_later()
         assoc.release()
 
 
