@@ -42,6 +42,7 @@ from router.application.stores import EventStores
 from router.dicom.qr_scp import IDENTIFIER_SYNTAXES
 from router.dicom.qr_scu import QueryRetrieveScu
 from router.dicom.scp import STORAGE_CLASSES
+from router.dicom.tuning import pause_reactor, resume_reactor
 from router.dispatch.ssrf import AddressPolicy
 from router.domain.commitment import Commitment
 from router.settings import Settings
@@ -56,7 +57,6 @@ POLL = 1.0  # seconds between looks at the deliveries, in archive mode
 # A requester that releases right after the N-ACTION response wants its report on a new
 # association; one that keeps the association this long after it waits for the report on it.
 SAME_ASSOCIATION_GRACE = 0.5
-PAUSE_TIMEOUT = 5.0  # for pynetdicom's reactor to stand still before we send on its association
 STALE = 300.0  # after its deadline, a pending request of another node is taken over
 
 
@@ -215,12 +215,8 @@ class CommitmentService:
         def send() -> None:
             if self._send_same(assoc, request.transaction_uid, verdict, started):
                 return
-            node = self._remote.node_for_ae(calling_aet, recheck=True)
             try:
-                if node is None:
-                    raise RuntimeError(f"{calling_aet} is no longer a remote node")
-                self._send_new(node.config, report_dataset(request.transaction_uid, verdict),
-                               verdict.event_type)
+                self._send_to_requester(calling_aet, request.transaction_uid, verdict)
             except Exception as exc:
                 logger.warning("duplicate Transaction UID report to %s not sent: %s",
                                calling_aet, str(exc) or type(exc).__name__)
@@ -232,7 +228,7 @@ class CommitmentService:
         """On the requester's association, if it is still open and answers success."""
         if self._stop.wait(max(0.0, started + SAME_ASSOCIATION_GRACE - time.monotonic())):
             return False
-        if not assoc.is_established or not _pause_reactor(assoc):
+        if not assoc.is_established or not pause_reactor(assoc):
             return False
         try:
             status, _ = assoc.send_n_event_report(
@@ -242,17 +238,21 @@ class CommitmentService:
             logger.info("commitment report not sent on the same association: %s", exc)
             return False
         finally:
-            assoc._reactor_checkpoint.set()
+            resume_reactor(assoc)
         return bool(status) and status.get("Status") == 0x0000
+
+    def _send_to_requester(self, calling_aet: str, transaction_uid: str,
+                           verdict: Verdict) -> None:
+        """On a new association to the requesting AE, which must still be a remote node."""
+        node = self._remote.node_for_ae(calling_aet, recheck=True)
+        if node is None:
+            raise RuntimeError(f"{calling_aet} is no longer a remote node")
+        self._send_new(node.config, report_dataset(transaction_uid, verdict), verdict.event_type)
 
     def _report_new(self, commitment: Commitment, verdict: Verdict) -> None:
         attempt = commitment.attempts + 1
-        node = self._remote.node_for_ae(commitment.calling_aet, recheck=True)
         try:
-            if node is None:
-                raise RuntimeError(f"{commitment.calling_aet} is no longer a remote node")
-            self._send_new(node.config, report_dataset(commitment.transaction_uid, verdict),
-                           verdict.event_type)
+            self._send_to_requester(commitment.calling_aet, commitment.transaction_uid, verdict)
         except Exception as exc:
             error = str(exc) or type(exc).__name__
             logger.warning("commitment report to %s failed (attempt %d): %s",
@@ -273,22 +273,6 @@ def _status(code: int, comment: str = "") -> Dataset:
     if comment:
         ds.ErrorComment = comment[:64]  # LO
     return ds
-
-
-def _pause_reactor(assoc: Any) -> bool:
-    """Stop pynetdicom's reactor loop of ``assoc`` before sending on it from this thread.
-
-    pynetdicom's own send_* pauses it the same way but waits without a bound; an association
-    released meanwhile would hold this thread for ever.
-    """
-    assoc._reactor_checkpoint.clear()
-    deadline = time.monotonic() + PAUSE_TIMEOUT
-    while not assoc._is_paused:
-        if not assoc.is_established or time.monotonic() > deadline:
-            assoc._reactor_checkpoint.set()
-            return False
-        time.sleep(0.001)
-    return True
 
 
 class CommitmentWorker:

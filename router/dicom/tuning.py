@@ -295,6 +295,31 @@ def _association_reactor(self: Any) -> None:
             return
 
 
+PAUSE_TIMEOUT = 5.0  # for the reactor to stand still before another thread sends
+
+
+def pause_reactor(assoc: Any) -> bool:
+    """Stop ``assoc``'s reactor loop (:func:`_association_reactor`, its pause protocol: the
+    ``_reactor_checkpoint`` event and ``_is_paused`` flag) before sending on the association
+    from another thread; False, with the reactor running again, when it is not established or
+    does not stop within :data:`PAUSE_TIMEOUT`. pynetdicom's own send_* pauses it the same way
+    but waits without a bound: an association released meanwhile would hold the thread for
+    ever. Call :func:`resume_reactor` after sending."""
+    assoc._reactor_checkpoint.clear()
+    deadline = time.monotonic() + PAUSE_TIMEOUT
+    while not assoc._is_paused:
+        if not assoc.is_established or time.monotonic() > deadline:
+            resume_reactor(assoc)
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def resume_reactor(assoc: Any) -> None:
+    """Let ``assoc``'s reactor loop run again (after :func:`pause_reactor`)."""
+    assoc._reactor_checkpoint.set()
+
+
 def _dul_reactor(self: Any) -> None:
     """pynetdicom 3.0.4's ``DULServiceProvider.run_reactor``, line for line, except that its
     idle sleep (``_run_loop_delay``, 1 ms) is :func:`_wait_for_socket` (woken by the peer's

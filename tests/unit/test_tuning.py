@@ -185,3 +185,21 @@ def test_no_library_source_is_executed_and_no_private_name_imported() -> None:
                       for number, line in enumerate(path.read_text().splitlines(), 1)
                       if used.search(line)]
     assert found == []
+
+
+def test_the_reactor_pause_protocol_is_on_pynetdicom_associations() -> None:
+    """pause_reactor and resume_reactor (storage commitment's reports on the requester's
+    association) drive the reactor through the two attributes pynetdicom's Association makes
+    and our reactor copy uses: fail loudly when a pynetdicom release renames them."""
+    import threading
+
+    from pynetdicom.association import Association
+
+    from router.dicom.tuning import resume_reactor
+
+    assoc = Association(AE(), "requestor")
+    assert isinstance(assoc._reactor_checkpoint, threading.Event)
+    assert assoc._is_paused is False
+    assoc._reactor_checkpoint.clear()
+    resume_reactor(assoc)
+    assert assoc._reactor_checkpoint.is_set()
