@@ -164,3 +164,30 @@ def test_a_flush_that_loses_its_connection_is_not_durable(stores: EventStores,
     with pytest.raises(LogNotDurable):
         stores.access.save(thing)
     assert stores.access.repository.get(thing.id).n == 8  # committed before the flush
+
+
+def test_the_first_functions_argument_of_composites_is_replaced(stores: EventStores,
+                                                                pg_url: str) -> None:
+    import psycopg
+
+    # The function as the first version made it (2026-12-07): one array of eventsourcing's
+    # composite type. Making the tables again drops it; the four-array one remains.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP FUNCTION public.router_insert_ingest_events"
+                     "(uuid[], bigint[], text[], bytea[])")
+        conn.execute("CREATE FUNCTION public.router_insert_ingest_events"
+                     "(events public.stored_event_uuid[]) RETURNS SETOF bigint"
+                     " LANGUAGE sql AS 'SELECT 0::bigint'")
+    again = EventStores(StoreConfig(pg_url, role="server"))
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            signatures = [r[0] for r in conn.execute(
+                "SELECT oid::regprocedure::text FROM pg_proc"
+                " WHERE proname = 'router_insert_ingest_events'")]
+        assert signatures == ["router_insert_ingest_events(uuid[],bigint[],text[],bytea[])"]
+        thing = Thing(9)
+        again.ingest.save(thing)
+        assert again.ingest.recorder._has_function  # type: ignore[attr-defined]
+        assert again.ingest.repository.get(thing.id).n == 9
+    finally:
+        again.close()
