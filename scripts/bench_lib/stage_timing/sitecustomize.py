@@ -1,0 +1,87 @@
+"""Per-stage timing of the router's receive and save paths, for ``scripts/stage-timing``.
+
+Imported by every Python process started with this folder on PYTHONPATH. When
+STAGE_TIMING_DIR is set, it wraps the methods in STAGES with a timer (wall and thread CPU
+time of each call) and, at exit, writes one line per stage to STAGE_TIMING_DIR/<pid>.tsv.
+A diagnostic aid only: the wrappers cost a few microseconds per call, and nothing of the
+router imports this module.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+# (module, class, method, stage name): the C-STORE path in order, then the saves.
+STAGES = (
+    ("router.dicom.push_scp", "PushAssociation", "_read_pdu", "read PDU (incl. waiting)"),
+    ("router.dicom.push_scp", "PushAssociation", "_on_stored", "after last PDU to answer"),
+    ("router.dicom.spool", "SpoolFile", "finish", "spool finish (hash, write-back start)"),
+    ("router.application.receive", "Receiver", "receive", "receive (all below)"),
+    ("router.application.receive", "Receiver", "_admit", "admit (header scan, checks)"),
+    ("router.application.receive", "Receiver", "_route", "route (rules)"),
+    ("router.storage.blobs", "BlobStore", "stage", "blob stage"),
+    ("router.dicom.spool", "SpoolFile", "wait_durable", "blob fsync wait"),
+    ("eventsourcing.application", "Application", "save", "log save (all below)"),
+    ("router.application.pg_recorder", "FlushOutsideLockRecorder",
+     "_insert_in_one_statement", "PostgreSQL insert"),
+    ("router.application.pg_recorder", "FlushOutsideLockRecorder", "_flush_wal",
+     "PostgreSQL WAL flush"),
+    ("router.storage.blobs", "BlobStore", "commit", "blob commit"),
+    ("router.dicom.push_scp", "PushAssociation", "_respond", "send the answer"),
+)
+
+_samples: dict[str, list[tuple[float, float]]] = defaultdict(list)
+
+
+def _wrap(cls: Any, method: str, stage: str) -> None:
+    original = getattr(cls, method)
+
+    @functools.wraps(original)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _samples[stage].append((time.perf_counter() - wall, time.thread_time() - cpu))
+
+    setattr(cls, method, timed)
+
+
+def _install(out: str) -> None:
+    for module, cls, method, stage in STAGES:
+        try:
+            _wrap(getattr(importlib.import_module(module), cls), method, stage)
+        except (ImportError, AttributeError):
+            continue  # renamed since: that stage is not timed
+    role = "receiver" if b"router.dicom.receivers" in _cmdline() else "supervisor"
+
+    def write() -> None:
+        if not _samples:
+            return
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{role}-{os.getpid()}.tsv"), "w") as f:
+            for stage, values in _samples.items():
+                for wall, cpu in values:
+                    f.write(f"{stage}\t{wall:.6f}\t{cpu:.6f}\n")
+
+    atexit.register(write)
+
+
+def _cmdline() -> bytes:
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+_ROUTER = (b"dicom-router", b"router.dicom.receivers")  # the supervisor, a receiver
+
+if os.environ.get("STAGE_TIMING_DIR") and any(name in _cmdline() for name in _ROUTER):
+    _install(os.environ["STAGE_TIMING_DIR"])
