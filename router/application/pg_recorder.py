@@ -29,19 +29,26 @@ The message needs no privilege (EXECUTE on it is granted to PUBLIC) and works at
 ``wal_level``; logical decoding, if a site runs it, sees a tiny message per save under the
 prefix ``dicom-router``.
 
-The insert is one statement: a PL/pgSQL function per log (``router_insert_<table>``, made with
-the log's table) sets the two ``SET LOCAL``s, takes the lock, notifies and inserts, and its
-autocommit statement's commit ends the transaction. eventsourcing's own path pipelines five
-statements, a sync and a commit: 0.63 ms of CPU per save in the router against 0.34-0.42 with
-the function (docs/benchmarks.md, "Fifteenth session"). The function takes one array per column,
-in binary (see ``_insert_function``). eventsourcing's optional database
-function (``enable_db_functions``) takes no table lock, so it is not used. A database made by
-an older version has no function until the serving process or ``dicom-router migrate`` makes
-the tables again; until then a save falls back to eventsourcing's path.
+A save is one statement: a PL/pgSQL procedure per log (``router_save_<table>``, made with
+the log's table) sets the two ``SET LOCAL``s, takes the lock, notifies, inserts and commits (1),
+then logs the message and commits again, which waits for the disk (2). Its arguments are four
+arrays, one per column, sent in binary. eventsourcing's own path pipelines five statements, a
+sync and a commit, then our flush was a second round trip: 0.68 ms of CPU and 1.21 ms per save
+here against 0.3 ms and 0.6 ms with the procedure (docs/benchmarks.md, "Sixteenth session").
+eventsourcing's optional database function (``enable_db_functions``) takes no table lock, so
+it is not used. A database made by an older version has no procedure until the serving
+process or ``dicom-router migrate`` makes the tables again; until then a save falls back to
+eventsourcing's path and the flush as a statement of its own.
+
+A call whose connection is lost may or may not have committed. The log tells: if its events
+are there, the WAL is flushed by a statement of its own and the save succeeds (or is not
+durable, if that fails too); if they are not, the call is sent again. Only a lost connection
+before anything was sent is retried as eventsourcing retries (10 tries, 0.2 s apart).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +72,12 @@ _FLUSH = SQL("SELECT pg_logical_emit_message(true, 'dicom-router', 'flush')")
 # those; psycopg's are listed too for errors raised outside a datastore connection.
 _CONNECTION_ERRORS = (InterfaceError, OperationalError, psycopg.InterfaceError,
                       psycopg.OperationalError)
+_ATTEMPTS, _WAIT = 10, 0.2  # as eventsourcing's retry of a save
+_NOTHING = SQL("")
+
+
+class _Sent(Exception):
+    """The call went out and its connection failed: it may have committed."""
 
 
 class FlushOutsideLockRecorder(PostgresApplicationRecorder):
@@ -77,60 +90,117 @@ class FlushOutsideLockRecorder(PostgresApplicationRecorder):
         # (pipelined) transaction.
         self.lock_table_statements = [SQL("SET LOCAL synchronous_commit = off"),
                                       *self.lock_table_statements]
-        function = Identifier(self.datastore.schema,
-                              f"router_insert_{self.events_table_name}".replace(".", "_"))
+        table = self.events_table_name.replace(".", "_")
+        procedure = Identifier(self.datastore.schema, f"router_save_{table}")
+        old_function = Identifier(self.datastore.schema, f"router_insert_{table}")
         self.sql_create_statements += [
-            # The first version of the function took an array of eventsourcing's composite
-            # type (databases made on 2026-12-07): dropped, so one insert function remains.
+            # The functions of the first versions (2026-12-07): the insert alone, its flush a
+            # second statement. Dropped, so that one way of saving remains.
             SQL("DROP FUNCTION IF EXISTS {0}({1}[])").format(
-                function, Identifier(self.datastore.schema, self.stored_event_type_name)),
-            self._insert_function(function)]
-        self._call_insert = SQL("SELECT * FROM {0}(%b, %b::bigint[], %b::text[], %b)").format(
-            function)
-        self._has_function = True
+                old_function, Identifier(self.datastore.schema, self.stored_event_type_name)),
+            SQL("DROP FUNCTION IF EXISTS {0}({1}[], bigint[], text[], bytea[])").format(
+                old_function, Identifier(self.datastore.originator_id_type)),
+            self.save_procedure(procedure)]
+        self._call_save = SQL("CALL {0}(%b, %b::bigint[], %b::text[], %b, NULL)").format(
+            procedure)
+        self._select_saved = SQL(
+            "SELECT notification_id FROM {0} WHERE (originator_id, originator_version) IN "
+            "(SELECT * FROM unnest(%b, %b::bigint[])) ORDER BY notification_id").format(
+            Identifier(self.datastore.schema, self.events_table_name))
+        self._has_procedure = True
 
-    def _insert_function(self, function: Identifier) -> Composed:
-        """The one-statement insert: eventsourcing's pipelined statements, in their order.
+    def save_procedure(self, procedure: Identifier, after_commit: SQL = _NOTHING) -> Composed:
+        """The one-statement save: eventsourcing's pipelined statements in their order, the
+        commit (without waiting for the disk), then the flush in a transaction of its own.
+        ``after_commit`` is for tests (a statement run between the two transactions).
 
-        Its arguments are four arrays, one per column, sent in binary: an array of the
-        composite ``stored_event`` type (eventsourcing's own function's argument) goes as
-        text, which psycopg builds in Python and the server parses back, escaping every
-        byte of each event's state as hex (0.65 against 0.45 ms of CPU per receipt here,
-        docs/benchmarks.md, "Sixteenth session")."""
+        The arguments are four arrays, one per column, sent in binary: an array of the
+        composite ``stored_event`` type (eventsourcing's own function's argument) goes as text,
+        which psycopg builds in Python and the server parses back, escaping every byte of each
+        event's state as hex (0.68 against 0.45 ms of CPU per receipt here)."""
         return SQL(
-            "CREATE OR REPLACE FUNCTION {function}(ids {id_type}[], versions bigint[], "
-            "topics text[], states bytea[]) "
-            "RETURNS SETOF bigint LANGUAGE plpgsql AS $body$ BEGIN "
+            "CREATE OR REPLACE PROCEDURE {procedure}(ids {id_type}[], versions bigint[], "
+            "topics text[], states bytea[], INOUT notification_ids bigint[] DEFAULT NULL) "
+            "LANGUAGE plpgsql AS $body$ BEGIN "
             "SET LOCAL synchronous_commit = off; "
             "SET LOCAL lock_timeout = '{lock_timeout}s'; "
             "LOCK TABLE {table} IN EXCLUSIVE MODE; "
             "NOTIFY {channel}; "
-            "RETURN QUERY INSERT INTO {table} (originator_id, originator_version, topic, state) "
-            "SELECT * FROM unnest(ids, versions, topics, states) "
-            "RETURNING notification_id; "
+            "WITH inserted AS (INSERT INTO {table} "
+            "(originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(ids, versions, topics, states) RETURNING notification_id) "
+            "SELECT array_agg(notification_id ORDER BY notification_id) "
+            "INTO notification_ids FROM inserted; "
+            "COMMIT; "  # the lock is released; SET LOCAL ends with the transaction
+            "{after_commit}"
+            "PERFORM pg_logical_emit_message(true, 'dicom-router', 'flush'); "
             "END; $body$"
         ).format(
-            function=function,
+            procedure=procedure,
             id_type=Identifier(self.datastore.originator_id_type),
             lock_timeout=self.datastore.lock_timeout,
             table=Identifier(self.datastore.schema, self.events_table_name),
             channel=Identifier(self.channel_name),
+            after_commit=after_commit,
         )
 
     def insert_events(self, stored_events: Sequence[StoredEvent],
                       **kwargs: Any) -> Sequence[int] | None:
         if not stored_events:
             return None
-        ids = None
-        if self._has_function:
+        if self._has_procedure:
             try:
-                ids = self._insert_in_one_statement(stored_events)
+                return self._save_in_one_call(stored_events)
             except ProgrammingError as exc:
                 if not isinstance(exc.__cause__, UndefinedFunction):
                     raise
-                self._has_function = False  # an older database: see the module's docstring
-        if ids is None:
-            ids = super().insert_events(stored_events, **kwargs)
+                self._has_procedure = False  # an older database: see the module's docstring
+        ids = super().insert_events(stored_events, **kwargs)
+        self._flush_or_not_durable()
+        return ids
+
+    def _save_in_one_call(self, stored_events: Sequence[StoredEvent]) -> list[int]:
+        columns = ([e.originator_id for e in stored_events],
+                   [e.originator_version for e in stored_events],
+                   [e.topic for e in stored_events], [e.state for e in stored_events])
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                return self._call(columns)
+            except _Sent:
+                saved = self._saved_ids(columns)
+                if saved is not None:
+                    self._flush_or_not_durable()
+                    return saved
+                # Not committed: sent again (the pool has dropped the dead connection).
+            except _CONNECTION_ERRORS:
+                if attempt == _ATTEMPTS:
+                    raise  # no connection to be had: nothing was sent
+                time.sleep(_WAIT)
+        raise OperationalError(f"the save was lost with its connection {_ATTEMPTS} times")
+
+    def _call(self, columns: tuple[list[Any], ...]) -> list[int]:
+        with self.datastore.get_connection() as conn:
+            try:
+                with conn.cursor() as curs:
+                    curs.execute(self._call_save, columns, prepare=True)
+                    row = curs.fetchone()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                raise _Sent from exc
+        assert row is not None
+        return list(next(iter(row.values())))
+
+    def _saved_ids(self, columns: tuple[list[Any], ...]) -> list[int] | None:
+        """The notification ids of the events if a lost call committed them, else None."""
+        try:
+            with self.datastore.get_connection() as conn, conn.cursor() as curs:
+                curs.execute(self._select_saved, columns[:2])
+                ids = [next(iter(row.values())) for row in curs.fetchall()]
+        except _CONNECTION_ERRORS as exc:
+            raise LogNotDurable("a save lost its connection, and whether it committed "
+                                f"cannot be read: {type(exc).__name__}") from exc
+        return ids if len(ids) == len(columns[0]) else None
+
+    def _flush_or_not_durable(self) -> None:
         try:
             self._flush_wal()
         except _CONNECTION_ERRORS as exc:
@@ -138,18 +208,8 @@ class FlushOutsideLockRecorder(PostgresApplicationRecorder):
             # the caller must not acknowledge it; a resend is then a duplicate.
             raise LogNotDurable(f"WAL flush after commit failed: {type(exc).__name__}") \
                 from exc
-        return ids
 
-    @retry(_CONNECTION_ERRORS, max_attempts=10, wait=0.2)
-    def _insert_in_one_statement(self, stored_events: Sequence[StoredEvent]) -> list[int]:
-        columns = ([e.originator_id for e in stored_events],
-                   [e.originator_version for e in stored_events],
-                   [e.topic for e in stored_events], [e.state for e in stored_events])
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self._call_insert, columns, prepare=True)
-            return [next(iter(row.values())) for row in curs.fetchall()]
-
-    @retry(_CONNECTION_ERRORS, max_attempts=10, wait=0.2)
+    @retry(_CONNECTION_ERRORS, max_attempts=_ATTEMPTS, wait=_WAIT)
     def _flush_wal(self) -> None:
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(_FLUSH, prepare=True)
