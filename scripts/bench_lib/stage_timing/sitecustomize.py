@@ -28,10 +28,10 @@ STAGES = (
     ("router.storage.blobs", "BlobStore", "stage", "blob stage"),
     ("router.dicom.spool", "SpoolFile", "wait_durable", "blob fsync wait"),
     ("eventsourcing.application", "Application", "save", "log save (all below)"),
-    ("router.application.pg_recorder", "FlushOutsideLockRecorder",
-     "_insert_in_one_statement", "PostgreSQL insert"),
+    ("router.application.pg_recorder", "FlushOutsideLockRecorder", "_call",
+     "PostgreSQL save call (insert, flush)"),
     ("router.application.pg_recorder", "FlushOutsideLockRecorder", "_flush_wal",
-     "PostgreSQL WAL flush"),
+     "PostgreSQL WAL flush on its own"),
     ("router.storage.blobs", "BlobStore", "commit", "blob commit"),
     ("router.dicom.push_scp", "PushAssociation", "_respond", "send the answer"),
 )
