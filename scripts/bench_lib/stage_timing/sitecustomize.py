@@ -3,6 +3,8 @@
 Imported by every Python process started with this folder on PYTHONPATH. When
 STAGE_TIMING_DIR is set, it wraps the methods in STAGES with a timer (wall and thread CPU
 time of each call) and, at exit, writes one line per stage to STAGE_TIMING_DIR/<pid>.tsv.
+It also notes the CPU time of each thread by name (Linux's /proc/self/task, read every
+0.2 s, so a thread that ended keeps its last reading), written beside as "thread:" lines.
 A diagnostic aid only: the wrappers cost a few microseconds per call, and nothing of the
 router imports this module.
 """
@@ -13,6 +15,8 @@ import atexit
 import functools
 import importlib
 import os
+import re
+import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -53,22 +57,58 @@ def _wrap(cls: Any, method: str, stage: str) -> None:
     setattr(cls, method, timed)
 
 
+_thread_cpu: dict[int, float] = {}  # native thread id -> CPU seconds at the last reading
+_thread_names: dict[int, str] = {}
+
+
+def _read_threads() -> None:
+    for thread in threading.enumerate():
+        if thread.native_id is not None:
+            _thread_names[thread.native_id] = re.sub(r"\d+", "N", thread.name)
+    ticks = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        _thread_cpu[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _sample_threads() -> None:
+    while True:
+        _read_threads()
+        time.sleep(0.2)
+
+
+def _by_thread_name() -> dict[str, float]:
+    _read_threads()
+    totals: dict[str, float] = defaultdict(float)
+    for tid, cpu in _thread_cpu.items():
+        totals[_thread_names.get(tid, "(not a Python thread)")] += cpu
+    return totals
+
+
 def _install(out: str) -> None:
     for module, cls, method, stage in STAGES:
         try:
             _wrap(getattr(importlib.import_module(module), cls), method, stage)
         except (ImportError, AttributeError):
             continue  # renamed since: that stage is not timed
-    role = "receiver" if b"router.dicom.receivers" in _cmdline() else "supervisor"
+    role = "receiver" if b"-m\0router.dicom.receivers" in _cmdline() else "supervisor"
+
+    if os.path.isdir("/proc/self/task"):
+        threading.Thread(target=_sample_threads, name="stage-timing", daemon=True).start()
 
     def write() -> None:
-        if not _samples:
-            return
+        threads = _by_thread_name() if os.path.isdir("/proc/self/task") else {}
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"{role}-{os.getpid()}.tsv"), "w") as f:
             for stage, values in _samples.items():
                 for wall, cpu in values:
                     f.write(f"{stage}\t{wall:.6f}\t{cpu:.6f}\n")
+            for name, cpu in threads.items():
+                f.write(f"thread:{name}\t0\t{cpu:.6f}\n")
 
     atexit.register(write)
 
