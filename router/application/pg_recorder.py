@@ -33,8 +33,9 @@ A save is one statement: a PL/pgSQL procedure per log (``router_save_<table>``, 
 the log's table) sets the two ``SET LOCAL``s, takes the lock, notifies, inserts and commits (1),
 then logs the message and commits again, which waits for the disk (2). Its arguments are four
 arrays, one per column, sent in binary. eventsourcing's own path pipelines five statements, a
-sync and a commit, then our flush was a second round trip: 0.68 ms of CPU and 1.21 ms per save
-here against 0.3 ms and 0.6 ms with the procedure (docs/benchmarks.md, "Sixteenth session").
+sync and a commit, then our flush was a second round trip. One writer here: 0.53-0.71 ms of
+CPU and 0.98-1.23 ms per save with the first function (composite array, flush apart) against
+0.31-0.36 ms and 0.70-0.75 ms with the procedure (docs/benchmarks.md, "Sixteenth session").
 eventsourcing's optional database function (``enable_db_functions``) takes no table lock, so
 it is not used. A database made by an older version has no procedure until the serving
 process or ``dicom-router migrate`` makes the tables again; until then a save falls back to
@@ -42,8 +43,10 @@ eventsourcing's path and the flush as a statement of its own.
 
 A call whose connection is lost may or may not have committed. The log tells: if its events
 are there, the WAL is flushed by a statement of its own and the save succeeds (or is not
-durable, if that fails too); if they are not, the call is sent again. Only a lost connection
-before anything was sent is retried as eventsourcing retries (10 tries, 0.2 s apart).
+durable, if that fails too); if they are not, the call is sent again; if the log cannot be
+read, the save is not durable (the receiver answers 0xA700 and keeps the blob). A pool that
+cannot give a connection (nothing was sent) is retried as eventsourcing retries a save
+(10 tries, 0.2 s apart).
 """
 
 from __future__ import annotations
