@@ -195,13 +195,19 @@ class FlushOutsideLockRecorder(PostgresApplicationRecorder):
     def _saved_ids(self, columns: tuple[list[Any], ...]) -> list[int] | None:
         """The notification ids of the events if a lost call committed them, else None."""
         try:
-            with self.datastore.get_connection() as conn, conn.cursor() as curs:
-                curs.execute(self._select_saved, columns[:2])
-                ids = [next(iter(row.values())) for row in curs.fetchall()]
+            ids = self._select_ids(columns)
         except _CONNECTION_ERRORS as exc:
             raise LogNotDurable("a save lost its connection, and whether it committed "
                                 f"cannot be read: {type(exc).__name__}") from exc
         return ids if len(ids) == len(columns[0]) else None
+
+    # Retried as a save is: when the server has ended every session (a restart), the pool's
+    # other connections are dead too, and each try drops one.
+    @retry(_CONNECTION_ERRORS, max_attempts=_ATTEMPTS, wait=_WAIT)
+    def _select_ids(self, columns: tuple[list[Any], ...]) -> list[int]:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._select_saved, columns[:2])
+            return [next(iter(row.values())) for row in curs.fetchall()]
 
     def _flush_or_not_durable(self) -> None:
         try:
