@@ -66,6 +66,8 @@ def _read_threads() -> None:
         if thread.native_id is not None:
             _thread_names[thread.native_id] = re.sub(r"\d+", "N", thread.name)
     ticks = os.sysconf("SC_CLK_TCK")
+    # Not bench_lib.procs.cpu_of: /proc/<id>/stat of a thread id gives its whole process's
+    # CPU; a thread's own is under /proc/self/task/<id>/stat.
     for tid in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{tid}/stat") as f:
