@@ -148,13 +148,14 @@ class Receiver:
         try:
             receipt = self._save_with_retry(arrival, header, sop_uid, correlation_id, repaired,
                                             staged)
-        except LogNotDurable:
-            # Committed (the job is in the log and will be delivered) but the log's sync
-            # failed: keep the object its events refer to, and do not acknowledge it. A resend
-            # is then recorded as a duplicate of this job.
+        except LogNotDurable as exc:
+            # Committed but not synced, or (PostgreSQL, connection lost) not known whether it
+            # committed: the job may be in the log and be delivered, so keep the object its
+            # events would refer to, and do not acknowledge it. A resend is then recorded as
+            # a duplicate of this job, or as a new one if it had not committed.
             self._commit_blob(arrival.sha256, staged)
             self._on_saved()
-            logger.error("receipt committed but the log could not be synced; answered 0xA700")
+            logger.error("receipt not known to be durable (%s); answered 0xA700", exc)
             self._store_down_until = time.monotonic() + STORE_DOWN_BACKOFF
             return Receipt(STATUS_OUT_OF_RESOURCES, reason="event log could not be synced to disk")
         except NotDurableError as exc:

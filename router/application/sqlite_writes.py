@@ -39,8 +39,10 @@ from eventsourcing.sqlite import SQLiteConnection, SQLiteCursor, SQLiteDatastore
 
 
 class LogNotDurable(OSError):
-    """The transaction was committed (other readers see it) but its WAL could not be synced:
-    the caller must not report it as durable."""
+    """A save that is not known to be on disk: committed (other readers see it) but its WAL
+    could not be synced, or, on PostgreSQL, sent on a connection that was lost and whose
+    outcome could not be read back. The caller must not report it as durable; the message
+    says which (it names no data)."""
 
 
 class WriteLock:

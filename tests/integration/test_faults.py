@@ -715,9 +715,11 @@ def test_store_answers_a700_when_the_database_is_unavailable(
 
 def test_a_receipt_whose_log_cannot_be_synced_is_kept_but_not_acknowledged(
     tmp_path: Path, start_router: Callable[..., Router], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """SQLite: the commit went through but the WAL sync failed (EIO). The sender is told
-    0xA700; the job stays, with its object, and is delivered; the resend is a duplicate."""
+    0xA700; the job stays, with its object, and is delivered; the resend is a duplicate. The
+    log says why it was not acknowledged."""
     out = tmp_path / "out"
     router = start_router(router_settings(tmp_path, f"sqlite:///{tmp_path / 'db'}",
                                           [file_destination("archive", out)]))
@@ -734,6 +736,8 @@ def test_a_receipt_whose_log_cannot_be_synced_is_kept_but_not_acknowledged(
     failing.set()
     assert c_store(router.dicom.port, [source]) == [STATUS_OUT_OF_RESOURCES]
     failing.clear()
+    assert any("receipt not known to be durable ([Errno 5] WAL sync failed" in r.getMessage()
+               for r in caplog.records)
     wait_for(lambda: deliveries_done(router, 1, "archive"), 20, "the committed job's delivery")
     time.sleep(5.1)  # the receiver refuses at once for 5 s after a failed save
     assert c_store(router.dicom.port, [source]) == [0]
