@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,38 @@ def test_the_timings_are_written_at_exit(tmp_path: Path) -> None:
     assert len(written) == 1
     stage, wall, cpu = written[0].read_text().splitlines()[0].split("\t")
     assert stage == "blob commit" and float(wall) >= 0 and float(cpu) >= 0
+
+
+def test_each_thread_s_cpu_and_wait_for_a_core_are_written_and_reported(
+        tmp_path: Path) -> None:
+    # A process that spins one named thread: its line gives the thread's CPU seconds, and the
+    # run-queue wait (>= 0) in the wall column; the report prints both per thread name.
+    code = (
+        "import importlib.util, threading, time\n"
+        f"spec = importlib.util.spec_from_file_location('s', {str(SITE)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"m._install({str(tmp_path)!r})\n"
+        "def spin():\n"
+        "    end = time.thread_time() + 0.3\n"
+        "    while time.thread_time() < end:\n"
+        "        pass\n"
+        "    m._read_threads()\n"  # read while it runs: once it ends, its last reading stays
+        "t = threading.Thread(target=spin, name='spinner-7'); t.start(); t.join()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+    (written,) = tmp_path.glob("*.tsv")
+    lines = [line.split("\t") for line in written.read_text().splitlines()]
+    spinner = [line for line in lines if line[0] == "thread:spinner-N"]
+    assert spinner, lines
+    wait, cpu = float(spinner[0][1]), float(spinner[0][2])
+    assert cpu >= 0.2 and wait >= 0
+
+    # The report reads that folder: a receive stage line makes the per-instance column.
+    (tmp_path / "receiver-1.tsv").write_text("receive (all below)\t0.002\t0.001\n")
+    report = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "stage-timing"), "report"], check=True,
+        cwd=REPO, timeout=60, capture_output=True, text=True,
+        env={**os.environ, "STAGE_TIMING_DIR": str(tmp_path)}).stdout
+    assert "waited for a core s" in report
+    row = next(line for line in report.splitlines() if "spinner-N" in line)
+    assert float(row.split()[2]) >= 0.2  # CPU s

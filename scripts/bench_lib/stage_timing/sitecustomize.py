@@ -3,8 +3,9 @@
 Imported by every Python process started with this folder on PYTHONPATH. When
 STAGE_TIMING_DIR is set, it wraps the methods in STAGES with a timer (wall and thread CPU
 time of each call) and, at exit, writes one line per stage to STAGE_TIMING_DIR/<pid>.tsv.
-It also notes the CPU time of each thread by name (Linux's /proc/self/task, read every
-0.2 s, so a thread that ended keeps its last reading), written beside as "thread:" lines.
+It also notes the CPU time of each thread by name and how long it waited for a core (Linux's
+/proc/self/task, read every 0.2 s, so a thread that ended keeps its last reading), written
+beside as "thread:" lines.
 A diagnostic aid only: the wrappers cost a few microseconds per call, and nothing of the
 router imports this module.
 """
@@ -58,6 +59,9 @@ def _wrap(cls: Any, method: str, stage: str) -> None:
 
 
 _thread_cpu: dict[int, float] = {}  # native thread id -> CPU seconds at the last reading
+# native thread id -> seconds it was runnable but waited for a core (the kernel's run-queue
+# delay, /proc/self/task/<id>/schedstat): how long a thread starved, not how long it worked.
+_thread_wait: dict[int, float] = {}
 _thread_names: dict[int, str] = {}
 
 
@@ -75,6 +79,11 @@ def _read_threads() -> None:
         except OSError:
             continue  # the thread ended
         _thread_cpu[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                _thread_wait[int(tid)] = int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            pass  # the thread ended, or a kernel without schedstats
 
 
 def _sample_threads() -> None:
@@ -83,11 +92,14 @@ def _sample_threads() -> None:
         time.sleep(0.2)
 
 
-def _by_thread_name() -> dict[str, float]:
+def _by_thread_name() -> dict[str, tuple[float, float]]:
+    """CPU seconds and run-queue wait seconds of the threads of each name, added up."""
     _read_threads()
-    totals: dict[str, float] = defaultdict(float)
+    totals: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
     for tid, cpu in _thread_cpu.items():
-        totals[_thread_names.get(tid, "(not a Python thread)")] += cpu
+        name = _thread_names.get(tid, "(not a Python thread)")
+        total_cpu, total_wait = totals[name]
+        totals[name] = (total_cpu + cpu, total_wait + _thread_wait.get(tid, 0.0))
     return totals
 
 
@@ -109,8 +121,8 @@ def _install(out: str) -> None:
             for stage, values in _samples.items():
                 for wall, cpu in values:
                     f.write(f"{stage}\t{wall:.6f}\t{cpu:.6f}\n")
-            for name, cpu in threads.items():
-                f.write(f"thread:{name}\t0\t{cpu:.6f}\n")
+            for name, (cpu, wait) in threads.items():  # the wait in the wall column
+                f.write(f"thread:{name}\t{wait:.6f}\t{cpu:.6f}\n")
 
     atexit.register(write)
 
