@@ -157,7 +157,7 @@ class Receiver:
             self._on_saved()
             logger.error("receipt not known to be durable (%s); answered 0xA700", exc)
             self._store_down_until = time.monotonic() + STORE_DOWN_BACKOFF
-            return Receipt(STATUS_OUT_OF_RESOURCES, reason="event log could not be synced to disk")
+            return Receipt(STATUS_OUT_OF_RESOURCES, reason="event log not known to be on disk")
         except NotDurableError as exc:
             self._blobs.discard(staged)
             return self._refuse(arrival, correlation_id, STATUS_OUT_OF_RESOURCES,
