@@ -145,7 +145,10 @@ def test_a_study_is_stored_in_the_bucket_and_served_from_it_after_the_cache_is_w
 
     shutil.rmtree(cache)
     router.commands.pause_destination("archive", Actor("test"), paused=False)
-    delivered = wait_for(lambda: len(files := [p for p in archive.rglob("*") if p.is_file()])
+    # Only finished files: the folder destination writes each to a ".tmp-*.part" file first
+    # and renames it, and counting one in flight read it as it was renamed away.
+    delivered = wait_for(lambda: len(files := [p for p in archive.rglob("*") if p.is_file()
+                                               and not p.name.endswith(".part")])
                          == 7 and files, 60, "seven files in the archive folder")
     assert {str(ds.SOPInstanceUID): bytes(ds.PixelData)
             for ds in map(pydicom.dcmread, delivered)} == sent
