@@ -69,7 +69,10 @@ from psycopg.sql import SQL, Composed, Identifier
 
 from router.application.sqlite_writes import LogNotDurable
 
-_FLUSH = SQL("SELECT pg_logical_emit_message(true, 'dicom-router', 'flush')")
+# The message whose transactional commit waits for the disk: run alone by _FLUSH, and at the
+# end of each log's save procedure.
+_FLUSH_MESSAGE = SQL("pg_logical_emit_message(true, 'dicom-router', 'flush')")
+_FLUSH = SQL("SELECT {0}").format(_FLUSH_MESSAGE)
 
 # eventsourcing's connections raise its own errors (psycopg's, translated) and it retries
 # those; psycopg's are listed too for errors raised outside a datastore connection.
@@ -136,7 +139,7 @@ class FlushOutsideLockRecorder(PostgresApplicationRecorder):
             "INTO notification_ids FROM inserted; "
             "COMMIT; "  # the lock is released; SET LOCAL ends with the transaction
             "{after_commit}"
-            "PERFORM pg_logical_emit_message(true, 'dicom-router', 'flush'); "
+            "PERFORM {flush}; "
             "END; $body$"
         ).format(
             procedure=procedure,
@@ -145,6 +148,7 @@ class FlushOutsideLockRecorder(PostgresApplicationRecorder):
             table=Identifier(self.datastore.schema, self.events_table_name),
             channel=Identifier(self.channel_name),
             after_commit=after_commit,
+            flush=_FLUSH_MESSAGE,
         )
 
     def insert_events(self, stored_events: Sequence[StoredEvent],
